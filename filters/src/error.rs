@@ -1,0 +1,237 @@
+//! The proxy's error type: what went wrong, whose fault it was, whether the
+//! request may be tried again, and how the client is told.
+//!
+//! Filters read [`ProxyError::fault`] and [`ProxyError::retryable`] instead of
+//! matching on messages; the stack's edge turns the error into a JSON body
+//! with the right HTTP status, or a trailers-only gRPC response.
+
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{self, BoxBody};
+
+/// Who caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request was bad, or asked for something that does not exist.
+    Client,
+    /// The upstream endpoint failed or was too slow.
+    Upstream,
+    /// The proxy could not serve the request (no endpoint, no capacity).
+    Proxy,
+}
+
+/// A failure to serve a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    /// No route matches the request.
+    #[error("no route matches {0}")]
+    NoRoute(String),
+    /// The chosen backend has no endpoint to send to.
+    #[error("backend {0} has no available endpoint")]
+    NoEndpoint(String),
+    /// A connection to the endpoint could not be established.
+    #[error("connecting to {endpoint} failed: {reason}")]
+    Connect {
+        /// `host:port` of the endpoint.
+        endpoint: String,
+        /// What the connection attempt reported.
+        reason: String,
+    },
+    /// The endpoint failed after the connection was established.
+    #[error("upstream {endpoint} failed: {reason}")]
+    Upstream {
+        /// `host:port` of the endpoint.
+        endpoint: String,
+        /// What the upstream connection reported.
+        reason: String,
+        /// The request did not reach the server (refused stream, closed idle
+        /// connection), so sending it again is safe.
+        refused: bool,
+    },
+    /// No response headers arrived in time.
+    #[error("no response within the time-to-first-byte limit of {}", fmt_duration(.0))]
+    FirstByteTimeout(Duration),
+    /// The request outlived its total lifetime.
+    #[error("request exceeded its total lifetime of {}", fmt_duration(.0))]
+    TotalTimeout(Duration),
+    /// The request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+fn fmt_duration(d: &Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// gRPC status codes the proxy synthesizes.
+pub mod grpc_code {
+    /// `INVALID_ARGUMENT`
+    pub const INVALID_ARGUMENT: u8 = 3;
+    /// `DEADLINE_EXCEEDED`
+    pub const DEADLINE_EXCEEDED: u8 = 4;
+    /// `UNIMPLEMENTED`
+    pub const UNIMPLEMENTED: u8 = 12;
+    /// `UNAVAILABLE`
+    pub const UNAVAILABLE: u8 = 14;
+}
+
+impl ProxyError {
+    /// Who caused the error.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::NoRoute(_) | Self::BadRequest(_) => Fault::Client,
+            Self::NoEndpoint(_) => Fault::Proxy,
+            Self::Connect { .. }
+            | Self::Upstream { .. }
+            | Self::FirstByteTimeout(_)
+            | Self::TotalTimeout(_) => Fault::Upstream,
+        }
+    }
+
+    /// Whether the request certainly did not reach a server, so that trying
+    /// it again cannot duplicate work.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::NoEndpoint(_) => true,
+            Self::Upstream { refused, .. } => *refused,
+            _ => false,
+        }
+    }
+
+    /// Short machine-readable name, the `type` of the JSON error body.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoRoute(_) => "no_route",
+            Self::NoEndpoint(_) => "no_endpoint",
+            Self::Connect { .. } => "upstream_connect_error",
+            Self::Upstream { .. } => "upstream_error",
+            Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => "timeout",
+            Self::BadRequest(_) => "bad_request",
+        }
+    }
+
+    /// The HTTP status a plain HTTP client receives.
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::NoEndpoint(_) | Self::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The gRPC status a gRPC client receives.
+    pub fn grpc_code(&self) -> u8 {
+        match self {
+            Self::NoRoute(_) => grpc_code::UNIMPLEMENTED,
+            Self::NoEndpoint(_) | Self::Connect { .. } | Self::Upstream { .. } => {
+                grpc_code::UNAVAILABLE
+            }
+            Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => grpc_code::DEADLINE_EXCEEDED,
+            Self::BadRequest(_) => grpc_code::INVALID_ARGUMENT,
+        }
+    }
+
+    /// The response the client receives: a JSON error body, or for gRPC a
+    /// trailers-only response carrying `grpc-status` and `grpc-message`.
+    pub fn to_response(&self, grpc: bool) -> Response<BoxBody> {
+        let message = self.to_string();
+        if grpc {
+            return grpc_error_response(self.grpc_code(), &message);
+        }
+        let body = serde_json::json!({
+            "error": { "type": self.kind(), "message": message }
+        });
+        let mut response = Response::new(body::full(body.to_string()));
+        *response.status_mut() = self.http_status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+/// A trailers-only gRPC response: HTTP 200 whose headers end the stream with
+/// `grpc-status` and a percent-encoded `grpc-message`.
+pub fn grpc_error_response(code: u8, message: &str) -> Response<BoxBody> {
+    let mut response = Response::new(body::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    if let Ok(value) = HeaderValue::from_str(&grpc_percent_encode(message)) {
+        headers.insert("grpc-message", value);
+    }
+    response
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: printable
+/// ASCII except `%` passes, everything else is `%XX`.
+pub fn grpc_percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn no_route_is_a_404_with_a_json_body() {
+        let response = ProxyError::NoRoute("model llama".into()).to_response(false);
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "no_route");
+        assert!(json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model llama"));
+    }
+
+    #[test]
+    fn grpc_errors_are_trailers_only_responses() {
+        let response = ProxyError::FirstByteTimeout(Duration::from_millis(250)).to_response(true);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "4");
+        assert_eq!(
+            response.headers()["grpc-message"],
+            "no response within the time-to-first-byte limit of 250ms"
+        );
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(grpc_percent_encode("a%b\né"), "a%25b%0A%C3%A9");
+    }
+
+    #[test]
+    fn only_requests_that_never_reached_a_server_are_retryable() {
+        let connect = ProxyError::Connect {
+            endpoint: "10.0.0.1:80".into(),
+            reason: "refused".into(),
+        };
+        assert!(connect.retryable());
+        let reset = ProxyError::Upstream {
+            endpoint: "10.0.0.1:80".into(),
+            reason: "reset".into(),
+            refused: false,
+        };
+        assert!(!reset.retryable());
+        assert_eq!(reset.fault(), Fault::Upstream);
+    }
+}

@@ -1,0 +1,13 @@
+//! Request filters of the infermesh proxy, each a [`tower::Layer`].
+//!
+//! Filters know nothing of listeners or sockets: they take an
+//! `http::Request` and give back an `http::Response<BoxBody>` or a typed
+//! [`ProxyError`], which the proxy turns into the client's error response at
+//! the edge of the stack.
+
+pub mod body;
+pub mod error;
+pub mod timeout;
+
+pub use body::{BoxBody, BoxError};
+pub use error::{Fault, ProxyError};

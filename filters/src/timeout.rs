@@ -1,0 +1,434 @@
+//! Time limits for model traffic: time to first byte, idle time between
+//! response chunks, and an optional total lifetime.
+//!
+//! A single request timeout, as most proxies offer, fits model traffic badly:
+//! a chat completion may queue for seconds before its first token and then
+//! stream for minutes. So the limits are separate. The time to first byte
+//! bounds the wait for response headers; the idle limit bounds each gap
+//! between body chunks, so a stalled stream is cut while a long healthy one
+//! runs on; the total lifetime is off unless a route sets it.
+//!
+//! A limit that fires before the response starts becomes a
+//! [`ProxyError`], which the stack's edge turns into a 504 (gRPC
+//! `DEADLINE_EXCEEDED`). A limit that fires mid-stream cannot change the
+//! status any more: a gRPC stream ends with `grpc-status: 4` trailers, any
+//! other stream is reset.
+//!
+//! ```
+//! use std::time::Duration;
+//! use infermesh_filters::timeout::TimeoutLayer;
+//!
+//! let layer = TimeoutLayer::new()
+//!     .first_byte(Some(Duration::from_secs(30)))
+//!     .idle(Some(Duration::from_secs(60)));
+//! # let _ = layer;
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::{Layer, Service};
+
+use crate::body::{BoxBody, BoxError};
+use crate::error::{grpc_code, grpc_percent_encode, ProxyError};
+
+/// Configuration of the [`Timeout`] filter; every limit is optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeoutLayer {
+    first_byte: Option<Duration>,
+    idle: Option<Duration>,
+    total: Option<Duration>,
+}
+
+impl TimeoutLayer {
+    /// No limits.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Limit on the wait for response headers.
+    pub fn first_byte(mut self, limit: Option<Duration>) -> Self {
+        self.first_byte = limit;
+        self
+    }
+
+    /// Limit on each gap between response body frames.
+    pub fn idle(mut self, limit: Option<Duration>) -> Self {
+        self.idle = limit;
+        self
+    }
+
+    /// Limit on the whole exchange, response body included.
+    pub fn total(mut self, limit: Option<Duration>) -> Self {
+        self.total = limit;
+        self
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Timeout {
+            inner,
+            config: *self,
+        }
+    }
+}
+
+/// Applies a [`TimeoutLayer`]'s limits to an inner service.
+#[derive(Debug, Clone)]
+pub struct Timeout<S> {
+    inner: S,
+    config: TimeoutLayer,
+}
+
+impl<S, B> Service<Request<B>> for Timeout<S>
+where
+    S: Service<Request<B>, Response = Response<BoxBody>, Error = ProxyError>,
+{
+    type Response = Response<BoxBody>;
+    type Error = ProxyError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let grpc = is_grpc(request.headers());
+        let start = Instant::now();
+        let total_deadline = self.config.total.map(|total| start + total);
+        let first_byte_deadline = self.config.first_byte.map(|limit| start + limit);
+        // Whichever limit comes first decides what the client is told.
+        let (deadline, error) = match (first_byte_deadline, total_deadline) {
+            (Some(fb), Some(total)) if total < fb => (
+                Some(total),
+                ProxyError::TotalTimeout(self.config.total.unwrap_or_default()),
+            ),
+            (Some(fb), _) => (
+                Some(fb),
+                ProxyError::FirstByteTimeout(self.config.first_byte.unwrap_or_default()),
+            ),
+            (None, Some(total)) => (
+                Some(total),
+                ProxyError::TotalTimeout(self.config.total.unwrap_or_default()),
+            ),
+            (None, None) => (None, ProxyError::TotalTimeout(Duration::ZERO)),
+        };
+        ResponseFuture {
+            inner: self.inner.call(request),
+            sleep: deadline.map(tokio::time::sleep_until),
+            error: Some(error),
+            body: BodyLimits {
+                idle: self.config.idle,
+                total: self.config.total,
+                total_deadline,
+                grpc,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BodyLimits {
+    idle: Option<Duration>,
+    total: Option<Duration>,
+    total_deadline: Option<Instant>,
+    grpc: bool,
+}
+
+pin_project! {
+    /// Response future of [`Timeout`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Option<Sleep>,
+        error: Option<ProxyError>,
+        body: BodyLimits,
+    }
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<BoxBody>, ProxyError>>,
+{
+    type Output = Result<Response<BoxBody>, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.inner.poll(cx) {
+            let limits = *this.body;
+            return Poll::Ready(result.map(|response| {
+                if limits.idle.is_none() && limits.total_deadline.is_none() {
+                    return response;
+                }
+                response.map(|body| TimeoutBody::new(body, limits).boxed_unsync())
+            }));
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut() {
+            ready!(sleep.poll(cx));
+            let error = this
+                .error
+                .take()
+                .unwrap_or(ProxyError::TotalTimeout(Duration::ZERO));
+            return Poll::Ready(Err(error));
+        }
+        Poll::Pending
+    }
+}
+
+pin_project! {
+    /// A response body cut off when it goes idle too long or outlives the
+    /// request's total lifetime.
+    pub struct TimeoutBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        idle_sleep: Option<Sleep>,
+        #[pin]
+        total_sleep: Option<Sleep>,
+        limits: BodyLimits,
+        done: bool,
+    }
+}
+
+impl<B> TimeoutBody<B> {
+    fn new(inner: B, limits: BodyLimits) -> Self {
+        Self {
+            inner,
+            idle_sleep: limits.idle.map(tokio::time::sleep),
+            total_sleep: limits.total_deadline.map(tokio::time::sleep_until),
+            limits,
+            done: false,
+        }
+    }
+}
+
+/// The error a body yields when a limit cuts it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyTimeout(&'static str);
+
+impl<B> Body for TimeoutBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            if let (Some(idle), Some(sleep)) = (this.limits.idle, this.idle_sleep.as_mut().as_pin_mut()) {
+                sleep.reset(Instant::now() + idle);
+            }
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let total_fired = this
+            .total_sleep
+            .as_pin_mut()
+            .is_some_and(|sleep| sleep.poll(cx).is_ready());
+        let idle_fired = !total_fired
+            && this
+                .idle_sleep
+                .as_pin_mut()
+                .is_some_and(|sleep| sleep.poll(cx).is_ready());
+        if !total_fired && !idle_fired {
+            return Poll::Pending;
+        }
+        *this.done = true;
+        let message = if total_fired {
+            format!(
+                "stream exceeded its total lifetime of {}ms",
+                this.limits.total.unwrap_or_default().as_millis()
+            )
+        } else {
+            format!(
+                "stream idle for longer than {}ms",
+                this.limits.idle.unwrap_or_default().as_millis()
+            )
+        };
+        if this.limits.grpc {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from(u16::from(grpc_code::DEADLINE_EXCEEDED)));
+            if let Ok(value) = HeaderValue::from_str(&grpc_percent_encode(&message)) {
+                trailers.insert("grpc-message", value);
+            }
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        Poll::Ready(Some(Err(Box::new(BodyTimeout(if total_fired {
+            "total lifetime exceeded"
+        } else {
+            "idle timeout"
+        })))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether a request or response is gRPC, by its content type.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body;
+    use tokio::sync::mpsc;
+    use tower::{service_fn, ServiceExt};
+
+    /// A body fed from a channel, so a test decides when frames arrive.
+    struct ChannelBody(mpsc::Receiver<Bytes>);
+
+    impl Body for ChannelBody {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+        }
+    }
+
+    fn streaming(grpc: bool) -> (mpsc::Sender<Bytes>, Response<BoxBody>) {
+        let (tx, rx) = mpsc::channel(8);
+        let mut response = Response::new(ChannelBody(rx).boxed_unsync());
+        if grpc {
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+        }
+        (tx, response)
+    }
+
+    fn request(grpc: bool) -> Request<()> {
+        let mut request = Request::new(());
+        if grpc {
+            request.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+        }
+        request
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_byte_timeout_becomes_a_typed_error() {
+        let svc = TimeoutLayer::new()
+            .first_byte(Some(Duration::from_millis(100)))
+            .layer(service_fn(|_req: Request<()>| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<_, ProxyError>(Response::new(body::full("late")))
+            }));
+        let err = svc.oneshot(request(false)).await.unwrap_err();
+        assert!(matches!(err, ProxyError::FirstByteTimeout(d) if d == Duration::from_millis(100)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn total_limit_shorter_than_first_byte_reports_the_total() {
+        let svc = TimeoutLayer::new()
+            .first_byte(Some(Duration::from_secs(10)))
+            .total(Some(Duration::from_secs(1)))
+            .layer(service_fn(|_req: Request<()>| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<_, ProxyError>(Response::new(body::full("late")))
+            }));
+        let err = svc.oneshot(request(false)).await.unwrap_err();
+        assert!(matches!(err, ProxyError::TotalTimeout(d) if d == Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_keeps_flowing_outlives_the_idle_limit() {
+        let (tx, response) = streaming(false);
+        let response = std::sync::Mutex::new(Some(response));
+        let svc = TimeoutLayer::new()
+            .idle(Some(Duration::from_millis(100)))
+            .layer(service_fn(move |_req: Request<()>| {
+                let r = response.lock().unwrap().take().unwrap();
+                async move { Ok::<_, ProxyError>(r) }
+            }));
+        let mut body = svc.oneshot(request(false)).await.unwrap().into_body();
+        let feeder = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                tx.send(Bytes::from_static(b"tok")).await.unwrap();
+            }
+        });
+        let mut frames = 0;
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+            frames += 1;
+        }
+        feeder.await.unwrap();
+        assert_eq!(frames, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_http_stream_is_cut_with_an_error() {
+        let (tx, response) = streaming(false);
+        let response = std::sync::Mutex::new(Some(response));
+        let svc = TimeoutLayer::new()
+            .idle(Some(Duration::from_millis(100)))
+            .layer(service_fn(move |_req: Request<()>| {
+                let r = response.lock().unwrap().take().unwrap();
+                async move { Ok::<_, ProxyError>(r) }
+            }));
+        let mut body = svc.oneshot(request(false)).await.unwrap().into_body();
+        tx.send(Bytes::from_static(b"first")).await.unwrap();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "idle timeout");
+        assert!(body.frame().await.is_none());
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_grpc_stream_ends_with_deadline_exceeded_trailers() {
+        let (tx, response) = streaming(true);
+        let response = std::sync::Mutex::new(Some(response));
+        let svc = TimeoutLayer::new()
+            .idle(Some(Duration::from_millis(100)))
+            .layer(service_fn(move |_req: Request<()>| {
+                let r = response.lock().unwrap().take().unwrap();
+                async move { Ok::<_, ProxyError>(r) }
+            }));
+        let mut body = svc.oneshot(request(true)).await.unwrap().into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        let trailers = frame.into_trailers().unwrap();
+        assert_eq!(trailers["grpc-status"], "4");
+        assert!(trailers["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("idle for longer than 100ms"));
+        drop(tx);
+    }
+}

@@ -1,0 +1,13 @@
+//! The APIs infermesh components share: the mesh policy documents users write,
+//! and the gRPC services the proxy speaks or routes (KServe v2 inference).
+//!
+//! The control plane and the proxy both depend on this crate and on nothing
+//! of each other.
+
+pub mod policy;
+
+/// KServe v2 / Open Inference Protocol gRPC types (`package inference`).
+pub mod kserve {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("inference");
+}

@@ -1,0 +1,353 @@
+//! Mesh policy documents: YAML in Kubernetes resource form
+//! (`apiVersion: infermesh.io/v1alpha1`, `kind`, `metadata`, `spec`).
+//!
+//! These are the typed documents as users write them. [`load_path`] reads a
+//! file or a directory of files, checks every document and returns either a
+//! [`PolicySet`] or every error found, each located as `FILE:LINE:COLUMN`.
+//! The proxy compiles a `PolicySet` into its routing snapshot; the control
+//! plane validates and distributes it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+mod load;
+
+pub use load::{load_path, load_str, Location, PolicyError};
+
+/// The only `apiVersion` this release understands.
+pub const API_VERSION: &str = "infermesh.io/v1alpha1";
+
+/// Every document of a policy set, in load order (files sorted by name,
+/// documents in file order). Route order is match precedence.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySet {
+    /// `kind: Backend` documents.
+    pub backends: Vec<Resource<BackendSpec>>,
+    /// `kind: ModelRoute` documents, in precedence order.
+    pub routes: Vec<Resource<ModelRouteSpec>>,
+    /// The `kind: MeshConfig` document, when one is given (at most one).
+    pub mesh: Option<Resource<MeshConfigSpec>>,
+}
+
+/// One policy document: `apiVersion`, `kind`, `metadata` and a typed `spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resource<S> {
+    /// Always [`API_VERSION`].
+    pub api_version: String,
+    /// `Backend`, `ModelRoute` or `MeshConfig`.
+    pub kind: String,
+    /// Name, namespace and labels.
+    pub metadata: Metadata,
+    /// The kind-specific body.
+    pub spec: S,
+}
+
+/// Identifies a resource, as in Kubernetes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    /// Unique among resources of the same kind: lowercase letters, digits, `-` and `.`.
+    pub name: String,
+    /// Kubernetes namespace the resource belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Free-form labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+// === Backend ===
+
+/// A set of model-server endpoints that routes send traffic to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendSpec {
+    /// Endpoints as `host:port`; host names are resolved, and re-resolved
+    /// every `dnsRefresh`.
+    pub endpoints: Vec<String>,
+    /// Protocol spoken to the endpoints.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// How an endpoint is chosen for each request.
+    #[serde(default)]
+    pub balancer: BalancerKind,
+    /// Limit on establishing a TCP connection to one endpoint.
+    #[serde(default = "defaults::connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// How often host names in `endpoints` are resolved again.
+    #[serde(default = "defaults::dns_refresh", with = "duration")]
+    pub dns_refresh: Duration,
+}
+
+/// Protocol used between the proxy and a backend's endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive connection pooling.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext (prior knowledge), multiplexed; required for gRPC.
+    Http2,
+}
+
+/// Endpoint selection strategy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalancerKind {
+    /// Each endpoint in turn.
+    RoundRobin,
+    /// Power of two choices by fewest requests in flight.
+    LeastRequest,
+    /// Power of two choices by in-flight requests times the peak-EWMA of the
+    /// time to first byte: the default, because model servers' latency varies
+    /// with what they are busy with.
+    #[default]
+    PeakEwma,
+}
+
+// === ModelRoute ===
+
+/// Matches requests and sends them to weighted backends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelRouteSpec {
+    /// Which listener the route applies to.
+    #[serde(default)]
+    pub listener: ListenerKind,
+    /// The route applies when any of these matches (all when empty).
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RouteMatch>,
+    /// Where matching requests go, split by weight.
+    pub backends: Vec<WeightedBackend>,
+    /// Time limits for each request on this route.
+    #[serde(default)]
+    pub timeouts: RouteTimeouts,
+}
+
+/// The listener a route belongs to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerKind {
+    /// Traffic from the local application to the mesh.
+    #[default]
+    Outbound,
+    /// Traffic from the mesh to the local model server.
+    Inbound,
+}
+
+/// One set of conditions; all given conditions must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Host or authority without port; `*.example.com` matches any subdomain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Request path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<StringMatch>,
+    /// gRPC service and method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcMatch>,
+    /// Headers that must be present (and equal, when a value is given).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    /// Model name, from the JSON body (OpenAI), the path (KServe REST) or the
+    /// `model_name` field (KServe gRPC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<StringMatch>,
+}
+
+/// Exact or prefix string match, written `{exact: …}` or `{prefix: …}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum StringMatch {
+    /// The whole value equals this.
+    Exact(String),
+    /// The value starts with this.
+    Prefix(String),
+}
+
+/// gRPC service and method, e.g. `inference.GRPCInferenceService` / `ModelInfer`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMatch {
+    /// Fully qualified service name; any service when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Method name; any method when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// A header condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Header name, case-insensitive.
+    pub name: String,
+    /// Exact value; when absent the header only has to be present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// A backend a route sends to, with its share of traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedBackend {
+    /// Name of a `Backend` resource.
+    pub backend: String,
+    /// Relative share of the route's requests.
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+    /// Model name sent upstream instead of the one the client asked for
+    /// (a model alias). The only case where the proxy changes a body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// Time limits for a request. Model traffic queues before the first token and
+/// streams for minutes, so there is no total limit unless one is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteTimeouts {
+    /// From sending the request to the response headers.
+    #[serde(default = "defaults::first_byte", with = "opt_duration")]
+    pub first_byte: Option<Duration>,
+    /// Longest gap between two chunks of the response body.
+    #[serde(default = "defaults::idle", with = "opt_duration")]
+    pub idle: Option<Duration>,
+    /// Whole request lifetime, response body included. Off by default.
+    #[serde(default, with = "opt_duration")]
+    pub total: Option<Duration>,
+}
+
+impl Default for RouteTimeouts {
+    fn default() -> Self {
+        Self {
+            first_byte: defaults::first_byte(),
+            idle: defaults::idle(),
+            total: None,
+        }
+    }
+}
+
+// === MeshConfig ===
+
+/// Settings for the whole mesh (at most one document).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfigSpec {
+    /// How requests are classified.
+    #[serde(default)]
+    pub classify: ClassifySettings,
+    /// What happens to connections that are neither HTTP/1.1 nor HTTP/2.
+    #[serde(default)]
+    pub opaque: OpaqueSettings,
+    /// How long in-flight requests may run after SIGTERM.
+    #[serde(default = "defaults::drain_timeout", with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+/// Request classification settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClassifySettings {
+    /// Most bytes of a request body read to find the model name; a body whose
+    /// model is not found within them is routed by the other match rules.
+    #[serde(default = "defaults::max_body_prefix")]
+    pub max_body_prefix: u32,
+}
+
+impl Default for ClassifySettings {
+    fn default() -> Self {
+        Self {
+            max_body_prefix: defaults::max_body_prefix(),
+        }
+    }
+}
+
+/// Handling of non-HTTP connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OpaqueSettings {
+    /// Backend that receives such connections as raw TCP; when absent they are
+    /// refused and logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn dns_refresh() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+    pub fn first_byte() -> Option<Duration> {
+        Some(Duration::from_secs(300))
+    }
+    pub fn idle() -> Option<Duration> {
+        Some(Duration::from_secs(300))
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_body_prefix() -> u32 {
+        64 * 1024
+    }
+}
+
+/// Durations as humantime strings: `250ms`, `2s`, `5m`.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+/// Optional durations: a humantime string, or `none` / `off` for no limit.
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.collect_str(&humantime::format_duration(*d)),
+            None => s.serialize_str("none"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        if matches!(text.as_str(), "none" | "off") {
+            return Ok(None);
+        }
+        let parsed = humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))?;
+        if parsed.is_zero() {
+            return Err(serde::de::Error::custom(
+                "a zero duration is not a limit; write `none` to disable it",
+            ));
+        }
+        Ok(Some(parsed))
+    }
+}

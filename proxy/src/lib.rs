@@ -1,0 +1,1 @@
+//! The infermesh sidecar proxy.

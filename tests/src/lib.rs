@@ -1,0 +1,1 @@
+//! Test fixtures: upstream model servers and helpers that start the real binaries.

@@ -236,7 +236,9 @@ where
             return Poll::Ready(None);
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            if let (Some(idle), Some(sleep)) = (this.limits.idle, this.idle_sleep.as_mut().as_pin_mut()) {
+            if let (Some(idle), Some(sleep)) =
+                (this.limits.idle, this.idle_sleep.as_mut().as_pin_mut())
+            {
                 sleep.reset(Instant::now() + idle);
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
@@ -267,7 +269,10 @@ where
         };
         if this.limits.grpc {
             let mut trailers = HeaderMap::new();
-            trailers.insert("grpc-status", HeaderValue::from(u16::from(grpc_code::DEADLINE_EXCEEDED)));
+            trailers.insert(
+                "grpc-status",
+                HeaderValue::from(u16::from(grpc_code::DEADLINE_EXCEEDED)),
+            );
             if let Ok(value) = HeaderValue::from_str(&grpc_percent_encode(&message)) {
                 trailers.insert("grpc-message", value);
             }
@@ -314,7 +319,9 @@ mod tests {
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
         }
     }
 

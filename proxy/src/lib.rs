@@ -1,1 +1,18 @@
-//! The infermesh sidecar proxy.
+//! The infermesh sidecar proxy: listeners, protocol detection, request
+//! classification, routing, balancing, connection pools and the admin server.
+
+pub mod admin;
+pub mod backend;
+pub mod balance;
+pub mod body;
+pub mod classify;
+pub mod detect;
+pub mod forward;
+pub mod listener;
+pub mod metrics;
+pub mod opaque;
+pub mod pool;
+pub mod route;
+pub mod service;
+pub mod snapshot;
+pub mod stack;

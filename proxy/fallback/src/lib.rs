@@ -130,11 +130,19 @@ mod tests {
         let blank = EmbeddingRequest {
             inputs: vec!["a".into(), String::new()],
         };
-        assert!(blank.validate().unwrap_err().to_string().contains("input[1]"));
+        assert!(blank
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("input[1]"));
         let many = EmbeddingRequest {
             inputs: vec!["x".into(); MAX_INPUTS + 1],
         };
-        assert!(many.validate().unwrap_err().to_string().contains("too many inputs"));
+        assert!(many
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("too many inputs"));
         let fine = EmbeddingRequest {
             inputs: vec!["hello".into()],
         };
@@ -147,7 +155,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.json"), "{}").unwrap();
         let err = ModelFiles::locate(&dir).unwrap_err();
-        assert!(err.to_string().contains("model.safetensors is missing"), "{err}");
+        assert!(
+            err.to_string().contains("model.safetensors is missing"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,260 @@
+//! Backends: a named endpoint set with its balancer, connection pool and
+//! periodic DNS re-resolution.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use infermesh_proto::policy::{BackendSpec, UpstreamProtocol};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::balance::{Balancer, Endpoint};
+use crate::metrics::{BackendLabels, Metrics, Name};
+use crate::pool::{self, UpstreamClient};
+
+/// An endpoint as written in policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An IP address: used as is.
+    Addr(SocketAddr),
+    /// A host name: resolved, and re-resolved periodically.
+    Dns { host: String, port: u16 },
+}
+
+impl Target {
+    /// Parses `host:port` or `[v6]:port`; the policy loader has validated it.
+    pub fn parse(text: &str) -> Option<Self> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(Self::Addr(addr));
+        }
+        let (host, port) = text.rsplit_once(':')?;
+        let port = port.parse().ok()?;
+        if host.is_empty() {
+            return None;
+        }
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Some(Self::Addr(SocketAddr::new(ip, port)));
+        }
+        Some(Self::Dns {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// A named set of endpoints and the means to reach them.
+#[derive(Debug)]
+pub struct Backend {
+    name: Name,
+    protocol: UpstreamProtocol,
+    balancer: Balancer,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    targets: Vec<Target>,
+    dns_refresh: Duration,
+    client: UpstreamClient,
+    connect_errors: Counter,
+}
+
+impl Backend {
+    /// Builds a backend; IP endpoints are usable at once, host names after
+    /// [`Backend::resolve`].
+    pub fn new(name: &str, spec: &BackendSpec, metrics: &Metrics) -> Arc<Self> {
+        let targets: Vec<Target> = spec
+            .endpoints
+            .iter()
+            .filter_map(|e| Target::parse(e))
+            .collect();
+        let name = Name::new(name);
+        let endpoints = targets
+            .iter()
+            .filter_map(|t| match t {
+                Target::Addr(addr) => Some(Arc::new(Endpoint::new(*addr))),
+                Target::Dns { .. } => None,
+            })
+            .collect();
+        Arc::new(Self {
+            connect_errors: metrics
+                .connect_errors
+                .get_or_create(&BackendLabels {
+                    backend: name.clone(),
+                })
+                .clone(),
+            name,
+            protocol: spec.protocol,
+            balancer: Balancer::new(spec.balancer),
+            endpoints: ArcSwap::from_pointee(endpoints),
+            targets,
+            dns_refresh: spec.dns_refresh,
+            client: pool::client(spec.protocol, spec.connect_timeout),
+        })
+    }
+
+    /// The backend's name.
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// Protocol spoken to the endpoints.
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.protocol
+    }
+
+    /// The pooled client for this backend.
+    pub fn client(&self) -> &UpstreamClient {
+        &self.client
+    }
+
+    /// Counts a failed connection attempt.
+    pub fn connect_failed(&self) {
+        self.connect_errors.inc();
+    }
+
+    /// Chooses an endpoint for one request.
+    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+        self.balancer.pick(&self.endpoints.load())
+    }
+
+    /// The current endpoints.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    fn has_dns_targets(&self) -> bool {
+        self.targets.iter().any(|t| matches!(t, Target::Dns { .. }))
+    }
+
+    /// Resolves host names once and installs the resulting endpoint set.
+    /// Endpoints that stay keep their statistics. A name that fails to
+    /// resolve keeps its previous addresses, so a DNS hiccup does not empty
+    /// the backend.
+    pub async fn resolve(&self) {
+        if !self.has_dns_targets() {
+            return;
+        }
+        let current = self.endpoints.load_full();
+        let by_addr: HashMap<SocketAddr, &Arc<Endpoint>> =
+            current.iter().map(|e| (e.addr(), e)).collect();
+        let mut next: Vec<Arc<Endpoint>> = Vec::new();
+        let push = |addr: SocketAddr, next: &mut Vec<Arc<Endpoint>>| {
+            if next.iter().any(|e| e.addr() == addr) {
+                return;
+            }
+            let endpoint = by_addr
+                .get(&addr)
+                .map(|e| (*e).clone())
+                .unwrap_or_else(|| Arc::new(Endpoint::new(addr)));
+            next.push(endpoint);
+        };
+        for target in &self.targets {
+            match target {
+                Target::Addr(addr) => push(*addr, &mut next),
+                Target::Dns { host, port } => {
+                    match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(addrs) => {
+                            for addr in addrs {
+                                push(addr, &mut next);
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(backend = %self.name.as_str(), %host, %error, "resolving endpoint failed; keeping its previous addresses");
+                            for e in current.iter().filter(|e| e.addr().port() == *port) {
+                                if !self.is_static(e.addr()) {
+                                    push(e.addr(), &mut next);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.endpoints.store(Arc::new(next));
+    }
+
+    fn is_static(&self, addr: SocketAddr) -> bool {
+        self.targets.contains(&Target::Addr(addr))
+    }
+
+    /// Re-resolves host names every `dnsRefresh` until the backend is dropped.
+    pub fn spawn_refresh(self: &Arc<Self>) {
+        if !self.has_dns_targets() {
+            return;
+        }
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let period = self.dns_refresh;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(backend) = weak.upgrade() else {
+                    return;
+                };
+                backend.resolve().await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infermesh_proto::policy::BalancerKind;
+
+    fn spec(endpoints: &[&str]) -> BackendSpec {
+        BackendSpec {
+            endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+            protocol: UpstreamProtocol::Http1,
+            balancer: BalancerKind::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            dns_refresh: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn targets_parse_ips_and_host_names() {
+        assert_eq!(
+            Target::parse("10.0.0.1:80"),
+            Some(Target::Addr("10.0.0.1:80".parse().unwrap()))
+        );
+        assert_eq!(
+            Target::parse("[::1]:8080"),
+            Some(Target::Addr("[::1]:8080".parse().unwrap()))
+        );
+        assert_eq!(
+            Target::parse("vllm.models.svc:8000"),
+            Some(Target::Dns {
+                host: "vllm.models.svc".into(),
+                port: 8000
+            })
+        );
+        assert_eq!(Target::parse("no-port"), None);
+        assert_eq!(Target::parse(":80"), None);
+    }
+
+    #[tokio::test]
+    async fn host_names_resolve_into_endpoints_and_keep_their_statistics() {
+        let backend = Backend::new(
+            "b",
+            &spec(&["localhost:8000", "127.0.0.9:81"]),
+            &Metrics::new(),
+        );
+        assert_eq!(
+            backend.endpoints().len(),
+            1,
+            "IP endpoints need no resolution"
+        );
+        backend.resolve().await;
+        let first = backend.endpoints();
+        assert!(first
+            .iter()
+            .any(|e| e.addr().ip().is_loopback() && e.addr().port() == 8000));
+        let _guard = first[0].start();
+        backend.resolve().await;
+        let second = backend.endpoints();
+        assert!(
+            Arc::ptr_eq(&first[0], &second[0]),
+            "an endpoint that stays is the same endpoint"
+        );
+        assert_eq!(second[0].in_flight(), 1);
+    }
+}

@@ -1,0 +1,1077 @@
+//! Incremental scan of an OpenAI JSON body for its top-level `model` and `stream`.
+//!
+//! A small pushdown automaton validates the JSON as it goes, so that only
+//! members of the top-level object count: a `"model"` inside `messages` or
+//! `tools` is just a string. The container stack is a fixed bit set, so the
+//! scanner's memory does not grow with the input beyond the model name itself.
+
+use std::mem;
+use std::ops::Range;
+
+use bytes::Bytes;
+
+use super::Scan;
+
+/// Deeper nesting ends the scan like a syntax error: no real request nests so
+/// deep, and it keeps the container stack a fixed size.
+const MAX_DEPTH: usize = 256;
+
+/// Longest top-level key worth decoding; longer ones are neither `model` nor `stream`.
+const KEY_CAP: usize = 8;
+
+/// Reads a JSON body chunk by chunk until it knows the top-level `model` and `stream`.
+///
+/// ```
+/// # use infermesh_proxy::classify::{JsonScanner, Scan};
+/// let mut scanner = JsonScanner::new(64 * 1024);
+/// assert_eq!(scanner.feed(br#"{"messages":[{"role":"user","content":"hi"}],"mo"#), Scan::NeedMore);
+/// assert_eq!(scanner.feed(br#"del":"gpt-4o","stream":true,"n":1}"#), Scan::Done);
+/// let fields = scanner.finish();
+/// assert_eq!(fields.model.as_deref(), Some("gpt-4o"));
+/// assert!(fields.stream && fields.complete);
+/// ```
+#[derive(Debug)]
+pub struct JsonScanner {
+    limit: usize,
+    /// Bytes consumed so far: the body offset of the next byte.
+    consumed: usize,
+    state: State,
+    /// Whether the scan ended on a decision rather than on the limit.
+    decided: bool,
+
+    /// Open containers; bit `i` is set when level `i + 1` is an object.
+    stack: [u64; MAX_DEPTH / 64],
+    depth: usize,
+    /// The top-level member whose value is being read.
+    member: Member,
+
+    /// Where the bytes of the string being read go.
+    sink: Sink,
+    escape: Escape,
+    /// A high surrogate waiting for its low half.
+    high: Option<u16>,
+    key: [u8; KEY_CAP],
+    key_len: usize,
+    key_overflow: bool,
+    model_buf: Vec<u8>,
+    model_start: usize,
+    model_invalid: bool,
+    /// The model string just read, until its member value is complete.
+    pending_model: Option<(String, Range<usize>)>,
+
+    model: Option<String>,
+    model_span: Option<Range<usize>>,
+    model_seen: bool,
+    stream: bool,
+    stream_seen: bool,
+}
+
+/// What a [`JsonScanner`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JsonFields {
+    /// The decoded top-level `model` string. A repeated `model` counts as most
+    /// JSON parsers count it, the last one wins, but only up to the decision.
+    pub model: Option<String>,
+    /// The body byte range of the raw `model` literal, quotes included.
+    pub model_span: Option<Range<usize>>,
+    /// Whether the top level holds `"stream": true`.
+    pub stream: bool,
+    /// Whether the scan reached a decision before the limit or the end of the body.
+    pub complete: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Before the top-level value.
+    Start,
+    /// Expecting a value.
+    Value,
+    /// After `[`: a value or `]`.
+    ArrayStart,
+    /// After `{`: a key or `}`.
+    ObjectStart,
+    /// After `,` in an object: a key.
+    Key,
+    /// After a key: `:`.
+    Colon,
+    /// After a value: `,` or the closer of the open container.
+    AfterValue,
+    /// Inside a string; `key` tells whether it is an object key.
+    Str {
+        key: bool,
+    },
+    Number(Num),
+    /// Inside `true`, `false` or `null`; `rest` are the bytes still expected.
+    Literal {
+        rest: &'static [u8],
+        is_true: bool,
+    },
+    Done,
+}
+
+/// Positions in the JSON number grammar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    Exp,
+    ExpSign,
+    ExpInt,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Escape {
+    None,
+    Backslash,
+    Unicode { digits: u8, value: u16 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sink {
+    Skip,
+    Key,
+    Model,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Member {
+    Model,
+    Stream,
+    Other,
+}
+
+// === impl JsonScanner ===
+
+impl JsonScanner {
+    /// A scanner that reads at most `limit` bytes of the body.
+    pub fn new(limit: usize) -> Self {
+        JsonScanner {
+            limit,
+            consumed: 0,
+            state: State::Start,
+            decided: false,
+            stack: [0; MAX_DEPTH / 64],
+            depth: 0,
+            member: Member::Other,
+            sink: Sink::Skip,
+            escape: Escape::None,
+            high: None,
+            key: [0; KEY_CAP],
+            key_len: 0,
+            key_overflow: false,
+            model_buf: Vec::new(),
+            model_start: 0,
+            model_invalid: false,
+            pending_model: None,
+            model: None,
+            model_span: None,
+            model_seen: false,
+            stream: false,
+            stream_seen: false,
+        }
+    }
+
+    /// Feeds the next chunk; `Done` once nothing more is needed: both `model`
+    /// and `stream` seen at the top level, the top-level object ended, the
+    /// input is not a JSON object or breaks JSON syntax, or `limit` bytes consumed.
+    pub fn feed(&mut self, chunk: &[u8]) -> Scan {
+        if self.state == State::Done {
+            return Scan::Done;
+        }
+        let data = &chunk[..chunk.len().min(self.limit - self.consumed)];
+        let mut i = 0;
+        while i < data.len() {
+            if matches!(self.state, State::Str { .. }) && self.escape == Escape::None {
+                // Most of a body is string content (prompts); take plain runs at once.
+                let run = data[i..]
+                    .iter()
+                    .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                    .unwrap_or(data.len() - i);
+                if run > 0 {
+                    self.plain(&data[i..i + run]);
+                    i += run;
+                    continue;
+                }
+            }
+            if self.step(data[i], self.consumed + i) {
+                i += 1;
+            }
+            if self.state == State::Done {
+                break;
+            }
+        }
+        self.consumed += i;
+        if self.state != State::Done && self.consumed >= self.limit {
+            self.state = State::Done;
+        }
+        if self.state == State::Done {
+            Scan::Done
+        } else {
+            Scan::NeedMore
+        }
+    }
+
+    /// What was found; also valid when the body ended before `Done`.
+    pub fn finish(self) -> JsonFields {
+        JsonFields {
+            model: self.model,
+            model_span: self.model_span,
+            stream: self.stream,
+            complete: self.decided,
+        }
+    }
+
+    /// Bytes the scanner holds: its fixed buffers and the model name being or already read.
+    #[cfg(test)]
+    pub(crate) fn retained_bytes(&self) -> usize {
+        mem::size_of_val(&self.stack)
+            + KEY_CAP
+            + self.model_buf.capacity()
+            + self.pending_model.as_ref().map_or(0, |(m, _)| m.capacity())
+            + self.model.as_ref().map_or(0, String::capacity)
+    }
+
+    /// Handles one byte at body offset `at`; `false` when the byte must be seen
+    /// again in the new state (it ended a number).
+    fn step(&mut self, b: u8, at: usize) -> bool {
+        match self.state {
+            State::Start => match b {
+                b'{' => self.open(true),
+                _ if is_ws(b) => {}
+                // Not an object: there is no `model` member to find.
+                _ => self.decide(),
+            },
+            State::Value => self.begin_value(b, at),
+            State::ArrayStart => match b {
+                b']' => self.close(),
+                _ => self.begin_value(b, at),
+            },
+            State::ObjectStart => match b {
+                b'"' => self.begin_string(true, at),
+                b'}' => self.close(),
+                _ if is_ws(b) => {}
+                _ => self.decide(),
+            },
+            State::Key => match b {
+                b'"' => self.begin_string(true, at),
+                _ if is_ws(b) => {}
+                _ => self.decide(),
+            },
+            State::Colon => match b {
+                b':' => self.state = State::Value,
+                _ if is_ws(b) => {}
+                _ => self.decide(),
+            },
+            State::AfterValue => match b {
+                b',' if self.in_object() => self.state = State::Key,
+                b',' => self.state = State::Value,
+                b'}' if self.in_object() => self.close(),
+                b']' if !self.in_object() => self.close(),
+                _ if is_ws(b) => {}
+                _ => self.decide(),
+            },
+            State::Str { key } => self.string_byte(b, at, key),
+            State::Number(num) => return self.number_byte(b, num),
+            State::Literal { rest, is_true } => match rest {
+                [expected] if b == *expected => self.value_end(is_true),
+                [expected, rest @ ..] if b == *expected => {
+                    self.state = State::Literal { rest, is_true }
+                }
+                _ => self.decide(),
+            },
+            State::Done => {}
+        }
+        true
+    }
+
+    /// Ends the scan with what was found: a decision, whether by success,
+    /// by a body that is not an object, or by a syntax error.
+    fn decide(&mut self) {
+        self.decided = true;
+        self.state = State::Done;
+    }
+
+    fn in_object(&self) -> bool {
+        self.depth > 0 && self.stack[(self.depth - 1) / 64] & (1 << ((self.depth - 1) % 64)) != 0
+    }
+
+    fn open(&mut self, object: bool) {
+        if self.depth == MAX_DEPTH {
+            return self.decide();
+        }
+        let (word, bit) = (self.depth / 64, 1u64 << (self.depth % 64));
+        if object {
+            self.stack[word] |= bit;
+            self.state = State::ObjectStart;
+        } else {
+            self.stack[word] &= !bit;
+            self.state = State::ArrayStart;
+        }
+        self.depth += 1;
+    }
+
+    fn close(&mut self) {
+        self.depth -= 1;
+        self.value_end(false);
+    }
+
+    fn begin_value(&mut self, b: u8, at: usize) {
+        if self.depth == 1 {
+            self.pending_model = None;
+        }
+        self.state = match b {
+            b'"' => return self.begin_string(false, at),
+            b'{' => return self.open(true),
+            b'[' => return self.open(false),
+            b't' => State::Literal {
+                rest: b"rue",
+                is_true: true,
+            },
+            b'f' => State::Literal {
+                rest: b"alse",
+                is_true: false,
+            },
+            b'n' => State::Literal {
+                rest: b"ull",
+                is_true: false,
+            },
+            b'-' => State::Number(Num::Minus),
+            b'0' => State::Number(Num::Zero),
+            b'1'..=b'9' => State::Number(Num::Int),
+            _ if is_ws(b) => return,
+            _ => return self.decide(),
+        };
+    }
+
+    /// A value ended; the member values of the top-level object are recorded here.
+    fn value_end(&mut self, is_true: bool) {
+        match self.depth {
+            0 => return self.decide(),
+            1 => match self.member {
+                Member::Model => {
+                    let found = self.pending_model.take();
+                    self.model_span = found.as_ref().map(|(_, span)| span.clone());
+                    self.model = found.map(|(model, _)| model);
+                    self.model_seen = true;
+                }
+                Member::Stream => {
+                    self.stream = is_true;
+                    self.stream_seen = true;
+                }
+                Member::Other => {}
+            },
+            _ => {}
+        }
+        if self.model_seen && self.stream_seen {
+            self.decide();
+        } else {
+            self.state = State::AfterValue;
+        }
+    }
+
+    fn number_byte(&mut self, b: u8, num: Num) -> bool {
+        let next = match (num, b) {
+            (Num::Minus, b'0') => Num::Zero,
+            (Num::Minus | Num::Int, b'0'..=b'9') => Num::Int,
+            (Num::Zero | Num::Int, b'.') => Num::Dot,
+            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
+            (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
+            (Num::Exp, b'+' | b'-') => Num::ExpSign,
+            (Num::Exp | Num::ExpSign | Num::ExpInt, b'0'..=b'9') => Num::ExpInt,
+            (Num::Zero | Num::Int | Num::Frac | Num::ExpInt, _) => {
+                self.value_end(false);
+                return false;
+            }
+            _ => {
+                self.decide();
+                return true;
+            }
+        };
+        self.state = State::Number(next);
+        true
+    }
+
+    // --- strings ---
+
+    fn begin_string(&mut self, key: bool, at: usize) {
+        self.sink = match (self.depth, key, self.member) {
+            (1, true, _) => {
+                self.key_len = 0;
+                self.key_overflow = false;
+                Sink::Key
+            }
+            (1, false, Member::Model) => {
+                self.model_buf.clear();
+                self.model_invalid = false;
+                self.model_start = at;
+                Sink::Model
+            }
+            _ => Sink::Skip,
+        };
+        self.escape = Escape::None;
+        self.high = None;
+        self.state = State::Str { key };
+    }
+
+    fn string_byte(&mut self, b: u8, at: usize, key: bool) {
+        match self.escape {
+            Escape::None => match b {
+                b'"' => self.end_string(at, key),
+                b'\\' => self.escape = Escape::Backslash,
+                0..=0x1f => self.decide(),
+                _ => self.plain(&[b]),
+            },
+            Escape::Backslash => {
+                let unescaped = match b {
+                    b'"' | b'\\' | b'/' => b,
+                    b'b' => 0x08,
+                    b'f' => 0x0c,
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    b'u' => {
+                        self.escape = Escape::Unicode {
+                            digits: 0,
+                            value: 0,
+                        };
+                        return;
+                    }
+                    _ => return self.decide(),
+                };
+                self.escape = Escape::None;
+                self.plain(&[unescaped]);
+            }
+            Escape::Unicode { digits, value } => {
+                let Some(digit) = hex_digit(b) else {
+                    return self.decide();
+                };
+                let value = (value << 4) | u16::from(digit);
+                if digits == 3 {
+                    self.escape = Escape::None;
+                    self.code_unit(value);
+                } else {
+                    self.escape = Escape::Unicode {
+                        digits: digits + 1,
+                        value,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Literal string content (or a simple escape, decoded).
+    fn plain(&mut self, bytes: &[u8]) {
+        if self.high.take().is_some() {
+            self.sink_invalid();
+        }
+        self.sink_bytes(bytes);
+    }
+
+    /// A `\uXXXX` escape; surrogate pairs combine, lone surrogates spoil the string.
+    fn code_unit(&mut self, unit: u16) {
+        if let Some(high) = self.high.take() {
+            if let 0xDC00..=0xDFFF = unit {
+                let c = 0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(unit) - 0xDC00);
+                return self.sink_char(c);
+            }
+            self.sink_invalid();
+        }
+        match unit {
+            0xD800..=0xDBFF => self.high = Some(unit),
+            0xDC00..=0xDFFF => self.sink_invalid(),
+            _ => self.sink_char(u32::from(unit)),
+        }
+    }
+
+    fn sink_char(&mut self, c: u32) {
+        match char::from_u32(c) {
+            Some(c) => self.sink_bytes(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            None => self.sink_invalid(),
+        }
+    }
+
+    fn sink_bytes(&mut self, bytes: &[u8]) {
+        match self.sink {
+            Sink::Skip => {}
+            Sink::Key => {
+                let end = self.key_len + bytes.len();
+                if end <= KEY_CAP {
+                    self.key[self.key_len..end].copy_from_slice(bytes);
+                    self.key_len = end;
+                } else {
+                    self.key_overflow = true;
+                }
+            }
+            Sink::Model => self.model_buf.extend_from_slice(bytes),
+        }
+    }
+
+    /// The string being read cannot be a valid name (lone surrogate).
+    fn sink_invalid(&mut self) {
+        match self.sink {
+            Sink::Skip => {}
+            Sink::Key => self.key_overflow = true,
+            Sink::Model => self.model_invalid = true,
+        }
+    }
+
+    fn end_string(&mut self, at: usize, key: bool) {
+        if self.high.take().is_some() {
+            self.sink_invalid();
+        }
+        match self.sink {
+            Sink::Key => {
+                self.member = match (self.key_overflow, &self.key[..self.key_len]) {
+                    (false, b"model") => Member::Model,
+                    (false, b"stream") => Member::Stream,
+                    _ => Member::Other,
+                };
+            }
+            Sink::Model => {
+                let raw = mem::take(&mut self.model_buf);
+                self.pending_model = match self.model_invalid {
+                    true => None,
+                    false => String::from_utf8(raw)
+                        .ok()
+                        .map(|model| (model, self.model_start..at + 1)),
+                };
+            }
+            Sink::Skip => {}
+        }
+        self.sink = Sink::Skip;
+        if key {
+            self.state = State::Colon;
+        } else {
+            self.value_end(false);
+        }
+    }
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    char::from(b).to_digit(16).map(|d| d as u8)
+}
+
+/// Returns `prefix` with the literal at `span` (quotes included) replaced by
+/// `new_model` as a JSON string; `prefix` unchanged when `span` is not inside it.
+///
+/// The caller must fix `content-length` when it forwards the result.
+pub fn rewrite_json_model(prefix: &[u8], span: Range<usize>, new_model: &str) -> Bytes {
+    if span.start > span.end || span.end > prefix.len() {
+        return Bytes::copy_from_slice(prefix);
+    }
+    let mut out = Vec::with_capacity(prefix.len() - span.len() + new_model.len() + 2);
+    out.extend_from_slice(&prefix[..span.start]);
+    push_json_string(&mut out, new_model);
+    out.extend_from_slice(&prefix[span.end..]);
+    Bytes::from(out)
+}
+
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    // Only ASCII bytes are escaped, so walking bytes keeps UTF-8 sequences intact.
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            0..=0x1f => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BIG: usize = 1 << 20;
+
+    fn scan(body: &[u8]) -> JsonFields {
+        scan_limit(body, BIG)
+    }
+
+    fn scan_limit(body: &[u8], limit: usize) -> JsonFields {
+        let mut scanner = JsonScanner::new(limit);
+        scanner.feed(body);
+        scanner.finish()
+    }
+
+    /// Feeds `body` in chunks split at `cuts`, stopping at `Done` as the proxy does.
+    fn scan_chunks(body: &[u8], cuts: &[usize]) -> JsonFields {
+        let mut scanner = JsonScanner::new(BIG);
+        let mut start = 0;
+        for &cut in cuts.iter().chain([&body.len()]) {
+            if scanner.feed(&body[start..cut]) == Scan::Done {
+                break;
+            }
+            start = cut;
+        }
+        scanner.finish()
+    }
+
+    fn found(model: &str, stream: bool) -> (Option<String>, bool, bool) {
+        (Some(model.to_owned()), stream, true)
+    }
+
+    fn summary(fields: &JsonFields) -> (Option<String>, bool, bool) {
+        (fields.model.clone(), fields.stream, fields.complete)
+    }
+
+    fn literal<'a>(body: &'a [u8], fields: &JsonFields) -> &'a [u8] {
+        &body[fields.model_span.clone().expect("a model span")]
+    }
+
+    #[test]
+    fn model_and_stream_are_found_at_the_top_level() {
+        let body = br#"{"model":"gpt-4o","stream":true}"#;
+        let fields = scan(body);
+        assert_eq!(summary(&fields), found("gpt-4o", true));
+        assert_eq!(literal(body, &fields), br#""gpt-4o""#);
+    }
+
+    #[test]
+    fn scan_is_done_as_soon_as_model_and_stream_are_known() {
+        let mut scanner = JsonScanner::new(BIG);
+        assert_eq!(scanner.feed(br#"{"stream":false,"model":"m""#), Scan::Done);
+        assert_eq!(scanner.feed(b"garbage that is never read"), Scan::Done);
+        assert_eq!(summary(&scanner.finish()), found("m", false));
+    }
+
+    #[test]
+    fn scan_needs_more_until_the_object_ends() {
+        let mut scanner = JsonScanner::new(BIG);
+        assert_eq!(scanner.feed(br#"{"model":"m""#), Scan::NeedMore);
+        assert_eq!(scanner.feed(br#","temperature":0.2"#), Scan::NeedMore);
+        assert_eq!(scanner.feed(b"}"), Scan::Done);
+        assert_eq!(summary(&scanner.finish()), found("m", false));
+    }
+
+    #[test]
+    fn model_span_counts_offsets_across_chunks() {
+        let body = br#"{"messages":[], "model" : "llama-3" }"#;
+        for cut in 0..=body.len() {
+            let fields = scan_chunks(body, &[cut]);
+            assert_eq!(fields.model_span, Some(26..35), "cut at {cut}");
+            assert_eq!(literal(body, &fields), br#""llama-3""#);
+        }
+    }
+
+    #[test]
+    fn nested_model_keys_are_ignored() {
+        let body = br#"{"messages":[{"role":"user","model":"nested","content":"x"}],"metadata":{"model":"meta","stream":true},"model":"top"}"#;
+        let fields = scan(body);
+        assert_eq!(summary(&fields), found("top", false));
+        assert_eq!(literal(body, &fields), br#""top""#);
+    }
+
+    #[test]
+    fn nested_model_without_a_top_level_one_gives_no_model() {
+        let fields = scan(br#"{"messages":[{"model":"nested"}],"input":{"model":"x"}}"#);
+        assert_eq!(fields.model, None);
+        assert_eq!(fields.model_span, None);
+        assert!(fields.complete);
+    }
+
+    #[test]
+    fn model_as_a_string_value_is_not_a_key() {
+        let fields = scan(br#"{"role":"model","content":"stream","x":["model","stream"]}"#);
+        assert_eq!(summary(&fields), (None, false, true));
+    }
+
+    #[test]
+    fn escapes_in_the_model_are_decoded() {
+        let body = br#"{"model":"a\"b\\c\/d\u00e9\ud83d\ude00\n\t","stream":true}"#;
+        let fields = scan(body);
+        assert_eq!(fields.model.as_deref(), Some("a\"b\\c/dé😀\n\t"));
+        assert_eq!(
+            literal(body, &fields),
+            br#""a\"b\\c\/d\u00e9\ud83d\ude00\n\t""#
+        );
+    }
+
+    #[test]
+    fn escaped_keys_are_decoded() {
+        let fields = scan(br#"{"mod\u0065l":"m","str\u0065am":true}"#);
+        assert_eq!(summary(&fields), found("m", true));
+    }
+
+    #[test]
+    fn keys_that_only_start_like_model_do_not_count() {
+        let fields =
+            scan(br#"{"model_name":"a","models":"b","mode":"c","":"d","modelmodelmodel":"e"}"#);
+        assert_eq!(fields.model, None);
+    }
+
+    #[test]
+    fn utf8_in_the_model_survives_any_chunk_split() {
+        let body = "{\"model\":\"模型-é-😀\",\"stream\":true}".as_bytes();
+        for cut in 0..=body.len() {
+            assert_eq!(
+                summary(&scan_chunks(body, &[cut])),
+                found("模型-é-😀", true),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_two_way_split_gives_the_same_result() {
+        let bodies: [&[u8]; 5] = [
+            br#" { "messages" : [ {"role":"user","content":"say \"hi\" \\ \u00e9"} ] , "model" : "gpt-4o-mini" , "stream" : true } "#,
+            br#"{"temperature":-1.5e+3,"n":10,"x":[true,false,null,0,0.5,1E2],"model":"m\u00e9\ud83d\ude00"}"#,
+            br#"{"mod\u0065l":"esc","stream":false}"#,
+            br#"{"a":{"b":[[{"model":"deep"}]]},"stream":true}"#,
+            br#"["model","stream"]"#,
+        ];
+        for body in bodies {
+            let whole = scan(body);
+            for cut in 0..=body.len() {
+                assert_eq!(
+                    scan_chunks(body, &[cut]),
+                    whole,
+                    "cut at {cut} of {}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+            let bytewise: Vec<usize> = (1..body.len()).collect();
+            assert_eq!(scan_chunks(body, &bytewise), whole);
+        }
+    }
+
+    #[test]
+    fn every_three_way_split_gives_the_same_result() {
+        let body = br#"{"model":"a\"\u00e9\ud83d\ude00","stream":true}"#;
+        let whole = scan(body);
+        for a in 0..=body.len() {
+            for b in a..=body.len() {
+                assert_eq!(scan_chunks(body, &[a, b]), whole, "cuts at {a}, {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn lone_surrogates_spoil_the_model() {
+        for body in [
+            br#"{"model":"\ud83d","stream":true}"#.as_slice(),
+            br#"{"model":"\ude00x","stream":true}"#,
+            br#"{"model":"\ud83dx","stream":true}"#,
+            br#"{"model":"\ud83d\u0041","stream":true}"#,
+        ] {
+            let fields = scan(body);
+            assert_eq!(
+                summary(&fields),
+                (None, true, true),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(fields.model_span, None);
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_in_the_model_gives_no_model() {
+        let fields = scan(b"{\"model\":\"a\xffb\",\"stream\":true}");
+        assert_eq!(summary(&fields), (None, true, true));
+    }
+
+    #[test]
+    fn stream_is_true_only_for_literal_true() {
+        for (body, stream) in [
+            (br#"{"model":"m","stream":true}"#.as_slice(), true),
+            (br#"{"model":"m","stream":false}"#, false),
+            (br#"{"model":"m","stream":null}"#, false),
+            (br#"{"model":"m","stream":"true"}"#, false),
+            (br#"{"model":"m","stream":1}"#, false),
+            (br#"{"model":"m","stream":[true]}"#, false),
+            (br#"{"model":"m","stream":{"a":true}}"#, false),
+            (br#"{"model":"m"}"#, false),
+        ] {
+            assert_eq!(
+                summary(&scan(body)),
+                found("m", stream),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn nested_stream_true_is_ignored() {
+        let fields = scan(br#"{"options":{"stream":true},"model":"m"}"#);
+        assert_eq!(summary(&fields), found("m", false));
+    }
+
+    #[test]
+    fn a_non_string_model_gives_no_model() {
+        for body in [
+            br#"{"model":5,"stream":true}"#.as_slice(),
+            br#"{"model":null}"#,
+            br#"{"model":["m"]}"#,
+            br#"{"model":{"id":"m"}}"#,
+        ] {
+            let fields = scan(body);
+            assert_eq!(fields.model, None, "{}", String::from_utf8_lossy(body));
+            assert!(fields.complete);
+        }
+    }
+
+    #[test]
+    fn the_last_model_before_the_decision_wins() {
+        let body = br#"{"model":"first","model":"second"}"#;
+        let fields = scan(body);
+        assert_eq!(fields.model.as_deref(), Some("second"));
+        assert_eq!(literal(body, &fields), br#""second""#);
+        assert_eq!(scan(br#"{"model":"first","model":5}"#).model, None);
+    }
+
+    #[test]
+    fn whitespace_is_allowed_wherever_json_allows_it() {
+        let body = b" \r\n\t{ \n\"model\"\t:\r\n\"m\" ,\n \"stream\" :\ttrue\n}\n";
+        assert_eq!(summary(&scan(body)), found("m", true));
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects_end_the_scan_at_once() {
+        for body in [
+            &b"[{\"model\":\"m\"}]"[..],
+            b"\"model\"",
+            b"42",
+            b"null",
+            b"true",
+            b"  x",
+            b"\xef\xbb\xbf{}",
+        ] {
+            let mut scanner = JsonScanner::new(BIG);
+            assert_eq!(
+                scanner.feed(body),
+                Scan::Done,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(summary(&scanner.finish()), (None, false, true));
+        }
+    }
+
+    #[test]
+    fn an_empty_body_is_not_complete() {
+        let mut scanner = JsonScanner::new(BIG);
+        assert_eq!(scanner.feed(b""), Scan::NeedMore);
+        assert_eq!(scanner.feed(b"  "), Scan::NeedMore);
+        assert_eq!(scanner.finish(), JsonFields::default());
+    }
+
+    #[test]
+    fn syntax_errors_end_the_scan_with_what_was_found() {
+        for body in [
+            &br#"{"model":"m", oops"#[..],
+            br#"{"model":"m",}"#,
+            br#"{"model":"m",,"stream":true}"#,
+            br#"{"model":"m" "stream":true}"#,
+            br#"{"model":"m","stream" true}"#,
+            br#"{"model":"m","stream":tru}"#,
+            br#"{"model":"m","stream":True}"#,
+            br#"{"model":"m","x":01}"#,
+            br#"{"model":"m","x":1.}"#,
+            br#"{"model":"m","x":-}"#,
+            br#"{"model":"m","x":1e}"#,
+            br#"{"model":"m","x":+1}"#,
+            br#"{"model":"m","x":[1,]}"#,
+            br#"{"model":"m","x":[}"#,
+            br#"{"model":"m","x":{]}"#,
+            br#"{"model":"m","x":"\q"}"#,
+            br#"{"model":"m","x":"\u12G4"}"#,
+            b"{\"model\":\"m\",\"x\":\"a\nb\"}",
+            br#"{"model":"m"}}"#,
+        ] {
+            let mut scanner = JsonScanner::new(BIG);
+            assert_eq!(
+                scanner.feed(body),
+                Scan::Done,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(
+                summary(&scanner.finish()),
+                found("m", false),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_before_the_model_gives_no_model() {
+        for body in [
+            &br#"{'model':'m'}"#[..],
+            br#"{model:"m"}"#,
+            br#"{"a" "model":"m"}"#,
+            br#"{"a":1 "model":"m"}"#,
+        ] {
+            assert_eq!(
+                summary(&scan(body)),
+                (None, false, true),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn valid_numbers_and_literals_are_skipped() {
+        let body = br#"{"a":0,"b":-0,"c":-12.5e-3,"d":1E+2,"e":0.0,"f":[true,false,null],"g":{},"h":[],"i":"","model":"m"}"#;
+        assert_eq!(summary(&scan(body)), found("m", false));
+    }
+
+    #[test]
+    fn a_number_ending_the_stream_value_is_seen_before_the_delimiter() {
+        let body = br#"{"model":"m","stream":0 , "x":1}"#;
+        let fields = scan(body);
+        assert_eq!(summary(&fields), found("m", false));
+    }
+
+    #[test]
+    fn the_limit_ends_the_scan_incomplete() {
+        let body = br#"{"messages":[{"content":"a long prompt"}],"model":"m","stream":true}"#;
+        let mut scanner = JsonScanner::new(20);
+        assert_eq!(scanner.feed(&body[..10]), Scan::NeedMore);
+        assert_eq!(scanner.feed(&body[10..]), Scan::Done);
+        assert_eq!(summary(&scanner.finish()), (None, false, false));
+    }
+
+    #[test]
+    fn the_limit_keeps_what_was_found_before_it() {
+        let body = br#"{"model":"m","messages":[{"content":"a long prompt"}],"stream":true}"#;
+        let fields = scan_limit(body, 30);
+        assert_eq!(summary(&fields), (Some("m".into()), false, false));
+        assert_eq!(fields.model_span, Some(9..12));
+    }
+
+    #[test]
+    fn a_decision_on_the_last_byte_within_the_limit_is_complete() {
+        let body = br#"{"model":"m","stream":true}"#;
+        assert_eq!(summary(&scan_limit(body, body.len() - 1)), found("m", true));
+        assert_eq!(
+            summary(&scan_limit(body, body.len() - 2)),
+            (Some("m".into()), false, false)
+        );
+    }
+
+    #[test]
+    fn a_zero_limit_is_done_at_once() {
+        let mut scanner = JsonScanner::new(0);
+        assert_eq!(scanner.feed(b"{}"), Scan::Done);
+        assert_eq!(scanner.finish(), JsonFields::default());
+    }
+
+    #[test]
+    fn a_truncated_body_keeps_what_was_found() {
+        let mut scanner = JsonScanner::new(BIG);
+        assert_eq!(
+            scanner.feed(br#"{"model":"m","messages":[{"con"#),
+            Scan::NeedMore
+        );
+        assert_eq!(summary(&scanner.finish()), (Some("m".into()), false, false));
+    }
+
+    #[test]
+    fn a_model_cut_by_the_end_of_the_body_is_not_reported() {
+        let mut scanner = JsonScanner::new(BIG);
+        scanner.feed(br#"{"model":"gpt-"#);
+        assert_eq!(scanner.finish().model, None);
+    }
+
+    #[test]
+    fn nesting_beyond_the_depth_cap_ends_the_scan() {
+        let mut body = br#"{"model":"m","x":"#.to_vec();
+        body.extend(std::iter::repeat_n(b'[', MAX_DEPTH + 10));
+        let mut scanner = JsonScanner::new(BIG);
+        assert_eq!(scanner.feed(&body), Scan::Done);
+        assert_eq!(summary(&scanner.finish()), found("m", false));
+    }
+
+    #[test]
+    fn nesting_up_to_the_depth_cap_is_fine() {
+        let depth = MAX_DEPTH - 1;
+        let mut body = br#"{"x":"#.to_vec();
+        body.extend(std::iter::repeat_n(b'[', depth - 1));
+        body.extend(br#"{"model":"no"}"#);
+        body.extend(std::iter::repeat_n(b']', depth - 1));
+        body.extend(br#","model":"yes"}"#);
+        assert_eq!(summary(&scan(&body)), found("yes", false));
+    }
+
+    #[test]
+    fn a_long_prompt_before_the_model_is_skipped_in_small_chunks() {
+        let mut body = br#"{"messages":[{"role":"user","content":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'x', 100_000));
+        body.extend(br#""}],"model":"m","stream":true}"#);
+        let mut scanner = JsonScanner::new(BIG);
+        for chunk in body.chunks(7) {
+            if scanner.feed(chunk) == Scan::Done {
+                break;
+            }
+            assert!(scanner.retained_bytes() < 256);
+        }
+        assert_eq!(summary(&scanner.finish()), found("m", true));
+    }
+
+    #[test]
+    fn rewrite_replaces_only_the_model_literal() {
+        let body = br#"{"model" : "alias", "stream":true, "x":"model"}"#;
+        let fields = scan(body);
+        let rewritten = rewrite_json_model(body, fields.model_span.unwrap(), "meta/llama-3");
+        assert_eq!(
+            &rewritten[..],
+            br#"{"model" : "meta/llama-3", "stream":true, "x":"model"}"#
+        );
+    }
+
+    #[test]
+    fn rewrite_escapes_the_new_model() {
+        let body = br#"{"model":"\u0061"}"#;
+        let span = scan(body).model_span.unwrap();
+        let new_model = "we\"ird\\name\n\u{1}é";
+        let rewritten = rewrite_json_model(body, span, new_model);
+        assert_eq!(
+            &rewritten[..],
+            "{\"model\":\"we\\\"ird\\\\name\\n\\u0001é\"}".as_bytes()
+        );
+        assert_eq!(scan(&rewritten).model.as_deref(), Some(new_model));
+    }
+
+    #[test]
+    fn rewrite_keeps_the_rest_of_a_prefix() {
+        let body = br#"{"model":"a","stream":true,"messages":[{"content":"unfinished"#;
+        let fields = scan(body);
+        let rewritten = rewrite_json_model(body, fields.model_span.unwrap(), "bbb");
+        assert_eq!(
+            &rewritten[..],
+            br#"{"model":"bbb","stream":true,"messages":[{"content":"unfinished"#
+        );
+    }
+
+    #[test]
+    fn rewrite_with_a_span_outside_the_prefix_changes_nothing() {
+        assert_eq!(&rewrite_json_model(b"{}", 1..5, "m")[..], b"{}");
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = 2..1;
+        assert_eq!(&rewrite_json_model(b"{}", reversed, "m")[..], b"{}");
+    }
+}

@@ -1,0 +1,182 @@
+//! Listeners: accept connections, detect the protocol from the first bytes,
+//! and serve HTTP/1.1 and HTTP/2 on the same port; anything else is
+//! forwarded as opaque TCP or refused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use infermesh_proto::policy::ListenerKind;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::detect::{self, Protocol};
+use crate::opaque;
+use crate::service::{self, Inputs};
+
+/// How long a new connection may stay silent before it is treated as opaque
+/// (a server-speaks-first protocol).
+const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A bound listener.
+pub struct Listener {
+    tcp: TcpListener,
+    kind: ListenerKind,
+    inputs: Arc<Inputs>,
+}
+
+impl Listener {
+    /// Binds `addr`; a bad or busy address fails here, at start-up.
+    pub async fn bind(
+        addr: SocketAddr,
+        kind: ListenerKind,
+        inputs: Arc<Inputs>,
+    ) -> std::io::Result<Self> {
+        let tcp = TcpListener::bind(addr).await?;
+        Ok(Self { tcp, kind, inputs })
+    }
+
+    /// The bound address (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Accepts connections until `shutdown` turns true, then lets open
+    /// connections finish their requests for up to the snapshot's drain
+    /// timeout.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let graceful = GracefulShutdown::new();
+        let builders = Arc::new(Builders::new());
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.tcp.accept() => accepted,
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let inputs = self.inputs.clone();
+            let watcher = graceful.watcher();
+            let builders = builders.clone();
+            let kind = self.kind;
+            tokio::spawn(async move {
+                serve_connection(stream, peer, kind, inputs, builders, watcher).await;
+            });
+        }
+        drop(self.tcp);
+        let drain = self.inputs.snapshot.load().drain_timeout();
+        let open = graceful.count();
+        if open > 0 {
+            tracing::info!(listener = ?self.kind, open, "draining connections");
+        }
+        if tokio::time::timeout(drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(listener = ?self.kind, "drain deadline passed; closing remaining connections");
+        }
+    }
+}
+
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new() -> Self {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .keep_alive(true);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(8 * 1024 * 1024)
+            .max_concurrent_streams(1024)
+            .keep_alive_interval(Duration::from_secs(30));
+        Self { http1, http2 }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    inputs: Arc<Inputs>,
+    builders: Arc<Builders>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let protocol = match sniff(&stream).await {
+        Ok(protocol) => protocol,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "connection closed before its protocol was known");
+            return;
+        }
+    };
+    let svc_inputs = inputs.clone();
+    let svc = service_fn(move |request| service::handle(svc_inputs.clone(), kind, request));
+    let io = TokioIo::new(stream);
+    let result = match protocol {
+        Protocol::Http1 => {
+            watcher
+                .watch(builders.http1.serve_connection(io, svc))
+                .await
+        }
+        Protocol::Http2 => {
+            watcher
+                .watch(builders.http2.serve_connection(io, svc))
+                .await
+        }
+        Protocol::Opaque => {
+            opaque::serve(io.into_inner(), peer, kind, &inputs).await;
+            return;
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// Peeks at the first bytes until the protocol is known.
+async fn sniff(stream: &TcpStream) -> std::io::Result<Protocol> {
+    let mut buf = [0u8; detect::H2_PREFACE.len()];
+    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    let mut seen = 0;
+    loop {
+        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(result) => result?,
+            // A silent client: whatever it speaks, it is not HTTP.
+            Err(_) => return Ok(Protocol::Opaque),
+        };
+        if peeked == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if let Some(protocol) = detect::detect(&buf[..peeked]) {
+            return Ok(protocol);
+        }
+        if peeked == seen {
+            // Same partial prefix as before: peek returns at once while the
+            // data is unchanged, so wait a little for the rest to arrive.
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Protocol::Opaque);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        seen = peeked;
+    }
+}

@@ -1,0 +1,179 @@
+//! Prometheus metrics of the data plane.
+//!
+//! Handles for each route and backend are created when a snapshot is built,
+//! so the request path only touches atomics; the registry is rendered on the
+//! admin thread.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A shared name used as a label value without copying it per request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Name(pub Arc<str>);
+
+impl Name {
+    /// Wraps a name.
+    pub fn new(name: &str) -> Self {
+        Self(Arc::from(name))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+/// Labels of per-request counters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `outbound` or `inbound`.
+    pub listener: &'static str,
+    /// Route name; empty when no route matched.
+    pub route: Name,
+    /// Backend name; empty when none was chosen.
+    pub backend: Name,
+    /// HTTP status sent to the client.
+    pub status: u16,
+}
+
+/// Labels of per-route-and-backend histograms.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route name.
+    pub route: Name,
+    /// Backend name.
+    pub backend: Name,
+}
+
+/// Labels of per-backend counters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Backend name.
+    pub backend: Name,
+}
+
+/// Labels of per-listener gauges.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `outbound` or `inbound`.
+    pub listener: &'static str,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0, 300.0,
+    ]
+    .into_iter()
+}
+
+fn new_latency_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
+}
+
+/// Every metric family of the proxy.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Responses sent, by listener, route, backend and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Requests whose response has not finished.
+    pub in_flight: Family<ListenerLabels, Gauge>,
+    /// Whole request duration, response body included.
+    pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Time to the upstream's response headers.
+    pub first_byte: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Failed attempts to connect to an endpoint.
+    pub connect_errors: Family<BackendLabels, Counter>,
+    /// Opaque TCP connections, by listener and outcome.
+    pub opaque_connections: Family<OpaqueLabels, Counter>,
+}
+
+/// Labels of the opaque-connection counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OpaqueLabels {
+    /// `outbound` or `inbound`.
+    pub listener: &'static str,
+    /// `forwarded` or `refused`.
+    pub outcome: &'static str,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family under the `infermesh` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("infermesh");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Responses sent to clients, by listener, route, backend and HTTP status",
+            requests.clone(),
+        );
+        let in_flight = Family::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests whose response has not finished",
+            in_flight.clone(),
+        );
+        let duration = Family::new_with_constructor(new_latency_histogram as fn() -> Histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving a request to the end of its response body",
+            duration.clone(),
+        );
+        let first_byte = Family::new_with_constructor(new_latency_histogram as fn() -> Histogram);
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Time from sending a request upstream to its response headers",
+            first_byte.clone(),
+        );
+        let connect_errors = Family::default();
+        registry.register(
+            "upstream_connect_errors",
+            "Failed attempts to connect to a backend endpoint",
+            connect_errors.clone(),
+        );
+        let opaque_connections = Family::default();
+        registry.register(
+            "opaque_connections",
+            "Connections that were neither HTTP/1.1 nor HTTP/2, by outcome",
+            opaque_connections.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            in_flight,
+            duration,
+            first_byte,
+            connect_errors,
+            opaque_connections,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            let _ = writeln!(out, "# error encoding metrics");
+        }
+        out
+    }
+}

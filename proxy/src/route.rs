@@ -1,0 +1,295 @@
+//! Route matching: which route of the snapshot a classified request takes.
+//!
+//! Matching is a pure function of a [`RouteInput`] and the compiled
+//! conditions, so it is tested on its own; routes are tried in policy order
+//! and the first whose conditions hold wins.
+
+use http::header::HeaderName;
+use http::HeaderMap;
+use infermesh_proto::policy::{RouteMatch, StringMatch};
+
+/// What routing looks at, borrowed from the request.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteInput<'a> {
+    /// Host without port, lower case.
+    pub host: Option<&'a str>,
+    /// Request path without query.
+    pub path: &'a str,
+    /// gRPC service and method, for gRPC requests.
+    pub grpc: Option<(&'a str, &'a str)>,
+    /// Request headers.
+    pub headers: &'a HeaderMap,
+    /// Model name, when classification found one.
+    pub model: Option<&'a str>,
+}
+
+/// A [`RouteMatch`] prepared for matching.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    host: Option<HostMatch>,
+    path: Option<StringMatch>,
+    grpc_service: Option<String>,
+    grpc_method: Option<String>,
+    headers: Vec<(HeaderName, Option<String>)>,
+    model: Option<StringMatch>,
+}
+
+#[derive(Debug, Clone)]
+enum HostMatch {
+    Exact(String),
+    /// `*.example.com`, stored as `.example.com`.
+    Suffix(String),
+}
+
+impl Matcher {
+    /// Prepares a validated policy match. Header names were validated when
+    /// the policy loaded; an invalid one here matches nothing.
+    pub fn new(m: &RouteMatch) -> Self {
+        let host = m.host.as_ref().map(|h| {
+            let h = h.to_ascii_lowercase();
+            match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_string()),
+                None => HostMatch::Exact(h),
+            }
+        });
+        let headers = m
+            .headers
+            .iter()
+            .map(|h| {
+                let name = HeaderName::from_bytes(h.name.as_bytes())
+                    .unwrap_or_else(|_| HeaderName::from_static("x-infermesh-invalid-header-name"));
+                (name, h.value.clone())
+            })
+            .collect();
+        Self {
+            host,
+            path: m.path.clone(),
+            grpc_service: m.grpc.as_ref().and_then(|g| g.service.clone()),
+            grpc_method: m.grpc.as_ref().and_then(|g| g.method.clone()),
+            headers,
+            model: m.model.clone(),
+        }
+    }
+
+    /// Whether every condition holds for `input`.
+    pub fn matches(&self, input: &RouteInput<'_>) -> bool {
+        if let Some(host) = &self.host {
+            let Some(actual) = input.host else {
+                return false;
+            };
+            let ok = match host {
+                HostMatch::Exact(h) => actual == h,
+                HostMatch::Suffix(s) => actual.len() > s.len() && actual.ends_with(s.as_str()),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(path) = &self.path {
+            if !string_matches(path, input.path) {
+                return false;
+            }
+        }
+        if self.grpc_service.is_some() || self.grpc_method.is_some() {
+            let Some((service, method)) = input.grpc else {
+                return false;
+            };
+            if self.grpc_service.as_deref().is_some_and(|s| s != service)
+                || self.grpc_method.as_deref().is_some_and(|m| m != method)
+            {
+                return false;
+            }
+        }
+        for (name, value) in &self.headers {
+            let present = match value {
+                None => input.headers.contains_key(name),
+                Some(v) => input
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .any(|actual| actual.as_bytes() == v.as_bytes()),
+            };
+            if !present {
+                return false;
+            }
+        }
+        if let Some(model) = &self.model {
+            let Some(actual) = input.model else {
+                return false;
+            };
+            if !string_matches(model, actual) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn string_matches(m: &StringMatch, actual: &str) -> bool {
+    match m {
+        StringMatch::Exact(e) => actual == e,
+        StringMatch::Prefix(p) => actual.starts_with(p.as_str()),
+    }
+}
+
+/// The host a request is addressed to: the URI authority (HTTP/2) or the
+/// `Host` header (HTTP/1.1), without port, lower-cased only when needed.
+pub fn request_host<'a>(
+    uri: &'a http::Uri,
+    headers: &'a HeaderMap,
+) -> Option<std::borrow::Cow<'a, str>> {
+    let raw = uri.authority().map(|a| a.host()).or_else(|| {
+        headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(strip_port)
+    })?;
+    if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(std::borrow::Cow::Owned(raw.to_ascii_lowercase()))
+    } else {
+        Some(std::borrow::Cow::Borrowed(raw))
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infermesh_proto::policy::{GrpcMatch, HeaderMatch};
+
+    fn input<'a>(headers: &'a HeaderMap) -> RouteInput<'a> {
+        RouteInput {
+            host: Some("api.example.com"),
+            path: "/v1/chat/completions",
+            grpc: None,
+            headers,
+            model: Some("llama-3-8b"),
+        }
+    }
+
+    #[test]
+    fn an_empty_match_matches_everything() {
+        let headers = HeaderMap::new();
+        assert!(Matcher::new(&RouteMatch::default()).matches(&input(&headers)));
+    }
+
+    #[test]
+    fn model_matches_exactly_or_by_prefix() {
+        let headers = HeaderMap::new();
+        let exact = |m: &str| RouteMatch {
+            model: Some(StringMatch::Exact(m.into())),
+            ..Default::default()
+        };
+        assert!(Matcher::new(&exact("llama-3-8b")).matches(&input(&headers)));
+        assert!(!Matcher::new(&exact("llama-3")).matches(&input(&headers)));
+        let prefix = RouteMatch {
+            model: Some(StringMatch::Prefix("llama-".into())),
+            ..Default::default()
+        };
+        assert!(Matcher::new(&prefix).matches(&input(&headers)));
+        let mut no_model = input(&headers);
+        no_model.model = None;
+        assert!(!Matcher::new(&prefix).matches(&no_model));
+    }
+
+    #[test]
+    fn host_matches_exactly_or_by_wildcard() {
+        let headers = HeaderMap::new();
+        let host = |h: &str| RouteMatch {
+            host: Some(h.into()),
+            ..Default::default()
+        };
+        assert!(Matcher::new(&host("API.example.com")).matches(&input(&headers)));
+        assert!(Matcher::new(&host("*.example.com")).matches(&input(&headers)));
+        assert!(!Matcher::new(&host("*.other.com")).matches(&input(&headers)));
+        assert!(!Matcher::new(&host("example.com")).matches(&input(&headers)));
+    }
+
+    #[test]
+    fn path_matches_exactly_or_by_prefix() {
+        let headers = HeaderMap::new();
+        let path = |p: StringMatch| RouteMatch {
+            path: Some(p),
+            ..Default::default()
+        };
+        assert!(Matcher::new(&path(StringMatch::Prefix("/v1/".into()))).matches(&input(&headers)));
+        assert!(
+            Matcher::new(&path(StringMatch::Exact("/v1/chat/completions".into())))
+                .matches(&input(&headers))
+        );
+        assert!(
+            !Matcher::new(&path(StringMatch::Exact("/v1/chat".into()))).matches(&input(&headers))
+        );
+    }
+
+    #[test]
+    fn grpc_service_and_method_must_both_hold() {
+        let headers = HeaderMap::new();
+        let m = Matcher::new(&RouteMatch {
+            grpc: Some(GrpcMatch {
+                service: Some("inference.GRPCInferenceService".into()),
+                method: Some("ModelInfer".into()),
+            }),
+            ..Default::default()
+        });
+        let mut req = input(&headers);
+        assert!(!m.matches(&req), "not gRPC at all");
+        req.grpc = Some(("inference.GRPCInferenceService", "ModelInfer"));
+        assert!(m.matches(&req));
+        req.grpc = Some(("inference.GRPCInferenceService", "ModelReady"));
+        assert!(!m.matches(&req));
+        let any_method = Matcher::new(&RouteMatch {
+            grpc: Some(GrpcMatch {
+                service: Some("inference.GRPCInferenceService".into()),
+                method: None,
+            }),
+            ..Default::default()
+        });
+        assert!(any_method.matches(&req));
+    }
+
+    #[test]
+    fn headers_must_be_present_and_equal_when_a_value_is_given() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-tenant", "blue".parse().unwrap());
+        let m = |value: Option<&str>| {
+            Matcher::new(&RouteMatch {
+                headers: vec![HeaderMatch {
+                    name: "X-Tenant".into(),
+                    value: value.map(Into::into),
+                }],
+                ..Default::default()
+            })
+        };
+        assert!(m(None).matches(&input(&headers)));
+        assert!(m(Some("blue")).matches(&input(&headers)));
+        assert!(!m(Some("green")).matches(&input(&headers)));
+        let empty = HeaderMap::new();
+        assert!(!m(None).matches(&input(&empty)));
+    }
+
+    #[test]
+    fn request_host_strips_ports_and_lowercases() {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, "API.Example.com:8080".parse().unwrap());
+        let uri: http::Uri = "/v1/models".parse().unwrap();
+        assert_eq!(request_host(&uri, &headers).unwrap(), "api.example.com");
+        headers.insert(http::header::HOST, "[::1]:80".parse().unwrap());
+        assert_eq!(request_host(&uri, &headers).unwrap(), "::1");
+        let absolute: http::Uri = "http://models.local:4140/v1/models".parse().unwrap();
+        assert_eq!(
+            request_host(&absolute, &HeaderMap::new()).unwrap(),
+            "models.local"
+        );
+    }
+}

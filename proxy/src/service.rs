@@ -1,0 +1,404 @@
+//! The request path of both listeners: classify, route, run the route's
+//! filter stack, and account for the response.
+//!
+//! ```text
+//! accept -> detect -> [classify -> route -> timeouts -> balance -> send] -> stream back
+//! ```
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use infermesh_filters::timeout::is_grpc;
+use infermesh_filters::{BoxBody, BoxError, ProxyError};
+use infermesh_proto::policy::ListenerKind;
+use pin_project_lite::pin_project;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use tower::ServiceExt;
+
+use crate::body::ProxyBody;
+use crate::classify::{self, BodyScan, GrpcModelScanner, JsonScanner, Scan};
+use crate::forward::Upstream;
+use crate::metrics::{ListenerLabels, Metrics, Name, RequestLabels};
+use crate::route::{self, RouteInput};
+use crate::snapshot::Snapshot;
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub struct Inputs {
+    /// The policy in force.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Metric families.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves one request received on `listener`. Never fails: every error
+/// becomes the response the client is owed.
+pub async fn handle(
+    inputs: Arc<Inputs>,
+    listener: ListenerKind,
+    request: Request<Incoming>,
+) -> Result<Response<BoxBody>, std::convert::Infallible> {
+    let started = Instant::now();
+    let listener_name = listener_label(listener);
+    let in_flight = inputs
+        .metrics
+        .in_flight
+        .get_or_create(&ListenerLabels {
+            listener: listener_name,
+        })
+        .clone();
+    in_flight.inc();
+    let grpc = is_grpc(request.headers());
+    let outcome = route_and_send(&inputs, listener, request).await;
+    let (response, route, backend, duration) = match outcome {
+        Ok(Routed {
+            response,
+            route,
+            backend,
+            duration,
+        }) => (response, route, backend, Some(duration)),
+        Err(Failed {
+            error,
+            route,
+            backend,
+        }) => {
+            let level_is_warn = error.fault() != infermesh_filters::Fault::Client;
+            if level_is_warn {
+                tracing::warn!(listener = listener_name, route = route.as_str(), backend = backend.as_str(), %error, "request failed");
+            } else {
+                tracing::debug!(listener = listener_name, %error, "request refused");
+            }
+            (error.to_response(grpc), route, backend, None)
+        }
+    };
+    inputs
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            listener: listener_name,
+            route,
+            backend,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    let (parts, body) = response.into_parts();
+    let body = Accounted {
+        inner: body,
+        finish: Some(Finish {
+            started,
+            duration,
+            in_flight,
+        }),
+    };
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+fn listener_label(listener: ListenerKind) -> &'static str {
+    match listener {
+        ListenerKind::Outbound => "outbound",
+        ListenerKind::Inbound => "inbound",
+    }
+}
+
+struct Routed {
+    response: Response<BoxBody>,
+    route: Name,
+    backend: Name,
+    duration: Histogram,
+}
+
+struct Failed {
+    error: ProxyError,
+    route: Name,
+    backend: Name,
+}
+
+impl From<ProxyError> for Failed {
+    fn from(error: ProxyError) -> Self {
+        Self {
+            error,
+            route: Name::default(),
+            backend: Name::default(),
+        }
+    }
+}
+
+async fn route_and_send(
+    inputs: &Inputs,
+    listener: ListenerKind,
+    request: Request<Incoming>,
+) -> Result<Routed, Failed> {
+    let snapshot = inputs.snapshot.load_full();
+    let (mut parts, body) = request.into_parts();
+    let head = classify::classify_head(
+        &parts.method,
+        parts.uri.path(),
+        parts.headers.get(header::CONTENT_TYPE),
+    );
+
+    // Read as much of the body as classification needs; it is replayed
+    // upstream unchanged (unless a model alias rewrites the name).
+    let limit = snapshot.classify_limit();
+    let mut model = head.model.clone();
+    let body = match head.body {
+        BodyScan::None => BodyState::Streaming(body),
+        BodyScan::OpenAiJson => {
+            let mut scanner = JsonScanner::new(limit);
+            let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
+            let fields = scanner.finish();
+            model = fields.model.clone();
+            BodyState::Scanned(prefix, Scanned::Json(fields))
+        }
+        BodyScan::GrpcModelName => {
+            let mut scanner = GrpcModelScanner::new(limit);
+            let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
+            let fields = scanner.finish();
+            model = fields.model.clone();
+            BodyState::Scanned(prefix, Scanned::Grpc(fields))
+        }
+    };
+
+    let host = route::request_host(&parts.uri, &parts.headers);
+    let input = RouteInput {
+        host: host.as_deref(),
+        path: parts.uri.path(),
+        grpc: head
+            .grpc
+            .as_ref()
+            .map(|g| (g.service.as_str(), g.method.as_str())),
+        headers: &parts.headers,
+        model: model.as_deref(),
+    };
+    let Some(route) = snapshot.route(listener, &input) else {
+        return Err(ProxyError::NoRoute(describe(&parts, model.as_deref())).into());
+    };
+    let fail = |error: ProxyError, backend: Name| Failed {
+        error,
+        route: route.name().clone(),
+        backend,
+    };
+    let Some(target) = route.pick_target() else {
+        return Err(fail(
+            ProxyError::NoEndpoint(format!("(route {} has no backend)", route.name().as_str())),
+            Name::default(),
+        ));
+    };
+
+    let body = match body {
+        BodyState::Streaming(body) => ProxyBody::streaming(body),
+        BodyState::Scanned(mut prefix, scanned) => {
+            if let Some(alias) = target.model.as_deref() {
+                if model.as_deref() != Some(alias) {
+                    rewrite_model(&mut prefix, &scanned, alias, &mut parts.headers);
+                }
+            }
+            ProxyBody::replay(prefix.chunks, prefix.trailers, prefix.rest)
+        }
+    };
+
+    let mut request = Request::from_parts(parts, body);
+    request
+        .extensions_mut()
+        .insert(Upstream(target.backend.clone()));
+    let sent = Instant::now();
+    let result = route.stack().clone().oneshot(request).await;
+    match result {
+        Ok(response) => {
+            target.first_byte.observe(sent.elapsed().as_secs_f64());
+            Ok(Routed {
+                response,
+                route: route.name().clone(),
+                backend: target.backend.name().clone(),
+                duration: target.duration.clone(),
+            })
+        }
+        Err(error) => Err(fail(error, target.backend.name().clone())),
+    }
+}
+
+/// A short description of an unroutable request for its error message.
+fn describe(parts: &http::request::Parts, model: Option<&str>) -> String {
+    let host = route::request_host(&parts.uri, &parts.headers);
+    let mut text = format!("{} {}", parts.method, parts.uri.path());
+    if let Some(host) = host {
+        text.push_str(&format!(" (host {host})"));
+    }
+    if let Some(model) = model {
+        text.push_str(&format!(" for model {model:?}"));
+    }
+    text
+}
+
+enum BodyState {
+    Streaming(Incoming),
+    Scanned(Prefix, Scanned),
+}
+
+enum Scanned {
+    Json(classify::JsonFields),
+    Grpc(classify::GrpcFields),
+}
+
+/// The part of a body read before routing.
+struct Prefix {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    /// The rest of the body, `None` when it ended within the prefix.
+    rest: Option<Incoming>,
+}
+
+/// Reads body frames into a prefix until `feed` says it has seen enough or
+/// the body ends.
+async fn read_prefix(
+    mut body: Incoming,
+    mut feed: impl FnMut(&[u8]) -> Scan,
+) -> Result<Prefix, ProxyError> {
+    let mut chunks = VecDeque::new();
+    if body.is_end_stream() {
+        return Ok(Prefix {
+            chunks,
+            trailers: None,
+            rest: None,
+        });
+    }
+    loop {
+        match body.frame().await {
+            None => {
+                return Ok(Prefix {
+                    chunks,
+                    trailers: None,
+                    rest: None,
+                })
+            }
+            Some(Err(error)) => {
+                return Err(ProxyError::BadRequest(format!(
+                    "reading the request body failed: {error}"
+                )))
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let scan = feed(&data);
+                    if !data.is_empty() {
+                        chunks.push_back(data);
+                    }
+                    if matches!(scan, Scan::Done) {
+                        let rest = (!body.is_end_stream()).then_some(body);
+                        return Ok(Prefix {
+                            chunks,
+                            trailers: None,
+                            rest,
+                        });
+                    }
+                }
+                Err(frame) => {
+                    return Ok(Prefix {
+                        chunks,
+                        trailers: frame.into_trailers().ok(),
+                        rest: None,
+                    })
+                }
+            },
+        }
+    }
+}
+
+/// Replaces the model name in the prefix with `alias`, fixing the length.
+fn rewrite_model(prefix: &mut Prefix, scanned: &Scanned, alias: &str, headers: &mut HeaderMap) {
+    let joined: Bytes = if prefix.chunks.len() == 1 {
+        prefix.chunks[0].clone()
+    } else {
+        let mut all = Vec::with_capacity(prefix.chunks.iter().map(Bytes::len).sum());
+        for chunk in &prefix.chunks {
+            all.extend_from_slice(chunk);
+        }
+        Bytes::from(all)
+    };
+    let rewritten = match scanned {
+        Scanned::Json(fields) => fields
+            .model_span
+            .clone()
+            .filter(|span| span.end <= joined.len())
+            .map(|span| classify::rewrite_json_model(&joined, span, alias)),
+        Scanned::Grpc(fields) => classify::rewrite_grpc_model(&joined, fields, alias),
+    };
+    let Some(rewritten) = rewritten else {
+        return;
+    };
+    let delta = rewritten.len() as i64 - joined.len() as i64;
+    if let Some(length) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        headers.insert(
+            header::CONTENT_LENGTH,
+            HeaderValue::from((length + delta).max(0) as u64),
+        );
+    }
+    prefix.chunks.clear();
+    prefix.chunks.push_back(rewritten);
+}
+
+struct Finish {
+    started: Instant,
+    duration: Option<Histogram>,
+    in_flight: Gauge,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+        if let Some(duration) = &self.duration {
+            duration.observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that records the request's duration and leaves the
+    /// in-flight gauge when it ends or the client goes away.
+    struct Accounted<B> {
+        #[pin]
+        inner: B,
+        finish: Option<Finish>,
+    }
+}
+
+impl<B> Body for Accounted<B>
+where
+    B: Body<Data = Bytes, Error = BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if matches!(frame, None | Some(Err(_))) {
+            this.finish.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

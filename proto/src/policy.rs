@@ -318,8 +318,18 @@ mod duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    /// Parses a humantime duration, with a message that says how to write one.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        use humantime::DurationError as E;
+        humantime::parse_duration(text).map_err(|e| match e {
+            E::InvalidCharacter(_) | E::NumberExpected(_) | E::Empty => format!(
+                "invalid duration {text:?}: write a number and a unit, like 250ms, 2s or 5m"
+            ),
+            e => format!("invalid duration {text:?}: {e}"),
+        })
     }
 }
 
@@ -341,8 +351,7 @@ mod opt_duration {
         if matches!(text.as_str(), "none" | "off") {
             return Ok(None);
         }
-        let parsed = humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))?;
+        let parsed = super::duration::parse(&text).map_err(serde::de::Error::custom)?;
         if parsed.is_zero() {
             return Err(serde::de::Error::custom(
                 "a zero duration is not a limit; write `none` to disable it",

@@ -1,0 +1,1063 @@
+//! Reading policy files into a checked [`PolicySet`], or into every error
+//! found, each at the line and column of the node to fix.
+//!
+//! Loading runs in three passes, so that one mistake does not hide the next:
+//! - `yaml` parses each file into a tree whose nodes know their position; a
+//!   syntax error ends that file, the documents before it are still checked.
+//! - The top level of each document (`apiVersion`, `kind`, `metadata`,
+//!   `spec`) is checked here; `de` then types `metadata` and `spec` with the
+//!   serde derives of `policy.rs`. When typing fails, the offending node is
+//!   taken out and typing runs again, so every unknown field and bad value
+//!   of a document is reported, not only the first.
+//! - `check` looks at what types cannot express: name and endpoint formats,
+//!   references between documents, limits.
+//!
+//! ```
+//! use std::path::Path;
+//! use infermesh_proto::policy::load_str;
+//!
+//! let errors = load_str(Path::new("p.yaml"), "apiVersion: infermesh.io/v1alpha1\nkind: Backnd\n")
+//!     .unwrap_err();
+//! assert_eq!(
+//!     errors[0].to_string(),
+//!     "p.yaml:2:7: unknown kind `Backnd`, did you mean `Backend`? \
+//!      (expected `Backend`, `ModelRoute` or `MeshConfig`)"
+//! );
+//! ```
+
+mod check;
+mod de;
+mod yaml;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use super::{
+    BackendSpec, MeshConfigSpec, Metadata, ModelRouteSpec, PolicySet, Resource, API_VERSION,
+};
+use de::{De, Step};
+use yaml::{Node, Value};
+
+/// At most this many errors are reported for one document; past that the
+/// document is probably not a policy at all.
+const MAX_ERRORS_PER_DOCUMENT: usize = 50;
+
+/// A position in a policy file, 1-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Location {
+    /// Line, from 1.
+    pub line: usize,
+    /// Column in characters, from 1.
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// One problem in a policy file, displayed as `FILE:LINE:COLUMN: message`.
+///
+/// Errors about a whole file or directory (it cannot be read) are located
+/// at 1:1.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}:{column}: {message}", file.display())]
+pub struct PolicyError {
+    /// The file, as it was named to [`load_path`] or [`load_str`].
+    pub file: PathBuf,
+    /// Line, from 1.
+    pub line: usize,
+    /// Column in characters, from 1.
+    pub column: usize,
+    /// What is wrong, and when it helps, how to fix it.
+    pub message: String,
+}
+
+impl PolicyError {
+    fn new(file: &Path, at: Location, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_owned(),
+            line: at.line,
+            column: at.column,
+            message: message.into(),
+        }
+    }
+
+    /// Where in [`PolicyError::file`] the problem is.
+    pub fn location(&self) -> Location {
+        Location {
+            line: self.line,
+            column: self.column,
+        }
+    }
+}
+
+const FILE_START: Location = Location { line: 1, column: 1 };
+
+/// Loads the documents of one file's text; `file` only names it in errors.
+pub fn load_str(file: &Path, text: &str) -> Result<PolicySet, Vec<PolicyError>> {
+    let mut loader = Loader::default();
+    loader.add_text(file, text);
+    loader.finish()
+}
+
+/// Loads a policy file, or every `*.yaml` and `*.yml` file under a directory
+/// (recursively, in path order). Entries whose name starts with `.` are
+/// skipped, which also skips the `..data` links of a mounted Kubernetes
+/// ConfigMap, whose files would otherwise be read twice.
+pub fn load_path(path: &Path) -> Result<PolicySet, Vec<PolicyError>> {
+    let mut loader = Loader::default();
+    let files = match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            let mut files = Vec::new();
+            let mut visited = HashSet::new();
+            walk(path, &mut files, &mut visited, &mut loader.errors);
+            files.sort();
+            files
+        }
+        Ok(_) => vec![path.to_owned()],
+        Err(e) => {
+            loader.errors.push(PolicyError::new(
+                path,
+                FILE_START,
+                format!("cannot read: {e}"),
+            ));
+            Vec::new()
+        }
+    };
+    for file in files {
+        match read_text(&file) {
+            Ok(text) => loader.add_text(&file, &text),
+            Err(error) => loader.errors.push(error),
+        }
+    }
+    loader.finish()
+}
+
+/// A file's text; a file that is not UTF-8 is an error at its first bad byte.
+fn read_text(file: &Path) -> Result<String, PolicyError> {
+    let bytes = std::fs::read(file)
+        .map_err(|e| PolicyError::new(file, FILE_START, format!("cannot read: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        // Only the valid prefix is decoded, so this cannot fail.
+        let before = std::str::from_utf8(valid).unwrap_or_default();
+        let at = Location {
+            line: before.matches('\n').count() + 1,
+            column: before.rsplit('\n').next().unwrap_or("").chars().count() + 1,
+        };
+        PolicyError::new(file, at, "the file is not UTF-8 text; save it as UTF-8")
+    })
+}
+
+/// Collects policy files under `dir`; symbolic links are followed, each
+/// directory is read once.
+fn walk(
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    visited: &mut HashSet<PathBuf>,
+    errors: &mut Vec<PolicyError>,
+) {
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    if !visited.insert(canonical) {
+        return;
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            errors.push(PolicyError::new(
+                dir,
+                FILE_START,
+                format!("cannot read directory: {e}"),
+            ));
+            return;
+        }
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                errors.push(PolicyError::new(
+                    dir,
+                    FILE_START,
+                    format!("cannot read directory: {e}"),
+                ));
+                continue;
+            }
+        };
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => walk(&path, files, visited, errors),
+            Ok(_) => {
+                let policy = path
+                    .extension()
+                    .is_some_and(|ext| ext == "yaml" || ext == "yml");
+                if policy {
+                    files.push(path);
+                }
+            }
+            Err(e) => errors.push(PolicyError::new(
+                &path,
+                FILE_START,
+                format!("cannot read: {e}"),
+            )),
+        }
+    }
+}
+
+/// The policy kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Backend,
+    ModelRoute,
+    MeshConfig,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Backend, Kind::ModelRoute, Kind::MeshConfig];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Backend => "Backend",
+            Kind::ModelRoute => "ModelRoute",
+            Kind::MeshConfig => "MeshConfig",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    fn names() -> String {
+        de::list(&Kind::ALL.map(Kind::as_str))
+    }
+}
+
+/// What every document with a known kind declares, typed or not.
+struct Document {
+    kind: Kind,
+    file: PathBuf,
+    /// Position of the `kind` value.
+    kind_at: Location,
+    /// `metadata.name` and its position, when it is a string.
+    name: Option<(String, Location)>,
+}
+
+/// The fields every document has at its top level.
+const TOP_LEVEL: [&str; 4] = ["apiVersion", "kind", "metadata", "spec"];
+
+/// One typed top-level field; `repaired` when it had errors.
+struct Part<T> {
+    value: Option<T>,
+    repaired: bool,
+}
+
+impl<T> Default for Part<T> {
+    fn default() -> Self {
+        Self {
+            value: None,
+            repaired: false,
+        }
+    }
+}
+
+/// A typed document and the tree it came from, for locating later errors.
+struct Typed<S> {
+    resource: Resource<S>,
+    file: PathBuf,
+    tree: Node,
+    /// Parts of the document were dropped after errors; checks that a list
+    /// is not empty would only repeat those errors.
+    repaired: bool,
+}
+
+impl<S> Typed<S> {
+    fn new(resource: Resource<S>, file: &Path, tree: Node, repaired: bool) -> Self {
+        Self {
+            resource,
+            file: file.to_owned(),
+            tree,
+            repaired,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Loader {
+    errors: Vec<PolicyError>,
+    documents: Vec<Document>,
+    backends: Vec<Typed<BackendSpec>>,
+    routes: Vec<Typed<ModelRouteSpec>>,
+    meshes: Vec<Typed<MeshConfigSpec>>,
+}
+
+impl Loader {
+    fn add_text(&mut self, file: &Path, text: &str) {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let parsed = yaml::parse(text);
+        for (at, message) in parsed.problems {
+            self.errors.push(PolicyError::new(file, at, message));
+        }
+        for document in parsed.documents {
+            self.add_document(file, document);
+        }
+    }
+
+    fn add_document(&mut self, file: &Path, mut root: Node) {
+        let Value::Map(entries) = &root.value else {
+            let message = format!(
+                "expected a policy document (a mapping with {}), found {}",
+                de::join(&TOP_LEVEL, "and"),
+                root.describe()
+            );
+            self.errors.push(PolicyError::new(file, root.at, message));
+            return;
+        };
+        // A document of another kind (a stray Kubernetes manifest) gets one
+        // error, not one per field it does not share with ours.
+        let kind = match root.get("kind").map(kind_of).transpose() {
+            Ok(kind) => kind,
+            Err((at, message)) => {
+                self.errors.push(PolicyError::new(file, at, message));
+                return;
+            }
+        };
+
+        // The top level is checked here rather than by serde so that every
+        // missing field is reported, and `metadata` and `spec` are typed
+        // (and their errors found) independently of each other.
+        for (key, _) in entries {
+            let name = key.as_str().map_or_else(|| key.describe(), str::to_owned);
+            if !TOP_LEVEL.contains(&name.as_str()) {
+                let message = de::unknown_field(&name, &TOP_LEVEL);
+                self.errors.push(PolicyError::new(file, key.at, message));
+            }
+        }
+        let missing: Vec<&str> = TOP_LEVEL
+            .into_iter()
+            .filter(|field| root.get(field).is_none())
+            .collect();
+        if !missing.is_empty() {
+            let mut message = match missing.as_slice() {
+                [field] => format!("missing required field `{field}`"),
+                fields => format!("missing required fields {}", de::join(fields, "and")),
+            };
+            if missing.contains(&"kind") {
+                message.push_str(&format!(" (`kind` is one of {})", Kind::names()));
+            }
+            self.errors.push(PolicyError::new(file, root.at, message));
+        }
+
+        let Some((kind, kind_at)) = kind else {
+            return;
+        };
+        if let Some(version) = root.get("apiVersion") {
+            let problem = match version.as_str() {
+                Some(API_VERSION) => None,
+                Some(text) => Some(format!(
+                    "unsupported apiVersion `{text}`: expected `{API_VERSION}`"
+                )),
+                None => Some(format!(
+                    "`apiVersion` must be `{API_VERSION}`, found {}",
+                    version.describe()
+                )),
+            };
+            if let Some(message) = problem {
+                self.errors
+                    .push(PolicyError::new(file, version.at, message));
+            }
+        }
+        let name = root
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str().map(|s| (s.to_owned(), n.at)));
+        self.documents.push(Document {
+            kind,
+            file: file.to_owned(),
+            kind_at,
+            name,
+        });
+
+        let metadata = self.part::<Metadata>(file, &mut root, "metadata");
+        match kind {
+            Kind::Backend => {
+                let spec = self.part::<BackendSpec>(file, &mut root, "spec");
+                if let Some(resource) = resource(kind, &metadata, spec.value) {
+                    self.backends
+                        .push(Typed::new(resource, file, root, spec.repaired));
+                }
+            }
+            Kind::ModelRoute => {
+                let spec = self.part::<ModelRouteSpec>(file, &mut root, "spec");
+                if let Some(resource) = resource(kind, &metadata, spec.value) {
+                    self.routes
+                        .push(Typed::new(resource, file, root, spec.repaired));
+                }
+            }
+            Kind::MeshConfig => {
+                let spec = self.part::<MeshConfigSpec>(file, &mut root, "spec");
+                if let Some(resource) = resource(kind, &metadata, spec.value) {
+                    self.meshes
+                        .push(Typed::new(resource, file, root, spec.repaired));
+                }
+            }
+        }
+    }
+
+    /// Types the value of the top-level `field`, records its errors and puts
+    /// its repaired tree back in place.
+    fn part<T: DeserializeOwned>(&mut self, file: &Path, root: &mut Node, field: &str) -> Part<T> {
+        let Value::Map(entries) = &mut root.value else {
+            return Part::default();
+        };
+        let Some((_, node)) = entries.iter_mut().find(|(k, _)| k.as_str() == Some(field)) else {
+            return Part::default();
+        };
+        let (value, tree, errors) = deserialize::<T>(node.clone(), field);
+        *node = tree;
+        let repaired = !errors.is_empty();
+        for error in errors {
+            let at = error.at.unwrap_or(node.at);
+            self.errors
+                .push(PolicyError::new(file, at, error.to_string()));
+        }
+        Part { value, repaired }
+    }
+
+    fn finish(mut self) -> Result<PolicySet, Vec<PolicyError>> {
+        let mut problems = check::set(&self);
+        self.errors.append(&mut problems);
+        if !self.errors.is_empty() {
+            let mut errors = self.errors;
+            errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+            errors.dedup();
+            return Err(errors);
+        }
+        Ok(PolicySet {
+            backends: self.backends.into_iter().map(|t| t.resource).collect(),
+            routes: self.routes.into_iter().map(|t| t.resource).collect(),
+            mesh: self.meshes.into_iter().next().map(|t| t.resource),
+        })
+    }
+}
+
+/// The kind a `kind` value names, and where it is written.
+fn kind_of(node: &Node) -> Result<(Kind, Location), (Location, String)> {
+    let Some(text) = node.as_str() else {
+        let message = format!(
+            "`kind` must be one of {}, found {}",
+            Kind::names(),
+            node.describe()
+        );
+        return Err((node.at, message));
+    };
+    if let Some(kind) = Kind::parse(text) {
+        return Ok((kind, node.at));
+    }
+    let mut message = format!("unknown kind `{text}`");
+    if let Some(close) = did_you_mean(text, Kind::ALL.map(Kind::as_str)) {
+        message.push_str(&format!(", did you mean `{close}`?"));
+    }
+    message.push_str(&format!(" (expected {})", Kind::names()));
+    Err((node.at, message))
+}
+
+/// A whole document, when both its typed parts are there.
+fn resource<S>(kind: Kind, metadata: &Part<Metadata>, spec: Option<S>) -> Option<Resource<S>> {
+    Some(Resource {
+        api_version: API_VERSION.to_owned(),
+        kind: kind.as_str().to_owned(),
+        metadata: metadata.value.clone()?,
+        spec: spec?,
+    })
+}
+
+/// Types `tree` as a `T`, collecting every error: after each failure the
+/// offending node is removed and typing runs again. Returns the value when
+/// typing finally succeeded, and the tree as typed (for locating nodes by
+/// the typed value's indices).
+fn deserialize<T: DeserializeOwned>(
+    mut tree: Node,
+    field: &str,
+) -> (Option<T>, Node, Vec<de::Error>) {
+    let mut errors: Vec<de::Error> = Vec::new();
+    // (mapping position, key) of entries taken out (and of the fields that
+    // misspelt ones were meant to be), whose absence is no news.
+    let mut removed: Vec<(Location, String)> = Vec::new();
+    loop {
+        let error = match T::deserialize(De(&tree)) {
+            Ok(value) => return (Some(value), tree, errors),
+            Err(error) => error.at_root(&tree, field),
+        };
+        let path = error.path();
+        let meant = error.suggested_field();
+        let echo = error.missing_field().is_some_and(|field| {
+            removed
+                .iter()
+                .any(|(at, key)| Some(*at) == error.at && key == field)
+        });
+        if !echo {
+            errors.push(error);
+        }
+        if errors.len() >= MAX_ERRORS_PER_DOCUMENT {
+            return (None, tree, errors);
+        }
+        match remove(&mut tree, &path) {
+            Removal::Entry { map_at, key } => {
+                // A misspelt required field is not also a missing one.
+                if let Some(meant) = meant {
+                    removed.push((map_at, meant.to_owned()));
+                }
+                removed.push((map_at, key));
+            }
+            Removal::Item => {}
+            Removal::Impossible => return (None, tree, errors),
+        }
+    }
+}
+
+enum Removal {
+    Entry { map_at: Location, key: String },
+    Item,
+    Impossible,
+}
+
+/// Removes the node at `path`: its mapping entry or sequence item. A node
+/// inside a `{variant: value}` mapping takes the whole mapping with it, as
+/// an empty one would only be a second error.
+fn remove(tree: &mut Node, path: &[Step]) -> Removal {
+    let mut path = path;
+    while let [rest @ .., Step::VariantKey | Step::VariantValue] = path {
+        path = rest;
+    }
+    let Some((last, parent_path)) = path.split_last() else {
+        return Removal::Impossible;
+    };
+    let Some(parent) = node_at_mut(tree, parent_path) else {
+        return Removal::Impossible;
+    };
+    let parent_at = parent.at;
+    match (last, &mut parent.value) {
+        (Step::Key(i) | Step::Value(i), Value::Map(entries)) if *i < entries.len() => {
+            let (key, _) = entries.remove(*i);
+            Removal::Entry {
+                map_at: parent_at,
+                key: key.as_str().unwrap_or_default().to_owned(),
+            }
+        }
+        (Step::Item(i), Value::Seq(items)) if *i < items.len() => {
+            items.remove(*i);
+            Removal::Item
+        }
+        _ => Removal::Impossible,
+    }
+}
+
+fn node_at_mut<'n>(tree: &'n mut Node, path: &[Step]) -> Option<&'n mut Node> {
+    let mut node = tree;
+    for step in path {
+        node = match (step, &mut node.value) {
+            (Step::Key(i), Value::Map(entries)) => &mut entries.get_mut(*i)?.0,
+            (Step::Value(i), Value::Map(entries)) => &mut entries.get_mut(*i)?.1,
+            (Step::Item(i), Value::Seq(items)) => items.get_mut(*i)?,
+            (Step::VariantKey, Value::Map(entries)) => &mut entries.first_mut()?.0,
+            (Step::VariantValue, Value::Map(entries)) => &mut entries.first_mut()?.1,
+            _ => return None,
+        };
+    }
+    Some(node)
+}
+
+/// The candidate `word` was probably meant to be: equal but for case, `-`
+/// and `_`, or within a few typos (a swap of two letters counts as one).
+fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let squash = |s: &str| -> String {
+        s.chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let squashed = squash(word);
+    let lower = word.to_lowercase();
+    let mut best: Option<(usize, &str)> = None;
+    for candidate in candidates {
+        let distance = if squash(candidate) == squashed {
+            0
+        } else {
+            strsim::osa_distance(&lower, &candidate.to_lowercase())
+        };
+        let limit = (word.chars().count().max(candidate.chars().count()) / 3).max(1);
+        if distance <= limit && best.is_none_or(|(d, _)| distance < d) {
+            best = Some((distance, candidate));
+        }
+    }
+    best.map(|(_, candidate)| candidate)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::policy::{BalancerKind, StringMatch, UpstreamProtocol};
+
+    fn load(text: &str) -> Result<PolicySet, Vec<String>> {
+        load_str(Path::new("p.yaml"), text)
+            .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        match load(text) {
+            Ok(set) => panic!("expected errors, loaded {set:?}"),
+            Err(errors) => errors,
+        }
+    }
+
+    const BACKEND: &str = "\
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata:
+  name: vllm
+spec:
+  endpoints: [\"vllm:8000\"]
+";
+
+    #[test]
+    fn a_backend_loads_with_defaults() {
+        let set = load(BACKEND).unwrap();
+        assert_eq!(set.backends.len(), 1);
+        let spec = &set.backends[0].spec;
+        assert_eq!(spec.endpoints, ["vllm:8000"]);
+        assert_eq!(spec.protocol, UpstreamProtocol::Http1);
+        assert_eq!(spec.balancer, BalancerKind::PeakEwma);
+        assert_eq!(spec.connect_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn documents_load_in_order_and_empty_ones_are_skipped() {
+        let text = format!(
+            "---\n# nothing here\n---\n{BACKEND}---\n{}\n---\n",
+            "apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {name: chat}
+spec:
+  match:
+    - model: {prefix: llama-}
+      headers: [{name: x-tenant, value: a}]
+  backends: [{backend: vllm, weight: 3, model: llama-3}]
+  timeouts: {firstByte: 10s, total: 2m, idle: none}"
+        );
+        let set = load(&text).unwrap();
+        let route = &set.routes[0].spec;
+        assert_eq!(
+            route.matches[0].model,
+            Some(StringMatch::Prefix("llama-".into()))
+        );
+        assert_eq!(route.backends[0].weight, 3);
+        assert_eq!(route.timeouts.first_byte, Some(Duration::from_secs(10)));
+        assert_eq!(route.timeouts.idle, None);
+        assert_eq!(route.timeouts.total, Some(Duration::from_secs(120)));
+    }
+
+    #[test]
+    fn an_unknown_field_is_located_at_its_key_with_a_suggestion() {
+        let text = BACKEND.replace("  endpoints:", "  endpionts:");
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:6:3: unknown field `endpionts`, did you mean `endpoints`?",]
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_far_from_any_lists_the_valid_ones() {
+        let text = format!("{BACKEND}  colour: blue\n");
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout` or `dnsRefresh`"]
+        );
+    }
+
+    #[test]
+    fn every_error_of_a_document_is_reported() {
+        let text = format!(
+            "{BACKEND}  protocol: http3\n  balancer: round_robin\n  connectTimeout: 5 parsecs\n  extra: 1\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:7:13: unknown `protocol` value `http3`, did you mean `http1`?",
+                "p.yaml:8:13: unknown `balancer` value `round_robin`, did you mean `round-robin`?",
+                "p.yaml:9:19: `connectTimeout`: invalid duration \"5 parsecs\": unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)",
+                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout` or `dnsRefresh`",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field_and_what_was_found() {
+        let text = BACKEND.replace("[\"vllm:8000\"]", "vllm:8000");
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:6:14: `endpoints` must be a list, found string \"vllm:8000\""]
+        );
+    }
+
+    #[test]
+    fn a_missing_field_is_located_at_the_mapping_that_lacks_it() {
+        let text = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata:\n  namespace: x\nspec:\n  endpoints: [\"a:1\"]\n";
+        assert_eq!(
+            errors(text),
+            ["p.yaml:4:3: `metadata` is missing required field `name`"]
+        );
+    }
+
+    #[test]
+    fn a_string_match_must_be_a_mapping() {
+        let text = "apiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r}\nspec:\n  match: [{model: gpt-4}]\n  backends: [{backend: b}]\n";
+        let text = format!("{}---\n{text}", BACKEND.replace("vllm\n", "b\n"));
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:12:19: `model` must be a mapping with one of `exact` or `prefix`, e.g. `{exact: gpt-4}`, found string \"gpt-4\""]
+        );
+    }
+
+    #[test]
+    fn a_misspelt_match_kind_is_located_at_its_key() {
+        let text = "apiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r}\nspec:\n  match: [{path: {prefx: /v1}}]\n  backends: [{backend: b}]\n";
+        let text = format!("{}---\n{text}", BACKEND.replace("vllm\n", "b\n"));
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:12:19: unknown field `prefx`, did you mean `prefix`?"]
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_skips_the_rest_of_the_file_but_not_earlier_documents() {
+        let text = format!(
+            "{}---\nkind: Backend\nspec: [a, b\n",
+            BACKEND.replace("[\"vllm:8000\"]", "[\"vllm\"]")
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:6:15: endpoint `vllm` has no port: write `vllm:PORT`",
+                "p.yaml:10:1: YAML syntax error: while parsing a flow sequence, expected ',' or ']'",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_reported_at_the_second_one() {
+        let text = format!("{BACKEND}  endpoints: [\"other:1\"]\n");
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:7:3: duplicate key `endpoints`: it is already set at line 6"]
+        );
+    }
+
+    #[test]
+    fn a_wrong_api_version_and_an_unknown_kind_are_reported() {
+        let text = "apiVersion: v1\nkind: ConfigMap\n---\napiVersion: infermesh.io/v1\nkind: Backend\nmetadata: {name: a}\nspec: {endpoints: [\"a:1\"]}\n";
+        assert_eq!(
+            errors(text),
+            [
+                "p.yaml:2:7: unknown kind `ConfigMap` (expected `Backend`, `ModelRoute` or `MeshConfig`)",
+                "p.yaml:4:13: unsupported apiVersion `infermesh.io/v1`: expected `infermesh.io/v1alpha1`",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_missing_top_level_field_is_reported_and_the_rest_still_checked() {
+        let text = "kind: Backend\nspec:\n  endpoints: [\"a:1\"]\n  protocol: h2\nstatus: {}\n";
+        assert_eq!(
+            errors(text),
+            [
+                "p.yaml:1:1: missing required fields `apiVersion` and `metadata`",
+                "p.yaml:4:13: unknown `protocol` value `h2`; expected one of `http1` or `http2`",
+                "p.yaml:5:1: unknown field `status`; valid fields here: `apiVersion`, `kind`, `metadata` or `spec`",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_spec_of_the_wrong_type_names_it() {
+        let text =
+            "apiVersion: infermesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: m}\nspec: [a]\n";
+        assert_eq!(
+            errors(text),
+            ["p.yaml:4:7: `spec` must be a mapping, found a list"]
+        );
+    }
+
+    #[test]
+    fn a_document_that_is_not_a_mapping_is_refused() {
+        assert_eq!(
+            errors("- a\n- b\n"),
+            ["p.yaml:1:1: expected a policy document (a mapping with `apiVersion`, `kind`, `metadata` and `spec`), found a list"]
+        );
+    }
+
+    #[test]
+    fn names_must_be_unique_per_kind_and_dns_like() {
+        let text = format!(
+            "{BACKEND}---\n{BACKEND}---\n{}",
+            BACKEND.replace("name: vllm", "name: My_Backend")
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:11:9: duplicate Backend name `vllm`: already used at p.yaml:4:9",
+                "p.yaml:18:9: invalid name `My_Backend`: use lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit (e.g. `my-backend`)",
+            ]
+        );
+    }
+
+    #[test]
+    fn routes_must_name_existing_backends_with_positive_weights() {
+        let text = format!(
+            "{BACKEND}---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {{name: a}}
+spec:
+  backends:
+    - backend: vlm
+      weight: 0
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {{name: b}}
+spec:
+  backends: []
+"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:13:5: the backend weights of ModelRoute `a` add up to 0: give at least one backend a positive `weight`",
+                "p.yaml:13:16: unknown backend `vlm`: no Backend has this name; did you mean `vllm`?",
+                "p.yaml:20:13: ModelRoute `b` has no backends: list at least one `backend:`",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reference_to_a_backend_with_errors_is_not_reported_again() {
+        let text = format!(
+            "{}---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: a}}\nspec: {{backends: [{{backend: vllm}}]}}\n",
+            BACKEND.replace("endpoints", "endpoint")
+        );
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:6:3: unknown field `endpoint`, did you mean `endpoints`?",]
+        );
+    }
+
+    #[test]
+    fn mesh_config_is_single_and_checked() {
+        let mesh = "apiVersion: infermesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n  classify: {maxBodyPrefix: 100}\n  opaque: {backend: tcp}\n";
+        let text = format!("{BACKEND}---\n{mesh}---\n{mesh}");
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:12:29: `maxBodyPrefix` must be between 1024 (1 KiB) and 16777216 (16 MiB) bytes, found 100",
+                "p.yaml:13:21: unknown backend `tcp`: no Backend has this name",
+                "p.yaml:16:7: only one MeshConfig is allowed; the first one is at p.yaml:9:7",
+                "p.yaml:19:29: `maxBodyPrefix` must be between 1024 (1 KiB) and 16777216 (16 MiB) bytes, found 100",
+                "p.yaml:20:21: unknown backend `tcp`: no Backend has this name",
+            ]
+        );
+    }
+
+    #[test]
+    fn endpoints_must_be_host_and_port() {
+        for ok in [
+            "a:1",
+            "10.0.0.1:8000",
+            "[::1]:80",
+            "svc.ns.svc.cluster.local:65535",
+        ] {
+            assert_eq!(check::endpoint_problem(ok), None, "{ok}");
+        }
+        for (bad, expected) in [
+            ("a", "endpoint `a` has no port: write `a:PORT`"),
+            ("a:0", "port 0 in endpoint `a:0` is out of range: use 1 to 65535"),
+            ("a:65536", "port 65536 in endpoint `a:65536` is out of range: use 1 to 65535"),
+            ("a:http", "port `http` in endpoint `a:http` must be a number from 1 to 65535"),
+            ("::1:80", "endpoint `::1:80` looks like an IPv6 address: put the address in brackets, as in `[::1]:8000`"),
+            ("[::1]", "endpoint `[::1]` has no port: write `[::1]:PORT`"),
+            ("[zz]:80", "`zz` in endpoint `[zz]:80` is not an IPv6 address"),
+            ("http://a:80", "endpoint `http://a:80` must be `host:port` without a scheme: remove `http://`"),
+            (":80", "endpoint `:80` has no host before the port"),
+            ("a b:80", "`a b` in endpoint `a b:80` is not a valid host name or IPv4 address"),
+        ] {
+            assert_eq!(check::endpoint_problem(bad).as_deref(), Some(expected), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_follow_dns_1123() {
+        for ok in ["a", "vllm-0", "a.b-c.d", "0"] {
+            assert_eq!(check::name_problem(ok), None, "{ok}");
+        }
+        for bad in ["", "A", "-a", "a-", "a..b", "a_b", &"a".repeat(254)] {
+            assert!(check::name_problem(bad).is_some(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn header_names_are_http_tokens() {
+        assert_eq!(check::header_name_problem("x-tenant_id"), None);
+        assert_eq!(
+            check::header_name_problem("x tenant").as_deref(),
+            Some("`x tenant` is not a valid HTTP header name: ' ' is not allowed (use letters, digits, `-` and `_`)")
+        );
+        assert!(check::header_name_problem(":authority").is_some());
+        assert!(check::header_name_problem("").is_some());
+    }
+
+    #[test]
+    fn path_matches_must_start_with_a_slash() {
+        let text = format!(
+            "{BACKEND}---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: a}}\nspec:\n  match: [{{path: {{prefix: v1/}}, headers: [{{name: \"a:b\"}}]}}]\n  backends: [{{backend: vllm}}]\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:12:27: path prefix `v1/` must start with `/`",
+                "p.yaml:12:50: `a:b` is not a valid HTTP header name: ':' is not allowed (use letters, digits, `-` and `_`)",
+            ]
+        );
+    }
+
+    #[test]
+    fn numbers_are_range_checked_and_quoted_numbers_are_strings() {
+        let text = format!(
+            "{BACKEND}---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: a}}\nspec:\n  backends: [{{backend: vllm, weight: -1}}, {{backend: vllm, weight: \"2\"}}, {{backend: vllm, weight: 1}}]\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:12:38: `weight` must be a whole number from 0 to 4294967295, found integer `-1`",
+                "p.yaml:12:67: `weight` must be a whole number from 0 to 4294967295, found string \"2\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn anchors_and_aliases_are_expanded_within_a_document() {
+        let route = "apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {name: r}
+spec:
+  match:
+    - {path: {prefix: /v1/}, headers: &tenant [{name: x-tenant, value: a}]}
+    - {path: {prefix: /v2/}, headers: *tenant}
+  backends: [{backend: vllm}]
+";
+        let set = load(&format!("{BACKEND}---\n{route}")).unwrap();
+        let matches = &set.routes[0].spec.matches;
+        assert_eq!(matches[1].headers, matches[0].headers);
+
+        let across = format!(
+            "x: &tenant [{{name: x-tenant}}]\n---\n{}",
+            route.replace("&tenant ", "")
+        );
+        assert_eq!(
+            errors(&across),
+            [
+                "p.yaml:1:1: unknown field `x`; valid fields here: `apiVersion`, `kind`, `metadata` or `spec`",
+                "p.yaml:1:1: missing required fields `apiVersion`, `kind`, `metadata` and `spec` (`kind` is one of `Backend`, `ModelRoute` or `MeshConfig`)",
+                "p.yaml:9:39: this alias names an anchor of another document; an anchor only reaches within its own document",
+            ]
+        );
+    }
+
+    #[test]
+    fn alias_bombs_and_deep_nesting_are_refused() {
+        let mut bomb = String::from("a: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..8 {
+            let p = i - 1;
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let errors = errors(&bomb);
+        assert!(
+            errors[0].contains("aliases expand to more than"),
+            "{errors:?}"
+        );
+
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let errors = super::tests::errors(&deep);
+        assert!(errors[0].contains("nested more than"), "{errors:?}");
+    }
+
+    #[test]
+    fn no_edit_of_a_valid_policy_makes_the_loader_panic() {
+        let text = format!(
+            "{BACKEND}---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: r}}\nspec:\n  match: [{{path: {{prefix: /v1}}, headers: [{{name: a}}]}}]\n  backends: [{{backend: vllm, weight: 2}}]\n  timeouts: {{idle: 5s}}\n"
+        );
+        for (i, _) in text.char_indices() {
+            let mut cut = text.clone();
+            cut.remove(i);
+            let _ = load(&cut);
+            let _ = load(&text[..i]);
+            for insert in ["[", "{", ":", "-", "\"", "\t", "&a", "*a", "!!str "] {
+                let mut edited = text.clone();
+                edited.insert_str(i, insert);
+                let _ = load(&edited);
+            }
+        }
+    }
+
+    #[test]
+    fn suggestions_only_come_for_close_words() {
+        let fields = ["endpoints", "protocol", "connectTimeout"];
+        assert_eq!(did_you_mean("endpionts", fields), Some("endpoints"));
+        assert_eq!(
+            did_you_mean("connect_timeout", fields),
+            Some("connectTimeout")
+        );
+        assert_eq!(did_you_mean("colour", fields), None);
+    }
+
+    #[test]
+    fn a_directory_is_read_recursively_in_path_order_skipping_hidden_entries() {
+        let dir = std::env::temp_dir().join(format!("infermesh-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("b")).unwrap();
+        std::fs::create_dir_all(dir.join("..data")).unwrap();
+        std::fs::write(dir.join("b/backend.yml"), BACKEND).unwrap();
+        std::fs::write(dir.join("..data/backend.yaml"), BACKEND).unwrap();
+        std::fs::write(dir.join("notes.txt"), "not yaml").unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r}\nspec: {backends: [{backend: vllm}]}\n",
+        )
+        .unwrap();
+        let set = load_path(&dir).unwrap();
+        assert_eq!((set.backends.len(), set.routes.len()), (1, 1));
+
+        std::fs::write(dir.join("c.yaml"), b"kind: \xff\n").unwrap();
+        let errors = load_path(&dir).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].location(), Location { line: 1, column: 7 });
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_path_is_an_error_at_the_start_of_the_file() {
+        let errors = load_path(Path::new("/nonexistent/policy.yaml")).unwrap_err();
+        assert_eq!(errors[0].location(), FILE_START);
+        assert!(errors[0].message.starts_with("cannot read: "));
+    }
+}

@@ -1,0 +1,366 @@
+//! Checks that serde's types cannot express: value formats (names,
+//! endpoints, header names, paths, ranges) and references across documents
+//! and files (backend names, one `MeshConfig`, unique names).
+//!
+//! The format checks are plain functions returning the message, tested on
+//! their own; [`set`] walks the loaded documents and locates each problem at
+//! the offending node.
+
+use std::collections::HashMap;
+use std::net::Ipv6Addr;
+use std::path::Path;
+
+use super::yaml::{Node, Value};
+use super::{did_you_mean, Kind, Loader, Location, PolicyError, Typed};
+use crate::policy::{BackendSpec, MeshConfigSpec, ModelRouteSpec, StringMatch};
+
+/// `classify.maxBodyPrefix` bounds: below 1 KiB no model name is found in
+/// practice, above 16 MiB the proxy would hold whole uploads in memory.
+const MIN_BODY_PREFIX: u32 = 1024;
+const MAX_BODY_PREFIX: u32 = 16 * 1024 * 1024;
+
+/// Every cross-document and value-format check over a loaded set.
+pub(super) fn set(loader: &Loader) -> Vec<PolicyError> {
+    let backends = BackendNames::of(loader);
+    let mut errors = Vec::new();
+    names(loader, &mut errors);
+    for backend in &loader.backends {
+        backend_spec(backend, &mut errors);
+    }
+    for route in &loader.routes {
+        route_spec(route, &backends, &mut errors);
+    }
+    for mesh in &loader.meshes {
+        mesh_spec(mesh, &backends, &mut errors);
+    }
+    errors
+}
+
+/// Names are valid and unique per kind, and there is one `MeshConfig`.
+/// They come from every document, typed or not, so that a document with a
+/// mistake elsewhere still counts as defining its name.
+fn names(loader: &Loader, errors: &mut Vec<PolicyError>) {
+    let mut first_of: HashMap<(Kind, &str), (&Path, Location)> = HashMap::new();
+    let mut first_mesh: Option<(&Path, Location)> = None;
+    for doc in &loader.documents {
+        if doc.kind == Kind::MeshConfig {
+            match first_mesh {
+                None => first_mesh = Some((&doc.file, doc.kind_at)),
+                Some((file, at)) => errors.push(PolicyError::new(
+                    &doc.file,
+                    doc.kind_at,
+                    format!(
+                        "only one MeshConfig is allowed; the first one is at {}:{at}",
+                        file.display()
+                    ),
+                )),
+            }
+        }
+        let Some((name, at)) = &doc.name else {
+            continue;
+        };
+        if let Some(problem) = name_problem(name) {
+            errors.push(PolicyError::new(&doc.file, *at, problem));
+            continue;
+        }
+        if doc.kind == Kind::MeshConfig {
+            continue;
+        }
+        match first_of.get(&(doc.kind, name.as_str())) {
+            Some((file, first)) => errors.push(PolicyError::new(
+                &doc.file,
+                *at,
+                format!(
+                    "duplicate {} name `{name}`: already used at {}:{first}",
+                    doc.kind.as_str(),
+                    file.display()
+                ),
+            )),
+            None => {
+                first_of.insert((doc.kind, name), (&doc.file, *at));
+            }
+        }
+    }
+}
+
+/// The names `Backend` documents define, for checking references.
+struct BackendNames<'a>(Vec<&'a str>);
+
+impl<'a> BackendNames<'a> {
+    fn of(loader: &'a Loader) -> Self {
+        let names = loader
+            .documents
+            .iter()
+            .filter(|d| d.kind == Kind::Backend)
+            .filter_map(|d| d.name.as_ref().map(|(n, _)| n.as_str()))
+            .collect();
+        Self(names)
+    }
+
+    /// The message for a reference to a backend that does not exist.
+    fn unknown(&self, name: &str) -> Option<String> {
+        if self.0.contains(&name) {
+            return None;
+        }
+        let mut message = format!("unknown backend `{name}`: no Backend has this name");
+        if let Some(close) = did_you_mean(name, self.0.iter().copied()) {
+            message.push_str(&format!("; did you mean `{close}`?"));
+        }
+        Some(message)
+    }
+}
+
+fn backend_spec(backend: &Typed<BackendSpec>, errors: &mut Vec<PolicyError>) {
+    let (file, tree, spec) = (&backend.file, &backend.tree, &backend.resource.spec);
+    if spec.endpoints.is_empty() && !backend.repaired {
+        let name = &backend.resource.metadata.name;
+        errors.push(PolicyError::new(
+            file,
+            find(tree, &[K("spec"), K("endpoints")]).at,
+            format!("Backend `{name}` has no endpoints: list at least one `host:port`"),
+        ));
+    }
+    for (i, endpoint) in spec.endpoints.iter().enumerate() {
+        if let Some(problem) = endpoint_problem(endpoint) {
+            let at = find(tree, &[K("spec"), K("endpoints"), I(i)]).at;
+            errors.push(PolicyError::new(file, at, problem));
+        }
+    }
+}
+
+fn route_spec(
+    route: &Typed<ModelRouteSpec>,
+    backends: &BackendNames<'_>,
+    errors: &mut Vec<PolicyError>,
+) {
+    let (file, tree, spec) = (&route.file, &route.tree, &route.resource.spec);
+    let name = &route.resource.metadata.name;
+    let mut error = |at: Location, message: String| {
+        errors.push(PolicyError::new(file, at, message));
+    };
+    let backends_at = find(tree, &[K("spec"), K("backends")]).at;
+    let total_weight: u64 = spec.backends.iter().map(|b| u64::from(b.weight)).sum();
+    // After errors dropped some items, these would only echo those errors.
+    if !route.repaired {
+        if spec.backends.is_empty() {
+            error(
+                backends_at,
+                format!("ModelRoute `{name}` has no backends: list at least one `backend:`"),
+            );
+        } else if total_weight == 0 {
+            error(
+                backends_at,
+                format!(
+                    "the backend weights of ModelRoute `{name}` add up to 0: give at least one backend a positive `weight`"
+                ),
+            );
+        }
+    }
+    for (i, weighted) in spec.backends.iter().enumerate() {
+        if let Some(problem) = backends.unknown(&weighted.backend) {
+            error(
+                find(tree, &[K("spec"), K("backends"), I(i), K("backend")]).at,
+                problem,
+            );
+        }
+    }
+    for (i, matches) in spec.matches.iter().enumerate() {
+        for (j, header) in matches.headers.iter().enumerate() {
+            if let Some(problem) = header_name_problem(&header.name) {
+                let path = [K("spec"), K("match"), I(i), K("headers"), I(j), K("name")];
+                error(find(tree, &path).at, problem);
+            }
+        }
+        let (how, path) = match &matches.path {
+            Some(StringMatch::Exact(path)) => ("exact", path),
+            Some(StringMatch::Prefix(path)) => ("prefix", path),
+            None => continue,
+        };
+        if !path.starts_with('/') {
+            error(
+                find(tree, &[K("spec"), K("match"), I(i), K("path"), Only]).at,
+                format!("path {how} `{path}` must start with `/`"),
+            );
+        }
+    }
+}
+
+fn mesh_spec(
+    mesh: &Typed<MeshConfigSpec>,
+    backends: &BackendNames<'_>,
+    errors: &mut Vec<PolicyError>,
+) {
+    let (file, tree, spec) = (&mesh.file, &mesh.tree, &mesh.resource.spec);
+    if let Some(problem) = spec
+        .opaque
+        .backend
+        .as_deref()
+        .and_then(|b| backends.unknown(b))
+    {
+        let at = find(tree, &[K("spec"), K("opaque"), K("backend")]).at;
+        errors.push(PolicyError::new(file, at, problem));
+    }
+    let prefix = spec.classify.max_body_prefix;
+    if !(MIN_BODY_PREFIX..=MAX_BODY_PREFIX).contains(&prefix) {
+        let at = find(tree, &[K("spec"), K("classify"), K("maxBodyPrefix")]).at;
+        errors.push(PolicyError::new(
+            file,
+            at,
+            format!(
+                "`maxBodyPrefix` must be between {MIN_BODY_PREFIX} (1 KiB) and {MAX_BODY_PREFIX} (16 MiB) bytes, found {prefix}"
+            ),
+        ));
+    }
+}
+
+/// One step of a lookup path.
+#[derive(Clone, Copy)]
+enum P<'a> {
+    /// The value under a mapping key.
+    K(&'a str),
+    /// A sequence item.
+    I(usize),
+    /// The value of a one-entry mapping (`{prefix: …}`).
+    Only,
+}
+use P::{Only, I, K};
+
+/// The node at `path`, or the deepest node on the way there (a defaulted
+/// field has no node of its own).
+fn find<'n>(tree: &'n Node, path: &[P<'_>]) -> &'n Node {
+    let mut node = tree;
+    for step in path {
+        let next = match (step, &node.value) {
+            (K(key), _) => node.get(key),
+            (I(i), Value::Seq(items)) => items.get(*i),
+            (Only, Value::Map(entries)) => entries.first().map(|(_, v)| v),
+            _ => None,
+        };
+        match next {
+            Some(next) => node = next,
+            None => break,
+        }
+    }
+    node
+}
+
+// === value formats ===
+
+/// `metadata.name`: a DNS-1123 subdomain, as Kubernetes names are.
+pub(super) fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("`name` must not be empty".to_owned());
+    }
+    if name.len() > 253 {
+        return Some(format!(
+            "`name` is {} characters long; at most 253 are allowed",
+            name.len()
+        ));
+    }
+    let label_ok = |label: &str| {
+        let bytes = label.as_bytes();
+        let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+        match (bytes.first(), bytes.last()) {
+            (Some(first), Some(last)) => {
+                alnum(first) && alnum(last) && bytes.iter().all(|b| alnum(b) || *b == b'-')
+            }
+            _ => false,
+        }
+    };
+    if name.split('.').all(label_ok) {
+        return None;
+    }
+    let mut message = format!(
+        "invalid name `{name}`: use lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit"
+    );
+    let fixed: String = name
+        .to_lowercase()
+        .chars()
+        .map(|c| if c == '_' || c == ' ' { '-' } else { c })
+        .collect();
+    if fixed != name && fixed.split('.').all(label_ok) {
+        message.push_str(&format!(" (e.g. `{fixed}`)"));
+    }
+    Some(message)
+}
+
+/// A backend endpoint: `host:port`, `ipv4:port` or `[ipv6]:port`.
+pub(super) fn endpoint_problem(endpoint: &str) -> Option<String> {
+    if let Some((scheme, _)) = endpoint.split_once("://") {
+        return Some(format!(
+            "endpoint `{endpoint}` must be `host:port` without a scheme: remove `{scheme}://`"
+        ));
+    }
+    let port = if let Some(rest) = endpoint.strip_prefix('[') {
+        let Some((address, after)) = rest.split_once(']') else {
+            return Some(format!(
+                "endpoint `{endpoint}` has no `]` after its IPv6 address"
+            ));
+        };
+        if address.parse::<Ipv6Addr>().is_err() {
+            return Some(format!(
+                "`{address}` in endpoint `{endpoint}` is not an IPv6 address"
+            ));
+        }
+        match after.strip_prefix(':') {
+            Some(port) => port,
+            None => {
+                return Some(format!(
+                    "endpoint `{endpoint}` has no port: write `[{address}]:PORT`"
+                ))
+            }
+        }
+    } else {
+        let Some((host, port)) = endpoint.rsplit_once(':') else {
+            return Some(format!(
+                "endpoint `{endpoint}` has no port: write `{endpoint}:PORT`"
+            ));
+        };
+        if host.contains(':') {
+            return Some(format!(
+                "endpoint `{endpoint}` looks like an IPv6 address: put the address in brackets, as in `[::1]:8000`"
+            ));
+        }
+        if host.is_empty() {
+            return Some(format!("endpoint `{endpoint}` has no host before the port"));
+        }
+        let host_ok = host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !host_ok {
+            return Some(format!(
+                "`{host}` in endpoint `{endpoint}` is not a valid host name or IPv4 address"
+            ));
+        }
+        port
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(format!(
+            "port `{port}` in endpoint `{endpoint}` must be a number from 1 to 65535"
+        ));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => None,
+        _ => Some(format!(
+            "port {port} in endpoint `{endpoint}` is out of range: use 1 to 65535"
+        )),
+    }
+}
+
+/// An HTTP header field name: an RFC 9110 token.
+pub(super) fn header_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("header `name` must not be empty".to_owned());
+    }
+    if name.starts_with(':') {
+        return Some(format!(
+            "`{name}` is a pseudo-header, not a header; match it with `host` or `path`"
+        ));
+    }
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    let bad = name.chars().find(|c| !token(*c))?;
+    Some(format!(
+        "`{name}` is not a valid HTTP header name: {bad:?} is not allowed (use letters, digits, `-` and `_`)"
+    ))
+}

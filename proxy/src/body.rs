@@ -80,14 +80,45 @@ impl Body for ProxyBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = match &self.rest {
+        let rest = match &self.rest {
             Some(rest) => rest.size_hint(),
             None => SizeHint::with_exact(0),
         };
-        hint.set_lower(hint.lower() + self.prefix_len);
-        if let Some(upper) = hint.upper() {
-            hint.set_upper(upper + self.prefix_len);
+        // Upper first: SizeHint asserts lower <= upper at every step.
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(self.prefix_len));
         }
+        hint.set_lower(rest.lower().saturating_add(self.prefix_len));
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_hint_counts_the_replayed_prefix() {
+        let body = ProxyBody::replay(
+            VecDeque::from([Bytes::from_static(b"{\"model\""), Bytes::from_static(b":1}")]),
+            None,
+            None,
+        );
+        assert_eq!(body.size_hint().exact(), Some(11));
+        assert!(!body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn replayed_chunks_come_first_and_unchanged() {
+        use http_body_util::BodyExt;
+        let body = ProxyBody::replay(
+            VecDeque::from([Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]),
+            Some(HeaderMap::new()),
+            None,
+        );
+        let collected = body.collect().await.unwrap();
+        assert!(collected.trailers().is_some());
+        assert_eq!(collected.to_bytes(), Bytes::from_static(b"abcd"));
     }
 }

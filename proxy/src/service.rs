@@ -60,7 +60,9 @@ pub async fn handle(
         .clone();
     in_flight.inc();
     let grpc = is_grpc(request.headers());
-    let outcome = route_and_send(&inputs, listener, request).await;
+    let mut access = tracing::enabled!(target: "infermesh::access", tracing::Level::INFO)
+        .then(|| AccessLog::new(listener_name, &request));
+    let outcome = route_and_send(&inputs, listener, request, access.as_mut()).await;
     let (response, route, backend, duration) = match outcome {
         Ok(Routed {
             response,
@@ -82,6 +84,12 @@ pub async fn handle(
             (error.to_response(grpc), route, backend, None)
         }
     };
+    let status = response.status().as_u16();
+    if let Some(access) = access.as_mut() {
+        access.route = route.clone();
+        access.backend = backend.clone();
+        access.status = status;
+    }
     inputs
         .metrics
         .requests
@@ -89,7 +97,7 @@ pub async fn handle(
             listener: listener_name,
             route,
             backend,
-            status: response.status().as_u16(),
+            status,
         })
         .inc();
     let (parts, body) = response.into_parts();
@@ -99,6 +107,7 @@ pub async fn handle(
             started,
             duration,
             in_flight,
+            access,
         }),
     };
     Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -138,6 +147,7 @@ async fn route_and_send(
     inputs: &Inputs,
     listener: ListenerKind,
     request: Request<Incoming>,
+    access: Option<&mut AccessLog>,
 ) -> Result<Routed, Failed> {
     let snapshot = inputs.snapshot.load_full();
     let (mut parts, body) = request.into_parts();
@@ -151,6 +161,8 @@ async fn route_and_send(
     // upstream unchanged (unless a model alias rewrites the name).
     let limit = snapshot.classify_limit();
     let mut model = head.model.clone();
+    // Known up front only for the KServe streaming method; OpenAI says so in the body.
+    let mut stream = head.grpc.as_ref().is_some_and(|g| g.method == "ModelStreamInfer");
     let body = match head.body {
         BodyScan::None => BodyState::Streaming(body),
         BodyScan::OpenAiJson => {
@@ -158,6 +170,7 @@ async fn route_and_send(
             let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
             let fields = scanner.finish();
             model = fields.model.clone();
+            stream = fields.stream;
             BodyState::Scanned(prefix, Scanned::Json(fields))
         }
         BodyScan::GrpcModelName => {
@@ -168,6 +181,12 @@ async fn route_and_send(
             BodyState::Scanned(prefix, Scanned::Grpc(fields))
         }
     };
+
+    if let Some(access) = access {
+        access.api = head.api.as_str();
+        access.model = model.clone();
+        access.stream = stream;
+    }
 
     let host = route::request_host(&parts.uri, &parts.headers);
     let input = RouteInput {
@@ -354,14 +373,67 @@ struct Finish {
     started: Instant,
     duration: Option<Histogram>,
     in_flight: Gauge,
+    access: Option<AccessLog>,
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
         self.in_flight.dec();
+        let elapsed = self.started.elapsed();
         if let Some(duration) = &self.duration {
-            duration.observe(self.started.elapsed().as_secs_f64());
+            duration.observe(elapsed.as_secs_f64());
         }
+        if let Some(access) = &self.access {
+            access.emit(elapsed);
+        }
+    }
+}
+
+/// One access-log line per request, written when its response ends. Off
+/// unless the `infermesh::access` log target is enabled
+/// (`INFERMESH_LOG=info,infermesh::access=info`), so the request path pays
+/// nothing for it by default.
+struct AccessLog {
+    listener: &'static str,
+    method: http::Method,
+    path: String,
+    api: &'static str,
+    model: Option<String>,
+    stream: bool,
+    route: Name,
+    backend: Name,
+    status: u16,
+}
+
+impl AccessLog {
+    fn new(listener: &'static str, request: &Request<Incoming>) -> Self {
+        Self {
+            listener,
+            method: request.method().clone(),
+            path: request.uri().path().to_string(),
+            api: "http",
+            model: None,
+            stream: false,
+            route: Name::default(),
+            backend: Name::default(),
+            status: 0,
+        }
+    }
+
+    fn emit(&self, elapsed: std::time::Duration) {
+        tracing::info!(
+            target: "infermesh::access",
+            listener = self.listener,
+            method = %self.method,
+            path = %self.path,
+            api = self.api,
+            model = self.model.as_deref().unwrap_or(""),
+            stream = self.stream,
+            route = self.route.as_str(),
+            backend = self.backend.as_str(),
+            status = self.status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+        );
     }
 }
 

@@ -101,7 +101,10 @@ mod tests {
     #[test]
     fn size_hint_counts_the_replayed_prefix() {
         let body = ProxyBody::replay(
-            VecDeque::from([Bytes::from_static(b"{\"model\""), Bytes::from_static(b":1}")]),
+            VecDeque::from([
+                Bytes::from_static(b"{\"model\""),
+                Bytes::from_static(b":1}"),
+            ]),
             None,
             None,
         );

@@ -162,7 +162,10 @@ async fn route_and_send(
     let limit = snapshot.classify_limit();
     let mut model = head.model.clone();
     // Known up front only for the KServe streaming method; OpenAI says so in the body.
-    let mut stream = head.grpc.as_ref().is_some_and(|g| g.method == "ModelStreamInfer");
+    let mut stream = head
+        .grpc
+        .as_ref()
+        .is_some_and(|g| g.method == "ModelStreamInfer");
     let body = match head.body {
         BodyScan::None => BodyState::Streaming(body),
         BodyScan::OpenAiJson => {

@@ -1,1 +1,92 @@
-//! Test fixtures: upstream model servers and helpers that start the real binaries.
+//! End-to-end test support for infermesh: upstream model servers written as
+//! fixtures, a handle on the real `infermesh-proxy` process, and the clients
+//! and parsers the tests drive them with.
+//!
+//! Every fixture binds `127.0.0.1:0`, reports the address it got, and runs on
+//! its own thread with its own tokio runtime, so a test never shares a port or
+//! a runtime with another one and a fixture keeps serving while the test
+//! blocks.
+
+pub mod client;
+pub mod kserve;
+pub mod metrics;
+pub mod openai;
+pub mod policy;
+pub mod process;
+pub mod python;
+pub mod tcp;
+
+pub use client::{raw_exchange, Arrivals, HttpClient, Reply, SseEvent};
+pub use kserve::{GrpcCall, KServeGrpcServer, KServeSettings};
+pub use metrics::Metrics;
+pub use openai::{OpenAiServer, OpenAiSettings, RecordedRequest, StreamLog, StreamOutcome};
+pub use process::{ProxyBuilder, ProxyExit, ProxyProcess};
+pub use tcp::TcpEchoServer;
+
+use std::path::PathBuf;
+
+/// The root of the repository (the Cargo workspace).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits inside the workspace")
+        .to_path_buf()
+}
+
+/// An address on which nothing listens: bound once to learn a free port, then
+/// released, so a connection to it is refused.
+pub fn refused_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local_addr");
+    drop(listener);
+    addr
+}
+
+/// Starts a fixture's thread on `127.0.0.1:0`; see [`spawn_fixture_on`].
+pub(crate) fn spawn_fixture<F, Fut>(
+    thread_name: &str,
+    serve: F,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>)
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    spawn_fixture_on(any_port, thread_name, serve).expect("bind 127.0.0.1:0")
+}
+
+/// Starts a fixture's thread: binds `addr` synchronously (so the caller gets
+/// the bound address at once), builds a current-thread runtime and runs
+/// `serve` on it until the returned sender is dropped or fires.
+pub(crate) fn spawn_fixture_on<F, Fut>(
+    addr: std::net::SocketAddr,
+    thread_name: &str,
+    serve: F,
+) -> std::io::Result<(std::net::SocketAddr, tokio::sync::oneshot::Sender<()>)>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let listener = std::net::TcpListener::bind(addr)?;
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(thread_name.to_string())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("fixture runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("from_std");
+                tokio::select! {
+                    _ = stop_rx => {}
+                    _ = serve(listener) => {}
+                }
+            });
+            // Dropping the runtime cancels every connection task, closing its socket.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+        })?;
+    Ok((addr, stop_tx))
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every check CI runs: installs what is missing (scripts/setup.sh), then
+# formatting, lints, the binaries the end-to-end tests start, and every test.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== cargo build --workspace --bins"
+cargo build --workspace --bins
+
+echo "== cargo test --workspace"
+cargo test --workspace

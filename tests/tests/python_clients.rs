@@ -1,0 +1,131 @@
+//! Real Python clients through the proxy: the `openai` package streaming a
+//! chat completion, and `grpcio` calling KServe v2 `ModelInfer` with stubs
+//! generated from the repository's proto file.
+//!
+//! They need the venv that `scripts/setup.sh` makes (or `INFERMESH_PYTHON`);
+//! `INFERMESH_SKIP_PYTHON=1` skips them, and nothing else does.
+
+use std::time::Duration;
+
+use infermesh_tests::openai::chunk_text;
+use infermesh_tests::{
+    policy, python, KServeGrpcServer, OpenAiServer, OpenAiSettings, ProxyProcess,
+};
+use serde_json::Value;
+
+fn run_json(script: &str, args: &[&str]) -> Value {
+    let output = python::run_script(script, args, Duration::from_secs(60));
+    assert!(
+        output.status.success(),
+        "{script} failed ({})\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{script} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+#[test]
+fn the_openai_package_streams_a_chat_completion_through_the_proxy() {
+    if python::skipped() {
+        eprintln!("INFERMESH_SKIP_PYTHON is set: skipped");
+        return;
+    }
+    python::require_modules(&["openai"]);
+    let upstream = OpenAiServer::with_settings(
+        "py-openai",
+        OpenAiSettings {
+            stream_chunks: 20,
+            chunk_gap: Duration::from_millis(50),
+            ..OpenAiSettings::default()
+        },
+    );
+    let proxy = ProxyProcess::start(&policy::docs(&[
+        policy::backend("chat", &[upstream.addr()], ""),
+        policy::route(
+            "chat",
+            "match:\n  - model: {exact: friendly}\nbackends:\n  - backend: chat\n    model: llama-3.1-8b-instruct\n",
+        ),
+    ]));
+    let base_url = format!("{}/v1", proxy.url());
+    let result = run_json(
+        "openai_stream.py",
+        &["--base-url", &base_url, "--model", "friendly"],
+    );
+
+    let chunks = result["chunks"].as_array().expect("chunks");
+    let contents: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["content"].as_str())
+        .collect();
+    let expected: Vec<String> = (0..20).map(chunk_text).collect();
+    assert_eq!(contents, expected, "{result:#}");
+    assert_eq!(chunks.last().unwrap()["finish_reason"], "stop");
+    assert!(chunks.iter().all(|c| c["model"] == "llama-3.1-8b-instruct"));
+    let times: Vec<f64> = chunks.iter().map(|c| c["t"].as_f64().unwrap()).collect();
+    let spread = times[times.len() - 1] - times[0];
+    assert!(spread >= 0.5, "the openai client got 20 chunks within {spread:.3} s; the upstream spread them over 0.95 s");
+
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 1);
+    let body = requests[0].json();
+    assert_eq!(
+        body["model"], "llama-3.1-8b-instruct",
+        "the alias was not applied"
+    );
+    assert_eq!(body["stream"], true);
+    assert_eq!(requests[0].uri.path(), "/v1/chat/completions");
+    let agent = requests[0]
+        .headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        agent.starts_with("OpenAI/Python"),
+        "user-agent {agent:?} did not reach the upstream"
+    );
+}
+
+#[test]
+fn grpcio_calls_kserve_model_infer_through_the_proxy() {
+    if python::skipped() {
+        eprintln!("INFERMESH_SKIP_PYTHON is set: skipped");
+        return;
+    }
+    python::require_modules(&["grpc", "grpc_tools"]);
+    let upstream = KServeGrpcServer::start("py-kserve");
+    let proxy = ProxyProcess::start(&policy::docs(&[
+        policy::backend("kserve", &[upstream.addr()], "protocol: http2"),
+        policy::route(
+            "resnet",
+            "match:\n  - model: {exact: resnet50}\nbackends:\n  - backend: kserve\n",
+        ),
+    ]));
+    let proto_dir = infermesh_tests::repo_root().join("proto/proto");
+    let result = run_json(
+        "kserve_grpc.py",
+        &[
+            "--target",
+            &proxy.outbound.to_string(),
+            "--proto-dir",
+            proto_dir.to_str().unwrap(),
+            "--model",
+            "resnet50",
+            "--id",
+            "py-1",
+        ],
+    );
+    assert_eq!(result["code"], "OK", "{result:#}");
+    assert_eq!(result["model_name"], "resnet50");
+    assert_eq!(result["id"], "py-1");
+    assert_eq!(result["upstream"], "py-kserve");
+    assert_eq!(result["outputs"][0]["datatype"], "FP32");
+    assert_eq!(result["outputs"][0]["fp32"], serde_json::json!([3.0, -4.0]));
+    assert_eq!(result["unrouted"]["code"], "UNIMPLEMENTED", "{result:#}");
+    assert_eq!(upstream.model_names(), ["resnet50"]);
+}

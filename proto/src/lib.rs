@@ -6,6 +6,12 @@
 
 pub mod policy;
 
+/// The policy-distribution API (`package infermesh.policy.v1`).
+pub mod policy_api {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("infermesh.policy.v1");
+}
+
 /// KServe v2 / Open Inference Protocol gRPC types (`package inference`).
 pub mod kserve {
     #![allow(clippy::all, missing_docs)]

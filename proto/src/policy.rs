@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod load;
+mod wire;
 
 pub use load::{load_path, load_str, Location, PolicyError};
 

@@ -1,0 +1,145 @@
+//! Policy sets on the wire: each document travels as a [`Resource`] holding
+//! its JSON form, and becomes a typed document again here, at one boundary.
+
+use std::collections::HashSet;
+
+use super::{PolicySet, Resource as Document, API_VERSION};
+use crate::policy_api::Resource;
+
+impl PolicySet {
+    /// Every document as a wire resource, backends first, routes in order.
+    pub fn to_resources(&self) -> Vec<Resource> {
+        fn one<S: serde::Serialize>(doc: &Document<S>) -> Resource {
+            Resource {
+                kind: doc.kind.clone(),
+                name: doc.metadata.name.clone(),
+                namespace: doc.metadata.namespace.clone().unwrap_or_default(),
+                // Serializing plain data structures to JSON cannot fail.
+                json: serde_json::to_string(doc).unwrap_or_default(),
+            }
+        }
+        let mut out: Vec<Resource> = self.backends.iter().map(one).collect();
+        out.extend(self.routes.iter().map(one));
+        out.extend(self.mesh.iter().map(one));
+        out
+    }
+
+    /// Rebuilds a policy set from wire resources, refusing what this build
+    /// cannot honour (an unknown kind from a newer control plane, a document
+    /// that does not decode, a reference to a missing backend) with a reason.
+    pub fn from_resources(resources: &[Resource]) -> Result<Self, String> {
+        fn decode<S: serde::de::DeserializeOwned>(r: &Resource) -> Result<Document<S>, String> {
+            let doc: Document<S> = serde_json::from_str(&r.json)
+                .map_err(|e| format!("{} {:?}: {e}", r.kind, r.name))?;
+            if doc.api_version != API_VERSION {
+                return Err(format!(
+                    "{} {:?}: unsupported apiVersion {:?} (this proxy understands {API_VERSION})",
+                    r.kind, r.name, doc.api_version
+                ));
+            }
+            Ok(doc)
+        }
+        let mut set = PolicySet::default();
+        for r in resources {
+            match r.kind.as_str() {
+                "Backend" => set.backends.push(decode(r)?),
+                "ModelRoute" => set.routes.push(decode(r)?),
+                "MeshConfig" => {
+                    if set.mesh.is_some() {
+                        return Err("more than one MeshConfig".into());
+                    }
+                    set.mesh = Some(decode(r)?);
+                }
+                other => {
+                    return Err(format!(
+                        "resource {:?} has kind {other:?}, which this proxy does not know",
+                        r.name
+                    ))
+                }
+            }
+        }
+        set.check_references()?;
+        Ok(set)
+    }
+
+    /// Checks that every backend a route or the mesh names exists.
+    pub fn check_references(&self) -> Result<(), String> {
+        let names: HashSet<&str> = self
+            .backends
+            .iter()
+            .map(|b| b.metadata.name.as_str())
+            .collect();
+        for route in &self.routes {
+            for wb in &route.spec.backends {
+                if !names.contains(wb.backend.as_str()) {
+                    return Err(format!(
+                        "ModelRoute {:?} names backend {:?}, which is not in the snapshot",
+                        route.metadata.name, wb.backend
+                    ));
+                }
+            }
+        }
+        if let Some(name) = self
+            .mesh
+            .as_ref()
+            .and_then(|m| m.spec.opaque.backend.as_ref())
+        {
+            if !names.contains(name.as_str()) {
+                return Err(format!(
+                    "MeshConfig names opaque backend {name:?}, which is not in the snapshot"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const POLICY: &str = r#"
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {name: vllm}
+spec:
+  endpoints: ["127.0.0.1:8000"]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {name: chat}
+spec:
+  match: [{model: {prefix: llama}}]
+  backends: [{backend: vllm, weight: 3, model: llama-3}]
+  timeouts: {firstByte: 2s, total: 1m}
+"#;
+
+    #[test]
+    fn a_policy_set_survives_the_wire_unchanged() {
+        let set = crate::policy::load_str(Path::new("p.yaml"), POLICY).unwrap();
+        let back = PolicySet::from_resources(&set.to_resources()).unwrap();
+        assert_eq!(back, set);
+    }
+
+    #[test]
+    fn unknown_kinds_and_dangling_references_are_refused_with_a_reason() {
+        let set = crate::policy::load_str(Path::new("p.yaml"), POLICY).unwrap();
+        let mut resources = set.to_resources();
+        resources.push(Resource {
+            kind: "LocalModel".into(),
+            name: "minilm".into(),
+            namespace: String::new(),
+            json: "{}".into(),
+        });
+        let err = PolicySet::from_resources(&resources).unwrap_err();
+        assert!(err.contains("kind \"LocalModel\""), "{err}");
+        let routes_only: Vec<_> = set
+            .to_resources()
+            .into_iter()
+            .filter(|r| r.kind == "ModelRoute")
+            .collect();
+        let err = PolicySet::from_resources(&routes_only).unwrap_err();
+        assert!(err.contains("backend \"vllm\""), "{err}");
+    }
+}

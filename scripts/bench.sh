@@ -220,7 +220,6 @@ http {
     server {
         listen 127.0.0.1:$P1;
         listen 127.0.0.1:$P2 http2;
-        http2_max_requests 1000000;
         location / {
             proxy_pass http://bench_h1;
             proxy_http_version 1.1;
@@ -327,6 +326,22 @@ run() {
     esac >"$f.out" 2>&1 || echo "exit=$?" >>"$f.out"
 }
 
+# cpu_of TARGET: "RUN-NS UTIME STIME" of the server behind TARGET (the
+# upstream for direct), summed over its processes and threads: CPU time
+# spent per request is a figure that other work on the machine barely moves.
+cpu_of() {
+    local pids p task ns=0 ut=0 st=0 a b
+    pids="${PIDOF[$1]} $(pgrep -P "${PIDOF[$1]}" || true)"
+    for p in $pids; do
+        for task in /proc/"$p"/task/*/schedstat; do
+            read -r a _ <"$task" 2>/dev/null && ns=$((ns + a))
+        done
+        read -r a b < <(awk '{print $14, $15}' /proc/"$p"/stat 2>/dev/null || echo 0 0)
+        ut=$((ut + a)) st=$((st + b))
+    done
+    echo "$ns $ut $st"
+}
+
 SCENARIOS="h1_1k h1_5k h1_max h2_1k h2_5k h2_max grpc_1k grpc_5k grpc_max sse"
 : >"$RAW/events.txt"
 cat /proc/loadavg >"$RAW/loadavg.before"
@@ -335,7 +350,9 @@ for rep in $(seq 1 "$REPS"); do
     log "repetition $rep/$REPS ($TARGETS)"
     for s in $SCENARIOS; do
         for t in $TARGETS; do
+            cpu_of "$t" >"$RAW/$s.$t.$rep.cpu"
             run "$s" "$t" "$rep"
+            cpu_of "$t" >>"$RAW/$s.$t.$rep.cpu"
             if ! kill -0 "${PIDOF[$t]}" 2>/dev/null; then
                 echo "rep=$rep scenario=$s target=$t: process exited" >>"$RAW/events.txt"
                 log "$t exited during $s (rep $rep)"
@@ -377,6 +394,8 @@ curl -fs "http://$PROXY_ADMIN/metrics" >"$RAW/proxy-metrics.txt" 2>/dev/null || 
     echo "loadavg_before=$(cut -d' ' -f1-3 "$RAW/loadavg.before")"
     echo "loadavg_after=$(cut -d' ' -f1-3 "$RAW/loadavg.after")"
     echo "h2load=$(h2load --version 2>&1 | head -1)"
+    echo "warmup_s=${WARMUP%ms}e-3"
+    echo "clk_tck=$(getconf CLK_TCK)"
     echo "wrk=$(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
     for t in $TARGETS; do
         [ "$t" = direct ] && continue
@@ -451,6 +470,10 @@ def parse(scen, kind, path):
             r = re.search(r"^\s*%s\s+([\d.]+)(us|ms|s)\s*$" % q, text, re.M)
             if r:
                 m[key] = to_ms(r.group(1), r.group(2))
+        r = re.search(r"(\d+) requests in", text)
+        if r:
+            m["requests"] = int(r.group(1))
+            add_cpu(scen, m, path)
         r = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
         if r:
             m["errors"] += int(r.group(1))
@@ -470,6 +493,7 @@ def parse(scen, kind, path):
     r = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
     if r:
         m["errors"] += sum(int(x) for x in r.groups()[1:])
+    add_cpu(scen, m, path)
     if kind == "fixed" and os.path.exists(path + ".log"):
         lat = []
         for line in open(path + ".log"):
@@ -480,6 +504,26 @@ def parse(scen, kind, path):
             m["p50_ms"], m["p99_ms"] = pct(lat, 0.50), pct(lat, 0.99)
             m["mean_ms"] = sum(lat) / len(lat)
     return m
+
+SECS = float(meta["seconds"])
+WARM = float(meta.get("warmup_s", "0"))
+TCK = float(meta.get("clk_tck", "100"))
+
+def add_cpu(scen, m, path):
+    """CPU µs per request of the server under test, and its kernel share."""
+    try:
+        before, after = [list(map(int, l.split())) for l in open(path + ".cpu").read().split("\n")[:2]]
+    except (OSError, ValueError):
+        return
+    n = m.get("requests")
+    if not n:
+        return
+    if scen != "h1_max":  # h2load's warm-up requests are not in its count
+        n = n * (SECS + WARM) / SECS
+    m["cpu_us_per_req"] = (after[0] - before[0]) / 1e3 / n
+    ticks = (after[1] - before[1]) + (after[2] - before[2])
+    if ticks >= 10:
+        m["cpu_kernel_share"] = (after[2] - before[2]) / ticks
 
 def summary(xs):
     xs = [x for x in xs if x is not None]
@@ -550,22 +594,25 @@ print()
 print(f"infermesh benchmark: {reps} interleaved repetitions of {meta['seconds']} s per load run; "
       f"{meta['cpus']} CPUs ({meta['cpu_model']}); {meta['pinning']}")
 print(f"load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']}; "
-      "cells are median [min–max] over repetitions; '+' columns are paired differences target − direct")
+      "cells are median [min–max] over repetitions; '+' columns are paired differences target − direct; "
+      "CPU µs/req is the CPU time of the server under test (the upstream for direct) per request")
 for scen, e in results["scenarios"].items():
     print()
     print(e["title"])
     if e["kind"] == "fixed":
-        print(f"  {'target':<9}{'p50 ms':<{W}}{'p99 ms':<{W}}{'mean ms':<{W}}{'+p50 ms':<{W}}{'+p99 ms':<{W}}{'+mean ms':<{W}}")
+        print(f"  {'target':<9}{'p50 ms':<{W}}{'p99 ms':<{W}}{'mean ms':<{W}}{'+p50 ms':<{W}}{'+p99 ms':<{W}}{'+mean ms':<{W}}{'CPU µs/req':<{W}}")
         for t in targets:
             v, a = e["targets"][t], e["added"].get(t, {})
             print(f"  {t:<9}{cell(v.get('p50_ms')):<{W}}{cell(v.get('p99_ms')):<{W}}{cell(v.get('mean_ms')):<{W}}"
-                  f"{cell(a.get('p50_ms')):<{W}}{cell(a.get('p99_ms')):<{W}}{cell(a.get('mean_ms')):<{W}}")
+                  f"{cell(a.get('p50_ms')):<{W}}{cell(a.get('p99_ms')):<{W}}{cell(a.get('mean_ms')):<{W}}"
+                  f"{cell(v.get('cpu_us_per_req'), '{:.1f}'):<{W}}")
     elif e["kind"] == "max":
-        print(f"  {'target':<9}{'req/s':<{W+6}}{'ratio to direct':<{W}}{'p50 ms':<{W}}{'p99 ms':<{W}}")
+        print(f"  {'target':<9}{'req/s':<{W+6}}{'ratio to direct':<{W}}{'p50 ms':<{W}}{'p99 ms':<{W}}{'CPU µs/req':<{W}}{'kernel share':<{W}}")
         for t in targets:
             v, r = e["targets"][t], e["ratio"].get(t, {})
             print(f"  {t:<9}{cell(v.get('rps'), '{:.0f}'):<{W+6}}{cell(r.get('rps'), '{:.2f}'):<{W}}"
-                  f"{cell(v.get('p50_ms')):<{W}}{cell(v.get('p99_ms')):<{W}}")
+                  f"{cell(v.get('p50_ms')):<{W}}{cell(v.get('p99_ms')):<{W}}"
+                  f"{cell(v.get('cpu_us_per_req'), '{:.1f}'):<{W}}{cell(v.get('cpu_kernel_share'), '{:.2f}'):<{W}}")
     else:
         print(f"  {'target':<9}{'first event p50 µs':<{W}}{'p99 µs':<{W}}{'+p50 µs':<{W}}{'+p99 µs':<{W}}{'reads / events':<{W}}")
         for t in targets:

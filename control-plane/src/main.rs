@@ -2,11 +2,23 @@
 //!
 //! `validate PATH` checks a policy file or a directory of them, as the
 //! control plane does before publishing a snapshot, so that CI and editors
-//! can refuse a bad policy before it reaches a cluster.
+//! can refuse a bad policy before it reaches a cluster. `serve` watches a
+//! policy directory and streams every valid version of it to the proxies
+//! (`PolicyDiscovery.Subscribe`). `schema` writes the JSON Schemas of the
+//! policy kinds, for editors.
 
 #![forbid(unsafe_code)]
 
+mod admin;
+mod discovery;
+mod metrics;
+mod policies;
+mod proxies;
+mod serve;
+mod snapshot;
+
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -34,6 +46,28 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Serve the policies under a directory to proxies, following every change.
+    ///
+    /// Prints `listening grpc=IP:PORT admin=IP:PORT` once both are bound.
+    /// A change is published as a new version only when the whole directory
+    /// is valid; otherwise it is logged and the version in force stays.
+    Serve {
+        /// The policy directory (or a single policy file).
+        #[arg(long, value_name = "DIR")]
+        policies: PathBuf,
+        /// Address of the policy gRPC server.
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// Address of the admin server (/live, /ready, /metrics, /proxies, /policy).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9091")]
+        admin: SocketAddr,
+    },
+    /// Write the JSON Schema of every policy kind into a directory.
+    Schema {
+        /// Where to write `*.schema.json` (created when missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -48,6 +82,74 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { path, output } => validate(&path, output),
+        Command::Serve {
+            policies,
+            listen,
+            admin,
+        } => serve(serve::Settings {
+            policies,
+            listen,
+            admin,
+        }),
+        Command::Schema { out } => schema(&out),
+    }
+}
+
+fn serve(settings: serve::Settings) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("infermesh-control")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("infermesh-control: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(serve::run(settings));
+    // Streams that did not close in the grace period are dropped here.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("infermesh-control: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn schema(out: &Path) -> ExitCode {
+    let written = std::fs::create_dir_all(out).and_then(|()| {
+        policy::schemas()
+            .into_iter()
+            .map(|file| {
+                let path = out.join(&file.name);
+                std::fs::write(&path, file.json).map(|()| path)
+            })
+            .collect::<std::io::Result<Vec<PathBuf>>>()
+    });
+    match written {
+        Ok(paths) => {
+            for path in paths {
+                println!("wrote {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "infermesh-control: cannot write schemas to {}: {error}",
+                out.display()
+            );
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -10,12 +10,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 mod load;
+mod schema;
+mod scope;
 mod wire;
 
 pub use load::{load_path, load_str, Location, PolicyError};
+pub use schema::{schemas, SchemaFile};
+pub use scope::Workload;
 
 /// The only `apiVersion` this release understands.
 pub const API_VERSION: &str = "infermesh.io/v1alpha1";
@@ -34,7 +39,7 @@ pub struct PolicySet {
 }
 
 /// One policy document: `apiVersion`, `kind`, `metadata` and a typed `spec`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resource<S> {
     /// Always [`API_VERSION`].
@@ -48,15 +53,18 @@ pub struct Resource<S> {
 }
 
 /// Identifies a resource, as in Kubernetes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
     /// Unique among resources of the same kind: lowercase letters, digits, `-` and `.`.
     pub name: String,
-    /// Kubernetes namespace the resource belongs to.
+    /// Kubernetes namespace the resource belongs to. A `ModelRoute` or
+    /// `MeshConfig` with a namespace reaches only the proxies of that
+    /// namespace; without one it reaches the whole mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Free-form labels.
+    /// Labels with Kubernetes syntax, for people and tools; the mesh does
+    /// not read them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
 }
@@ -64,7 +72,7 @@ pub struct Metadata {
 // === Backend ===
 
 /// A set of model-server endpoints that routes send traffic to.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendSpec {
     /// Endpoints as `host:port`; host names are resolved, and re-resolved
@@ -78,14 +86,16 @@ pub struct BackendSpec {
     pub balancer: BalancerKind,
     /// Limit on establishing a TCP connection to one endpoint.
     #[serde(default = "defaults::connect_timeout", with = "duration")]
+    #[schemars(with = "duration::Schema")]
     pub connect_timeout: Duration,
     /// How often host names in `endpoints` are resolved again.
     #[serde(default = "defaults::dns_refresh", with = "duration")]
+    #[schemars(with = "duration::Schema")]
     pub dns_refresh: Duration,
 }
 
 /// Protocol used between the proxy and a backend's endpoints.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpstreamProtocol {
     /// HTTP/1.1 with keep-alive connection pooling.
@@ -96,7 +106,7 @@ pub enum UpstreamProtocol {
 }
 
 /// Endpoint selection strategy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum BalancerKind {
     /// Each endpoint in turn.
@@ -113,7 +123,7 @@ pub enum BalancerKind {
 // === ModelRoute ===
 
 /// Matches requests and sends them to weighted backends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelRouteSpec {
     /// Which listener the route applies to.
@@ -127,10 +137,24 @@ pub struct ModelRouteSpec {
     /// Time limits for each request on this route.
     #[serde(default)]
     pub timeouts: RouteTimeouts,
+    /// The workloads whose proxies receive this route; every proxy in the
+    /// route's namespace (or in the mesh, without one) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<WorkloadSelector>,
+}
+
+/// Selects workloads by their labels, as a Kubernetes label selector does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    /// Labels the workload must carry, each with exactly this value; an
+    /// empty map selects every workload.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
 }
 
 /// The listener a route belongs to.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ListenerKind {
     /// Traffic from the local application to the mesh.
@@ -141,7 +165,7 @@ pub enum ListenerKind {
 }
 
 /// One set of conditions; all given conditions must hold.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteMatch {
     /// Host or authority without port; `*.example.com` matches any subdomain.
@@ -163,7 +187,7 @@ pub struct RouteMatch {
 }
 
 /// Exact or prefix string match, written `{exact: …}` or `{prefix: …}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum StringMatch {
     /// The whole value equals this.
@@ -173,7 +197,7 @@ pub enum StringMatch {
 }
 
 /// gRPC service and method, e.g. `inference.GRPCInferenceService` / `ModelInfer`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcMatch {
     /// Fully qualified service name; any service when absent.
@@ -185,7 +209,7 @@ pub struct GrpcMatch {
 }
 
 /// A header condition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
     /// Header name, case-insensitive.
@@ -196,7 +220,7 @@ pub struct HeaderMatch {
 }
 
 /// A backend a route sends to, with its share of traffic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WeightedBackend {
     /// Name of a `Backend` resource.
@@ -212,17 +236,20 @@ pub struct WeightedBackend {
 
 /// Time limits for a request. Model traffic queues before the first token and
 /// streams for minutes, so there is no total limit unless one is set.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteTimeouts {
     /// From sending the request to the response headers.
     #[serde(default = "defaults::first_byte", with = "opt_duration")]
+    #[schemars(with = "opt_duration::Schema")]
     pub first_byte: Option<Duration>,
     /// Longest gap between two chunks of the response body.
     #[serde(default = "defaults::idle", with = "opt_duration")]
+    #[schemars(with = "opt_duration::Schema")]
     pub idle: Option<Duration>,
     /// Whole request lifetime, response body included. Off by default.
     #[serde(default, with = "opt_duration")]
+    #[schemars(with = "opt_duration::Schema")]
     pub total: Option<Duration>,
 }
 
@@ -239,7 +266,7 @@ impl Default for RouteTimeouts {
 // === MeshConfig ===
 
 /// Settings for the whole mesh (at most one document).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshConfigSpec {
     /// How requests are classified.
@@ -250,11 +277,17 @@ pub struct MeshConfigSpec {
     pub opaque: OpaqueSettings,
     /// How long in-flight requests may run after SIGTERM.
     #[serde(default = "defaults::drain_timeout", with = "duration")]
+    #[schemars(with = "duration::Schema")]
     pub drain_timeout: Duration,
+    /// The workloads whose proxies receive these settings (the others keep
+    /// the defaults); every proxy in the namespace (or in the mesh, without
+    /// one) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<WorkloadSelector>,
 }
 
 /// Request classification settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClassifySettings {
     /// Most bytes of a request body read to find the model name; a body whose
@@ -272,7 +305,7 @@ impl Default for ClassifySettings {
 }
 
 /// Handling of non-HTTP connections.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OpaqueSettings {
     /// Backend that receives such connections as raw TCP; when absent they are
@@ -322,6 +355,27 @@ mod duration {
         parse(&text).map_err(serde::de::Error::custom)
     }
 
+    /// How a duration is written, for the JSON Schema.
+    pub struct Schema;
+
+    impl schemars::JsonSchema for Schema {
+        fn schema_name() -> std::borrow::Cow<'static, str> {
+            "Duration".into()
+        }
+
+        fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+            schemars::json_schema!({
+                "type": "string",
+                "description": "A number and a unit, like `250ms`, `2s`, `5m` or `1h 30m`.",
+                "pattern": PATTERN,
+                "examples": ["250ms", "2s", "5m"],
+            })
+        }
+    }
+
+    /// One or more `NUMBER UNIT` groups; the loader checks the units.
+    pub(super) const PATTERN: &str = r"^\s*([0-9]+\s*[a-zA-Zµ]+\s*)+$";
+
     /// Parses a humantime duration, with a message that says how to write one.
     pub fn parse(text: &str) -> Result<Duration, String> {
         use humantime::DurationError as E;
@@ -344,6 +398,27 @@ mod opt_duration {
         match d {
             Some(d) => s.collect_str(&humantime::format_duration(*d)),
             None => s.serialize_str("none"),
+        }
+    }
+
+    /// How an optional duration is written, for the JSON Schema.
+    pub struct Schema;
+
+    impl schemars::JsonSchema for Schema {
+        fn schema_name() -> std::borrow::Cow<'static, str> {
+            "OptionalDuration".into()
+        }
+
+        fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+            schemars::json_schema!({
+                "type": "string",
+                "description": "A number and a unit, like `250ms`, `2s` or `5m`; `none` (or `off`) for no limit.",
+                "anyOf": [
+                    {"enum": ["none", "off"]},
+                    {"pattern": super::duration::PATTERN},
+                ],
+                "examples": ["2s", "5m", "none"],
+            })
         }
     }
 

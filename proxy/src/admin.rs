@@ -14,28 +14,64 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
+use crate::control;
 use crate::service::Inputs;
+use crate::snapshot::Source;
 
 /// State the admin endpoints report.
 #[derive(Debug)]
 pub struct Admin {
     inputs: Arc<Inputs>,
+    control: Option<Arc<control::Status>>,
     ready: AtomicBool,
 }
 
 impl Admin {
-    /// Admin state over the proxy's shared inputs; not ready until told.
-    pub fn new(inputs: Arc<Inputs>) -> Arc<Self> {
+    /// Admin state over the proxy's shared inputs and, when it follows one,
+    /// its control-plane stream; not ready until told.
+    pub fn new(inputs: Arc<Inputs>, control: Option<Arc<control::Status>>) -> Arc<Self> {
         Arc::new(Self {
             inputs,
+            control,
             ready: AtomicBool::new(false),
         })
     }
 
-    /// Marks the proxy ready (listeners bound, policy loaded) or not
-    /// (draining).
+    /// Marks the proxy ready (listeners bound) or not (draining). A proxy
+    /// that follows a control plane is ready only once it also has a
+    /// snapshot, from the control plane or its cache.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+            && self.inputs.snapshot.load().source() != Source::Pending
+    }
+
+    /// The policy in force as JSON: its documents (`backends`, `routes`,
+    /// `mesh`), `version` and `source`, and the control-plane stream's state.
+    fn config(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let snapshot = self.inputs.snapshot.load();
+        let mut value = serde_json::to_value(snapshot.policy())?;
+        if let serde_json::Value::Object(map) = &mut value {
+            map.insert("version".into(), snapshot.version().into());
+            map.insert("source".into(), snapshot.source().as_str().into());
+            if let Some(control) = &self.control {
+                let rejected = control
+                    .last_rejected()
+                    .map(|r| serde_json::json!({ "version": r.version, "error": r.error }));
+                map.insert(
+                    "controlPlane".into(),
+                    serde_json::json!({
+                        "url": control.url(),
+                        "connected": control.connected(),
+                        "lastRejected": rejected,
+                    }),
+                );
+            }
+        }
+        serde_json::to_vec_pretty(&value)
     }
 
     fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -45,7 +81,7 @@ impl Admin {
         match request.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" => {
-                if self.ready.load(Ordering::Acquire) {
+                if self.is_ready() {
                     text(StatusCode::OK, "ready\n")
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -60,20 +96,17 @@ impl Admin {
                 );
                 response
             }
-            "/config" => {
-                let snapshot = self.inputs.snapshot.load();
-                match serde_json::to_vec_pretty(snapshot.policy()) {
-                    Ok(json) => {
-                        let mut response = Response::new(Full::new(Bytes::from(json)));
-                        response.headers_mut().insert(
-                            header::CONTENT_TYPE,
-                            header::HeaderValue::from_static("application/json"),
-                        );
-                        response
-                    }
-                    Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{error}\n")),
+            "/config" => match self.config() {
+                Ok(json) => {
+                    let mut response = Response::new(Full::new(Bytes::from(json)));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
+                    response
                 }
-            }
+                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{error}\n")),
+            },
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found; try /live, /ready, /metrics or /config\n",

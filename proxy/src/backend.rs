@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -48,6 +49,7 @@ impl Target {
 #[derive(Debug)]
 pub struct Backend {
     name: Name,
+    spec: BackendSpec,
     protocol: UpstreamProtocol,
     balancer: Balancer,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
@@ -55,25 +57,76 @@ pub struct Backend {
     dns_refresh: Duration,
     client: UpstreamClient,
     connect_errors: Counter,
+    discovery_started: AtomicBool,
 }
 
 impl Backend {
     /// Builds a backend; IP endpoints are usable at once, host names after
     /// [`Backend::resolve`].
     pub fn new(name: &str, spec: &BackendSpec, metrics: &Metrics) -> Arc<Self> {
+        Self::carry_over(name, spec, None, metrics)
+    }
+
+    /// The backend for `spec`, keeping what it can of `previous`, the backend
+    /// of the same name in the snapshot being replaced, so that a policy push
+    /// neither resets balancing nor drops pooled connections: `previous`
+    /// itself when its spec is unchanged; otherwise a new backend that keeps
+    /// the endpoints that stay (with their load statistics) and, when the
+    /// protocol and connect timeout are unchanged, the connection pool.
+    pub fn carry_over(
+        name: &str,
+        spec: &BackendSpec,
+        previous: Option<&Arc<Backend>>,
+        metrics: &Metrics,
+    ) -> Arc<Self> {
+        if let Some(previous) = previous {
+            if previous.spec == *spec && previous.name.as_str() == name {
+                return previous.clone();
+            }
+        }
         let targets: Vec<Target> = spec
             .endpoints
             .iter()
             .filter_map(|e| Target::parse(e))
             .collect();
         let name = Name::new(name);
-        let endpoints = targets
+        let old: Vec<Arc<Endpoint>> = previous.map(|p| p.endpoints().to_vec()).unwrap_or_default();
+        let reuse = |addr: SocketAddr| {
+            old.iter()
+                .find(|e| e.addr() == addr)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Endpoint::new(addr)))
+        };
+        let mut endpoints: Vec<Arc<Endpoint>> = targets
             .iter()
             .filter_map(|t| match t {
-                Target::Addr(addr) => Some(Arc::new(Endpoint::new(*addr))),
+                Target::Addr(addr) => Some(reuse(*addr)),
                 Target::Dns { .. } => None,
             })
             .collect();
+        // Addresses resolved for a host name both specs share serve until the
+        // new backend resolves it again, so a push does not wait on DNS.
+        if let Some(previous) = previous {
+            for e in old.iter() {
+                let from_shared_name = !previous.is_static(e.addr())
+                    && targets.iter().any(|t| {
+                        matches!(t, Target::Dns { port, .. } if *port == e.addr().port())
+                            && previous.targets.contains(t)
+                    });
+                if from_shared_name && !endpoints.iter().any(|n| n.addr() == e.addr()) {
+                    endpoints.push(e.clone());
+                }
+            }
+        }
+        let client = match previous {
+            Some(p)
+                if p.spec.protocol == spec.protocol
+                    && p.spec.connect_timeout == spec.connect_timeout =>
+            {
+                p.client.clone()
+            }
+            _ => pool::client(spec.protocol, spec.connect_timeout),
+        };
         Arc::new(Self {
             connect_errors: metrics
                 .connect_errors
@@ -82,12 +135,14 @@ impl Backend {
                 })
                 .clone(),
             name,
+            spec: spec.clone(),
             protocol: spec.protocol,
             balancer: Balancer::new(spec.balancer),
             endpoints: ArcSwap::from_pointee(endpoints),
             targets,
             dns_refresh: spec.dns_refresh,
-            client: pool::client(spec.protocol, spec.connect_timeout),
+            client,
+            discovery_started: AtomicBool::new(false),
         })
     }
 
@@ -174,6 +229,17 @@ impl Backend {
 
     fn is_static(&self, addr: SocketAddr) -> bool {
         self.targets.contains(&Target::Addr(addr))
+    }
+
+    /// Resolves host names and keeps them fresh; does nothing after the first
+    /// call, so a backend carried over into a new snapshot keeps its one
+    /// refresh task.
+    pub async fn start_discovery(self: &Arc<Self>) {
+        if self.discovery_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.resolve().await;
+        self.spawn_refresh();
     }
 
     /// Re-resolves host names every `dnsRefresh` until the backend is dropped.

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod balance;
 pub mod body;
 pub mod classify;
+pub mod control;
 pub mod detect;
 pub mod forward;
 pub mod listener;

@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use clap::Parser;
-use infermesh_proto::policy::{self, ListenerKind, PolicySet};
+use infermesh_proto::policy::{self, ListenerKind, PolicySet, Workload};
 use infermesh_proxy::admin::{self, Admin};
+use infermesh_proxy::control::{self, ControlPlane, Node, PolicyCache};
 use infermesh_proxy::listener::Listener;
 use infermesh_proxy::metrics::Metrics;
 use infermesh_proxy::service::Inputs;
-use infermesh_proxy::snapshot::Snapshot;
+use infermesh_proxy::snapshot::{Origin, Snapshot, Source};
 use tokio::sync::watch;
 
 /// The infermesh sidecar proxy for model traffic.
@@ -36,6 +37,64 @@ struct Args {
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Follow this control plane's policy stream, e.g.
+    /// http://infermesh-control:8080, instead of a local policy.
+    #[arg(long, value_name = "URL", conflicts_with = "config")]
+    control_plane: Option<String>,
+    /// Keep the last snapshot applied from the control plane in FILE, and
+    /// serve it at start-up when the control plane cannot be reached.
+    #[arg(long, value_name = "FILE", requires = "control_plane")]
+    policy_cache: Option<PathBuf>,
+    /// Refuse (NACK) control-plane snapshots with more resources than N.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_policy_resources: usize,
+    /// This proxy's name towards the control plane [default: HOSTNAME-PID].
+    #[arg(long, value_name = "ID", env = "POD_NAME")]
+    proxy_id: Option<String>,
+    /// Namespace of the workload beside this proxy, for policy scoping.
+    #[arg(long, value_name = "NAMESPACE", env = "POD_NAMESPACE")]
+    workload_namespace: Option<String>,
+    /// Identity of the workload (service account or SPIFFE ID).
+    #[arg(long, value_name = "ID")]
+    workload_identity: Option<String>,
+    /// A label of the workload, for policy scoping; repeatable.
+    #[arg(long = "workload-label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    workload_labels: Vec<(String, String)>,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.trim().to_string()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+impl Args {
+    /// Who this proxy is, from the workload flags.
+    fn node(&self) -> Node {
+        let non_empty = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+        Node {
+            proxy_id: non_empty(&self.proxy_id).unwrap_or_else(default_proxy_id),
+            identity: non_empty(&self.workload_identity).unwrap_or_default(),
+            workload: Workload {
+                namespace: non_empty(&self.workload_namespace).unwrap_or_default(),
+                labels: self.workload_labels.iter().cloned().collect(),
+            },
+        }
+    }
+}
+
+/// `HOSTNAME-PID`: unique among the proxies of one machine.
+fn default_proxy_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "infermesh-proxy".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn main() -> ExitCode {
@@ -44,7 +103,7 @@ fn main() -> ExitCode {
 
     let policy = match &args.config {
         Some(path) => match policy::load_path(path) {
-            Ok(policy) => policy,
+            Ok(policy) => Some(scope_local(policy, &args.node().workload)),
             Err(errors) => {
                 for error in &errors {
                     eprintln!("{error}");
@@ -57,7 +116,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        None => PolicySet::default(),
+        None => None,
     };
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -81,6 +140,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// The documents of a local policy that apply to this proxy's workload, as
+/// the control plane would choose them; says what was left out.
+fn scope_local(policy: PolicySet, workload: &Workload) -> PolicySet {
+    let scoped = policy.scoped_to(workload);
+    let left_out: Vec<&str> = policy
+        .routes
+        .iter()
+        .filter(|r| !scoped.routes.iter().any(|s| s.metadata == r.metadata))
+        .map(|r| r.metadata.name.as_str())
+        .collect();
+    if !left_out.is_empty() || policy.mesh.is_some() != scoped.mesh.is_some() {
+        tracing::info!(
+            namespace = %workload.namespace,
+            labels = ?workload.labels,
+            routes = ?left_out,
+            mesh_config_left_out = policy.mesh.is_some() != scoped.mesh.is_some(),
+            "policy documents scoped to other workloads do not apply here \
+             (see --workload-namespace and --workload-label)"
+        );
+    }
+    scoped
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,infermesh::access=off"));
@@ -91,14 +173,34 @@ fn init_logging() {
         .init();
 }
 
-async fn run(args: Args, policy: PolicySet) -> Result<(), String> {
+async fn run(args: Args, policy: Option<PolicySet>) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
-    let snapshot = Snapshot::build(policy, &metrics);
+    let (policy, source) = match (policy, &args.control_plane) {
+        (Some(policy), _) => (policy, Source::File),
+        (None, Some(_)) => (PolicySet::default(), Source::Pending),
+        (None, None) => (PolicySet::default(), Source::Default),
+    };
+    let snapshot = Snapshot::build(policy, Origin::local(source), None, &metrics);
     snapshot.start_discovery().await;
+    if source != Source::Pending {
+        metrics.policy_update(true);
+    }
     let inputs = Arc::new(Inputs {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics,
     });
+    let control = match &args.control_plane {
+        Some(url) => {
+            let settings = control::Settings {
+                url: url.clone(),
+                node: args.node(),
+                cache: args.policy_cache.clone().map(PolicyCache::new),
+                max_resources: args.max_policy_resources,
+            };
+            Some(ControlPlane::new(settings, inputs.clone()).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
 
     let outbound = Listener::bind(args.outbound, ListenerKind::Outbound, inputs.clone())
         .await
@@ -111,7 +213,7 @@ async fn run(args: Args, policy: PolicySet) -> Result<(), String> {
     let inbound = Listener::bind(args.inbound, ListenerKind::Inbound, inputs.clone())
         .await
         .map_err(|e| format!("cannot bind the inbound listener on {}: {e}", args.inbound))?;
-    let admin_state = Admin::new(inputs.clone());
+    let admin_state = Admin::new(inputs.clone(), control.as_ref().map(|c| c.status()));
     let admin_addr = admin::spawn(args.admin, admin_state.clone())
         .map_err(|e| format!("cannot bind the admin server on {}: {e}", args.admin))?;
     let outbound_addr = outbound.local_addr().map_err(|e| e.to_string())?;
@@ -120,6 +222,8 @@ async fn run(args: Args, policy: PolicySet) -> Result<(), String> {
     let (stop, stopped) = watch::channel(false);
     let outbound_task = tokio::spawn(outbound.run(stopped.clone()));
     let inbound_task = tokio::spawn(inbound.run(stopped));
+    // Follows the control plane until shutdown; /ready waits for its first snapshot.
+    let control_task = control.map(|control| tokio::spawn(control.run()));
     admin_state.set_ready(true);
     tracing::info!(%outbound_addr, %inbound_addr, %admin_addr, "infermesh-proxy started");
     {
@@ -135,6 +239,9 @@ async fn run(args: Args, policy: PolicySet) -> Result<(), String> {
     tracing::info!("shutting down: no new connections; draining in-flight requests");
     admin_state.set_ready(false);
     let _ = stop.send(true);
+    if let Some(task) = control_task {
+        task.abort();
+    }
     let _ = outbound_task.await;
     let _ = inbound_task.await;
     tracing::info!("drained; exiting");

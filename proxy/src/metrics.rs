@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use infermesh_proto::policy::ListenerKind;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -84,6 +85,14 @@ fn new_latency_histogram() -> Histogram {
     Histogram::new(latency_buckets())
 }
 
+/// The `listener` label value of a listener.
+pub fn listener_label(listener: ListenerKind) -> &'static str {
+    match listener {
+        ListenerKind::Outbound => "outbound",
+        ListenerKind::Inbound => "inbound",
+    }
+}
+
 /// Every metric family of the proxy.
 #[derive(Debug)]
 pub struct Metrics {
@@ -92,6 +101,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Requests whose response has not finished.
     pub in_flight: Family<ListenerLabels, Gauge>,
+    /// `in_flight` of each listener, resolved once.
+    in_flight_by_listener: [Gauge; 2],
     /// Whole request duration, response body included.
     pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Time to the upstream's response headers.
@@ -100,6 +111,19 @@ pub struct Metrics {
     pub connect_errors: Family<BackendLabels, Counter>,
     /// Opaque TCP connections, by listener and outcome.
     pub opaque_connections: Family<OpaqueLabels, Counter>,
+    /// Version of the policy snapshot in force (0 for a local file).
+    pub policy_version: Gauge,
+    /// Policy snapshots offered to the proxy, by outcome.
+    pub policy_updates: Family<OutcomeLabels, Counter>,
+    /// 1 while the policy stream to the control plane is open.
+    pub control_plane_connected: Gauge,
+}
+
+/// Labels of the policy-update counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `applied` or `rejected`.
+    pub outcome: &'static str,
 }
 
 /// Labels of the opaque-connection counter.
@@ -127,7 +151,7 @@ impl Metrics {
             "Responses sent to clients, by listener, route, backend and HTTP status",
             requests.clone(),
         );
-        let in_flight = Family::default();
+        let in_flight: Family<ListenerLabels, Gauge> = Family::default();
         registry.register(
             "requests_in_flight",
             "Requests whose response has not finished",
@@ -157,14 +181,58 @@ impl Metrics {
             "Connections that were neither HTTP/1.1 nor HTTP/2, by outcome",
             opaque_connections.clone(),
         );
+        let policy_version = Gauge::default();
+        registry.register(
+            "policy_version",
+            "Version of the policy snapshot in force; 0 for a local policy file",
+            policy_version.clone(),
+        );
+        let policy_updates = Family::default();
+        registry.register(
+            "policy_updates",
+            "Policy snapshots offered to the proxy (file, cache or control plane), by outcome",
+            policy_updates.clone(),
+        );
+        let control_plane_connected = Gauge::default();
+        registry.register(
+            "control_plane_connected",
+            "1 while the policy stream to the control plane is open, else 0",
+            control_plane_connected.clone(),
+        );
         Self {
             registry,
             requests,
+            in_flight_by_listener: [ListenerKind::Outbound, ListenerKind::Inbound].map(|kind| {
+                in_flight
+                    .get_or_create(&ListenerLabels {
+                        listener: listener_label(kind),
+                    })
+                    .clone()
+            }),
             in_flight,
             duration,
             first_byte,
             connect_errors,
             opaque_connections,
+            policy_version,
+            policy_updates,
+            control_plane_connected,
+        }
+    }
+
+    /// Counts a policy snapshot that was applied or rejected.
+    pub fn policy_update(&self, applied: bool) {
+        let outcome = if applied { "applied" } else { "rejected" };
+        self.policy_updates
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// The in-flight gauge of `listener`.
+    pub fn in_flight_of(&self, listener: ListenerKind) -> &Gauge {
+        match listener {
+            ListenerKind::Outbound => &self.in_flight_by_listener[0],
+            ListenerKind::Inbound => &self.in_flight_by_listener[1],
         }
     }
 

@@ -7,17 +7,14 @@ use std::time::Duration;
 use infermesh_proto::policy::ListenerKind;
 use tokio::net::TcpStream;
 
-use crate::metrics::OpaqueLabels;
+use crate::metrics::{listener_label, OpaqueLabels};
 use crate::service::Inputs;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Forwards `client` to the opaque backend, or closes it.
 pub async fn serve(mut client: TcpStream, peer: SocketAddr, kind: ListenerKind, inputs: &Inputs) {
-    let listener = match kind {
-        ListenerKind::Outbound => "outbound",
-        ListenerKind::Inbound => "inbound",
-    };
+    let listener = listener_label(kind);
     let count = |outcome: &'static str| {
         inputs
             .metrics

@@ -22,6 +22,7 @@ use infermesh_filters::timeout::is_grpc;
 use infermesh_filters::{BoxBody, BoxError, ProxyError};
 use infermesh_proto::policy::ListenerKind;
 use pin_project_lite::pin_project;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use tower::ServiceExt;
@@ -29,7 +30,7 @@ use tower::ServiceExt;
 use crate::body::ProxyBody;
 use crate::classify::{self, BodyScan, GrpcModelScanner, JsonScanner, Scan};
 use crate::forward::Upstream;
-use crate::metrics::{ListenerLabels, Metrics, Name, RequestLabels};
+use crate::metrics::{listener_label, Metrics, Name, RequestLabels};
 use crate::route::{self, RouteInput};
 use crate::snapshot::Snapshot;
 
@@ -51,25 +52,20 @@ pub async fn handle(
 ) -> Result<Response<BoxBody>, std::convert::Infallible> {
     let started = Instant::now();
     let listener_name = listener_label(listener);
-    let in_flight = inputs
-        .metrics
-        .in_flight
-        .get_or_create(&ListenerLabels {
-            listener: listener_name,
-        })
-        .clone();
+    let in_flight = inputs.metrics.in_flight_of(listener).clone();
     in_flight.inc();
     let grpc = is_grpc(request.headers());
     let mut access = tracing::enabled!(target: "infermesh::access", tracing::Level::INFO)
         .then(|| AccessLog::new(listener_name, &request));
     let outcome = route_and_send(&inputs, listener, request, access.as_mut()).await;
-    let (response, route, backend, duration) = match outcome {
+    let (response, route, backend, duration, ok) = match outcome {
         Ok(Routed {
             response,
             route,
             backend,
             duration,
-        }) => (response, route, backend, Some(duration)),
+            ok,
+        }) => (response, route, backend, Some(duration), Some(ok)),
         Err(Failed {
             error,
             route,
@@ -81,7 +77,7 @@ pub async fn handle(
             } else {
                 tracing::debug!(listener = listener_name, %error, "request refused");
             }
-            (error.to_response(grpc), route, backend, None)
+            (error.to_response(grpc), route, backend, None, None)
         }
     };
     let status = response.status().as_u16();
@@ -90,16 +86,23 @@ pub async fn handle(
         access.backend = backend.clone();
         access.status = status;
     }
-    inputs
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            listener: listener_name,
-            route,
-            backend,
-            status,
-        })
-        .inc();
+    match ok {
+        Some(ok) if status == 200 => {
+            ok.inc();
+        }
+        _ => {
+            inputs
+                .metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    listener: listener_name,
+                    route,
+                    backend,
+                    status,
+                })
+                .inc();
+        }
+    }
     let (parts, body) = response.into_parts();
     let body = Accounted {
         inner: body,
@@ -113,18 +116,12 @@ pub async fn handle(
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 
-fn listener_label(listener: ListenerKind) -> &'static str {
-    match listener {
-        ListenerKind::Outbound => "outbound",
-        ListenerKind::Inbound => "inbound",
-    }
-}
-
 struct Routed {
     response: Response<BoxBody>,
     route: Name,
     backend: Name,
     duration: Histogram,
+    ok: Counter,
 }
 
 struct Failed {
@@ -243,6 +240,7 @@ async fn route_and_send(
                 route: route.name().clone(),
                 backend: target.backend.name().clone(),
                 duration: target.duration.clone(),
+                ok: target.ok.clone(),
             })
         }
         Err(error) => Err(fail(error, target.backend.name().clone())),

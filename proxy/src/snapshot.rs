@@ -3,24 +3,73 @@
 //!
 //! The proxy holds the current snapshot in an `ArcSwap`; each request loads
 //! it once, so a new policy applies atomically while in-flight requests finish
-//! on the one they started with.
+//! on the one they started with. A snapshot is built from the one it replaces,
+//! so backends whose spec did not change carry over whole: their endpoint
+//! statistics, connection pool and DNS refresh survive a policy push.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_proto::policy::{ListenerKind, PolicySet};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::backend::Backend;
 use crate::balance::weighted_index;
-use crate::metrics::{Metrics, Name, RouteLabels};
+use crate::metrics::{listener_label, Metrics, Name, RequestLabels, RouteLabels};
 use crate::route::{Matcher, RouteInput};
 use crate::stack::{self, RouteStack};
+
+/// Where the policy of a snapshot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// No policy yet: the proxy waits for its control plane.
+    Pending,
+    /// No `--config` and no control plane: the empty embedded default.
+    Default,
+    /// A local policy file or directory (`--config`).
+    File,
+    /// A snapshot pushed by the control plane.
+    ControlPlane,
+    /// The last snapshot from the control plane, read back from disk
+    /// (`--policy-cache`) because the control plane could not be reached.
+    Cache,
+}
+
+impl Source {
+    /// The name shown by `/config`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Pending => "none",
+            Source::Default => "default",
+            Source::File => "file",
+            Source::ControlPlane => "control-plane",
+            Source::Cache => "cache",
+        }
+    }
+}
+
+/// The version and source of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The control plane's version; 0 for a local policy.
+    pub version: u64,
+    /// Where the policy came from.
+    pub source: Source,
+}
+
+impl Origin {
+    /// A local policy: `--config`, the default, or nothing yet.
+    pub fn local(source: Source) -> Self {
+        Self { version: 0, source }
+    }
+}
 
 /// A compiled policy.
 #[derive(Debug)]
 pub struct Snapshot {
+    origin: Origin,
     policy: PolicySet,
     outbound: Vec<Route>,
     inbound: Vec<Route>,
@@ -51,18 +100,29 @@ pub struct RouteTarget {
     pub first_byte: Histogram,
     /// Whole-request duration for this route and backend.
     pub duration: Histogram,
+    /// `requests_total` for this route and backend with status 200, the
+    /// common case, resolved once so the request path skips the label lookup.
+    pub ok: Counter,
 }
 
 impl Snapshot {
-    /// Compiles a validated policy set.
-    pub fn build(policy: PolicySet, metrics: &Metrics) -> Self {
+    /// Compiles a validated policy set, carrying over from `previous` (the
+    /// snapshot it replaces) every backend whose spec is unchanged.
+    pub fn build(
+        policy: PolicySet,
+        origin: Origin,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+    ) -> Self {
         let backends: HashMap<String, Arc<Backend>> = policy
             .backends
             .iter()
             .map(|b| {
+                let name = &b.metadata.name;
+                let old = previous.and_then(|p| p.backends.get(name));
                 (
-                    b.metadata.name.clone(),
-                    Backend::new(&b.metadata.name, &b.spec, metrics),
+                    name.clone(),
+                    Backend::carry_over(name, &b.spec, old, metrics),
                 )
             })
             .collect();
@@ -89,6 +149,15 @@ impl Snapshot {
                     model: wb.model.as_deref().map(Arc::from),
                     first_byte: metrics.first_byte.get_or_create(&labels).clone(),
                     duration: metrics.duration.get_or_create(&labels).clone(),
+                    ok: metrics
+                        .requests
+                        .get_or_create(&RequestLabels {
+                            listener: listener_label(doc.spec.listener),
+                            route: name.clone(),
+                            backend: backend.name().clone(),
+                            status: 200,
+                        })
+                        .clone(),
                 });
             }
             let route = Route {
@@ -110,6 +179,7 @@ impl Snapshot {
         let classify_limit = mesh.map_or(64 * 1024, |m| m.classify.max_body_prefix as usize);
         let drain_timeout = mesh.map_or(Duration::from_secs(30), |m| m.drain_timeout);
         Self {
+            origin,
             policy,
             outbound,
             inbound,
@@ -118,6 +188,21 @@ impl Snapshot {
             classify_limit,
             drain_timeout,
         }
+    }
+
+    /// The control plane's version of this policy; 0 for a local one.
+    pub fn version(&self) -> u64 {
+        self.origin.version
+    }
+
+    /// Where the policy came from.
+    pub fn source(&self) -> Source {
+        self.origin.source
+    }
+
+    /// The backend called `name`, if the policy has one.
+    pub fn backend(&self, name: &str) -> Option<&Arc<Backend>> {
+        self.backends.get(name)
     }
 
     /// The policy this snapshot was built from.
@@ -149,12 +234,10 @@ impl Snapshot {
         self.drain_timeout
     }
 
-    /// Resolves every backend's host names once, then keeps them fresh.
+    /// Resolves the host names of every backend new in this snapshot (all
+    /// at once), then keeps them fresh; carried-over backends already are.
     pub async fn start_discovery(&self) {
-        for backend in self.backends.values() {
-            backend.resolve().await;
-            backend.spawn_refresh();
-        }
+        futures_util::future::join_all(self.backends.values().map(|b| b.start_discovery())).await;
     }
 }
 
@@ -182,5 +265,191 @@ impl Route {
     /// The route's filter stack.
     pub fn stack(&self) -> &RouteStack {
         &self.stack
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn policy(yaml: &str) -> PolicySet {
+        infermesh_proto::policy::load_str(Path::new("p.yaml"), yaml).expect("valid policy")
+    }
+
+    fn backend(name: &str, endpoints: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{name: {name}}}\nspec:\n  endpoints: [{endpoints}]\n{extra}---\n"
+        )
+    }
+
+    fn route(name: &str, backend: &str) -> String {
+        format!(
+            "apiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: {name}}}\nspec:\n  backends: [{{backend: {backend}}}]\n"
+        )
+    }
+
+    fn pushed(version: u64) -> Origin {
+        Origin {
+            version,
+            source: Source::ControlPlane,
+        }
+    }
+
+    fn first_target(snapshot: &Snapshot) -> &Arc<Backend> {
+        &snapshot.outbound[0].targets[0].backend
+    }
+
+    #[test]
+    fn an_unchanged_backend_carries_over_with_its_statistics() {
+        let metrics = Metrics::new();
+        let a = backend("a", "\"127.0.0.1:1\"", "");
+        let b = backend("b", "\"127.0.0.1:2\"", "");
+        let first = Snapshot::build(
+            policy(&format!("{a}{b}{}", route("r", "a"))),
+            pushed(1),
+            None,
+            &metrics,
+        );
+        let endpoint = first.backend("a").unwrap().endpoints()[0].clone();
+        let _in_flight = endpoint.start();
+        endpoint.observe_first_byte(Duration::from_millis(700));
+        let load = endpoint.peak_ewma_load(std::time::Instant::now());
+
+        // The route moves to b and a third backend appears; a and b are untouched.
+        let c = backend("c", "\"127.0.0.1:3\"", "");
+        let second = Snapshot::build(
+            policy(&format!("{a}{b}{c}{}", route("r", "b"))),
+            pushed(2),
+            Some(&first),
+            &metrics,
+        );
+        for name in ["a", "b"] {
+            assert!(
+                Arc::ptr_eq(first.backend(name).unwrap(), second.backend(name).unwrap()),
+                "backend {name} was rebuilt"
+            );
+        }
+        assert!(Arc::ptr_eq(
+            first_target(&second),
+            second.backend("b").unwrap()
+        ));
+        let kept = &second.backend("a").unwrap().endpoints()[0];
+        assert_eq!(kept.in_flight(), 1, "in-flight count survives the push");
+        assert!(kept.peak_ewma_load(std::time::Instant::now()) >= load * 0.9);
+        assert_eq!(second.version(), 2);
+        assert_eq!(second.source(), Source::ControlPlane);
+    }
+
+    #[test]
+    fn a_changed_backend_keeps_the_endpoints_that_stay() {
+        let metrics = Metrics::new();
+        let first = Snapshot::build(
+            policy(&format!(
+                "{}{}",
+                backend("a", "\"127.0.0.1:1\", \"127.0.0.1:2\"", ""),
+                route("r", "a")
+            )),
+            Origin::local(Source::File),
+            None,
+            &metrics,
+        );
+        let old = first.backend("a").unwrap().endpoints();
+        let _in_flight = old[1].start();
+        let second = Snapshot::build(
+            policy(&format!(
+                "{}{}",
+                backend(
+                    "a",
+                    "\"127.0.0.1:2\", \"127.0.0.1:3\"",
+                    "  balancer: round-robin\n"
+                ),
+                route("r", "a")
+            )),
+            pushed(7),
+            Some(&first),
+            &metrics,
+        );
+        let changed = second.backend("a").unwrap();
+        assert!(!Arc::ptr_eq(first.backend("a").unwrap(), changed));
+        let new = changed.endpoints();
+        let addrs: Vec<String> = new.iter().map(|e| e.addr().to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.1:2", "127.0.0.1:3"]);
+        assert!(
+            Arc::ptr_eq(&old[1], &new[0]),
+            "127.0.0.1:2 stays the same endpoint"
+        );
+        assert_eq!(new[0].in_flight(), 1);
+        assert_eq!(new[1].in_flight(), 0);
+    }
+
+    #[test]
+    fn a_removed_backend_is_not_carried_over_and_a_readded_one_starts_afresh() {
+        let metrics = Metrics::new();
+        let a = backend("a", "\"127.0.0.1:1\"", "");
+        let first = Snapshot::build(
+            policy(&format!("{a}{}", route("r", "a"))),
+            pushed(1),
+            None,
+            &metrics,
+        );
+        let b = backend("b", "\"127.0.0.1:2\"", "");
+        let second = Snapshot::build(
+            policy(&format!("{b}{}", route("r", "b"))),
+            pushed(2),
+            Some(&first),
+            &metrics,
+        );
+        assert!(second.backend("a").is_none());
+        let third = Snapshot::build(
+            policy(&format!("{a}{}", route("r", "a"))),
+            pushed(3),
+            Some(&second),
+            &metrics,
+        );
+        assert!(!Arc::ptr_eq(
+            first.backend("a").unwrap(),
+            third.backend("a").unwrap()
+        ));
+    }
+
+    #[tokio::test]
+    async fn resolved_host_names_carry_over_without_waiting_for_dns() {
+        let metrics = Metrics::new();
+        let a = backend("a", "\"localhost:8000\"", "");
+        let first = Snapshot::build(
+            policy(&format!("{a}{}", route("r", "a"))),
+            pushed(1),
+            None,
+            &metrics,
+        );
+        assert!(first.backend("a").unwrap().endpoints().is_empty());
+        first.start_discovery().await;
+        let resolved = first.backend("a").unwrap().endpoints();
+        assert!(!resolved.is_empty(), "localhost resolves");
+
+        // Unchanged: the same backend, resolved, its refresh task not doubled.
+        let second = Snapshot::build(
+            policy(&format!("{a}{}", route("other", "a"))),
+            pushed(2),
+            Some(&first),
+            &metrics,
+        );
+        assert!(Arc::ptr_eq(
+            first.backend("a").unwrap(),
+            second.backend("a").unwrap()
+        ));
+        // Changed balancer: a new backend that serves the resolved addresses at once.
+        let changed = backend("a", "\"localhost:8000\"", "  balancer: least-request\n");
+        let third = Snapshot::build(
+            policy(&format!("{changed}{}", route("r", "a"))),
+            pushed(3),
+            Some(&second),
+            &metrics,
+        );
+        let carried = third.backend("a").unwrap().endpoints();
+        assert_eq!(carried.len(), resolved.len());
+        assert!(Arc::ptr_eq(&carried[0], &resolved[0]));
     }
 }

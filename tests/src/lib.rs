@@ -1,6 +1,6 @@
 //! End-to-end test support for infermesh: upstream model servers written as
-//! fixtures, a handle on the real `infermesh-proxy` process, and the clients
-//! and parsers the tests drive them with.
+//! fixtures, handles on the real `infermesh-proxy` and `infermesh-control`
+//! processes, and the clients and parsers the tests drive them with.
 //!
 //! Every fixture binds `127.0.0.1:0`, reports the address it got, and runs on
 //! its own thread with its own tokio runtime, so a test never shares a port or
@@ -8,6 +8,7 @@
 //! blocks.
 
 pub mod client;
+pub mod control_plane;
 pub mod kserve;
 pub mod metrics;
 pub mod openai;
@@ -17,6 +18,7 @@ pub mod python;
 pub mod tcp;
 
 pub use client::{raw_exchange, Arrivals, HttpClient, Reply, SseEvent};
+pub use control_plane::ControlPlaneProcess;
 pub use kserve::{GrpcCall, KServeGrpcServer, KServeSettings};
 pub use metrics::Metrics;
 pub use openai::{OpenAiServer, OpenAiSettings, RecordedRequest, StreamLog, StreamOutcome};

@@ -412,11 +412,15 @@ impl Drop for ProxyProcess {
 /// is missing.
 pub fn proxy_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(find_or_build_proxy).clone()
+    BINARY
+        .get_or_init(|| find_or_build("infermesh-proxy", "infermesh-proxy", "INFERMESH_PROXY_BIN"))
+        .clone()
 }
 
-fn find_or_build_proxy() -> PathBuf {
-    if let Some(path) = std::env::var_os("INFERMESH_PROXY_BIN") {
+/// A binary of the workspace: `$env_override`, or `name` next to this test
+/// executable, built with `cargo build -p package` when it is missing.
+pub(crate) fn find_or_build(name: &str, package: &str, env_override: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env_override) {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current_exe");
@@ -427,20 +431,20 @@ fn find_or_build_proxy() -> PathBuf {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let binary = dir.join(format!("infermesh-proxy{}", std::env::consts::EXE_SUFFIX));
+    let binary = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if !binary.exists() {
-        build_proxy(&dir);
+        build_binary(&dir, name, package);
     }
     assert!(
         binary.exists(),
-        "{} does not exist even after `cargo build -p infermesh-proxy`",
+        "{} does not exist even after `cargo build -p {package}`",
         binary.display()
     );
     binary
 }
 
-/// Builds the proxy into the target directory that holds `profile_dir`.
-fn build_proxy(profile_dir: &Path) {
+/// Builds a binary into the target directory that holds `profile_dir`.
+fn build_binary(profile_dir: &Path, name: &str, package: &str) {
     let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => "dev".to_string(),
         Some(other) => other.to_string(),
@@ -449,22 +453,15 @@ fn build_proxy(profile_dir: &Path) {
     let mut command = Command::new(cargo);
     command
         .current_dir(crate::repo_root())
-        .args([
-            "build",
-            "-p",
-            "infermesh-proxy",
-            "--bin",
-            "infermesh-proxy",
-            "--profile",
-        ])
+        .args(["build", "-p", package, "--bin", name, "--profile"])
         .arg(&profile);
     if let Some(target_dir) = profile_dir.parent() {
         command.arg("--target-dir").arg(target_dir);
     }
-    eprintln!("building infermesh-proxy: {command:?}");
+    eprintln!("building {name}: {command:?}");
     let status = command.status().expect("run cargo build");
     assert!(
         status.success(),
-        "cargo build -p infermesh-proxy failed: {status}"
+        "cargo build -p {package} failed: {status}"
     );
 }

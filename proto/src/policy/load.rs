@@ -27,6 +27,7 @@
 
 mod check;
 mod de;
+mod shadow;
 mod yaml;
 
 use std::collections::HashSet;
@@ -837,6 +838,7 @@ kind: ModelRoute
 metadata: {{name: b}}
 spec:
   backends: []
+  listener: inbound
 "
         );
         assert_eq!(
@@ -875,6 +877,153 @@ spec:
                 "p.yaml:20:21: unknown backend `tcp`: no Backend has this name",
             ]
         );
+    }
+
+    /// A backend `vllm` and then the given routes, each `(name, extra)`
+    /// where `extra` is the flow-mapping text after `backends`.
+    fn with_routes(routes: &[(&str, &str)]) -> String {
+        let mut text = BACKEND.to_owned();
+        for (name, extra) in routes {
+            text.push_str(&format!(
+                "---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: {name}}}\nspec: {{backends: [{{backend: vllm}}]{extra}}}\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn a_route_after_a_match_all_route_is_unreachable() {
+        let text = with_routes(&[("all", ""), ("chat", ", match: [{model: {exact: a}}]")]);
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:15:18: ModelRoute `chat` is unreachable: ModelRoute `all` (p.yaml:10:18) comes before it and has no `match`, so it takes every request; move `chat` before it, or give `all` a `match`"]
+        );
+    }
+
+    #[test]
+    fn a_route_covered_by_earlier_conditions_is_unreachable() {
+        let text = with_routes(&[
+            ("v1", ", match: [{path: {prefix: /v1/}}]"),
+            ("llama", ", match: [{model: {prefix: llama}}]"),
+            (
+                "both",
+                ", match: [{path: {exact: /v1/chat/completions}}, {model: {exact: llama-3}, headers: [{name: x}]}]",
+            ),
+            ("same", ", match: [{path: {prefix: /v1/}}]"),
+        ]);
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:20:18: ModelRoute `both` is unreachable: ModelRoutes `v1` (p.yaml:10:18) and `llama` (p.yaml:15:18) come before it and together match every request it matches; move `both` before them, or narrow their `match`",
+                "p.yaml:25:18: ModelRoute `same` is unreachable: ModelRoute `v1` (p.yaml:10:18) comes before it and matches every request it matches; move `same` before it, or narrow its `match`",
+            ]
+        );
+    }
+
+    #[test]
+    fn routes_that_reach_other_proxies_or_listeners_do_not_shadow() {
+        let text = with_routes(&[
+            ("inbound", ", listener: inbound"),
+            ("team-a", ""),
+            (
+                "canary",
+                ", workloadSelector: {matchLabels: {track: canary}}",
+            ),
+            ("narrower", ", match: [{path: {prefix: /v1/chat}}]"),
+            ("broader", ", match: [{path: {prefix: /v1/}}]"),
+            ("rest", ""),
+        ]);
+        let text = text.replace("{name: team-a}", "{name: team-a, namespace: team-a}");
+        assert!(load(&text).is_ok(), "{:?}", load(&text));
+        // A selector narrower than an earlier one's is still shadowed.
+        let text = with_routes(&[
+            ("chat", ", workloadSelector: {matchLabels: {app: chat}}"),
+            (
+                "canary",
+                ", workloadSelector: {matchLabels: {app: chat, track: canary}}",
+            ),
+        ]);
+        assert_eq!(errors(&text).len(), 1);
+        assert!(errors(&text)[0].starts_with("p.yaml:15:18: ModelRoute `canary` is unreachable"));
+    }
+
+    #[test]
+    fn a_route_with_errors_of_its_own_is_not_called_unreachable() {
+        // The misspelt condition is dropped while typing; what is left
+        // would look like a match-all route.
+        let text = with_routes(&[("typo", ", match: [{modl: {exact: a}}]"), ("b", "")]);
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:11:46: unknown field `modl`, did you mean `model`?"]
+        );
+    }
+
+    #[test]
+    fn namespaces_and_labels_follow_kubernetes_syntax() {
+        let text = "apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata:
+  name: a
+  namespace: Team_A
+  labels: {app.kubernetes.io/name: vllm, \"bad key\": x, tier: \"-gpu\", example.com/: y}
+spec: {endpoints: [\"a:1\"]}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {name: r}
+spec:
+  backends: [{backend: a}]
+  workloadSelector:
+    matchLabels: {app: chat, version: \"\", Bad_Prefix/x: \"1\"}
+";
+        assert_eq!(
+            errors(text),
+            [
+                "p.yaml:5:14: invalid namespace `Team_A`: use at most 63 lowercase letters, digits and `-`, starting and ending with a letter or digit",
+                "p.yaml:6:42: invalid label key `bad key`: the name must be 1 to 63 letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit",
+                "p.yaml:6:62: invalid label value `-gpu`: use at most 63 letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit",
+                "p.yaml:6:70: invalid label key `example.com/`: the name after `/` must be 1 to 63 letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit",
+                "p.yaml:15:43: invalid label key `Bad_Prefix/x`: the prefix before `/` must be a DNS subdomain (lowercase letters, digits, `-` and `.`), like `app.kubernetes.io`",
+            ]
+        );
+    }
+
+    #[test]
+    fn label_keys_and_values() {
+        for ok in [
+            "app",
+            "app.kubernetes.io/name",
+            "a_b-c.d",
+            "A1",
+            &"k".repeat(63),
+        ] {
+            assert_eq!(check::label_key_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a b",
+            "/a",
+            "a/",
+            "a/b/c",
+            &"k".repeat(64),
+            "A.B/c",
+        ] {
+            assert!(check::label_key_problem(bad).is_some(), "{bad}");
+        }
+        for ok in ["", "v1", "a.b_c-d", &"v".repeat(63)] {
+            assert_eq!(check::label_value_problem(ok), None, "{ok}");
+        }
+        for bad in ["-", "a/b", "é", &"v".repeat(64)] {
+            assert!(check::label_value_problem(bad).is_some(), "{bad}");
+        }
+        for ok in ["default", "team-a", "a1"] {
+            assert_eq!(check::namespace_problem(ok), None, "{ok}");
+        }
+        for bad in ["", "Team", "a.b", "-a", &"n".repeat(64)] {
+            assert!(check::namespace_problem(bad).is_some(), "{bad}");
+        }
     }
 
     #[test]

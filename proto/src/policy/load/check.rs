@@ -1,6 +1,7 @@
 //! Checks that serde's types cannot express: value formats (names,
-//! endpoints, header names, paths, ranges) and references across documents
-//! and files (backend names, one `MeshConfig`, unique names).
+//! endpoints, header names, paths, ranges, namespaces, labels) and
+//! references across documents and files (backend names, one `MeshConfig`,
+//! unique names, routes that an earlier route makes unreachable).
 //!
 //! The format checks are plain functions returning the message, tested on
 //! their own; [`set`] walks the loaded documents and locates each problem at
@@ -10,9 +11,12 @@ use std::collections::HashMap;
 use std::net::Ipv6Addr;
 use std::path::Path;
 
+use super::shadow;
 use super::yaml::{Node, Value};
 use super::{did_you_mean, Kind, Loader, Location, PolicyError, Typed};
-use crate::policy::{BackendSpec, MeshConfigSpec, ModelRouteSpec, StringMatch};
+use crate::policy::{
+    scope, BackendSpec, MeshConfigSpec, Metadata, ModelRouteSpec, StringMatch, WorkloadSelector,
+};
 
 /// `classify.maxBodyPrefix` bounds: below 1 KiB no model name is found in
 /// practice, above 16 MiB the proxy would hold whole uploads in memory.
@@ -25,15 +29,141 @@ pub(super) fn set(loader: &Loader) -> Vec<PolicyError> {
     let mut errors = Vec::new();
     names(loader, &mut errors);
     for backend in &loader.backends {
+        metadata(
+            &backend.file,
+            &backend.tree,
+            &backend.resource.metadata,
+            &mut errors,
+        );
         backend_spec(backend, &mut errors);
     }
     for route in &loader.routes {
+        metadata(
+            &route.file,
+            &route.tree,
+            &route.resource.metadata,
+            &mut errors,
+        );
+        let selector = route.resource.spec.workload_selector.as_ref();
+        workload_selector(&route.file, &route.tree, selector, &mut errors);
         route_spec(route, &backends, &mut errors);
     }
+    unreachable_routes(&loader.routes, &mut errors);
     for mesh in &loader.meshes {
+        metadata(&mesh.file, &mesh.tree, &mesh.resource.metadata, &mut errors);
+        let selector = mesh.resource.spec.workload_selector.as_ref();
+        workload_selector(&mesh.file, &mesh.tree, selector, &mut errors);
         mesh_spec(mesh, &backends, &mut errors);
     }
     errors
+}
+
+/// `metadata.namespace` and `metadata.labels` are what Kubernetes accepts.
+fn metadata(file: &Path, tree: &Node, metadata: &Metadata, errors: &mut Vec<PolicyError>) {
+    if let Some(problem) = metadata.namespace.as_deref().and_then(namespace_problem) {
+        let at = find(tree, &[K("metadata"), K("namespace")]).at;
+        errors.push(PolicyError::new(file, at, problem));
+    }
+    labels(
+        file,
+        tree,
+        &[K("metadata"), K("labels")],
+        &metadata.labels,
+        errors,
+    );
+}
+
+fn workload_selector(
+    file: &Path,
+    tree: &Node,
+    selector: Option<&WorkloadSelector>,
+    errors: &mut Vec<PolicyError>,
+) {
+    if let Some(selector) = selector {
+        let path = [K("spec"), K("workloadSelector"), K("matchLabels")];
+        labels(file, tree, &path, &selector.match_labels, errors);
+    }
+}
+
+fn scope_of(route: &Typed<ModelRouteSpec>) -> (&Metadata, Option<&WorkloadSelector>) {
+    (
+        &route.resource.metadata,
+        route.resource.spec.workload_selector.as_ref(),
+    )
+}
+
+/// Each label key is checked at the key, each value at the value.
+fn labels(
+    file: &Path,
+    tree: &Node,
+    path: &[P<'_>],
+    labels: &std::collections::BTreeMap<String, String>,
+    errors: &mut Vec<PolicyError>,
+) {
+    for (key, value) in labels {
+        let mut at = |step: P<'_>, problem: String| {
+            let mut full = path.to_vec();
+            full.push(step);
+            errors.push(PolicyError::new(file, find(tree, &full).at, problem));
+        };
+        if let Some(problem) = label_key_problem(key) {
+            at(KeyOf(key), problem);
+        }
+        if let Some(problem) = label_value_problem(value) {
+            at(K(key), problem);
+        }
+    }
+}
+
+/// A route is unreachable when, for every request it matches, an earlier
+/// route of the same listener that reaches at least the same proxies
+/// matches too. Routes with errors of their own are left out: what was
+/// dropped from them could make them look broader or narrower than written.
+fn unreachable_routes(routes: &[Typed<ModelRouteSpec>], errors: &mut Vec<PolicyError>) {
+    let routes: Vec<&Typed<ModelRouteSpec>> = routes.iter().filter(|r| !r.repaired).collect();
+    for (i, later) in routes.iter().enumerate() {
+        let earlier: Vec<&Typed<ModelRouteSpec>> = routes[..i]
+            .iter()
+            .copied()
+            .filter(|e| scope::covers(scope_of(e), scope_of(later)))
+            .collect();
+        let specs: Vec<&ModelRouteSpec> = earlier.iter().map(|e| &e.resource.spec).collect();
+        let Some(by) = shadow::shadowed_by(&later.resource.spec, &specs) else {
+            continue;
+        };
+        let mut takers: Vec<&Typed<ModelRouteSpec>> = Vec::new();
+        for index in by {
+            if !takers.iter().any(|t| std::ptr::eq(*t, earlier[index])) {
+                takers.push(earlier[index]);
+            }
+        }
+        let name = &later.resource.metadata.name;
+        let at = find(&later.tree, &[K("metadata"), K("name")]).at;
+        let described = |r: &Typed<ModelRouteSpec>| {
+            let at = find(&r.tree, &[K("metadata"), K("name")]).at;
+            format!("`{}` ({}:{at})", r.resource.metadata.name, r.file.display())
+        };
+        let message = match takers.as_slice() {
+            [one] if one.resource.spec.matches.is_empty() => format!(
+                "ModelRoute `{name}` is unreachable: ModelRoute {} comes before it and has no `match`, so it takes every request; move `{name}` before it, or give `{}` a `match`",
+                described(one),
+                one.resource.metadata.name
+            ),
+            [one] => format!(
+                "ModelRoute `{name}` is unreachable: ModelRoute {} comes before it and matches every request it matches; move `{name}` before it, or narrow its `match`",
+                described(one)
+            ),
+            many => {
+                let mut list: Vec<String> = many.iter().map(|r| described(r)).collect();
+                let last = list.pop().unwrap_or_default();
+                format!(
+                    "ModelRoute `{name}` is unreachable: ModelRoutes {} and {last} come before it and together match every request it matches; move `{name}` before them, or narrow their `match`",
+                    list.join(", ")
+                )
+            }
+        };
+        errors.push(PolicyError::new(&later.file, at, message));
+    }
 }
 
 /// Names are valid and unique per kind, and there is one `MeshConfig`.
@@ -218,12 +348,14 @@ fn mesh_spec(
 enum P<'a> {
     /// The value under a mapping key.
     K(&'a str),
+    /// A mapping key itself (the last step).
+    KeyOf(&'a str),
     /// A sequence item.
     I(usize),
     /// The value of a one-entry mapping (`{prefix: …}`).
     Only,
 }
-use P::{Only, I, K};
+use P::{KeyOf, Only, I, K};
 
 /// The node at `path`, or the deepest node on the way there (a defaulted
 /// field has no node of its own).
@@ -232,6 +364,10 @@ fn find<'n>(tree: &'n Node, path: &[P<'_>]) -> &'n Node {
     for step in path {
         let next = match (step, &node.value) {
             (K(key), _) => node.get(key),
+            (KeyOf(key), Value::Map(entries)) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(k, _)| k),
             (I(i), Value::Seq(items)) => items.get(*i),
             (Only, Value::Map(entries)) => entries.first().map(|(_, v)| v),
             _ => None,
@@ -282,6 +418,75 @@ pub(super) fn name_problem(name: &str) -> Option<String> {
         message.push_str(&format!(" (e.g. `{fixed}`)"));
     }
     Some(message)
+}
+
+/// `metadata.namespace`: a DNS-1123 label, as Kubernetes namespaces are.
+pub(super) fn namespace_problem(namespace: &str) -> Option<String> {
+    let bytes = namespace.as_bytes();
+    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let ok = match (bytes.first(), bytes.last()) {
+        (Some(first), Some(last)) => {
+            bytes.len() <= 63
+                && alnum(first)
+                && alnum(last)
+                && bytes.iter().all(|b| alnum(b) || *b == b'-')
+        }
+        _ => false,
+    };
+    (!ok).then(|| {
+        format!(
+            "invalid namespace `{namespace}`: use at most 63 lowercase letters, digits and `-`, starting and ending with a letter or digit"
+        )
+    })
+}
+
+/// The name part of a label key, and a label value: at most 63 letters,
+/// digits, `-`, `_` and `.`, starting and ending with a letter or digit.
+fn label_word_ok(word: &str) -> bool {
+    let bytes = word.as_bytes();
+    let alnum = |b: &u8| b.is_ascii_alphanumeric();
+    match (bytes.first(), bytes.last()) {
+        (Some(first), Some(last)) => {
+            bytes.len() <= 63
+                && alnum(first)
+                && alnum(last)
+                && bytes
+                    .iter()
+                    .all(|b| alnum(b) || matches!(b, b'-' | b'_' | b'.'))
+        }
+        _ => false,
+    }
+}
+
+/// A label key: `name` or `prefix/name`, the prefix a DNS subdomain
+/// (`app`, `app.kubernetes.io/name`), as in Kubernetes.
+pub(super) fn label_key_problem(key: &str) -> Option<String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        if name_problem(prefix).is_some() {
+            return Some(format!(
+                "invalid label key `{key}`: the prefix before `/` must be a DNS subdomain (lowercase letters, digits, `-` and `.`), like `app.kubernetes.io`"
+            ));
+        }
+    }
+    (!label_word_ok(name)).then(|| {
+        format!(
+            "invalid label key `{key}`: the name{} must be 1 to 63 letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit",
+            if prefix.is_some() { " after `/`" } else { "" }
+        )
+    })
+}
+
+/// A label value: empty, or a word as in [`label_word_ok`].
+pub(super) fn label_value_problem(value: &str) -> Option<String> {
+    (!value.is_empty() && !label_word_ok(value)).then(|| {
+        format!(
+            "invalid label value `{value}`: use at most 63 letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit"
+        )
+    })
 }
 
 /// A backend endpoint: `host:port`, `ipv4:port` or `[ipv6]:port`.

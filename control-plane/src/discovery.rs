@@ -1,0 +1,290 @@
+//! The `PolicyDiscovery.Subscribe` server: one stream per proxy.
+//!
+//! A stream must open with a Hello. The server then sends the current
+//! snapshot scoped to that proxy, with a fresh nonce, and after that every
+//! published version whose scoped content differs from what the stream last
+//! sent. ACKs and NACKs count only when they quote the latest nonce.
+//!
+//! The response stream is a state machine polled by tonic: it reads the
+//! proxy's answers while it waits for the next version, and it computes a
+//! push only when tonic asks for the next message, so a proxy that reads
+//! slowly gets the newest version, never a queue of stale ones. Streams share
+//! the current snapshot through a `watch` channel and hold no common lock.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::Stream;
+use infermesh_proto::policy::Workload;
+use infermesh_proto::policy_api::policy_discovery_server::PolicyDiscovery;
+use infermesh_proto::policy_api::proxy_message::Message;
+use infermesh_proto::policy_api::{Hello, PolicySnapshot, ProxyMessage};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::Metrics;
+use crate::proxies::{Answer, Outcome, ProxyState, Registration, Registry, Sent};
+use crate::snapshot::{Published, Scoped};
+
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The current snapshot; `None` until a valid policy set is published.
+pub type Current = watch::Receiver<Option<Arc<Published>>>;
+
+/// The gRPC service; cheap to clone per stream.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    current: Current,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Discovery {
+    /// A service that streams `current` and ends every stream on `shutdown`.
+    pub fn new(
+        current: Current,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            current,
+            registry,
+            metrics,
+            shutdown,
+        }
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<PolicySnapshot, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PolicyDiscovery for Discovery {
+    type SubscribeStream = SnapshotStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        // The Hello is read by the response stream, not here: answering
+        // with headers at once lets a client that waits for them before
+        // writing its first message work too.
+        let session = Session {
+            peer: request.remote_addr(),
+            inbound: request.into_inner(),
+            current: self.current.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+            phase: Phase::AwaitHello,
+        };
+        let stream = futures_util::stream::unfold(session, |mut session| async move {
+            session.next().await.map(|item| (item, session))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+enum Phase {
+    AwaitHello,
+    Streaming(Box<Subscriber>),
+    Done,
+}
+
+/// A stream that said Hello.
+struct Subscriber {
+    workload: Workload,
+    registration: Registration,
+    /// Version last compared with `sent`.
+    checked: u64,
+    /// What was last sent, to skip versions that change nothing here.
+    sent: Option<Arc<Scoped>>,
+}
+
+struct Session {
+    peer: Option<SocketAddr>,
+    inbound: Streaming<ProxyMessage>,
+    current: Current,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    phase: Phase,
+}
+
+impl Session {
+    /// The next message for the proxy; `None` ends the stream.
+    async fn next(&mut self) -> Option<Result<PolicySnapshot, Status>> {
+        loop {
+            if *self.shutdown.borrow() {
+                return None;
+            }
+            match &mut self.phase {
+                Phase::Done => return None,
+                Phase::AwaitHello => match self.hello().await {
+                    Ok(Some(subscriber)) => self.phase = Phase::Streaming(Box::new(subscriber)),
+                    Ok(None) => {
+                        self.phase = Phase::Done;
+                        return None;
+                    }
+                    Err(status) => {
+                        self.phase = Phase::Done;
+                        return Some(Err(status));
+                    }
+                },
+                Phase::Streaming(subscriber) => {
+                    let published = self.current.borrow_and_update().clone();
+                    if let Some(push) = published.and_then(|p| subscriber.push(&p, &self.metrics)) {
+                        return Some(Ok(push));
+                    }
+                    tokio::select! {
+                        _ = self.shutdown.changed() => return None,
+                        changed = self.current.changed() => {
+                            if changed.is_err() {
+                                return None;
+                            }
+                        }
+                        message = self.inbound.message() => match message {
+                            Ok(Some(message)) => {
+                                if let Err(status) = subscriber.receive(message, &self.metrics) {
+                                    self.phase = Phase::Done;
+                                    return Some(Err(status));
+                                }
+                            }
+                            // The proxy went away; so does its registration.
+                            Ok(None) | Err(_) => {
+                                self.phase = Phase::Done;
+                                return None;
+                            }
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the opening Hello and registers the proxy; `Ok(None)` when the
+    /// stream closed first.
+    async fn hello(&mut self) -> Result<Option<Subscriber>, Status> {
+        let first = tokio::select! {
+            _ = self.shutdown.changed() => return Ok(None),
+            first = tokio::time::timeout(HELLO_TIMEOUT, self.inbound.message()) => first,
+        };
+        let hello = match first {
+            Ok(Ok(Some(ProxyMessage {
+                message: Some(Message::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument(
+                    "a policy stream must open with a Hello (proxy id, identity, namespace, labels, version held)",
+                ))
+            }
+            Ok(Ok(None) | Err(_)) => return Ok(None),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "no Hello within {}s of opening the policy stream",
+                    HELLO_TIMEOUT.as_secs()
+                )))
+            }
+        };
+        let Hello {
+            proxy_id,
+            identity,
+            namespace,
+            labels,
+            version,
+        } = hello;
+        let workload = Workload {
+            namespace,
+            labels: labels.into_iter().collect(),
+        };
+        let id = if proxy_id.is_empty() {
+            self.peer
+                .map_or_else(|| "unnamed".to_owned(), |p| format!("unnamed@{p}"))
+        } else {
+            proxy_id
+        };
+        tracing::debug!(%id, namespace = %workload.namespace, held_version = version, "proxy subscribed");
+        let state = ProxyState::new(id, identity, &workload, self.peer, version);
+        Ok(Some(Subscriber {
+            workload,
+            registration: self.registry.register(state),
+            checked: 0,
+            sent: None,
+        }))
+    }
+}
+
+impl Subscriber {
+    /// The snapshot to send for `published`, unless this stream already
+    /// checked that version or holds the same content.
+    fn push(&mut self, published: &Published, metrics: &Metrics) -> Option<PolicySnapshot> {
+        if published.version == self.checked {
+            return None;
+        }
+        self.checked = published.version;
+        let scoped = published.scoped(&self.workload);
+        let unchanged = self.sent.as_ref().is_some_and(|s| s.same_content(&scoped));
+        let mut state = self.registration.state.lock();
+        state.checked_version = published.version;
+        if unchanged {
+            return None;
+        }
+        let nonce = format!("{:016x}", fastrand::u64(..));
+        state.last_sent = Some(Sent {
+            version: published.version,
+            nonce: nonce.clone(),
+            at: SystemTime::now(),
+        });
+        drop(state);
+        metrics.pushes.inc();
+        let resources = scoped.resources.clone();
+        self.sent = Some(scoped);
+        Some(PolicySnapshot {
+            version: published.version,
+            nonce,
+            resources,
+        })
+    }
+
+    /// Records an ACK or NACK; a second Hello ends the stream.
+    fn receive(&mut self, message: ProxyMessage, metrics: &Metrics) -> Result<(), Status> {
+        let answer = match message.message {
+            Some(Message::Ack(ack)) => Answer::Ack { nonce: ack.nonce },
+            Some(Message::Nack(nack)) => Answer::Nack {
+                nonce: nack.nonce,
+                error: nack.error,
+            },
+            Some(Message::Hello(_)) => {
+                return Err(Status::invalid_argument(
+                    "Hello may only be sent once, as the first message of a stream",
+                ))
+            }
+            // An empty message, or one of a newer API: nothing to do.
+            None => return Ok(()),
+        };
+        let mut state = self.registration.state.lock();
+        match state.answer(answer, SystemTime::now()) {
+            Outcome::Acked(_) => {
+                metrics.acks.inc();
+            }
+            Outcome::Nacked(version) => {
+                metrics.nacks.inc();
+                let error = state
+                    .last_nack
+                    .as_ref()
+                    .map(|n| n.error.as_str())
+                    .unwrap_or_default();
+                tracing::warn!(proxy = %state.id, version, %error, "a proxy refused a policy snapshot");
+            }
+            Outcome::Stale => {
+                metrics.stale_responses.inc();
+                tracing::debug!(proxy = %state.id, "ignored an answer quoting a stale nonce");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,499 @@
+//! The policy directory: watched, validated as a whole, and published as a
+//! new snapshot only when valid and changed.
+//!
+//! Changes are seen through inotify (the `notify` crate) on the directory
+//! and everything under it, which also catches editors that save by renaming
+//! a new file over the old one and Kubernetes ConfigMap volumes, whose
+//! update swaps the `..data` symlink. Events are debounced: the set is
+//! loaded once the directory has been quiet for [`QUIET`], and at the latest
+//! [`MAX_DELAY`] after the first event, so a save that writes several files
+//! is validated once. A periodic re-scan compares file sizes, times and
+//! inodes, for what inotify cannot see (a directory created after start, a
+//! network file system) and re-arms the watch.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use infermesh_proto::policy::{self, PolicyError, PolicySet};
+use notify::event::{EventKind, ModifyKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::snapshot::{first_version, Published};
+
+/// How long the directory must be quiet before it is loaded.
+pub const QUIET: Duration = Duration::from_millis(100);
+/// The longest a change waits for the directory to be quiet.
+pub const MAX_DELAY: Duration = Duration::from_millis(500);
+/// How often the directory is compared with what was last loaded.
+pub const RESCAN: Duration = Duration::from_secs(2);
+
+/// What a freshly loaded policy set means for what is published.
+#[derive(Debug)]
+pub enum Decision {
+    /// Valid and different from the snapshot in force: publish it.
+    Publish(Box<PolicySet>),
+    /// Valid and equal to the snapshot in force (a comment, a touch).
+    Unchanged,
+    /// Invalid: the snapshot in force stays.
+    Refuse(Vec<PolicyError>),
+    /// Invalid with the same errors as the refusal already reported.
+    StillRefused,
+}
+
+/// The decision, on plain values: `current` is the set in force, `refused`
+/// the errors of a refusal not yet followed by a valid set.
+pub fn decide(
+    current: Option<&PolicySet>,
+    refused: Option<&[PolicyError]>,
+    loaded: Result<PolicySet, Vec<PolicyError>>,
+) -> Decision {
+    match loaded {
+        Ok(set) if current == Some(&set) => Decision::Unchanged,
+        Ok(set) => Decision::Publish(Box::new(set)),
+        Err(errors) if refused == Some(errors.as_slice()) => Decision::StillRefused,
+        Err(errors) => Decision::Refuse(errors),
+    }
+}
+
+/// The state of the policy files, as `/policy` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// `waiting` (no valid policy yet), `serving` (the files are what is
+    /// published) or `refused` (the files are invalid; an older snapshot,
+    /// or none, is in force).
+    pub state: &'static str,
+    /// The policy directory.
+    pub path: PathBuf,
+    /// Version in force.
+    pub version: Option<u64>,
+    /// When it was published.
+    pub published_at: Option<String>,
+    /// What it holds.
+    pub documents: Option<Documents>,
+    /// The latest refused change, kept after a later valid one.
+    pub last_refusal: Option<Refused>,
+}
+
+/// Document counts of a snapshot.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Documents {
+    /// `Backend` documents.
+    pub backends: usize,
+    /// `ModelRoute` documents.
+    pub routes: usize,
+    /// Whether there is a `MeshConfig`.
+    pub mesh_config: bool,
+}
+
+/// A refused change.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Refused {
+    /// When it was refused.
+    pub at: String,
+    /// Every problem, as `validate --output json` prints them.
+    pub errors: Vec<ErrorJson>,
+    #[serde(skip)]
+    raw: Vec<PolicyError>,
+}
+
+/// One problem in a policy file.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorJson {
+    /// The file.
+    pub file: String,
+    /// Line, from 1.
+    pub line: usize,
+    /// Column, from 1.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Publishes snapshots into the watch channel every stream reads.
+#[derive(Debug)]
+pub struct Publisher {
+    path: PathBuf,
+    sender: watch::Sender<Option<Arc<Published>>>,
+    status: Mutex<PolicyStatus>,
+    metrics: Arc<Metrics>,
+}
+
+impl Publisher {
+    /// A publisher for the policies under `path`, with nothing published.
+    pub fn new(path: PathBuf, metrics: Arc<Metrics>) -> Arc<Self> {
+        let (sender, _) = watch::channel(None);
+        Arc::new(Self {
+            status: Mutex::new(PolicyStatus {
+                state: "waiting",
+                path: path.clone(),
+                version: None,
+                published_at: None,
+                documents: None,
+                last_refusal: None,
+            }),
+            path,
+            sender,
+            metrics,
+        })
+    }
+
+    /// A receiver of the current snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Published>>> {
+        self.sender.subscribe()
+    }
+
+    /// What `/policy` shows.
+    pub fn status(&self) -> PolicyStatus {
+        self.status.lock().clone()
+    }
+
+    /// Whether a valid snapshot is published.
+    pub fn ready(&self) -> bool {
+        self.sender.borrow().is_some()
+    }
+
+    /// Loads the whole directory (blocking file I/O, off the runtime) and
+    /// publishes it when valid and changed.
+    pub async fn reload(&self) {
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || policy::load_path(&path))
+            .await
+            .unwrap_or_else(|error| {
+                Err(vec![PolicyError {
+                    file: self.path.clone(),
+                    line: 1,
+                    column: 1,
+                    message: format!("loading failed: {error}"),
+                }])
+            });
+        self.offer(loaded);
+    }
+
+    /// Acts on a loaded set: publishes it, or refuses it and says why.
+    pub fn offer(&self, loaded: Result<PolicySet, Vec<PolicyError>>) {
+        let current = self.sender.borrow().clone();
+        let mut status = self.status.lock();
+        let refused = match status.state {
+            "serving" => None,
+            _ => status.last_refusal.as_ref().map(|r| r.raw.as_slice()),
+        };
+        match decide(current.as_ref().map(|p| &p.set), refused, loaded) {
+            Decision::Publish(set) => {
+                let version = current.as_ref().map_or_else(
+                    || first_version(SystemTime::now()),
+                    |p| p.version.saturating_add(1),
+                );
+                let published = Arc::new(Published::new(version, *set));
+                let documents = Documents {
+                    backends: published.set.backends.len(),
+                    routes: published.set.routes.len(),
+                    mesh_config: published.set.mesh.is_some(),
+                };
+                tracing::info!(
+                    version,
+                    backends = documents.backends,
+                    routes = documents.routes,
+                    mesh_config = documents.mesh_config,
+                    "published a policy snapshot"
+                );
+                status.state = "serving";
+                status.version = Some(version);
+                status.published_at = Some(rfc3339(published.at));
+                status.documents = Some(documents);
+                self.metrics.snapshot_version.set(gauge(version));
+                self.metrics.publishes.inc();
+                self.metrics.policy_refused.set(0);
+                self.sender.send_replace(Some(published));
+            }
+            Decision::Unchanged => {
+                if status.state != "serving" {
+                    tracing::info!(
+                        version = status.version,
+                        "the policy files are valid again and equal to the snapshot in force"
+                    );
+                }
+                status.state = "serving";
+                self.metrics.policy_refused.set(0);
+            }
+            Decision::Refuse(errors) => {
+                match status.version {
+                    Some(version) => tracing::warn!(
+                        problems = errors.len(),
+                        version,
+                        "refused a policy change; the snapshot in force stays"
+                    ),
+                    None => tracing::warn!(
+                        problems = errors.len(),
+                        "the policy files are invalid; serving nothing until they are valid"
+                    ),
+                }
+                for error in &errors {
+                    tracing::warn!("{error}");
+                }
+                status.state = if status.version.is_some() {
+                    "refused"
+                } else {
+                    "waiting"
+                };
+                status.last_refusal = Some(Refused {
+                    at: rfc3339(SystemTime::now()),
+                    errors: errors
+                        .iter()
+                        .map(|e| ErrorJson {
+                            file: e.file.display().to_string(),
+                            line: e.line,
+                            column: e.column,
+                            message: e.message.clone(),
+                        })
+                        .collect(),
+                    raw: errors,
+                });
+                self.metrics.refused_changes.inc();
+                self.metrics.policy_refused.set(1);
+            }
+            Decision::StillRefused => {}
+        }
+    }
+}
+
+fn gauge(version: u64) -> i64 {
+    i64::try_from(version).unwrap_or(i64::MAX)
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+// === watching ===
+
+/// Watches the directory until `shutdown`, reloading after each change.
+pub async fn watch(publisher: Arc<Publisher>, mut shutdown: watch::Receiver<bool>) {
+    let dir = publisher.path.clone();
+    let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
+    let mut watcher = arm(&dir, &events_tx);
+    if watcher.is_none() {
+        tracing::warn!(
+            path = %dir.display(),
+            "cannot watch the policy directory yet; checking it every {}s",
+            RESCAN.as_secs()
+        );
+    }
+    let mut seen = fingerprint(&dir).await;
+    publisher.reload().await;
+    let mut rescan = tokio::time::interval(RESCAN);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rescan.reset();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            Some(()) = events.recv() => {
+                let first = Instant::now();
+                let mut last = first;
+                loop {
+                    let deadline = (last + QUIET).min(first + MAX_DELAY);
+                    tokio::select! {
+                        Some(()) = events.recv() => last = Instant::now(),
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                seen = fingerprint(&dir).await;
+                publisher.reload().await;
+            }
+            _ = rescan.tick() => {
+                let now = fingerprint(&dir).await;
+                if now != seen {
+                    // A change inotify did not report: the watch may be
+                    // gone (directory replaced); arm a new one.
+                    tracing::debug!(path = %dir.display(), "re-scan found a change");
+                    watcher = None;
+                    seen = now;
+                    publisher.reload().await;
+                }
+                if watcher.is_none() {
+                    watcher = arm(&dir, &events_tx);
+                }
+            }
+        }
+    }
+}
+
+/// Starts an inotify watch over `dir` and everything under it.
+fn arm(dir: &Path, events: &mpsc::UnboundedSender<()>) -> Option<RecommendedWatcher> {
+    let events = events.clone();
+    let handler = move |event: notify::Result<notify::Event>| {
+        let relevant = match event {
+            // Reading the files (our own loads included) is no change.
+            Ok(event) => !matches!(
+                event.kind,
+                EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
+            ),
+            // A lost event (queue overflow) may hide a change.
+            Err(_) => true,
+        };
+        if relevant {
+            let _ = events.send(());
+        }
+    };
+    let mut watcher = notify::recommended_watcher(handler).ok()?;
+    watcher.watch(dir, RecursiveMode::Recursive).ok()?;
+    Some(watcher)
+}
+
+/// Size, modification time and inode of every file the loader would read,
+/// to tell whether anything changed since the last load.
+async fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, i64, i64, u64)> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut visited = HashSet::new();
+        walk(&dir, &mut out, &mut visited);
+        out.sort();
+        out
+    })
+    .await
+    .unwrap_or_default()
+}
+
+fn walk(path: &Path, out: &mut Vec<(PathBuf, u64, i64, i64, u64)>, visited: &mut HashSet<PathBuf>) {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    if meta.is_dir() {
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+        if !visited.insert(canonical) {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_name().to_string_lossy().starts_with('.') {
+                walk(&entry.path(), out, visited);
+            }
+        }
+    } else if path
+        .extension()
+        .is_some_and(|ext| ext == "yaml" || ext == "yml")
+    {
+        out.push((
+            path.to_owned(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ino(),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(text: &str) -> PolicySet {
+        policy::load_str(Path::new("p.yaml"), text).unwrap()
+    }
+
+    fn errors(text: &str) -> Vec<PolicyError> {
+        policy::load_str(Path::new("p.yaml"), text).unwrap_err()
+    }
+
+    const VALID: &str = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: a}\nspec: {endpoints: [\"a:1\"]}\n";
+    const INVALID: &str = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: a}\nspec: {endpoint: [\"a:1\"]}\n";
+
+    #[test]
+    fn a_valid_set_is_published_unless_it_equals_the_one_in_force() {
+        assert!(matches!(
+            decide(None, None, Ok(set(VALID))),
+            Decision::Publish(_)
+        ));
+        let current = set(VALID);
+        assert!(matches!(
+            decide(
+                Some(&current),
+                None,
+                Ok(set(&format!("# a comment\n{VALID}")))
+            ),
+            Decision::Unchanged
+        ));
+        let changed = set(&VALID.replace("a:1", "a:2"));
+        assert!(matches!(
+            decide(Some(&current), None, Ok(changed)),
+            Decision::Publish(_)
+        ));
+    }
+
+    #[test]
+    fn an_invalid_set_is_refused_once_per_distinct_set_of_errors() {
+        let current = set(VALID);
+        let first = errors(INVALID);
+        assert!(matches!(
+            decide(Some(&current), None, Err(first.clone())),
+            Decision::Refuse(_)
+        ));
+        assert!(matches!(
+            decide(Some(&current), Some(&first), Err(first.clone())),
+            Decision::StillRefused
+        ));
+        let other = errors(&INVALID.replace("name: a", "name: A"));
+        assert!(matches!(
+            decide(Some(&current), Some(&first), Err(other)),
+            Decision::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn the_publisher_counts_versions_up_and_keeps_the_last_good_snapshot() {
+        let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(PathBuf::from("p"), metrics.clone());
+        let current = publisher.subscribe();
+        assert!(!publisher.ready());
+
+        publisher.offer(Err(errors(INVALID)));
+        assert_eq!(publisher.status().state, "waiting");
+        assert!(current.borrow().is_none());
+
+        publisher.offer(Ok(set(VALID)));
+        let first = current.borrow().as_ref().map(|p| p.version).unwrap();
+        assert!(first > 1_600_000_000_000, "seeded by the clock: {first}");
+        assert_eq!(publisher.status().state, "serving");
+
+        publisher.offer(Err(errors(INVALID)));
+        let status = publisher.status();
+        assert_eq!(status.state, "refused");
+        assert_eq!(status.version, Some(first));
+        let refusal = status.last_refusal.unwrap();
+        assert_eq!(refusal.errors.len(), 1);
+        assert_eq!(refusal.errors[0].line, 4);
+        assert!(refusal.errors[0]
+            .message
+            .contains("did you mean `endpoints`"));
+        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first));
+
+        // The same broken files again are not a second refusal.
+        publisher.offer(Err(errors(INVALID)));
+        assert_eq!(metrics.refused_changes.get(), 2);
+        assert_eq!(metrics.policy_refused.get(), 1);
+
+        publisher.offer(Ok(set(&VALID.replace("a:1", "a:2"))));
+        assert_eq!(
+            current.borrow().as_ref().map(|p| p.version),
+            Some(first + 1)
+        );
+        assert_eq!(metrics.publishes.get(), 2);
+        assert_eq!(metrics.policy_refused.get(), 0);
+        let status = publisher.status();
+        assert_eq!(status.state, "serving");
+        assert!(status.last_refusal.is_some(), "kept for the record");
+    }
+}

@@ -1,0 +1,119 @@
+//! `infermesh-control serve`: the policy directory watcher, the policy
+//! stream server and the admin server, assembled.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use infermesh_proto::policy_api::policy_discovery_server::PolicyDiscoveryServer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::admin::{self, Admin};
+use crate::discovery::Discovery;
+use crate::metrics::Metrics;
+use crate::policies::{self, Publisher};
+use crate::proxies::Registry;
+
+/// How long open streams get to close after SIGTERM before the process
+/// exits anyway; proxies keep their snapshots either way.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// What `serve` needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The policy directory (or file).
+    pub policies: PathBuf,
+    /// The policy gRPC address.
+    pub listen: SocketAddr,
+    /// The admin address.
+    pub admin: SocketAddr,
+}
+
+/// Runs until SIGTERM or Ctrl-C; an error is a failure to start.
+pub async fn run(settings: Settings) -> Result<(), String> {
+    let metrics = Arc::new(Metrics::new());
+    let publisher = Publisher::new(settings.policies.clone(), metrics.clone());
+    let registry = Registry::new(metrics.clone());
+
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| format!("cannot bind the policy server on {}: {e}", settings.listen))?;
+    let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_state = Admin {
+        publisher: publisher.clone(),
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+    };
+    let admin_addr = admin::spawn(settings.admin, admin_state)
+        .map_err(|e| format!("cannot bind the admin server on {}: {e}", settings.admin))?;
+    tracing::info!(%grpc_addr, %admin_addr, policies = %settings.policies.display(), "infermesh-control started");
+    {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "listening grpc={grpc_addr} admin={admin_addr}");
+        let _ = stdout.flush();
+    }
+
+    let (stop, stopped) = watch::channel(false);
+    let watcher = tokio::spawn(policies::watch(publisher.clone(), stopped.clone()));
+    let discovery = Discovery::new(publisher.subscribe(), registry, metrics, stopped.clone());
+    let mut server_stopped = stopped;
+    let server = tonic::transport::Server::builder()
+        // Finds proxies that vanished without closing their connection.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(PolicyDiscoveryServer::new(discovery))
+        .serve_with_incoming_shutdown(incoming(listener), async move {
+            let _ = server_stopped.wait_for(|stop| *stop).await;
+        });
+    let server = tokio::spawn(server);
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: ending policy streams; proxies keep their snapshots");
+    let _ = stop.send(true);
+    watcher.abort();
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "policy server ended with an error"),
+        Err(_) => tracing::info!("streams still open after the grace period; exiting"),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Accepted connections; accept errors (out of file descriptors, mostly)
+/// are logged and retried after a pause instead of spinning.
+fn incoming(listener: TcpListener) -> impl Stream<Item = Result<TcpStream, std::io::Error>> {
+    futures_util::stream::unfold(listener, |listener| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((Ok(stream), listener));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot accept a policy stream connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the control plane");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -317,7 +317,21 @@ pub async fn watch(publisher: Arc<Publisher>, mut shutdown: watch::Receiver<bool
                     // gone (directory replaced); arm a new one.
                     tracing::debug!(path = %dir.display(), "re-scan found a change");
                     watcher = None;
-                    seen = now;
+                    // Let the change settle as the event path does: a re-scan
+                    // that lands between an in-place edit's truncate and its
+                    // write would otherwise publish a half-written file.
+                    let first = Instant::now();
+                    let mut settled = now;
+                    loop {
+                        tokio::time::sleep(QUIET).await;
+                        let again = fingerprint(&dir).await;
+                        if again == settled || first.elapsed() >= MAX_DELAY {
+                            settled = again;
+                            break;
+                        }
+                        settled = again;
+                    }
+                    seen = settled;
                     publisher.reload().await;
                 }
                 if watcher.is_none() {
@@ -328,7 +342,9 @@ pub async fn watch(publisher: Arc<Publisher>, mut shutdown: watch::Receiver<bool
     }
 }
 
-/// Starts an inotify watch over `dir` and everything under it.
+/// Starts an inotify watch over `dir` and everything under it; for a single
+/// policy file, over the directory holding it, since an editor that saves by
+/// renaming replaces the file (and a watch on it would be lost).
 fn arm(dir: &Path, events: &mpsc::UnboundedSender<()>) -> Option<RecommendedWatcher> {
     let events = events.clone();
     let handler = move |event: notify::Result<notify::Event>| {
@@ -346,7 +362,18 @@ fn arm(dir: &Path, events: &mpsc::UnboundedSender<()>) -> Option<RecommendedWatc
         }
     };
     let mut watcher = notify::recommended_watcher(handler).ok()?;
-    watcher.watch(dir, RecursiveMode::Recursive).ok()?;
+    let (target, mode) = match dir.parent() {
+        Some(parent) if dir.is_file() => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            (parent, RecursiveMode::NonRecursive)
+        }
+        _ => (dir, RecursiveMode::Recursive),
+    };
+    watcher.watch(target, mode).ok()?;
     Some(watcher)
 }
 

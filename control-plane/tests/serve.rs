@@ -36,9 +36,15 @@ impl ControlPlane {
     }
 
     fn start_in(dir: tempfile::TempDir) -> Self {
+        let policies = dir.path().to_owned();
+        Self::start_with(dir, &policies)
+    }
+
+    /// Starts `serve --policies POLICIES`, a path inside `dir`.
+    fn start_with(dir: tempfile::TempDir, policies: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_infermesh-control"))
             .args(["serve", "--policies"])
-            .arg(dir.path())
+            .arg(policies)
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .env("INFERMESH_LOG", "info")
             .stdout(Stdio::piped())
@@ -514,6 +520,30 @@ async fn an_edit_reaches_proxies_within_a_second_however_the_file_is_saved() {
     );
     proxy.nothing_for(Duration::from_millis(500)).await;
     assert_eq!(cp.version(), Some(version));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_policy_file_is_followed_through_renames() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, simple("10.0.0.1:8000")).unwrap();
+    let cp = ControlPlane::start_with(dir, &file);
+    let mut proxy = Proxy::connect(cp.grpc, hello("pod-1", "default", &[], 0)).await;
+    let mut version = proxy.next().await.version;
+    for i in 2..4 {
+        let started = Instant::now();
+        let temp = file.with_extension("swp");
+        std::fs::write(&temp, simple(&format!("10.0.0.{i}:8000"))).unwrap();
+        std::fs::rename(&temp, &file).unwrap();
+        let snapshot = proxy.next().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(snapshot.version, version + 1);
+        version = snapshot.version;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

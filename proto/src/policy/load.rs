@@ -915,7 +915,7 @@ spec:
             errors(&text),
             [
                 "p.yaml:20:18: ModelRoute `both` is unreachable: ModelRoutes `v1` (p.yaml:10:18) and `llama` (p.yaml:15:18) come before it and together match every request it matches; move `both` before them, or narrow their `match`",
-                "p.yaml:25:18: ModelRoute `same` is unreachable: ModelRoute `v1` (p.yaml:10:18) comes before it and matches every request it matches; move `same` before it, or narrow its `match`",
+                "p.yaml:25:18: ModelRoute `same` is unreachable: ModelRoute `v1` (p.yaml:10:18) comes before it and matches every request it matches; move `same` before it, or narrow the `match` of `v1`",
             ]
         );
     }

@@ -150,8 +150,9 @@ fn unreachable_routes(routes: &[Typed<ModelRouteSpec>], errors: &mut Vec<PolicyE
                 one.resource.metadata.name
             ),
             [one] => format!(
-                "ModelRoute `{name}` is unreachable: ModelRoute {} comes before it and matches every request it matches; move `{name}` before it, or narrow its `match`",
-                described(one)
+                "ModelRoute `{name}` is unreachable: ModelRoute {} comes before it and matches every request it matches; move `{name}` before it, or narrow the `match` of `{}`",
+                described(one),
+                one.resource.metadata.name
             ),
             many => {
                 let mut list: Vec<String> = many.iter().map(|r| described(r)).collect();

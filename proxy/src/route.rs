@@ -28,6 +28,8 @@ pub struct RouteInput<'a> {
 pub struct Matcher {
     host: Option<HostMatch>,
     path: Option<StringMatch>,
+    /// Only gRPC requests match (a `grpc` condition was given, even empty).
+    grpc: bool,
     grpc_service: Option<String>,
     grpc_method: Option<String>,
     headers: Vec<(HeaderName, Option<String>)>,
@@ -64,6 +66,7 @@ impl Matcher {
         Self {
             host,
             path: m.path.clone(),
+            grpc: m.grpc.is_some(),
             grpc_service: m.grpc.as_ref().and_then(|g| g.service.clone()),
             grpc_method: m.grpc.as_ref().and_then(|g| g.method.clone()),
             headers,
@@ -90,7 +93,7 @@ impl Matcher {
                 return false;
             }
         }
-        if self.grpc_service.is_some() || self.grpc_method.is_some() {
+        if self.grpc {
             let Some((service, method)) = input.grpc else {
                 return false;
             };
@@ -256,6 +259,13 @@ mod tests {
             ..Default::default()
         });
         assert!(any_method.matches(&req));
+        let any_grpc = Matcher::new(&RouteMatch {
+            grpc: Some(GrpcMatch::default()),
+            ..Default::default()
+        });
+        assert!(any_grpc.matches(&req));
+        req.grpc = None;
+        assert!(!any_grpc.matches(&req), "an empty grpc condition still requires gRPC");
     }
 
     #[test]

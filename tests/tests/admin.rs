@@ -225,6 +225,52 @@ async fn metrics_show_requests_in_flight() {
     }
 }
 
+#[tokio::test]
+async fn a_client_that_leaves_before_the_response_leaves_the_in_flight_gauge() {
+    let upstream = OpenAiServer::with_settings(
+        "slow",
+        OpenAiSettings {
+            first_byte_delay: Duration::from_secs(3),
+            ..OpenAiSettings::default()
+        },
+    );
+    let proxy = ProxyProcess::start(&chat_policy(&upstream, &[]));
+    let url = format!("{}/v1/chat/completions", proxy.url());
+    let client = HttpClient::http1();
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let client = client.clone();
+            let url = url.clone();
+            tokio::spawn(async move {
+                let _ = client
+                    .send(json_request(&url, &chat_body("llama", false), &[]))
+                    .await;
+            })
+        })
+        .collect();
+    upstream.wait_requests(3, Duration::from_secs(5)).await;
+    let during = scrape(&proxy).await;
+    assert_eq!(during.sum("infermesh_requests_in_flight", &[]), 3.0, "{}", during.text);
+    // The clients give up before any response header: their connections close.
+    for request in waiting {
+        request.abort();
+    }
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let after = scrape(&proxy).await;
+        let in_flight = after.sum("infermesh_requests_in_flight", &[]);
+        if in_flight == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in flight stays at {in_flight} after the clients went away"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Whether `value` holds the string `needle` anywhere (as a whole string value or key).
 fn contains_string(value: &Value, needle: &str) -> bool {
     match value {

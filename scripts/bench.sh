@@ -47,7 +47,7 @@ need h2load nghttp2-client
 need wrk wrk
 need taskset util-linux
 need python3 python3
-need cargo cargo
+command -v cargo >/dev/null || die "cargo is needed (install Rust with rustup)"
 need curl curl
 
 WANT_PEERS=
@@ -67,8 +67,7 @@ done
 # --- build -----------------------------------------------------------------
 
 log "building release binaries"
-(cd "$ROOT" && cargo build --release --locked -q -p infermesh-proxy -p infermesh-bench) ||
-    (cd "$ROOT" && cargo build --release -q -p infermesh-proxy -p infermesh-bench)
+(cd "$ROOT" && cargo build --release -q -p infermesh-proxy -p infermesh-bench)
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 for b in infermesh-proxy infermesh-bench-upstream infermesh-bench-sse; do
     [ -x "$BIN/$b" ] || die "missing $BIN/$b after the build"
@@ -138,7 +137,6 @@ spawn "$UP_CPU" "$BIN/infermesh-bench-upstream" --addr 127.0.0.1:0 --threads 1 \
 UP_PID=$!
 PIDS+=("$UP_PID")
 UP=$(wait_line "$OUT/upstream.out" '^listening' "$UP_PID" | sed 's/.*addr=//') || die "the upstream did not start"
-UP_PORT=${UP##*:}
 log "upstream on $UP (pid $UP_PID)"
 
 cat >"$OUT/policy.yaml" <<EOF

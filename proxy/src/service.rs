@@ -52,8 +52,9 @@ pub async fn handle(
 ) -> Result<Response<BoxBody>, std::convert::Infallible> {
     let started = Instant::now();
     let listener_name = listener_label(listener);
-    let in_flight = inputs.metrics.in_flight_of(listener).clone();
-    in_flight.inc();
+    // A guard, so that a client leaving before the response (the future is
+    // dropped) still leaves the gauge.
+    let in_flight = InFlightGauge::enter(inputs.metrics.in_flight_of(listener));
     let grpc = is_grpc(request.headers());
     let mut access = tracing::enabled!(target: "infermesh::access", tracing::Level::INFO)
         .then(|| AccessLog::new(listener_name, &request));
@@ -109,7 +110,7 @@ pub async fn handle(
         finish: Some(Finish {
             started,
             duration,
-            in_flight,
+            _in_flight: in_flight,
             access,
         }),
     };
@@ -370,16 +371,32 @@ fn rewrite_model(prefix: &mut Prefix, scanned: &Scanned, alias: &str, headers: &
     prefix.chunks.push_back(rewritten);
 }
 
+/// Counts a request in the in-flight gauge until dropped.
+struct InFlightGauge(Gauge);
+
+impl InFlightGauge {
+    fn enter(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 struct Finish {
     started: Instant,
     duration: Option<Histogram>,
-    in_flight: Gauge,
+    /// Held for its `Drop`: leaves the gauge when the response ends.
+    _in_flight: InFlightGauge,
     access: Option<AccessLog>,
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        self.in_flight.dec();
         let elapsed = self.started.elapsed();
         if let Some(duration) = &self.duration {
             duration.observe(elapsed.as_secs_f64());

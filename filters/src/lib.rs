@@ -7,6 +7,8 @@
 
 pub mod body;
 pub mod error;
+pub mod replay;
+pub mod retry;
 pub mod timeout;
 
 pub use body::{BoxBody, BoxError};

@@ -171,6 +171,24 @@ impl Backend {
         self.balancer.pick(&self.endpoints.load())
     }
 
+    /// Chooses an endpoint not in `avoid` when there is one (for a retry),
+    /// else any.
+    pub fn pick_avoiding(&self, avoid: &[std::net::SocketAddr]) -> Option<Arc<Endpoint>> {
+        let endpoints = self.endpoints.load();
+        // The balancer's own choice first, so load still counts.
+        for _ in 0..2 {
+            let picked = self.balancer.pick(&endpoints)?;
+            if !avoid.contains(&picked.addr()) {
+                return Some(picked);
+            }
+        }
+        endpoints
+            .iter()
+            .find(|e| !avoid.contains(&e.addr()))
+            .cloned()
+            .or_else(|| self.balancer.pick(&endpoints))
+    }
+
     /// The current endpoints.
     pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.endpoints.load_full()

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use infermesh_filters::replay::ReplayBody;
 use infermesh_filters::BoxError;
 
 /// A client's request body with its already-read prefix put back in front.
@@ -18,6 +19,9 @@ pub struct ProxyBody {
     prefix_len: u64,
     trailers: Option<HeaderMap>,
     rest: Option<Incoming>,
+    /// Set instead of the fields above on the way upstream, when the retry
+    /// filter keeps the body to send it again.
+    attempt: Option<Box<ReplayBody<ProxyBody>>>,
 }
 
 impl ProxyBody {
@@ -43,6 +47,15 @@ impl ProxyBody {
             prefix_len,
             trailers,
             rest,
+            attempt: None,
+        }
+    }
+
+    /// One attempt's body, as the retry filter hands it on.
+    pub fn attempt(body: ReplayBody<ProxyBody>) -> Self {
+        Self {
+            attempt: Some(Box::new(body)),
+            ..Default::default()
         }
     }
 }
@@ -56,6 +69,9 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(attempt) = this.attempt.as_mut() {
+            return Pin::new(attempt.as_mut()).poll_frame(cx);
+        }
         if let Some(chunk) = this.prefix.pop_front() {
             this.prefix_len -= chunk.len() as u64;
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
@@ -74,12 +90,18 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(attempt) = &self.attempt {
+            return attempt.is_end_stream();
+        }
         self.prefix.is_empty()
             && self.trailers.is_none()
             && self.rest.as_ref().is_none_or(|rest| rest.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(attempt) = &self.attempt {
+            return attempt.size_hint();
+        }
         let rest = match &self.rest {
             Some(rest) => rest.size_hint(),
             None => SizeHint::with_exact(0),

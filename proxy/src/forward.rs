@@ -12,6 +12,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use infermesh_filters::replay::ReplayBody;
+use infermesh_filters::retry::{ServedBy, TriedEndpoints};
 use infermesh_filters::{BoxBody, BoxError, ProxyError};
 use infermesh_proto::policy::UpstreamProtocol;
 use pin_project_lite::pin_project;
@@ -29,7 +31,7 @@ pub struct Upstream(pub Arc<Backend>);
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Forward;
 
-impl Service<Request<ProxyBody>> for Forward {
+impl Service<Request<ReplayBody<ProxyBody>>> for Forward {
     type Response = Response<BoxBody>;
     type Error = ProxyError;
     type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, ProxyError>> + Send>>;
@@ -38,8 +40,8 @@ impl Service<Request<ProxyBody>> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
-        Box::pin(forward(request))
+    fn call(&mut self, request: Request<ReplayBody<ProxyBody>>) -> Self::Future {
+        Box::pin(forward(request.map(ProxyBody::attempt)))
     }
 }
 
@@ -47,9 +49,12 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
     let Some(Upstream(backend)) = request.extensions_mut().remove::<Upstream>() else {
         return Err(ProxyError::NoEndpoint("(none chosen)".into()));
     };
-    let endpoint = backend
-        .pick()
-        .ok_or_else(|| ProxyError::NoEndpoint(backend.name().as_str().to_string()))?;
+    // A retry goes elsewhere when the backend has another endpoint.
+    let endpoint = match request.extensions().get::<TriedEndpoints>() {
+        Some(tried) => backend.pick_avoiding(&tried.0),
+        None => backend.pick(),
+    }
+    .ok_or_else(|| ProxyError::NoEndpoint(backend.name().as_str().to_string()))?;
     prepare_upstream_request(&mut request, endpoint.authority(), backend.protocol());
     let guard = endpoint.start();
     let started = Instant::now();
@@ -61,6 +66,7 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
             // The client's connection has its own version; an HTTP/1.0
             // upstream must not turn the client's keep-alive off.
             parts.version = Version::HTTP_11;
+            parts.extensions.insert(ServedBy(endpoint.addr()));
             Ok(Response::from_parts(
                 parts,
                 EndpointBody {
@@ -141,6 +147,12 @@ fn prepare_upstream_request(
 
 /// Removes connection-specific headers (RFC 9110, section 7.6.1).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names (comparisons
+    // of standard names are enum compares) is cheaper than seven hashed
+    // removals, which the profile showed as 5% of a request's instructions.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -162,6 +174,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+/// Whether a header only concerns one connection.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// The causes of a client error, without the client's own generic wrapper

@@ -117,6 +117,19 @@ pub struct Metrics {
     pub policy_updates: Family<OutcomeLabels, Counter>,
     /// 1 while the policy stream to the control plane is open.
     pub control_plane_connected: Gauge,
+    /// Retries, and retries not sent, by route and outcome.
+    pub retries: Family<RetryLabels, Counter>,
+    /// Requests sent down a route's fallback chain, by route and backend.
+    pub fallbacks: Family<RouteLabels, Counter>,
+}
+
+/// Labels of the retry counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// Route name.
+    pub route: Name,
+    /// `retried`, `budget_exhausted`, `not_replayable` or `attempts_exhausted`.
+    pub outcome: &'static str,
 }
 
 /// Labels of the policy-update counter.
@@ -199,8 +212,22 @@ impl Metrics {
             "1 while the policy stream to the control plane is open, else 0",
             control_plane_connected.clone(),
         );
+        let retries = Family::default();
+        registry.register(
+            "retries",
+            "Retries sent (retried), and retries wanted but not sent (budget_exhausted, not_replayable, attempts_exhausted), by route",
+            retries.clone(),
+        );
+        let fallbacks = Family::default();
+        registry.register(
+            "fallbacks",
+            "Requests sent to a fallback backend because the route's backend could not start a response, by route and fallback backend",
+            fallbacks.clone(),
+        );
         Self {
             registry,
+            retries,
+            fallbacks,
             requests,
             in_flight_by_listener: [ListenerKind::Outbound, ListenerKind::Inbound].map(|kind| {
                 in_flight

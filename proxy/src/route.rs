@@ -265,7 +265,10 @@ mod tests {
         });
         assert!(any_grpc.matches(&req));
         req.grpc = None;
-        assert!(!any_grpc.matches(&req), "an empty grpc condition still requires gRPC");
+        assert!(
+            !any_grpc.matches(&req),
+            "an empty grpc condition still requires gRPC"
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! filter stack, and account for the response.
 //!
 //! ```text
-//! accept -> detect -> [classify -> route -> timeouts -> balance -> send] -> stream back
+//! accept -> detect -> [classify -> route -> timeouts -> retries -> balance -> send] -> stream back
+//!                                          (fallback chain: the stack again, per link)
 //! ```
 
 use std::collections::VecDeque;
@@ -32,7 +33,7 @@ use crate::classify::{self, BodyScan, GrpcModelScanner, JsonScanner, Scan};
 use crate::forward::Upstream;
 use crate::metrics::{listener_label, Metrics, Name, RequestLabels};
 use crate::route::{self, RouteInput};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{RouteTarget, Snapshot};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -215,6 +216,34 @@ async fn route_and_send(
         ));
     };
 
+    // A fallback chain needs the whole body to send it again: read the rest
+    // of a body that fits in the classification limit.
+    let mut body = body;
+    if !route.fallback().is_empty() {
+        if let BodyState::Scanned(prefix, _) = &mut body {
+            complete_prefix(prefix, limit).await?;
+        }
+    }
+    let replay = if route.fallback().is_empty() {
+        None
+    } else {
+        match &body {
+            BodyState::Scanned(prefix, scanned) if prefix.rest.is_none() => Some(Replay {
+                parts: parts.clone(),
+                chunks: prefix.chunks.clone(),
+                trailers: prefix.trailers.clone(),
+                scanned: Some(scanned.clone()),
+            }),
+            BodyState::Streaming(body) if body.is_end_stream() => Some(Replay {
+                parts: parts.clone(),
+                chunks: VecDeque::new(),
+                trailers: None,
+                scanned: None,
+            }),
+            _ => None,
+        }
+    };
+
     let body = match body {
         BodyState::Streaming(body) => ProxyBody::streaming(body),
         BodyState::Scanned(mut prefix, scanned) => {
@@ -227,24 +256,95 @@ async fn route_and_send(
         }
     };
 
-    let mut request = Request::from_parts(parts, body);
+    let mut result = send(route, target, Request::from_parts(parts, body)).await;
+    let mut served_by = target;
+    if let Some(replay) = replay {
+        for link in route.fallback() {
+            if !cannot_start(&result) {
+                break;
+            }
+            link.taken.inc();
+            tracing::debug!(
+                route = route.name().as_str(),
+                backend = link.target.backend.name().as_str(),
+                "falling back"
+            );
+            let request = replay.request(&link.target, model.as_deref());
+            result = send(route, &link.target, request).await;
+            served_by = &link.target;
+        }
+    }
+    match result {
+        Ok(response) => Ok(Routed {
+            response,
+            route: route.name().clone(),
+            backend: served_by.backend.name().clone(),
+            duration: served_by.duration.clone(),
+            ok: served_by.ok.clone(),
+        }),
+        Err(error) => Err(fail(error, served_by.backend.name().clone())),
+    }
+}
+
+/// Sends `request` to `target`'s backend through the route's stack.
+async fn send(
+    route: &crate::snapshot::Route,
+    target: &RouteTarget,
+    mut request: Request<ProxyBody>,
+) -> Result<Response<BoxBody>, ProxyError> {
     request
         .extensions_mut()
         .insert(Upstream(target.backend.clone()));
     let sent = Instant::now();
     let result = route.stack().clone().oneshot(request).await;
+    if result.is_ok() {
+        target.first_byte.observe(sent.elapsed().as_secs_f64());
+    }
+    result
+}
+
+/// Whether an outcome means the backend could not start a response, so the
+/// next link of the fallback chain is tried: no endpoint, no connection, a
+/// failure before the response headers, or a 503 (what an overloaded
+/// server, and the last of exhausted retries, answer). A timeout is not:
+/// the client's time is spent.
+fn cannot_start(result: &Result<Response<BoxBody>, ProxyError>) -> bool {
     match result {
-        Ok(response) => {
-            target.first_byte.observe(sent.elapsed().as_secs_f64());
-            Ok(Routed {
-                response,
-                route: route.name().clone(),
-                backend: target.backend.name().clone(),
-                duration: target.duration.clone(),
-                ok: target.ok.clone(),
-            })
+        Ok(response) => response.status() == http::StatusCode::SERVICE_UNAVAILABLE,
+        Err(error) => matches!(
+            error,
+            ProxyError::NoEndpoint(_) | ProxyError::Connect { .. } | ProxyError::Upstream { .. }
+        ),
+    }
+}
+
+/// What it takes to send a request again down the fallback chain: its head
+/// and its whole body as the client sent it.
+struct Replay {
+    parts: http::request::Parts,
+    chunks: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    scanned: Option<Scanned>,
+}
+
+impl Replay {
+    /// The request for `target`, with the model renamed to its alias.
+    fn request(&self, target: &RouteTarget, model: Option<&str>) -> Request<ProxyBody> {
+        let mut parts = self.parts.clone();
+        let mut prefix = Prefix {
+            chunks: self.chunks.clone(),
+            trailers: self.trailers.clone(),
+            rest: None,
+        };
+        if let (Some(alias), Some(scanned)) = (target.model.as_deref(), &self.scanned) {
+            if model != Some(alias) {
+                rewrite_model(&mut prefix, scanned, alias, &mut parts.headers);
+            }
         }
-        Err(error) => Err(fail(error, target.backend.name().clone())),
+        Request::from_parts(
+            parts,
+            ProxyBody::replay(prefix.chunks, prefix.trailers, None),
+        )
     }
 }
 
@@ -266,6 +366,7 @@ enum BodyState {
     Scanned(Prefix, Scanned),
 }
 
+#[derive(Clone)]
 enum Scanned {
     Json(classify::JsonFields),
     Grpc(classify::GrpcFields),
@@ -332,6 +433,42 @@ async fn read_prefix(
             },
         }
     }
+}
+
+/// Reads the rest of a body into `prefix` while the whole stays within
+/// `limit` bytes; a longer body keeps its rest to stream.
+async fn complete_prefix(prefix: &mut Prefix, limit: usize) -> Result<(), ProxyError> {
+    let mut read: usize = prefix.chunks.iter().map(Bytes::len).sum();
+    while let Some(rest) = prefix.rest.as_mut() {
+        if rest.is_end_stream() {
+            prefix.rest = None;
+            break;
+        }
+        if read >= limit {
+            break;
+        }
+        match rest.frame().await {
+            None => prefix.rest = None,
+            Some(Err(error)) => {
+                return Err(ProxyError::BadRequest(format!(
+                    "reading the request body failed: {error}"
+                )))
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    read += data.len();
+                    if !data.is_empty() {
+                        prefix.chunks.push_back(data);
+                    }
+                }
+                Err(frame) => {
+                    prefix.trailers = frame.into_trailers().ok();
+                    prefix.rest = None;
+                }
+            },
+        }
+    }
+    Ok(())
 }
 
 /// Replaces the model name in the prefix with `alias`, fixing the length.

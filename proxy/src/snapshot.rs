@@ -86,7 +86,19 @@ pub struct Route {
     matchers: Vec<Matcher>,
     targets: Vec<RouteTarget>,
     cumulative: Vec<u64>,
+    fallback: Vec<FallbackLink>,
     stack: RouteStack,
+}
+
+/// One link of a route's fallback chain. Links served by the embedded
+/// engine (`local:` models, refused by the loader until the engine lands)
+/// become a second kind of link here, next to this backend one.
+#[derive(Debug)]
+pub struct FallbackLink {
+    /// The backend, its model alias and metric handles.
+    pub target: RouteTarget,
+    /// Requests this link was tried for.
+    pub taken: Counter,
 }
 
 /// A weighted backend of a route, with its metric handles.
@@ -133,39 +145,69 @@ impl Snapshot {
             let mut targets = Vec::new();
             let mut cumulative = Vec::new();
             let mut sum = 0u64;
-            for wb in &doc.spec.backends {
-                // The loader has checked every reference; skip rather than panic.
-                let Some(backend) = backends.get(&wb.backend) else {
-                    continue;
-                };
+            let listener = listener_label(doc.spec.listener);
+            let target = |backend: &Arc<Backend>, model: Option<&str>| {
                 let labels = RouteLabels {
                     route: name.clone(),
                     backend: backend.name().clone(),
                 };
-                sum += u64::from(wb.weight);
-                cumulative.push(sum);
-                targets.push(RouteTarget {
+                RouteTarget {
                     backend: backend.clone(),
-                    model: wb.model.as_deref().map(Arc::from),
+                    model: model.map(Arc::from),
                     first_byte: metrics.first_byte.get_or_create(&labels).clone(),
                     duration: metrics.duration.get_or_create(&labels).clone(),
                     ok: metrics
                         .requests
                         .get_or_create(&RequestLabels {
-                            listener: listener_label(doc.spec.listener),
+                            listener,
                             route: name.clone(),
                             backend: backend.name().clone(),
                             status: 200,
                         })
                         .clone(),
-                });
+                }
+            };
+            for wb in &doc.spec.backends {
+                // The loader has checked every reference; skip rather than panic.
+                let Some(backend) = backends.get(&wb.backend) else {
+                    continue;
+                };
+                sum += u64::from(wb.weight);
+                cumulative.push(sum);
+                targets.push(target(backend, wb.model.as_deref()));
             }
+            let fallback = doc
+                .spec
+                .fallback
+                .iter()
+                .filter_map(|link| {
+                    let backend = backends.get(&link.backend)?;
+                    let taken = metrics
+                        .fallbacks
+                        .get_or_create(&RouteLabels {
+                            route: name.clone(),
+                            backend: backend.name().clone(),
+                        })
+                        .clone();
+                    Some(FallbackLink {
+                        target: target(backend, link.model.as_deref()),
+                        taken,
+                    })
+                })
+                .collect();
+            let stack = stack::route_stack(
+                &name,
+                &doc.spec.timeouts,
+                doc.spec.retries.as_ref(),
+                metrics,
+            );
             let route = Route {
                 name,
                 matchers: doc.spec.matches.iter().map(Matcher::new).collect(),
                 targets,
                 cumulative,
-                stack: stack::route_stack(&doc.spec.timeouts),
+                fallback,
+                stack,
             };
             match doc.spec.listener {
                 ListenerKind::Outbound => outbound.push(route),
@@ -260,6 +302,11 @@ impl Route {
         }
         let index = weighted_index(&self.cumulative, fastrand::u64(..total));
         self.targets.get(index)
+    }
+
+    /// The fallback chain, in the order it is tried.
+    pub fn fallback(&self) -> &[FallbackLink] {
+        &self.fallback
     }
 
     /// The route's filter stack.

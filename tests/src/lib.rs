@@ -15,6 +15,7 @@ pub mod openai;
 pub mod policy;
 pub mod process;
 pub mod python;
+pub mod scripted;
 pub mod tcp;
 
 pub use client::{raw_exchange, Arrivals, HttpClient, Reply, SseEvent};
@@ -23,6 +24,7 @@ pub use kserve::{GrpcCall, KServeGrpcServer, KServeSettings};
 pub use metrics::Metrics;
 pub use openai::{OpenAiServer, OpenAiSettings, RecordedRequest, StreamLog, StreamOutcome};
 pub use process::{ProxyBuilder, ProxyExit, ProxyProcess};
+pub use scripted::{ScriptedServer, Step};
 pub use tcp::TcpEchoServer;
 
 use std::path::PathBuf;

@@ -250,7 +250,12 @@ async fn a_client_that_leaves_before_the_response_leaves_the_in_flight_gauge() {
         .collect();
     upstream.wait_requests(3, Duration::from_secs(5)).await;
     let during = scrape(&proxy).await;
-    assert_eq!(during.sum("infermesh_requests_in_flight", &[]), 3.0, "{}", during.text);
+    assert_eq!(
+        during.sum("infermesh_requests_in_flight", &[]),
+        3.0,
+        "{}",
+        during.text
+    );
     // The clients give up before any response header: their connections close.
     for request in waiting {
         request.abort();

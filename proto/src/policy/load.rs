@@ -667,6 +667,75 @@ spec:
         assert_eq!(route.timeouts.total, Some(Duration::from_secs(120)));
     }
 
+    const RETRY_ROUTE: &str = "apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {name: chat}
+spec:
+  backends: [{backend: vllm}]
+  timeouts: {firstByte: 5s}
+  retries:
+";
+
+    #[test]
+    fn retries_load_with_defaults() {
+        let text = format!("{BACKEND}---\n{RETRY_ROUTE}    maxAttempts: 4\n");
+        let set = load(&text).unwrap();
+        let retries = set.routes[0].spec.retries.clone().unwrap();
+        assert_eq!(retries.max_attempts, 4);
+        assert_eq!(retries.on.statuses, [429, 503]);
+        assert_eq!(
+            retries.on.grpc_codes,
+            [crate::policy::GrpcCode::Unavailable]
+        );
+        assert_eq!(crate::policy::GrpcCode::Unavailable.code(), 14);
+        assert_eq!(crate::policy::GrpcCode::ResourceExhausted.code(), 8);
+        assert_eq!(retries.max_replay_bytes, 64 * 1024);
+        assert_eq!(retries.budget.ratio, 0.2);
+        assert!(load(&format!("{BACKEND}---\n{RETRY_ROUTE}    maxAttempts: 2\n    on: {{grpcCodes: [UNAVAILABLE, RESOURCE_EXHAUSTED]}}\n")).is_ok());
+    }
+
+    #[test]
+    fn fallback_links_name_backends_and_local_models_are_refused_for_now() {
+        let route = RETRY_ROUTE.replace("  retries:\n", "  fallback:\n");
+        let text = format!("{BACKEND}---\n{route}    - {{backend: vllm, model: small}}\n");
+        let set = load(&text).unwrap();
+        assert_eq!(
+            set.routes[0].spec.fallback[0].model.as_deref(),
+            Some("small")
+        );
+        let text = format!(
+            "{BACKEND}---\n{route}    - {{backend: vlm}}\n    - {{backend: \"local:minilm\"}}\n"
+        );
+        let found = errors(&text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("p.yaml:15:17: "), "{found:?}");
+        assert!(found[0].contains("vllm"), "did you mean: {found:?}");
+        assert!(
+            found[1].starts_with("p.yaml:16:17: `local:minilm`: `local:` fallback models need"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn bad_retry_settings_are_located_with_the_reason() {
+        let text = format!(
+            "{BACKEND}---\n{RETRY_ROUTE}    maxAttempts: 1\n    perTryTimeout: 5s\n    on: {{statuses: [503, 404]}}\n    budget: {{ratio: 1.5}}\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:15:18: `maxAttempts` counts the first attempt too: it must be between 2 and 10, found 1 (remove `retries` to turn retries off)",
+                "p.yaml:16:20: `perTryTimeout` (5000ms) must be shorter than the route's `timeouts.firstByte` (5000ms), which bounds every attempt together",
+                "p.yaml:17:26: status 404 cannot be retried: list 408, 429 or a 5xx status",
+                "p.yaml:18:21: budget `ratio` must be between 0 and 1 (retries per request sent), found 1.5",
+            ]
+        );
+        let text = format!("{BACKEND}---\n{RETRY_ROUTE}    on: {{grpcCodes: [UNAVALABLE]}}\n");
+        let found = errors(&text);
+        assert!(found[0].starts_with("p.yaml:15:"), "{found:?}");
+        assert!(found[0].contains("UNAVALABLE"), "{found:?}");
+    }
+
     #[test]
     fn an_unknown_field_is_located_at_its_key_with_a_suggestion() {
         let text = BACKEND.replace("  endpoints:", "  endpionts:");

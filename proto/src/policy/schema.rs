@@ -148,8 +148,10 @@ mod tests {
             fields,
             [
                 "backends",
+                "fallback",
                 "listener",
                 "match",
+                "retries",
                 "timeouts",
                 "workloadSelector"
             ]

@@ -74,7 +74,14 @@ impl PolicySet {
             .cloned();
         let named: HashSet<&str> = routes
             .iter()
-            .flat_map(|r| r.spec.backends.iter().map(|b| b.backend.as_str()))
+            .flat_map(|r| {
+                let fallback = r.spec.fallback.iter().map(|f| f.backend.as_str());
+                r.spec
+                    .backends
+                    .iter()
+                    .map(|b| b.backend.as_str())
+                    .chain(fallback)
+            })
             .chain(mesh.iter().filter_map(|m| m.spec.opaque.backend.as_deref()))
             .collect();
         let backends = self
@@ -181,6 +188,17 @@ mod tests {
             .iter()
             .map(|b| b.metadata.name.as_str())
             .collect()
+    }
+
+    #[test]
+    fn a_route_brings_its_fallback_backends_along() {
+        let text = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: a}\nspec: {endpoints: [\"a:80\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: b}\nspec: {endpoints: [\"b:80\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: unused}\nspec: {endpoints: [\"u:80\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r}\nspec: {backends: [{backend: a}], fallback: [{backend: b}]}\n";
+        let set = load_str(Path::new("p.yaml"), text).unwrap();
+        let scoped = set.scoped_to(&Workload::default());
+        assert_eq!(backend_names(&scoped), ["a", "b"]);
+        // The wire form checks fallback references too, and round-trips them.
+        let back = PolicySet::from_resources(&scoped.to_resources()).unwrap();
+        assert_eq!(back.routes[0].spec.fallback, scoped.routes[0].spec.fallback);
     }
 
     #[test]

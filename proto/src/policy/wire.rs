@@ -70,11 +70,18 @@ impl PolicySet {
             .map(|b| b.metadata.name.as_str())
             .collect();
         for route in &self.routes {
-            for wb in &route.spec.backends {
-                if !names.contains(wb.backend.as_str()) {
+            let fallback = route.spec.fallback.iter().map(|f| f.backend.as_str());
+            for backend in route
+                .spec
+                .backends
+                .iter()
+                .map(|b| b.backend.as_str())
+                .chain(fallback)
+            {
+                if !names.contains(backend) {
                     return Err(format!(
                         "ModelRoute {:?} names backend {:?}, which is not in the snapshot",
-                        route.metadata.name, wb.backend
+                        route.metadata.name, backend
                     ));
                 }
             }

@@ -2,10 +2,19 @@
 //! wgpu compute shaders, for `local:` backends and as the last link of a
 //! fallback chain. It knows nothing of HTTP.
 //!
-//! This crate holds the engine's public surface; the wgpu kernels come with
-//! the fallback-engine work. What exists today is real and used by that
-//! work: locating a model directory, and validating embedding requests the
-//! way the OpenAI and KServe APIs do.
+//! The first model is all-MiniLM-L6-v2 (a BERT encoder with mean pooling
+//! and L2 normalisation): [`LocalEmbedder::start`] loads it on a dedicated
+//! engine thread that owns the device, and [`Embedder::embed`] batches
+//! concurrent requests into single-submission forward passes.
+
+pub mod bert;
+pub mod engine;
+pub mod gpu;
+pub mod kernels;
+pub mod tokenize;
+
+pub use engine::{EngineConfig, LocalEmbedder};
+pub use gpu::AdapterPreference;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -114,6 +123,9 @@ pub enum EngineError {
     /// No compute adapter is usable: a 503 with this reason.
     #[error("no usable compute adapter: {0}")]
     NoAdapter(String),
+    /// The device failed while running the model: a 503 with this reason.
+    #[error("compute device error: {0}")]
+    Gpu(String),
 }
 
 #[cfg(test)]

@@ -137,6 +137,8 @@ mod tests {
                 model: None,
             }],
             timeouts: RouteTimeouts::default(),
+            retries: None,
+            fallback: Vec::new(),
             workload_selector: None,
         }
     }

@@ -210,19 +210,7 @@ async fn metrics_show_requests_in_flight() {
     for stream in streams {
         assert!(stream.await.unwrap().end.is_ok());
     }
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let after = scrape(&proxy).await;
-        let in_flight = after.sum("infermesh_requests_in_flight", &[]);
-        if in_flight == 0.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "in flight stays at {in_flight} after the streams ended"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_in_flight_zero(&proxy, "after the streams ended").await;
 }
 
 #[tokio::test]
@@ -261,16 +249,20 @@ async fn a_client_that_leaves_before_the_response_leaves_the_in_flight_gauge() {
         request.abort();
     }
     drop(client);
+    wait_in_flight_zero(&proxy, "after the clients went away").await;
+}
+
+/// Waits up to two seconds for the in-flight gauge to return to zero.
+async fn wait_in_flight_zero(proxy: &ProxyProcess, when: &str) {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let after = scrape(&proxy).await;
-        let in_flight = after.sum("infermesh_requests_in_flight", &[]);
+        let in_flight = scrape(proxy).await.sum("infermesh_requests_in_flight", &[]);
         if in_flight == 0.0 {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
-            "in flight stays at {in_flight} after the clients went away"
+            "in flight stays at {in_flight} {when}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &[
             "proto/kserve/grpc_service.proto",
             "proto/infermesh/policy.proto",
+            "proto/infermesh/identity.proto",
         ],
         &["proto"],
     )?;

@@ -1,10 +1,17 @@
 //! The APIs infermesh components share: the mesh policy documents users write,
-//! and the gRPC services the proxy speaks or routes (KServe v2 inference).
+//! workload identities (SPIFFE IDs), and the gRPC services the proxy speaks or routes (KServe v2 inference).
 //!
 //! The control plane and the proxy both depend on this crate and on nothing
 //! of each other.
 
 pub mod policy;
+pub mod spiffe;
+
+/// The identity (CSR signing) API (`package infermesh.identity.v1`).
+pub mod identity_api {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("infermesh.identity.v1");
+}
 
 /// The policy-distribution API (`package infermesh.policy.v1`).
 pub mod policy_api {

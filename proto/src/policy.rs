@@ -36,6 +36,9 @@ pub struct PolicySet {
     pub routes: Vec<Resource<ModelRouteSpec>>,
     /// The `kind: MeshConfig` document, when one is given (at most one).
     pub mesh: Option<Resource<MeshConfigSpec>>,
+    /// `kind: AuthorizationPolicy` documents. When any of them reaches a
+    /// proxy, its inbound listener denies what no rule allows.
+    pub authorizations: Vec<Resource<AuthorizationPolicySpec>>,
 }
 
 /// One policy document: `apiVersion`, `kind`, `metadata` and a typed `spec`.
@@ -44,7 +47,7 @@ pub struct PolicySet {
 pub struct Resource<S> {
     /// Always [`API_VERSION`].
     pub api_version: String,
-    /// `Backend`, `ModelRoute` or `MeshConfig`.
+    /// `Backend`, `ModelRoute`, `MeshConfig` or `AuthorizationPolicy`.
     pub kind: String,
     /// Name, namespace and labels.
     pub metadata: Metadata,
@@ -92,6 +95,21 @@ pub struct BackendSpec {
     #[serde(default = "defaults::dns_refresh", with = "duration")]
     #[schemars(with = "duration::Schema")]
     pub dns_refresh: Duration,
+    /// The endpoints are meshed workloads (their inbound sidecars): connect
+    /// with mutual TLS 1.3, present this proxy's certificate, and accept
+    /// only a peer whose certificate carries this identity. Plaintext when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<BackendMtls>,
+}
+
+/// Mutual TLS to a backend's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendMtls {
+    /// The SPIFFE ID the endpoints must prove:
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub identity: crate::spiffe::SpiffeId,
 }
 
 /// Protocol used between the proxy and a backend's endpoints.
@@ -423,6 +441,9 @@ pub struct MeshConfigSpec {
     /// What happens to connections that are neither HTTP/1.1 nor HTTP/2.
     #[serde(default)]
     pub opaque: OpaqueSettings,
+    /// Mutual TLS on the inbound listener.
+    #[serde(default)]
+    pub mtls: MtlsSettings,
     /// How long in-flight requests may run after SIGTERM.
     #[serde(default = "defaults::drain_timeout", with = "duration")]
     #[schemars(with = "duration::Schema")]
@@ -460,6 +481,106 @@ pub struct OpaqueSettings {
     /// refused and logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+}
+
+/// Mutual TLS settings of the inbound listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtlsSettings {
+    /// `strict` (the default) refuses plaintext and callers without a valid
+    /// mesh certificate; `permissive` also accepts plaintext, for workloads
+    /// migrating into the mesh. Applies once the proxy holds a certificate.
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+/// What the inbound listener accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MtlsMode {
+    /// Mutual TLS only.
+    #[default]
+    Strict,
+    /// Mutual TLS, or plaintext (detected from the first bytes) without a
+    /// caller identity.
+    Permissive,
+}
+
+// === AuthorizationPolicy ===
+
+/// Who may call what on the inbound listener. Deny rules are checked first;
+/// then, once any policy reaches a proxy, a request is allowed only when an
+/// allow rule matches it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    /// The rules; a policy without rules denies everything it reaches.
+    #[serde(default)]
+    pub rules: Vec<AuthorizationRule>,
+    /// The workloads whose proxies enforce this policy; every proxy in the
+    /// policy's namespace (or in the mesh, without one) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<WorkloadSelector>,
+}
+
+/// One rule: an action for requests from any of `from` to any of `to`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationRule {
+    /// `allow` (the default) or `deny`.
+    #[serde(default)]
+    pub action: AuthorizationAction,
+    /// Callers the rule applies to, any of them; every caller, with or
+    /// without an identity, when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<CallerMatch>,
+    /// Requests the rule applies to, any of them; every request when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<RequestMatch>,
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthorizationAction {
+    /// Let the request through.
+    #[default]
+    Allow,
+    /// Refuse it: 403, or gRPC `PERMISSION_DENIED`.
+    Deny,
+}
+
+/// A caller, by its mesh identity, written `{identity: spiffe://…}`,
+/// `{namespace: …}` or `{trustDomain: …}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum CallerMatch {
+    /// Exactly this SPIFFE ID.
+    Identity(crate::spiffe::SpiffeId),
+    /// Any workload of this namespace (in the proxy's trust domain).
+    Namespace(String),
+    /// Any workload of this trust domain.
+    TrustDomain(String),
+}
+
+/// Conditions on the request; all given conditions must hold. In each list
+/// any entry may match; a trailing `*` matches any suffix.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestMatch {
+    /// Model names, as routes see them (OpenAI `model`, KServe model name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    /// Names of the `ModelRoute` the request takes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<String>,
+    /// gRPC methods as `/package.Service/Method`; `/package.Service/*` for
+    /// every method of a service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Ports of the inbound listener the request arrived on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
 }
 
 mod defaults {

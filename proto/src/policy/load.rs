@@ -21,7 +21,7 @@
 //! assert_eq!(
 //!     errors[0].to_string(),
 //!     "p.yaml:2:7: unknown kind `Backnd`, did you mean `Backend`? \
-//!      (expected `Backend`, `ModelRoute` or `MeshConfig`)"
+//!      (expected `Backend`, `ModelRoute`, `MeshConfig` or `AuthorizationPolicy`)"
 //! );
 //! ```
 
@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use super::{
-    BackendSpec, MeshConfigSpec, Metadata, ModelRouteSpec, PolicySet, Resource, API_VERSION,
+    AuthorizationPolicySpec, BackendSpec, MeshConfigSpec, Metadata, ModelRouteSpec, PolicySet, Resource, API_VERSION,
 };
 use de::{De, Step};
 use yaml::{Node, Value};
@@ -219,16 +219,23 @@ enum Kind {
     Backend,
     ModelRoute,
     MeshConfig,
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Backend, Kind::ModelRoute, Kind::MeshConfig];
+    const ALL: [Kind; 4] = [
+        Kind::Backend,
+        Kind::ModelRoute,
+        Kind::MeshConfig,
+        Kind::AuthorizationPolicy,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             Kind::Backend => "Backend",
             Kind::ModelRoute => "ModelRoute",
             Kind::MeshConfig => "MeshConfig",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -297,6 +304,7 @@ struct Loader {
     backends: Vec<Typed<BackendSpec>>,
     routes: Vec<Typed<ModelRouteSpec>>,
     meshes: Vec<Typed<MeshConfigSpec>>,
+    authorizations: Vec<Typed<AuthorizationPolicySpec>>,
 }
 
 impl Loader {
@@ -409,6 +417,13 @@ impl Loader {
                         .push(Typed::new(resource, file, root, spec.repaired));
                 }
             }
+            Kind::AuthorizationPolicy => {
+                let spec = self.part::<AuthorizationPolicySpec>(file, &mut root, "spec");
+                if let Some(resource) = resource(kind, &metadata, spec.value) {
+                    self.authorizations
+                        .push(Typed::new(resource, file, root, spec.repaired));
+                }
+            }
         }
     }
 
@@ -445,6 +460,11 @@ impl Loader {
             backends: self.backends.into_iter().map(|t| t.resource).collect(),
             routes: self.routes.into_iter().map(|t| t.resource).collect(),
             mesh: self.meshes.into_iter().next().map(|t| t.resource),
+            authorizations: self
+                .authorizations
+                .into_iter()
+                .map(|t| t.resource)
+                .collect(),
         })
     }
 }
@@ -736,6 +756,80 @@ spec:
         assert!(found[0].contains("UNAVALABLE"), "{found:?}");
     }
 
+    const AUTHZ_ROUTE: &str = "\
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {name: chat}
+spec:
+  listener: inbound
+  backends: [{backend: vllm}]
+";
+
+    #[test]
+    fn authorization_policies_load_with_their_rules() {
+        let text = format!(
+            "{BACKEND}{AUTHZ_ROUTE}---
+apiVersion: infermesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: llama-callers, namespace: models}}
+spec:
+  rules:
+    - from: [{{identity: spiffe://cluster.local/ns/apps/sa/web}}, {{namespace: batch}}]
+      to: [{{models: [llama-*], methods: [/inference.GRPCInferenceService/*]}}]
+    - action: deny
+      from: [{{trustDomain: other.org}}]
+    - to: [{{routes: [chat], ports: [4143]}}]
+"
+        );
+        let set = load(&text).unwrap();
+        let policy = &set.authorizations[0];
+        assert_eq!(policy.metadata.namespace.as_deref(), Some("models"));
+        let rules = &policy.spec.rules;
+        assert_eq!(rules.len(), 3);
+        assert_eq!(rules[0].action, crate::policy::AuthorizationAction::Allow);
+        assert_eq!(
+            rules[0].from[0],
+            crate::policy::CallerMatch::Identity(
+                "spiffe://cluster.local/ns/apps/sa/web".parse().unwrap()
+            )
+        );
+        assert_eq!(rules[0].to[0].models, ["llama-*"]);
+        assert_eq!(rules[1].action, crate::policy::AuthorizationAction::Deny);
+        assert_eq!(rules[2].to[0].ports, [4143]);
+    }
+
+    #[test]
+    fn bad_authorization_rules_are_located_with_the_reason() {
+        let text = format!(
+            "{BACKEND}{AUTHZ_ROUTE}---
+apiVersion: infermesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: bad}}
+spec:
+  rules:
+    - from: [{{identity: spiffe://cluster.local/ns/apps}}, {{namespace: Apps}}, {{trustDomain: a/b}}]
+      to: [{{models: [ll*ama], methods: [ModelInfer], routes: [chta], ports: [0]}}]
+    - from: [{{namespace: a, trustDomain: b}}]
+"
+        );
+        let errors = errors(&text);
+        let expected = [
+            "p.yaml:20:25: `identity`: `spiffe://cluster.local/ns/apps` is not a mesh identity",
+            "p.yaml:20:70: invalid namespace `Apps`",
+            "p.yaml:20:91: trust domain `a/b` has `/`",
+            "p.yaml:21:22: `ll*ama`: `*` is allowed only at the end",
+            "p.yaml:21:41: `ModelInfer` is not a gRPC method",
+            "p.yaml:21:63: unknown route `chta`: no ModelRoute has this name; did you mean `chat`?",
+            "p.yaml:21:78: port 0 is not a port",
+            "p.yaml:22:14: expected a mapping with exactly one of `identity`, `namespace` or `trustDomain`",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, want) in errors.iter().zip(expected) {
+            assert!(error.starts_with(want), "{error} !~ {want}\n{errors:#?}");
+        }
+    }
+
     #[test]
     fn an_unknown_field_is_located_at_its_key_with_a_suggestion() {
         let text = BACKEND.replace("  endpoints:", "  endpionts:");
@@ -750,7 +844,7 @@ spec:
         let text = format!("{BACKEND}  colour: blue\n");
         assert_eq!(
             errors(&text),
-            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout` or `dnsRefresh`"]
+            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh` or `mtls`"]
         );
     }
 
@@ -765,7 +859,7 @@ spec:
                 "p.yaml:7:13: unknown `protocol` value `http3`, did you mean `http1`?",
                 "p.yaml:8:13: unknown `balancer` value `round_robin`, did you mean `round-robin`?",
                 "p.yaml:9:19: `connectTimeout`: invalid duration \"5 parsecs\": unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)",
-                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout` or `dnsRefresh`",
+                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh` or `mtls`",
             ]
         );
     }
@@ -838,7 +932,7 @@ spec:
         assert_eq!(
             errors(text),
             [
-                "p.yaml:2:7: unknown kind `ConfigMap` (expected `Backend`, `ModelRoute` or `MeshConfig`)",
+                "p.yaml:2:7: unknown kind `ConfigMap` (expected `Backend`, `ModelRoute`, `MeshConfig` or `AuthorizationPolicy`)",
                 "p.yaml:4:13: unsupported apiVersion `infermesh.io/v1`: expected `infermesh.io/v1alpha1`",
             ]
         );
@@ -1193,7 +1287,7 @@ spec:
             errors(&across),
             [
                 "p.yaml:1:1: unknown field `x`; valid fields here: `apiVersion`, `kind`, `metadata` or `spec`",
-                "p.yaml:1:1: missing required fields `apiVersion`, `kind`, `metadata` and `spec` (`kind` is one of `Backend`, `ModelRoute` or `MeshConfig`)",
+                "p.yaml:1:1: missing required fields `apiVersion`, `kind`, `metadata` and `spec` (`kind` is one of `Backend`, `ModelRoute`, `MeshConfig` or `AuthorizationPolicy`)",
                 "p.yaml:9:39: this alias names an anchor of another document; an anchor only reaches within its own document",
             ]
         );

@@ -1,6 +1,6 @@
 //! Which documents of a policy set reach which proxy.
 //!
-//! A `ModelRoute` or the `MeshConfig` applies to a proxy when its
+//! A `ModelRoute`, an `AuthorizationPolicy` or the `MeshConfig` applies to a proxy when its
 //! `metadata.namespace` is absent (mesh-wide) or equal to the proxy's
 //! namespace, and when every label of its `spec.workloadSelector.matchLabels`
 //! is on the proxy's workload with the same value. Backends carry no scope of
@@ -90,10 +90,17 @@ impl PolicySet {
             .filter(|b| named.contains(b.metadata.name.as_str()))
             .cloned()
             .collect();
+        let authorizations = self
+            .authorizations
+            .iter()
+            .filter(|a| workload.selected_by(&a.metadata, a.spec.workload_selector.as_ref()))
+            .cloned()
+            .collect();
         PolicySet {
             backends,
             routes,
             mesh,
+            authorizations,
         }
     }
 }

@@ -21,6 +21,7 @@ impl PolicySet {
         let mut out: Vec<Resource> = self.backends.iter().map(one).collect();
         out.extend(self.routes.iter().map(one));
         out.extend(self.mesh.iter().map(one));
+        out.extend(self.authorizations.iter().map(one));
         out
     }
 
@@ -50,6 +51,7 @@ impl PolicySet {
                     }
                     set.mesh = Some(decode(r)?);
                 }
+                "AuthorizationPolicy" => set.authorizations.push(decode(r)?),
                 other => {
                     return Err(format!(
                         "resource {:?} has kind {other:?}, which this proxy does not know",

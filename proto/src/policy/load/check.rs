@@ -15,7 +15,7 @@ use super::shadow;
 use super::yaml::{Node, Value};
 use super::{did_you_mean, Kind, Loader, Location, PolicyError, Typed};
 use crate::policy::{
-    scope, BackendSpec, MeshConfigSpec, Metadata, ModelRouteSpec, RetryPolicy, StringMatch,
+    scope, AuthorizationPolicySpec, BackendSpec, CallerMatch, MeshConfigSpec, Metadata, ModelRouteSpec, RetryPolicy, StringMatch,
     WorkloadSelector,
 };
 
@@ -60,7 +60,88 @@ pub(super) fn set(loader: &Loader) -> Vec<PolicyError> {
         workload_selector(&mesh.file, &mesh.tree, selector, &mut errors);
         mesh_spec(mesh, &backends, &mut errors);
     }
+    for policy in &loader.authorizations {
+        metadata(
+            &policy.file,
+            &policy.tree,
+            &policy.resource.metadata,
+            &mut errors,
+        );
+        let selector = policy.resource.spec.workload_selector.as_ref();
+        workload_selector(&policy.file, &policy.tree, selector, &mut errors);
+        authorization_spec(loader, policy, &mut errors);
+    }
     errors
+}
+
+/// Caller namespaces and trust domains are well formed, method patterns
+/// look like gRPC paths, and named routes exist: a typo in an allow rule
+/// would otherwise deny silently.
+fn authorization_spec(
+    loader: &Loader,
+    policy: &Typed<AuthorizationPolicySpec>,
+    errors: &mut Vec<PolicyError>,
+) {
+    let (file, tree, spec) = (&policy.file, &policy.tree, &policy.resource.spec);
+    let routes: Vec<&str> = loader
+        .documents
+        .iter()
+        .filter(|d| d.kind == Kind::ModelRoute)
+        .filter_map(|d| d.name.as_ref().map(|(n, _)| n.as_str()))
+        .collect();
+    for (r, rule) in spec.rules.iter().enumerate() {
+        for (c, caller) in rule.from.iter().enumerate() {
+            let problem = match caller {
+                CallerMatch::Identity(_) => None,
+                CallerMatch::Namespace(ns) => namespace_problem(ns),
+                CallerMatch::TrustDomain(td) => crate::spiffe::check_trust_domain(td)
+                    .err()
+                    .map(|e| e.to_string()),
+            };
+            if let Some(problem) = problem {
+                let at = find(tree, &[K("spec"), K("rules"), I(r), K("from"), I(c), Only]).at;
+                errors.push(PolicyError::new(file, at, problem));
+            }
+        }
+        for (t, to) in rule.to.iter().enumerate() {
+            let at = |field: &str, i: usize| {
+                find(
+                    tree,
+                    &[K("spec"), K("rules"), I(r), K("to"), I(t), K(field), I(i)],
+                )
+                .at
+            };
+            for (i, pattern) in to.models.iter().enumerate() {
+                if let Some(problem) = pattern_problem(pattern) {
+                    errors.push(PolicyError::new(file, at("models", i), problem));
+                }
+            }
+            for (i, method) in to.methods.iter().enumerate() {
+                if let Some(problem) = method_problem(method) {
+                    errors.push(PolicyError::new(file, at("methods", i), problem));
+                }
+            }
+            for (i, route) in to.routes.iter().enumerate() {
+                if routes.contains(&route.as_str()) {
+                    continue;
+                }
+                let mut problem = format!("unknown route `{route}`: no ModelRoute has this name");
+                if let Some(close) = did_you_mean(route, routes.iter().copied()) {
+                    problem.push_str(&format!("; did you mean `{close}`?"));
+                }
+                errors.push(PolicyError::new(file, at("routes", i), problem));
+            }
+            for (i, port) in to.ports.iter().enumerate() {
+                if *port == 0 {
+                    errors.push(PolicyError::new(
+                        file,
+                        at("ports", i),
+                        "port 0 is not a port a request can arrive on",
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// `metadata.namespace` and `metadata.labels` are what Kubernetes accepts.
@@ -423,6 +504,36 @@ fn find<'n>(tree: &'n Node, path: &[P<'_>]) -> &'n Node {
 }
 
 // === value formats ===
+
+/// Name patterns in authorization rules: a `*` only at the end.
+pub(super) fn pattern_problem(pattern: &str) -> Option<String> {
+    if pattern.is_empty() {
+        return Some("an empty pattern matches nothing; write `*` to match everything".into());
+    }
+    let body = pattern.strip_suffix('*').unwrap_or(pattern);
+    body.contains('*').then(|| {
+        format!("`{pattern}`: `*` is allowed only at the end, as a prefix match")
+    })
+}
+
+/// gRPC method patterns: `/package.Service/Method`, `/package.Service/*`.
+pub(super) fn method_problem(method: &str) -> Option<String> {
+    if let Some(problem) = pattern_problem(method) {
+        return Some(problem);
+    }
+    if method == "*" {
+        return None;
+    }
+    let shape_ok = method
+        .strip_prefix('/')
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(service, m)| !service.is_empty() && !m.is_empty() && !m.contains('/'));
+    (!shape_ok).then(|| {
+        format!(
+            "`{method}` is not a gRPC method: write `/package.Service/Method` or `/package.Service/*`"
+        )
+    })
+}
 
 /// Where in `retries` a problem is.
 #[derive(Debug, PartialEq)]

@@ -25,6 +25,8 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
+use crate::tls::PeerInfo;
+use infermesh_proto::spiffe::SpiffeId;
 use crate::proxies::{Answer, Outcome, ProxyState, Registration, Registry, Sent};
 use crate::snapshot::{Published, Scoped};
 
@@ -41,6 +43,9 @@ pub struct Discovery {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    /// Streams must come from a proxy holding a mesh certificate of the
+    /// namespace it subscribes for (the control plane is the CA).
+    require_identity: bool,
 }
 
 impl Discovery {
@@ -50,12 +55,14 @@ impl Discovery {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
+        require_identity: bool,
     ) -> Self {
         Self {
             current,
             registry,
             metrics,
             shutdown,
+            require_identity,
         }
     }
 }
@@ -73,8 +80,19 @@ impl PolicyDiscovery for Discovery {
         // The Hello is read by the response stream, not here: answering
         // with headers at once lets a client that waits for them before
         // writing its first message work too.
+        let tls = request.extensions().get::<PeerInfo>().cloned();
+        if self.require_identity && tls.as_ref().and_then(|t| t.identity.as_ref()).is_none() {
+            return Err(Status::unauthenticated(
+                "the policy stream needs a mesh certificate: obtain one from Identity.Certify and connect with it",
+            ));
+        }
+        let (peer, identity) = match tls {
+            Some(info) => (info.remote, info.identity),
+            None => (request.remote_addr(), None),
+        };
         let session = Session {
-            peer: request.remote_addr(),
+            peer,
+            identity,
             inbound: request.into_inner(),
             current: self.current.clone(),
             registry: self.registry.clone(),
@@ -107,6 +125,8 @@ struct Subscriber {
 
 struct Session {
     peer: Option<SocketAddr>,
+    /// The proxy's certificate identity, on a mutually authenticated stream.
+    identity: Option<SpiffeId>,
     inbound: Streaming<ProxyMessage>,
     current: Current,
     registry: Arc<Registry>,
@@ -197,6 +217,17 @@ impl Session {
             labels,
             version,
         } = hello;
+        let identity = match &self.identity {
+            Some(id) if id.namespace() != namespace => {
+                return Err(Status::permission_denied(format!(
+                    "this proxy's certificate ({id}) is for namespace `{}`; it may not subscribe for namespace `{namespace}`",
+                    id.namespace()
+                )));
+            }
+            // The certificate, not the Hello, says who the proxy is.
+            Some(id) => id.to_string(),
+            None => identity,
+        };
         let workload = Workload {
             namespace,
             labels: labels.into_iter().collect(),

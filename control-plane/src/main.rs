@@ -10,12 +10,15 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod ca;
 mod discovery;
+mod identity;
 mod metrics;
 mod policies;
 mod proxies;
 mod serve;
 mod snapshot;
+mod tls;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -61,6 +64,8 @@ enum Command {
         /// Address of the admin server (/live, /ready, /metrics, /proxies, /policy).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9091")]
         admin: SocketAddr,
+        #[command(flatten)]
+        ca: CaArgs,
     },
     /// Write the JSON Schema of every policy kind into a directory.
     Schema {
@@ -68,6 +73,90 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+}
+
+/// The certificate authority. Giving `--ca-dir` or `--ca-cert` makes the
+/// control plane the mesh's CA: the gRPC port then speaks TLS, serves the
+/// Identity service, and the policy stream requires a mesh certificate.
+#[derive(Debug, clap::Args)]
+struct CaArgs {
+    /// Directory of the CA's `ca.crt` and `ca.key`; a root is generated
+    /// there on first start when both are missing.
+    #[arg(long, value_name = "DIR", conflicts_with = "ca_cert")]
+    ca_dir: Option<PathBuf>,
+    /// Root certificate (PEM), with `--ca-key`, instead of `--ca-dir`.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Root private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Intermediate certificate (PEM) that signs workload certificates in
+    /// the root's place, with `--intermediate-key`.
+    #[arg(long, value_name = "FILE", requires = "intermediate_key")]
+    intermediate_cert: Option<PathBuf>,
+    /// Intermediate private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "intermediate_cert")]
+    intermediate_key: Option<PathBuf>,
+    /// Bootstrap tokens: lines of `<namespace>/<service-account> <token>`.
+    #[arg(long, value_name = "FILE")]
+    bootstrap_tokens: Option<PathBuf>,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = infermesh_proto::spiffe::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Lifetime of workload certificates (down to 1s, for tests).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_lifetime: std::time::Duration,
+    /// Longest lifetime a proxy may ask for.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = humantime::parse_duration)]
+    max_cert_lifetime: std::time::Duration,
+    /// The control plane's own SPIFFE ID, on its serving certificate;
+    /// `spiffe://<trust-domain>/ns/infermesh-system/sa/infermesh-control` by default.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    identity: Option<infermesh_proto::spiffe::SpiffeId>,
+    /// DNS names on the serving certificate (repeat for several).
+    #[arg(long = "server-name", value_name = "DNS", default_values_t = ["localhost".to_string()])]
+    server_names: Vec<String>,
+}
+
+impl CaArgs {
+    fn settings(self) -> Result<Option<serve::IdentitySettings>, String> {
+        if self.ca_dir.is_none() && self.ca_cert.is_none() {
+            if self.bootstrap_tokens.is_some() || self.intermediate_cert.is_some() {
+                return Err("--bootstrap-tokens and --intermediate-cert need a CA: give --ca-dir or --ca-cert/--ca-key".into());
+            }
+            return Ok(None);
+        }
+        infermesh_proto::spiffe::check_trust_domain(&self.trust_domain)
+            .map_err(|e| format!("--trust-domain: {e}"))?;
+        let tokens = self.bootstrap_tokens.ok_or(
+            "a CA needs --bootstrap-tokens FILE: proxies prove their identity with those tokens",
+        )?;
+        if self.cert_lifetime < ca::MIN_LIFETIME {
+            return Err("--cert-lifetime must be at least 1s".into());
+        }
+        let own_identity = match self.identity {
+            Some(id) => id,
+            None => infermesh_proto::spiffe::SpiffeId::new(
+                &self.trust_domain,
+                "infermesh-system",
+                "infermesh-control",
+            )
+            .map_err(|e| e.to_string())?,
+        };
+        Ok(Some(serve::IdentitySettings {
+            ca: ca::CaSettings {
+                dir: self.ca_dir,
+                root: self.ca_cert.zip(self.ca_key),
+                intermediate: self.intermediate_cert.zip(self.intermediate_key),
+                default_lifetime: self.cert_lifetime,
+                max_lifetime: self.max_cert_lifetime.max(self.cert_lifetime),
+            },
+            tokens,
+            trust_domain: self.trust_domain,
+            own_identity,
+            dns_names: self.server_names,
+        }))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,11 +175,19 @@ fn main() -> ExitCode {
             policies,
             listen,
             admin,
-        } => serve(serve::Settings {
-            policies,
-            listen,
-            admin,
-        }),
+            ca,
+        } => match ca.settings() {
+            Ok(identity) => serve(serve::Settings {
+                policies,
+                listen,
+                admin,
+                identity,
+            }),
+            Err(message) => {
+                eprintln!("infermesh-control: {message}");
+                ExitCode::from(2)
+            }
+        },
         Command::Schema { out } => schema(&out),
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -29,6 +30,10 @@ pub struct Metrics {
     pub nacks: Counter,
     /// ACKs and NACKs that quoted a nonce other than the latest, ignored.
     pub stale_responses: Counter,
+    /// Certificates signed.
+    pub certificates_issued: Counter,
+    /// Certificate requests refused, by reason.
+    pub certificate_refusals: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Default for Metrics {
@@ -87,8 +92,22 @@ impl Metrics {
             "ACKs and NACKs quoting a nonce other than the latest sent on their stream, ignored",
             stale_responses.clone(),
         );
+        let certificates_issued = Counter::default();
+        registry.register(
+            "certificates_issued",
+            "Workload certificates signed by the mesh CA",
+            certificates_issued.clone(),
+        );
+        let certificate_refusals = Family::default();
+        registry.register(
+            "certificate_refusals",
+            "Certificate requests refused, by reason (no_token, unknown_token, identity_mismatch, bad_identity, bad_csr, internal)",
+            certificate_refusals.clone(),
+        );
         Self {
             registry,
+            certificates_issued,
+            certificate_refusals,
             snapshot_version,
             publishes,
             refused_changes,
@@ -99,6 +118,18 @@ impl Metrics {
             nacks,
             stale_responses,
         }
+    }
+
+    /// Counts a signed certificate.
+    pub fn certificate_issued(&self) {
+        self.certificates_issued.inc();
+    }
+
+    /// Counts a refused certificate request.
+    pub fn csr_refused(&self, reason: &'static str) {
+        self.certificate_refusals
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -131,6 +162,7 @@ mod tests {
             "infermesh_control_acks_total 1",
             "infermesh_control_nacks_total 0",
             "infermesh_control_stale_responses_total 0",
+            "infermesh_control_certificates_issued_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

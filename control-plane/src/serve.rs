@@ -12,7 +12,12 @@ use infermesh_proto::policy_api::policy_discovery_server::PolicyDiscoveryServer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use infermesh_proto::identity_api::identity_server::IdentityServer;
+use infermesh_proto::spiffe::SpiffeId;
+
 use crate::admin::{self, Admin};
+use crate::ca::{Authority, CaSettings};
+use crate::identity::{IdentityService, TokenFile};
 use crate::discovery::Discovery;
 use crate::metrics::Metrics;
 use crate::policies::{self, Publisher};
@@ -31,6 +36,23 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// The admin address.
     pub admin: SocketAddr,
+    /// The certificate authority, when the control plane is one.
+    pub identity: Option<IdentitySettings>,
+}
+
+/// The control plane as the mesh's certificate authority.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// Where the keys come from, and leaf lifetimes.
+    pub ca: CaSettings,
+    /// The bootstrap token file.
+    pub tokens: PathBuf,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+    /// The control plane's own identity, on its serving certificate.
+    pub own_identity: SpiffeId,
+    /// DNS names on its serving certificate, for clients that check them.
+    pub dns_names: Vec<String>,
 }
 
 /// Runs until SIGTERM or Ctrl-C; an error is a failure to start.
@@ -39,6 +61,19 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let publisher = Publisher::new(settings.policies.clone(), metrics.clone());
     let registry = Registry::new(metrics.clone());
 
+    // The authority and its token file load before anything binds, so a
+    // bad key or token file fails the start with the reason.
+    let authority = match &settings.identity {
+        Some(identity) => {
+            let authority = Arc::new(Authority::load(&identity.ca)?);
+            let tokens = Arc::new(TokenFile::open(
+                identity.tokens.clone(),
+                identity.trust_domain.clone(),
+            )?);
+            Some((authority, tokens, identity.clone()))
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(settings.listen)
         .await
         .map_err(|e| format!("cannot bind the policy server on {}: {e}", settings.listen))?;
@@ -57,23 +92,56 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         let _ = stdout.flush();
     }
 
-    let (stop, stopped) = watch::channel(false);
+    let (stop_tx, stopped) = watch::channel(false);
     let watcher = tokio::spawn(policies::watch(publisher.clone(), stopped.clone()));
-    let discovery = Discovery::new(publisher.subscribe(), registry, metrics, stopped.clone());
+    let discovery = Discovery::new(
+        publisher.subscribe(),
+        registry,
+        metrics.clone(),
+        stopped.clone(),
+        authority.is_some(),
+    );
     let mut server_stopped = stopped;
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         // Finds proxies that vanished without closing their connection.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(PolicyDiscoveryServer::new(discovery))
-        .serve_with_incoming_shutdown(incoming(listener), async move {
-            let _ = server_stopped.wait_for(|stop| *stop).await;
-        });
-    let server = tokio::spawn(server);
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    let stop = async move {
+        let _ = server_stopped.wait_for(|stop| *stop).await;
+    };
+    let server = match authority {
+        Some((authority, tokens, identity)) => {
+            let config = crate::tls::server_config(
+                authority.clone(),
+                identity.own_identity.clone(),
+                identity.dns_names.clone(),
+            )?;
+            tracing::info!(
+                trust_domain = %identity.trust_domain,
+                identity = %identity.own_identity,
+                "certificate authority enabled; the gRPC port speaks TLS"
+            );
+            let service = IdentityService::new(authority, tokens, metrics);
+            tokio::spawn(
+                builder
+                    .add_service(PolicyDiscoveryServer::new(discovery))
+                    .add_service(IdentityServer::new(service))
+                    .serve_with_incoming_shutdown(
+                        crate::tls::incoming(listener, config),
+                        stop,
+                    ),
+            )
+        }
+        None => tokio::spawn(
+            builder
+                .add_service(PolicyDiscoveryServer::new(discovery))
+                .serve_with_incoming_shutdown(incoming(listener), stop),
+        ),
+    };
 
     shutdown_signal().await;
     tracing::info!("shutting down: ending policy streams; proxies keep their snapshots");
-    let _ = stop.send(true);
+    let _ = stop_tx.send(true);
     watcher.abort();
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(Ok(Err(error))) => tracing::warn!(%error, "policy server ended with an error"),

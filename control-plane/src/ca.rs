@@ -1,0 +1,361 @@
+//! The mesh's certificate authority: a root (generated on first start and
+//! kept on disk, or given as files), an optional intermediate that signs in
+//! its place, and the signing of proxies' CSRs into short-lived SPIFFE
+//! certificates.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use infermesh_proto::spiffe::SpiffeId;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Where the authority's keys come from.
+#[derive(Debug, Clone, Default)]
+pub struct CaSettings {
+    /// Directory holding `ca.crt` and `ca.key`; a root is generated there
+    /// when both are missing.
+    pub dir: Option<PathBuf>,
+    /// Root certificate and key files (PEM), instead of `dir`.
+    pub root: Option<(PathBuf, PathBuf)>,
+    /// Intermediate certificate and key files (PEM) that sign leaves.
+    pub intermediate: Option<(PathBuf, PathBuf)>,
+    /// Lifetime of a leaf when the CSR asks for none.
+    pub default_lifetime: Duration,
+    /// Longest lifetime a leaf gets, whatever it asks for.
+    pub max_lifetime: Duration,
+}
+
+/// How long a generated root is valid.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Leaves start this far in the past, so that a peer whose clock is a
+/// little behind does not see a certificate from the future.
+const BACKDATE: Duration = Duration::from_secs(60);
+/// The shortest lifetime a leaf may have.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
+/// A signed leaf.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    /// Leaf first, then intermediates, DER.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+/// Why a CSR was not signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The request itself is bad: the caller's fault.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The authority could not sign: ours.
+    #[error("cannot sign: {0}")]
+    Internal(String),
+}
+
+/// The authority.
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+    /// Intermediates between the leaf and the root (empty without one).
+    intermediates: Vec<CertificateDer<'static>>,
+    roots: Vec<CertificateDer<'static>>,
+    default_lifetime: Duration,
+    max_lifetime: Duration,
+}
+
+impl std::fmt::Debug for Authority {
+    // The signing key stays out of every log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("intermediates", &self.intermediates.len())
+            .field("roots", &self.roots.len())
+            .field("default_lifetime", &self.default_lifetime)
+            .field("max_lifetime", &self.max_lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authority {
+    /// Loads the root (and intermediate) from files, or generates a root in
+    /// `dir` on first start. Errors name the file and the reason.
+    pub fn load(settings: &CaSettings) -> Result<Self, String> {
+        let (root_cert, root_key) = match (&settings.root, &settings.dir) {
+            (Some((cert, key)), _) => (cert.clone(), key.clone()),
+            (None, Some(dir)) => {
+                let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+                match (cert.exists(), key.exists()) {
+                    (true, true) => {}
+                    (false, false) => generate_root(dir, &cert, &key)?,
+                    (true, false) => {
+                        return Err(format!("{} exists but {} is missing", cert.display(), key.display()))
+                    }
+                    (false, true) => {
+                        return Err(format!("{} exists but {} is missing", key.display(), cert.display()))
+                    }
+                }
+                (cert, key)
+            }
+            (None, None) => return Err("no certificate authority configured".into()),
+        };
+        let (root_der, root_pair) = read_pair(&root_cert, &root_key)?;
+        let (issuer_der, issuer_pair, intermediates) = match &settings.intermediate {
+            Some((cert, key)) => {
+                let (der, pair) = read_pair(cert, key)?;
+                (der.clone(), pair, vec![der])
+            }
+            None => (root_der.clone(), root_pair, Vec::new()),
+        };
+        let issuer = Issuer::from_ca_cert_der(&issuer_der, issuer_pair)
+            .map_err(|e| format!("cannot use the issuing certificate: {e}"))?;
+        Ok(Self {
+            issuer,
+            intermediates,
+            roots: vec![root_der],
+            default_lifetime: settings.default_lifetime,
+            max_lifetime: settings.max_lifetime,
+        })
+    }
+
+    /// The roots peers verify against.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// The lifetime a request asking for `asked` gets.
+    pub fn lifetime(&self, asked: Option<Duration>) -> Duration {
+        asked
+            .unwrap_or(self.default_lifetime)
+            .clamp(MIN_LIFETIME, self.max_lifetime)
+    }
+
+    /// Signs `csr` (DER) into a leaf for `identity`. The CSR's signature
+    /// proves the caller holds the key; its names are ignored.
+    pub fn sign_csr(
+        &self,
+        identity: &SpiffeId,
+        csr: &[u8],
+        lifetime: Option<Duration>,
+    ) -> Result<Signed, SignError> {
+        let der = CertificateSigningRequestDer::from(csr);
+        let request = CertificateSigningRequestParams::from_der(&der).map_err(|e| {
+            SignError::BadRequest(format!("the CSR is not a valid signed PKCS#10 request: {e}"))
+        })?;
+        self.sign_key(identity, &request.public_key, &[], lifetime)
+    }
+
+    /// Signs a leaf for `identity` over `public_key`, with extra DNS names
+    /// (the control plane's own serving certificate has some).
+    pub fn sign_key(
+        &self,
+        identity: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        dns_names: &[String],
+        lifetime: Option<Duration>,
+    ) -> Result<Signed, SignError> {
+        let lifetime = self.lifetime(lifetime);
+        let now = SystemTime::now();
+        let not_after = now + lifetime;
+        let mut params = CertificateParams::default();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(serial());
+        let mut dn = DistinguishedName::new();
+        // Informational only; peers read the identity from the URI SAN.
+        dn.push(DnType::OrganizationName, identity.trust_domain());
+        params.distinguished_name = dn;
+        let uri = identity
+            .to_string()
+            .try_into()
+            .map_err(|e| SignError::BadRequest(format!("identity is not ASCII: {e}")))?;
+        params.subject_alt_names.push(SanType::URI(uri));
+        for name in dns_names {
+            let dns = name
+                .clone()
+                .try_into()
+                .map_err(|e| SignError::Internal(format!("bad DNS name {name:?}: {e}")))?;
+            params.subject_alt_names.push(SanType::DnsName(dns));
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(|e| SignError::Internal(e.to_string()))?;
+        let mut chain = vec![leaf.der().clone()];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok(Signed { chain, not_after })
+    }
+}
+
+/// A random positive 16-byte serial number.
+fn serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    // The system RNG does not fail on Linux once booted; a zero serial
+    // would still make a valid certificate.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn read_pair(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, KeyPair), String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_file(cert)
+        .map_err(|e| format!("{}: not a PEM certificate: {e}", cert.display()))?;
+    let key_pem = fs::read_to_string(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let pair = KeyPair::from_pem(&key_pem)
+        .map_err(|e| format!("{}: not a PEM private key: {e}", key.display()))?;
+    let (_, parsed) = X509Certificate::from_der(&der)
+        .map_err(|e| format!("{}: unreadable certificate: {e}", cert.display()))?;
+    if parsed.public_key().raw != pair.subject_public_key_info().as_slice() {
+        return Err(format!(
+            "{} is not the key of {}",
+            key.display(),
+            cert.display()
+        ));
+    }
+    if !parsed.is_ca() {
+        return Err(format!(
+            "{}: not a CA certificate (basicConstraints CA:TRUE is missing)",
+            cert.display()
+        ));
+    }
+    Ok((der, pair))
+}
+
+/// Generates a root in `dir`: the key is written first, readable by its
+/// owner only, and each file appears whole (written aside, then renamed).
+fn generate_root(dir: &Path, cert: &Path, key: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let pair = KeyPair::generate().map_err(|e| format!("cannot generate the CA key: {e}"))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "infermesh");
+    dn.push(DnType::CommonName, "infermesh mesh root CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + ROOT_LIFETIME).into();
+    params.serial_number = Some(serial());
+    let root = params
+        .self_signed(&pair)
+        .map_err(|e| format!("cannot self-sign the CA: {e}"))?;
+    write_private(key, pair.serialize_pem().as_bytes(), 0o600)?;
+    write_private(cert, root.pem().as_bytes(), 0o644)?;
+    tracing::info!(dir = %dir.display(), "generated a new mesh root CA");
+    Ok(())
+}
+
+fn write_private(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let aside = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&aside)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&aside, path)
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(dir: &Path) -> CaSettings {
+        CaSettings {
+            dir: Some(dir.to_owned()),
+            default_lifetime: Duration::from_secs(3600),
+            max_lifetime: Duration::from_secs(7200),
+            ..CaSettings::default()
+        }
+    }
+
+    #[test]
+    fn a_root_is_generated_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Authority::load(&settings(dir.path())).unwrap();
+        let second = Authority::load(&settings(dir.path())).unwrap();
+        assert_eq!(first.roots(), second.roots());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_csr_becomes_a_leaf_with_only_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load(&settings(dir.path())).unwrap();
+        let key = KeyPair::generate().unwrap();
+        // The CSR asks for other names; the leaf carries only the identity.
+        let csr = CertificateParams::new(vec!["evil.example".to_string()])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/models/sa/llama".parse().unwrap();
+        let signed = ca
+            .sign_csr(&id, csr.der(), Some(Duration::from_secs(999_999)))
+            .unwrap();
+        assert_eq!(signed.chain.len(), 1);
+        assert_eq!(SpiffeId::from_certificate(&signed.chain[0]).unwrap(), id);
+        let (_, leaf) = X509Certificate::from_der(&signed.chain[0]).unwrap();
+        let sans = leaf.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(sans.value.general_names.len(), 1);
+        // Capped at the maximum lifetime.
+        let life = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert_eq!(life, 7200 + BACKDATE.as_secs() as i64);
+    }
+
+    #[test]
+    fn garbage_is_not_a_csr() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load(&settings(dir.path())).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let error = ca.sign_csr(&id, b"not a csr", None).unwrap_err();
+        assert!(matches!(error, SignError::BadRequest(_)), "{error}");
+        assert!(error.to_string().contains("not a valid signed PKCS#10"), "{error}");
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        Authority::load(&settings(a.path())).unwrap();
+        Authority::load(&settings(b.path())).unwrap();
+        let mixed = CaSettings {
+            root: Some((a.path().join("ca.crt"), b.path().join("ca.key"))),
+            ..settings(a.path())
+        };
+        let error = Authority::load(&mixed).unwrap_err();
+        assert!(error.contains("is not the key of"), "{error}");
+    }
+}

@@ -65,7 +65,7 @@ enum Command {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9091")]
         admin: SocketAddr,
         #[command(flatten)]
-        ca: CaArgs,
+        ca: Box<CaArgs>,
     },
     /// Write the JSON Schema of every policy kind into a directory.
     Schema {

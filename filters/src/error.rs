@@ -59,6 +59,13 @@ pub enum ProxyError {
     /// The request is malformed.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// An authorization policy refuses the caller this request.
+    #[error("permission denied: {0}")]
+    Forbidden(String),
+    /// The proxy cannot serve the request as configured (a meshed backend
+    /// without a mesh identity, say).
+    #[error("{0}")]
+    Misconfigured(String),
 }
 
 fn fmt_duration(d: &Duration) -> String {
@@ -69,6 +76,8 @@ fn fmt_duration(d: &Duration) -> String {
 pub mod grpc_code {
     /// `INVALID_ARGUMENT`
     pub const INVALID_ARGUMENT: u8 = 3;
+    /// `PERMISSION_DENIED`
+    pub const PERMISSION_DENIED: u8 = 7;
     /// `DEADLINE_EXCEEDED`
     pub const DEADLINE_EXCEEDED: u8 = 4;
     /// `UNIMPLEMENTED`
@@ -81,8 +90,8 @@ impl ProxyError {
     /// Who caused the error.
     pub fn fault(&self) -> Fault {
         match self {
-            Self::NoRoute(_) | Self::BadRequest(_) => Fault::Client,
-            Self::NoEndpoint(_) => Fault::Proxy,
+            Self::NoRoute(_) | Self::BadRequest(_) | Self::Forbidden(_) => Fault::Client,
+            Self::NoEndpoint(_) | Self::Misconfigured(_) => Fault::Proxy,
             Self::Connect { .. }
             | Self::Upstream { .. }
             | Self::FirstByteTimeout(_)
@@ -109,6 +118,8 @@ impl ProxyError {
             Self::Upstream { .. } => "upstream_error",
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => "timeout",
             Self::BadRequest(_) => "bad_request",
+            Self::Forbidden(_) => "permission_denied",
+            Self::Misconfigured(_) => "proxy_misconfigured",
         }
     }
 
@@ -116,7 +127,10 @@ impl ProxyError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
-            Self::NoEndpoint(_) | Self::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoint(_) | Self::Connect { .. } | Self::Misconfigured(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -127,9 +141,11 @@ impl ProxyError {
     pub fn grpc_code(&self) -> u8 {
         match self {
             Self::NoRoute(_) => grpc_code::UNIMPLEMENTED,
-            Self::NoEndpoint(_) | Self::Connect { .. } | Self::Upstream { .. } => {
-                grpc_code::UNAVAILABLE
-            }
+            Self::NoEndpoint(_)
+            | Self::Connect { .. }
+            | Self::Upstream { .. }
+            | Self::Misconfigured(_) => grpc_code::UNAVAILABLE,
+            Self::Forbidden(_) => grpc_code::PERMISSION_DENIED,
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => grpc_code::DEADLINE_EXCEEDED,
             Self::BadRequest(_) => grpc_code::INVALID_ARGUMENT,
         }

@@ -118,14 +118,27 @@ impl Backend {
                 }
             }
         }
+        // Meshed endpoints need this proxy's certificate; without an
+        // identity the backend exists but every request to it fails with
+        // the reason (see `Backend::mtls_problem`).
+        let tls = spec.mtls.as_ref().and_then(|mtls| {
+            crate::identity::mesh().map(|identity| {
+                let alpn: &[&[u8]] = match spec.protocol {
+                    UpstreamProtocol::Http1 => &[crate::identity::ALPN_HTTP1],
+                    UpstreamProtocol::Http2 => &[crate::identity::ALPN_H2],
+                };
+                identity.client_config(mtls.identity.clone(), alpn)
+            })
+        });
         let client = match previous {
             Some(p)
                 if p.spec.protocol == spec.protocol
-                    && p.spec.connect_timeout == spec.connect_timeout =>
+                    && p.spec.connect_timeout == spec.connect_timeout
+                    && p.spec.mtls == spec.mtls =>
             {
                 p.client.clone()
             }
-            _ => pool::client(spec.protocol, spec.connect_timeout),
+            _ => pool::client(spec.protocol, spec.connect_timeout, tls),
         };
         Arc::new(Self {
             connect_errors: metrics
@@ -154,6 +167,27 @@ impl Backend {
     /// Protocol spoken to the endpoints.
     pub fn protocol(&self) -> UpstreamProtocol {
         self.protocol
+    }
+
+    /// The URI scheme of requests to this backend: `https` for meshed
+    /// endpoints (mutual TLS), `http` otherwise.
+    pub fn scheme(&self) -> http::uri::Scheme {
+        if self.spec.mtls.is_some() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        }
+    }
+
+    /// Why requests to this backend cannot be sent, when they cannot: its
+    /// endpoints require mutual TLS and this proxy has no mesh identity.
+    pub fn mtls_problem(&self) -> Option<String> {
+        (self.spec.mtls.is_some() && crate::identity::mesh().is_none()).then(|| {
+            format!(
+                "backend `{}` requires mutual TLS, and this proxy has no mesh identity (start it with --identity-token-file)",
+                self.name.as_str()
+            )
+        })
     }
 
     /// The pooled client for this backend.
@@ -291,6 +325,7 @@ mod tests {
             balancer: BalancerKind::RoundRobin,
             connect_timeout: Duration::from_secs(1),
             dns_refresh: Duration::from_secs(5),
+            mtls: None,
         }
     }
 

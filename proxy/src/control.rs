@@ -450,7 +450,7 @@ impl ControlPlane {
 }
 
 /// An error and its causes, `outer: inner: innermost`.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut next = error.source();
     while let Some(cause) = next {

@@ -55,7 +55,15 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
         None => backend.pick(),
     }
     .ok_or_else(|| ProxyError::NoEndpoint(backend.name().as_str().to_string()))?;
-    prepare_upstream_request(&mut request, endpoint.authority(), backend.protocol());
+    if let Some(problem) = backend.mtls_problem() {
+        return Err(ProxyError::Misconfigured(problem));
+    }
+    prepare_upstream_request(
+        &mut request,
+        backend.scheme(),
+        endpoint.authority(),
+        backend.protocol(),
+    );
     let guard = endpoint.start();
     let started = Instant::now();
     match backend.client().request(request).await {
@@ -101,6 +109,7 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
 /// Points the request at `authority` and removes what must not cross a hop.
 fn prepare_upstream_request(
     request: &mut Request<ProxyBody>,
+    scheme: http::uri::Scheme,
     authority: &http::uri::Authority,
     protocol: UpstreamProtocol,
 ) {
@@ -119,7 +128,7 @@ fn prepare_upstream_request(
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.scheme = Some(scheme);
     parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path_and_query);
     if let Ok(uri) = Uri::from_parts(parts) {
@@ -273,7 +282,12 @@ mod tests {
             .body(ProxyBody::default())
             .unwrap();
         let authority: http::uri::Authority = "10.0.0.7:8000".parse().unwrap();
-        prepare_upstream_request(&mut request, &authority, UpstreamProtocol::Http1);
+        prepare_upstream_request(
+            &mut request,
+            http::uri::Scheme::HTTP,
+            &authority,
+            UpstreamProtocol::Http1,
+        );
         assert_eq!(
             request.uri(),
             "http://10.0.0.7:8000/v1/chat/completions?x=1"
@@ -292,7 +306,12 @@ mod tests {
             .body(ProxyBody::default())
             .unwrap();
         let authority: http::uri::Authority = "10.0.0.7:8001".parse().unwrap();
-        prepare_upstream_request(&mut request, &authority, UpstreamProtocol::Http2);
+        prepare_upstream_request(
+            &mut request,
+            http::uri::Scheme::HTTP,
+            &authority,
+            UpstreamProtocol::Http2,
+        );
         assert_eq!(request.headers()[header::TE], "trailers");
         assert!(!request.headers().contains_key(header::HOST));
         assert_eq!(request.version(), Version::HTTP_2);

@@ -9,6 +9,7 @@ pub mod classify;
 pub mod control;
 pub mod detect;
 pub mod forward;
+pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod opaque;

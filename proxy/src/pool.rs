@@ -1,29 +1,56 @@
 //! Upstream connection pools: one hyper client per backend, HTTP/1.1 with
-//! keep-alive or HTTP/2 multiplexed over cleartext.
+//! keep-alive or HTTP/2 multiplexed, over cleartext or, to meshed
+//! endpoints, mutual TLS 1.3 with ALPN.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use infermesh_proto::policy::UpstreamProtocol;
+use rustls::ClientConfig;
 
 use crate::body::ProxyBody;
 
+/// The connector of every pool: plain TCP for `http://` URIs, TLS for
+/// `https://` ones (meshed endpoints).
+pub type UpstreamConnector = HttpsConnector<HttpConnector>;
+
 /// A pooled upstream client.
-pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+pub type UpstreamClient = Client<UpstreamConnector, ProxyBody>;
 
 /// How long an unused upstream connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A client speaking `protocol`, failing connection attempts after
-/// `connect_timeout`.
-pub fn client(protocol: UpstreamProtocol, connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
+/// `connect_timeout`; with `tls`, connections are TLS (the request URIs
+/// must then be `https://`).
+pub fn client(
+    protocol: UpstreamProtocol,
+    connect_timeout: Duration,
+    tls: Option<Arc<ClientConfig>>,
+) -> UpstreamClient {
+    let mut http = HttpConnector::new();
     // Model responses stream token by token: never let Nagle hold a chunk back.
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    // The TLS layer decides by scheme; the TCP layer must accept both.
+    http.enforce_http(false);
+    let connector = match tls {
+        Some(config) => {
+            let builder = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*config).clone())
+                .https_only();
+            match protocol {
+                UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
+                UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
+            }
+        }
+        None => HttpsConnector::from((http, plaintext_only())),
+    };
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .pool_timer(TokioTimer::new())
@@ -40,4 +67,22 @@ pub fn client(protocol: UpstreamProtocol, connect_timeout: Duration) -> Upstream
             .http2_keep_alive_while_idle(true);
     }
     builder.build(connector)
+}
+
+/// The TLS half of a plaintext pool's connector. Its URIs are always
+/// `http://`, so it is never used; it trusts nothing, so that a mistake
+/// could not turn into an unverified connection.
+fn plaintext_only() -> Arc<ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3 is supported by the ring provider")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            Arc::new(config)
+        })
+        .clone()
 }

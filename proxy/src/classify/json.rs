@@ -64,6 +64,10 @@ pub struct JsonScanner {
     model_seen: bool,
     stream: bool,
     stream_seen: bool,
+    /// Read to the end of the top-level object instead of stopping once
+    /// `model` and `stream` are known, to catch a repeated `model`.
+    whole: bool,
+    duplicate_model: bool,
 }
 
 /// What a [`JsonScanner`] found.
@@ -78,6 +82,9 @@ pub struct JsonFields {
     pub stream: bool,
     /// Whether the scan reached a decision before the limit or the end of the body.
     pub complete: bool,
+    /// The top-level object has more than one `model` member (seen only
+    /// by a [`JsonScanner::whole_object`] scan, or before the decision).
+    pub duplicate_model: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,7 +178,18 @@ impl JsonScanner {
             model_seen: false,
             stream: false,
             stream_seen: false,
+            whole: false,
+            duplicate_model: false,
         }
+    }
+
+    /// Scans the whole top-level object (within the limit) instead of
+    /// stopping at the first `model` and `stream`: authorization by model
+    /// must see a repeated `model`, which JSON parsers upstream resolve to
+    /// the last one.
+    pub fn whole_object(mut self) -> Self {
+        self.whole = true;
+        self
     }
 
     /// Feeds the next chunk; `Done` once nothing more is needed: both `model`
@@ -221,6 +239,7 @@ impl JsonScanner {
             model_span: self.model_span,
             stream: self.stream,
             complete: self.decided,
+            duplicate_model: self.duplicate_model,
         }
     }
 
@@ -352,6 +371,7 @@ impl JsonScanner {
             0 => return self.decide(),
             1 => match self.member {
                 Member::Model => {
+                    self.duplicate_model |= self.model_seen;
                     let found = self.pending_model.take();
                     self.model_span = found.as_ref().map(|(_, span)| span.clone());
                     self.model = found.map(|(model, _)| model);
@@ -365,7 +385,7 @@ impl JsonScanner {
             },
             _ => {}
         }
-        if self.model_seen && self.stream_seen {
+        if self.model_seen && self.stream_seen && !self.whole {
             self.decide();
         } else {
             self.state = State::AfterValue;
@@ -624,6 +644,30 @@ mod tests {
             start = cut;
         }
         scanner.finish()
+    }
+
+    #[test]
+    fn a_whole_object_scan_sees_a_repeated_model() {
+        let body = br#"{"model":"allowed","stream":false,"messages":[{"model":"x"}],"model":"secret"}"#;
+        let quick = scan(body);
+        assert_eq!(quick.model.as_deref(), Some("allowed"));
+        assert!(!quick.duplicate_model, "the quick scan stops early");
+        let mut scanner = JsonScanner::new(BIG).whole_object();
+        assert_eq!(scanner.feed(body), Scan::Done);
+        let whole = scanner.finish();
+        assert!(whole.duplicate_model);
+        assert!(whole.complete);
+        assert_eq!(whole.model.as_deref(), Some("secret"));
+        // One top-level model, however deep others are nested, is no duplicate.
+        let mut scanner = JsonScanner::new(BIG).whole_object();
+        scanner.feed(br#"{"model":"a","tools":[{"model":"b"}],"stream":true}"#);
+        let single = scanner.finish();
+        assert!(!single.duplicate_model);
+        assert!(single.complete && single.stream);
+        // Cut by the limit: not complete, so not proven.
+        let mut scanner = JsonScanner::new(20).whole_object();
+        scanner.feed(br#"{"model":"a","stream":true,"x":"yyyyyyyyyyyy"}"#);
+        assert!(!scanner.finish().complete);
     }
 
     fn found(model: &str, stream: bool) -> (Option<String>, bool, bool) {

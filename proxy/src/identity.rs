@@ -1,0 +1,586 @@
+//! The proxy's mesh identity: a key generated here (it never leaves the
+//! process), a short-lived SPIFFE certificate from the control plane's CA,
+//! renewed at about 70% of its lifetime and swapped in without touching
+//! open connections, and the TLS configurations built on them:
+//!
+//! - inbound (server): presents the certificate, requires a client
+//!   certificate that chains to the mesh's roots and carries a SPIFFE ID of
+//!   the mesh's trust domain;
+//! - outbound (client, per meshed backend): presents the certificate and
+//!   accepts only a server whose SPIFFE ID is the one the policy expects;
+//! - the control-plane connection: the same, expecting the control plane's
+//!   identity.
+//!
+//! Every configuration reads the certificate and the roots at handshake
+//! time, so a renewal applies to the next handshake with no rebuild.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use infermesh_proto::identity_api::identity_client::IdentityClient;
+use infermesh_proto::identity_api::CertifyRequest;
+use infermesh_proto::spiffe::SpiffeId;
+use parking_lot::Mutex;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError,
+    OtherError, RootCertStore, ServerConfig, SignatureScheme,
+};
+use tokio::sync::watch;
+
+/// ALPN identifiers.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN identifier of HTTP/1.1.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Renew once this share of the lifetime has passed.
+const RENEW_AT: f64 = 0.7;
+/// Retry delays after a failed request for a certificate.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Limit on one certificate request.
+const CERTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the proxy gets its identity.
+#[derive(Clone)]
+pub struct IdentitySettings {
+    /// Who this proxy is.
+    pub id: SpiffeId,
+    /// File holding the bootstrap token, re-read for every request.
+    pub token_file: PathBuf,
+    /// PEM file of the roots that the control plane's certificate chains
+    /// to, for the first connection (later roots come with each certificate).
+    pub trust_bundle: PathBuf,
+    /// Lifetime asked for; the CA's default when `None`.
+    pub lifetime: Option<Duration>,
+    /// The control plane's URL (`https://host:port`).
+    pub control_plane: String,
+    /// The SPIFFE ID the control plane must prove.
+    pub control_plane_id: SpiffeId,
+}
+
+impl fmt::Debug for IdentitySettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The token file's path is fine to show; its contents never are.
+        f.debug_struct("IdentitySettings")
+            .field("id", &self.id.to_string())
+            .field("token_file", &self.token_file)
+            .field("trust_bundle", &self.trust_bundle)
+            .field("lifetime", &self.lifetime)
+            .field("control_plane", &self.control_plane)
+            .field("control_plane_id", &self.control_plane_id.to_string())
+            .finish()
+    }
+}
+
+/// The roots peers are verified against.
+struct Trust {
+    roots: Arc<RootCertStore>,
+    clients: Arc<dyn ClientCertVerifier>,
+}
+
+impl Trust {
+    fn new(anchors: &[CertificateDer<'static>], provider: &Arc<CryptoProvider>) -> Result<Self, String> {
+        let mut roots = RootCertStore::empty();
+        for anchor in anchors {
+            roots
+                .add(anchor.clone())
+                .map_err(|e| format!("unusable trust anchor: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("no trust anchors".into());
+        }
+        let roots = Arc::new(roots);
+        let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| format!("cannot verify clients with these roots: {e}"))?;
+        Ok(Self { roots, clients })
+    }
+}
+
+/// What the admin server shows about the certificate (never the
+/// certificate itself).
+#[derive(Debug, Clone, Default)]
+pub struct CertStatus {
+    /// End of validity of the certificate in force.
+    pub not_after: Option<SystemTime>,
+    /// Certificates obtained since start.
+    pub renewals: u64,
+    /// The last failure to obtain one, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// The proxy's identity and credentials.
+pub struct Identity {
+    id: SpiffeId,
+    provider: Arc<CryptoProvider>,
+    key: ArcSwapOption<CertifiedKey>,
+    trust: ArcSwap<Trust>,
+    status: Mutex<CertStatus>,
+    ready: watch::Sender<bool>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("id", &self.id.to_string())
+            .field("certified", &self.key.load().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+static MESH: OnceLock<Arc<Identity>> = OnceLock::new();
+
+/// The process's identity, once [`install`]ed; `None` for a proxy started
+/// without one (plaintext everywhere).
+pub fn mesh() -> Option<&'static Arc<Identity>> {
+    MESH.get()
+}
+
+/// Makes `identity` the process's.
+pub fn install(identity: Arc<Identity>) {
+    let _ = MESH.set(identity);
+}
+
+impl Identity {
+    /// An identity with no certificate yet, trusting the roots in
+    /// `trust_bundle` (PEM).
+    pub fn new(id: SpiffeId, trust_bundle: &std::path::Path) -> Result<Arc<Self>, String> {
+        use rustls::pki_types::pem::PemObject;
+        let anchors: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(trust_bundle)
+            .and_then(|certs| certs.collect::<Result<_, _>>())
+            .map_err(|e| format!("{}: {e}", trust_bundle.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let trust = Trust::new(&anchors, &provider)
+            .map_err(|e| format!("{}: {e}", trust_bundle.display()))?;
+        Ok(Arc::new(Self {
+            id,
+            provider,
+            key: ArcSwapOption::empty(),
+            trust: ArcSwap::from_pointee(trust),
+            status: Mutex::new(CertStatus::default()),
+            ready: watch::channel(false).0,
+        }))
+    }
+
+    /// Who this proxy is.
+    pub fn id(&self) -> &SpiffeId {
+        &self.id
+    }
+
+    /// Whether a certificate is in force.
+    pub fn certified(&self) -> bool {
+        self.key.load().is_some()
+    }
+
+    /// The certificate's state, for the admin server.
+    pub fn status(&self) -> CertStatus {
+        self.status.lock().clone()
+    }
+
+    /// Waits until the first certificate is in force.
+    pub async fn wait_certified(&self) {
+        let mut ready = self.ready.subscribe();
+        let _ = ready.wait_for(|ready| *ready).await;
+    }
+
+    /// Installs a certificate chain (leaf first) for `key` and the roots
+    /// that came with it.
+    fn install_credentials(
+        &self,
+        key: PrivateKeyDer<'static>,
+        chain: Vec<CertificateDer<'static>>,
+        anchors: &[CertificateDer<'static>],
+        not_after: SystemTime,
+    ) -> Result<(), String> {
+        let leaf = chain.first().ok_or("the CA answered with no certificate")?;
+        let got = SpiffeId::from_certificate(leaf).map_err(|e| e.to_string())?;
+        if got != self.id {
+            return Err(format!("the CA issued a certificate for {got}, not {}", self.id));
+        }
+        if !anchors.is_empty() {
+            self.trust.store(Arc::new(Trust::new(anchors, &self.provider)?));
+        }
+        let signing = self
+            .provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| format!("unusable key: {e}"))?;
+        self.key
+            .store(Some(Arc::new(CertifiedKey::new(chain, signing))));
+        let mut status = self.status.lock();
+        status.not_after = Some(not_after);
+        status.renewals += 1;
+        status.last_error = None;
+        drop(status);
+        self.ready.send_replace(true);
+        Ok(())
+    }
+
+    /// TLS 1.3 client configuration that presents this proxy's certificate
+    /// and accepts only a server proving `expected`.
+    pub fn client_config(self: &Arc<Self>, expected: SpiffeId, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+        let verifier = Arc::new(PeerVerifier {
+            identity: self.clone(),
+            expected,
+        });
+        // The ring provider supports TLS 1.3; this cannot fail.
+        let builder = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3 is supported by the ring provider");
+        let mut config = builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(OwnClientCert(self.clone())));
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// TLS 1.3 server configuration of the inbound listener.
+    pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
+        let builder = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3 is supported by the ring provider");
+        let mut config = builder
+            .with_client_cert_verifier(Arc::new(CallerVerifier(self.clone())))
+            .with_cert_resolver(Arc::new(OwnServerCert(self.clone())));
+        config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        Arc::new(config)
+    }
+
+    /// Obtains the first certificate and renews it until the process ends.
+    pub async fn run(self: Arc<Self>, settings: IdentitySettings) {
+        let tls = self.client_config(settings.control_plane_id.clone(), &[ALPN_H2]);
+        let mut retry = RETRY_MIN;
+        loop {
+            match self.certify(&settings, &tls).await {
+                Ok((not_after, lifetime)) => {
+                    retry = RETRY_MIN;
+                    let left = not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    let wait = left.saturating_sub(lifetime.mul_f64(1.0 - RENEW_AT));
+                    tracing::info!(
+                        identity = %self.id,
+                        not_after = unix(not_after),
+                        renew_in_ms = wait.as_millis() as u64,
+                        "mesh certificate in force"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Err(error) => {
+                    let left = self
+                        .status
+                        .lock()
+                        .not_after
+                        .and_then(|t| t.duration_since(SystemTime::now()).ok());
+                    tracing::warn!(identity = %self.id, %error, retry_in_ms = retry.as_millis() as u64, "cannot obtain a mesh certificate");
+                    self.status.lock().last_error = Some(error);
+                    // Never sleep past the expiry of the certificate in force.
+                    let pause = match left {
+                        Some(left) => retry.min(left / 4).max(RETRY_MIN),
+                        None => retry,
+                    };
+                    tokio::time::sleep(pause).await;
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// One request for a certificate: a fresh key, a CSR, the CA's answer.
+    async fn certify(
+        &self,
+        settings: &IdentitySettings,
+        tls: &Arc<ClientConfig>,
+    ) -> Result<(SystemTime, Duration), String> {
+        let token = std::fs::read_to_string(&settings.token_file)
+            .map_err(|e| format!("cannot read the bootstrap token {}: {e}", settings.token_file.display()))?;
+        let token = token.trim();
+        let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
+        let mut params = rcgen::CertificateParams::default();
+        let uri = self
+            .id
+            .to_string()
+            .try_into()
+            .map_err(|e| format!("identity is not ASCII: {e}"))?;
+        params.subject_alt_names.push(rcgen::SanType::URI(uri));
+        let csr = params
+            .serialize_request(&key)
+            .map_err(|e| format!("cannot build the CSR: {e}"))?;
+        let channel = connect(&settings.control_plane, tls.clone()).await?;
+        let mut client = IdentityClient::new(channel);
+        let mut request = tonic::Request::new(CertifyRequest {
+            identity: self.id.to_string(),
+            csr: csr.der().to_vec(),
+            lifetime_seconds: settings.lifetime.map_or(0, |d| d.as_secs().max(1)),
+        });
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the bootstrap token has characters a header cannot carry".to_string())?;
+        request.metadata_mut().insert("authorization", bearer);
+        request.set_timeout(CERTIFY_TIMEOUT);
+        let response = tokio::time::timeout(CERTIFY_TIMEOUT, client.certify(request))
+            .await
+            .map_err(|_| "the CA did not answer in time".to_string())?
+            .map_err(|status| format!("the CA refused: {:?}: {}", status.code(), status.message()))?
+            .into_inner();
+        let not_after = UNIX_EPOCH + Duration::from_secs(response.not_after.max(0) as u64);
+        let issued = SystemTime::now();
+        let chain = response.chain.into_iter().map(CertificateDer::from).collect();
+        let anchors: Vec<CertificateDer<'static>> = response
+            .trust_anchors
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        self.install_credentials(der, chain, &anchors, not_after)?;
+        let lifetime = not_after.duration_since(issued).unwrap_or_default();
+        Ok((not_after, lifetime))
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A gRPC channel to the control plane over mutual TLS (or over
+/// server-authenticated TLS before the first certificate).
+pub async fn connect(url: &str, tls: Arc<ClientConfig>) -> Result<tonic::transport::Channel, String> {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_only()
+        .enable_http2()
+        .wrap_connector({
+            let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(Duration::from_secs(5)));
+            http
+        });
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| format!("invalid control-plane URL {url:?}: {e}"))?
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {}", crate::control::error_chain(&e)))
+}
+
+/// A refusal with the reason, as rustls carries it to the log line.
+#[derive(Debug)]
+struct Refused(String);
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+fn refused(reason: String) -> TlsError {
+    TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(reason)))))
+}
+
+/// Verifies a server: chains to the mesh's roots and proves `expected`.
+struct PeerVerifier {
+    identity: Arc<Identity>,
+    expected: SpiffeId,
+}
+
+impl fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PeerVerifier({})", self.expected)
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        let trust = self.identity.trust.load();
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &trust.roots,
+            intermediates,
+            now,
+            self.identity.provider.signature_verification_algorithms.all,
+        )?;
+        let got = SpiffeId::from_certificate(end_entity).map_err(|e| refused(e.to_string()))?;
+        if got != self.expected {
+            return Err(refused(format!(
+                "the peer is {got}, not the expected {}",
+                self.expected
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.identity.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.identity.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.identity
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies a caller on the inbound listener: a certificate is required,
+/// it chains to the mesh's roots, and it carries a SPIFFE ID of this
+/// mesh's trust domain.
+struct CallerVerifier(Arc<Identity>);
+
+impl fmt::Debug for CallerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CallerVerifier")
+    }
+}
+
+impl ClientCertVerifier for CallerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: a mesh has one trust domain, and clients need none.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        self.0
+            .trust
+            .load()
+            .clients
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let caller = SpiffeId::from_certificate(end_entity).map_err(|e| refused(e.to_string()))?;
+        if caller.trust_domain() != self.0.id.trust_domain() {
+            return Err(refused(format!(
+                "the caller {caller} is not of this mesh's trust domain `{}`",
+                self.0.id.trust_domain()
+            )));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// This proxy's certificate, for the server side of a handshake.
+struct OwnServerCert(Arc<Identity>);
+
+impl fmt::Debug for OwnServerCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OwnServerCert")
+    }
+}
+
+impl ResolvesServerCert for OwnServerCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.key.load_full()
+    }
+}
+
+/// This proxy's certificate, for the client side of a handshake; none
+/// before the first one is obtained.
+struct OwnClientCert(Arc<Identity>);
+
+impl fmt::Debug for OwnClientCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OwnClientCert")
+    }
+}
+
+impl ResolvesClientCert for OwnClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.key.load_full()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The caller of an inbound request, as its certificate proved it; in the
+/// request's extensions for every filter and the access log. Absent for
+/// plaintext callers (permissive mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller(pub Arc<SpiffeId>);

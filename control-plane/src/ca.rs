@@ -95,10 +95,18 @@ impl Authority {
                     (true, true) => {}
                     (false, false) => generate_root(dir, &cert, &key)?,
                     (true, false) => {
-                        return Err(format!("{} exists but {} is missing", cert.display(), key.display()))
+                        return Err(format!(
+                            "{} exists but {} is missing",
+                            cert.display(),
+                            key.display()
+                        ))
                     }
                     (false, true) => {
-                        return Err(format!("{} exists but {} is missing", key.display(), cert.display()))
+                        return Err(format!(
+                            "{} exists but {} is missing",
+                            key.display(),
+                            cert.display()
+                        ))
                     }
                 }
                 (cert, key)
@@ -146,7 +154,9 @@ impl Authority {
     ) -> Result<Signed, SignError> {
         let der = CertificateSigningRequestDer::from(csr);
         let request = CertificateSigningRequestParams::from_der(&der).map_err(|e| {
-            SignError::BadRequest(format!("the CSR is not a valid signed PKCS#10 request: {e}"))
+            SignError::BadRequest(format!(
+                "the CSR is not a valid signed PKCS#10 request: {e}"
+            ))
         })?;
         self.sign_key(identity, &request.public_key, &[], lifetime)
     }
@@ -342,7 +352,10 @@ mod tests {
         let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let error = ca.sign_csr(&id, b"not a csr", None).unwrap_err();
         assert!(matches!(error, SignError::BadRequest(_)), "{error}");
-        assert!(error.to_string().contains("not a valid signed PKCS#10"), "{error}");
+        assert!(
+            error.to_string().contains("not a valid signed PKCS#10"),
+            "{error}"
+        );
     }
 
     #[test]

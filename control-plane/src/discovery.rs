@@ -25,10 +25,10 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
-use crate::tls::PeerInfo;
-use infermesh_proto::spiffe::SpiffeId;
 use crate::proxies::{Answer, Outcome, ProxyState, Registration, Registry, Sent};
 use crate::snapshot::{Published, Scoped};
+use crate::tls::PeerInfo;
+use infermesh_proto::spiffe::SpiffeId;
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -149,7 +149,11 @@ impl IdentityService {
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
         self.metrics.csr_refused(reason);
-        tracing::warn!(reason, message = status.message(), "certificate request refused");
+        tracing::warn!(
+            reason,
+            message = status.message(),
+            "certificate request refused"
+        );
         status
     }
 }
@@ -238,13 +242,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            tokens.get(&digest("0123456789abcdef0123")).unwrap().to_string(),
+            tokens
+                .get(&digest("0123456789abcdef0123"))
+                .unwrap()
+                .to_string(),
             "spiffe://cluster.local/ns/models/sa/llama"
         );
         for (text, reason) in [
             ("models/llama\n", "tokens:1: expected"),
             ("\nllama 0123456789abcdef0123\n", "tokens:2: `llama` is not"),
-            ("models/Llama 0123456789abcdef0123\n", "tokens:1: service account `Llama`"),
+            (
+                "models/Llama 0123456789abcdef0123\n",
+                "tokens:1: service account `Llama`",
+            ),
             ("models/llama short\n", "tokens:1: the token is shorter"),
             (
                 "a/b 0123456789abcdef0123\nc/d 0123456789abcdef0123\n",

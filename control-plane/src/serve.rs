@@ -17,8 +17,8 @@ use infermesh_proto::spiffe::SpiffeId;
 
 use crate::admin::{self, Admin};
 use crate::ca::{Authority, CaSettings};
-use crate::identity::{IdentityService, TokenFile};
 use crate::discovery::Discovery;
+use crate::identity::{IdentityService, TokenFile};
 use crate::metrics::Metrics;
 use crate::policies::{self, Publisher};
 use crate::proxies::Registry;
@@ -126,10 +126,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
                 builder
                     .add_service(PolicyDiscoveryServer::new(discovery))
                     .add_service(IdentityServer::new(service))
-                    .serve_with_incoming_shutdown(
-                        crate::tls::incoming(listener, config),
-                        stop,
-                    ),
+                    .serve_with_incoming_shutdown(crate::tls::incoming(listener, config), stop),
             )
         }
         None => tokio::spawn(

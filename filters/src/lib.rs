@@ -5,6 +5,7 @@
 //! [`ProxyError`], which the proxy turns into the client's error response at
 //! the edge of the stack.
 
+pub mod authz;
 pub mod body;
 pub mod error;
 pub mod replay;

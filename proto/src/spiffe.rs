@@ -188,9 +188,7 @@ mod tests {
 
     #[test]
     fn mesh_identities_round_trip() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/models/sa/llama"
-            .parse()
-            .unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/models/sa/llama".parse().unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "models");
         assert_eq!(id.service_account(), "llama");
@@ -204,7 +202,10 @@ mod tests {
             ("spiffe://cluster.local/ns/a", "not a mesh identity"),
             ("spiffe://cluster.local/ns/a/sa/b/c", "not a mesh identity"),
             ("spiffe://cluster.local/sa/a/ns/b", "not a mesh identity"),
-            ("spiffe://Cluster/ns/a/sa/b", "trust domain `Cluster` has `C`"),
+            (
+                "spiffe://Cluster/ns/a/sa/b",
+                "trust domain `Cluster` has `C`",
+            ),
             ("spiffe://td/ns//sa/b", "namespace is empty"),
             ("spiffe://td/ns/a/sa/B", "service account `B` has `B`"),
         ] {

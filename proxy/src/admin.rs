@@ -44,9 +44,24 @@ impl Admin {
         self.ready.store(ready, Ordering::Release);
     }
 
-    fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-            && self.inputs.snapshot.load().source() != Source::Pending
+    /// Why the proxy is not ready, or `None` when it is.
+    fn not_ready_reason(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Some("starting or draining".into());
+        }
+        if let Some(identity) = crate::identity::mesh() {
+            if !identity.certified() {
+                let mut reason = format!("no mesh certificate yet for {}", identity.id());
+                if let Some(error) = identity.status().last_error {
+                    reason.push_str(&format!(" (last attempt: {error})"));
+                }
+                return Some(reason);
+            }
+        }
+        if self.inputs.snapshot.load().source() == Source::Pending {
+            return Some("no policy snapshot yet".into());
+        }
+        None
     }
 
     /// The policy in force as JSON: its documents (`backends`, `routes`,
@@ -70,6 +85,27 @@ impl Admin {
                     }),
                 );
             }
+            // Who the proxy is and when its certificate ends; never the
+            // certificate, the key or the token.
+            if let Some(identity) = crate::identity::mesh() {
+                let status = identity.status();
+                let not_after = status.not_after.and_then(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs())
+                });
+                map.insert(
+                    "identity".into(),
+                    serde_json::json!({
+                        "spiffeId": identity.id().to_string(),
+                        "certified": identity.certified(),
+                        "notAfter": not_after,
+                        "certificatesObtained": status.renewals,
+                        "lastError": status.last_error,
+                        "inboundMtls": snapshot.mtls_mode(),
+                    }),
+                );
+            }
         }
         serde_json::to_vec_pretty(&value)
     }
@@ -80,13 +116,13 @@ impl Admin {
         }
         match request.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
-            "/ready" => {
-                if self.is_ready() {
-                    text(StatusCode::OK, "ready\n")
-                } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                }
-            }
+            "/ready" => match self.not_ready_reason() {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(reason) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("not ready: {reason}\n"),
+                ),
+            },
             "/metrics" => {
                 let mut response =
                     Response::new(Full::new(Bytes::from(self.inputs.metrics.render())));

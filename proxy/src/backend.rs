@@ -122,13 +122,7 @@ impl Backend {
         // identity the backend exists but every request to it fails with
         // the reason (see `Backend::mtls_problem`).
         let tls = spec.mtls.as_ref().and_then(|mtls| {
-            crate::identity::mesh().map(|identity| {
-                let alpn: &[&[u8]] = match spec.protocol {
-                    UpstreamProtocol::Http1 => &[crate::identity::ALPN_HTTP1],
-                    UpstreamProtocol::Http2 => &[crate::identity::ALPN_H2],
-                };
-                identity.client_config(mtls.identity.clone(), alpn)
-            })
+            crate::identity::mesh().map(|identity| identity.client_config(mtls.identity.clone()))
         });
         let client = match previous {
             Some(p)

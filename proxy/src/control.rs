@@ -22,9 +22,12 @@ use infermesh_proto::policy::{PolicySet, Workload};
 use infermesh_proto::policy_api::policy_discovery_client::PolicyDiscoveryClient;
 use infermesh_proto::policy_api::proxy_message::Message;
 use infermesh_proto::policy_api::{Ack, Hello, Nack, PolicySnapshot, ProxyMessage};
+use infermesh_proto::spiffe::SpiffeId;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tonic::transport::Endpoint;
+
+use crate::identity::Identity;
 
 pub use backoff::Backoff;
 pub use cache::{CacheError, Cached, PolicyCache};
@@ -70,6 +73,9 @@ pub struct Settings {
     pub cache: Option<PolicyCache>,
     /// Snapshots with more resources than this are refused.
     pub max_resources: usize,
+    /// With a mesh identity: the stream waits for the first certificate
+    /// and runs over mutual TLS, verifying the control plane's SPIFFE ID.
+    pub tls: Option<(Arc<Identity>, SpiffeId)>,
 }
 
 /// A control-plane setting that cannot work.
@@ -255,15 +261,28 @@ impl ControlPlane {
 
     /// One stream, from connecting to its end; returns why it ended.
     async fn session(&self, link: &mut Link, backoff: &mut Backoff) -> String {
-        let channel = match self.endpoint.connect().await {
-            Ok(channel) => channel,
-            Err(error) => {
-                return format!(
+        let connected = match &self.settings.tls {
+            Some((identity, control_plane_id)) => {
+                if !identity.certified() {
+                    tracing::info!(
+                        "waiting for the mesh certificate before subscribing to the control plane"
+                    );
+                    identity.wait_certified().await;
+                }
+                let tls = identity.client_config(control_plane_id.clone());
+                crate::identity::connect(&self.settings.url, tls).await
+            }
+            None => self.endpoint.connect().await.map_err(|error| {
+                format!(
                     "cannot connect to {}: {}",
                     self.settings.url,
                     error_chain(&error)
                 )
-            }
+            }),
+        };
+        let channel = match connected {
+            Ok(channel) => channel,
+            Err(error) => return error,
         };
         let mut client =
             PolicyDiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -13,6 +13,8 @@ pub enum Protocol {
     Http1,
     /// HTTP/2 prior knowledge.
     Http2,
+    /// A TLS handshake (a ClientHello record).
+    Tls,
     /// Neither: forwarded as bytes, or refused.
     Opaque,
 }
@@ -22,6 +24,14 @@ pub enum Protocol {
 pub fn detect(prefix: &[u8]) -> Option<Protocol> {
     if prefix.is_empty() {
         return None;
+    }
+    // A TLS record of type handshake (22), protocol version 3.x.
+    if prefix[0] == 0x16 {
+        return match prefix.get(1) {
+            None => None,
+            Some(3) => Some(Protocol::Tls),
+            Some(_) => Some(Protocol::Opaque),
+        };
     }
     let n = prefix.len().min(H2_PREFACE.len());
     if prefix[..n] == H2_PREFACE[..n] {
@@ -72,7 +82,9 @@ mod tests {
 
     #[test]
     fn other_bytes_are_opaque() {
-        assert_eq!(detect(&[0x16, 0x03, 0x01]), Some(Protocol::Opaque), "TLS");
+        assert_eq!(detect(&[0x16, 0x03, 0x01]), Some(Protocol::Tls), "TLS");
+        assert_eq!(detect(&[0x16]), None, "one byte of a TLS record");
+        assert_eq!(detect(&[0x16, 0x09]), Some(Protocol::Opaque));
         assert_eq!(detect(b"\x00\x00\x00\x08"), Some(Protocol::Opaque));
         assert_eq!(detect(b"get / HTTP/1.1"), Some(Protocol::Opaque));
         assert_eq!(detect(b" GET"), Some(Protocol::Opaque));

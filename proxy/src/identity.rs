@@ -89,7 +89,10 @@ struct Trust {
 }
 
 impl Trust {
-    fn new(anchors: &[CertificateDer<'static>], provider: &Arc<CryptoProvider>) -> Result<Self, String> {
+    fn new(
+        anchors: &[CertificateDer<'static>],
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, String> {
         let mut roots = RootCertStore::empty();
         for anchor in anchors {
             roots
@@ -205,10 +208,14 @@ impl Identity {
         let leaf = chain.first().ok_or("the CA answered with no certificate")?;
         let got = SpiffeId::from_certificate(leaf).map_err(|e| e.to_string())?;
         if got != self.id {
-            return Err(format!("the CA issued a certificate for {got}, not {}", self.id));
+            return Err(format!(
+                "the CA issued a certificate for {got}, not {}",
+                self.id
+            ));
         }
         if !anchors.is_empty() {
-            self.trust.store(Arc::new(Trust::new(anchors, &self.provider)?));
+            self.trust
+                .store(Arc::new(Trust::new(anchors, &self.provider)?));
         }
         let signing = self
             .provider
@@ -227,8 +234,9 @@ impl Identity {
     }
 
     /// TLS 1.3 client configuration that presents this proxy's certificate
-    /// and accepts only a server proving `expected`.
-    pub fn client_config(self: &Arc<Self>, expected: SpiffeId, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    /// and accepts only a server proving `expected`. ALPN is left to the
+    /// connector, which offers what the connection will speak.
+    pub fn client_config(self: &Arc<Self>, expected: SpiffeId) -> Arc<ClientConfig> {
         let verifier = Arc::new(PeerVerifier {
             identity: self.clone(),
             expected,
@@ -237,11 +245,10 @@ impl Identity {
         let builder = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3 is supported by the ring provider");
-        let mut config = builder
+        let config = builder
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(Arc::new(OwnClientCert(self.clone())));
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
     }
 
@@ -259,7 +266,7 @@ impl Identity {
 
     /// Obtains the first certificate and renews it until the process ends.
     pub async fn run(self: Arc<Self>, settings: IdentitySettings) {
-        let tls = self.client_config(settings.control_plane_id.clone(), &[ALPN_H2]);
+        let tls = self.client_config(settings.control_plane_id.clone());
         let mut retry = RETRY_MIN;
         loop {
             match self.certify(&settings, &tls).await {
@@ -303,8 +310,12 @@ impl Identity {
         settings: &IdentitySettings,
         tls: &Arc<ClientConfig>,
     ) -> Result<(SystemTime, Duration), String> {
-        let token = std::fs::read_to_string(&settings.token_file)
-            .map_err(|e| format!("cannot read the bootstrap token {}: {e}", settings.token_file.display()))?;
+        let token = std::fs::read_to_string(&settings.token_file).map_err(|e| {
+            format!(
+                "cannot read the bootstrap token {}: {e}",
+                settings.token_file.display()
+            )
+        })?;
         let token = token.trim();
         let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
         let mut params = rcgen::CertificateParams::default();
@@ -336,7 +347,11 @@ impl Identity {
             .into_inner();
         let not_after = UNIX_EPOCH + Duration::from_secs(response.not_after.max(0) as u64);
         let issued = SystemTime::now();
-        let chain = response.chain.into_iter().map(CertificateDer::from).collect();
+        let chain = response
+            .chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
         let anchors: Vec<CertificateDer<'static>> = response
             .trust_anchors
             .into_iter()
@@ -355,7 +370,10 @@ fn unix(t: SystemTime) -> u64 {
 
 /// A gRPC channel to the control plane over mutual TLS (or over
 /// server-authenticated TLS before the first certificate).
-pub async fn connect(url: &str, tls: Arc<ClientConfig>) -> Result<tonic::transport::Channel, String> {
+pub async fn connect(
+    url: &str,
+    tls: Arc<ClientConfig>,
+) -> Result<tonic::transport::Channel, String> {
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((*tls).clone())
         .https_only()
@@ -374,7 +392,12 @@ pub async fn connect(url: &str, tls: Arc<ClientConfig>) -> Result<tonic::transpo
         .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| format!("cannot connect to {url}: {}", crate::control::error_chain(&e)))
+        .map_err(|e| {
+            format!(
+                "cannot connect to {url}: {}",
+                crate::control::error_chain(&e)
+            )
+        })
 }
 
 /// A refusal with the reason, as rustls carries it to the log line.
@@ -390,7 +413,9 @@ impl fmt::Display for Refused {
 impl std::error::Error for Refused {}
 
 fn refused(reason: String) -> TlsError {
-    TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(reason)))))
+    TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(
+        reason,
+    )))))
 }
 
 /// Verifies a server: chains to the mesh's roots and proves `expected`.
@@ -536,7 +561,10 @@ impl ClientCertVerifier for CallerVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.provider.signature_verification_algorithms.supported_schemes()
+        self.0
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -579,8 +607,13 @@ impl ResolvesClientCert for OwnClientCert {
     }
 }
 
-/// The caller of an inbound request, as its certificate proved it; in the
-/// request's extensions for every filter and the access log. Absent for
-/// plaintext callers (permissive mode).
+/// Who sent an inbound request and where: in the request's extensions for
+/// every filter and the access log.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller(pub Arc<SpiffeId>);
+pub struct InboundConn {
+    /// The caller's identity, as its certificate proved it; `None` for a
+    /// plaintext caller (permissive mode, or a proxy without identity).
+    pub caller: Option<Arc<SpiffeId>>,
+    /// The port of the listener the connection arrived on.
+    pub port: u16,
+}

@@ -1,6 +1,8 @@
 //! Listeners: accept connections, detect the protocol from the first bytes,
 //! and serve HTTP/1.1 and HTTP/2 on the same port; anything else is
-//! forwarded as opaque TCP or refused.
+//! forwarded as opaque TCP or refused. The inbound listener of a proxy with
+//! a mesh identity terminates mutual TLS and, in strict mode (the default),
+//! refuses plaintext.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,17 +11,21 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use infermesh_proto::policy::ListenerKind;
+use infermesh_proto::policy::{ListenerKind, MtlsMode};
+use infermesh_proto::spiffe::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::detect::{self, Protocol};
+use crate::identity::{self, InboundConn};
 use crate::opaque;
 use crate::service::{self, Inputs};
 
 /// How long a new connection may stay silent before it is treated as opaque
 /// (a server-speaks-first protocol).
 const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to finish a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -93,6 +99,9 @@ impl Listener {
 struct Builders {
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// The inbound TLS configuration, built on first use; it reads the
+    /// certificate and roots at each handshake, so renewals need no rebuild.
+    tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
 }
 
 impl Builders {
@@ -109,7 +118,15 @@ impl Builders {
             .initial_connection_window_size(8 * 1024 * 1024)
             .max_concurrent_streams(1024)
             .keep_alive_interval(Duration::from_secs(30));
-        Self { http1, http2 }
+        Self {
+            http1,
+            http2,
+            tls: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn inbound_tls(&self, identity: &Arc<identity::Identity>) -> Arc<rustls::ServerConfig> {
+        self.tls.get_or_init(|| identity.server_config()).clone()
     }
 }
 
@@ -128,23 +145,103 @@ async fn serve_connection(
             return;
         }
     };
-    let svc_inputs = inputs.clone();
-    let svc = service_fn(move |request| service::handle(svc_inputs.clone(), kind, request));
-    let io = TokioIo::new(stream);
-    let result = match protocol {
-        Protocol::Http1 => {
-            watcher
-                .watch(builders.http1.serve_connection(io, svc))
-                .await
+    // The inbound listener of a proxy with a mesh identity terminates
+    // mutual TLS; the outbound one passes an application's own TLS through
+    // as bytes.
+    let mesh = match kind {
+        ListenerKind::Inbound => identity::mesh(),
+        ListenerKind::Outbound => None,
+    };
+    let port = stream.local_addr().map_or(0, |a| a.port());
+    match (protocol, mesh) {
+        (Protocol::Tls, Some(identity)) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(builders.inbound_tls(identity));
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::warn!(%peer, %error, "inbound mTLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "inbound mTLS handshake timed out");
+                    return;
+                }
+            };
+            let (_, session) = tls.get_ref();
+            let caller = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| SpiffeId::from_certificate(leaf).ok())
+                .map(Arc::new);
+            let protocol = match session.alpn_protocol() {
+                Some(identity::ALPN_H2) => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            tracing::debug!(%peer, caller = ?caller.as_deref().map(ToString::to_string), "inbound mTLS connection");
+            let conn = InboundConn { caller, port };
+            serve_http(
+                tls,
+                peer,
+                protocol,
+                Some(conn),
+                kind,
+                inputs,
+                &builders,
+                watcher,
+            )
+            .await;
         }
+        (Protocol::Tls | Protocol::Opaque, _) => {
+            opaque::serve(stream, peer, kind, &inputs).await;
+        }
+        (Protocol::Http1 | Protocol::Http2, Some(_))
+            if inputs.snapshot.load().mtls_mode() == MtlsMode::Strict =>
+        {
+            tracing::warn!(%peer, "plaintext connection refused: inbound mTLS is strict (a MeshConfig with mtls.mode: permissive accepts plaintext)");
+        }
+        (Protocol::Http1 | Protocol::Http2, _) => {
+            let conn =
+                (kind == ListenerKind::Inbound).then_some(InboundConn { caller: None, port });
+            serve_http(
+                stream, peer, protocol, conn, kind, inputs, &builders, watcher,
+            )
+            .await;
+        }
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on `io`; on the inbound listener every request
+/// carries `conn` (who called, on which port) in its extensions.
+#[allow(clippy::too_many_arguments)]
+async fn serve_http<I>(
+    io: I,
+    peer: SocketAddr,
+    protocol: Protocol,
+    conn: Option<InboundConn>,
+    kind: ListenerKind,
+    inputs: Arc<Inputs>,
+    builders: &Builders,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        if let Some(conn) = &conn {
+            request.extensions_mut().insert(conn.clone());
+        }
+        service::handle(inputs.clone(), kind, request)
+    });
+    let io = TokioIo::new(io);
+    let result = match protocol {
         Protocol::Http2 => {
             watcher
                 .watch(builders.http2.serve_connection(io, svc))
                 .await
         }
-        Protocol::Opaque => {
-            opaque::serve(io.into_inner(), peer, kind, &inputs).await;
-            return;
+        _ => {
+            watcher
+                .watch(builders.http1.serve_connection(io, svc))
+                .await
         }
     };
     if let Err(error) = result {

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use clap::Parser;
 use infermesh_proto::policy::{self, ListenerKind, PolicySet, Workload};
+use infermesh_proto::spiffe::SpiffeId;
 use infermesh_proxy::admin::{self, Admin};
 use infermesh_proxy::control::{self, ControlPlane, Node, PolicyCache};
+use infermesh_proxy::identity::{self, Identity, IdentitySettings};
 use infermesh_proxy::listener::Listener;
 use infermesh_proxy::metrics::Metrics;
 use infermesh_proxy::service::Inputs;
@@ -60,6 +62,35 @@ struct Args {
     /// A label of the workload, for policy scoping; repeatable.
     #[arg(long = "workload-label", value_name = "KEY=VALUE", value_parser = parse_label)]
     workload_labels: Vec<(String, String)>,
+    /// Mesh identity: a file holding this workload's bootstrap token. With
+    /// it the proxy obtains a SPIFFE certificate for
+    /// spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT from the
+    /// control plane (an https:// URL), terminates mutual TLS on its inbound
+    /// listener and speaks it to meshed backends.
+    #[arg(long, value_name = "FILE", requires_all = ["control_plane", "trust_bundle"])]
+    identity_token_file: Option<PathBuf>,
+    /// PEM file of the mesh's root certificate(s), to verify the control
+    /// plane on the first connection.
+    #[arg(long, value_name = "FILE")]
+    trust_bundle: Option<PathBuf>,
+    /// Service account of the workload, part of its identity.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "POD_SERVICE_ACCOUNT",
+        default_value = "default"
+    )]
+    service_account: String,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = infermesh_proto::spiffe::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Certificate lifetime to ask for [default: the CA's].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    cert_lifetime: Option<std::time::Duration>,
+    /// The SPIFFE ID the control plane must prove
+    /// [default: spiffe://TRUST_DOMAIN/ns/infermesh-system/sa/infermesh-control].
+    #[arg(long, value_name = "SPIFFE_ID")]
+    control_plane_identity: Option<SpiffeId>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -72,12 +103,58 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 impl Args {
+    /// How the proxy obtains its mesh identity, when it has one.
+    fn identity(&self) -> Result<Option<IdentitySettings>, String> {
+        let Some(token_file) = self.identity_token_file.clone() else {
+            if self
+                .control_plane
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+            {
+                return Err("an https:// control plane is a certificate authority: give --identity-token-file and --trust-bundle".into());
+            }
+            return Ok(None);
+        };
+        let url = self.control_plane.clone().unwrap_or_default();
+        if !url.starts_with("https://") {
+            return Err(format!(
+                "--identity-token-file needs the control plane's https:// URL, got {url:?}"
+            ));
+        }
+        let namespace = self
+            .workload_namespace
+            .clone()
+            .filter(|ns| !ns.trim().is_empty())
+            .ok_or("--identity-token-file needs --workload-namespace: the identity names it")?;
+        let id = SpiffeId::new(&self.trust_domain, &namespace, &self.service_account)
+            .map_err(|e| format!("this workload's identity: {e}"))?;
+        let control_plane_id = match &self.control_plane_identity {
+            Some(id) => id.clone(),
+            None => SpiffeId::new(&self.trust_domain, "infermesh-system", "infermesh-control")
+                .map_err(|e| e.to_string())?,
+        };
+        Ok(Some(IdentitySettings {
+            id,
+            token_file,
+            trust_bundle: self.trust_bundle.clone().unwrap_or_default(),
+            lifetime: self.cert_lifetime,
+            control_plane: url,
+            control_plane_id,
+        }))
+    }
+
     /// Who this proxy is, from the workload flags.
     fn node(&self) -> Node {
         let non_empty = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
         Node {
             proxy_id: non_empty(&self.proxy_id).unwrap_or_else(default_proxy_id),
-            identity: non_empty(&self.workload_identity).unwrap_or_default(),
+            identity: non_empty(&self.workload_identity).unwrap_or_else(|| {
+                self.identity()
+                    .ok()
+                    .flatten()
+                    .map(|i| i.id.to_string())
+                    .unwrap_or_default()
+            }),
             workload: Workload {
                 namespace: non_empty(&self.workload_namespace).unwrap_or_default(),
                 labels: self.workload_labels.iter().cloned().collect(),
@@ -100,6 +177,13 @@ fn default_proxy_id() -> String {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging();
+    let identity = match args.identity() {
+        Ok(identity) => identity,
+        Err(message) => {
+            eprintln!("infermesh-proxy: {message}");
+            return ExitCode::from(2);
+        }
+    };
 
     let policy = match &args.config {
         Some(path) => match policy::load_path(path) {
@@ -131,7 +215,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, policy)) {
+    match runtime.block_on(run(args, policy, identity)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("infermesh-proxy: {message}");
@@ -173,7 +257,27 @@ fn init_logging() {
         .init();
 }
 
-async fn run(args: Args, policy: Option<PolicySet>) -> Result<(), String> {
+async fn run(
+    args: Args,
+    policy: Option<PolicySet>,
+    identity: Option<IdentitySettings>,
+) -> Result<(), String> {
+    // The identity comes first: snapshots build meshed backends' TLS on it.
+    let identity = match identity {
+        Some(settings) => {
+            let identity = Identity::new(settings.id.clone(), &settings.trust_bundle)?;
+            identity::install(identity.clone());
+            tracing::info!(identity = %settings.id, control_plane = %settings.control_plane, "obtaining a mesh certificate");
+            tokio::spawn(identity.clone().run(settings.clone()));
+            Some((identity, settings))
+        }
+        None => {
+            tracing::info!(
+                "no mesh identity (--identity-token-file): plaintext inbound and outbound"
+            );
+            None
+        }
+    };
     let metrics = Arc::new(Metrics::new());
     let (policy, source) = match (policy, &args.control_plane) {
         (Some(policy), _) => (policy, Source::File),
@@ -196,6 +300,9 @@ async fn run(args: Args, policy: Option<PolicySet>) -> Result<(), String> {
                 node: args.node(),
                 cache: args.policy_cache.clone().map(PolicyCache::new),
                 max_resources: args.max_policy_resources,
+                tls: identity.as_ref().map(|(identity, settings)| {
+                    (identity.clone(), settings.control_plane_id.clone())
+                }),
             };
             Some(ControlPlane::new(settings, inputs.clone()).map_err(|e| e.to_string())?)
         }

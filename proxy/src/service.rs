@@ -19,9 +19,11 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use infermesh_filters::authz::AuthzRequest;
 use infermesh_filters::timeout::is_grpc;
 use infermesh_filters::{BoxBody, BoxError, ProxyError};
 use infermesh_proto::policy::ListenerKind;
+use infermesh_proto::spiffe::SpiffeId;
 use pin_project_lite::pin_project;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -31,6 +33,7 @@ use tower::ServiceExt;
 use crate::body::ProxyBody;
 use crate::classify::{self, BodyScan, GrpcModelScanner, JsonScanner, Scan};
 use crate::forward::Upstream;
+use crate::identity::InboundConn;
 use crate::metrics::{listener_label, Metrics, Name, RequestLabels};
 use crate::route::{self, RouteInput};
 use crate::snapshot::{RouteTarget, Snapshot};
@@ -165,12 +168,33 @@ async fn route_and_send(
         .grpc
         .as_ref()
         .is_some_and(|g| g.method == "ModelStreamInfer");
+    let authorizer = (listener == ListenerKind::Inbound)
+        .then(|| snapshot.authorizer())
+        .filter(|a| a.enforced());
+    // Authorization by model needs the model for certain: the whole
+    // top-level object is scanned, to see a repeated `model`.
+    let prove_model = authorizer.is_some_and(|a| a.needs_model());
     let body = match head.body {
         BodyScan::None => BodyState::Streaming(body),
         BodyScan::OpenAiJson => {
             let mut scanner = JsonScanner::new(limit);
+            if prove_model {
+                scanner = scanner.whole_object();
+            }
             let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
             let fields = scanner.finish();
+            if prove_model && fields.duplicate_model {
+                return Err(ProxyError::BadRequest(
+                    "the JSON body has more than one top-level `model` member".into(),
+                )
+                .into());
+            }
+            if prove_model && !fields.complete && prefix.rest.is_some() {
+                return Err(ProxyError::Forbidden(format!(
+                    "the model of a JSON body longer than classify.maxBodyPrefix ({limit} bytes) cannot be verified for authorization; raise maxBodyPrefix in the MeshConfig"
+                ))
+                .into());
+            }
             model = fields.model.clone();
             stream = fields.stream;
             BodyState::Scanned(prefix, Scanned::Json(fields))
@@ -184,10 +208,12 @@ async fn route_and_send(
         }
     };
 
+    let conn = parts.extensions.get::<InboundConn>();
     if let Some(access) = access {
         access.api = head.api.as_str();
         access.model = model.clone();
         access.stream = stream;
+        access.caller = conn.and_then(|c| c.caller.clone());
     }
 
     let host = route::request_host(&parts.uri, &parts.headers);
@@ -201,7 +227,18 @@ async fn route_and_send(
         headers: &parts.headers,
         model: model.as_deref(),
     };
-    let Some(route) = snapshot.route(listener, &input) else {
+    let route = snapshot.route(listener, &input);
+    if let Some(authorizer) = authorizer {
+        let grpc_method = head.grpc.as_ref().map(|_| parts.uri.path());
+        authorizer.check(&AuthzRequest {
+            caller: conn.and_then(|c| c.caller.as_deref()),
+            model: model.as_deref(),
+            route: route.map(|r| r.name().as_str()),
+            grpc_method,
+            port: conn.map_or(0, |c| c.port),
+        })?;
+    }
+    let Some(route) = route else {
         return Err(ProxyError::NoRoute(describe(&parts, model.as_deref())).into());
     };
     let fail = |error: ProxyError, backend: Name| Failed {
@@ -558,6 +595,8 @@ struct AccessLog {
     route: Name,
     backend: Name,
     status: u16,
+    /// The caller's mesh identity (inbound, over mutual TLS).
+    caller: Option<Arc<SpiffeId>>,
 }
 
 impl AccessLog {
@@ -572,6 +611,7 @@ impl AccessLog {
             route: Name::default(),
             backend: Name::default(),
             status: 0,
+            caller: None,
         }
     }
 
@@ -587,6 +627,7 @@ impl AccessLog {
             route = self.route.as_str(),
             backend = self.backend.as_str(),
             status = self.status,
+            caller = self.caller.as_deref().map(ToString::to_string).unwrap_or_default(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
         );
     }

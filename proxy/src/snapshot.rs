@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use infermesh_proto::policy::{ListenerKind, PolicySet};
+use infermesh_filters::authz::Authorizer;
+use infermesh_proto::policy::{ListenerKind, MtlsMode, PolicySet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -77,6 +78,8 @@ pub struct Snapshot {
     opaque: Option<Arc<Backend>>,
     classify_limit: usize,
     drain_timeout: Duration,
+    mtls_mode: MtlsMode,
+    authorizer: Authorizer,
 }
 
 /// A compiled route.
@@ -220,6 +223,9 @@ impl Snapshot {
             .and_then(|name| backends.get(name).cloned());
         let classify_limit = mesh.map_or(64 * 1024, |m| m.classify.max_body_prefix as usize);
         let drain_timeout = mesh.map_or(Duration::from_secs(30), |m| m.drain_timeout);
+        let mtls_mode = mesh.map_or(MtlsMode::Strict, |m| m.mtls.mode);
+        let trust_domain = crate::identity::mesh().map(|id| id.id().trust_domain().to_owned());
+        let authorizer = Authorizer::new(&policy.authorizations, trust_domain.as_deref());
         Self {
             origin,
             policy,
@@ -229,7 +235,19 @@ impl Snapshot {
             opaque,
             classify_limit,
             drain_timeout,
+            mtls_mode,
+            authorizer,
         }
+    }
+
+    /// What the inbound listener accepts once the proxy holds a certificate.
+    pub fn mtls_mode(&self) -> MtlsMode {
+        self.mtls_mode
+    }
+
+    /// The authorization policies of the inbound listener.
+    pub fn authorizer(&self) -> &Authorizer {
+        &self.authorizer
     }
 
     /// The control plane's version of this policy; 0 for a local one.

@@ -23,6 +23,7 @@ pub struct ProxyBuilder {
     config: ConfigArg,
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
+    inbound: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,6 +53,13 @@ impl ProxyBuilder {
     /// Adds a policy file called `name` (written into the temporary config directory).
     pub fn file(mut self, name: &str, contents: &str) -> Self {
         self.files.push((name.to_string(), contents.to_string()));
+        self
+    }
+
+    /// Binds the inbound listener on `addr` instead of `127.0.0.1:0`, for
+    /// policies that must name it before the proxy starts.
+    pub fn inbound(mut self, addr: SocketAddr) -> Self {
+        self.inbound = Some(addr);
         self
     }
 
@@ -121,12 +129,15 @@ impl ProxyBuilder {
                 command.arg("--config").arg(path);
             }
         }
+        let inbound = self
+            .inbound
+            .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
         command
             .args([
                 "--outbound",
                 "127.0.0.1:0",
                 "--inbound",
-                "127.0.0.1:0",
+                inbound.as_str(),
                 "--admin",
                 "127.0.0.1:0",
             ])

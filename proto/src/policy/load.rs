@@ -37,7 +37,8 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuthorizationPolicySpec, BackendSpec, MeshConfigSpec, Metadata, ModelRouteSpec, PolicySet, Resource, API_VERSION,
+    AuthorizationPolicySpec, BackendSpec, MeshConfigSpec, Metadata, ModelRouteSpec, PolicySet,
+    Resource, API_VERSION,
 };
 use de::{De, Step};
 use yaml::{Node, Value};

@@ -9,7 +9,9 @@ use schemars::generate::SchemaSettings;
 use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
-use super::{AuthorizationPolicySpec, BackendSpec, MeshConfigSpec, ModelRouteSpec, Resource, API_VERSION};
+use super::{
+    AuthorizationPolicySpec, BackendSpec, MeshConfigSpec, ModelRouteSpec, Resource, API_VERSION,
+};
 
 /// One generated schema file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,12 +190,7 @@ mod tests {
         let schema = schema_of("policy.schema.json");
         assert_eq!(
             schema["properties"]["kind"]["enum"],
-            json!([
-                "Backend",
-                "ModelRoute",
-                "MeshConfig",
-                "AuthorizationPolicy"
-            ])
+            json!(["Backend", "ModelRoute", "MeshConfig", "AuthorizationPolicy"])
         );
         let definitions = schema["definitions"].as_object().unwrap();
         for branch in schema["allOf"].as_array().unwrap() {

@@ -648,7 +648,8 @@ mod tests {
 
     #[test]
     fn a_whole_object_scan_sees_a_repeated_model() {
-        let body = br#"{"model":"allowed","stream":false,"messages":[{"model":"x"}],"model":"secret"}"#;
+        let body =
+            br#"{"model":"allowed","stream":false,"messages":[{"model":"x"}],"model":"secret"}"#;
         let quick = scan(body);
         assert_eq!(quick.model.as_deref(), Some("allowed"));
         assert!(!quick.duplicate_model, "the quick scan stops early");

@@ -15,8 +15,8 @@ use super::shadow;
 use super::yaml::{Node, Value};
 use super::{did_you_mean, Kind, Loader, Location, PolicyError, Typed};
 use crate::policy::{
-    scope, AuthorizationPolicySpec, BackendSpec, CallerMatch, MeshConfigSpec, Metadata, ModelRouteSpec, RetryPolicy, StringMatch,
-    WorkloadSelector,
+    scope, AuthorizationPolicySpec, BackendSpec, CallerMatch, MeshConfigSpec, Metadata,
+    ModelRouteSpec, RetryPolicy, StringMatch, WorkloadSelector,
 };
 
 /// `classify.maxBodyPrefix` bounds: below 1 KiB no model name is found in
@@ -511,9 +511,8 @@ pub(super) fn pattern_problem(pattern: &str) -> Option<String> {
         return Some("an empty pattern matches nothing; write `*` to match everything".into());
     }
     let body = pattern.strip_suffix('*').unwrap_or(pattern);
-    body.contains('*').then(|| {
-        format!("`{pattern}`: `*` is allowed only at the end, as a prefix match")
-    })
+    body.contains('*')
+        .then(|| format!("`{pattern}`: `*` is allowed only at the end, as a prefix match"))
 }
 
 /// gRPC method patterns: `/package.Service/Method`, `/package.Service/*`.

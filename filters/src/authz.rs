@@ -226,6 +226,16 @@ mod tests {
         Authorizer::new(&set.authorizations, Some("cluster.local"))
     }
 
+    /// Caller, model, route, gRPC method, port, and whether it is allowed.
+    type Case<'a> = (
+        Option<&'a SpiffeId>,
+        Option<&'a str>,
+        Option<&'a str>,
+        Option<&'a str>,
+        u16,
+        bool,
+    );
+
     fn id(s: &str) -> SpiffeId {
         s.parse().unwrap()
     }
@@ -250,14 +260,7 @@ mod tests {
         let batch_elsewhere = id("spiffe://other.org/ns/batch/sa/job");
         let partner = id("spiffe://partner.org/ns/x/sa/y");
         let infer = "/inference.GRPCInferenceService/ModelInfer";
-        let cases: [(
-            Option<&SpiffeId>,
-            Option<&str>,
-            Option<&str>,
-            Option<&str>,
-            u16,
-            bool,
-        ); 11] = [
+        let cases: [Case<'_>; 11] = [
             (Some(&web), Some("llama-3-8b"), None, None, 4143, true),
             (Some(&web), Some("mistral"), None, None, 4143, false),
             (Some(&web), None, None, None, 4143, false),

@@ -589,6 +589,7 @@ spec:
             node: Node::default(),
             cache: None,
             max_resources: 10,
+            tls: None,
         };
         let error = ControlPlane::new(settings, inputs()).unwrap_err();
         assert!(error.to_string().contains("expected http://"), "{error}");
@@ -693,6 +694,7 @@ spec:
             },
             cache,
             max_resources: 2,
+            tls: None,
         }
     }
 

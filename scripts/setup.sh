@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests, the demo and the benchmarks need, and only what is
 # missing, so it is cheap to run again:
-#   - Debian packages: curl, nghttp2-client (h2load, for benchmarks), and
+#   - Debian packages: curl, openssl (a TLS peer for the mutual-TLS tests),
+#     nghttp2-client (h2load, for benchmarks), and
 #     python3-venv when no Python at hand can make a venv;
 #   - a Python venv at <repo>/.venv with the pinned packages of
 #     tests/python/requirements.txt (openai, grpcio, grpcio-tools);
@@ -50,6 +51,8 @@ apt_install() {
 
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# openssl s_client: a real TLS peer for the mutual-TLS tests.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 # The fallback engine's Vulkan loader and lavapipe (Mesa's Vulkan on the CPU).
 dpkg_has() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }

@@ -263,7 +263,11 @@ fn validate(path: &Path, output: Output) -> ExitCode {
         .and_then(|()| stdout.flush());
     match result {
         Ok(set) => {
-            if set.backends.is_empty() && set.routes.is_empty() && set.mesh.is_none() {
+            if set.backends.is_empty()
+                && set.routes.is_empty()
+                && set.authorizations.is_empty()
+                && set.mesh.is_none()
+            {
                 eprintln!(
                     "warning: no policy documents under {} (policy files end in .yaml or .yml)",
                     path.display()
@@ -335,12 +339,23 @@ fn json_report(result: &Result<PolicySet, Vec<PolicyError>>) -> String {
 
 /// `N documents (B backends, R routes)`.
 fn summary(set: &PolicySet) -> String {
-    let documents = set.backends.len() + set.routes.len() + usize::from(set.mesh.is_some());
-    format!(
-        "{documents} documents ({} backends, {} routes)",
+    let documents = set.backends.len()
+        + set.routes.len()
+        + set.authorizations.len()
+        + usize::from(set.mesh.is_some());
+    let mut out = format!(
+        "{documents} documents ({} backends, {} routes",
         set.backends.len(),
         set.routes.len()
-    )
+    );
+    if !set.authorizations.is_empty() {
+        out.push_str(&format!(
+            ", {} authorization policies",
+            set.authorizations.len()
+        ));
+    }
+    out.push(')');
+    out
 }
 
 #[cfg(test)]

@@ -166,7 +166,11 @@ fn validate(path: &Path, output: Output) -> ExitCode {
         .and_then(|()| stdout.flush());
     match result {
         Ok(set) => {
-            if set.backends.is_empty() && set.routes.is_empty() && set.mesh.is_none() {
+            if set.backends.is_empty()
+                && set.local_models.is_empty()
+                && set.routes.is_empty()
+                && set.mesh.is_none()
+            {
                 eprintln!(
                     "warning: no policy documents under {} (policy files end in .yaml or .yml)",
                     path.display()
@@ -236,11 +240,19 @@ fn json_report(result: &Result<PolicySet, Vec<PolicyError>>) -> String {
     format!("{json}\n")
 }
 
-/// `N documents (B backends, R routes)`.
+/// `N documents (B backends, R routes)`, and the local models when there
+/// are any.
 fn summary(set: &PolicySet) -> String {
-    let documents = set.backends.len() + set.routes.len() + usize::from(set.mesh.is_some());
+    let documents = set.backends.len()
+        + set.local_models.len()
+        + set.routes.len()
+        + usize::from(set.mesh.is_some());
+    let local = match set.local_models.len() {
+        0 => String::new(),
+        n => format!(", {n} local models"),
+    };
     format!(
-        "{documents} documents ({} backends, {} routes)",
+        "{documents} documents ({} backends, {} routes{local})",
         set.backends.len(),
         set.routes.len()
     )

@@ -9,7 +9,9 @@ use schemars::generate::SchemaSettings;
 use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
-use super::{BackendSpec, MeshConfigSpec, ModelRouteSpec, Resource, API_VERSION};
+use super::{
+    BackendSpec, LocalModelSpec, MeshConfigSpec, ModelRouteSpec, Resource, API_VERSION,
+};
 
 /// One generated schema file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +22,7 @@ pub struct SchemaFile {
     pub json: String,
 }
 
-/// A schema per kind (`backend`, `modelroute`, `meshconfig`), and
+/// A schema per kind (`backend`, `modelroute`, `meshconfig`, `localmodel`), and
 /// `policy.schema.json`, which accepts a document of any kind (for files
 /// that mix kinds, as most do).
 pub fn schemas() -> Vec<SchemaFile> {
@@ -28,6 +30,7 @@ pub fn schemas() -> Vec<SchemaFile> {
         kind::<BackendSpec>("Backend"),
         kind::<ModelRouteSpec>("ModelRoute"),
         kind::<MeshConfigSpec>("MeshConfig"),
+        kind::<LocalModelSpec>("LocalModel"),
     ];
     let mut files: Vec<SchemaFile> = kinds
         .iter()
@@ -96,7 +99,7 @@ fn any_kind(kinds: &[(String, Value)]) -> Value {
     json!({
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "infermesh policy document",
-        "description": "One document of an infermesh mesh policy: a Backend, a ModelRoute or the MeshConfig.",
+        "description": "One document of an infermesh mesh policy: a Backend, a ModelRoute, the MeshConfig or a LocalModel.",
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
@@ -129,6 +132,7 @@ mod tests {
                 "backend.schema.json",
                 "modelroute.schema.json",
                 "meshconfig.schema.json",
+                "localmodel.schema.json",
                 "policy.schema.json"
             ]
         );
@@ -185,7 +189,7 @@ mod tests {
         let schema = schema_of("policy.schema.json");
         assert_eq!(
             schema["properties"]["kind"]["enum"],
-            json!(["Backend", "ModelRoute", "MeshConfig"])
+            json!(["Backend", "ModelRoute", "MeshConfig", "LocalModel"])
         );
         let definitions = schema["definitions"].as_object().unwrap();
         for branch in schema["allOf"].as_array().unwrap() {

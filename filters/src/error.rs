@@ -59,6 +59,20 @@ pub enum ProxyError {
     /// The request is malformed.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The request body is longer than the proxy will hold to answer it
+    /// itself (local models read the whole body).
+    #[error("request body too large: {0}")]
+    TooLarge(String),
+    /// A model the proxy serves itself cannot answer: it failed to load
+    /// (missing files, no compute adapter), is still loading, or its device
+    /// failed.
+    #[error("local model {model} is unavailable: {reason}")]
+    LocalUnavailable {
+        /// The `LocalModel`'s name.
+        model: String,
+        /// Why, as the engine reported it.
+        reason: String,
+    },
 }
 
 fn fmt_duration(d: &Duration) -> String {
@@ -69,6 +83,10 @@ fn fmt_duration(d: &Duration) -> String {
 pub mod grpc_code {
     /// `INVALID_ARGUMENT`
     pub const INVALID_ARGUMENT: u8 = 3;
+    /// `NOT_FOUND`
+    pub const NOT_FOUND: u8 = 5;
+    /// `RESOURCE_EXHAUSTED`
+    pub const RESOURCE_EXHAUSTED: u8 = 8;
     /// `DEADLINE_EXCEEDED`
     pub const DEADLINE_EXCEEDED: u8 = 4;
     /// `UNIMPLEMENTED`
@@ -81,8 +99,8 @@ impl ProxyError {
     /// Who caused the error.
     pub fn fault(&self) -> Fault {
         match self {
-            Self::NoRoute(_) | Self::BadRequest(_) => Fault::Client,
-            Self::NoEndpoint(_) => Fault::Proxy,
+            Self::NoRoute(_) | Self::BadRequest(_) | Self::TooLarge(_) => Fault::Client,
+            Self::NoEndpoint(_) | Self::LocalUnavailable { .. } => Fault::Proxy,
             Self::Connect { .. }
             | Self::Upstream { .. }
             | Self::FirstByteTimeout(_)
@@ -109,6 +127,8 @@ impl ProxyError {
             Self::Upstream { .. } => "upstream_error",
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => "timeout",
             Self::BadRequest(_) => "bad_request",
+            Self::TooLarge(_) => "request_too_large",
+            Self::LocalUnavailable { .. } => "local_model_unavailable",
         }
     }
 
@@ -116,10 +136,13 @@ impl ProxyError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
-            Self::NoEndpoint(_) | Self::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoint(_) | Self::Connect { .. } | Self::LocalUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -127,11 +150,13 @@ impl ProxyError {
     pub fn grpc_code(&self) -> u8 {
         match self {
             Self::NoRoute(_) => grpc_code::UNIMPLEMENTED,
-            Self::NoEndpoint(_) | Self::Connect { .. } | Self::Upstream { .. } => {
-                grpc_code::UNAVAILABLE
-            }
+            Self::NoEndpoint(_)
+            | Self::Connect { .. }
+            | Self::Upstream { .. }
+            | Self::LocalUnavailable { .. } => grpc_code::UNAVAILABLE,
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => grpc_code::DEADLINE_EXCEEDED,
             Self::BadRequest(_) => grpc_code::INVALID_ARGUMENT,
+            Self::TooLarge(_) => grpc_code::RESOURCE_EXHAUSTED,
         }
     }
 
@@ -211,6 +236,26 @@ mod tests {
         assert_eq!(
             response.headers()["grpc-message"],
             "no response within the time-to-first-byte limit of 250ms"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_local_model_is_a_503_with_the_reason() {
+        let error = ProxyError::LocalUnavailable {
+            model: "minilm".into(),
+            reason: "model directory /m: config.json is missing".into(),
+        };
+        assert_eq!(error.fault(), Fault::Proxy);
+        assert!(!error.retryable());
+        assert_eq!(error.grpc_code(), grpc_code::UNAVAILABLE);
+        let response = error.to_response(false);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "local_model_unavailable");
+        assert_eq!(
+            json["error"]["message"],
+            "local model minilm is unavailable: model directory /m: config.json is missing"
         );
     }
 

@@ -10,6 +10,7 @@ pub mod control;
 pub mod detect;
 pub mod forward;
 pub mod listener;
+pub mod local;
 pub mod metrics;
 pub mod opaque;
 pub mod pool;

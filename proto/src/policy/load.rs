@@ -750,7 +750,12 @@ spec:
         let spec = &set.local_models[0].spec;
         assert_eq!(spec.model_dir, "/models/all-MiniLM-L6-v2");
         assert_eq!(
-            (spec.max_batch_size, spec.max_batch_tokens, spec.max_tokens, spec.max_inputs),
+            (
+                spec.max_batch_size,
+                spec.max_batch_tokens,
+                spec.max_tokens,
+                spec.max_inputs
+            ),
             (32, 8192, 256, 2048)
         );
         assert_eq!(spec.max_wait, std::time::Duration::from_millis(2));
@@ -785,7 +790,10 @@ spec:
             format!("---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: r}}\nspec: {{backends: [{{backend: \"{backend}\"}}]}}\n")
         };
         let ok = format!("{BACKEND}---\n{LOCAL_MODEL}{}", route("local:minilm"));
-        assert_eq!(load(&ok).unwrap().routes[0].spec.backends[0].backend, "local:minilm");
+        assert_eq!(
+            load(&ok).unwrap().routes[0].spec.backends[0].backend,
+            "local:minilm"
+        );
         assert_eq!(
             errors(&format!("{BACKEND}---\n{LOCAL_MODEL}{}", route("local:minlm"))),
             ["p.yaml:17:29: unknown local model `minlm`: no LocalModel has this name; did you mean `local:minilm`?"]

@@ -9,9 +9,7 @@ use schemars::generate::SchemaSettings;
 use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
-use super::{
-    BackendSpec, LocalModelSpec, MeshConfigSpec, ModelRouteSpec, Resource, API_VERSION,
-};
+use super::{BackendSpec, LocalModelSpec, MeshConfigSpec, ModelRouteSpec, Resource, API_VERSION};
 
 /// One generated schema file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,8 +15,8 @@ use super::shadow;
 use super::yaml::{Node, Value};
 use super::{did_you_mean, Kind, Loader, Location, PolicyError, Typed};
 use crate::policy::{
-    local_model_name, scope, BackendSpec, LocalModelSpec, MeshConfigSpec, Metadata,
-    ModelRouteSpec, RetryPolicy, StringMatch, WorkloadSelector,
+    local_model_name, scope, BackendSpec, LocalModelSpec, MeshConfigSpec, Metadata, ModelRouteSpec,
+    RetryPolicy, StringMatch, WorkloadSelector,
 };
 
 /// `classify.maxBodyPrefix` bounds: below 1 KiB no model name is found in
@@ -266,8 +266,7 @@ impl<'a> BackendNames<'a> {
             if self.local_models.contains(&local) {
                 return None;
             }
-            let mut message =
-                format!("unknown local model `{local}`: no LocalModel has this name");
+            let mut message = format!("unknown local model `{local}`: no LocalModel has this name");
             if let Some(close) = did_you_mean(local, self.local_models.iter().copied()) {
                 message.push_str(&format!("; did you mean `local:{close}`?"));
             } else if self.backends.contains(&local) {
@@ -284,9 +283,7 @@ impl<'a> BackendNames<'a> {
         if let Some(close) = did_you_mean(name, self.backends.iter().copied()) {
             message.push_str(&format!("; did you mean `{close}`?"));
         } else if self.local_models.contains(&name) {
-            message.push_str(&format!(
-                "; `{name}` is a LocalModel: write `local:{name}`"
-            ));
+            message.push_str(&format!("; `{name}` is a LocalModel: write `local:{name}`"));
         }
         Some(message)
     }

@@ -74,8 +74,7 @@ impl LocalModel {
         metrics: &Metrics,
     ) -> Arc<Self> {
         if let Some(old) = old {
-            let failed = matches!(**old.state.load(), State::Unavailable(_));
-            if old.spec == *spec && !failed {
+            if carries_over(&old.spec, &old.state.load(), spec) {
                 return old.clone();
             }
         }
@@ -212,6 +211,13 @@ impl LocalModel {
             other => Failure::Proxy(self.unavailable(other.to_string())),
         }
     }
+}
+
+/// Whether a model loaded (or loading) from `old` serves `new` as it is:
+/// the same spec, and not failed (a failed one is tried again, so a push
+/// after the files appear brings it up).
+fn carries_over(old: &LocalModelSpec, state: &State, new: &LocalModelSpec) -> bool {
+    old == new && !matches!(state, State::Unavailable(_))
 }
 
 /// The engine settings of a `LocalModel` spec.
@@ -409,6 +415,32 @@ mod tests {
         assert!(!serves(ApiKind::KServeGrpc, Some("ModelStreamInfer")));
         assert!(!serves(ApiKind::OpenAiChat, None));
         assert!(!serves(ApiKind::Http, None));
+    }
+
+    fn spec() -> LocalModelSpec {
+        LocalModelSpec {
+            model_dir: "/m".into(),
+            max_batch_size: 32,
+            max_batch_tokens: 8192,
+            max_wait: Duration::from_millis(2),
+            max_tokens: 256,
+            max_inputs: 2048,
+            adapter: None,
+        }
+    }
+
+    #[test]
+    fn a_model_carries_over_while_its_spec_stays_and_it_has_not_failed() {
+        let old = spec();
+        assert!(carries_over(&old, &State::Loading, &spec()));
+        let failed = State::Unavailable("config.json is missing".into());
+        assert!(!carries_over(&old, &failed, &spec()));
+        let mut wider = spec();
+        wider.max_batch_size = 64;
+        assert!(!carries_over(&old, &State::Loading, &wider));
+        let mut elsewhere = spec();
+        elsewhere.model_dir = "/n".into();
+        assert!(!carries_over(&old, &State::Loading, &elsewhere));
     }
 
     #[test]

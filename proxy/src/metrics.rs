@@ -156,7 +156,7 @@ pub struct LocalRequestLabels {
 }
 
 fn batch_size_buckets() -> Histogram {
-    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0].into_iter())
+    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])
 }
 
 /// Labels of the retry counter.

@@ -30,6 +30,8 @@ mod de;
 mod shadow;
 mod yaml;
 
+pub(super) use check::local_model_problems;
+
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -45,7 +45,18 @@ impl PolicySet {
         for r in resources {
             match r.kind.as_str() {
                 "Backend" => set.backends.push(decode(r)?),
-                "LocalModel" => set.local_models.push(decode(r)?),
+                "LocalModel" => {
+                    let doc: Document<super::LocalModelSpec> = decode(r)?;
+                    // The control plane checked it with the same rules; a
+                    // proxy still refuses limits its engine cannot honour.
+                    if let Some((field, problem)) = super::load::local_model_problems(&doc.spec)
+                        .into_iter()
+                        .next()
+                    {
+                        return Err(format!("LocalModel {:?}: {field}: {problem}", r.name));
+                    }
+                    set.local_models.push(doc);
+                }
                 "ModelRoute" => set.routes.push(decode(r)?),
                 "MeshConfig" => {
                     if set.mesh.is_some() {
@@ -179,5 +190,14 @@ spec:
             .collect();
         let err = PolicySet::from_resources(&without).unwrap_err();
         assert!(err.contains("\"local:minilm\""), "{err}");
+        let mut zero = set.to_resources();
+        zero[1].json = zero[1]
+            .json
+            .replace("\"maxBatchSize\":8", "\"maxBatchSize\":0");
+        let err = PolicySet::from_resources(&zero).unwrap_err();
+        assert!(
+            err.contains("`maxBatchSize` must be between 1 and 256"),
+            "{err}"
+        );
     }
 }

@@ -299,7 +299,9 @@ fn local_model_spec(model: &Typed<LocalModelSpec>, errors: &mut Vec<PolicyError>
 }
 
 /// What is wrong with a `LocalModel` spec, by field.
-pub(super) fn local_model_problems(spec: &LocalModelSpec) -> Vec<(&'static str, String)> {
+pub(in crate::policy) fn local_model_problems(
+    spec: &LocalModelSpec,
+) -> Vec<(&'static str, String)> {
     let mut problems = Vec::new();
     if spec.model_dir.trim().is_empty() {
         problems.push((

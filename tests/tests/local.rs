@@ -531,3 +531,79 @@ async fn a_local_model_without_its_files_leaves_the_proxy_serving_remote_routes(
         proxy.stderr()
     );
 }
+
+async fn config_version(proxy: &ProxyProcess) -> u64 {
+    let reply = HttpClient::http1()
+        .get(&format!("{}/config", proxy.admin_url()))
+        .await;
+    reply.json()["version"].as_u64().unwrap_or(0)
+}
+
+async fn next_version(proxy: &ProxyProcess, after: u64) -> u64 {
+    let started = std::time::Instant::now();
+    loop {
+        let version = config_version(proxy).await;
+        if version > after {
+            return version;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no snapshot after version {after}\n--- stderr\n{}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_policy_push_that_keeps_the_local_model_keeps_its_engine() {
+    let local = |extra: &str| {
+        policy::docs(&[
+            policy::local_model("minilm", &model_dir(), extra),
+            policy::route(
+                "direct",
+                "match:\n  - model: {exact: minilm}\nbackends:\n  - backend: \"local:minilm\"",
+            ),
+        ])
+    };
+    let other = |model: &str| {
+        policy::route(
+            "other",
+            &format!(
+                "match:\n  - model: {{exact: {model}}}\nbackends:\n  - backend: \"local:minilm\""
+            ),
+        )
+    };
+    let control_plane = infermesh_tests::ControlPlaneProcess::start(&[
+        ("local.yaml", &local("maxWait: 5ms")),
+        ("other.yaml", &other("first")),
+    ]);
+    let proxy = ProxyProcess::builder()
+        .no_config()
+        .arg("--control-plane")
+        .arg(&control_plane.url())
+        .start();
+    wait_ready(&proxy, "minilm").await;
+    let loads = |proxy: &ProxyProcess| proxy.stderr().matches("loading local model").count();
+    assert_eq!(loads(&proxy), 1);
+    let client = HttpClient::http1();
+    let url = format!("{}/v1/embeddings", proxy.url());
+    let body = json!({"model": "minilm", "input": "hello"}).to_string();
+    assert_eq!(client.post_json(&url, &body).await.status, 200);
+
+    // Another document changes: the engine serves on, nothing reloads.
+    let version = config_version(&proxy).await;
+    control_plane.write("other.yaml", &other("second"));
+    let version = next_version(&proxy, version).await;
+    let reply = client.post_json(&url, &body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(loads(&proxy), 1, "{}", proxy.stderr());
+
+    // The model's own spec changes: a new engine loads, and serves.
+    control_plane.write("local.yaml", &local("maxWait: 3ms"));
+    next_version(&proxy, version).await;
+    wait_ready(&proxy, "minilm").await;
+    assert_eq!(loads(&proxy), 2, "{}", proxy.stderr());
+    let reply = client.post_json(&url, &body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}

@@ -264,6 +264,7 @@ fn validate(path: &Path, output: Output) -> ExitCode {
     match result {
         Ok(set) => {
             if set.backends.is_empty()
+                && set.local_models.is_empty()
                 && set.routes.is_empty()
                 && set.authorizations.is_empty()
                 && set.mesh.is_none()
@@ -337,14 +338,20 @@ fn json_report(result: &Result<PolicySet, Vec<PolicyError>>) -> String {
     format!("{json}\n")
 }
 
-/// `N documents (B backends, R routes)`.
+/// `N documents (B backends, R routes)`, and the local models when there
+/// are any.
 fn summary(set: &PolicySet) -> String {
     let documents = set.backends.len()
+        + set.local_models.len()
         + set.routes.len()
         + set.authorizations.len()
         + usize::from(set.mesh.is_some());
+    let local = match set.local_models.len() {
+        0 => String::new(),
+        n => format!(", {n} local models"),
+    };
     let mut out = format!(
-        "{documents} documents ({} backends, {} routes",
+        "{documents} documents ({} backends, {} routes{local}",
         set.backends.len(),
         set.routes.len()
     );

@@ -89,6 +89,8 @@ pub struct PolicyStatus {
 pub struct Documents {
     /// `Backend` documents.
     pub backends: usize,
+    /// `LocalModel` documents.
+    pub local_models: usize,
     /// `ModelRoute` documents.
     pub routes: usize,
     /// Whether there is a `MeshConfig`.
@@ -197,12 +199,14 @@ impl Publisher {
                 let published = Arc::new(Published::new(version, *set));
                 let documents = Documents {
                     backends: published.set.backends.len(),
+                    local_models: published.set.local_models.len(),
                     routes: published.set.routes.len(),
                     mesh_config: published.set.mesh.is_some(),
                 };
                 tracing::info!(
                     version,
                     backends = documents.backends,
+                    local_models = documents.local_models,
                     routes = documents.routes,
                     mesh_config = documents.mesh_config,
                     "published a policy snapshot"

@@ -32,6 +32,7 @@ fn the_committed_schemas_are_up_to_date() {
         generated,
         [
             "backend.schema.json",
+            "localmodel.schema.json",
             "meshconfig.schema.json",
             "modelroute.schema.json",
             "policy.schema.json"

@@ -66,6 +66,20 @@ pub enum ProxyError {
     /// without a mesh identity, say).
     #[error("{0}")]
     Misconfigured(String),
+    /// The request body is longer than the proxy will hold to answer it
+    /// itself (local models read the whole body).
+    #[error("request body too large: {0}")]
+    TooLarge(String),
+    /// A model the proxy serves itself cannot answer: it failed to load
+    /// (missing files, no compute adapter), is still loading, or its device
+    /// failed.
+    #[error("local model {model} is unavailable: {reason}")]
+    LocalUnavailable {
+        /// The `LocalModel`'s name.
+        model: String,
+        /// Why, as the engine reported it.
+        reason: String,
+    },
 }
 
 fn fmt_duration(d: &Duration) -> String {
@@ -78,6 +92,10 @@ pub mod grpc_code {
     pub const INVALID_ARGUMENT: u8 = 3;
     /// `PERMISSION_DENIED`
     pub const PERMISSION_DENIED: u8 = 7;
+    /// `NOT_FOUND`
+    pub const NOT_FOUND: u8 = 5;
+    /// `RESOURCE_EXHAUSTED`
+    pub const RESOURCE_EXHAUSTED: u8 = 8;
     /// `DEADLINE_EXCEEDED`
     pub const DEADLINE_EXCEEDED: u8 = 4;
     /// `UNIMPLEMENTED`
@@ -90,8 +108,12 @@ impl ProxyError {
     /// Who caused the error.
     pub fn fault(&self) -> Fault {
         match self {
-            Self::NoRoute(_) | Self::BadRequest(_) | Self::Forbidden(_) => Fault::Client,
-            Self::NoEndpoint(_) | Self::Misconfigured(_) => Fault::Proxy,
+            Self::NoRoute(_) | Self::BadRequest(_) | Self::Forbidden(_) | Self::TooLarge(_) => {
+                Fault::Client
+            }
+            Self::NoEndpoint(_) | Self::Misconfigured(_) | Self::LocalUnavailable { .. } => {
+                Fault::Proxy
+            }
             Self::Connect { .. }
             | Self::Upstream { .. }
             | Self::FirstByteTimeout(_)
@@ -120,6 +142,8 @@ impl ProxyError {
             Self::BadRequest(_) => "bad_request",
             Self::Forbidden(_) => "permission_denied",
             Self::Misconfigured(_) => "proxy_misconfigured",
+            Self::TooLarge(_) => "request_too_large",
+            Self::LocalUnavailable { .. } => "local_model_unavailable",
         }
     }
 
@@ -127,13 +151,15 @@ impl ProxyError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
-            Self::NoEndpoint(_) | Self::Connect { .. } | Self::Misconfigured(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoEndpoint(_)
+            | Self::Connect { .. }
+            | Self::Misconfigured(_)
+            | Self::LocalUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -144,10 +170,12 @@ impl ProxyError {
             Self::NoEndpoint(_)
             | Self::Connect { .. }
             | Self::Upstream { .. }
-            | Self::Misconfigured(_) => grpc_code::UNAVAILABLE,
+            | Self::Misconfigured(_)
+            | Self::LocalUnavailable { .. } => grpc_code::UNAVAILABLE,
             Self::Forbidden(_) => grpc_code::PERMISSION_DENIED,
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => grpc_code::DEADLINE_EXCEEDED,
             Self::BadRequest(_) => grpc_code::INVALID_ARGUMENT,
+            Self::TooLarge(_) => grpc_code::RESOURCE_EXHAUSTED,
         }
     }
 
@@ -227,6 +255,26 @@ mod tests {
         assert_eq!(
             response.headers()["grpc-message"],
             "no response within the time-to-first-byte limit of 250ms"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_local_model_is_a_503_with_the_reason() {
+        let error = ProxyError::LocalUnavailable {
+            model: "minilm".into(),
+            reason: "model directory /m: config.json is missing".into(),
+        };
+        assert_eq!(error.fault(), Fault::Proxy);
+        assert!(!error.retryable());
+        assert_eq!(error.grpc_code(), grpc_code::UNAVAILABLE);
+        let response = error.to_response(false);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "local_model_unavailable");
+        assert_eq!(
+            json["error"]["message"],
+            "local model minilm is unavailable: model directory /m: config.json is missing"
         );
     }
 

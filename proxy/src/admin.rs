@@ -15,8 +15,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::control;
+use crate::local::State;
 use crate::service::Inputs;
-use crate::snapshot::Source;
+use crate::snapshot::{Snapshot, Source};
 
 /// State the admin endpoints report.
 #[derive(Debug)]
@@ -71,6 +72,17 @@ impl Admin {
         let mut value = serde_json::to_value(snapshot.policy())?;
         if let serde_json::Value::Object(map) = &mut value {
             map.insert("version".into(), snapshot.version().into());
+            let mut local = serde_json::Map::new();
+            for model in sorted_local_models(&snapshot) {
+                let (state, detail) = describe(&model.state());
+                local.insert(
+                    model.name().as_str().to_owned(),
+                    serde_json::json!({"state": state, "detail": detail}),
+                );
+            }
+            if !local.is_empty() {
+                map.insert("localModelStatus".into(), local.into());
+            }
             map.insert("source".into(), snapshot.source().as_str().into());
             if let Some(control) = &self.control {
                 let rejected = control
@@ -116,13 +128,16 @@ impl Admin {
         }
         match request.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
-            "/ready" => match self.not_ready_reason() {
-                None => text(StatusCode::OK, "ready\n"),
-                Some(reason) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("not ready: {reason}\n"),
-                ),
-            },
+            "/ready" => {
+                let local = local_model_lines(&self.inputs.snapshot.load());
+                match self.not_ready_reason() {
+                    None => text(StatusCode::OK, &format!("ready\n{local}")),
+                    Some(reason) => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("not ready: {reason}\n{local}"),
+                    ),
+                }
+            }
             "/metrics" => {
                 let mut response =
                     Response::new(Full::new(Bytes::from(self.inputs.metrics.render())));
@@ -149,6 +164,46 @@ impl Admin {
             ),
         }
     }
+}
+
+/// The local models of `snapshot`, by name.
+fn sorted_local_models(snapshot: &Snapshot) -> Vec<&Arc<crate::local::LocalModel>> {
+    let mut models: Vec<_> = snapshot.local_models().collect();
+    models.sort_by(|a, b| a.name().as_str().cmp(b.name().as_str()));
+    models
+}
+
+/// A state's name and what to say about it.
+fn describe(state: &State) -> (&'static str, String) {
+    match state {
+        State::Loading => ("loading", String::new()),
+        State::Ready(engine) => (
+            "ready",
+            format!(
+                "adapter {}, {} dimensions",
+                engine.adapter(),
+                engine.dimensions()
+            ),
+        ),
+        State::Unavailable(reason) => ("unavailable", reason.clone()),
+    }
+}
+
+/// One line per local model for `/ready`: readiness does not depend on
+/// them (they are fallbacks, and a pod taken out of service would lose its
+/// remote routes too), but whoever reads it learns which cannot serve, and
+/// why.
+fn local_model_lines(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    for model in sorted_local_models(snapshot) {
+        let (state, detail) = describe(&model.state());
+        out.push_str(&format!("local model {}: {state}", model.name().as_str()));
+        if !detail.is_empty() {
+            out.push_str(&format!(" ({detail})"));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -11,6 +11,7 @@ pub mod detect;
 pub mod forward;
 pub mod identity;
 pub mod listener;
+pub mod local;
 pub mod metrics;
 pub mod opaque;
 pub mod pool;

@@ -121,6 +121,42 @@ pub struct Metrics {
     pub retries: Family<RetryLabels, Counter>,
     /// Requests sent down a route's fallback chain, by route and backend.
     pub fallbacks: Family<RouteLabels, Counter>,
+    /// Requests the local engine answered, by route, model and outcome.
+    pub local_requests: Family<LocalRequestLabels, Counter>,
+    /// 1 while a local model is loaded and serving, else 0.
+    pub local_model_ready: Family<LocalModelLabels, Gauge>,
+    /// Sequences per forward pass of a local model.
+    pub local_batch_size: Family<LocalModelLabels, Histogram, fn() -> Histogram>,
+    /// Time a request waits for its batch to start.
+    pub local_queue_wait: Family<LocalModelLabels, Histogram, fn() -> Histogram>,
+    /// Time of one forward pass.
+    pub local_forward: Family<LocalModelLabels, Histogram, fn() -> Histogram>,
+    /// Sequences embedded by a local model.
+    pub local_sequences: Family<LocalModelLabels, Counter>,
+    /// Tokens embedded by a local model, before padding.
+    pub local_tokens: Family<LocalModelLabels, Counter>,
+}
+
+/// Labels of per-local-model metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LocalModelLabels {
+    /// The `LocalModel`'s name.
+    pub model: Name,
+}
+
+/// Labels of the local-request counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LocalRequestLabels {
+    /// Route name.
+    pub route: Name,
+    /// The `LocalModel`'s name.
+    pub model: Name,
+    /// `served` (200), `invalid` (refused with a 4xx) or `unavailable` (503).
+    pub outcome: &'static str,
+}
+
+fn batch_size_buckets() -> Histogram {
+    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])
 }
 
 /// Labels of the retry counter.
@@ -224,8 +260,60 @@ impl Metrics {
             "Requests sent to a fallback backend because the route's backend could not start a response, by route and fallback backend",
             fallbacks.clone(),
         );
+        let local_requests = Family::default();
+        registry.register(
+            "local_requests",
+            "Requests answered by the proxy's own engine, by route, local model and outcome (served, invalid, unavailable)",
+            local_requests.clone(),
+        );
+        let local_model_ready = Family::default();
+        registry.register(
+            "local_model_ready",
+            "1 while a local model is loaded and serving, 0 while it loads or when it is unavailable",
+            local_model_ready.clone(),
+        );
+        let local_batch_size =
+            Family::new_with_constructor(batch_size_buckets as fn() -> Histogram);
+        registry.register(
+            "local_batch_size",
+            "Sequences in each forward pass of a local model",
+            local_batch_size.clone(),
+        );
+        let local_queue_wait =
+            Family::new_with_constructor(new_latency_histogram as fn() -> Histogram);
+        registry.register(
+            "local_queue_wait_seconds",
+            "Time a request to a local model waits before its batch starts",
+            local_queue_wait.clone(),
+        );
+        let local_forward =
+            Family::new_with_constructor(new_latency_histogram as fn() -> Histogram);
+        registry.register(
+            "local_forward_seconds",
+            "Time of each forward pass of a local model, read-back included",
+            local_forward.clone(),
+        );
+        let local_sequences = Family::default();
+        registry.register(
+            "local_sequences",
+            "Sequences (inputs) embedded by a local model",
+            local_sequences.clone(),
+        );
+        let local_tokens = Family::default();
+        registry.register(
+            "local_tokens",
+            "Tokens embedded by a local model, special tokens included, padding excluded",
+            local_tokens.clone(),
+        );
         Self {
             registry,
+            local_requests,
+            local_model_ready,
+            local_batch_size,
+            local_queue_wait,
+            local_forward,
+            local_sequences,
+            local_tokens,
             retries,
             fallbacks,
             requests,

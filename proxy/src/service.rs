@@ -4,6 +4,7 @@
 //! ```text
 //! accept -> detect -> [classify -> route -> timeouts -> retries -> balance -> send] -> stream back
 //!                                          (fallback chain: the stack again, per link)
+//!                              `local:` target -> read the body -> local engine -> answer
 //! ```
 
 use std::collections::VecDeque;
@@ -31,12 +32,13 @@ use prometheus_client::metrics::histogram::Histogram;
 use tower::ServiceExt;
 
 use crate::body::ProxyBody;
-use crate::classify::{self, BodyScan, GrpcModelScanner, JsonScanner, Scan};
+use crate::classify::{self, ApiKind, BodyScan, GrpcModelScanner, JsonScanner, Scan};
 use crate::forward::Upstream;
 use crate::identity::InboundConn;
-use crate::metrics::{listener_label, Metrics, Name, RequestLabels};
+use crate::local::{self, LocalRequest};
+use crate::metrics::{listener_label, LocalRequestLabels, Metrics, Name, RequestLabels};
 use crate::route::{self, RouteInput};
-use crate::snapshot::{RouteTarget, Snapshot};
+use crate::snapshot::{Destination, RouteTarget, Snapshot};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -254,9 +256,20 @@ async fn route_and_send(
     };
 
     // A fallback chain needs the whole body to send it again: read the rest
-    // of a body that fits in the classification limit.
+    // of a body that fits in the classification limit. KServe REST names the
+    // model in the path, so its body was not scanned: read it now.
     let mut body = body;
     if !route.fallback().is_empty() {
+        if head.api == ApiKind::KServeRest {
+            if let BodyState::Streaming(incoming) = body {
+                let prefix = Prefix {
+                    chunks: VecDeque::new(),
+                    trailers: None,
+                    rest: Some(incoming),
+                };
+                body = BodyState::Scanned(prefix, Scanned::Path);
+            }
+        }
         if let BodyState::Scanned(prefix, _) = &mut body {
             complete_prefix(prefix, limit).await?;
         }
@@ -293,21 +306,38 @@ async fn route_and_send(
         }
     };
 
-    let mut result = send(route, target, Request::from_parts(parts, body)).await;
+    let what = Asked {
+        api: head.api,
+        grpc_method: head.grpc.as_ref().map(|g| g.method.as_str()),
+        model: model.as_deref(),
+    };
+    let mut result = send(
+        inputs,
+        route,
+        target,
+        Request::from_parts(parts, body),
+        &what,
+    )
+    .await;
     let mut served_by = target;
     if let Some(replay) = replay {
         for link in route.fallback() {
             if !cannot_start(&result) {
                 break;
             }
+            // A local embedding model cannot answer a chat completion: the
+            // client is better told why the remote backend failed.
+            if !link.target.serves(what.api, what.grpc_method) {
+                continue;
+            }
             link.taken.inc();
             tracing::debug!(
                 route = route.name().as_str(),
-                backend = link.target.backend.name().as_str(),
+                backend = link.target.name.as_str(),
                 "falling back"
             );
             let request = replay.request(&link.target, model.as_deref());
-            result = send(route, &link.target, request).await;
+            result = send(inputs, route, &link.target, request, &what).await;
             served_by = &link.target;
         }
     }
@@ -315,29 +345,123 @@ async fn route_and_send(
         Ok(response) => Ok(Routed {
             response,
             route: route.name().clone(),
-            backend: served_by.backend.name().clone(),
+            backend: served_by.name.clone(),
             duration: served_by.duration.clone(),
             ok: served_by.ok.clone(),
         }),
-        Err(error) => Err(fail(error, served_by.backend.name().clone())),
+        Err(error) => Err(fail(error, served_by.name.clone())),
     }
 }
 
-/// Sends `request` to `target`'s backend through the route's stack.
+/// What the client asked for, as classification found it.
+struct Asked<'a> {
+    api: ApiKind,
+    grpc_method: Option<&'a str>,
+    /// The client's model name, before any alias.
+    model: Option<&'a str>,
+}
+
+/// Sends `request` to `target`: a backend through the route's stack, or a
+/// local model.
 async fn send(
+    inputs: &Inputs,
     route: &crate::snapshot::Route,
     target: &RouteTarget,
     mut request: Request<ProxyBody>,
+    asked: &Asked<'_>,
 ) -> Result<Response<BoxBody>, ProxyError> {
-    request
-        .extensions_mut()
-        .insert(Upstream(target.backend.clone()));
     let sent = Instant::now();
-    let result = route.stack().clone().oneshot(request).await;
+    let result = match &target.destination {
+        Destination::Remote(backend) => {
+            request.extensions_mut().insert(Upstream(backend.clone()));
+            route.stack().clone().oneshot(request).await
+        }
+        Destination::Local(model) => {
+            let result = answer_locally(model, route, request, asked).await;
+            let outcome = match &result {
+                Ok(response) if response.status().is_success() && !grpc_failed(response) => {
+                    "served"
+                }
+                Ok(_) | Err(ProxyError::TooLarge(_) | ProxyError::BadRequest(_)) => "invalid",
+                Err(_) => "unavailable",
+            };
+            inputs
+                .metrics
+                .local_requests
+                .get_or_create(&LocalRequestLabels {
+                    route: route.name().clone(),
+                    model: model.name().clone(),
+                    outcome,
+                })
+                .inc();
+            result
+        }
+    };
     if result.is_ok() {
         target.first_byte.observe(sent.elapsed().as_secs_f64());
     }
     result
+}
+
+/// Reads the whole request body (the engine needs all of it) and has the
+/// local model answer, within the route's time limit.
+async fn answer_locally(
+    model: &local::LocalModel,
+    route: &crate::snapshot::Route,
+    request: Request<ProxyBody>,
+    asked: &Asked<'_>,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let (parts, body) = request.into_parts();
+    let answer = async {
+        let body = read_whole(body, local::MAX_BODY_BYTES).await?;
+        let request = LocalRequest {
+            api: asked.api,
+            method: &parts.method,
+            path: parts.uri.path(),
+            grpc_method: asked.grpc_method,
+            model: asked.model,
+        };
+        local::serve(model, request, body).await
+    };
+    match route.local_limit() {
+        Some(limit) => tokio::time::timeout(limit, answer)
+            .await
+            .unwrap_or(Err(ProxyError::FirstByteTimeout(limit))),
+        None => answer.await,
+    }
+}
+
+/// Whether a gRPC response carries a failure status in its headers.
+fn grpc_failed(response: &Response<BoxBody>) -> bool {
+    response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|status| status != "0")
+}
+
+/// The whole of `body`, or 413 past `limit` bytes.
+async fn read_whole(mut body: ProxyBody, limit: usize) -> Result<Bytes, ProxyError> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut read = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
+            ProxyError::BadRequest(format!("reading the request body failed: {error}"))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            read += data.len();
+            if read > limit {
+                return Err(ProxyError::TooLarge(format!(
+                    "a local model reads at most {limit} bytes of request body"
+                )));
+            }
+            chunks.push(data);
+        }
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
+    })
 }
 
 /// Whether an outcome means the backend could not start a response, so the
@@ -350,7 +474,10 @@ fn cannot_start(result: &Result<Response<BoxBody>, ProxyError>) -> bool {
         Ok(response) => response.status() == http::StatusCode::SERVICE_UNAVAILABLE,
         Err(error) => matches!(
             error,
-            ProxyError::NoEndpoint(_) | ProxyError::Connect { .. } | ProxyError::Upstream { .. }
+            ProxyError::NoEndpoint(_)
+                | ProxyError::Connect { .. }
+                | ProxyError::Upstream { .. }
+                | ProxyError::LocalUnavailable { .. }
         ),
     }
 }
@@ -407,6 +534,9 @@ enum BodyState {
 enum Scanned {
     Json(classify::JsonFields),
     Grpc(classify::GrpcFields),
+    /// Read whole for a fallback chain; the model is in the path (KServe
+    /// REST), so nothing in the body is renamed.
+    Path,
 }
 
 /// The part of a body read before routing.
@@ -526,6 +656,7 @@ fn rewrite_model(prefix: &mut Prefix, scanned: &Scanned, alias: &str, headers: &
             .filter(|span| span.end <= joined.len())
             .map(|span| classify::rewrite_json_model(&joined, span, alias)),
         Scanned::Grpc(fields) => classify::rewrite_grpc_model(&joined, fields, alias),
+        Scanned::Path => None,
     };
     let Some(rewritten) = rewritten else {
         return;

@@ -5,19 +5,22 @@
 //! it once, so a new policy applies atomically while in-flight requests finish
 //! on the one they started with. A snapshot is built from the one it replaces,
 //! so backends whose spec did not change carry over whole: their endpoint
-//! statistics, connection pool and DNS refresh survive a policy push.
+//! statistics, connection pool and DNS refresh survive a policy push, and so
+//! do local models with their loaded engine.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_filters::authz::Authorizer;
-use infermesh_proto::policy::{ListenerKind, MtlsMode, PolicySet};
+use infermesh_proto::policy::{local_model_name, ListenerKind, MtlsMode, PolicySet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::backend::Backend;
 use crate::balance::weighted_index;
+use crate::classify::ApiKind;
+use crate::local::{self, LocalModel};
 use crate::metrics::{listener_label, Metrics, Name, RequestLabels, RouteLabels};
 use crate::route::{Matcher, RouteInput};
 use crate::stack::{self, RouteStack};
@@ -75,6 +78,7 @@ pub struct Snapshot {
     outbound: Vec<Route>,
     inbound: Vec<Route>,
     backends: HashMap<String, Arc<Backend>>,
+    local_models: HashMap<String, Arc<LocalModel>>,
     opaque: Option<Arc<Backend>>,
     classify_limit: usize,
     drain_timeout: Duration,
@@ -91,24 +95,37 @@ pub struct Route {
     cumulative: Vec<u64>,
     fallback: Vec<FallbackLink>,
     stack: RouteStack,
+    /// How long a local model may take to answer: the route's first-byte
+    /// or total limit, whichever is shorter (the local engine answers whole).
+    local_limit: Option<Duration>,
 }
 
-/// One link of a route's fallback chain. Links served by the embedded
-/// engine (`local:` models, refused by the loader until the engine lands)
-/// become a second kind of link here, next to this backend one.
+/// One link of a route's fallback chain: a backend or a local model.
 #[derive(Debug)]
 pub struct FallbackLink {
-    /// The backend, its model alias and metric handles.
+    /// The backend or local model, its model alias and metric handles.
     pub target: RouteTarget,
     /// Requests this link was tried for.
     pub taken: Counter,
+}
+
+/// Where a route target's requests go.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A `Backend`'s endpoints, through the route's filter stack.
+    Remote(Arc<Backend>),
+    /// A model served by this proxy (`local:<name>`).
+    Local(Arc<LocalModel>),
 }
 
 /// A weighted backend of a route, with its metric handles.
 #[derive(Debug)]
 pub struct RouteTarget {
     /// Where requests go.
-    pub backend: Arc<Backend>,
+    pub destination: Destination,
+    /// The backend name as routes write it (`vllm`, `local:minilm`), the
+    /// `backend` label of metrics.
+    pub name: Name,
     /// Model name sent upstream instead of the client's, if any.
     pub model: Option<Arc<str>>,
     /// Time to first byte for this route and backend.
@@ -118,6 +135,17 @@ pub struct RouteTarget {
     /// `requests_total` for this route and backend with status 200, the
     /// common case, resolved once so the request path skips the label lookup.
     pub ok: Counter,
+}
+
+impl RouteTarget {
+    /// Whether this target can answer a request of `api`: a backend can
+    /// answer anything, a local model only what its engine serves.
+    pub fn serves(&self, api: ApiKind, grpc_method: Option<&str>) -> bool {
+        match &self.destination {
+            Destination::Remote(_) => true,
+            Destination::Local(_) => local::serves(api, grpc_method),
+        }
+    }
 }
 
 impl Snapshot {
@@ -141,6 +169,24 @@ impl Snapshot {
                 )
             })
             .collect();
+        let local_models: HashMap<String, Arc<LocalModel>> = policy
+            .local_models
+            .iter()
+            .map(|m| {
+                let name = &m.metadata.name;
+                let old = previous.and_then(|p| p.local_models.get(name));
+                (
+                    name.clone(),
+                    LocalModel::carry_over(name, &m.spec, old, metrics),
+                )
+            })
+            .collect();
+        let destination = |name: &str| match local_model_name(name) {
+            Some(local) => local_models
+                .get(local)
+                .map(|m| Destination::Local(m.clone())),
+            None => backends.get(name).map(|b| Destination::Remote(b.clone())),
+        };
         let mut outbound = Vec::new();
         let mut inbound = Vec::new();
         for doc in &policy.routes {
@@ -149,13 +195,15 @@ impl Snapshot {
             let mut cumulative = Vec::new();
             let mut sum = 0u64;
             let listener = listener_label(doc.spec.listener);
-            let target = |backend: &Arc<Backend>, model: Option<&str>| {
+            let target = |destination: Destination, backend: &str, model: Option<&str>| {
+                let backend = Name::new(backend);
                 let labels = RouteLabels {
                     route: name.clone(),
-                    backend: backend.name().clone(),
+                    backend: backend.clone(),
                 };
                 RouteTarget {
-                    backend: backend.clone(),
+                    destination,
+                    name: backend.clone(),
                     model: model.map(Arc::from),
                     first_byte: metrics.first_byte.get_or_create(&labels).clone(),
                     duration: metrics.duration.get_or_create(&labels).clone(),
@@ -164,7 +212,7 @@ impl Snapshot {
                         .get_or_create(&RequestLabels {
                             listener,
                             route: name.clone(),
-                            backend: backend.name().clone(),
+                            backend: backend.clone(),
                             status: 200,
                         })
                         .clone(),
@@ -172,28 +220,28 @@ impl Snapshot {
             };
             for wb in &doc.spec.backends {
                 // The loader has checked every reference; skip rather than panic.
-                let Some(backend) = backends.get(&wb.backend) else {
+                let Some(to) = destination(&wb.backend) else {
                     continue;
                 };
                 sum += u64::from(wb.weight);
                 cumulative.push(sum);
-                targets.push(target(backend, wb.model.as_deref()));
+                targets.push(target(to, &wb.backend, wb.model.as_deref()));
             }
             let fallback = doc
                 .spec
                 .fallback
                 .iter()
                 .filter_map(|link| {
-                    let backend = backends.get(&link.backend)?;
+                    let to = destination(&link.backend)?;
                     let taken = metrics
                         .fallbacks
                         .get_or_create(&RouteLabels {
                             route: name.clone(),
-                            backend: backend.name().clone(),
+                            backend: Name::new(&link.backend),
                         })
                         .clone();
                     Some(FallbackLink {
-                        target: target(backend, link.model.as_deref()),
+                        target: target(to, &link.backend, link.model.as_deref()),
                         taken,
                     })
                 })
@@ -204,6 +252,11 @@ impl Snapshot {
                 doc.spec.retries.as_ref(),
                 metrics,
             );
+            let timeouts = &doc.spec.timeouts;
+            let local_limit = match (timeouts.first_byte, timeouts.total) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let route = Route {
                 name,
                 matchers: doc.spec.matches.iter().map(Matcher::new).collect(),
@@ -211,6 +264,7 @@ impl Snapshot {
                 cumulative,
                 fallback,
                 stack,
+                local_limit,
             };
             match doc.spec.listener {
                 ListenerKind::Outbound => outbound.push(route),
@@ -232,6 +286,7 @@ impl Snapshot {
             outbound,
             inbound,
             backends,
+            local_models,
             opaque,
             classify_limit,
             drain_timeout,
@@ -263,6 +318,16 @@ impl Snapshot {
     /// The backend called `name`, if the policy has one.
     pub fn backend(&self, name: &str) -> Option<&Arc<Backend>> {
         self.backends.get(name)
+    }
+
+    /// The local models of this snapshot, by name.
+    pub fn local_models(&self) -> impl Iterator<Item = &Arc<LocalModel>> {
+        self.local_models.values()
+    }
+
+    /// The local model called `name`, if the policy has one.
+    pub fn local_model(&self, name: &str) -> Option<&Arc<LocalModel>> {
+        self.local_models.get(name)
     }
 
     /// The policy this snapshot was built from.
@@ -331,6 +396,11 @@ impl Route {
     pub fn stack(&self) -> &RouteStack {
         &self.stack
     }
+
+    /// How long a local model may take to answer on this route.
+    pub fn local_limit(&self) -> Option<Duration> {
+        self.local_limit
+    }
 }
 
 #[cfg(test)]
@@ -363,7 +433,10 @@ mod tests {
     }
 
     fn first_target(snapshot: &Snapshot) -> &Arc<Backend> {
-        &snapshot.outbound[0].targets[0].backend
+        match &snapshot.outbound[0].targets[0].destination {
+            Destination::Remote(backend) => backend,
+            Destination::Local(model) => panic!("local model {:?}", model.name()),
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod client;
 pub mod control_plane;
 pub mod kserve;
+pub mod local;
 pub mod mesh;
 pub mod metrics;
 pub mod openai;

@@ -21,6 +21,16 @@ pub fn route(name: &str, spec: &str) -> String {
     )
 }
 
+/// A `kind: LocalModel` document over `model_dir`; `extra` holds more
+/// `spec` fields, one per line, unindented.
+pub fn local_model(name: &str, model_dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        "apiVersion: infermesh.io/v1alpha1\nkind: LocalModel\nmetadata:\n  name: {name}\nspec:\n  modelDir: {:?}\n{}",
+        model_dir.display().to_string(),
+        indent(extra)
+    )
+}
+
 /// A `kind: MeshConfig` document whose `spec` is `spec` (unindented YAML).
 pub fn mesh(spec: &str) -> String {
     format!(

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use infermesh_tests::local;
 use infermesh_tests::openai::chunk_text;
 use infermesh_tests::{
     policy, python, KServeGrpcServer, OpenAiServer, OpenAiSettings, ProxyProcess,
@@ -128,4 +129,82 @@ fn grpcio_calls_kserve_model_infer_through_the_proxy() {
     assert_eq!(result["outputs"][0]["fp32"], serde_json::json!([3.0, -4.0]));
     assert_eq!(result["unrouted"]["code"], "UNIMPLEMENTED", "{result:#}");
     assert_eq!(upstream.model_names(), ["resnet50"]);
+}
+
+#[test]
+fn the_python_clients_get_local_embeddings_when_the_remote_backend_is_down() {
+    if python::skipped() {
+        eprintln!("INFERMESH_SKIP_PYTHON is set: skipped");
+        return;
+    }
+    python::require_modules(&["openai", "grpc", "grpc_tools"]);
+    let proxy = ProxyProcess::start(&policy::docs(&[
+        policy::backend("remote", &[infermesh_tests::refused_addr()], ""),
+        policy::local_model("minilm", &local::model_dir(), "maxWait: 5ms"),
+        policy::route(
+            "embeddings",
+            "match:\n  - model: {exact: text-embedding-remote}\nbackends:\n  - backend: remote\nfallback:\n  - backend: \"local:minilm\"\n",
+        ),
+    ]));
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(local::wait_ready(&proxy, "minilm"));
+    let texts = ["I love machine learning!", "Привет, как дела?"];
+    let proto_dir = infermesh_tests::repo_root().join("proto/proto");
+    let base_url = format!("{}/v1", proxy.url());
+    let target = proxy.outbound.to_string();
+    let mut args = vec![
+        "--base-url",
+        &base_url,
+        "--model",
+        "text-embedding-remote",
+        "--target",
+        &target,
+        "--proto-dir",
+        proto_dir.to_str().unwrap(),
+        "--grpc-model",
+        "text-embedding-remote",
+    ];
+    args.extend(texts);
+    let result = run_json("local_clients.py", &args);
+
+    let golden: Vec<local::Golden> = texts.iter().map(|t| local::golden_for(t)).collect();
+    let check = |what: &str, got: &[f32], golden: &local::Golden| {
+        let similarity = local::cosine(&golden.vector, got);
+        assert!(
+            similarity >= 0.9999,
+            "{what} {:?}: cosine {similarity}",
+            golden.input
+        );
+    };
+    let openai = &result["openai"];
+    assert_eq!(openai["model"], "text-embedding-remote", "{result:#}");
+    let tokens: usize = golden.iter().map(|g| g.tokens).sum();
+    assert_eq!(openai["usage"]["prompt_tokens"], tokens);
+    for encoding in ["default", "float", "base64"] {
+        let vectors = openai[encoding].as_array().expect(encoding);
+        assert_eq!(vectors.len(), texts.len());
+        for (vector, golden) in vectors.iter().zip(&golden) {
+            check(encoding, &local::floats(vector), golden);
+        }
+    }
+    assert_eq!(openai["empty"]["status"], 400, "{result:#}");
+    assert_eq!(openai["empty"]["body"]["type"], "invalid_request_error");
+
+    let kserve = &result["kserve"];
+    assert_eq!(kserve["ready"], true, "{result:#}");
+    let infer = &kserve["infer"];
+    assert_eq!(infer["model_name"], "text-embedding-remote");
+    assert_eq!(infer["id"], "py-1");
+    assert_eq!(infer["datatype"], "FP32");
+    assert_eq!(infer["shape"], serde_json::json!([2, 384]));
+    let data = local::floats(&infer["data"]);
+    for (i, golden) in golden.iter().enumerate() {
+        check("ModelInfer", &data[i * 384..(i + 1) * 384], golden);
+    }
+    assert_eq!(kserve["invalid"]["code"], "INVALID_ARGUMENT", "{result:#}");
+    assert!(kserve["invalid"]["details"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("BYTES"));
 }

@@ -21,7 +21,7 @@
 //! assert_eq!(
 //!     errors[0].to_string(),
 //!     "p.yaml:2:7: unknown kind `Backnd`, did you mean `Backend`? \
-//!      (expected `Backend`, `ModelRoute`, `MeshConfig` or `AuthorizationPolicy`)"
+//!      (expected `Backend`, `ModelRoute`, `MeshConfig`, `LocalModel` or `AuthorizationPolicy`)"
 //! );
 //! ```
 
@@ -30,6 +30,8 @@ mod de;
 mod shadow;
 mod yaml;
 
+pub(super) use check::local_model_problems;
+
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -37,8 +39,8 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuthorizationPolicySpec, BackendSpec, MeshConfigSpec, Metadata, ModelRouteSpec, PolicySet,
-    Resource, API_VERSION,
+    AuthorizationPolicySpec, BackendSpec, LocalModelSpec, MeshConfigSpec, Metadata, ModelRouteSpec,
+    PolicySet, Resource, API_VERSION,
 };
 use de::{De, Step};
 use yaml::{Node, Value};
@@ -220,14 +222,16 @@ enum Kind {
     Backend,
     ModelRoute,
     MeshConfig,
+    LocalModel,
     AuthorizationPolicy,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [
+    const ALL: [Kind; 5] = [
         Kind::Backend,
         Kind::ModelRoute,
         Kind::MeshConfig,
+        Kind::LocalModel,
         Kind::AuthorizationPolicy,
     ];
 
@@ -236,6 +240,7 @@ impl Kind {
             Kind::Backend => "Backend",
             Kind::ModelRoute => "ModelRoute",
             Kind::MeshConfig => "MeshConfig",
+            Kind::LocalModel => "LocalModel",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
@@ -303,6 +308,7 @@ struct Loader {
     errors: Vec<PolicyError>,
     documents: Vec<Document>,
     backends: Vec<Typed<BackendSpec>>,
+    local_models: Vec<Typed<LocalModelSpec>>,
     routes: Vec<Typed<ModelRouteSpec>>,
     meshes: Vec<Typed<MeshConfigSpec>>,
     authorizations: Vec<Typed<AuthorizationPolicySpec>>,
@@ -404,6 +410,13 @@ impl Loader {
                         .push(Typed::new(resource, file, root, spec.repaired));
                 }
             }
+            Kind::LocalModel => {
+                let spec = self.part::<LocalModelSpec>(file, &mut root, "spec");
+                if let Some(resource) = resource(kind, &metadata, spec.value) {
+                    self.local_models
+                        .push(Typed::new(resource, file, root, spec.repaired));
+                }
+            }
             Kind::ModelRoute => {
                 let spec = self.part::<ModelRouteSpec>(file, &mut root, "spec");
                 if let Some(resource) = resource(kind, &metadata, spec.value) {
@@ -459,6 +472,7 @@ impl Loader {
         }
         Ok(PolicySet {
             backends: self.backends.into_iter().map(|t| t.resource).collect(),
+            local_models: self.local_models.into_iter().map(|t| t.resource).collect(),
             routes: self.routes.into_iter().map(|t| t.resource).collect(),
             mesh: self.meshes.into_iter().next().map(|t| t.resource),
             authorizations: self
@@ -716,7 +730,7 @@ spec:
     }
 
     #[test]
-    fn fallback_links_name_backends_and_local_models_are_refused_for_now() {
+    fn fallback_links_name_backends_or_local_models() {
         let route = RETRY_ROUTE.replace("  retries:\n", "  fallback:\n");
         let text = format!("{BACKEND}---\n{route}    - {{backend: vllm, model: small}}\n");
         let set = load(&text).unwrap();
@@ -731,9 +745,89 @@ spec:
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(found[0].starts_with("p.yaml:15:17: "), "{found:?}");
         assert!(found[0].contains("vllm"), "did you mean: {found:?}");
-        assert!(
-            found[1].starts_with("p.yaml:16:17: `local:minilm`: `local:` fallback models need"),
-            "{found:?}"
+        assert_eq!(
+            found[1],
+            "p.yaml:16:17: unknown local model `minilm`: no LocalModel has this name"
+        );
+        let text = format!("{LOCAL_MODEL}---\n{text}");
+        let set = load(&text.replace("{backend: vlm}", "{backend: vllm}")).unwrap();
+        assert_eq!(set.local_models[0].metadata.name, "minilm");
+        assert_eq!(set.routes[0].spec.fallback[1].backend, "local:minilm");
+    }
+
+    const LOCAL_MODEL: &str = "apiVersion: infermesh.io/v1alpha1
+kind: LocalModel
+metadata: {name: minilm}
+spec:
+  modelDir: /models/all-MiniLM-L6-v2
+";
+
+    #[test]
+    fn a_local_model_has_defaults_and_bounds() {
+        let set = load(LOCAL_MODEL).unwrap();
+        let spec = &set.local_models[0].spec;
+        assert_eq!(spec.model_dir, "/models/all-MiniLM-L6-v2");
+        assert_eq!(
+            (
+                spec.max_batch_size,
+                spec.max_batch_tokens,
+                spec.max_tokens,
+                spec.max_inputs
+            ),
+            (32, 8192, 256, 2048)
+        );
+        assert_eq!(spec.max_wait, std::time::Duration::from_millis(2));
+        assert_eq!(spec.adapter, None);
+        let text = format!(
+            "{LOCAL_MODEL}  maxBatchSize: 0\n  maxTokens: 1024\n  maxBatchTokens: 100\n  maxWait: 2s\n  maxInputs: 5000\n  adaptor: llvmpipe\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:6:17: `maxBatchSize` must be between 1 and 256, found 0",
+                "p.yaml:7:14: `maxTokens` must be between 2 and 512, found 1024",
+                "p.yaml:8:19: `maxBatchTokens` must be between 512 and 1048576, found 100",
+                "p.yaml:9:12: `maxWait` (2000ms) must be at most 1s: every request waits this long when it is alone",
+                "p.yaml:10:14: `maxInputs` must be between 1 and 2048, found 5000",
+                "p.yaml:11:3: unknown field `adaptor`, did you mean `adapter`?",
+            ]
+        );
+        assert_eq!(
+            errors(&LOCAL_MODEL.replace("  modelDir: /models/all-MiniLM-L6-v2\n", "  modelDir: \"\"\n")),
+            ["p.yaml:5:13: `modelDir` is empty: give the directory that holds config.json, model.safetensors and tokenizer.json"]
+        );
+        assert_eq!(
+            errors(&LOCAL_MODEL.replace("kind: LocalModel", "kind: LocalModle")),
+            ["p.yaml:2:7: unknown kind `LocalModle`, did you mean `LocalModel`? (expected `Backend`, `ModelRoute`, `MeshConfig` or `LocalModel`)"]
+        );
+    }
+
+    #[test]
+    fn routes_name_local_models_with_the_local_prefix() {
+        let route = |backend: &str| {
+            format!("---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: r}}\nspec: {{backends: [{{backend: \"{backend}\"}}]}}\n")
+        };
+        let ok = format!("{BACKEND}---\n{LOCAL_MODEL}{}", route("local:minilm"));
+        assert_eq!(
+            load(&ok).unwrap().routes[0].spec.backends[0].backend,
+            "local:minilm"
+        );
+        assert_eq!(
+            errors(&format!("{BACKEND}---\n{LOCAL_MODEL}{}", route("local:minlm"))),
+            ["p.yaml:17:29: unknown local model `minlm`: no LocalModel has this name; did you mean `local:minilm`?"]
+        );
+        assert_eq!(
+            errors(&format!("{BACKEND}---\n{LOCAL_MODEL}{}", route("minilm"))),
+            ["p.yaml:17:29: unknown backend `minilm`: no Backend has this name; `minilm` is a LocalModel: write `local:minilm`"]
+        );
+        assert_eq!(
+            errors(&format!("{BACKEND}---\n{LOCAL_MODEL}{}", route("local:vllm"))),
+            ["p.yaml:17:29: unknown local model `vllm`: no LocalModel has this name; `vllm` is a Backend: name it without `local:`"]
+        );
+        let mesh = "---\napiVersion: infermesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {opaque: {backend: \"local:minilm\"}}\n";
+        assert_eq!(
+            errors(&format!("{LOCAL_MODEL}{mesh}")),
+            ["p.yaml:10:26: `local:minilm`: a local model cannot receive opaque TCP connections; name a Backend"]
         );
     }
 
@@ -933,7 +1027,7 @@ spec:
         assert_eq!(
             errors(text),
             [
-                "p.yaml:2:7: unknown kind `ConfigMap` (expected `Backend`, `ModelRoute`, `MeshConfig` or `AuthorizationPolicy`)",
+                "p.yaml:2:7: unknown kind `ConfigMap` (expected `Backend`, `ModelRoute`, `MeshConfig`, `LocalModel` or `AuthorizationPolicy`)",
                 "p.yaml:4:13: unsupported apiVersion `infermesh.io/v1`: expected `infermesh.io/v1alpha1`",
             ]
         );
@@ -1288,7 +1382,7 @@ spec:
             errors(&across),
             [
                 "p.yaml:1:1: unknown field `x`; valid fields here: `apiVersion`, `kind`, `metadata` or `spec`",
-                "p.yaml:1:1: missing required fields `apiVersion`, `kind`, `metadata` and `spec` (`kind` is one of `Backend`, `ModelRoute`, `MeshConfig` or `AuthorizationPolicy`)",
+                "p.yaml:1:1: missing required fields `apiVersion`, `kind`, `metadata` and `spec` (`kind` is one of `Backend`, `ModelRoute`, `MeshConfig`, `LocalModel` or `AuthorizationPolicy`)",
                 "p.yaml:9:39: this alias names an anchor of another document; an anchor only reaches within its own document",
             ]
         );

@@ -10,7 +10,8 @@ use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
 use super::{
-    AuthorizationPolicySpec, BackendSpec, MeshConfigSpec, ModelRouteSpec, Resource, API_VERSION,
+    AuthorizationPolicySpec, BackendSpec, LocalModelSpec, MeshConfigSpec, ModelRouteSpec, Resource,
+    API_VERSION,
 };
 
 /// One generated schema file.
@@ -22,7 +23,7 @@ pub struct SchemaFile {
     pub json: String,
 }
 
-/// A schema per kind (`backend`, `modelroute`, `meshconfig`,
+/// A schema per kind (`backend`, `modelroute`, `meshconfig`, `localmodel`,
 /// `authorizationpolicy`), and
 /// `policy.schema.json`, which accepts a document of any kind (for files
 /// that mix kinds, as most do).
@@ -31,6 +32,7 @@ pub fn schemas() -> Vec<SchemaFile> {
         kind::<BackendSpec>("Backend"),
         kind::<ModelRouteSpec>("ModelRoute"),
         kind::<MeshConfigSpec>("MeshConfig"),
+        kind::<LocalModelSpec>("LocalModel"),
         kind::<AuthorizationPolicySpec>("AuthorizationPolicy"),
     ];
     let mut files: Vec<SchemaFile> = kinds
@@ -100,7 +102,7 @@ fn any_kind(kinds: &[(String, Value)]) -> Value {
     json!({
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "infermesh policy document",
-        "description": "One document of an infermesh mesh policy: a Backend, a ModelRoute, an AuthorizationPolicy or the MeshConfig.",
+        "description": "One document of an infermesh mesh policy: a Backend, a ModelRoute, the MeshConfig, a LocalModel or an AuthorizationPolicy.",
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
@@ -133,6 +135,7 @@ mod tests {
                 "backend.schema.json",
                 "modelroute.schema.json",
                 "meshconfig.schema.json",
+                "localmodel.schema.json",
                 "authorizationpolicy.schema.json",
                 "policy.schema.json"
             ]
@@ -190,7 +193,13 @@ mod tests {
         let schema = schema_of("policy.schema.json");
         assert_eq!(
             schema["properties"]["kind"]["enum"],
-            json!(["Backend", "ModelRoute", "MeshConfig", "AuthorizationPolicy"])
+            json!([
+                "Backend",
+                "ModelRoute",
+                "MeshConfig",
+                "LocalModel",
+                "AuthorizationPolicy"
+            ])
         );
         let definitions = schema["definitions"].as_object().unwrap();
         for branch in schema["allOf"].as_array().unwrap() {

@@ -3,9 +3,11 @@
 //! A `ModelRoute`, an `AuthorizationPolicy` or the `MeshConfig` applies to a proxy when its
 //! `metadata.namespace` is absent (mesh-wide) or equal to the proxy's
 //! namespace, and when every label of its `spec.workloadSelector.matchLabels`
-//! is on the proxy's workload with the same value. Backends carry no scope of
-//! their own: a proxy receives exactly the backends that the routes and the
-//! `MeshConfig` it receives name, so a scoped set is always self-contained.
+//! is on the proxy's workload with the same value. Backends and local models
+//! carry no scope of their own: a proxy receives exactly the backends (and
+//! the `LocalModel`s, named `local:<name>`) that the routes and the
+//! `MeshConfig` it receives name, so a scoped set is always self-contained,
+//! and a proxy loads only the local models its routes use.
 //!
 //! ```
 //! use std::path::Path;
@@ -29,7 +31,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::{Metadata, PolicySet, WorkloadSelector};
+use super::{local_model_name, Metadata, PolicySet, WorkloadSelector};
 
 /// What a proxy says about the workload it serves: the inputs of scoping.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,7 +61,7 @@ impl Workload {
 
 impl PolicySet {
     /// The documents that apply to `workload`: its routes (in order), its
-    /// `MeshConfig`, and the backends those name.
+    /// `MeshConfig`, and the backends and local models those name.
     pub fn scoped_to(&self, workload: &Workload) -> PolicySet {
         let routes: Vec<_> = self
             .routes
@@ -90,6 +92,16 @@ impl PolicySet {
             .filter(|b| named.contains(b.metadata.name.as_str()))
             .cloned()
             .collect();
+        let local_models = self
+            .local_models
+            .iter()
+            .filter(|m| {
+                named
+                    .iter()
+                    .any(|n| local_model_name(n) == Some(m.metadata.name.as_str()))
+            })
+            .cloned()
+            .collect();
         let authorizations = self
             .authorizations
             .iter()
@@ -98,6 +110,7 @@ impl PolicySet {
             .collect();
         PolicySet {
             backends,
+            local_models,
             routes,
             mesh,
             authorizations,
@@ -206,6 +219,24 @@ mod tests {
         // The wire form checks fallback references too, and round-trips them.
         let back = PolicySet::from_resources(&scoped.to_resources()).unwrap();
         assert_eq!(back.routes[0].spec.fallback, scoped.routes[0].spec.fallback);
+    }
+
+    #[test]
+    fn a_route_brings_the_local_models_it_names_along() {
+        let text = "apiVersion: infermesh.io/v1alpha1\nkind: LocalModel\nmetadata: {name: minilm}\nspec: {modelDir: /m}\n---\napiVersion: infermesh.io/v1alpha1\nkind: LocalModel\nmetadata: {name: unused}\nspec: {modelDir: /u}\n---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r, namespace: team-a}\nspec: {backends: [{backend: \"local:minilm\"}]}\n";
+        let set = load_str(Path::new("p.yaml"), text).unwrap();
+        let inside = set.scoped_to(&workload("team-a", &[]));
+        let names: Vec<&str> = inside
+            .local_models
+            .iter()
+            .map(|m| m.metadata.name.as_str())
+            .collect();
+        assert_eq!(names, ["minilm"]);
+        inside.check_references().unwrap();
+        assert!(set
+            .scoped_to(&workload("team-b", &[]))
+            .local_models
+            .is_empty());
     }
 
     #[test]

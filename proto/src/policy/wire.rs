@@ -3,11 +3,12 @@
 
 use std::collections::HashSet;
 
-use super::{PolicySet, Resource as Document, API_VERSION};
+use super::{local_model_name, PolicySet, Resource as Document, API_VERSION};
 use crate::policy_api::Resource;
 
 impl PolicySet {
-    /// Every document as a wire resource, backends first, routes in order.
+    /// Every document as a wire resource: backends and local models first,
+    /// routes in order.
     pub fn to_resources(&self) -> Vec<Resource> {
         fn one<S: serde::Serialize>(doc: &Document<S>) -> Resource {
             Resource {
@@ -19,6 +20,7 @@ impl PolicySet {
             }
         }
         let mut out: Vec<Resource> = self.backends.iter().map(one).collect();
+        out.extend(self.local_models.iter().map(one));
         out.extend(self.routes.iter().map(one));
         out.extend(self.mesh.iter().map(one));
         out.extend(self.authorizations.iter().map(one));
@@ -44,6 +46,18 @@ impl PolicySet {
         for r in resources {
             match r.kind.as_str() {
                 "Backend" => set.backends.push(decode(r)?),
+                "LocalModel" => {
+                    let doc: Document<super::LocalModelSpec> = decode(r)?;
+                    // The control plane checked it with the same rules; a
+                    // proxy still refuses limits its engine cannot honour.
+                    if let Some((field, problem)) = super::load::local_model_problems(&doc.spec)
+                        .into_iter()
+                        .next()
+                    {
+                        return Err(format!("LocalModel {:?}: {field}: {problem}", r.name));
+                    }
+                    set.local_models.push(doc);
+                }
                 "ModelRoute" => set.routes.push(decode(r)?),
                 "MeshConfig" => {
                     if set.mesh.is_some() {
@@ -64,12 +78,18 @@ impl PolicySet {
         Ok(set)
     }
 
-    /// Checks that every backend a route or the mesh names exists.
+    /// Checks that every backend (and `local:` model) a route or the mesh
+    /// names exists.
     pub fn check_references(&self) -> Result<(), String> {
         let names: HashSet<&str> = self
             .backends
             .iter()
             .map(|b| b.metadata.name.as_str())
+            .collect();
+        let local: HashSet<&str> = self
+            .local_models
+            .iter()
+            .map(|m| m.metadata.name.as_str())
             .collect();
         for route in &self.routes {
             let fallback = route.spec.fallback.iter().map(|f| f.backend.as_str());
@@ -80,7 +100,11 @@ impl PolicySet {
                 .map(|b| b.backend.as_str())
                 .chain(fallback)
             {
-                if !names.contains(backend) {
+                let known = match local_model_name(backend) {
+                    Some(model) => local.contains(model),
+                    None => names.contains(backend),
+                };
+                if !known {
                     return Err(format!(
                         "ModelRoute {:?} names backend {:?}, which is not in the snapshot",
                         route.metadata.name, backend
@@ -136,13 +160,13 @@ spec:
         let set = crate::policy::load_str(Path::new("p.yaml"), POLICY).unwrap();
         let mut resources = set.to_resources();
         resources.push(Resource {
-            kind: "LocalModel".into(),
-            name: "minilm".into(),
+            kind: "RateLimit".into(),
+            name: "chat".into(),
             namespace: String::new(),
             json: "{}".into(),
         });
         let err = PolicySet::from_resources(&resources).unwrap_err();
-        assert!(err.contains("kind \"LocalModel\""), "{err}");
+        assert!(err.contains("kind \"RateLimit\""), "{err}");
         let routes_only: Vec<_> = set
             .to_resources()
             .into_iter()
@@ -150,5 +174,32 @@ spec:
             .collect();
         let err = PolicySet::from_resources(&routes_only).unwrap_err();
         assert!(err.contains("backend \"vllm\""), "{err}");
+    }
+
+    #[test]
+    fn local_models_travel_and_their_references_are_checked() {
+        let text = format!(
+            "{POLICY}  fallback: [{{backend: \"local:minilm\"}}]\n---\napiVersion: infermesh.io/v1alpha1\nkind: LocalModel\nmetadata: {{name: minilm}}\nspec: {{modelDir: /m, maxBatchSize: 8, adapter: llvmpipe}}\n"
+        );
+        let set = crate::policy::load_str(Path::new("p.yaml"), &text).unwrap();
+        let resources = set.to_resources();
+        assert_eq!(resources[1].kind, "LocalModel");
+        let back = PolicySet::from_resources(&resources).unwrap();
+        assert_eq!(back, set);
+        let without: Vec<_> = resources
+            .into_iter()
+            .filter(|r| r.kind != "LocalModel")
+            .collect();
+        let err = PolicySet::from_resources(&without).unwrap_err();
+        assert!(err.contains("\"local:minilm\""), "{err}");
+        let mut zero = set.to_resources();
+        zero[1].json = zero[1]
+            .json
+            .replace("\"maxBatchSize\":8", "\"maxBatchSize\":0");
+        let err = PolicySet::from_resources(&zero).unwrap_err();
+        assert!(
+            err.contains("`maxBatchSize` must be between 1 and 256"),
+            "{err}"
+        );
     }
 }

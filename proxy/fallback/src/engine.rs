@@ -59,7 +59,39 @@ type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>;
 
 struct Job {
     sequences: Vec<Vec<u32>>,
+    queued_at: Instant,
     reply: Reply,
+}
+
+/// What the engine reports about its work, for metrics. Called on the
+/// engine thread, so implementations should only touch atomics.
+pub trait EngineObserver: Send + Sync {
+    /// A request waited this long between its submission and the start of
+    /// the batch that carries it.
+    fn queued(&self, wait: Duration);
+    /// A forward pass ran.
+    fn pass(&self, pass: &PassStats);
+}
+
+/// One forward pass, as [`EngineObserver::pass`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassStats {
+    /// Sequences in the pass.
+    pub sequences: usize,
+    /// Tokens of those sequences, before padding.
+    pub tokens: usize,
+    /// Tokens processed: sequences × the longest one.
+    pub padded_tokens: usize,
+    /// Time from recording the pass to reading its results back.
+    pub elapsed: Duration,
+}
+
+/// An observer that ignores everything.
+struct Unobserved;
+
+impl EngineObserver for Unobserved {
+    fn queued(&self, _: Duration) {}
+    fn pass(&self, _: &PassStats) {}
 }
 
 /// A model served from this process. Cheap to share behind an `Arc`.
@@ -77,6 +109,15 @@ impl LocalEmbedder {
     /// (seconds: call from a blocking context). A missing adapter or model
     /// file is a typed error.
     pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
+        Self::start_observed(config, Arc::new(Unobserved))
+    }
+
+    /// [`LocalEmbedder::start`], reporting queue waits and forward passes to
+    /// `observer`.
+    pub fn start_observed(
+        config: EngineConfig,
+        observer: Arc<dyn EngineObserver>,
+    ) -> Result<Self, EngineError> {
         let files = ModelFiles::locate(&config.model_dir)?;
         let tokenizer = Arc::new(TextTokenizer::load(&files.tokenizer, config.max_tokens)?);
         let (jobs, receiver) = mpsc::channel::<Job>();
@@ -97,7 +138,7 @@ impl LocalEmbedder {
                 match loaded {
                     Ok((gpu, bert)) => {
                         let _ = ready_tx.send(Ok((gpu.info.name.clone(), bert.config.hidden_size)));
-                        serve(gpu, bert, receiver, limits);
+                        serve(gpu, bert, receiver, limits, observer.as_ref());
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -143,7 +184,11 @@ impl LocalEmbedder {
     ) -> Result<Vec<Vec<f32>>, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { sequences, reply })
+            .send(Job {
+                sequences,
+                queued_at: Instant::now(),
+                reply,
+            })
             .map_err(|_| EngineError::Gpu("the engine thread has stopped".into()))?;
         answer
             .await
@@ -176,7 +221,13 @@ struct Limits {
     max_wait: Duration,
 }
 
-fn serve(mut gpu: Gpu, bert: Bert, jobs: mpsc::Receiver<Job>, limits: Limits) {
+fn serve(
+    mut gpu: Gpu,
+    bert: Bert,
+    jobs: mpsc::Receiver<Job>,
+    limits: Limits,
+    observer: &dyn EngineObserver,
+) {
     while let Ok(first) = jobs.recv() {
         let deadline = Instant::now() + limits.max_wait;
         let mut waiting = first.sequences.len();
@@ -191,7 +242,7 @@ fn serve(mut gpu: Gpu, bert: Bert, jobs: mpsc::Receiver<Job>, limits: Limits) {
                 Err(_) => break,
             }
         }
-        run(&mut gpu, &bert, batch, limits);
+        run(&mut gpu, &bert, batch, limits, observer);
     }
 }
 
@@ -217,7 +268,11 @@ fn plan(lengths: &[usize], limits: Limits) -> Vec<std::ops::Range<usize>> {
     passes
 }
 
-fn run(gpu: &mut Gpu, bert: &Bert, jobs: Vec<Job>, limits: Limits) {
+fn run(gpu: &mut Gpu, bert: &Bert, jobs: Vec<Job>, limits: Limits, observer: &dyn EngineObserver) {
+    let now = Instant::now();
+    for job in &jobs {
+        observer.queued(now.saturating_duration_since(job.queued_at));
+    }
     // (job, position in job), sorted by length so each pass pads little.
     let mut order: Vec<(usize, usize)> = jobs
         .iter()
@@ -242,10 +297,17 @@ fn run(gpu: &mut Gpu, bert: &Bert, jobs: Vec<Job>, limits: Limits) {
         let started = Instant::now();
         match bert.forward(gpu, &batch) {
             Ok(vectors) => {
+                let stats = PassStats {
+                    sequences: batch.len(),
+                    tokens: batch.iter().map(Vec::len).sum(),
+                    padded_tokens: batch.len() * batch.iter().map(Vec::len).max().unwrap_or(0),
+                    elapsed: started.elapsed(),
+                };
+                observer.pass(&stats);
                 tracing::debug!(
-                    sequences = batch.len(),
-                    padded_tokens = batch.len() * batch.last().map_or(0, Vec::len),
-                    elapsed = ?started.elapsed(),
+                    sequences = stats.sequences,
+                    padded_tokens = stats.padded_tokens,
+                    elapsed = ?stats.elapsed,
                     "forward pass"
                 );
                 for (&(j, s), vector) in order[pass].iter().zip(vectors) {

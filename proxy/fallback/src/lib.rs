@@ -13,7 +13,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod tokenize;
 
-pub use engine::{EngineConfig, LocalEmbedder};
+pub use engine::{EngineConfig, EngineObserver, LocalEmbedder, PassStats};
 pub use gpu::AdapterPreference;
 
 use std::future::Future;

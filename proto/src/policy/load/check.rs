@@ -15,8 +15,8 @@ use super::shadow;
 use super::yaml::{Node, Value};
 use super::{did_you_mean, Kind, Loader, Location, PolicyError, Typed};
 use crate::policy::{
-    scope, AuthorizationPolicySpec, BackendSpec, CallerMatch, MeshConfigSpec, Metadata,
-    ModelRouteSpec, RetryPolicy, StringMatch, WorkloadSelector,
+    local_model_name, scope, AuthorizationPolicySpec, BackendSpec, CallerMatch, LocalModelSpec,
+    MeshConfigSpec, Metadata, ModelRouteSpec, RetryPolicy, StringMatch, WorkloadSelector,
 };
 
 /// `classify.maxBodyPrefix` bounds: below 1 KiB no model name is found in
@@ -27,6 +27,14 @@ const MAX_BODY_PREFIX: u32 = 16 * 1024 * 1024;
 const MAX_ATTEMPTS: u32 = 10;
 /// `retries.maxReplayBytes` bound: each retried request may hold this much.
 const MAX_REPLAY_BYTES: u32 = 16 * 1024 * 1024;
+/// `LocalModel` bounds: a forward pass of more sequences only adds latency
+/// on the devices the engine targets; BERT models have 512 positions; one
+/// request carries at most OpenAI's 2048 inputs; a batch waits at most 1 s.
+const MAX_LOCAL_BATCH_SIZE: u32 = 256;
+const MAX_LOCAL_BATCH_TOKENS: u32 = 1 << 20;
+const MAX_LOCAL_TOKENS: u32 = 512;
+const MAX_LOCAL_INPUTS: u32 = 2048;
+const MAX_LOCAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Every cross-document and value-format check over a loaded set.
 pub(super) fn set(loader: &Loader) -> Vec<PolicyError> {
@@ -41,6 +49,15 @@ pub(super) fn set(loader: &Loader) -> Vec<PolicyError> {
             &mut errors,
         );
         backend_spec(backend, &mut errors);
+    }
+    for model in &loader.local_models {
+        metadata(
+            &model.file,
+            &model.tree,
+            &model.resource.metadata,
+            &mut errors,
+        );
+        local_model_spec(model, &mut errors);
     }
     for route in &loader.routes {
         metadata(
@@ -300,31 +317,106 @@ fn names(loader: &Loader, errors: &mut Vec<PolicyError>) {
     }
 }
 
-/// The names `Backend` documents define, for checking references.
-struct BackendNames<'a>(Vec<&'a str>);
+/// The names `Backend` and `LocalModel` documents define, for checking
+/// references.
+struct BackendNames<'a> {
+    backends: Vec<&'a str>,
+    local_models: Vec<&'a str>,
+}
 
 impl<'a> BackendNames<'a> {
     fn of(loader: &'a Loader) -> Self {
-        let names = loader
-            .documents
-            .iter()
-            .filter(|d| d.kind == Kind::Backend)
-            .filter_map(|d| d.name.as_ref().map(|(n, _)| n.as_str()))
-            .collect();
-        Self(names)
+        let names = |kind: Kind| {
+            loader
+                .documents
+                .iter()
+                .filter(|d| d.kind == kind)
+                .filter_map(|d| d.name.as_ref().map(|(n, _)| n.as_str()))
+                .collect()
+        };
+        Self {
+            backends: names(Kind::Backend),
+            local_models: names(Kind::LocalModel),
+        }
     }
 
-    /// The message for a reference to a backend that does not exist.
+    /// The message for a reference to a backend (or, written `local:NAME`,
+    /// a local model) that does not exist.
     fn unknown(&self, name: &str) -> Option<String> {
-        if self.0.contains(&name) {
+        if let Some(local) = local_model_name(name) {
+            if self.local_models.contains(&local) {
+                return None;
+            }
+            let mut message = format!("unknown local model `{local}`: no LocalModel has this name");
+            if let Some(close) = did_you_mean(local, self.local_models.iter().copied()) {
+                message.push_str(&format!("; did you mean `local:{close}`?"));
+            } else if self.backends.contains(&local) {
+                message.push_str(&format!(
+                    "; `{local}` is a Backend: name it without `local:`"
+                ));
+            }
+            return Some(message);
+        }
+        if self.backends.contains(&name) {
             return None;
         }
         let mut message = format!("unknown backend `{name}`: no Backend has this name");
-        if let Some(close) = did_you_mean(name, self.0.iter().copied()) {
+        if let Some(close) = did_you_mean(name, self.backends.iter().copied()) {
             message.push_str(&format!("; did you mean `{close}`?"));
+        } else if self.local_models.contains(&name) {
+            message.push_str(&format!("; `{name}` is a LocalModel: write `local:{name}`"));
         }
         Some(message)
     }
+}
+
+/// Bounds of a `LocalModel`, each located at its field.
+fn local_model_spec(model: &Typed<LocalModelSpec>, errors: &mut Vec<PolicyError>) {
+    let (file, tree, spec) = (&model.file, &model.tree, &model.resource.spec);
+    for (field, problem) in local_model_problems(spec) {
+        let at = find(tree, &[K("spec"), K(field)]).at;
+        errors.push(PolicyError::new(file, at, problem));
+    }
+}
+
+/// What is wrong with a `LocalModel` spec, by field.
+pub(in crate::policy) fn local_model_problems(
+    spec: &LocalModelSpec,
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if spec.model_dir.trim().is_empty() {
+        problems.push((
+            "modelDir",
+            "`modelDir` is empty: give the directory that holds config.json, model.safetensors and tokenizer.json".to_owned(),
+        ));
+    }
+    let mut range = |field: &'static str, value: u32, min: u32, max: u32| {
+        if !(min..=max).contains(&value) {
+            problems.push((
+                field,
+                format!("`{field}` must be between {min} and {max}, found {value}"),
+            ));
+        }
+    };
+    range("maxBatchSize", spec.max_batch_size, 1, MAX_LOCAL_BATCH_SIZE);
+    range("maxTokens", spec.max_tokens, 2, MAX_LOCAL_TOKENS);
+    range("maxInputs", spec.max_inputs, 1, MAX_LOCAL_INPUTS);
+    range(
+        "maxBatchTokens",
+        spec.max_batch_tokens,
+        spec.max_tokens.clamp(2, MAX_LOCAL_TOKENS),
+        MAX_LOCAL_BATCH_TOKENS,
+    );
+    if spec.max_wait > MAX_LOCAL_WAIT {
+        problems.push((
+            "maxWait",
+            format!(
+                "`maxWait` ({}ms) must be at most 1s: every request waits this long when it is alone",
+                spec.max_wait.as_millis()
+            ),
+        ));
+    }
+    problems
 }
 
 fn backend_spec(backend: &Typed<BackendSpec>, errors: &mut Vec<PolicyError>) {
@@ -382,17 +474,7 @@ fn route_spec(
         }
     }
     for (i, link) in spec.fallback.iter().enumerate() {
-        let problem = if link.backend.starts_with("local:") {
-            // The engine that serves `local:` models is not part of this
-            // build yet; refuse rather than accept a link that cannot work.
-            Some(format!(
-                "`{}`: `local:` fallback models need the proxy's embedded engine, which this release does not include yet; name a Backend",
-                link.backend
-            ))
-        } else {
-            backends.unknown(&link.backend)
-        };
-        if let Some(problem) = problem {
+        if let Some(problem) = backends.unknown(&link.backend) {
             error(
                 find(tree, &[K("spec"), K("fallback"), I(i), K("backend")]).at,
                 problem,
@@ -444,12 +526,16 @@ fn mesh_spec(
     errors: &mut Vec<PolicyError>,
 ) {
     let (file, tree, spec) = (&mesh.file, &mesh.tree, &mesh.resource.spec);
-    if let Some(problem) = spec
-        .opaque
-        .backend
-        .as_deref()
-        .and_then(|b| backends.unknown(b))
-    {
+    let opaque_problem = spec.opaque.backend.as_deref().and_then(|b| {
+        if local_model_name(b).is_some() {
+            Some(format!(
+                "`{b}`: a local model cannot receive opaque TCP connections; name a Backend"
+            ))
+        } else {
+            backends.unknown(b)
+        }
+    });
+    if let Some(problem) = opaque_problem {
         let at = find(tree, &[K("spec"), K("opaque"), K("backend")]).at;
         errors.push(PolicyError::new(file, at, problem));
     }

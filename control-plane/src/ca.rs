@@ -346,6 +346,44 @@ mod tests {
     }
 
     #[test]
+    fn an_intermediate_signs_in_the_roots_place() {
+        let dir = tempfile::tempdir().unwrap();
+        // A root, and an intermediate it signs, written as an operator would.
+        let root = Authority::load(&settings(dir.path())).unwrap();
+        let root_pem = fs::read_to_string(dir.path().join("ca.crt")).unwrap();
+        let root_key = KeyPair::from_pem(&fs::read_to_string(dir.path().join("ca.key")).unwrap())
+            .unwrap();
+        let root_issuer = Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+        let mid_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "infermesh intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let mid = params.signed_by(&mid_key, &root_issuer).unwrap();
+        fs::write(dir.path().join("mid.crt"), mid.pem()).unwrap();
+        fs::write(dir.path().join("mid.key"), mid_key.serialize_pem()).unwrap();
+        let ca = Authority::load(&CaSettings {
+            intermediate: Some((dir.path().join("mid.crt"), dir.path().join("mid.key"))),
+            ..settings(dir.path())
+        })
+        .unwrap();
+        assert_eq!(ca.roots(), root.roots());
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::default().serialize_request(&key).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let signed = ca.sign_csr(&id, csr.der(), None).unwrap();
+        // Leaf, then the intermediate; the leaf names the intermediate as issuer.
+        assert_eq!(signed.chain.len(), 2);
+        assert_eq!(signed.chain[1].as_ref(), mid.der().as_ref());
+        let (_, leaf) = X509Certificate::from_der(&signed.chain[0]).unwrap();
+        let (_, inter) = X509Certificate::from_der(&signed.chain[1]).unwrap();
+        assert_eq!(leaf.issuer(), inter.subject());
+        assert!(leaf.verify_signature(Some(inter.public_key())).is_ok());
+    }
+
+    #[test]
     fn garbage_is_not_a_csr() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Authority::load(&settings(dir.path())).unwrap();

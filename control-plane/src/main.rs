@@ -356,9 +356,10 @@ fn summary(set: &PolicySet) -> String {
         set.routes.len()
     );
     if !set.authorizations.is_empty() {
+        let n = set.authorizations.len();
         out.push_str(&format!(
-            ", {} authorization policies",
-            set.authorizations.len()
+            ", {n} authorization polic{}",
+            if n == 1 { "y" } else { "ies" }
         ));
     }
     out.push(')');

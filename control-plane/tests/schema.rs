@@ -31,6 +31,7 @@ fn the_committed_schemas_are_up_to_date() {
     assert_eq!(
         generated,
         [
+            "authorizationpolicy.schema.json",
             "backend.schema.json",
             "localmodel.schema.json",
             "meshconfig.schema.json",

@@ -798,7 +798,7 @@ spec:
         );
         assert_eq!(
             errors(&LOCAL_MODEL.replace("kind: LocalModel", "kind: LocalModle")),
-            ["p.yaml:2:7: unknown kind `LocalModle`, did you mean `LocalModel`? (expected `Backend`, `ModelRoute`, `MeshConfig` or `LocalModel`)"]
+            ["p.yaml:2:7: unknown kind `LocalModle`, did you mean `LocalModel`? (expected `Backend`, `ModelRoute`, `MeshConfig`, `LocalModel` or `AuthorizationPolicy`)"]
         );
     }
 

@@ -400,6 +400,22 @@ pub async fn connect(
         })
 }
 
+/// A failed handshake's reason for the log: rustls's own message, or ours
+/// for a certificate refused by the mesh's checks (rustls would show it
+/// wrapped in debug formatting).
+pub fn describe_handshake_error(error: &std::io::Error) -> String {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsError>())
+    {
+        Some(TlsError::InvalidCertificate(CertificateError::Other(OtherError(reason)))) => {
+            format!("invalid peer certificate: {reason}")
+        }
+        Some(tls) => tls.to_string(),
+        None => error.to_string(),
+    }
+}
+
 /// A refusal with the reason, as rustls carries it to the log line.
 #[derive(Debug)]
 struct Refused(String);

@@ -159,6 +159,7 @@ async fn serve_connection(
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
+                    let error = identity::describe_handshake_error(&error);
                     tracing::warn!(%peer, %error, "inbound mTLS handshake refused");
                     return;
                 }
@@ -191,13 +192,13 @@ async fn serve_connection(
             )
             .await;
         }
-        (Protocol::Tls | Protocol::Opaque, _) => {
-            opaque::serve(stream, peer, kind, &inputs).await;
-        }
-        (Protocol::Http1 | Protocol::Http2, Some(_))
+        (Protocol::Http1 | Protocol::Http2 | Protocol::Opaque, Some(_))
             if inputs.snapshot.load().mtls_mode() == MtlsMode::Strict =>
         {
             tracing::warn!(%peer, "plaintext connection refused: inbound mTLS is strict (a MeshConfig with mtls.mode: permissive accepts plaintext)");
+        }
+        (Protocol::Tls | Protocol::Opaque, _) => {
+            opaque::serve(stream, peer, kind, &inputs).await;
         }
         (Protocol::Http1 | Protocol::Http2, _) => {
             let conn =

@@ -424,6 +424,31 @@ async fn the_inbound_listener_refuses_each_bad_peer_and_says_why() {
         "plaintext connection refused: inbound mTLS is strict",
     )
     .await;
+    // Nor is anything else that is not TLS forwarded as opaque bytes.
+    let refusals = server
+        .stderr()
+        .matches("plaintext connection refused")
+        .count();
+    let raw = infermesh_tests::raw_exchange(
+        server.inbound,
+        b"\x00\x01 not TLS, not HTTP",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(raw.closed && raw.bytes.is_empty(), "{raw:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server
+        .stderr()
+        .matches("plaintext connection refused")
+        .count()
+        == refusals
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged for opaque bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Permissive mode lets plaintext in, for migrations.
     mesh.control.write(

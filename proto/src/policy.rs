@@ -185,6 +185,12 @@ pub struct LocalModelSpec {
     /// request with more is refused with 400.
     #[serde(default = "defaults::max_inputs")]
     pub max_inputs: u32,
+    /// Most sequences waiting for or in a forward pass (1 to 1,000,000);
+    /// a request that would queue past it is refused at once with 503,
+    /// so a flood cannot pile up latency and memory behind the engine. A
+    /// request alone in an empty queue is always admitted.
+    #[serde(default = "defaults::max_queued")]
+    pub max_queued: u32,
     /// Runs on the first adapter whose name contains this
     /// (case-insensitive), e.g. `llvmpipe` for lavapipe; by default a
     /// discrete GPU, then an integrated one, then a CPU implementation.
@@ -708,6 +714,9 @@ mod defaults {
     }
     pub fn max_inputs() -> u32 {
         2048
+    }
+    pub fn max_queued() -> u32 {
+        4096
     }
 }
 

@@ -20,6 +20,7 @@ mod kserve;
 mod openai;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,53 @@ pub struct LocalModel {
     spec: LocalModelSpec,
     state: ArcSwap<State>,
     ready: Gauge,
+    queue: Queue,
+}
+
+/// Sequences waiting for or in a forward pass, bounded by `maxQueued`.
+#[derive(Debug)]
+struct Queue {
+    queued: AtomicUsize,
+    limit: usize,
+}
+
+/// Sequences admitted to a [`Queue`]; they leave it when this is dropped
+/// (the request answered, failed or abandoned by its client).
+struct Admitted<'a> {
+    queue: &'a Queue,
+    sequences: usize,
+}
+
+impl Queue {
+    fn new(limit: usize) -> Self {
+        Self {
+            queued: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Admits `sequences` unless the queue would pass its limit; a request
+    /// finding the queue empty is always admitted, so that one larger than
+    /// the limit is not refused forever. `Err` holds the sequences queued.
+    fn admit(&self, sequences: usize) -> Result<Admitted<'_>, usize> {
+        let before = self.queued.fetch_add(sequences, Ordering::AcqRel);
+        if before > 0 && before + sequences > self.limit {
+            self.queued.fetch_sub(sequences, Ordering::AcqRel);
+            return Err(before);
+        }
+        Ok(Admitted {
+            queue: self,
+            sequences,
+        })
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.queue
+            .queued
+            .fetch_sub(self.sequences, Ordering::AcqRel);
+    }
 }
 
 /// Where a local model stands.
@@ -93,6 +141,7 @@ impl LocalModel {
             spec: spec.clone(),
             state: ArcSwap::from_pointee(State::Loading),
             ready,
+            queue: Queue::new(spec.max_queued as usize),
         });
         let observer = Arc::new(Observer {
             batch_size: metrics.local_batch_size.get_or_create(&labels).clone(),
@@ -184,6 +233,12 @@ impl LocalModel {
     async fn embed(&self, inputs: Vec<String>) -> Result<Embedded, Failure> {
         let engine = self.engine().map_err(Failure::Proxy)?;
         check_inputs(&inputs, self.spec.max_inputs as usize)?;
+        let _admitted = self.queue.admit(inputs.len()).map_err(|queued| {
+            Failure::Proxy(self.unavailable(format!(
+                "overloaded: {queued} sequences are already queued (maxQueued {}); try again shortly",
+                self.queue.limit
+            )))
+        })?;
         // Tokenizing thousands of texts takes a while: not on a tokio worker.
         let tokenizer = engine.clone();
         let sequences = tokio::task::spawn_blocking(move || tokenizer.tokenize(&inputs))
@@ -425,8 +480,26 @@ mod tests {
             max_wait: Duration::from_millis(2),
             max_tokens: 256,
             max_inputs: 2048,
+            max_queued: 4096,
             adapter: None,
         }
+    }
+
+    #[test]
+    fn the_queue_refuses_past_its_limit_and_frees_what_leaves() {
+        let queue = Queue::new(10);
+        // Alone in an empty queue, even a request past the limit goes in.
+        let big = queue.admit(25).unwrap();
+        assert_eq!(queue.admit(1).err(), Some(25));
+        drop(big);
+        let a = queue.admit(6).unwrap();
+        let b = queue.admit(4).unwrap();
+        assert_eq!(queue.admit(1).err(), Some(10));
+        drop(a);
+        let c = queue.admit(5).unwrap();
+        assert_eq!(queue.queued.load(Ordering::Acquire), 9);
+        drop((b, c));
+        assert_eq!(queue.queued.load(Ordering::Acquire), 0);
     }
 
     #[test]
@@ -452,6 +525,7 @@ mod tests {
             max_wait: Duration::from_millis(5),
             max_tokens: 128,
             max_inputs: 16,
+            max_queued: 64,
             adapter: Some("llvmpipe".into()),
         };
         let config = engine_config("m", &spec);
@@ -479,6 +553,7 @@ mod tests {
             max_wait: Duration::from_millis(5),
             max_tokens: 128,
             max_inputs: 16,
+            max_queued: 64,
             adapter: None,
         };
         let model = LocalModel::carry_over("m", &spec, None, &metrics);

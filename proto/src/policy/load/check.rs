@@ -34,6 +34,8 @@ const MAX_LOCAL_BATCH_SIZE: u32 = 256;
 const MAX_LOCAL_BATCH_TOKENS: u32 = 1 << 20;
 const MAX_LOCAL_TOKENS: u32 = 512;
 const MAX_LOCAL_INPUTS: u32 = 2048;
+/// `LocalModel.maxQueued` bound.
+const MAX_LOCAL_QUEUED: u32 = 1_000_000;
 const MAX_LOCAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Every cross-document and value-format check over a loaded set.
@@ -401,6 +403,7 @@ pub(in crate::policy) fn local_model_problems(
     range("maxBatchSize", spec.max_batch_size, 1, MAX_LOCAL_BATCH_SIZE);
     range("maxTokens", spec.max_tokens, 2, MAX_LOCAL_TOKENS);
     range("maxInputs", spec.max_inputs, 1, MAX_LOCAL_INPUTS);
+    range("maxQueued", spec.max_queued, 1, MAX_LOCAL_QUEUED);
     range(
         "maxBatchTokens",
         spec.max_batch_tokens,

@@ -351,8 +351,8 @@ mod tests {
         // A root, and an intermediate it signs, written as an operator would.
         let root = Authority::load(&settings(dir.path())).unwrap();
         let root_pem = fs::read_to_string(dir.path().join("ca.crt")).unwrap();
-        let root_key = KeyPair::from_pem(&fs::read_to_string(dir.path().join("ca.key")).unwrap())
-            .unwrap();
+        let root_key =
+            KeyPair::from_pem(&fs::read_to_string(dir.path().join("ca.key")).unwrap()).unwrap();
         let root_issuer = Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
         let mid_key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
@@ -360,7 +360,10 @@ mod tests {
             .distinguished_name
             .push(DnType::CommonName, "infermesh intermediate");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let mid = params.signed_by(&mid_key, &root_issuer).unwrap();
         fs::write(dir.path().join("mid.crt"), mid.pem()).unwrap();
         fs::write(dir.path().join("mid.key"), mid_key.serialize_pem()).unwrap();
@@ -371,7 +374,9 @@ mod tests {
         .unwrap();
         assert_eq!(ca.roots(), root.roots());
         let key = KeyPair::generate().unwrap();
-        let csr = CertificateParams::default().serialize_request(&key).unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap();
         let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let signed = ca.sign_csr(&id, csr.der(), None).unwrap();
         // Leaf, then the intermediate; the leaf names the intermediate as issuer.

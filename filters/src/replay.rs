@@ -383,7 +383,10 @@ mod tests {
         let b = copies.copy().unwrap();
         assert_eq!(b.collect().await.unwrap().to_bytes(), "abcd");
         assert_eq!(a.collect().await.unwrap().to_bytes(), "abcd");
-        assert!(first.frame().await.is_none(), "the first attempt stays ended");
+        assert!(
+            first.frame().await.is_none(),
+            "the first attempt stays ended"
+        );
         assert!(ReplayBody::direct(chunks(&["x"])).copies().is_none());
     }
 

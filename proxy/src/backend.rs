@@ -383,7 +383,11 @@ impl Backend {
 
     /// The balancer's choice among `endpoints`, not in `avoid` when there is
     /// another, else any.
-    fn pick_among(&self, endpoints: &[Arc<Endpoint>], avoid: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+    fn pick_among(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        avoid: &[SocketAddr],
+    ) -> Option<Arc<Endpoint>> {
         if avoid.is_empty() {
             return self.balancer.pick(endpoints);
         }

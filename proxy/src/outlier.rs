@@ -200,7 +200,9 @@ impl Health {
             .base_ejection
             .saturating_mul(self.ejections)
             .min(policy.max_ejection);
-        self.state = State::Ejected { until: now + length };
+        self.state = State::Ejected {
+            until: now + length,
+        };
         self.consecutive = 0;
         self.window = Window::new(now);
         length

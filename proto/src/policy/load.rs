@@ -870,7 +870,10 @@ spec:
         let hedging = set.routes[0].spec.hedging.clone().unwrap();
         assert_eq!(hedging.delay, Duration::from_millis(100));
         assert_eq!(hedging.max_hedges, 1);
-        assert!(load(BACKEND).unwrap().backends[0].spec.outlier_detection.is_none());
+        assert!(load(BACKEND).unwrap().backends[0]
+            .spec
+            .outlier_detection
+            .is_none());
     }
 
     #[test]

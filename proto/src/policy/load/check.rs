@@ -452,7 +452,16 @@ fn backend_spec(backend: &Typed<BackendSpec>, errors: &mut Vec<PolicyError>) {
         .map(outlier_problems)
         .into_iter()
         .flatten()
-        .map(|(keys, problem)| (["outlierDetection"].iter().chain(keys).copied().collect::<Vec<_>>(), problem))
+        .map(|(keys, problem)| {
+            (
+                ["outlierDetection"]
+                    .iter()
+                    .chain(keys)
+                    .copied()
+                    .collect::<Vec<_>>(),
+                problem,
+            )
+        })
         .chain(
             spec.limits
                 .as_ref()
@@ -558,7 +567,9 @@ pub(super) fn limits_problems(limits: &BackendLimits) -> Vec<(&'static str, Stri
         if value == Some(0) {
             problems.push((
                 key,
-                format!("`{key}: 0` refuses every request: give at least 1, or remove it for no limit"),
+                format!(
+                    "`{key}: 0` refuses every request: give at least 1, or remove it for no limit"
+                ),
             ));
         }
     }

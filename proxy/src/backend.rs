@@ -608,6 +608,127 @@ mod tests {
         }
     }
 
+    fn guarded(outlier: &str, limits: &str) -> BackendSpec {
+        let yaml = format!(
+            "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{name: b}}\nspec:\n  endpoints: [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n  balancer: round-robin\n{outlier}{limits}"
+        );
+        infermesh_proto::policy::load_str(std::path::Path::new("b.yaml"), &yaml)
+            .expect("valid policy")
+            .backends
+            .remove(0)
+            .spec
+    }
+
+    fn port(picked: &Picked) -> u16 {
+        picked.endpoint.addr().port()
+    }
+
+    #[tokio::test]
+    async fn a_tripped_endpoint_is_skipped_until_its_one_probe() {
+        let spec = guarded(
+            "  outlierDetection: {consecutiveFailures: 2, baseEjection: 50ms}\n",
+            "",
+        );
+        let backend = Backend::new("b", &spec, &Metrics::new());
+        let eps = backend.endpoints();
+        let first = Picked {
+            endpoint: eps[0].clone(),
+            probe: false,
+        };
+        backend.record(&first, true);
+        assert!(!eps[0].is_ejected());
+        backend.record(&first, true);
+        assert!(eps[0].is_ejected());
+        for _ in 0..10 {
+            assert_eq!(port(&backend.pick_for_request(&[]).unwrap()), 2);
+            assert_eq!(backend.pick().unwrap().addr().port(), 2);
+        }
+        // The other endpoint fails too, but 50% of two is one.
+        let second = Picked {
+            endpoint: eps[1].clone(),
+            probe: false,
+        };
+        for _ in 0..5 {
+            backend.record(&second, true);
+        }
+        assert!(!eps[1].is_ejected());
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let probe = backend.pick_for_request(&[]).unwrap();
+        assert_eq!((port(&probe), probe.probe), (1, true));
+        // Half-open: the probe is the only request it gets.
+        for _ in 0..5 {
+            let other = backend.pick_for_request(&[]).unwrap();
+            assert_eq!((port(&other), other.probe), (2, false));
+        }
+        backend.record(&probe, false);
+        assert!(!eps[0].is_ejected());
+        let ports: Vec<u16> = (0..4)
+            .map(|_| port(&backend.pick_for_request(&[]).unwrap()))
+            .collect();
+        assert!(ports.contains(&1) && ports.contains(&2), "{ports:?}");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_probe_is_taken_again_by_the_next_request() {
+        let spec = guarded(
+            "  outlierDetection: {consecutiveFailures: 1, baseEjection: 10ms, maxEjectedPercent: 100}\n",
+            "",
+        );
+        let backend = Backend::new("b", &spec, &Metrics::new());
+        for endpoint in backend.endpoints().iter() {
+            let picked = Picked {
+                endpoint: endpoint.clone(),
+                probe: false,
+            };
+            backend.record(&picked, true);
+        }
+        assert!(
+            backend.pick_for_request(&[]).is_none(),
+            "every endpoint is out"
+        );
+        assert!(backend.pick().is_none());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let a = backend.pick_for_request(&[]).unwrap();
+        let b = backend.pick_for_request(&[]).unwrap();
+        assert!(a.probe && b.probe && port(&a) != port(&b));
+        assert!(backend.pick_for_request(&[]).is_none(), "both probing");
+        backend.probe_abandoned(&a);
+        let again = backend.pick_for_request(&[]).unwrap();
+        assert_eq!((port(&again), again.probe), (port(&a), true));
+    }
+
+    #[tokio::test]
+    async fn attempts_past_a_limit_are_refused_as_overloaded() {
+        let spec = guarded("", "  limits: {maxInFlight: 2, maxPending: 1}\n");
+        let backend = Backend::new("b", &spec, &Metrics::new());
+        let mut first = backend.admit().unwrap();
+        let refused = backend.admit().unwrap_err();
+        assert!(matches!(
+            refused,
+            ProxyError::Overloaded {
+                limit: "pending",
+                max: 1,
+                ..
+            }
+        ));
+        first.responded();
+        let second = backend.admit().unwrap();
+        assert_eq!(backend.outstanding(), (2, 1));
+        let refused = backend.admit().unwrap_err();
+        assert!(matches!(
+            refused,
+            ProxyError::Overloaded {
+                limit: "in-flight",
+                max: 2,
+                ..
+            }
+        ));
+        drop(first);
+        drop(second);
+        assert_eq!(backend.outstanding(), (0, 0));
+        assert!(backend.admit().is_ok());
+    }
+
     #[test]
     fn targets_parse_ips_and_host_names() {
         assert_eq!(

@@ -80,6 +80,17 @@ pub enum ProxyError {
         /// Why, as the engine reported it.
         reason: String,
     },
+    /// A backend's limit on outstanding requests is reached: the request
+    /// was refused at once, before reaching any server.
+    #[error("backend {backend} is overloaded: {limit} limit of {max} requests reached")]
+    Overloaded {
+        /// The `Backend`'s name.
+        backend: String,
+        /// Which limit: `in-flight` or `pending`.
+        limit: &'static str,
+        /// The limit's value.
+        max: u32,
+    },
 }
 
 fn fmt_duration(d: &Duration) -> String {
@@ -114,6 +125,7 @@ impl ProxyError {
             Self::NoEndpoint(_) | Self::Misconfigured(_) | Self::LocalUnavailable { .. } => {
                 Fault::Proxy
             }
+            Self::Overloaded { .. } => Fault::Proxy,
             Self::Connect { .. }
             | Self::Upstream { .. }
             | Self::FirstByteTimeout(_)
@@ -127,6 +139,9 @@ impl ProxyError {
         match self {
             Self::Connect { .. } | Self::NoEndpoint(_) => true,
             Self::Upstream { refused, .. } => *refused,
+            // Refused before any server saw it; the retry filter still
+            // leaves it to the fallback chain (see `retry::decide_error`).
+            Self::Overloaded { .. } => true,
             _ => false,
         }
     }
@@ -144,6 +159,7 @@ impl ProxyError {
             Self::Misconfigured(_) => "proxy_misconfigured",
             Self::TooLarge(_) => "request_too_large",
             Self::LocalUnavailable { .. } => "local_model_unavailable",
+            Self::Overloaded { .. } => "overloaded",
         }
     }
 
@@ -160,6 +176,7 @@ impl ProxyError {
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -176,6 +193,10 @@ impl ProxyError {
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => grpc_code::DEADLINE_EXCEEDED,
             Self::BadRequest(_) => grpc_code::INVALID_ARGUMENT,
             Self::TooLarge(_) => grpc_code::RESOURCE_EXHAUSTED,
+            // UNAVAILABLE, as gRPC maps HTTP 503: transient, try again or
+            // elsewhere. RESOURCE_EXHAUSTED stays for quotas and rate limits,
+            // which say "you asked too much" rather than "the server is full".
+            Self::Overloaded { .. } => grpc_code::UNAVAILABLE,
         }
     }
 
@@ -275,6 +296,27 @@ mod tests {
         assert_eq!(
             json["error"]["message"],
             "local model minilm is unavailable: model directory /m: config.json is missing"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_overloaded_backend_is_a_503_overloaded_and_unavailable_for_grpc() {
+        let error = ProxyError::Overloaded {
+            backend: "vllm".into(),
+            limit: "pending",
+            max: 8,
+        };
+        assert_eq!(error.fault(), Fault::Proxy);
+        assert!(error.retryable());
+        assert_eq!(error.grpc_code(), grpc_code::UNAVAILABLE);
+        let response = error.to_response(false);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "overloaded");
+        assert_eq!(
+            json["error"]["message"],
+            "backend vllm is overloaded: pending limit of 8 requests reached"
         );
     }
 

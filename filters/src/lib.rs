@@ -8,6 +8,7 @@
 pub mod authz;
 pub mod body;
 pub mod error;
+pub mod hedge;
 pub mod replay;
 pub mod retry;
 pub mod timeout;

@@ -10,6 +10,11 @@
 //! Unlike buffering the whole body before the first attempt, this adds no
 //! latency, and a client-streaming gRPC call is not held up.
 //!
+//! Hedging needs more: attempts that run at the same time. Once the whole
+//! body has been read and kept, [`ReplayBody::copies`] makes further bodies
+//! that replay it without touching the client's body, so they never take
+//! chunks from each other.
+//!
 //! ```
 //! use bytes::Bytes;
 //! use http_body_util::{BodyExt, Full};
@@ -141,6 +146,42 @@ impl<B> ReplayHandle<B> {
     }
 }
 
+/// Makes concurrent copies of a shared body once it has been read whole.
+#[derive(Debug)]
+pub struct Copies<B> {
+    shared: Arc<Mutex<Shared<B>>>,
+}
+
+impl<B> ReplayBody<B> {
+    /// A maker of copies of this body, for attempts sent while this one
+    /// runs; `None` for a body that is never replayed.
+    pub fn copies(&self) -> Option<Copies<B>> {
+        match &self.state {
+            State::Direct(_) => None,
+            State::Shared { shared, .. } => Some(Copies {
+                shared: shared.clone(),
+            }),
+        }
+    }
+}
+
+impl<B: Body> Copies<B> {
+    /// A copy of the whole body, or `None` while the body has not been
+    /// read to its end, or when it was too long to keep.
+    pub fn copy(&self) -> Option<ReplayBody<B>> {
+        let shared = lock(&self.shared);
+        let whole = !shared.overflowed && (shared.ended || shared.body.is_end_stream());
+        whole.then(|| ReplayBody {
+            state: State::Shared {
+                shared: self.shared.clone(),
+                generation: shared.generation,
+                cursor: 0,
+                done: false,
+            },
+        })
+    }
+}
+
 /// A body of an attempt that a retry replaced.
 #[derive(Debug, thiserror::Error)]
 #[error("request body superseded by a retry")]
@@ -175,9 +216,8 @@ where
             return Poll::Ready(None);
         }
         let mut shared = lock(shared);
-        if shared.generation != generation {
-            return Poll::Ready(Some(Err(Superseded.into())));
-        }
+        // Kept chunks can be replayed by any attempt; only reading on from
+        // the client's body belongs to the newest one.
         if let Some(chunk) = shared.chunks.get(*cursor) {
             *cursor += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
@@ -185,6 +225,9 @@ where
         if shared.ended {
             *done = true;
             return Poll::Ready(shared.trailers.clone().map(|t| Ok(Frame::trailers(t))));
+        }
+        if shared.generation != generation {
+            return Poll::Ready(Some(Err(Superseded.into())));
         }
         let frame = match Pin::new(&mut shared.body).poll_frame(cx) {
             Poll::Pending => return Poll::Pending,
@@ -322,6 +365,29 @@ mod tests {
         let third = handle.next_attempt().unwrap();
         assert_eq!(third.size_hint().exact(), Some(6));
         assert_eq!(third.collect().await.unwrap().to_bytes(), "abcdef");
+    }
+
+    #[tokio::test]
+    async fn copies_of_a_whole_body_replay_it_side_by_side() {
+        let (mut first, _handle) = ReplayBody::shared(chunks(&["ab", "cd"]), 1024);
+        let copies = first.copies().unwrap();
+        assert!(copies.copy().is_none(), "not read yet");
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ab");
+        assert!(copies.copy().is_none(), "read in part");
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "cd");
+        assert!(copies.copy().is_none(), "its end not seen yet");
+        assert!(first.frame().await.is_none());
+        let a = copies.copy().unwrap();
+        let b = copies.copy().unwrap();
+        assert_eq!(b.collect().await.unwrap().to_bytes(), "abcd");
+        assert_eq!(a.collect().await.unwrap().to_bytes(), "abcd");
+        assert!(
+            first.frame().await.is_none(),
+            "the first attempt stays ended"
+        );
+        assert!(ReplayBody::direct(chunks(&["x"])).copies().is_none());
     }
 
     #[tokio::test]

@@ -165,6 +165,7 @@ pub struct RetryLayer {
     backoff_max: Duration,
     max_retry_after: Duration,
     max_replay_bytes: usize,
+    keep_body: bool,
     budget: Arc<RetryBudget>,
     metrics: RetryMetrics,
 }
@@ -181,6 +182,7 @@ impl RetryLayer {
             backoff_max: Duration::from_secs(1),
             max_retry_after: Duration::from_secs(2),
             max_replay_bytes: 64 * 1024,
+            keep_body: false,
             budget,
             metrics: RetryMetrics::default(),
         }
@@ -219,6 +221,13 @@ impl RetryLayer {
     /// Most request-body bytes kept for replay.
     pub fn max_replay_bytes(mut self, limit: usize) -> Self {
         self.max_replay_bytes = limit;
+        self
+    }
+
+    /// Keeps the request body (up to the replay limit) even when retries
+    /// are off, so that a hedging filter below can send copies of it.
+    pub fn keep_body(mut self, keep: bool) -> Self {
+        self.keep_body = keep;
         self
     }
 
@@ -356,6 +365,10 @@ where
         if config.max_attempts <= 1 || too_long {
             if too_long && config.max_attempts > 1 {
                 config.budget.deposit();
+            }
+            if config.keep_body && !too_long {
+                let (body, _) = ReplayBody::shared(body, config.max_replay_bytes);
+                return Box::pin(first.call(Request::from_parts(parts, body)));
             }
             let request = Request::from_parts(parts, ReplayBody::direct(body));
             return Box::pin(first.call(request));

@@ -1,18 +1,23 @@
 //! Backends: a named endpoint set with its balancer, connection pool and
-//! periodic DNS re-resolution.
+//! periodic DNS re-resolution, outlier ejection of its endpoints and limits
+//! on its outstanding requests.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use infermesh_filters::ProxyError;
 use infermesh_proto::policy::{BackendSpec, UpstreamProtocol};
+use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::balance::{Balancer, Endpoint};
-use crate::metrics::{BackendLabels, Metrics, Name};
+use crate::metrics::{BackendLabels, EjectionLabels, Metrics, Name, OverloadLabels};
+use crate::outlier::{self, OutlierPolicy, ProbeVerdict, Trip};
 use crate::pool::{self, UpstreamClient};
 
 /// An endpoint as written in policy.
@@ -58,6 +63,123 @@ pub struct Backend {
     client: UpstreamClient,
     connect_errors: Counter,
     discovery_started: AtomicBool,
+    outlier: Option<OutlierPolicy>,
+    /// Serialises ejection decisions, so that two endpoints tripping at
+    /// once cannot both pass the maximum share. Taken only on a trip.
+    trip: Mutex<()>,
+    load: Arc<Load>,
+    max_in_flight: Option<u32>,
+    max_pending: Option<u32>,
+    handles: Handles,
+}
+
+/// Metric handles of a backend, resolved once.
+#[derive(Debug)]
+struct Handles {
+    ejected: Gauge,
+    ejections: [Counter; 3],
+    overloaded_in_flight: Counter,
+    overloaded_pending: Counter,
+    penalties: Counter,
+}
+
+impl Handles {
+    fn new(name: &Name, metrics: &Metrics) -> Self {
+        let backend = || BackendLabels {
+            backend: name.clone(),
+        };
+        let ejections = [Trip::Consecutive, Trip::FailureRate, Trip::ProbeFailed].map(|trip| {
+            metrics
+                .outlier_ejections
+                .get_or_create(&EjectionLabels {
+                    backend: name.clone(),
+                    reason: trip.as_str(),
+                })
+                .clone()
+        });
+        let overloaded = |limit| {
+            metrics
+                .overloaded
+                .get_or_create(&OverloadLabels {
+                    backend: name.clone(),
+                    limit,
+                })
+                .clone()
+        };
+        Self {
+            ejected: metrics.outlier_ejected.get_or_create(&backend()).clone(),
+            ejections,
+            overloaded_in_flight: overloaded("in_flight"),
+            overloaded_pending: overloaded("pending"),
+            penalties: metrics.penalties.get_or_create(&backend()).clone(),
+        }
+    }
+
+    fn ejections(&self, trip: Trip) -> &Counter {
+        match trip {
+            Trip::Consecutive => &self.ejections[0],
+            Trip::FailureRate => &self.ejections[1],
+            Trip::ProbeFailed => &self.ejections[2],
+        }
+    }
+}
+
+/// Requests outstanding to a backend, across its endpoints and routes.
+/// Shared by the backends that replace each other across policy pushes, so
+/// a push does not reset the counts.
+#[derive(Debug, Default)]
+struct Load {
+    in_flight: AtomicU32,
+    pending: AtomicU32,
+}
+
+/// An endpoint chosen for one attempt.
+#[derive(Debug)]
+pub struct Picked {
+    /// Where the attempt goes.
+    pub endpoint: Arc<Endpoint>,
+    /// The attempt is the probe of an endpoint whose ejection is over: its
+    /// outcome re-admits or re-ejects the endpoint.
+    pub probe: bool,
+}
+
+/// One attempt counted against a backend's limits: pending until
+/// [`Admitted::responded`], in flight until dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    load: Arc<Load>,
+    pending: bool,
+}
+
+impl Admitted {
+    /// The response headers arrived: the attempt is no longer pending.
+    pub fn responded(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.load.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.responded();
+        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes one from `counter` unless that passes `max`.
+fn take(counter: &AtomicU32, max: Option<u32>) -> bool {
+    match max {
+        None => {
+            counter.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Some(max) => counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok(),
+    }
 }
 
 impl Backend {
@@ -134,7 +256,21 @@ impl Backend {
             }
             _ => pool::client(spec.protocol, spec.connect_timeout, tls),
         };
+        if spec.outlier_detection.is_none() {
+            // Without outlier detection nothing would ever re-admit them.
+            for endpoint in endpoints.iter().filter(|e| e.is_ejected()) {
+                *endpoint.health() = crate::outlier::Health::new(Instant::now());
+                endpoint.set_ejected(false, &Gauge::default());
+            }
+        }
+        let limits = spec.limits.clone().unwrap_or_default();
         Arc::new(Self {
+            handles: Handles::new(&name, metrics),
+            outlier: spec.outlier_detection.as_ref().map(OutlierPolicy::from),
+            trip: Mutex::new(()),
+            load: previous.map(|p| p.load.clone()).unwrap_or_default(),
+            max_in_flight: limits.max_in_flight,
+            max_pending: limits.max_pending,
             connect_errors: metrics
                 .connect_errors
                 .get_or_create(&BackendLabels {
@@ -194,18 +330,70 @@ impl Backend {
         self.connect_errors.inc();
     }
 
-    /// Chooses an endpoint for one request.
+    /// Chooses an endpoint that is not ejected, for a connection whose
+    /// outcome is not judged (opaque TCP): it never takes a probe.
     pub fn pick(&self) -> Option<Arc<Endpoint>> {
-        self.balancer.pick(&self.endpoints.load())
+        let endpoints = self.endpoints.load();
+        if self.outlier.is_some() && endpoints.iter().any(|e| e.is_ejected()) {
+            let healthy: Vec<Arc<Endpoint>> = endpoints
+                .iter()
+                .filter(|e| !e.is_ejected())
+                .cloned()
+                .collect();
+            return self.balancer.pick(&healthy);
+        }
+        self.balancer.pick(&endpoints)
     }
 
-    /// Chooses an endpoint not in `avoid` when there is one (for a retry),
-    /// else any.
-    pub fn pick_avoiding(&self, avoid: &[std::net::SocketAddr]) -> Option<Arc<Endpoint>> {
+    /// Chooses the endpoint of one attempt: the probe of an endpoint whose
+    /// ejection is over when there is one, else the balancer's choice among
+    /// the endpoints that are not ejected, avoiding those in `avoid` (where
+    /// earlier attempts or a hedged sibling went) when there is another.
+    /// `None` when the backend has no endpoint, or every one is ejected.
+    pub fn pick_for_request(&self, avoid: &[SocketAddr]) -> Option<Picked> {
         let endpoints = self.endpoints.load();
+        let normal = |endpoint| Picked {
+            endpoint,
+            probe: false,
+        };
+        if self.outlier.is_none() || !endpoints.iter().any(|e| e.is_ejected()) {
+            return self.pick_among(&endpoints, avoid).map(normal);
+        }
+        let now = Instant::now();
+        // A probe goes first, so an endpoint comes back as soon as its
+        // ejection is over rather than when the balancer happens upon it.
+        for endpoint in endpoints.iter() {
+            if endpoint.is_ejected()
+                && !avoid.contains(&endpoint.addr())
+                && endpoint.health().try_probe(now)
+            {
+                return Some(Picked {
+                    endpoint: endpoint.clone(),
+                    probe: true,
+                });
+            }
+        }
+        let healthy: Vec<Arc<Endpoint>> = endpoints
+            .iter()
+            .filter(|e| !e.is_ejected())
+            .cloned()
+            .collect();
+        self.pick_among(&healthy, avoid).map(normal)
+    }
+
+    /// The balancer's choice among `endpoints`, not in `avoid` when there is
+    /// another, else any.
+    fn pick_among(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        avoid: &[SocketAddr],
+    ) -> Option<Arc<Endpoint>> {
+        if avoid.is_empty() {
+            return self.balancer.pick(endpoints);
+        }
         // The balancer's own choice first, so load still counts.
         for _ in 0..2 {
-            let picked = self.balancer.pick(&endpoints)?;
+            let picked = self.balancer.pick(endpoints)?;
             if !avoid.contains(&picked.addr()) {
                 return Some(picked);
             }
@@ -214,7 +402,102 @@ impl Backend {
             .iter()
             .find(|e| !avoid.contains(&e.addr()))
             .cloned()
-            .or_else(|| self.balancer.pick(&endpoints))
+            .or_else(|| self.balancer.pick(endpoints))
+    }
+
+    /// Counts one attempt against the backend's limits, or refuses it with
+    /// [`ProxyError::Overloaded`] when a limit is reached.
+    pub fn admit(&self) -> Result<Admitted, ProxyError> {
+        if !take(&self.load.in_flight, self.max_in_flight) {
+            self.handles.overloaded_in_flight.inc();
+            return Err(self.overloaded("in-flight", self.max_in_flight));
+        }
+        if !take(&self.load.pending, self.max_pending) {
+            self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.handles.overloaded_pending.inc();
+            return Err(self.overloaded("pending", self.max_pending));
+        }
+        Ok(Admitted {
+            load: self.load.clone(),
+            pending: true,
+        })
+    }
+
+    fn overloaded(&self, limit: &'static str, max: Option<u32>) -> ProxyError {
+        ProxyError::Overloaded {
+            backend: self.name.as_str().to_string(),
+            limit,
+            max: max.unwrap_or_default(),
+        }
+    }
+
+    /// Attempts outstanding to the backend: `(in flight, pending)`.
+    pub fn outstanding(&self) -> (u32, u32) {
+        (
+            self.load.in_flight.load(Ordering::Relaxed),
+            self.load.pending.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Records how an attempt sent to `picked` ended, as outlier detection
+    /// judges it: `failed` for a connection or upstream failure, a 5xx, or
+    /// a gRPC `UNAVAILABLE` in the response headers.
+    pub fn record(&self, picked: &Picked, failed: bool) {
+        let Some(policy) = &self.outlier else {
+            return;
+        };
+        let endpoint = &picked.endpoint;
+        let now = Instant::now();
+        if picked.probe {
+            let verdict = endpoint.health().probe_result(policy, now, failed);
+            match verdict {
+                ProbeVerdict::Readmitted => {
+                    endpoint.set_ejected(false, &self.handles.ejected);
+                    tracing::info!(backend = %self.name.as_str(), endpoint = %endpoint.addr(), "endpoint re-admitted after a successful probe");
+                }
+                ProbeVerdict::Ejected(length) => {
+                    self.handles.ejections(Trip::ProbeFailed).inc();
+                    tracing::warn!(backend = %self.name.as_str(), endpoint = %endpoint.addr(), ejected_for = ?length, "probe failed; endpoint ejected again");
+                }
+                ProbeVerdict::Ignored => {}
+            }
+            return;
+        }
+        let Some(trip) = endpoint.health().record(policy, now, failed) else {
+            return;
+        };
+        let _deciding = self.trip.lock();
+        let endpoints = self.endpoints.load();
+        let ejected = endpoints.iter().filter(|e| e.is_ejected()).count();
+        if !outlier::may_eject(policy, ejected, endpoints.len()) {
+            tracing::debug!(backend = %self.name.as_str(), endpoint = %endpoint.addr(), "endpoint keeps failing but stays: the backend's maximum ejected share is reached");
+            return;
+        }
+        let mut health = endpoint.health();
+        if health.is_ejected() {
+            return;
+        }
+        let length = health.eject(policy, now);
+        let count = health.ejections();
+        drop(health);
+        endpoint.set_ejected(true, &self.handles.ejected);
+        self.handles.ejections(trip).inc();
+        tracing::warn!(backend = %self.name.as_str(), endpoint = %endpoint.addr(), reason = trip.as_str(), ejected_for = ?length, ejections = count, "endpoint ejected");
+    }
+
+    /// The probe of `picked` ended without an outcome (the attempt was
+    /// cancelled): the next request may probe instead.
+    pub fn probe_abandoned(&self, picked: &Picked) {
+        if picked.probe {
+            picked.endpoint.health().probe_abandoned(Instant::now());
+        }
+    }
+
+    /// Penalises `endpoint` in the balancer for `length`, after a 429 or a
+    /// `Retry-After`.
+    pub fn penalize(&self, endpoint: &Endpoint, length: Duration) {
+        endpoint.penalize(Instant::now(), length);
+        self.handles.penalties.inc();
     }
 
     /// The current endpoints.
@@ -320,7 +603,130 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             dns_refresh: Duration::from_secs(5),
             mtls: None,
+            outlier_detection: None,
+            limits: None,
         }
+    }
+
+    fn guarded(outlier: &str, limits: &str) -> BackendSpec {
+        let yaml = format!(
+            "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{name: b}}\nspec:\n  endpoints: [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n  balancer: round-robin\n{outlier}{limits}"
+        );
+        infermesh_proto::policy::load_str(std::path::Path::new("b.yaml"), &yaml)
+            .expect("valid policy")
+            .backends
+            .remove(0)
+            .spec
+    }
+
+    fn port(picked: &Picked) -> u16 {
+        picked.endpoint.addr().port()
+    }
+
+    #[tokio::test]
+    async fn a_tripped_endpoint_is_skipped_until_its_one_probe() {
+        let spec = guarded(
+            "  outlierDetection: {consecutiveFailures: 2, baseEjection: 50ms}\n",
+            "",
+        );
+        let backend = Backend::new("b", &spec, &Metrics::new());
+        let eps = backend.endpoints();
+        let first = Picked {
+            endpoint: eps[0].clone(),
+            probe: false,
+        };
+        backend.record(&first, true);
+        assert!(!eps[0].is_ejected());
+        backend.record(&first, true);
+        assert!(eps[0].is_ejected());
+        for _ in 0..10 {
+            assert_eq!(port(&backend.pick_for_request(&[]).unwrap()), 2);
+            assert_eq!(backend.pick().unwrap().addr().port(), 2);
+        }
+        // The other endpoint fails too, but 50% of two is one.
+        let second = Picked {
+            endpoint: eps[1].clone(),
+            probe: false,
+        };
+        for _ in 0..5 {
+            backend.record(&second, true);
+        }
+        assert!(!eps[1].is_ejected());
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let probe = backend.pick_for_request(&[]).unwrap();
+        assert_eq!((port(&probe), probe.probe), (1, true));
+        // Half-open: the probe is the only request it gets.
+        for _ in 0..5 {
+            let other = backend.pick_for_request(&[]).unwrap();
+            assert_eq!((port(&other), other.probe), (2, false));
+        }
+        backend.record(&probe, false);
+        assert!(!eps[0].is_ejected());
+        let ports: Vec<u16> = (0..4)
+            .map(|_| port(&backend.pick_for_request(&[]).unwrap()))
+            .collect();
+        assert!(ports.contains(&1) && ports.contains(&2), "{ports:?}");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_probe_is_taken_again_by_the_next_request() {
+        let spec = guarded(
+            "  outlierDetection: {consecutiveFailures: 1, baseEjection: 10ms, maxEjectedPercent: 100}\n",
+            "",
+        );
+        let backend = Backend::new("b", &spec, &Metrics::new());
+        for endpoint in backend.endpoints().iter() {
+            let picked = Picked {
+                endpoint: endpoint.clone(),
+                probe: false,
+            };
+            backend.record(&picked, true);
+        }
+        assert!(
+            backend.pick_for_request(&[]).is_none(),
+            "every endpoint is out"
+        );
+        assert!(backend.pick().is_none());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let a = backend.pick_for_request(&[]).unwrap();
+        let b = backend.pick_for_request(&[]).unwrap();
+        assert!(a.probe && b.probe && port(&a) != port(&b));
+        assert!(backend.pick_for_request(&[]).is_none(), "both probing");
+        backend.probe_abandoned(&a);
+        let again = backend.pick_for_request(&[]).unwrap();
+        assert_eq!((port(&again), again.probe), (port(&a), true));
+    }
+
+    #[tokio::test]
+    async fn attempts_past_a_limit_are_refused_as_overloaded() {
+        let spec = guarded("", "  limits: {maxInFlight: 2, maxPending: 1}\n");
+        let backend = Backend::new("b", &spec, &Metrics::new());
+        let mut first = backend.admit().unwrap();
+        let refused = backend.admit().unwrap_err();
+        assert!(matches!(
+            refused,
+            ProxyError::Overloaded {
+                limit: "pending",
+                max: 1,
+                ..
+            }
+        ));
+        first.responded();
+        let second = backend.admit().unwrap();
+        assert_eq!(backend.outstanding(), (2, 1));
+        let refused = backend.admit().unwrap_err();
+        assert!(matches!(
+            refused,
+            ProxyError::Overloaded {
+                limit: "in-flight",
+                max: 2,
+                ..
+            }
+        ));
+        drop(first);
+        drop(second);
+        assert_eq!(backend.outstanding(), (0, 0));
+        assert!(backend.admit().is_ok());
     }
 
     #[test]

@@ -1,6 +1,12 @@
 //! Endpoint selection: round robin, least outstanding requests by power of
 //! two choices, and peak-EWMA power of two choices.
 //!
+//! An endpoint that answered 429 (or sent `Retry-After`) is penalised for a
+//! while: both power-of-two pickers see its load multiplied by
+//! [`PENALTY_FACTOR`], so traffic shifts to the others unless they are far
+//! busier. Ejected endpoints (see `outlier`) are not offered to the picker
+//! at all; the backend filters them out.
+//!
 //! Every endpoint keeps its own statistics in atomics (and a small per-endpoint
 //! lock for the EWMA), so picking never takes a lock shared by all requests.
 //! Power of two choices samples two endpoints at random and takes the less
@@ -8,18 +14,29 @@
 //! when every proxy sees the same minimum.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use infermesh_proto::policy::BalancerKind;
 use parking_lot::Mutex;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::outlier::Health;
 
 /// How quickly the peak-EWMA estimate forgets a slow response.
 const DECAY: Duration = Duration::from_secs(10);
 /// Estimate for an endpoint that has not answered yet: optimistic enough that
 /// new endpoints get traffic, pessimistic enough not to be flooded.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// How much heavier a penalised endpoint looks to the pickers: it still gets
+/// traffic when every other endpoint is this many times as loaded.
+pub const PENALTY_FACTOR: f64 = 16.0;
+/// Penalty for a 429 without `Retry-After`.
+pub const DEFAULT_PENALTY: Duration = Duration::from_secs(1);
+/// Longest penalty, whatever `Retry-After` asks: a server that sheds for
+/// longer is better caught by outlier ejection.
+pub const MAX_PENALTY: Duration = Duration::from_secs(60);
 
 /// One address of a backend, with its load statistics.
 #[derive(Debug)]
@@ -29,6 +46,25 @@ pub struct Endpoint {
     authority: http::uri::Authority,
     in_flight: AtomicUsize,
     ewma: Mutex<PeakEwma>,
+    /// End of the current 429 penalty, in nanoseconds since [`epoch`]; 0
+    /// for none.
+    penalty_until: AtomicU64,
+    /// Mirrors `health.is_ejected()`, so that picking reads an atomic.
+    ejected: AtomicBool,
+    health: Mutex<Health>,
+    /// The backend's ejected-endpoints gauge while this endpoint counts in
+    /// it, so that an endpoint dropped while ejected leaves the gauge.
+    ejected_gauge: Mutex<Option<Gauge>>,
+}
+
+/// The origin of the penalty clock.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
 impl Endpoint {
@@ -38,11 +74,16 @@ impl Endpoint {
             .to_string()
             .parse()
             .expect("a socket address is a valid authority");
+        let now = Instant::now();
         Self {
             addr,
             authority,
             in_flight: AtomicUsize::new(0),
-            ewma: Mutex::new(PeakEwma::new(Instant::now())),
+            ewma: Mutex::new(PeakEwma::new(now)),
+            penalty_until: AtomicU64::new(0),
+            ejected: AtomicBool::new(false),
+            health: Mutex::new(Health::new(now)),
+            ejected_gauge: Mutex::new(None),
         }
     }
 
@@ -73,10 +114,74 @@ impl Endpoint {
     }
 
     /// Peak-EWMA load: the decayed latency estimate times the requests in
-    /// flight (plus one, so idle endpoints still compare by latency).
+    /// flight (plus one, so idle endpoints still compare by latency),
+    /// heavier while penalised.
     pub fn peak_ewma_load(&self, now: Instant) -> f64 {
         let rtt = self.ewma.lock().estimate(now);
-        rtt * (self.in_flight() + 1) as f64
+        rtt * (self.in_flight() + 1) as f64 * self.penalty_weight(now)
+    }
+
+    /// Least-request load: the requests in flight (plus one, so that the
+    /// penalty weighs on idle endpoints too), heavier while penalised.
+    pub fn least_request_load(&self, now: Instant) -> f64 {
+        (self.in_flight() + 1) as f64 * self.penalty_weight(now)
+    }
+
+    /// Penalises the endpoint until `now + length` (a 429, a `Retry-After`);
+    /// a longer penalty already running stays.
+    pub fn penalize(&self, now: Instant, length: Duration) {
+        let until = nanos_since_epoch(now + length.min(MAX_PENALTY)).max(1);
+        self.penalty_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether a penalty runs at `now`.
+    pub fn is_penalized(&self, now: Instant) -> bool {
+        self.penalty_until.load(Ordering::Relaxed) > nanos_since_epoch(now)
+    }
+
+    fn penalty_weight(&self, now: Instant) -> f64 {
+        if self.is_penalized(now) {
+            PENALTY_FACTOR
+        } else {
+            1.0
+        }
+    }
+
+    /// Whether the endpoint is ejected (or probing after an ejection).
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint's breaker, locked.
+    pub fn health(&self) -> parking_lot::MutexGuard<'_, Health> {
+        self.health.lock()
+    }
+
+    /// Marks the endpoint ejected or back in, moving it in or out of
+    /// `gauge`. Called with the breaker's new state.
+    pub fn set_ejected(&self, ejected: bool, gauge: &Gauge) {
+        self.ejected.store(ejected, Ordering::Relaxed);
+        let mut counted = self.ejected_gauge.lock();
+        match (ejected, counted.is_some()) {
+            (true, false) => {
+                gauge.inc();
+                *counted = Some(gauge.clone());
+            }
+            (false, true) => {
+                if let Some(gauge) = counted.take() {
+                    gauge.dec();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        if let Some(gauge) = self.ejected_gauge.get_mut().take() {
+            gauge.dec();
+        }
     }
 }
 
@@ -166,9 +271,10 @@ impl Balancer {
             (BalancerKind::RoundRobin, n) => self.next.fetch_add(1, Ordering::Relaxed) % n,
             (BalancerKind::LeastRequest, n) => {
                 let (a, b) = two_distinct(n);
+                let now = Instant::now();
                 p2c(
-                    (a, endpoints[a].in_flight() as f64),
-                    (b, endpoints[b].in_flight() as f64),
+                    (a, endpoints[a].least_request_load(now)),
+                    (b, endpoints[b].least_request_load(now)),
                 )
             }
             (BalancerKind::PeakEwma, n) => {
@@ -270,6 +376,42 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(balancer.pick(&eps).unwrap().addr().port(), 9001);
         }
+    }
+
+    #[test]
+    fn a_penalised_endpoint_loses_to_an_idle_one_until_its_penalty_ends() {
+        let eps = endpoints(2);
+        let now = Instant::now();
+        eps[0].penalize(now, Duration::from_secs(5));
+        assert!(eps[0].is_penalized(now));
+        assert!(!eps[0].is_penalized(now + Duration::from_secs(6)));
+        // A shorter penalty does not cut a longer one short.
+        eps[0].penalize(now, Duration::from_millis(10));
+        assert!(eps[0].is_penalized(now + Duration::from_secs(4)));
+        for kind in [BalancerKind::LeastRequest, BalancerKind::PeakEwma] {
+            let balancer = Balancer::new(kind);
+            for _ in 0..50 {
+                assert_eq!(balancer.pick(&eps).unwrap().addr().port(), 9001, "{kind:?}");
+            }
+        }
+        // Still picked when the other endpoint is far busier.
+        let _busy: Vec<_> = (0..20).map(|_| eps[1].start()).collect();
+        let balancer = Balancer::new(BalancerKind::LeastRequest);
+        assert_eq!(balancer.pick(&eps).unwrap().addr().port(), 9000);
+    }
+
+    #[test]
+    fn an_endpoint_dropped_while_ejected_leaves_the_gauge() {
+        let gauge = Gauge::default();
+        let eps = endpoints(2);
+        eps[0].set_ejected(true, &gauge);
+        eps[0].set_ejected(true, &gauge);
+        eps[1].set_ejected(true, &gauge);
+        assert_eq!(gauge.get(), 2);
+        eps[1].set_ejected(false, &gauge);
+        assert_eq!(gauge.get(), 1);
+        drop(eps);
+        assert_eq!(gauge.get(), 0);
     }
 
     #[test]

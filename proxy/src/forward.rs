@@ -1,17 +1,22 @@
 //! The innermost service: picks an endpoint of the request's backend and
 //! sends the request over a pooled connection, streaming both ways.
+//!
+//! Each attempt is counted against the backend's limits (refused with 503
+//! `overloaded` past them), and its outcome is judged on the response head
+//! for outlier detection and the balancer's 429 penalty.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use infermesh_filters::hedge::HedgeGroup;
 use infermesh_filters::replay::ReplayBody;
 use infermesh_filters::retry::{ServedBy, TriedEndpoints};
 use infermesh_filters::{BoxBody, BoxError, ProxyError};
@@ -19,8 +24,8 @@ use infermesh_proto::policy::UpstreamProtocol;
 use pin_project_lite::pin_project;
 use tower::Service;
 
-use crate::backend::Backend;
-use crate::balance::InFlight;
+use crate::backend::{Admitted, Backend, Picked};
+use crate::balance::{InFlight, DEFAULT_PENALTY};
 use crate::body::ProxyBody;
 
 /// Request extension naming the backend chosen for this request.
@@ -49,15 +54,41 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
     let Some(Upstream(backend)) = request.extensions_mut().remove::<Upstream>() else {
         return Err(ProxyError::NoEndpoint("(none chosen)".into()));
     };
-    // A retry goes elsewhere when the backend has another endpoint.
-    let endpoint = match request.extensions().get::<TriedEndpoints>() {
-        Some(tried) => backend.pick_avoiding(&tried.0),
-        None => backend.pick(),
-    }
-    .ok_or_else(|| ProxyError::NoEndpoint(backend.name().as_str().to_string()))?;
     if let Some(problem) = backend.mtls_problem() {
         return Err(ProxyError::Misconfigured(problem));
     }
+    // Limits first, so a refused attempt takes no probe slot.
+    let mut admitted = backend.admit()?;
+    // A retry, and a hedge, go elsewhere when the backend has another
+    // endpoint.
+    let hedged = request.extensions().get::<HedgeGroup>().cloned();
+    let mut avoid = request
+        .extensions()
+        .get::<TriedEndpoints>()
+        .map(|tried| tried.0.clone())
+        .unwrap_or_default();
+    if let Some(group) = &hedged {
+        avoid.extend(group.endpoints());
+    }
+    let picked = backend.pick_for_request(&avoid).ok_or_else(|| {
+        let all_ejected = !backend.endpoints().is_empty();
+        ProxyError::NoEndpoint(if all_ejected {
+            format!(
+                "{} (every endpoint is ejected or its probe is in flight)",
+                backend.name().as_str()
+            )
+        } else {
+            backend.name().as_str().to_string()
+        })
+    })?;
+    let endpoint = picked.endpoint.clone();
+    if let Some(group) = &hedged {
+        group.dispatched(endpoint.addr());
+    }
+    let judged = Judged {
+        backend: backend.clone(),
+        picked: Some(picked),
+    };
     prepare_upstream_request(
         &mut request,
         backend.scheme(),
@@ -69,6 +100,12 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
     match backend.client().request(request).await {
         Ok(response) => {
             endpoint.observe_first_byte(started.elapsed());
+            admitted.responded();
+            let verdict = judge(response.status(), response.headers());
+            judged.finish(verdict.failed);
+            if let Some(length) = verdict.penalty {
+                backend.penalize(&endpoint, length);
+            }
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             // The client's connection has its own version; an HTTP/1.0
@@ -79,7 +116,7 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
                 parts,
                 EndpointBody {
                     inner: body,
-                    guard: Some(guard),
+                    guard: Some((guard, admitted)),
                 }
                 .boxed_unsync(),
             ))
@@ -88,6 +125,7 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
             // A failure counts against the endpoint's latency too, so a
             // broken endpoint does not look fast.
             endpoint.observe_first_byte(started.elapsed());
+            judged.finish(true);
             let reason = error_chain(&error);
             if error.is_connect() {
                 backend.connect_failed();
@@ -99,11 +137,88 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
                 Err(ProxyError::Upstream {
                     endpoint: endpoint.addr().to_string(),
                     reason,
-                    refused: false,
+                    refused: never_sent(&error),
                 })
             }
         }
     }
+}
+
+/// An attempt whose outcome outlier detection waits for; dropped without
+/// one (the attempt was cancelled), it gives up its probe slot.
+struct Judged {
+    backend: Arc<Backend>,
+    picked: Option<Picked>,
+}
+
+impl Judged {
+    fn finish(mut self, failed: bool) {
+        if let Some(picked) = self.picked.take() {
+            self.backend.record(&picked, failed);
+        }
+    }
+}
+
+impl Drop for Judged {
+    fn drop(&mut self) {
+        if let Some(picked) = self.picked.take() {
+            self.backend.probe_abandoned(&picked);
+        }
+    }
+}
+
+/// What a response head says about its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Verdict {
+    /// A failure for outlier detection: a 5xx, or gRPC `UNAVAILABLE` in
+    /// the headers (a trailers-only response).
+    failed: bool,
+    /// How long to penalise the endpoint in the balancer: a 429, a gRPC
+    /// `RESOURCE_EXHAUSTED` in the headers, or any failure status carrying
+    /// `Retry-After`, for the `Retry-After` (seconds) or a default.
+    penalty: Option<Duration>,
+}
+
+fn judge(status: http::StatusCode, headers: &HeaderMap) -> Verdict {
+    let grpc_status = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u8>().ok());
+    let retry_after = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let shedding = status == http::StatusCode::TOO_MANY_REQUESTS
+        || (status == http::StatusCode::OK && grpc_status == Some(8))
+        || (retry_after.is_some() && (status.is_client_error() || status.is_server_error()));
+    Verdict {
+        failed: status.is_server_error()
+            || (status == http::StatusCode::OK && grpc_status == Some(14)),
+        penalty: shedding.then(|| retry_after.unwrap_or(DEFAULT_PENALTY)),
+    }
+}
+
+/// Whether a failed exchange certainly did not reach the server, so that
+/// sending it again cannot duplicate work: HTTP/2 `REFUSED_STREAM` (the
+/// server refused the stream before processing it), or a request the client
+/// cancelled before writing any of it (its connection closed first).
+fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return true;
+            }
+        }
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            if hyper.is_canceled() {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Points the request at `authority` and removes what must not cross a hop.
@@ -217,11 +332,11 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 pin_project! {
     /// An upstream response body that counts as in flight on its endpoint
-    /// until it ends or is dropped.
+    /// and its backend until it ends or is dropped.
     struct EndpointBody<B> {
         #[pin]
         inner: B,
-        guard: Option<InFlight>,
+        guard: Option<(InFlight, Admitted)>,
     }
 }
 
@@ -295,6 +410,61 @@ mod tests {
         assert_eq!(request.headers()[header::HOST], "models.local");
         assert!(!request.headers().contains_key(header::TE));
         assert_eq!(request.version(), Version::HTTP_11);
+    }
+
+    fn head(status: u16, headers: &[(&'static str, &'static str)]) -> Verdict {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, HeaderValue::from_static(value));
+        }
+        judge(http::StatusCode::from_u16(status).unwrap(), &map)
+    }
+
+    #[test]
+    fn response_heads_are_judged_for_ejection_and_penalties() {
+        let ok = Verdict {
+            failed: false,
+            penalty: None,
+        };
+        assert_eq!(head(200, &[]), ok);
+        assert_eq!(head(404, &[]), ok, "the client's fault, not the endpoint's");
+        assert_eq!(head(200, &[("grpc-status", "0")]), ok);
+        assert!(head(500, &[]).failed);
+        assert!(head(503, &[]).failed);
+        assert!(head(200, &[("grpc-status", "14")]).failed);
+        assert_eq!(
+            head(429, &[]),
+            Verdict {
+                failed: false,
+                penalty: Some(DEFAULT_PENALTY)
+            }
+        );
+        assert_eq!(
+            head(429, &[("retry-after", "7")]).penalty,
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            head(503, &[("retry-after", "3")]),
+            Verdict {
+                failed: true,
+                penalty: Some(Duration::from_secs(3))
+            }
+        );
+        assert_eq!(
+            head(200, &[("grpc-status", "8")]).penalty,
+            Some(DEFAULT_PENALTY)
+        );
+        assert_eq!(head(200, &[("retry-after", "3")]).penalty, None);
+    }
+
+    #[test]
+    fn refused_streams_and_unsent_requests_are_never_sent() {
+        let refused = h2::Error::from(h2::Reason::REFUSED_STREAM);
+        assert!(never_sent(&refused));
+        let cancelled = h2::Error::from(h2::Reason::CANCEL);
+        assert!(!never_sent(&cancelled));
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(!never_sent(&io));
     }
 
     #[test]

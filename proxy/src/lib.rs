@@ -14,6 +14,7 @@ pub mod listener;
 pub mod local;
 pub mod metrics;
 pub mod opaque;
+pub mod outlier;
 pub mod pool;
 pub mod route;
 pub mod service;

@@ -135,6 +135,43 @@ pub struct Metrics {
     pub local_sequences: Family<LocalModelLabels, Counter>,
     /// Tokens embedded by a local model, before padding.
     pub local_tokens: Family<LocalModelLabels, Counter>,
+    /// Endpoint ejections, by backend and reason.
+    pub outlier_ejections: Family<EjectionLabels, Counter>,
+    /// Endpoints ejected now (probing included), by backend.
+    pub outlier_ejected: Family<BackendLabels, Gauge>,
+    /// Attempts refused because a backend's limit was reached.
+    pub overloaded: Family<OverloadLabels, Counter>,
+    /// 429 / `Retry-After` penalties given to endpoints, by backend.
+    pub penalties: Family<BackendLabels, Counter>,
+    /// Hedged attempts sent, and hedges whose response won, by route.
+    pub hedges: Family<HedgeLabels, Counter>,
+}
+
+/// Labels of the ejection counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EjectionLabels {
+    /// Backend name.
+    pub backend: Name,
+    /// `consecutive_failures`, `failure_rate` or `probe_failed`.
+    pub reason: &'static str,
+}
+
+/// Labels of the overloaded counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OverloadLabels {
+    /// Backend name.
+    pub backend: Name,
+    /// `in_flight` or `pending`.
+    pub limit: &'static str,
+}
+
+/// Labels of the hedge counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HedgeLabels {
+    /// Route name.
+    pub route: Name,
+    /// `sent` or `won`.
+    pub outcome: &'static str,
 }
 
 /// Labels of per-local-model metrics.
@@ -305,8 +342,43 @@ impl Metrics {
             "Tokens embedded by a local model, special tokens included, padding excluded",
             local_tokens.clone(),
         );
+        let outlier_ejections = Family::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection, by backend and reason (consecutive_failures, failure_rate, probe_failed)",
+            outlier_ejections.clone(),
+        );
+        let outlier_ejected = Family::default();
+        registry.register(
+            "outlier_ejected_endpoints",
+            "Endpoints out of the balancer now (ejected, or probing after an ejection), by backend",
+            outlier_ejected.clone(),
+        );
+        let overloaded = Family::default();
+        registry.register(
+            "overloaded",
+            "Attempts refused with 503 overloaded because a backend's limit was reached, by backend and limit (in_flight, pending)",
+            overloaded.clone(),
+        );
+        let penalties = Family::default();
+        registry.register(
+            "endpoint_penalties",
+            "Responses (429, or with Retry-After) that penalised their endpoint in the balancer, by backend",
+            penalties.clone(),
+        );
+        let hedges = Family::default();
+        registry.register(
+            "hedges",
+            "Hedged attempts sent after the hedging delay (sent), and hedges whose response started first (won), by route",
+            hedges.clone(),
+        );
         Self {
             registry,
+            outlier_ejections,
+            outlier_ejected,
+            overloaded,
+            penalties,
+            hedges,
             local_requests,
             local_model_ready,
             local_batch_size,

@@ -465,10 +465,11 @@ async fn read_whole(mut body: ProxyBody, limit: usize) -> Result<Bytes, ProxyErr
 }
 
 /// Whether an outcome means the backend could not start a response, so the
-/// next link of the fallback chain is tried: no endpoint, no connection, a
-/// failure before the response headers, or a 503 (what an overloaded
-/// server, and the last of exhausted retries, answer). A timeout is not:
-/// the client's time is spent.
+/// next link of the fallback chain is tried: no endpoint (every endpoint
+/// ejected included), no connection, a failure before the response headers,
+/// the backend's own limits reached, or a 503 (what an overloaded server,
+/// and the last of exhausted retries, answer). A timeout is not: the
+/// client's time is spent.
 fn cannot_start(result: &Result<Response<BoxBody>, ProxyError>) -> bool {
     match result {
         Ok(response) => response.status() == http::StatusCode::SERVICE_UNAVAILABLE,
@@ -478,6 +479,7 @@ fn cannot_start(result: &Result<Response<BoxBody>, ProxyError>) -> bool {
                 | ProxyError::Connect { .. }
                 | ProxyError::Upstream { .. }
                 | ProxyError::LocalUnavailable { .. }
+                | ProxyError::Overloaded { .. }
         ),
     }
 }

@@ -250,6 +250,7 @@ impl Snapshot {
                 &name,
                 &doc.spec.timeouts,
                 doc.spec.retries.as_ref(),
+                doc.spec.hedging.as_ref(),
                 metrics,
             );
             let timeouts = &doc.spec.timeouts;

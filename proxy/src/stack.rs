@@ -3,22 +3,24 @@
 //! Each route gets its own stack, built when the snapshot is compiled, so no
 //! policy is parsed per request. Layers run outermost first.
 
+use infermesh_filters::hedge::{Hedge, HedgeLayer, HedgeMetrics};
 use infermesh_filters::retry::{Retry, RetryBudget, RetryConditions, RetryLayer, RetryMetrics};
 use infermesh_filters::timeout::{Timeout, TimeoutLayer};
-use infermesh_proto::policy::{RetryPolicy, RouteTimeouts};
+use infermesh_proto::policy::{HedgePolicy, RetryPolicy, RouteTimeouts};
 use tower::ServiceBuilder;
 
 use crate::forward::Forward;
-use crate::metrics::{Metrics, Name, RetryLabels};
+use crate::metrics::{HedgeLabels, Metrics, Name, RetryLabels};
 
 /// The concrete stack type of a route.
-pub type RouteStack = Timeout<Retry<Forward>>;
+pub type RouteStack = Timeout<Retry<Hedge<Forward>>>;
 
 /// Builds a route's stack from its policy.
 pub fn route_stack(
     route: &Name,
     timeouts: &RouteTimeouts,
     retries: Option<&RetryPolicy>,
+    hedging: Option<&HedgePolicy>,
     metrics: &Metrics,
 ) -> RouteStack {
     ServiceBuilder::new()
@@ -31,10 +33,34 @@ pub fn route_stack(
                 .idle(timeouts.idle)
                 .total(timeouts.total),
         )
-        // Above the balancer, so each attempt picks an endpoint again.
-        .layer(retry_layer(route, retries, metrics))
+        // Above the balancer, so each attempt picks an endpoint again; it
+        // keeps the request body, which hedging copies.
+        .layer(retry_layer(route, retries, metrics).keep_body(hedging.is_some()))
+        // Below retries, so each attempt may be hedged and the retry filter
+        // judges the winner's head; above the balancer, so a hedge picks
+        // another endpoint.
+        .layer(hedge_layer(route, hedging, metrics))
         // Balances over the backend's endpoints and sends on a pooled connection.
         .service(Forward)
+}
+
+fn hedge_layer(route: &Name, policy: Option<&HedgePolicy>, metrics: &Metrics) -> HedgeLayer {
+    let Some(policy) = policy else {
+        return HedgeLayer::disabled();
+    };
+    let counter = |outcome| {
+        metrics
+            .hedges
+            .get_or_create(&HedgeLabels {
+                route: route.clone(),
+                outcome,
+            })
+            .clone()
+    };
+    HedgeLayer::new(policy.delay, policy.max_hedges).metrics(HedgeMetrics {
+        sent: counter("sent"),
+        won: counter("won"),
+    })
 }
 
 fn retry_layer(route: &Name, policy: Option<&RetryPolicy>, metrics: &Metrics) -> RetryLayer {

@@ -17,6 +17,7 @@ pub mod openai;
 pub mod policy;
 pub mod process;
 pub mod python;
+pub mod refusing;
 pub mod scripted;
 pub mod tcp;
 
@@ -26,6 +27,7 @@ pub use kserve::{GrpcCall, KServeGrpcServer, KServeSettings};
 pub use metrics::Metrics;
 pub use openai::{OpenAiServer, OpenAiSettings, RecordedRequest, StreamLog, StreamOutcome};
 pub use process::{ProxyBuilder, ProxyExit, ProxyProcess};
+pub use refusing::RefusingH2Server;
 pub use scripted::{ScriptedServer, Step};
 pub use tcp::TcpEchoServer;
 

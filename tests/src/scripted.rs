@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +38,9 @@ pub enum Step {
 struct Shared {
     script: Mutex<VecDeque<Step>>,
     bodies: Mutex<Vec<Bytes>>,
+    /// Requests whose handling was dropped before the response head was
+    /// ready: the client reset the stream or closed the connection.
+    cancelled: AtomicUsize,
 }
 
 /// An HTTP/1.1 and HTTP/2 server following a script.
@@ -79,6 +83,23 @@ impl ScriptedServer {
     pub fn bodies(&self) -> Vec<Bytes> {
         self.shared.bodies.lock().unwrap().clone()
     }
+
+    /// Requests the client gave up on (stream reset, connection closed)
+    /// before their response head was ready, e.g. during a `Delay`.
+    pub fn cancelled_count(&self) -> usize {
+        self.shared.cancelled.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a request as cancelled when dropped before it is disarmed.
+struct CancelGuard(Arc<Shared>, bool);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, name: String) {
@@ -104,6 +125,7 @@ async fn respond(
     name: String,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let mut guard = CancelGuard(shared.clone(), true);
     let body = request
         .into_body()
         .collect()
@@ -170,6 +192,7 @@ async fn respond(
                 .unwrap()
         }
     };
+    guard.1 = false;
     Ok(response)
 }
 

@@ -851,6 +851,60 @@ spec:
         assert!(found[0].contains("UNAVALABLE"), "{found:?}");
     }
 
+    #[test]
+    fn outlier_detection_limits_and_hedging_load_with_defaults() {
+        let text = format!(
+            "{BACKEND}  outlierDetection: {{failureRate: {{threshold: 0.3}}}}\n  limits: {{maxInFlight: 8}}\n---\n{RETRY_ROUTE}    maxAttempts: 2\n  hedging: {{delay: 100ms}}\n"
+        );
+        let set = load(&text).unwrap();
+        let outlier = set.backends[0].spec.outlier_detection.clone().unwrap();
+        assert_eq!(outlier.consecutive_failures, 5);
+        assert_eq!(outlier.base_ejection, Duration::from_secs(30));
+        assert_eq!(outlier.max_ejection, Duration::from_secs(300));
+        assert_eq!(outlier.max_ejected_percent, 50);
+        let rate = outlier.failure_rate.unwrap();
+        assert_eq!((rate.threshold, rate.min_requests), (0.3, 20));
+        assert_eq!(rate.window, Duration::from_secs(10));
+        let limits = set.backends[0].spec.limits.clone().unwrap();
+        assert_eq!((limits.max_in_flight, limits.max_pending), (Some(8), None));
+        let hedging = set.routes[0].spec.hedging.clone().unwrap();
+        assert_eq!(hedging.delay, Duration::from_millis(100));
+        assert_eq!(hedging.max_hedges, 1);
+        assert!(load(BACKEND).unwrap().backends[0]
+            .spec
+            .outlier_detection
+            .is_none());
+    }
+
+    #[test]
+    fn bad_outlier_limit_and_hedging_settings_are_located_with_the_reason() {
+        let text = format!(
+            "{BACKEND}  outlierDetection:\n    consecutiveFailures: 0\n    baseEjection: 10m\n    maxEjectedPercent: 150\n  limits: {{maxInFlight: 4, maxPending: 10}}\n---\n{RETRY_ROUTE}    maxAttempts: 2\n  hedging: {{delay: 5s, maxHedges: 0}}\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:8:26: `consecutiveFailures: 0` without a `failureRate` never ejects an endpoint: set one of them, or remove `outlierDetection`",
+                "p.yaml:9:19: `baseEjection` (600000ms) must be above zero and at most `maxEjection` (300000ms)",
+                "p.yaml:10:24: `maxEjectedPercent` is a percentage of the endpoints: at most 100, found 150",
+                "p.yaml:11:40: `maxPending` (10) can never be reached: pending requests are in flight too, and `maxInFlight` is 4",
+                "p.yaml:21:20: hedging `delay` (5000ms) must be shorter than the route's `timeouts.firstByte` (5000ms), or no hedge is ever sent",
+                "p.yaml:21:35: `maxHedges` must be between 1 and 4, found 0 (remove `hedging` to turn it off)",
+            ]
+        );
+        let text = format!(
+            "{BACKEND}  outlierDetection: {{failureRate: {{threshold: 0, window: 100ms}}}}\n  limits: {{maxPending: 0}}\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:7:47: failure-rate `threshold` is a share of requests: above 0 and at most 1, found 0",
+                "p.yaml:7:58: failure-rate `window` must be between 1s and 1h, found 100ms",
+                "p.yaml:8:24: `maxPending: 0` refuses every request: give at least 1, or remove it for no limit",
+            ]
+        );
+    }
+
     const AUTHZ_ROUTE: &str = "\
 ---
 apiVersion: infermesh.io/v1alpha1
@@ -939,7 +993,7 @@ spec:
         let text = format!("{BACKEND}  colour: blue\n");
         assert_eq!(
             errors(&text),
-            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh` or `mtls`"]
+            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`"]
         );
     }
 
@@ -954,7 +1008,7 @@ spec:
                 "p.yaml:7:13: unknown `protocol` value `http3`, did you mean `http1`?",
                 "p.yaml:8:13: unknown `balancer` value `round_robin`, did you mean `round-robin`?",
                 "p.yaml:9:19: `connectTimeout`: invalid duration \"5 parsecs\": unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)",
-                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh` or `mtls`",
+                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`",
             ]
         );
     }

@@ -157,6 +157,7 @@ mod tests {
             [
                 "backends",
                 "fallback",
+                "hedging",
                 "listener",
                 "match",
                 "retries",

@@ -140,6 +140,7 @@ mod tests {
             retries: None,
             fallback: Vec::new(),
             workload_selector: None,
+            hedging: None,
         }
     }
 

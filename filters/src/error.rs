@@ -80,6 +80,24 @@ pub enum ProxyError {
         /// Why, as the engine reported it.
         reason: String,
     },
+    /// A rate limit of the route refuses the request for now.
+    #[error("rate limited: {reason}")]
+    RateLimited {
+        /// Which limit, for whom.
+        reason: String,
+        /// How long until the limit would let the request through.
+        retry_after: Duration,
+    },
+    /// A fault injected by the route's `faults` policy (a chaos drill).
+    #[error("fault injected by route {route}")]
+    FaultInjected {
+        /// The route whose policy injected it.
+        route: String,
+        /// The HTTP status an HTTP client receives.
+        status: StatusCode,
+        /// The gRPC status a gRPC client receives.
+        grpc: u8,
+    },
 }
 
 fn fmt_duration(d: &Duration) -> String {
@@ -100,6 +118,8 @@ pub mod grpc_code {
     pub const DEADLINE_EXCEEDED: u8 = 4;
     /// `UNIMPLEMENTED`
     pub const UNIMPLEMENTED: u8 = 12;
+    /// `INTERNAL`
+    pub const INTERNAL: u8 = 13;
     /// `UNAVAILABLE`
     pub const UNAVAILABLE: u8 = 14;
 }
@@ -118,6 +138,9 @@ impl ProxyError {
             | Self::Upstream { .. }
             | Self::FirstByteTimeout(_)
             | Self::TotalTimeout(_) => Fault::Upstream,
+            Self::RateLimited { .. } => Fault::Client,
+            // A drill plays the part of a failing upstream.
+            Self::FaultInjected { .. } => Fault::Upstream,
         }
     }
 
@@ -144,6 +167,8 @@ impl ProxyError {
             Self::Misconfigured(_) => "proxy_misconfigured",
             Self::TooLarge(_) => "request_too_large",
             Self::LocalUnavailable { .. } => "local_model_unavailable",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::FaultInjected { .. } => "fault_injected",
         }
     }
 
@@ -160,6 +185,8 @@ impl ProxyError {
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::FaultInjected { status, .. } => *status,
         }
     }
 
@@ -176,12 +203,34 @@ impl ProxyError {
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => grpc_code::DEADLINE_EXCEEDED,
             Self::BadRequest(_) => grpc_code::INVALID_ARGUMENT,
             Self::TooLarge(_) => grpc_code::RESOURCE_EXHAUSTED,
+            Self::RateLimited { .. } => grpc_code::RESOURCE_EXHAUSTED,
+            Self::FaultInjected { grpc, .. } => *grpc,
         }
     }
 
     /// The response the client receives: a JSON error body, or for gRPC a
     /// trailers-only response carrying `grpc-status` and `grpc-message`.
     pub fn to_response(&self, grpc: bool) -> Response<BoxBody> {
+        let mut response = self.error_response(grpc);
+        if let Some(wait) = self.retry_after() {
+            // Whole seconds, rounded up: a client that waits this long gets through.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        response
+    }
+
+    /// How long the client should wait before trying again, when the proxy knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    fn error_response(&self, grpc: bool) -> Response<BoxBody> {
         let message = self.to_string();
         if grpc {
             return grpc_error_response(self.grpc_code(), &message);
@@ -276,6 +325,43 @@ mod tests {
             json["error"]["message"],
             "local model minilm is unavailable: model directory /m: config.json is missing"
         );
+    }
+
+    #[tokio::test]
+    async fn rate_limited_is_a_429_with_retry_after_in_whole_seconds() {
+        let error = ProxyError::RateLimited {
+            reason: "route chat allows 10 requests per second".into(),
+            retry_after: Duration::from_millis(1200),
+        };
+        assert_eq!(error.fault(), Fault::Client);
+        assert!(!error.retryable());
+        let response = error.to_response(false);
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "rate_limited");
+        let grpc = error.to_response(true);
+        assert_eq!(grpc.headers()["grpc-status"], "8");
+        assert_eq!(grpc.headers()[header::RETRY_AFTER], "2");
+        let soon = ProxyError::RateLimited {
+            reason: String::new(),
+            retry_after: Duration::from_millis(5),
+        };
+        assert_eq!(soon.to_response(false).headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn an_injected_fault_answers_with_its_configured_statuses() {
+        let error = ProxyError::FaultInjected {
+            route: "chat".into(),
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            grpc: grpc_code::UNAVAILABLE,
+        };
+        assert_eq!(error.to_response(false).status(), 503);
+        assert_eq!(error.to_response(true).headers()["grpc-status"], "14");
+        assert_eq!(error.kind(), "fault_injected");
+        assert!(!error.retryable());
     }
 
     #[test]

@@ -8,6 +8,9 @@
 pub mod authz;
 pub mod body;
 pub mod error;
+pub mod fault;
+pub mod mirror;
+pub mod rate_limit;
 pub mod replay;
 pub mod retry;
 pub mod timeout;

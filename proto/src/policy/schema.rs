@@ -157,8 +157,11 @@ mod tests {
             [
                 "backends",
                 "fallback",
+                "faults",
                 "listener",
                 "match",
+                "mirror",
+                "rateLimits",
                 "retries",
                 "timeouts",
                 "workloadSelector"

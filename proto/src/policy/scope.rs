@@ -76,14 +76,7 @@ impl PolicySet {
             .cloned();
         let named: HashSet<&str> = routes
             .iter()
-            .flat_map(|r| {
-                let fallback = r.spec.fallback.iter().map(|f| f.backend.as_str());
-                r.spec
-                    .backends
-                    .iter()
-                    .map(|b| b.backend.as_str())
-                    .chain(fallback)
-            })
+            .flat_map(|r| r.spec.backend_names())
             .chain(mesh.iter().filter_map(|m| m.spec.opaque.backend.as_deref()))
             .collect();
         let backends = self

@@ -385,7 +385,11 @@ mod tests {
                 duration: Duration::from_millis(300),
                 percent: 100.0,
             }))
-            .abort(Some(Abort::new(Some(StatusCode::SERVICE_UNAVAILABLE), None, 100.0)))
+            .abort(Some(Abort::new(
+                Some(StatusCode::SERVICE_UNAVAILABLE),
+                None,
+                100.0,
+            )))
             .metrics(metrics.clone());
         let started = tokio::time::Instant::now();
         let service = layer.layer(service_fn(|_: ()| async {

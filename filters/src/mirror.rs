@@ -267,7 +267,10 @@ mod tests {
             .body(())
             .unwrap();
         request.extensions_mut().insert(BodyCopy {
-            chunks: vec![Bytes::from_static(b"{\"model\":"), Bytes::from_static(b"\"m\"}")],
+            chunks: vec![
+                Bytes::from_static(b"{\"model\":"),
+                Bytes::from_static(b"\"m\"}"),
+            ],
             trailers: None,
         });
         request
@@ -339,7 +342,12 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(seen.lock().unwrap().is_empty());
         assert_eq!(metrics.not_replayable.get(), 1);
-        let none = MirrorLayer::new(recording_mirror(Duration::ZERO).0, 0.0, 10, Duration::from_secs(1));
+        let none = MirrorLayer::new(
+            recording_mirror(Duration::ZERO).0,
+            0.0,
+            10,
+            Duration::from_secs(1),
+        );
         none.layer(primary())
             .oneshot(request_with_body())
             .await

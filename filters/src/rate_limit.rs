@@ -200,7 +200,9 @@ type SharedState = Arc<Mutex<KeyState>>;
 
 fn lock(state: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
     // The buckets are plain numbers: a panic elsewhere leaves them usable.
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What admitting a request under one limit decided.
@@ -858,7 +860,10 @@ mod tests {
         let mut bucket = Bucket::full(Some(rate), now);
         bucket.adjust(rate, now, -150.0);
         assert_eq!(bucket.level, -50.0);
-        assert_eq!(bucket.wait_for(rate, 1.0), Some(Duration::from_millis(5100)));
+        assert_eq!(
+            bucket.wait_for(rate, 1.0),
+            Some(Duration::from_millis(5100))
+        );
         bucket.adjust(rate, now, -1000.0);
         assert_eq!(bucket.level, -100.0, "debt is capped at one burst");
     }
@@ -966,15 +971,24 @@ mod tests {
             .unwrap();
         // 10 left: an estimate of 20 waits 10 s.
         let refused = call(&layer, request(None, 20), None, StatusCode::OK).await;
-        let Err(ProxyError::RateLimited { retry_after, reason }) = refused else {
+        let Err(ProxyError::RateLimited {
+            retry_after,
+            reason,
+        }) = refused
+        else {
             panic!("{refused:?}");
         };
         assert_eq!(retry_after, Duration::from_secs(10));
         assert!(reason.contains("60 model tokens per minute"), "{reason}");
         // A failed request costs nothing.
-        call(&layer, request(None, 10), None, StatusCode::SERVICE_UNAVAILABLE)
-            .await
-            .unwrap();
+        call(
+            &layer,
+            request(None, 10),
+            None,
+            StatusCode::SERVICE_UNAVAILABLE,
+        )
+        .await
+        .unwrap();
         call(&layer, request(None, 10), None, StatusCode::OK)
             .await
             .unwrap();
@@ -1004,12 +1018,59 @@ mod tests {
             reason,
             "route chat allows 1 requests per second for x-tenant: blue"
         );
-        assert!(call(&layer, request(Some("green"), 0), None, StatusCode::OK)
-            .await
-            .is_ok());
+        assert!(
+            call(&layer, request(Some("green"), 0), None, StatusCode::OK)
+                .await
+                .is_ok()
+        );
         assert!(call(&layer, request(None, 0), None, StatusCode::OK)
             .await
             .is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caller_keys_have_buckets_of_their_own_and_anonymous_callers_share_one() {
+        let layer = RateLimitLayer::new(
+            "chat",
+            vec![Limit {
+                key: LimitKey::Caller,
+                requests: Some(Rate::per_second(1.0, 1.0)),
+                tokens: None,
+                max_keys: 100,
+            }],
+        );
+        let from = |caller: Option<&str>| {
+            let mut request = request(None, 0);
+            if let Some(caller) = caller {
+                request
+                    .extensions_mut()
+                    .insert(CallerKey(Arc::from(caller)));
+            }
+            request
+        };
+        let web = Some("spiffe://cluster.local/ns/apps/sa/web");
+        let batch = Some("spiffe://cluster.local/ns/batch/sa/job");
+        assert!(call(&layer, from(web), None, StatusCode::OK).await.is_ok());
+        let refused = call(&layer, from(web), None, StatusCode::OK).await;
+        let Err(ProxyError::RateLimited { reason, .. }) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(
+            reason.ends_with("for caller spiffe://cluster.local/ns/apps/sa/web"),
+            "{reason}"
+        );
+        assert!(call(&layer, from(batch), None, StatusCode::OK)
+            .await
+            .is_ok());
+        assert!(call(&layer, from(None), None, StatusCode::OK).await.is_ok());
+        let refused = call(&layer, from(None), None, StatusCode::OK).await;
+        let Err(ProxyError::RateLimited { reason, .. }) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(
+            reason.ends_with("for callers without a mesh identity"),
+            "{reason}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

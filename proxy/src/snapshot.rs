@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_filters::authz::Authorizer;
-use infermesh_proto::policy::{
-    local_model_name, ListenerKind, MtlsMode, PolicySet, RateLimitKey,
-};
+use infermesh_proto::policy::{local_model_name, ListenerKind, MtlsMode, PolicySet, RateLimitKey};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 

@@ -115,8 +115,8 @@ pub fn route_front(
     if spec.rate_limits.is_empty() && spec.faults.is_none() && mirror_to.is_none() {
         return None;
     }
-    let rate_limits = (!spec.rate_limits.is_empty())
-        .then(|| rate_limit_layer(route, &spec.rate_limits, metrics));
+    let rate_limits =
+        (!spec.rate_limits.is_empty()).then(|| rate_limit_layer(route, &spec.rate_limits, metrics));
     let faults = spec
         .faults
         .as_ref()
@@ -161,7 +161,11 @@ pub fn route_front(
     )
 }
 
-fn rate_limit_layer(route: &Name, policies: &[RateLimitPolicy], metrics: &Metrics) -> RateLimitLayer {
+fn rate_limit_layer(
+    route: &Name,
+    policies: &[RateLimitPolicy],
+    metrics: &Metrics,
+) -> RateLimitLayer {
     let limits = policies
         .iter()
         .map(|policy| Limit {

@@ -413,7 +413,13 @@ fn openai_generate(
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        return sse_stream(shared.clone(), settings, model, kind, include_usage.then_some(usage));
+        return sse_stream(
+            shared.clone(),
+            settings,
+            model,
+            kind,
+            include_usage.then_some(usage),
+        );
     }
     let text = format!("hello from {}", shared.name);
     let value = match kind {

@@ -54,7 +54,11 @@ async fn metrics(proxy: &ProxyProcess) -> Metrics {
     Metrics::parse(&reply.text())
 }
 
-async fn post(proxy: &ProxyProcess, body: &str, headers: &[(&str, &str)]) -> infermesh_tests::Reply {
+async fn post(
+    proxy: &ProxyProcess,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> infermesh_tests::Reply {
     HttpClient::http1()
         .fetch(json_request(&url(proxy), body, headers))
         .await
@@ -70,7 +74,12 @@ async fn a_request_limit_answers_429_with_retry_after_past_the_burst_and_recover
     );
     for i in 0..3 {
         let reply = post(&proxy, &chat(16, false), &[]).await;
-        assert_eq!(reply.status, 200, "request {i} of the burst: {}", reply.text());
+        assert_eq!(
+            reply.status,
+            200,
+            "request {i} of the burst: {}",
+            reply.text()
+        );
     }
     let refused = post(&proxy, &chat(16, false), &[]).await;
     let message = refused.assert_proxy_error(429, "rate_limited");
@@ -79,7 +88,11 @@ async fn a_request_limit_answers_429_with_retry_after_past_the_burst_and_recover
         "{message}"
     );
     assert_eq!(refused.header("retry-after"), Some("1"));
-    assert_eq!(upstream.request_count(), 3, "a refused request reaches no upstream");
+    assert_eq!(
+        upstream.request_count(),
+        3,
+        "a refused request reaches no upstream"
+    );
 
     // One request a second refills the bucket.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -156,7 +169,12 @@ async fn a_token_limit_is_corrected_by_the_usage_the_model_reports() {
         );
     }
     // A request whose usage is far above its estimate leaves the bucket in debt.
-    let reply = post(&proxy, &chat(1000, false), &[("x-test-usage-tokens", "5000")]).await;
+    let reply = post(
+        &proxy,
+        &chat(1000, false),
+        &[("x-test-usage-tokens", "5000")],
+    )
+    .await;
     assert_eq!(reply.status, 200);
     let refused = post(&proxy, &chat(1000, false), &[]).await;
     let message = refused.assert_proxy_error(429, "rate_limited");
@@ -177,8 +195,16 @@ async fn a_token_limit_is_corrected_by_the_usage_the_model_reports() {
             &[("route", "chat"), ("stage", stage)],
         )
     };
-    assert!(tokens("estimated") >= 11.0 * 1000.0, "{}", tokens("estimated"));
-    assert!(tokens("refunded") >= 10.0 * 1000.0, "{}", tokens("refunded"));
+    assert!(
+        tokens("estimated") >= 11.0 * 1000.0,
+        "{}",
+        tokens("estimated")
+    );
+    assert!(
+        tokens("refunded") >= 10.0 * 1000.0,
+        "{}",
+        tokens("refunded")
+    );
     assert!(tokens("added") >= 3900.0, "{}", tokens("added"));
     assert_eq!(
         metrics.sum(
@@ -216,8 +242,16 @@ async fn a_stream_with_include_usage_corrects_the_charge_and_arrives_unbuffered(
         let arrivals = Arrivals::read(response.into_body()).await;
         assert!(arrivals.end.is_ok(), "{:?}", arrivals.end);
         let events = arrivals.sse_events();
-        assert_eq!(events.len(), 12, "10 chunks, the usage and [DONE]: {events:?}");
-        assert!(events[10].data.contains("\"total_tokens\":12"), "{:?}", events[10]);
+        assert_eq!(
+            events.len(),
+            12,
+            "10 chunks, the usage and [DONE]: {events:?}"
+        );
+        assert!(
+            events[10].data.contains("\"total_tokens\":12"),
+            "{:?}",
+            events[10]
+        );
         let at: Vec<Instant> = events[..10].iter().map(|e| e.at).collect();
         assert_eq!(
             distinct_arrivals(&at, Duration::from_millis(5)),
@@ -364,7 +398,11 @@ async fn a_slow_mirror_receives_marked_copies_and_adds_no_latency() {
         let reply = post(&proxy, body, &[("x-tenant", "blue")]).await;
         took.push(sent.elapsed());
         assert_eq!(reply.status, 200);
-        assert_eq!(reply.upstream(), Some("chat"), "the client gets the primary's answer");
+        assert_eq!(
+            reply.upstream(),
+            Some("chat"),
+            "the client gets the primary's answer"
+        );
     }
     took.sort();
     assert!(
@@ -378,7 +416,10 @@ async fn a_slow_mirror_receives_marked_copies_and_adds_no_latency() {
     let mut sent: Vec<&[u8]> = bodies.iter().map(|b| b.as_bytes()).collect();
     copied.sort();
     sent.sort();
-    assert_eq!(copied, sent, "each copy carries the client's body byte for byte");
+    assert_eq!(
+        copied, sent,
+        "each copy carries the client's body byte for byte"
+    );
     for copy in &copies {
         assert_eq!(copy.headers["x-infermesh-mirror"], "1");
         assert_eq!(copy.headers["x-tenant"], "blue");
@@ -399,7 +440,10 @@ async fn a_slow_mirror_receives_marked_copies_and_adds_no_latency() {
         if sent == 20.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{sent} mirrored copies counted as sent");
+        assert!(
+            Instant::now() < deadline,
+            "{sent} mirrored copies counted as sent"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -855,7 +855,10 @@ spec:
     fn route_with(block: &str) -> String {
         let block: String = block.lines().map(|l| format!("  {l}\n")).collect();
         let shadow = "---\napiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: shadow}\nspec: {endpoints: [\"shadow:8000\"]}\n";
-        format!("{BACKEND}{shadow}---\n{}{block}", RETRY_ROUTE.replace("  retries:\n", ""))
+        format!(
+            "{BACKEND}{shadow}---\n{}{block}",
+            RETRY_ROUTE.replace("  retries:\n", "")
+        )
     }
 
     #[test]
@@ -923,11 +926,17 @@ spec:
             found[0],
             "p.yaml:19:19: an `abort` needs a `status` (HTTP), a `grpcStatus` or both"
         );
-        assert!(found[1].starts_with("p.yaml:20:21: unknown backend `shadw`"), "{found:?}");
+        assert!(
+            found[1].starts_with("p.yaml:20:21: unknown backend `shadw`"),
+            "{found:?}"
+        );
         assert!(found[1].contains("did you mean `shadow`?"), "{found:?}");
         let text = route_with("rateLimits:\n  - {requestsPerSecond: 1, tokensPerMinut: 5}");
         let found = errors(&text);
-        assert!(found[0].contains("did you mean `tokensPerMinute`?"), "{found:?}");
+        assert!(
+            found[0].contains("did you mean `tokensPerMinute`?"),
+            "{found:?}"
+        );
     }
 
     const AUTHZ_ROUTE: &str = "\

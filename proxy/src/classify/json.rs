@@ -728,7 +728,10 @@ mod tests {
     #[test]
     fn max_tokens_is_read_when_it_is_a_top_level_integer() {
         let max = |body: &str| JsonScanner::new(1 << 16).whole_object().tap_feed(body);
-        assert_eq!(max(r#"{"model":"m","max_tokens":256,"stream":true}"#), Some(256));
+        assert_eq!(
+            max(r#"{"model":"m","max_tokens":256,"stream":true}"#),
+            Some(256)
+        );
         assert_eq!(
             max(r#"{"max_tokens":10,"max_completion_tokens":300,"model":"m"}"#),
             Some(300)

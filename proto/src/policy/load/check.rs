@@ -757,11 +757,13 @@ pub(super) fn rate_limit_problems(limit: &RateLimitPolicy) -> Vec<(Option<&'stat
     match (limit.burst, limit.requests_per_second) {
         (Some(_), None) => problems.push((
             Some("burst"),
-            "`burst` is the most requests at once above `requestsPerSecond`, which is not set".to_owned(),
+            "`burst` is the most requests at once above `requestsPerSecond`, which is not set"
+                .to_owned(),
         )),
         (Some(0), Some(_)) => problems.push((
             Some("burst"),
-            "`burst` must be at least 1: a bucket that holds nothing refuses every request".to_owned(),
+            "`burst` must be at least 1: a bucket that holds nothing refuses every request"
+                .to_owned(),
         )),
         _ => {}
     }
@@ -774,11 +776,13 @@ pub(super) fn rate_limit_problems(limit: &RateLimitPolicy) -> Vec<(Option<&'stat
     match (limit.token_burst, limit.tokens_per_minute) {
         (Some(_), None) => problems.push((
             Some("tokenBurst"),
-            "`tokenBurst` is the most tokens at once under `tokensPerMinute`, which is not set".to_owned(),
+            "`tokenBurst` is the most tokens at once under `tokensPerMinute`, which is not set"
+                .to_owned(),
         )),
         (Some(0), Some(_)) => problems.push((
             Some("tokenBurst"),
-            "`tokenBurst` must be at least 1: a bucket that holds nothing refuses every request".to_owned(),
+            "`tokenBurst` must be at least 1: a bucket that holds nothing refuses every request"
+                .to_owned(),
         )),
         _ => {}
     }

@@ -555,9 +555,11 @@ where
                     return Poll::Ready(outcome);
                 };
                 Poll::Ready(match outcome {
-                    // Dropping the settlement without usage and unsuccessful
-                    // gives the tokens back.
-                    Err(error) => Err(error),
+                    // No response, no tokens used.
+                    Err(error) => {
+                        charge.settle(None);
+                        Err(error)
+                    }
                     Ok(response) => {
                         let success = response.status().is_success();
                         let (parts, body) = response.into_parts();
@@ -992,6 +994,24 @@ mod tests {
         call(&layer, request(None, 10), None, StatusCode::OK)
             .await
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_fails_before_a_response_gets_its_tokens_back() {
+        let metrics = RateLimitMetrics::default();
+        let layer = RateLimitLayer::with_metrics(
+            "chat",
+            vec![limit(None, Some(Rate::per_minute(1.0, 100.0)))],
+            metrics.clone(),
+        );
+        for _ in 0..5 {
+            let service = layer.layer(service_fn(|_: Request<()>| async {
+                Err::<Response<BoxBody>, _>(ProxyError::NoEndpoint("vllm".into()))
+            }));
+            let error = service.oneshot(request(None, 80)).await.unwrap_err();
+            assert!(matches!(error, ProxyError::NoEndpoint(_)), "{error:?}");
+        }
+        assert_eq!(metrics.tokens_refunded.get(), 400);
     }
 
     #[tokio::test(start_paused = true)]

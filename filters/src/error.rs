@@ -91,6 +91,24 @@ pub enum ProxyError {
         /// The limit's value.
         max: u32,
     },
+    /// A rate limit of the route refuses the request for now.
+    #[error("rate limited: {reason}")]
+    RateLimited {
+        /// Which limit, for whom.
+        reason: String,
+        /// How long until the limit would let the request through.
+        retry_after: Duration,
+    },
+    /// A fault injected by the route's `faults` policy (a chaos drill).
+    #[error("fault injected by route {route}")]
+    FaultInjected {
+        /// The route whose policy injected it.
+        route: String,
+        /// The HTTP status an HTTP client receives.
+        status: StatusCode,
+        /// The gRPC status a gRPC client receives.
+        grpc: u8,
+    },
 }
 
 fn fmt_duration(d: &Duration) -> String {
@@ -111,6 +129,8 @@ pub mod grpc_code {
     pub const DEADLINE_EXCEEDED: u8 = 4;
     /// `UNIMPLEMENTED`
     pub const UNIMPLEMENTED: u8 = 12;
+    /// `INTERNAL`
+    pub const INTERNAL: u8 = 13;
     /// `UNAVAILABLE`
     pub const UNAVAILABLE: u8 = 14;
 }
@@ -130,6 +150,9 @@ impl ProxyError {
             | Self::Upstream { .. }
             | Self::FirstByteTimeout(_)
             | Self::TotalTimeout(_) => Fault::Upstream,
+            Self::RateLimited { .. } => Fault::Client,
+            // A drill plays the part of a failing upstream.
+            Self::FaultInjected { .. } => Fault::Upstream,
         }
     }
 
@@ -160,6 +183,8 @@ impl ProxyError {
             Self::TooLarge(_) => "request_too_large",
             Self::LocalUnavailable { .. } => "local_model_unavailable",
             Self::Overloaded { .. } => "overloaded",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::FaultInjected { .. } => "fault_injected",
         }
     }
 
@@ -177,6 +202,8 @@ impl ProxyError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::FaultInjected { status, .. } => *status,
         }
     }
 
@@ -197,12 +224,34 @@ impl ProxyError {
             // elsewhere. RESOURCE_EXHAUSTED stays for quotas and rate limits,
             // which say "you asked too much" rather than "the server is full".
             Self::Overloaded { .. } => grpc_code::UNAVAILABLE,
+            Self::RateLimited { .. } => grpc_code::RESOURCE_EXHAUSTED,
+            Self::FaultInjected { grpc, .. } => *grpc,
         }
     }
 
     /// The response the client receives: a JSON error body, or for gRPC a
     /// trailers-only response carrying `grpc-status` and `grpc-message`.
     pub fn to_response(&self, grpc: bool) -> Response<BoxBody> {
+        let mut response = self.error_response(grpc);
+        if let Some(wait) = self.retry_after() {
+            // Whole seconds, rounded up: a client that waits this long gets through.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        response
+    }
+
+    /// How long the client should wait before trying again, when the proxy knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    fn error_response(&self, grpc: bool) -> Response<BoxBody> {
         let message = self.to_string();
         if grpc {
             return grpc_error_response(self.grpc_code(), &message);
@@ -318,6 +367,43 @@ mod tests {
             json["error"]["message"],
             "backend vllm is overloaded: pending limit of 8 requests reached"
         );
+    }
+
+    #[tokio::test]
+    async fn rate_limited_is_a_429_with_retry_after_in_whole_seconds() {
+        let error = ProxyError::RateLimited {
+            reason: "route chat allows 10 requests per second".into(),
+            retry_after: Duration::from_millis(1200),
+        };
+        assert_eq!(error.fault(), Fault::Client);
+        assert!(!error.retryable());
+        let response = error.to_response(false);
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "rate_limited");
+        let grpc = error.to_response(true);
+        assert_eq!(grpc.headers()["grpc-status"], "8");
+        assert_eq!(grpc.headers()[header::RETRY_AFTER], "2");
+        let soon = ProxyError::RateLimited {
+            reason: String::new(),
+            retry_after: Duration::from_millis(5),
+        };
+        assert_eq!(soon.to_response(false).headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn an_injected_fault_answers_with_its_configured_statuses() {
+        let error = ProxyError::FaultInjected {
+            route: "chat".into(),
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            grpc: grpc_code::UNAVAILABLE,
+        };
+        assert_eq!(error.to_response(false).status(), 503);
+        assert_eq!(error.to_response(true).headers()["grpc-status"], "14");
+        assert_eq!(error.kind(), "fault_injected");
+        assert!(!error.retryable());
     }
 
     #[test]

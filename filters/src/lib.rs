@@ -8,7 +8,10 @@
 pub mod authz;
 pub mod body;
 pub mod error;
+pub mod fault;
 pub mod hedge;
+pub mod mirror;
+pub mod rate_limit;
 pub mod replay;
 pub mod retry;
 pub mod timeout;

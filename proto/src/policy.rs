@@ -312,6 +312,17 @@ pub struct ModelRouteSpec {
     /// before the response headers, or a 503).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback: Vec<FallbackTarget>,
+    /// Local rate limits, each with its own buckets; a request must pass
+    /// every one. None when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitPolicy>,
+    /// Delays and errors injected into a share of requests, for chaos drills.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<FaultPolicy>,
+    /// Shadow copies of a share of requests, sent to another backend; their
+    /// responses are dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorPolicy>,
     /// The workloads whose proxies receive this route; every proxy in the
     /// route's namespace (or in the mesh, without one) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -335,6 +346,20 @@ pub struct HedgePolicy {
     /// Most hedges sent per attempt, besides the attempt itself (1 to 4).
     #[serde(default = "defaults::max_hedges")]
     pub max_hedges: u32,
+}
+
+impl ModelRouteSpec {
+    /// Every backend the route names: its weighted backends, its fallback
+    /// chain and its mirror.
+    pub fn backend_names(&self) -> impl Iterator<Item = &str> {
+        let fallback = self.fallback.iter().map(|f| f.backend.as_str());
+        let mirror = self.mirror.iter().map(|m| m.backend.as_str());
+        self.backends
+            .iter()
+            .map(|b| b.backend.as_str())
+            .chain(fallback)
+            .chain(mirror)
+    }
 }
 
 /// Selects workloads by their labels, as a Kubernetes label selector does.
@@ -598,6 +623,112 @@ impl Default for RetryBudget {
     }
 }
 
+/// One rate limit of a route: token buckets kept per key, for requests per
+/// second, model tokens per minute, or both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitPolicy {
+    /// What buckets are kept per: `route` (one for the whole route),
+    /// `caller` (the caller's mesh identity; callers without one share a
+    /// bucket) or `{header: NAME}` (each value of a request header; requests
+    /// without it share a bucket).
+    #[serde(default)]
+    pub key: RateLimitKey,
+    /// Requests allowed per second, on average.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
+    /// Requests allowed at once above the rate; `requestsPerSecond`
+    /// rounded up (at least 1) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Model tokens (input and output) allowed per minute. Each request is
+    /// charged an estimate up front (body bytes / 4 plus `max_tokens` or
+    /// `max_completion_tokens`), corrected to the response's
+    /// `usage.total_tokens` when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Model tokens allowed at once; `tokensPerMinute` when absent. A
+    /// request estimated above it is charged this much.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_burst: Option<u64>,
+    /// Most keys (callers, header values) with a bucket of their own at
+    /// once; past it, buckets that have refilled are dropped, and new keys
+    /// share one bucket until some are.
+    #[serde(default = "defaults::max_keys")]
+    pub max_keys: u32,
+}
+
+/// What a rate limit keeps its buckets per.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum RateLimitKey {
+    /// One bucket for the whole route.
+    Route,
+    /// One bucket per caller mesh identity.
+    #[default]
+    Caller,
+    /// One bucket per value of this request header.
+    Header(String),
+}
+
+/// Faults injected into a route's requests. Each request draws on its own,
+/// so over many requests the shares match the percentages.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultPolicy {
+    /// Hold a share of requests before sending them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<DelayFault>,
+    /// Answer a share of requests with an error, without sending them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<AbortFault>,
+}
+
+/// A delay injected into a share of requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DelayFault {
+    /// How long a delayed request waits before it is sent.
+    #[serde(with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub duration: Duration,
+    /// Share of requests delayed, 0 to 100 (fractions allowed).
+    pub percent: f64,
+}
+
+/// An error answered by the proxy to a share of requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AbortFault {
+    /// HTTP status (400 to 599) for HTTP clients; follows from
+    /// `grpcStatus` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// gRPC status for gRPC clients; follows from `status` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<GrpcCode>,
+    /// Share of requests aborted, 0 to 100 (fractions allowed).
+    pub percent: f64,
+}
+
+/// Shadow copies of a route's requests, sent to another backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MirrorPolicy {
+    /// The `Backend` that receives the copies.
+    pub backend: String,
+    /// Share of requests copied, 0 to 100.
+    #[serde(default = "defaults::percent_all")]
+    pub percent: f64,
+    /// Most copies in flight at once; past it copies are dropped.
+    #[serde(default = "defaults::mirror_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Time a copy has to be answered whole before it is abandoned.
+    #[serde(default = "defaults::mirror_timeout", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub timeout: Duration,
+}
+
 // === MeshConfig ===
 
 /// Settings for the whole mesh (at most one document).
@@ -829,6 +960,18 @@ mod defaults {
     }
     pub fn max_hedges() -> u32 {
         1
+    }
+    pub fn max_keys() -> u32 {
+        10_000
+    }
+    pub fn percent_all() -> f64 {
+        100.0
+    }
+    pub fn mirror_max_in_flight() -> u32 {
+        100
+    }
+    pub fn mirror_timeout() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn max_batch_size() -> u32 {
         32

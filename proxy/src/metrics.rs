@@ -145,6 +145,15 @@ pub struct Metrics {
     pub penalties: Family<BackendLabels, Counter>,
     /// Hedged attempts sent, and hedges whose response won, by route.
     pub hedges: Family<HedgeLabels, Counter>,
+
+    /// Requests refused by a route's rate limits, by route and kind.
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
+    /// Model tokens charged to rate limits and corrected, by route and stage.
+    pub rate_limit_tokens: Family<TokenChargeLabels, Counter>,
+    /// Faults injected, by route and kind.
+    pub faults: Family<FaultLabels, Counter>,
+    /// Shadow copies of requests, by route and outcome.
+    pub mirrored: Family<MirrorLabels, Counter>,
 }
 
 /// Labels of the ejection counter.
@@ -171,6 +180,43 @@ pub struct HedgeLabels {
     /// Route name.
     pub route: Name,
     /// `sent` or `won`.
+    pub outcome: &'static str,
+}
+
+/// Labels of the rate-limited counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    /// Route name.
+    pub route: Name,
+    /// `requests` (requests per second) or `tokens` (model tokens per minute).
+    pub kind: &'static str,
+}
+
+/// Labels of the rate-limit token counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TokenChargeLabels {
+    /// Route name.
+    pub route: Name,
+    /// `estimated` (charged up front), `refunded` (given back after the
+    /// response's usage, or a failure) or `added` (usage above the estimate).
+    pub stage: &'static str,
+}
+
+/// Labels of the fault counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FaultLabels {
+    /// Route name.
+    pub route: Name,
+    /// `delay` or `abort`.
+    pub kind: &'static str,
+}
+
+/// Labels of the mirror counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// Route name.
+    pub route: Name,
+    /// `sent`, `failed`, `dropped` or `not_replayable`.
     pub outcome: &'static str,
 }
 
@@ -372,6 +418,32 @@ impl Metrics {
             "Hedged attempts sent after the hedging delay (sent), and hedges whose response started first (won), by route",
             hedges.clone(),
         );
+
+        let rate_limited = Family::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by a route's rate limits, by route and kind (requests, tokens)",
+            rate_limited.clone(),
+        );
+        let rate_limit_tokens = Family::default();
+        registry.register(
+            "rate_limit_tokens",
+            "Model tokens charged to a route's token limits up front (estimated), given back after the response's usage or a failure (refunded), or charged on top when usage exceeded the estimate (added)",
+            rate_limit_tokens.clone(),
+        );
+        let faults = Family::default();
+        registry.register(
+            "faults_injected",
+            "Faults injected by a route's faults policy, by route and kind (delay, abort)",
+            faults.clone(),
+        );
+        let mirrored = Family::default();
+        registry.register(
+            "mirrored_requests",
+            "Shadow copies of requests for a route's mirror, by outcome: sent (answered), failed (error, 5xx or time limit), dropped (too many in flight), not_replayable (body not held whole)",
+            mirrored.clone(),
+        );
+
         Self {
             registry,
             outlier_ejections,
@@ -379,6 +451,10 @@ impl Metrics {
             overloaded,
             penalties,
             hedges,
+            rate_limited,
+            rate_limit_tokens,
+            faults,
+            mirrored,
             local_requests,
             local_model_ready,
             local_batch_size,

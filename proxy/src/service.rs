@@ -2,13 +2,15 @@
 //! filter stack, and account for the response.
 //!
 //! ```text
-//! accept -> detect -> [classify -> route -> timeouts -> retries -> balance -> send] -> stream back
-//!                                          (fallback chain: the stack again, per link)
+//! accept -> detect -> [classify -> route -> rate limits -> faults -> mirror
+//!                      -> timeouts -> retries -> balance -> send] -> stream back
+//!                         (fallback chain: the stack again, per link)
 //!                              `local:` target -> read the body -> local engine -> answer
 //! ```
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -21,6 +23,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use infermesh_filters::authz::AuthzRequest;
+use infermesh_filters::mirror::BodyCopy;
+use infermesh_filters::rate_limit::{CallerKey, TokenEstimate};
 use infermesh_filters::timeout::is_grpc;
 use infermesh_filters::{BoxBody, BoxError, ProxyError};
 use infermesh_proto::policy::ListenerKind;
@@ -78,7 +82,9 @@ pub async fn handle(
             route,
             backend,
         }) => {
-            let level_is_warn = error.fault() != infermesh_filters::Fault::Client;
+            // A drill's abort is no news: it is counted by the fault metric.
+            let level_is_warn = error.fault() != infermesh_filters::Fault::Client
+                && !matches!(error, ProxyError::FaultInjected { .. });
             if level_is_warn {
                 tracing::warn!(listener = listener_name, route = route.as_str(), backend = backend.as_str(), %error, "request failed");
             } else {
@@ -176,11 +182,15 @@ async fn route_and_send(
     // Authorization by model needs the model for certain: the whole
     // top-level object is scanned, to see a repeated `model`.
     let prove_model = authorizer.is_some_and(|a| a.needs_model());
+    // A token limit estimates a request's cost from its `max_tokens`,
+    // wherever it is in the object.
+    let whole_object = prove_model || snapshot.token_limits();
+    let mut max_tokens = None;
     let body = match head.body {
         BodyScan::None => BodyState::Streaming(body),
         BodyScan::OpenAiJson => {
             let mut scanner = JsonScanner::new(limit);
-            if prove_model {
+            if whole_object {
                 scanner = scanner.whole_object();
             }
             let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
@@ -199,6 +209,7 @@ async fn route_and_send(
             }
             model = fields.model.clone();
             stream = fields.stream;
+            max_tokens = fields.max_tokens;
             BodyState::Scanned(prefix, Scanned::Json(fields))
         }
         BodyScan::GrpcModelName => {
@@ -255,11 +266,11 @@ async fn route_and_send(
         ));
     };
 
-    // A fallback chain needs the whole body to send it again: read the rest
-    // of a body that fits in the classification limit. KServe REST names the
-    // model in the path, so its body was not scanned: read it now.
+    // A fallback chain and a mirror need the whole body to send it again:
+    // read the rest of a body that fits in the classification limit. KServe
+    // REST names the model in the path, so its body was not scanned: read it now.
     let mut body = body;
-    if !route.fallback().is_empty() {
+    if !route.fallback().is_empty() || route.mirrored() {
         if head.api == ApiKind::KServeRest {
             if let BodyState::Streaming(incoming) = body {
                 let prefix = Prefix {
@@ -274,7 +285,7 @@ async fn route_and_send(
             complete_prefix(prefix, limit).await?;
         }
     }
-    let replay = if route.fallback().is_empty() {
+    let held = if route.fallback().is_empty() && !route.mirrored() {
         None
     } else {
         match &body {
@@ -293,6 +304,31 @@ async fn route_and_send(
             _ => None,
         }
     };
+    let copy = held
+        .as_ref()
+        .filter(|_| route.mirrored())
+        .map(|held| BodyCopy {
+            chunks: held.chunks.iter().cloned().collect(),
+            trailers: held.trailers.clone(),
+        });
+    let replay = held.filter(|_| !route.fallback().is_empty());
+    if route.token_limited() {
+        let estimate = token_estimate(&parts.headers, &body, max_tokens);
+        parts.extensions.insert(TokenEstimate(estimate));
+    }
+    if route.caller_keyed() {
+        let caller = parts
+            .extensions
+            .get::<InboundConn>()
+            .and_then(|c| c.caller.as_ref())
+            .map(|id| CallerKey(Arc::from(id.to_string())));
+        if let Some(caller) = caller {
+            parts.extensions.insert(caller);
+        }
+    }
+    if let Some(copy) = copy {
+        parts.extensions.insert(copy);
+    }
 
     let body = match body {
         BodyState::Streaming(body) => ProxyBody::streaming(body),
@@ -311,17 +347,71 @@ async fn route_and_send(
         grpc_method: head.grpc.as_ref().map(|g| g.method.as_str()),
         model: model.as_deref(),
     };
-    let mut result = send(
+    let request = Request::from_parts(parts, body);
+    let served = AtomicUsize::new(0);
+    let chain = Chain {
         inputs,
         route,
         target,
-        Request::from_parts(parts, body),
-        &what,
-    )
-    .await;
-    let mut served_by = target;
-    if let Some(replay) = replay {
-        for link in route.fallback() {
+        replay: replay.as_ref(),
+        asked: &what,
+        served: &served,
+    };
+    let result = match route.front() {
+        None => chain.dispatch(request).await,
+        // Rate limits, faults and the mirror see the request once, whichever
+        // link of the chain answers it.
+        Some(front) => {
+            let chain = &chain;
+            front
+                .service(tower::service_fn(move |request| chain.dispatch(request)))
+                .oneshot(request)
+                .await
+        }
+    };
+    let served_by = match served.load(Ordering::Relaxed) {
+        0 => target,
+        link => route
+            .fallback()
+            .get(link - 1)
+            .map_or(target, |link| &link.target),
+    };
+    match result {
+        Ok(response) => Ok(Routed {
+            response,
+            route: route.name().clone(),
+            backend: served_by.name.clone(),
+            duration: served_by.duration.clone(),
+            ok: served_by.ok.clone(),
+        }),
+        Err(error) => Err(fail(error, served_by.name.clone())),
+    }
+}
+
+/// The request's way to a response: the route's chosen target, then its
+/// fallback chain.
+struct Chain<'a> {
+    inputs: &'a Inputs,
+    route: &'a crate::snapshot::Route,
+    target: &'a RouteTarget,
+    /// The request again for the fallback chain, when it has one and the
+    /// body was held whole.
+    replay: Option<&'a Replay>,
+    asked: &'a Asked<'a>,
+    /// Which target answered: 0 for `target`, `n` for fallback link `n - 1`.
+    served: &'a AtomicUsize,
+}
+
+impl Chain<'_> {
+    /// Sends `request` to the target and, while no response could start,
+    /// down the fallback chain.
+    async fn dispatch(&self, request: Request<ProxyBody>) -> Result<Response<BoxBody>, ProxyError> {
+        let (inputs, route, what) = (self.inputs, self.route, self.asked);
+        let mut result = send(inputs, route, self.target, request, what).await;
+        let Some(replay) = self.replay else {
+            return result;
+        };
+        for (index, link) in route.fallback().iter().enumerate() {
             if !cannot_start(&result) {
                 break;
             }
@@ -336,21 +426,27 @@ async fn route_and_send(
                 backend = link.target.name.as_str(),
                 "falling back"
             );
-            let request = replay.request(&link.target, model.as_deref());
-            result = send(inputs, route, &link.target, request, &what).await;
-            served_by = &link.target;
+            let request = replay.request(&link.target, what.model);
+            result = send(inputs, route, &link.target, request, what).await;
+            self.served.store(index + 1, Ordering::Relaxed);
         }
+        result
     }
-    match result {
-        Ok(response) => Ok(Routed {
-            response,
-            route: route.name().clone(),
-            backend: served_by.name.clone(),
-            duration: served_by.duration.clone(),
-            ok: served_by.ok.clone(),
-        }),
-        Err(error) => Err(fail(error, served_by.name.clone())),
-    }
+}
+
+/// The model tokens a request is expected to use, for token rate limits:
+/// its body bytes / 4 (roughly a token each for English text and JSON) plus
+/// the output it allows (`max_completion_tokens` or `max_tokens`).
+fn token_estimate(headers: &HeaderMap, body: &BodyState, max_tokens: Option<u64>) -> u64 {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let read = match body {
+        BodyState::Scanned(prefix, _) => prefix.chunks.iter().map(|c| c.len() as u64).sum(),
+        BodyState::Streaming(_) => 0,
+    };
+    declared.unwrap_or(read).max(read) / 4 + max_tokens.unwrap_or(0)
 }
 
 /// What the client asked for, as classification found it.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_filters::authz::Authorizer;
-use infermesh_proto::policy::{local_model_name, ListenerKind, MtlsMode, PolicySet};
+use infermesh_proto::policy::{local_model_name, ListenerKind, MtlsMode, PolicySet, RateLimitKey};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -23,7 +23,7 @@ use crate::classify::ApiKind;
 use crate::local::{self, LocalModel};
 use crate::metrics::{listener_label, Metrics, Name, RequestLabels, RouteLabels};
 use crate::route::{Matcher, RouteInput};
-use crate::stack::{self, RouteStack};
+use crate::stack::{self, RouteFront, RouteStack};
 
 /// Where the policy of a snapshot came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +84,8 @@ pub struct Snapshot {
     drain_timeout: Duration,
     mtls_mode: MtlsMode,
     authorizer: Authorizer,
+    /// Some route limits model tokens, so bodies are scanned for `max_tokens`.
+    token_limits: bool,
 }
 
 /// A compiled route.
@@ -95,6 +97,14 @@ pub struct Route {
     cumulative: Vec<u64>,
     fallback: Vec<FallbackLink>,
     stack: RouteStack,
+    /// Rate limits, faults and mirror, passed once per request.
+    front: Option<RouteFront>,
+    /// Mirrored: the body is read whole (within the replay limit) to copy it.
+    mirrored: bool,
+    /// A token limit needs each request's estimate.
+    token_limited: bool,
+    /// A rate limit is keyed by the caller's identity.
+    caller_keyed: bool,
     /// How long a local model may take to answer: the route's first-byte
     /// or total limit, whichever is shorter (the local engine answers whole).
     local_limit: Option<Duration>,
@@ -253,6 +263,16 @@ impl Snapshot {
                 doc.spec.hedging.as_ref(),
                 metrics,
             );
+            let mirror_to = doc
+                .spec
+                .mirror
+                .as_ref()
+                .and_then(|m| backends.get(&m.backend).cloned());
+            let mirrored = mirror_to.is_some();
+            let front = stack::route_front(&name, &doc.spec, mirror_to, metrics);
+            let limits = &doc.spec.rate_limits;
+            let token_limited = limits.iter().any(|l| l.tokens_per_minute.is_some());
+            let caller_keyed = limits.iter().any(|l| l.key == RateLimitKey::Caller);
             let timeouts = &doc.spec.timeouts;
             let local_limit = match (timeouts.first_byte, timeouts.total) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -265,6 +285,10 @@ impl Snapshot {
                 cumulative,
                 fallback,
                 stack,
+                front,
+                mirrored,
+                token_limited,
+                caller_keyed,
                 local_limit,
             };
             match doc.spec.listener {
@@ -281,6 +305,7 @@ impl Snapshot {
         let mtls_mode = mesh.map_or(MtlsMode::Strict, |m| m.mtls.mode);
         let trust_domain = crate::identity::mesh().map(|id| id.id().trust_domain().to_owned());
         let authorizer = Authorizer::new(&policy.authorizations, trust_domain.as_deref());
+        let token_limits = outbound.iter().chain(&inbound).any(|r| r.token_limited);
         Self {
             origin,
             policy,
@@ -293,7 +318,14 @@ impl Snapshot {
             drain_timeout,
             mtls_mode,
             authorizer,
+            token_limits,
         }
+    }
+
+    /// Whether some route limits model tokens, so that request bodies are
+    /// scanned for `max_tokens` to estimate their cost.
+    pub fn token_limits(&self) -> bool {
+        self.token_limits
     }
 
     /// What the inbound listener accepts once the proxy holds a certificate.
@@ -396,6 +428,26 @@ impl Route {
     /// The route's filter stack.
     pub fn stack(&self) -> &RouteStack {
         &self.stack
+    }
+
+    /// The route's rate limits, faults and mirror, if it has any.
+    pub fn front(&self) -> Option<&RouteFront> {
+        self.front.as_ref()
+    }
+
+    /// Whether requests are copied to a mirror.
+    pub fn mirrored(&self) -> bool {
+        self.mirrored
+    }
+
+    /// Whether a rate limit counts model tokens.
+    pub fn token_limited(&self) -> bool {
+        self.token_limited
+    }
+
+    /// Whether a rate limit keeps buckets per caller identity.
+    pub fn caller_keyed(&self) -> bool {
+        self.caller_keyed
     }
 
     /// How long a local model may take to answer on this route.

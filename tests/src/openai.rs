@@ -9,7 +9,13 @@
 //!
 //! Per-request overrides travel in headers, so one server can play several
 //! parts in one test: `x-test-chunks`, `x-test-gap-ms`, `x-test-delay-ms`
-//! (time to response headers) and `x-test-status` (answer with that status).
+//! (time to response headers), `x-test-status` (answer with that status) and
+//! `x-test-usage-tokens` (the `usage.total_tokens` reported).
+//!
+//! Chat and text completions report `usage` as OpenAI does: in the JSON
+//! body, or, for a stream whose request sets `stream_options.include_usage`,
+//! as `"usage": null` in every chunk and a last chunk with no choices and
+//! the usage, before `data: [DONE]`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,6 +43,9 @@ pub struct OpenAiSettings {
     pub first_byte_delay: Duration,
     /// Models listed by `GET /v1/models`.
     pub models: Vec<String>,
+    /// `usage.total_tokens` of completions (prompt and completion tokens
+    /// are split from it).
+    pub total_tokens: u64,
 }
 
 impl Default for OpenAiSettings {
@@ -46,6 +55,7 @@ impl Default for OpenAiSettings {
             chunk_gap: Duration::from_millis(10),
             first_byte_delay: Duration::ZERO,
             models: vec!["gpt-fixture".to_string()],
+            total_tokens: 6,
         }
     }
 }
@@ -309,6 +319,9 @@ async fn handle(
     if let Some(ms) = header_number(&parts.headers, "x-test-delay-ms") {
         settings.first_byte_delay = Duration::from_millis(ms);
     }
+    if let Some(tokens) = header_number(&parts.headers, "x-test-usage-tokens") {
+        settings.total_tokens = tokens;
+    }
     if !settings.first_byte_delay.is_zero() {
         tokio::time::sleep(settings.first_byte_delay).await;
     }
@@ -394,8 +407,19 @@ fn openai_generate(
         .get("stream")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let usage = usage(settings.total_tokens);
     if stream {
-        return sse_stream(shared.clone(), settings, model, kind);
+        let include_usage = request
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        return sse_stream(
+            shared.clone(),
+            settings,
+            model,
+            kind,
+            include_usage.then_some(usage),
+        );
     }
     let text = format!("hello from {}", shared.name);
     let value = match kind {
@@ -409,7 +433,7 @@ fn openai_generate(
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": "stop",
             }],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+            "usage": usage,
         }),
         Kind::Completion => json!({
             "id": "cmpl-fixture",
@@ -417,10 +441,16 @@ fn openai_generate(
             "created": 1_700_000_000,
             "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": null}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+            "usage": usage,
         }),
     };
     json_response(shared, StatusCode::OK, value)
+}
+
+/// A `usage` object adding up to `total` tokens.
+fn usage(total: u64) -> Value {
+    let prompt = total / 2;
+    json!({"prompt_tokens": prompt, "completion_tokens": total - prompt, "total_tokens": total})
 }
 
 /// The content of streamed chunk `index`, as the tests expect to see it.
@@ -428,7 +458,7 @@ pub fn chunk_text(index: usize) -> String {
     format!("tok{index} ")
 }
 
-fn sse_chunk(model: &str, kind: Kind, index: usize, last: bool) -> Bytes {
+fn sse_chunk(model: &str, kind: Kind, index: usize, last: bool, with_usage: bool) -> Bytes {
     let finish = if last { json!("stop") } else { Value::Null };
     let value = match kind {
         Kind::Chat => {
@@ -452,6 +482,27 @@ fn sse_chunk(model: &str, kind: Kind, index: usize, last: bool) -> Bytes {
             "choices": [{"index": 0, "text": chunk_text(index), "finish_reason": finish, "logprobs": null}],
         }),
     };
+    let mut value = value;
+    if with_usage {
+        value["usage"] = Value::Null;
+    }
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+/// The last chunk of a stream that asked for usage: no choices, the usage.
+fn sse_usage_chunk(model: &str, kind: Kind, usage: &Value) -> Bytes {
+    let object = match kind {
+        Kind::Chat => "chat.completion.chunk",
+        Kind::Completion => "text_completion",
+    };
+    let value = json!({
+        "id": "chatcmpl-fixture",
+        "object": object,
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    });
     Bytes::from(format!("data: {value}\n\n"))
 }
 
@@ -460,6 +511,7 @@ fn sse_stream(
     settings: &OpenAiSettings,
     model: String,
     kind: Kind,
+    usage: Option<Value>,
 ) -> Response<ResBody> {
     // Capacity 1: a chunk is produced only once the connection took the previous one.
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
@@ -495,10 +547,18 @@ fn sse_stream(
                     _ = tx.closed() => return finish(gone(i)),
                 }
             }
+            if i == chunks {
+                if let Some(usage) = &usage {
+                    let data = sse_usage_chunk(&model, kind, usage);
+                    if tx.send(Ok(Frame::data(data))).await.is_err() {
+                        return finish(gone(i));
+                    }
+                }
+            }
             let data = if i == chunks {
                 Bytes::from_static(b"data: [DONE]\n\n")
             } else {
-                sse_chunk(&model, kind, i, i + 1 == chunks)
+                sse_chunk(&model, kind, i, i + 1 == chunks, usage.is_some())
             };
             if tx.send(Ok(Frame::data(data))).await.is_err() {
                 return finish(gone(i));

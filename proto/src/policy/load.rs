@@ -905,6 +905,94 @@ spec:
         );
     }
 
+    /// A route with `block` (unindented YAML) added to its spec.
+    fn route_with(block: &str) -> String {
+        let block: String = block.lines().map(|l| format!("  {l}\n")).collect();
+        let shadow = "---\napiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: shadow}\nspec: {endpoints: [\"shadow:8000\"]}\n";
+        format!(
+            "{BACKEND}{shadow}---\n{}{block}",
+            RETRY_ROUTE.replace("  retries:\n", "")
+        )
+    }
+
+    #[test]
+    fn rate_limits_faults_and_a_mirror_load_with_defaults() {
+        let text = route_with(
+            "rateLimits:\n  - {requestsPerSecond: 2.5}\n  - {key: {header: x-tenant}, tokensPerMinute: 60000, tokenBurst: 1000}\n  - {key: route, requestsPerSecond: 100, burst: 5, maxKeys: 10}\nfaults:\n  delay: {duration: 200ms, percent: 0.5}\n  abort: {grpcStatus: UNAVAILABLE, percent: 10}\nmirror: {backend: shadow}",
+        );
+        let set = load(&text).unwrap();
+        let spec = &set.routes[0].spec;
+        let limits = &spec.rate_limits;
+        assert_eq!(limits[0].key, crate::policy::RateLimitKey::Caller);
+        assert_eq!(limits[0].requests_per_second, Some(2.5));
+        assert_eq!((limits[0].burst, limits[0].max_keys), (None, 10_000));
+        assert_eq!(
+            limits[1].key,
+            crate::policy::RateLimitKey::Header("x-tenant".into())
+        );
+        assert_eq!(
+            (limits[1].tokens_per_minute, limits[1].token_burst),
+            (Some(60_000), Some(1000))
+        );
+        assert_eq!(limits[2].key, crate::policy::RateLimitKey::Route);
+        let faults = spec.faults.as_ref().unwrap();
+        assert_eq!(
+            faults.delay.as_ref().unwrap().duration,
+            Duration::from_millis(200)
+        );
+        let abort = faults.abort.as_ref().unwrap();
+        assert_eq!(
+            (abort.status, abort.grpc_status),
+            (None, Some(crate::policy::GrpcCode::Unavailable))
+        );
+        let mirror = spec.mirror.as_ref().unwrap();
+        assert_eq!(mirror.percent, 100.0);
+        assert_eq!(mirror.max_in_flight, 100);
+        assert_eq!(mirror.timeout, Duration::from_secs(10));
+        let names: Vec<&str> = spec.backend_names().collect();
+        assert_eq!(names, ["vllm", "shadow"]);
+    }
+
+    #[test]
+    fn bad_rate_limits_faults_and_mirrors_are_located_with_the_reason() {
+        let text = route_with(
+            "rateLimits:\n  - {key: route}\n  - requestsPerSecond: 0\n    tokenBurst: 5\n    maxKeys: 0\n    key: {header: \"x tenant\"}\nfaults:\n  delay: {duration: 1s, percent: 150}\n  abort: {status: 200, percent: 1}\nmirror: {backend: \"local:minilm\", percent: -1, maxInFlight: 0, timeout: 0s}",
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:20:7: a rate limit needs `requestsPerSecond`, `tokensPerMinute` or both",
+                "p.yaml:21:26: `requestsPerSecond` must be above 0 and at most 1000000, found 0",
+                "p.yaml:22:19: `tokenBurst` is the most tokens at once under `tokensPerMinute`, which is not set",
+                "p.yaml:23:16: `maxKeys` must be between 1 and 1000000, found 0",
+                "p.yaml:24:21: `x tenant` is not a valid HTTP header name: ' ' is not allowed (use letters, digits, `-` and `_`)",
+                "p.yaml:26:36: `percent` must be between 0 and 100, found 150",
+                "p.yaml:27:21: an abort `status` must be an error, 400 to 599, found 200",
+                "p.yaml:28:21: `local:minilm`: copies go to a remote backend; a local model cannot be a mirror",
+                "p.yaml:28:46: `percent` must be between 0 and 100, found -1",
+                "p.yaml:28:63: `maxInFlight` must be between 1 and 10000, found 0",
+                "p.yaml:28:75: `timeout` must be above zero: every copy would be abandoned",
+            ]
+        );
+        let text = route_with("faults: {abort: {percent: 1}}\nmirror: {backend: shadw}");
+        let found = errors(&text);
+        assert_eq!(
+            found[0],
+            "p.yaml:19:19: an `abort` needs a `status` (HTTP), a `grpcStatus` or both"
+        );
+        assert!(
+            found[1].starts_with("p.yaml:20:21: unknown backend `shadw`"),
+            "{found:?}"
+        );
+        assert!(found[1].contains("did you mean `shadow`?"), "{found:?}");
+        let text = route_with("rateLimits:\n  - {requestsPerSecond: 1, tokensPerMinut: 5}");
+        let found = errors(&text);
+        assert!(
+            found[0].contains("did you mean `tokensPerMinute`?"),
+            "{found:?}"
+        );
+    }
+
     const AUTHZ_ROUTE: &str = "\
 ---
 apiVersion: infermesh.io/v1alpha1

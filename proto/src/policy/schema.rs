@@ -157,9 +157,12 @@ mod tests {
             [
                 "backends",
                 "fallback",
+                "faults",
                 "hedging",
                 "listener",
                 "match",
+                "mirror",
+                "rateLimits",
                 "retries",
                 "timeouts",
                 "workloadSelector"

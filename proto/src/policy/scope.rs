@@ -76,14 +76,7 @@ impl PolicySet {
             .cloned();
         let named: HashSet<&str> = routes
             .iter()
-            .flat_map(|r| {
-                let fallback = r.spec.fallback.iter().map(|f| f.backend.as_str());
-                r.spec
-                    .backends
-                    .iter()
-                    .map(|b| b.backend.as_str())
-                    .chain(fallback)
-            })
+            .flat_map(|r| r.spec.backend_names())
             .chain(mesh.iter().filter_map(|m| m.spec.opaque.backend.as_deref()))
             .collect();
         let backends = self
@@ -219,6 +212,20 @@ mod tests {
         // The wire form checks fallback references too, and round-trips them.
         let back = PolicySet::from_resources(&scoped.to_resources()).unwrap();
         assert_eq!(back.routes[0].spec.fallback, scoped.routes[0].spec.fallback);
+    }
+
+    #[test]
+    fn a_route_brings_its_mirror_backend_along_and_its_filters_round_trip() {
+        let text = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: a}\nspec: {endpoints: [\"a:80\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: shadow}\nspec: {endpoints: [\"s:80\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r}\nspec:\n  backends: [{backend: a}]\n  mirror: {backend: shadow, percent: 5}\n  rateLimits: [{key: {header: x-tenant}, tokensPerMinute: 1000}, {key: route, requestsPerSecond: 2}]\n  faults: {abort: {grpcStatus: UNAVAILABLE, percent: 0.5}}\n";
+        let set = load_str(Path::new("p.yaml"), text).unwrap();
+        let scoped = set.scoped_to(&Workload::default());
+        assert_eq!(backend_names(&scoped), ["a", "shadow"]);
+        let back = PolicySet::from_resources(&scoped.to_resources()).unwrap();
+        assert_eq!(back.routes[0].spec, scoped.routes[0].spec);
+        let mut missing = scoped.to_resources();
+        missing.retain(|r| r.name != "shadow");
+        let error = PolicySet::from_resources(&missing).unwrap_err();
+        assert!(error.contains("\"shadow\""), "{error}");
     }
 
     #[test]

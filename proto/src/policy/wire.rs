@@ -92,14 +92,7 @@ impl PolicySet {
             .map(|m| m.metadata.name.as_str())
             .collect();
         for route in &self.routes {
-            let fallback = route.spec.fallback.iter().map(|f| f.backend.as_str());
-            for backend in route
-                .spec
-                .backends
-                .iter()
-                .map(|b| b.backend.as_str())
-                .chain(fallback)
-            {
+            for backend in route.spec.backend_names() {
                 let known = match local_model_name(backend) {
                     Some(model) => local.contains(model),
                     None => names.contains(backend),

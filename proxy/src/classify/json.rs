@@ -16,8 +16,8 @@ use super::Scan;
 /// deep, and it keeps the container stack a fixed size.
 const MAX_DEPTH: usize = 256;
 
-/// Longest top-level key worth decoding; longer ones are neither `model` nor `stream`.
-const KEY_CAP: usize = 8;
+/// Longest top-level key worth decoding: `max_completion_tokens`.
+const KEY_CAP: usize = 21;
 
 /// Reads a JSON body chunk by chunk until it knows the top-level `model` and `stream`.
 ///
@@ -64,6 +64,10 @@ pub struct JsonScanner {
     model_seen: bool,
     stream: bool,
     stream_seen: bool,
+    /// The integer being read, when it is the value of a top-level
+    /// `max_tokens` or `max_completion_tokens`.
+    number: Option<u64>,
+    max_tokens: Option<u64>,
     /// Read to the end of the top-level object instead of stopping once
     /// `model` and `stream` are known, to catch a repeated `model`.
     whole: bool,
@@ -85,6 +89,10 @@ pub struct JsonFields {
     /// The top-level object has more than one `model` member (seen only
     /// by a [`JsonScanner::whole_object`] scan, or before the decision).
     pub duplicate_model: bool,
+    /// The top-level `max_completion_tokens`, else `max_tokens`, when seen
+    /// before the decision (a [`JsonScanner::whole_object`] scan sees it
+    /// wherever it is).
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +155,8 @@ enum Sink {
 enum Member {
     Model,
     Stream,
+    MaxTokens,
+    MaxCompletionTokens,
     Other,
 }
 
@@ -178,6 +188,8 @@ impl JsonScanner {
             model_seen: false,
             stream: false,
             stream_seen: false,
+            number: None,
+            max_tokens: None,
             whole: false,
             duplicate_model: false,
         }
@@ -240,6 +252,7 @@ impl JsonScanner {
             stream: self.stream,
             complete: self.decided,
             duplicate_model: self.duplicate_model,
+            max_tokens: self.max_tokens,
         }
     }
 
@@ -358,8 +371,12 @@ impl JsonScanner {
                 is_true: false,
             },
             b'-' => State::Number(Num::Minus),
-            b'0' => State::Number(Num::Zero),
-            b'1'..=b'9' => State::Number(Num::Int),
+            b'0'..=b'9' => {
+                let counted = self.depth == 1
+                    && matches!(self.member, Member::MaxTokens | Member::MaxCompletionTokens);
+                self.number = counted.then_some(u64::from(b - b'0'));
+                State::Number(if b == b'0' { Num::Zero } else { Num::Int })
+            }
             _ if is_ws(b) => return,
             _ => return self.decide(),
         };
@@ -381,6 +398,17 @@ impl JsonScanner {
                     self.stream = is_true;
                     self.stream_seen = true;
                 }
+                // `max_completion_tokens` supersedes the older `max_tokens`.
+                Member::MaxCompletionTokens => {
+                    if let Some(n) = self.number.take() {
+                        self.max_tokens = Some(n);
+                    }
+                }
+                Member::MaxTokens => {
+                    if let Some(n) = self.number.take() {
+                        self.max_tokens = self.max_tokens.or(Some(n));
+                    }
+                }
                 Member::Other => {}
             },
             _ => {}
@@ -395,9 +423,21 @@ impl JsonScanner {
     fn number_byte(&mut self, b: u8, num: Num) -> bool {
         let next = match (num, b) {
             (Num::Minus, b'0') => Num::Zero,
-            (Num::Minus | Num::Int, b'0'..=b'9') => Num::Int,
-            (Num::Zero | Num::Int, b'.') => Num::Dot,
-            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
+            (Num::Minus | Num::Int, b'0'..=b'9') => {
+                self.number = self
+                    .number
+                    .map(|n| n.saturating_mul(10).saturating_add(u64::from(b - b'0')));
+                Num::Int
+            }
+            // Only a plain non-negative integer counts as a token count.
+            (Num::Zero | Num::Int, b'.') => {
+                self.number = None;
+                Num::Dot
+            }
+            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => {
+                self.number = None;
+                Num::Exp
+            }
             (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
             (Num::Exp, b'+' | b'-') => Num::ExpSign,
             (Num::Exp | Num::ExpSign | Num::ExpInt, b'0'..=b'9') => Num::ExpInt,
@@ -547,6 +587,8 @@ impl JsonScanner {
                 self.member = match (self.key_overflow, &self.key[..self.key_len]) {
                     (false, b"model") => Member::Model,
                     (false, b"stream") => Member::Stream,
+                    (false, b"max_tokens") => Member::MaxTokens,
+                    (false, b"max_completion_tokens") => Member::MaxCompletionTokens,
                     _ => Member::Other,
                 };
             }
@@ -681,6 +723,47 @@ mod tests {
 
     fn literal<'a>(body: &'a [u8], fields: &JsonFields) -> &'a [u8] {
         &body[fields.model_span.clone().expect("a model span")]
+    }
+
+    #[test]
+    fn max_tokens_is_read_when_it_is_a_top_level_integer() {
+        let max = |body: &str| JsonScanner::new(1 << 16).whole_object().tap_feed(body);
+        assert_eq!(
+            max(r#"{"model":"m","max_tokens":256,"stream":true}"#),
+            Some(256)
+        );
+        assert_eq!(
+            max(r#"{"max_tokens":10,"max_completion_tokens":300,"model":"m"}"#),
+            Some(300)
+        );
+        assert_eq!(
+            max(r#"{"max_completion_tokens":300,"max_tokens":10,"model":"m"}"#),
+            Some(300)
+        );
+        assert_eq!(max(r#"{"model":"m","max_tokens":0}"#), Some(0));
+        assert_eq!(max(r#"{"model":"m","max_tokens":2.5}"#), None);
+        assert_eq!(max(r#"{"model":"m","max_tokens":1e3}"#), None);
+        assert_eq!(max(r#"{"model":"m","max_tokens":-4}"#), None);
+        assert_eq!(max(r#"{"model":"m","max_tokens":"64"}"#), None);
+        assert_eq!(max(r#"{"model":"m","x":{"max_tokens":64}}"#), None);
+        assert_eq!(max(r#"{"model":"m","max_tokens":[64]}"#), None);
+        // Split anywhere, the count is the same.
+        let body = br#"{"model":"m","max_tokens":4096,"messages":[]}"#;
+        for cut in 0..body.len() {
+            let fields = scan_chunks(body, &[cut]);
+            assert_eq!(fields.max_tokens, Some(4096), "cut at {cut}");
+        }
+    }
+
+    trait TapFeed {
+        fn tap_feed(self, body: &str) -> Option<u64>;
+    }
+
+    impl TapFeed for JsonScanner {
+        fn tap_feed(mut self, body: &str) -> Option<u64> {
+            self.feed(body.as_bytes());
+            self.finish().max_tokens
+        }
     }
 
     #[test]

@@ -37,6 +37,7 @@ fn main() {
         chunk_gap: Duration::from_millis(args.gap_ms),
         first_byte_delay: Duration::from_millis(args.delay_ms),
         models: vec!["llama-demo".to_string(), "small-demo".to_string()],
+        ..OpenAiSettings::default()
     };
     let server = match OpenAiServer::bind(args.addr, &args.name, settings) {
         Ok(server) => server,

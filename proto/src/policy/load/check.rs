@@ -16,8 +16,9 @@ use super::yaml::{Node, Value};
 use super::{did_you_mean, Kind, Loader, Location, PolicyError, Typed};
 use crate::policy::{
     local_model_name, scope, AuthorizationPolicySpec, BackendLimits, BackendSpec, CallerMatch,
-    HedgePolicy, LocalModelSpec, MeshConfigSpec, Metadata, ModelRouteSpec, OutlierDetection,
-    RetryPolicy, StringMatch, WorkloadSelector,
+    FaultPolicy, HedgePolicy, LocalModelSpec, MeshConfigSpec, Metadata, MirrorPolicy,
+    ModelRouteSpec, OutlierDetection, RateLimitKey, RateLimitPolicy, RetryPolicy, StringMatch,
+    WorkloadSelector,
 };
 
 /// `classify.maxBodyPrefix` bounds: below 1 KiB no model name is found in
@@ -48,6 +49,12 @@ const MAX_EJECTION: std::time::Duration = std::time::Duration::from_secs(24 * 36
 const MAX_CONSECUTIVE_FAILURES: u32 = 1000;
 /// `hedging.maxHedges` bound: each hedge multiplies the load of a slow tail.
 const MAX_HEDGES: u32 = 4;
+/// Rate-limit bounds: past a million requests a second one sidecar's bucket
+/// means nothing; a million keys of buckets is tens of megabytes.
+const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
+const MAX_RATE_LIMIT_KEYS: u32 = 1_000_000;
+/// Mirror bound: each copy in flight holds a request body.
+const MAX_MIRROR_IN_FLIGHT: u32 = 10_000;
 
 /// Every cross-document and value-format check over a loaded set.
 pub(super) fn set(loader: &Loader) -> Vec<PolicyError> {
@@ -690,6 +697,29 @@ fn route_spec(
             error(find(tree, &[K("spec"), K("hedging"), K(key)]).at, problem);
         }
     }
+    for (i, limit) in spec.rate_limits.iter().enumerate() {
+        for (field, problem) in rate_limit_problems(limit) {
+            let item = [K("spec"), K("rateLimits"), I(i)];
+            let at = match field {
+                None => find(tree, &item).at,
+                Some("key") => find(tree, &[K("spec"), K("rateLimits"), I(i), K("key"), Only]).at,
+                Some(field) => find(tree, &[K("spec"), K("rateLimits"), I(i), K(field)]).at,
+            };
+            error(at, problem);
+        }
+    }
+    if let Some(faults) = &spec.faults {
+        for (path, problem) in fault_problems(faults) {
+            let mut steps = vec![K("spec"), K("faults")];
+            steps.extend(path.iter().map(|key| K(key)));
+            error(find(tree, &steps).at, problem);
+        }
+    }
+    if let Some(mirror) = &spec.mirror {
+        for (field, problem) in mirror_problems(mirror, backends) {
+            error(find(tree, &[K("spec"), K("mirror"), K(field)]).at, problem);
+        }
+    }
     for (i, matches) in spec.matches.iter().enumerate() {
         for (j, header) in matches.headers.iter().enumerate() {
             if let Some(problem) = header_name_problem(&header.name) {
@@ -893,6 +923,148 @@ pub(super) fn retry_problems(
                 "budget `minPerSecond` must be at most 1000, found {}",
                 retries.budget.min_per_second
             ),
+        ));
+    }
+    problems
+}
+
+/// What is wrong with a rate limit, by field (`None`: the limit as a whole).
+pub(super) fn rate_limit_problems(limit: &RateLimitPolicy) -> Vec<(Option<&'static str>, String)> {
+    let mut problems = Vec::new();
+    if limit.requests_per_second.is_none() && limit.tokens_per_minute.is_none() {
+        problems.push((
+            None,
+            "a rate limit needs `requestsPerSecond`, `tokensPerMinute` or both".to_owned(),
+        ));
+    }
+    if let Some(rate) = limit.requests_per_second {
+        if !(rate > 0.0 && rate <= MAX_REQUESTS_PER_SECOND) {
+            problems.push((
+                Some("requestsPerSecond"),
+                format!("`requestsPerSecond` must be above 0 and at most {MAX_REQUESTS_PER_SECOND}, found {rate}"),
+            ));
+        }
+    }
+    match (limit.burst, limit.requests_per_second) {
+        (Some(_), None) => problems.push((
+            Some("burst"),
+            "`burst` is the most requests at once above `requestsPerSecond`, which is not set"
+                .to_owned(),
+        )),
+        (Some(0), Some(_)) => problems.push((
+            Some("burst"),
+            "`burst` must be at least 1: a bucket that holds nothing refuses every request"
+                .to_owned(),
+        )),
+        _ => {}
+    }
+    if limit.tokens_per_minute == Some(0) {
+        problems.push((
+            Some("tokensPerMinute"),
+            "`tokensPerMinute` must be above 0 (remove the limit to turn it off)".to_owned(),
+        ));
+    }
+    match (limit.token_burst, limit.tokens_per_minute) {
+        (Some(_), None) => problems.push((
+            Some("tokenBurst"),
+            "`tokenBurst` is the most tokens at once under `tokensPerMinute`, which is not set"
+                .to_owned(),
+        )),
+        (Some(0), Some(_)) => problems.push((
+            Some("tokenBurst"),
+            "`tokenBurst` must be at least 1: a bucket that holds nothing refuses every request"
+                .to_owned(),
+        )),
+        _ => {}
+    }
+    if !(1..=MAX_RATE_LIMIT_KEYS).contains(&limit.max_keys) {
+        problems.push((
+            Some("maxKeys"),
+            format!(
+                "`maxKeys` must be between 1 and {MAX_RATE_LIMIT_KEYS}, found {}",
+                limit.max_keys
+            ),
+        ));
+    }
+    if let RateLimitKey::Header(name) = &limit.key {
+        if let Some(problem) = header_name_problem(name) {
+            problems.push((Some("key"), problem));
+        }
+    }
+    problems
+}
+
+fn percent_problem(percent: f64) -> Option<String> {
+    (!(0.0..=100.0).contains(&percent))
+        .then(|| format!("`percent` must be between 0 and 100, found {percent}"))
+}
+
+/// What is wrong with a route's faults, by path under `faults`.
+pub(super) fn fault_problems(faults: &FaultPolicy) -> Vec<(Vec<&'static str>, String)> {
+    let mut problems = Vec::new();
+    if faults.delay.is_none() && faults.abort.is_none() {
+        problems.push((
+            Vec::new(),
+            "`faults` needs a `delay`, an `abort` or both".to_owned(),
+        ));
+    }
+    if let Some(delay) = &faults.delay {
+        if let Some(problem) = percent_problem(delay.percent) {
+            problems.push((vec!["delay", "percent"], problem));
+        }
+    }
+    if let Some(abort) = &faults.abort {
+        if let Some(problem) = percent_problem(abort.percent) {
+            problems.push((vec!["abort", "percent"], problem));
+        }
+        match (abort.status, abort.grpc_status) {
+            (None, None) => problems.push((
+                vec!["abort"],
+                "an `abort` needs a `status` (HTTP), a `grpcStatus` or both".to_owned(),
+            )),
+            (Some(status), _) if !(400..=599).contains(&status) => problems.push((
+                vec!["abort", "status"],
+                format!("an abort `status` must be an error, 400 to 599, found {status}"),
+            )),
+            _ => {}
+        }
+    }
+    problems
+}
+
+/// What is wrong with a route's mirror, by field.
+fn mirror_problems(
+    mirror: &MirrorPolicy,
+    backends: &BackendNames<'_>,
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    let backend = &mirror.backend;
+    let problem = if local_model_name(backend).is_some() {
+        Some(format!(
+            "`{backend}`: copies go to a remote backend; a local model cannot be a mirror"
+        ))
+    } else {
+        backends.unknown(backend)
+    };
+    if let Some(problem) = problem {
+        problems.push(("backend", problem));
+    }
+    if let Some(problem) = percent_problem(mirror.percent) {
+        problems.push(("percent", problem));
+    }
+    if !(1..=MAX_MIRROR_IN_FLIGHT).contains(&mirror.max_in_flight) {
+        problems.push((
+            "maxInFlight",
+            format!(
+                "`maxInFlight` must be between 1 and {MAX_MIRROR_IN_FLIGHT}, found {}",
+                mirror.max_in_flight
+            ),
+        ));
+    }
+    if mirror.timeout.is_zero() {
+        problems.push((
+            "timeout",
+            "`timeout` must be above zero: every copy would be abandoned".to_owned(),
         ));
     }
     problems

@@ -139,6 +139,9 @@ mod tests {
             timeouts: RouteTimeouts::default(),
             retries: None,
             fallback: Vec::new(),
+            rate_limits: Vec::new(),
+            faults: None,
+            mirror: None,
             workload_selector: None,
             hedging: None,
         }

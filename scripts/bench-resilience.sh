@@ -1,0 +1,281 @@
+#!/usr/bin/env bash
+# Resilience filters: the latency a route with retries and rate limits (a
+# request limit per route, and a request + model-token limit per tenant
+# header) adds over a plain route at 1,000 requests/s (p50, p99, p99.9 over
+# every request), and retry amplification during an outage: an upstream that
+# answers 503 to everything, a route allowing 5 attempts with the default
+# retry budget (ratio 0.2, 10 retries/s), and the attempts the upstream saw
+# per request sent.
+#
+#   scripts/bench-resilience.sh [--secs 10] [--reps 5] [--out DIR]
+#
+# Installs h2load (nghttp2-client) when missing, builds the release binaries,
+# and writes DIR/results.json and a table on stdout. Targets run interleaved
+# (direct, plain, guarded, direct, ...); figures are medians over the
+# repetitions with min-max. The proxy has CPU 1 and one worker thread; the
+# upstreams and the load generator share CPU 0. Rate limits are set high
+# enough that nothing is refused: the figure is the cost of the filters.
+# BENCH_GUARDED_EXTRA (YAML, one field per line) is appended to the guarded
+# route's spec, e.g. to add circuit-breaker settings once they exist.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SECS=10
+REPS=5
+OUT="$ROOT/target/bench-resilience"
+while [ $# -gt 0 ]; do
+    case $1 in
+        --secs) SECS=$2; shift 2 ;;
+        --reps) REPS=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        *) echo "usage: $0 [--secs N] [--reps N] [--out DIR]" >&2; exit 2 ;;
+    esac
+done
+WARMUP=2
+EXTRA=${BENCH_GUARDED_EXTRA:-}
+
+log() { printf '[bench-resilience] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+need() { # need COMMAND DEBIAN-PACKAGE
+    command -v "$1" >/dev/null 2>&1 && return 0
+    log "installing $2"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2"
+}
+need h2load nghttp2-client
+need python3 python3
+need curl curl
+need taskset util-linux
+
+log "building release binaries"
+(cd "$ROOT" && cargo build --release -q -p infermesh-proxy -p infermesh-bench)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+for b in infermesh-proxy infermesh-bench-upstream; do
+    [ -x "$BIN/$b" ] || die "missing $BIN/$b after the build"
+done
+rm -rf "$OUT"
+mkdir -p "$OUT/raw"
+
+if [ "$(nproc)" -ge 2 ]; then
+    UP_CPU=0 PROXY_CPU=1 LOAD_CPU=0
+else
+    UP_CPU='' PROXY_CPU='' LOAD_CPU=''
+fi
+on() { local cpu=$1; shift; if [ -n "$cpu" ]; then taskset -c "$cpu" "$@"; else "$@"; fi; }
+spawn() { local cpu=$1; shift; if [ -n "$cpu" ]; then exec taskset -c "$cpu" "$@"; else exec "$@"; fi; }
+
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+wait_line() { # wait_line FILE PATTERN PID
+    local _
+    for _ in $(seq 1 400); do
+        if grep -m1 "$2" "$1" 2>/dev/null; then return 0; fi
+        kill -0 "$3" 2>/dev/null || { cat "$1" "$1.err" >&2 2>/dev/null; return 1; }
+        sleep 0.05
+    done
+    return 1
+}
+field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p"; }
+
+# --- upstreams -----------------------------------------------------------------
+spawn "$UP_CPU" "$BIN/infermesh-bench-upstream" --addr 127.0.0.1:0 --threads 1 \
+    >"$OUT/upstream.out" 2>"$OUT/upstream.out.err" &
+PIDS+=("$!")
+UP=$(wait_line "$OUT/upstream.out" '^listening' "$!" | field addr) || die "the upstream did not start"
+log "upstream on $UP"
+
+# The outage: every request gets 503 at once (HTTP/1.1 keep-alive), and
+# `GET /attempts` (answered 200) says how many requests it has seen.
+cat >"$OUT/outage.py" <<'PY'
+import asyncio, sys
+
+seen = 0
+
+async def serve(reader, writer):
+    global seen
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value.strip())
+            if length:
+                await reader.readexactly(length)
+            if head.startswith(b"GET /attempts "):
+                body = str(seen).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            else:
+                seen += 1
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        writer.close()
+
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=4096)
+    host, port = server.sockets[0].getsockname()[:2]
+    print(f"listening addr={host}:{port}", flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+PY
+spawn "$UP_CPU" python3 "$OUT/outage.py" >"$OUT/outage.out" 2>"$OUT/outage.out.err" &
+PIDS+=("$!")
+DOWN=$(wait_line "$OUT/outage.out" '^listening' "$!" | field addr) || die "the outage upstream did not start"
+log "outage upstream (503 to everything) on $DOWN"
+attempts() { curl -sf "http://$DOWN/attempts"; }
+
+# --- the proxy -------------------------------------------------------------------
+{
+    cat <<EOF
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {name: up}
+spec: {endpoints: ["$UP"]}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {name: down}
+spec: {endpoints: ["$DOWN"]}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {name: plain}
+spec:
+  match: [{headers: [{name: x-bench, value: plain}]}]
+  backends: [{backend: up}]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {name: guarded}
+spec:
+  match: [{headers: [{name: x-bench, value: guarded}]}]
+  backends: [{backend: up}]
+  retries: {maxAttempts: 3, on: {statuses: [429, 503]}}
+  rateLimits:
+    - {key: route, requestsPerSecond: 100000}
+    - {key: {header: x-tenant}, requestsPerSecond: 100000, tokensPerMinute: 1000000000}
+EOF
+    while IFS= read -r line; do
+        [ -n "$line" ] && printf '  %s\n' "$line"
+    done <<<"$EXTRA"
+    cat <<EOF
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {name: outage}
+spec:
+  match: [{headers: [{name: x-bench, value: outage}]}]
+  backends: [{backend: down}]
+  retries: {maxAttempts: 5, backoffBase: 5ms, on: {statuses: [503]}, budget: {ratio: 0.2, minPerSecond: 10}}
+EOF
+} >"$OUT/policy.yaml"
+
+spawn "$PROXY_CPU" "$BIN/infermesh-proxy" --config "$OUT/policy.yaml" --threads 1 \
+    --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 \
+    >"$OUT/proxy.out" 2>"$OUT/proxy.out.err" &
+PROXY_PID=$!
+PIDS+=("$PROXY_PID")
+line=$(wait_line "$OUT/proxy.out" '^listening' "$PROXY_PID") || die "the proxy did not start (see $OUT/proxy.out.err)"
+PROXY=$(echo "$line" | field outbound)
+ADMIN=$(echo "$line" | field admin)
+log "proxy on $PROXY (admin $ADMIN)"
+
+# --- load ------------------------------------------------------------------------
+printf '{"model":"bench","messages":[{"role":"user","content":"hi"}],"max_tokens":64,"stream":false}' >"$OUT/body.json"
+declare -A URL=([direct]="$UP" [plain]="$PROXY" [guarded]="$PROXY")
+for t in direct plain guarded; do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' \
+        -H "x-bench: $t" -H 'x-tenant: bench' --data @"$OUT/body.json" \
+        "http://${URL[$t]}/v1/chat/completions") || true
+    [ "$code" = 200 ] || die "$t answers $code"
+done
+code=$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' \
+    -H 'x-bench: outage' --data @"$OUT/body.json" "http://$PROXY/v1/chat/completions") || true
+[ "$code" = 503 ] || die "the outage route answers $code, not 503"
+
+for r in $(seq 1 "$REPS"); do
+    for t in direct plain guarded; do
+        log "rep $r/$REPS: $t at 1,000 req/s for ${SECS}s"
+        on "$LOAD_CPU" h2load --h1 -c 10 -m 1 --rps 100 -D "$SECS" --warm-up-time="$WARMUP" \
+            -d "$OUT/body.json" -H 'content-type: application/json' \
+            -H "x-bench: $t" -H 'x-tenant: bench' \
+            --log-file="$OUT/raw/lat.$t.$r.log" "http://${URL[$t]}/v1/chat/completions" \
+            >"$OUT/raw/lat.$t.$r.out" 2>&1 || true
+    done
+    log "rep $r/$REPS: outage at 1,000 req/s for ${SECS}s"
+    before=$(attempts) || die "the outage upstream does not answer"
+    on "$LOAD_CPU" h2load --h1 -c 10 -m 1 --rps 100 -D "$SECS" \
+        -d "$OUT/body.json" -H 'content-type: application/json' -H 'x-bench: outage' \
+        "http://$PROXY/v1/chat/completions" >"$OUT/raw/outage.$r.out" 2>&1 || true
+    sleep 1 # retries still in back-off reach the upstream
+    after=$(attempts) || die "the outage upstream does not answer"
+    echo "attempts=$((after - before))" >>"$OUT/raw/outage.$r.out"
+done
+curl -sf "http://$ADMIN/metrics" >"$OUT/raw/proxy-metrics.txt" || true
+
+# --- report ------------------------------------------------------------------------
+python3 - "$OUT" "$REPS" <<'PY'
+import json, re, statistics, sys, os
+out, reps = sys.argv[1], int(sys.argv[2])
+
+def lat(t, r):
+    path = f"{out}/raw/lat.{t}.{r}.log"
+    if not os.path.exists(path):
+        return None
+    us = [int(l.split()[2]) for l in open(path) if l.strip() and l.split()[1] == "200"]
+    if not us:
+        return None
+    us.sort()
+    q = lambda p: us[min(len(us) - 1, int(p * len(us)))] / 1000.0
+    text = open(f"{out}/raw/lat.{t}.{r}.out").read()
+    bad = re.search(r"status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    return {"n": len(us), "p50": q(0.50), "p99": q(0.99), "p999": q(0.999),
+            "non_2xx": sum(map(int, bad.groups())) if bad else None}
+
+def outage(r):
+    text = open(f"{out}/raw/outage.{r}.out").read()
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done", text)
+    seen = re.search(r"attempts=(\d+)", text)
+    if not done or not seen or not int(done.group(1)):
+        return None
+    requests, attempts = int(done.group(1)), int(seen.group(1))
+    return {"requests": requests, "attempts": attempts, "ratio": attempts / requests}
+
+res = {"latency_ms": {t: [lat(t, r) for r in range(1, reps + 1)] for t in ("direct", "plain", "guarded")},
+       "outage": [outage(r) for r in range(1, reps + 1)]}
+json.dump(res, open(f"{out}/results.json", "w"), indent=2)
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return (statistics.median(xs), min(xs), max(xs)) if xs else (float("nan"),) * 3
+
+print(f"\nLatency at 1,000 req/s (HTTP/1.1 JSON POST, 10 connections), ms; median of {reps} (min-max)")
+print(f"{'target':<8} {'p50':>22} {'p99':>22} {'p99.9':>22}")
+base = {}
+for t in ("direct", "plain", "guarded"):
+    row = []
+    for k in ("p50", "p99", "p999"):
+        m, lo, hi = med([x[k] if x else None for x in res["latency_ms"][t]])
+        base.setdefault(k, {})[t] = m
+        row.append(f"{m:7.3f} ({lo:.3f}-{hi:.3f})")
+    print(f"{t:<8} " + " ".join(f"{c:>22}" for c in row))
+refused = [x["non_2xx"] for t in ("plain", "guarded") for x in res["latency_ms"][t] if x and x["non_2xx"]]
+if refused:
+    print(f"  warning: {sum(refused)} non-2xx answers on proxied runs")
+print("\nAdded by the filters (guarded over plain), ms (medians):")
+print(f"  p50 +{base['p50']['guarded'] - base['p50']['plain']:.3f}  p99 +{base['p99']['guarded'] - base['p99']['plain']:.3f}  p99.9 +{base['p999']['guarded'] - base['p999']['plain']:.3f}")
+o = [x for x in res["outage"] if x]
+if o:
+    m, lo, hi = med([x["ratio"] for x in o])
+    print(f"\nOutage (503 to everything, maxAttempts 5, budget ratio 0.2 + 10/s): "
+          f"{m:.3f} attempts per request ({lo:.3f}-{hi:.3f}); without the budget it would be 5")
+PY

@@ -237,7 +237,7 @@ http {
         }
         # Large bodies stream both ways, as through infermesh and HAProxy,
         # instead of nginx's defaults (a request body is read whole, to a
-        # temporary file past 16 KB, before the upstream sees a byte; a
+        # temporary file past 8 KB, before the upstream sees a byte; a
         # response that outruns the client goes to a temporary file), and
         # no body size limit (the default is 1 MB).
         location = /v1/embeddings {

@@ -11,7 +11,8 @@
 # Knobs (environment): BENCH_REPS (5), BENCH_SECONDS per load run (2),
 # BENCH_PEERS ("nginx haproxy"), BENCH_SCENARIOS (all), BENCH_IDLE_CONNS
 # (1000), BENCH_BODY_BYTES (1048576), BENCH_PIN (1: pin to CPUs when there
-# are two or more), BENCH_OUT (target/bench).
+# are two or more), BENCH_OUT (target/bench), BENCH_PROXY_BIN (another
+# infermesh-proxy binary to measure, e.g. a build of an older commit).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -91,6 +92,8 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 for b in infermesh-proxy infermesh-bench-upstream infermesh-bench-sse; do
     [ -x "$BIN/$b" ] || die "missing $BIN/$b after the build"
 done
+PROXY_BIN=${BENCH_PROXY_BIN:-$BIN/infermesh-proxy}
+[ -x "$PROXY_BIN" ] || die "BENCH_PROXY_BIN=$PROXY_BIN is not an executable"
 
 rm -rf "$RAW" "$OUT/nginx" "$OUT/haproxy"
 mkdir -p "$RAW" "$OUT/nginx/logs" "$OUT/haproxy"
@@ -296,9 +299,12 @@ start_target() {
     case $t in
     proxy)
         PROXY_STARTS=$((PROXY_STARTS + 1))
-        spawn "$PROXY_CPU" "$BIN/infermesh-proxy" --config "$OUT/policy.yaml" --threads 1 \
+        # Emptied here, not by the background job's redirection, so that the
+        # wait below cannot read the previous run's address.
+        : >"$OUT/proxy.out"
+        spawn "$PROXY_CPU" "$PROXY_BIN" --config "$OUT/policy.yaml" --threads 1 \
             --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 \
-            >"$OUT/proxy.out" 2>>"$OUT/proxy.log" &
+            >>"$OUT/proxy.out" 2>>"$OUT/proxy.log" &
         PIDOF[proxy]=$!
         line=$(wait_line "$OUT/proxy.out" '^listening' "${PIDOF[proxy]}") || return 1
         PROXY=${line#*outbound=} PROXY=${PROXY%% *}
@@ -570,6 +576,7 @@ cat /proc/loadavg >"$RAW/loadavg.after"
     echo "body_bytes=$BODY_BYTES"
     echo "big_conns=$BIG_CONNS"
     echo "proxy_starts=$PROXY_STARTS"
+    echo "proxy_bin=$PROXY_BIN"
     echo "proxy_log_lines=$(wc -l <"$OUT/proxy.log")"
     echo "loadavg_before=$(cut -d' ' -f1-3 "$RAW/loadavg.before")"
     echo "loadavg_after=$(cut -d' ' -f1-3 "$RAW/loadavg.after")"

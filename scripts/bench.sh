@@ -4,12 +4,15 @@
 # Debian has them), in one run with interleaved repetitions. Prints a table and
 # writes target/bench/results.json. See docs/benchmarks.md.
 #
-#   scripts/bench.sh                 # everything, ~8 minutes on 2 cores
-#   BENCH_PEERS= scripts/bench.sh    # infermesh only, ~4 minutes
+#   scripts/bench.sh                               # everything
+#   BENCH_PEERS= scripts/bench.sh                  # infermesh only
+#   BENCH_SCENARIOS="idle_conns" scripts/bench.sh  # some scenarios only
 #
 # Knobs (environment): BENCH_REPS (5), BENCH_SECONDS per load run (2),
-# BENCH_PEERS ("nginx haproxy"), BENCH_PIN (1: pin to CPUs when there are
-# two or more), BENCH_OUT (target/bench).
+# BENCH_PEERS ("nginx haproxy"), BENCH_SCENARIOS (all), BENCH_IDLE_CONNS
+# (1000), BENCH_BODY_BYTES (1048576), BENCH_PIN (1: pin to CPUs when there
+# are two or more), BENCH_OUT (target/bench), BENCH_PROXY_BIN (another
+# infermesh-proxy binary to measure, e.g. a build of an older commit).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,10 +22,27 @@ REPS=${BENCH_REPS:-5}
 SECS=${BENCH_SECONDS:-2}
 PEERS=${BENCH_PEERS-nginx haproxy}
 PIN=${BENCH_PIN:-1}
+IDLE_CONNS=${BENCH_IDLE_CONNS:-1000}
+BODY_BYTES=${BENCH_BODY_BYTES:-1048576}
 WARMUP=300ms
+# Scenarios run against servers started once, then scenarios that start
+# every proxy afresh for each run, so that its memory figures are its own.
+LOAD_SCENARIOS="h1_1k h1_5k h1_max h2_1k h2_5k h2_max grpc_1k grpc_5k grpc_max sse"
+FRESH_SCENARIOS="idle_conns big_request big_response"
+SCENARIOS=${BENCH_SCENARIOS:-$LOAD_SCENARIOS $FRESH_SCENARIOS}
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+has() { case " $2 " in *" $1 "*) return 0 ;; esac; return 1; }
+for s in $SCENARIOS; do
+    has "$s" "$LOAD_SCENARIOS $FRESH_SCENARIOS" || die "unknown scenario $s (known: $LOAD_SCENARIOS $FRESH_SCENARIOS)"
+done
+LOAD_RUN='' FRESH_RUN=''
+for s in $LOAD_SCENARIOS; do if has "$s" "$SCENARIOS"; then LOAD_RUN="$LOAD_RUN $s"; fi; done
+for s in $FRESH_SCENARIOS; do if has "$s" "$SCENARIOS"; then FRESH_RUN="$FRESH_RUN $s"; fi; done
+# 1,000 idle connections need more descriptors than the usual soft limit.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # --- tools: install only what is missing -----------------------------------
 
@@ -72,6 +92,8 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 for b in infermesh-proxy infermesh-bench-upstream infermesh-bench-sse; do
     [ -x "$BIN/$b" ] || die "missing $BIN/$b after the build"
 done
+PROXY_BIN=${BENCH_PROXY_BIN:-$BIN/infermesh-proxy}
+[ -x "$PROXY_BIN" ] || die "BENCH_PROXY_BIN=$PROXY_BIN is not an executable"
 
 rm -rf "$RAW" "$OUT/nginx" "$OUT/haproxy"
 mkdir -p "$RAW" "$OUT/nginx/logs" "$OUT/haproxy"
@@ -86,7 +108,7 @@ if [ "$PIN" = 1 ] && [ "$CPUS" -ge 2 ]; then
     UP_CPU=0 PROXY_CPU=1 LOAD_CPU=0
     PINNING="upstream+load generator on CPU 0, proxy on CPU 1"
 else
-    UP_CPU= PROXY_CPU= LOAD_CPU=
+    UP_CPU='' PROXY_CPU='' LOAD_CPU=''
     PINNING="not pinned ($CPUS CPU(s))"
 fi
 # Everything measured runs at a raised priority (when allowed), so that
@@ -112,11 +134,15 @@ log "$CPUS CPUs: $PINNING${NICE:+, nice -10}"
 
 # --- processes -------------------------------------------------------------
 
-PIDS=()
+declare -A H1URL H2URL PIDOF
 cleanup() {
     local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    for pid in "${PIDOF[@]}"; do
+        if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi
+    done
+    for pid in "${PIDOF[@]}"; do
+        if [ -n "$pid" ]; then wait "$pid" 2>/dev/null || true; fi
+    done
 }
 trap cleanup EXIT
 
@@ -131,12 +157,26 @@ wait_line() { # wait_line FILE PATTERN PID → prints the first matching line
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 rss_kb() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# pids_of TARGET: the server's process and its children (nginx's workers).
+pids_of() { echo "${PIDOF[$1]} $(pgrep -P "${PIDOF[$1]}" || true)"; }
+# mem_kb TARGET FIELD: FIELD summed over the target's processes: VmRSS or
+# VmHWM from /proc/PID/status, or Pss from /proc/PID/smaps_rollup.
+mem_kb() {
+    local p
+    for p in $(pids_of "$1"); do
+        case $2 in
+            Pss) awk '$1=="Pss:" {print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0 ;;
+            *) rss_kb "$p" "$2" ;;
+        esac
+    done | awk '{s+=$1} END {print s+0}'
+}
 
 spawn "$UP_CPU" "$BIN/infermesh-bench-upstream" --addr 127.0.0.1:0 --threads 1 \
     >"$OUT/upstream.out" 2>"$OUT/upstream.out.err" &
 UP_PID=$!
-PIDS+=("$UP_PID")
+PIDOF[direct]=$UP_PID
 UP=$(wait_line "$OUT/upstream.out" '^listening' "$UP_PID" | sed 's/.*addr=//') || die "the upstream did not start"
+H1URL[direct]=$UP H2URL[direct]=$UP
 log "upstream on $UP (pid $UP_PID)"
 
 cat >"$OUT/policy.yaml" <<EOF
@@ -168,41 +208,10 @@ spec:
   backends: [{backend: bench-http1}]
 EOF
 
-PROXY_PID=
-PROXY_STARTS=0
-start_proxy() {
-    PROXY_STARTS=$((PROXY_STARTS + 1))
-    spawn "$PROXY_CPU" "$BIN/infermesh-proxy" --config "$OUT/policy.yaml" --threads 1 \
-        --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 \
-        >"$OUT/proxy.out" 2>>"$OUT/proxy.log" &
-    PROXY_PID=$!
-    PIDS+=("$PROXY_PID")
-    local line
-    line=$(wait_line "$OUT/proxy.out" '^listening' "$PROXY_PID") || die "infermesh-proxy did not start (see $OUT/proxy.log)"
-    PROXY=$(sed 's/.*outbound=\([^ ]*\).*/\1/' <<<"$line")
-    PROXY_ADMIN=$(sed 's/.*admin=\([^ ]*\).*/\1/' <<<"$line")
-}
-: >"$OUT/proxy.log"
-start_proxy
-sleep 1
-PROXY_IDLE_RSS=$(rss_kb "$PROXY_PID" VmRSS)
-log "infermesh-proxy on $PROXY (pid $PROXY_PID), idle RSS ${PROXY_IDLE_RSS} kB"
-
 # Equivalent peers: one worker each, keep-alive pools to the same upstream,
 # no access log (infermesh-proxy writes none by default either).
-declare -A H1URL H2URL PIDOF
-H1URL[direct]=$UP H2URL[direct]=$UP
-H1URL[proxy]=$PROXY H2URL[proxy]=$PROXY
-PIDOF[direct]=$UP_PID PIDOF[proxy]=$PROXY_PID
-TARGETS="direct proxy"
-declare -A IDLE_RSS
-IDLE_RSS[proxy]=$PROXY_IDLE_RSS
-
-for peer in $WANT_PEERS; do
-    case $peer in
-    nginx)
-        P1=$(free_port) P2=$(free_port)
-        cat >"$OUT/nginx/nginx.conf" <<EOF
+NGINX_P1=$(free_port) NGINX_P2=$(free_port)
+cat >"$OUT/nginx/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
 pid $OUT/nginx/nginx.pid;
@@ -216,8 +225,8 @@ http {
     upstream bench_h1 { server $UP; keepalive 64; keepalive_requests 1000000; }
     upstream bench_h2 { server $UP; keepalive 64; keepalive_requests 1000000; }
     server {
-        listen 127.0.0.1:$P1;
-        listen 127.0.0.1:$P2 http2;
+        listen 127.0.0.1:$NGINX_P1;
+        listen 127.0.0.1:$NGINX_P2 http2;
         location / {
             proxy_pass http://bench_h1;
             proxy_http_version 1.1;
@@ -229,19 +238,34 @@ http {
             proxy_set_header Connection "";
             proxy_buffering off;
         }
+        # Large bodies stream both ways, as through infermesh and HAProxy,
+        # instead of nginx's defaults (a request body is read whole, to a
+        # temporary file past 8 KB, before the upstream sees a byte; a
+        # response that outruns the client goes to a temporary file), and
+        # no body size limit (the default is 1 MB).
+        location = /v1/embeddings {
+            proxy_pass http://bench_h1;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_buffering off;
+            client_max_body_size 0;
+        }
+        location = /blob {
+            proxy_pass http://bench_h1;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_buffering off;
+        }
         location /inference.GRPCInferenceService/ {
             grpc_pass grpc://bench_h2;
         }
     }
 }
 EOF
-        spawn "$PROXY_CPU" nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" >"$OUT/nginx/out" 2>&1 &
-        PIDOF[nginx]=$!
-        H1URL[nginx]=127.0.0.1:$P1 H2URL[nginx]=127.0.0.1:$P2
-        ;;
-    haproxy)
-        P1=$(free_port)
-        cat >"$OUT/haproxy/haproxy.cfg" <<EOF
+HAPROXY_P1=$(free_port)
+cat >"$OUT/haproxy/haproxy.cfg" <<EOF
 global
     nbthread 1
     maxconn 4096
@@ -252,7 +276,7 @@ defaults
     timeout server 60s
     http-reuse always
 frontend bench
-    bind 127.0.0.1:$P1
+    bind 127.0.0.1:$HAPROXY_P1
     use_backend bench_h2 if { req.hdr(content-type) -m beg application/grpc }
     use_backend bench_sse if { path /sse }
     default_backend bench_h1
@@ -265,25 +289,78 @@ backend bench_sse
 backend bench_h2
     server up $UP proto h2
 EOF
-        spawn "$PROXY_CPU" haproxy -db -f "$OUT/haproxy/haproxy.cfg" >"$OUT/haproxy/out" 2>&1 &
+
+PROXY_STARTS=0
+: >"$OUT/proxy.log"
+# start_target TARGET: starts infermesh-proxy ("proxy") or a peer afresh and
+# waits until a request through it succeeds; fails when it does not.
+start_target() {
+    local t=$1 line
+    case $t in
+    proxy)
+        PROXY_STARTS=$((PROXY_STARTS + 1))
+        # Emptied here, not by the background job's redirection, so that the
+        # wait below cannot read the previous run's address.
+        : >"$OUT/proxy.out"
+        spawn "$PROXY_CPU" "$PROXY_BIN" --config "$OUT/policy.yaml" --threads 1 \
+            --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 \
+            >>"$OUT/proxy.out" 2>>"$OUT/proxy.log" &
+        PIDOF[proxy]=$!
+        line=$(wait_line "$OUT/proxy.out" '^listening' "${PIDOF[proxy]}") || return 1
+        PROXY=${line#*outbound=} PROXY=${PROXY%% *}
+        PROXY_ADMIN=${line#*admin=} PROXY_ADMIN=${PROXY_ADMIN%% *}
+        H1URL[proxy]=$PROXY H2URL[proxy]=$PROXY
+        ;;
+    nginx)
+        # nginx cannot serve HTTP/1.1 and h2c on one cleartext port.
+        spawn "$PROXY_CPU" nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" >>"$OUT/nginx/out" 2>&1 &
+        PIDOF[nginx]=$!
+        H1URL[nginx]=127.0.0.1:$NGINX_P1 H2URL[nginx]=127.0.0.1:$NGINX_P2
+        ;;
+    haproxy)
+        spawn "$PROXY_CPU" haproxy -db -f "$OUT/haproxy/haproxy.cfg" >>"$OUT/haproxy/out" 2>&1 &
         PIDOF[haproxy]=$!
-        H1URL[haproxy]=127.0.0.1:$P1 H2URL[haproxy]=127.0.0.1:$P1
+        H1URL[haproxy]=127.0.0.1:$HAPROXY_P1 H2URL[haproxy]=127.0.0.1:$HAPROXY_P1
         ;;
     esac
-    PIDS+=("${PIDOF[$peer]}")
-    ok=0
     for _ in $(seq 1 100); do
-        if curl -fs -o /dev/null "http://${H1URL[$peer]}/ready"; then ok=1; break; fi
+        if curl -fs -o /dev/null "http://${H1URL[$t]}/ready"; then return 0; fi
+        kill -0 "${PIDOF[$t]}" 2>/dev/null || return 1
         sleep 0.05
     done
-    if [ $ok = 1 ]; then
+    return 1
+}
+# stop_target TARGET: SIGTERM, then SIGKILL after 5 s (infermesh-proxy
+# drains open connections first; none should be left when this is called).
+stop_target() {
+    local pid=${PIDOF[$1]:-}
+    [ -n "$pid" ] || return 0
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    PIDOF[$1]=
+}
+
+TARGETS="direct proxy"
+declare -A IDLE_RSS
+start_target proxy || die "infermesh-proxy did not start (see $OUT/proxy.log)"
+sleep 1
+IDLE_RSS[proxy]=$(mem_kb proxy VmRSS)
+log "infermesh-proxy on $PROXY (pid ${PIDOF[proxy]}), idle RSS ${IDLE_RSS[proxy]} kB"
+for peer in $WANT_PEERS; do
+    if start_target "$peer"; then
         TARGETS="$TARGETS $peer"
         sleep 0.5
         # nginx: master + worker; HAProxy: one process.
-        IDLE_RSS[$peer]=$(for p in ${PIDOF[$peer]} $(pgrep -P "${PIDOF[$peer]}" || true); do rss_kb "$p" VmRSS; done | awk '{s+=$1} END {print s+0}')
+        IDLE_RSS[$peer]=$(mem_kb "$peer" VmRSS)
         log "$peer on ${H1URL[$peer]} (pid ${PIDOF[$peer]}), idle RSS ${IDLE_RSS[$peer]} kB"
     else
         log "skipping $peer: it did not start (see $OUT/$peer/)"
+        stop_target "$peer"
     fi
 done
 
@@ -340,13 +417,13 @@ cpu_of() {
     echo "$ns $ut $st"
 }
 
-SCENARIOS="h1_1k h1_5k h1_max h2_1k h2_5k h2_max grpc_1k grpc_5k grpc_max sse"
 : >"$RAW/events.txt"
 cat /proc/loadavg >"$RAW/loadavg.before"
 START=$(date +%s)
 for rep in $(seq 1 "$REPS"); do
+    [ -n "$LOAD_RUN" ] || break
     log "repetition $rep/$REPS ($TARGETS)"
-    for s in $SCENARIOS; do
+    for s in $LOAD_RUN; do
         for t in $TARGETS; do
             cpu_of "$t" >"$RAW/$s.$t.$rep.cpu"
             run "$s" "$t" "$rep"
@@ -356,8 +433,7 @@ for rep in $(seq 1 "$REPS"); do
                 log "$t exited during $s (rep $rep)"
                 if [ "$t" = proxy ]; then
                     echo "proxy peak RSS before the crash: unknown" >>"$RAW/events.txt"
-                    start_proxy
-                    H1URL[proxy]=$PROXY H2URL[proxy]=$PROXY PIDOF[proxy]=$PROXY_PID
+                    start_target proxy || die "infermesh-proxy did not restart (see $OUT/proxy.log)"
                 else
                     TARGETS=$(tr ' ' '\n' <<<"$TARGETS" | grep -vx "$t" | tr '\n' ' ')
                 fi
@@ -365,18 +441,124 @@ for rep in $(seq 1 "$REPS"); do
         done
     done
 done
-ELAPSED=$(($(date +%s) - START))
-cat /proc/loadavg >"$RAW/loadavg.after"
+LOAD_ELAPSED=$(($(date +%s) - START))
 
 # Memory after the load, and what the proxy counted.
 declare -A PEAK_RSS AFTER_RSS
 for t in $TARGETS; do
     [ "$t" = direct ] && continue
-    pids="${PIDOF[$t]} $(pgrep -P "${PIDOF[$t]}" || true)"
-    PEAK_RSS[$t]=$(for p in $pids; do rss_kb "$p" VmHWM; done | awk '{s+=$1} END {print s+0}')
-    AFTER_RSS[$t]=$(for p in $pids; do rss_kb "$p" VmRSS; done | awk '{s+=$1} END {print s+0}')
+    PEAK_RSS[$t]=$(mem_kb "$t" VmHWM)
+    AFTER_RSS[$t]=$(mem_kb "$t" VmRSS)
 done
-curl -fs "http://$PROXY_ADMIN/metrics" >"$RAW/proxy-metrics.txt" 2>/dev/null || true
+curl -fs "http://$PROXY_ADMIN/metrics" >"$RAW/proxy-metrics.load.txt" 2>/dev/null || true
+
+# --- fresh processes: idle connections and large bodies --------------------
+#
+# Each run starts the proxy under test afresh and stops it afterwards, so
+# that its VmHWM (peak RSS) belongs to that run alone. The upstream stays.
+
+for t in $TARGETS; do [ "$t" = direct ] || stop_target "$t"; done
+python3 - "$OUT/big.json" "$BODY_BYTES" <<'PY'
+import sys
+# A JSON embeddings request of exactly N bytes: the model name first, as
+# clients write it, then one long input string.
+path, n = sys.argv[1], int(sys.argv[2])
+head, tail = b'{"model":"bench","input":"', b'"}'
+open(path, "wb").write(head + b"x" * max(0, n - len(head) - len(tail)) + tail)
+PY
+BIG_CONNS=16
+
+# idle_run TARGET REP: opens IDLE_CONNS keep-alive connections through
+# TARGET, one request on each, and records its memory before and with them.
+idle_run() {
+    local t=$1 f="$RAW/idle_conns.$1.$2" cpid i held=0
+    {
+        echo "conns=$IDLE_CONNS"
+        echo "idle_rss_kb=$(mem_kb "$t" VmRSS)"
+        echo "idle_pss_kb=$(mem_kb "$t" Pss)"
+    } >"$f.mem"
+    rm -f "$OUT/idle.fifo"
+    mkfifo "$OUT/idle.fifo"
+    # The client holds its connections until its stdin closes.
+    spawn "$LOAD_CPU" python3 "$ROOT/scripts/bench_idle.py" "${H1URL[$t]}" "$IDLE_CONNS" /health \
+        <"$OUT/idle.fifo" >"$f.out" 2>&1 &
+    cpid=$!
+    exec 3>"$OUT/idle.fifo"
+    for i in $(seq 1 1200); do
+        if grep -q '^open' "$f.out"; then held=1; break; fi
+        kill -0 "$cpid" 2>/dev/null || break
+        sleep 0.05
+    done
+    if [ "$held" = 1 ]; then
+        sleep 1
+        {
+            echo "held_rss_kb=$(mem_kb "$t" VmRSS)"
+            echo "held_pss_kb=$(mem_kb "$t" Pss)"
+            echo "open_s=$(awk '/^open/ {print $3}' "$f.out")"
+        } >>"$f.mem"
+    else
+        echo "exit=client did not open its connections (after ${i} polls)" >>"$f.out"
+    fi
+    exec 3>&-
+    wait "$cpid" 2>/dev/null || true
+    rm -f "$OUT/idle.fifo"
+}
+
+# big_run SCENARIO TARGET REP: a large request or response body at full
+# speed, with the proxy's peak RSS.
+big_run() {
+    local s=$1 t=$2 f="$RAW/$1.$2.$3" h1=${H1URL[$2]}
+    local load=(--h1 -c "$BIG_CONNS" -m 1 -D "$SECS" --warm-up-time="$WARMUP")
+    [ "$t" = direct ] || echo "start_rss_kb=$(mem_kb "$t" VmRSS)" >"$f.mem"
+    cpu_of "$t" >"$f.cpu"
+    case $s in
+        big_request) on "$LOAD_CPU" timeout $LIMIT h2load "${load[@]}" -d "$OUT/big.json" \
+            -H 'content-type: application/json' "http://$h1/v1/embeddings" ;;
+        big_response) on "$LOAD_CPU" timeout $LIMIT h2load "${load[@]}" "http://$h1/blob?bytes=$BODY_BYTES" ;;
+    esac >"$f.out" 2>&1 || echo "exit=$?" >>"$f.out"
+    cpu_of "$t" >>"$f.cpu"
+    if [ "$t" != direct ]; then
+        echo "peak_rss_kb=$(mem_kb "$t" VmHWM)" >>"$f.mem"
+        echo "after_rss_kb=$(mem_kb "$t" VmRSS)" >>"$f.mem"
+    fi
+}
+
+START=$(date +%s)
+for rep in $(seq 1 "$REPS"); do
+    [ -n "$FRESH_RUN" ] || break
+    log "fresh-process repetition $rep/$REPS ($TARGETS)"
+    for s in $FRESH_RUN; do
+        for t in $TARGETS; do
+            if [ "$t" = direct ]; then
+                # The upstream runs all along: its throughput is the
+                # baseline; idle connections to it measure nothing of a proxy.
+                [ "$s" = idle_conns ] || big_run "$s" direct "$rep"
+                continue
+            fi
+            if ! start_target "$t"; then
+                echo "rep=$rep scenario=$s target=$t: did not start" >>"$RAW/events.txt"
+                log "$t did not start for $s (rep $rep)"
+                stop_target "$t"
+                continue
+            fi
+            sleep 0.5
+            case $s in
+                idle_conns) idle_run "$t" "$rep" ;;
+                *) big_run "$s" "$t" "$rep" ;;
+            esac
+            if ! kill -0 "${PIDOF[$t]}" 2>/dev/null; then
+                echo "rep=$rep scenario=$s target=$t: process exited" >>"$RAW/events.txt"
+                log "$t exited during $s (rep $rep)"
+            elif [ "$t" = proxy ]; then
+                curl -fs "http://$PROXY_ADMIN/metrics" >"$RAW/proxy-metrics.$s.$rep.txt" 2>/dev/null || true
+            fi
+            stop_target "$t"
+        done
+    done
+done
+FRESH_ELAPSED=$(($(date +%s) - START))
+ELAPSED=$((LOAD_ELAPSED + FRESH_ELAPSED))
+cat /proc/loadavg >"$RAW/loadavg.after"
 
 {
     echo "reps=$REPS"
@@ -387,7 +569,14 @@ curl -fs "http://$PROXY_ADMIN/metrics" >"$RAW/proxy-metrics.txt" 2>/dev/null || 
     echo "cpu_model=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "kernel=$(uname -r)"
     echo "elapsed_s=$ELAPSED"
+    echo "load_elapsed_s=$LOAD_ELAPSED"
+    echo "fresh_elapsed_s=$FRESH_ELAPSED"
+    echo "scenarios=$LOAD_RUN $FRESH_RUN"
+    echo "idle_conns=$IDLE_CONNS"
+    echo "body_bytes=$BODY_BYTES"
+    echo "big_conns=$BIG_CONNS"
     echo "proxy_starts=$PROXY_STARTS"
+    echo "proxy_bin=$PROXY_BIN"
     echo "proxy_log_lines=$(wc -l <"$OUT/proxy.log")"
     echo "loadavg_before=$(cut -d' ' -f1-3 "$RAW/loadavg.before")"
     echo "loadavg_after=$(cut -d' ' -f1-3 "$RAW/loadavg.after")"
@@ -417,6 +606,12 @@ raw, out = sys.argv[1], sys.argv[2]
 meta = dict(l.rstrip("\n").split("=", 1) for l in open(os.path.join(raw, "meta.txt")) if "=" in l)
 reps, targets = int(meta["reps"]), meta["targets"].split()
 peers = [t for t in targets if t != "direct"]
+# nginx and HAProxy: "the best peer" is the better of these in each repetition.
+others = [t for t in targets if t not in ("direct", "proxy")]
+ran = meta.get("scenarios", "").split()
+IDLE_N = int(meta.get("idle_conns", "1000"))
+BODY = int(meta.get("body_bytes", str(1 << 20)))
+BIG_CONNS = meta.get("big_conns", "16")
 
 SCEN = {
     "h1_1k": ("HTTP/1.1 JSON POST, 1,000 req/s, 10 conns (h2load)", "fixed"),
@@ -429,7 +624,11 @@ SCEN = {
     "grpc_5k": ("gRPC unary, 5,000 req/s, 10 conns (h2load)", "fixed"),
     "grpc_max": ("gRPC unary, max throughput, 16 conns x 1 stream (h2load)", "max"),
     "sse": ("SSE over HTTP/1.1: time to first event (100 streams), reads of a 200-event stream 5 ms apart", "sse"),
+    "idle_conns": (f"{IDLE_N:,} idle HTTP/1.1 keep-alive connections, one request each (fresh process per run)", "idle"),
+    "big_request": (f"HTTP/1.1 POST of a {BODY:,}-byte JSON body, max throughput, {BIG_CONNS} conns (h2load; fresh process per run)", "big"),
+    "big_response": (f"HTTP/1.1 GET of a {BODY:,}-byte body, max throughput, {BIG_CONNS} conns (h2load; fresh process per run)", "big"),
 }
+SCEN = {k: v for k, v in SCEN.items() if not ran or k in ran}
 
 def pct(xs, p):
     xs = sorted(xs)
@@ -447,6 +646,21 @@ def parse(scen, kind, path):
     if "exit=" in text:
         m["errors"] += 1
         m["exit"] = text.rsplit("exit=", 1)[1].strip()
+    if kind in ("idle", "big") and os.path.exists(path + ".mem"):
+        for line in open(path + ".mem"):
+            k, _, v = line.strip().partition("=")
+            try:
+                m[k] = float(v)
+            except ValueError:
+                pass
+    if kind == "idle":
+        if "unexpected answer" in text or "Error" in text:
+            m["errors"] += 1
+        if "held_rss_kb" in m and "idle_rss_kb" in m:
+            n = m.get("conns") or IDLE_N
+            m["per_conn_bytes"] = (m["held_rss_kb"] - m["idle_rss_kb"]) * 1024 / n
+            m["per_conn_pss_bytes"] = (m["held_pss_kb"] - m["idle_pss_kb"]) * 1024 / n
+        return m
     if kind == "sse":
         line = next((l for l in text.splitlines() if l.startswith("{")), None)
         if not line:
@@ -492,6 +706,10 @@ def parse(scen, kind, path):
     if r:
         m["errors"] += sum(int(x) for x in r.groups()[1:])
     add_cpu(scen, m, path)
+    if kind == "big" and "rps" in m:
+        m["mb_per_s"] = m["rps"] * BODY / 1e6
+        if "cpu_us_per_req" in m:
+            m["cpu_us_per_mb"] = m["cpu_us_per_req"] * 1e6 / BODY
     if kind == "fixed" and os.path.exists(path + ".log"):
         lat = []
         for line in open(path + ".log"):
@@ -529,11 +747,16 @@ def summary(xs):
         return None
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "samples": xs}
 
+# Figures compared with the best peer, and whether lower is better.
+VS_PEER = {"p50_ms": True, "mean_ms": True, "rps": False, "mb_per_s": False, "cpu_us_per_req": True,
+           "first_event_p50_us": True, "idle_rss_kb": True, "held_rss_kb": True, "held_pss_kb": True,
+           "per_conn_bytes": True, "peak_rss_kb": True}
+
 LAT = ["p50_ms", "p99_ms", "mean_ms", "first_event_p50_us", "first_event_p99_us", "first_event_mean_us"]
 results = {"meta": meta, "scenarios": {}, "memory_kb": {}, "errors": {}, "events": []}
 for scen, (title, kind) in SCEN.items():
     runs = {t: [parse(scen, kind, os.path.join(raw, f"{scen}.{t}.{r}")) for r in range(1, reps + 1)] for t in targets}
-    entry = {"title": title, "kind": kind, "targets": {}, "added": {}, "ratio": {}}
+    entry = {"title": title, "kind": kind, "targets": {}, "added": {}, "ratio": {}, "vs_best_peer": {}}
     for t in targets:
         keys = sorted({k for m in runs[t] if m for k, v in m.items() if isinstance(v, (int, float))})
         entry["targets"][t] = {k: summary([m.get(k) if m else None for m in runs[t]]) for k in keys}
@@ -549,20 +772,34 @@ for scen, (title, kind) in SCEN.items():
                 added[k] = d
         pairs = [(p.get("rps"), d.get("rps")) for p, d in zip(runs[t], runs["direct"]) if p and d]
         r = summary([a / b for a, b in pairs if a and b])
-        if kind == "max" and r:
+        if kind in ("max", "big") and r:
             ratio["rps"] = r
         entry["added"][t], entry["ratio"][t] = added, ratio
+        # Ratio to the better of nginx and HAProxy in the same repetition.
+        vs = {}
+        for k, lower in VS_PEER.items():
+            xs = []
+            for r_ in range(reps):
+                mine = runs[t][r_].get(k) if runs[t][r_] else None
+                theirs = [runs[o][r_].get(k) for o in others if runs[o][r_] and runs[o][r_].get(k)]
+                if mine is not None and theirs:
+                    best = min(theirs) if lower else max(theirs)
+                    xs.append(mine / best)
+            if xs:
+                vs[k] = summary(xs)
+        entry["vs_best_peer"][t] = vs
     results["scenarios"][scen] = entry
 
-for t in peers:
-    results["memory_kb"][t] = {k: int(meta.get(f"{k}_rss_kb.{t}", 0) or 0) for k in ("idle", "peak", "after")}
+LOAD_KINDS = ("fixed", "max", "sse")
+if any(SCEN[k][1] in LOAD_KINDS for k in SCEN):
+    for t in peers:
+        results["memory_kb"][t] = {k: int(meta.get(f"{k}_rss_kb.{t}", 0) or 0) for k in ("idle", "peak", "after")}
 if os.path.exists(os.path.join(raw, "events.txt")):
     results["events"] = [l.strip() for l in open(os.path.join(raw, "events.txt")) if l.strip()]
 
 # Responses the proxy itself counted as not 2xx (gRPC errors hide in 200s).
 non2xx = {}
-mpath = os.path.join(raw, "proxy-metrics.txt")
-if os.path.exists(mpath):
+for mpath in sorted(os.path.join(raw, f) for f in os.listdir(raw) if f.startswith("proxy-metrics")):
     for line in open(mpath):
         if line.startswith("#") or "{" not in line:
             continue
@@ -611,6 +848,23 @@ for scen, e in results["scenarios"].items():
             print(f"  {t:<9}{cell(v.get('rps'), '{:.0f}'):<{W+6}}{cell(r.get('rps'), '{:.2f}'):<{W}}"
                   f"{cell(v.get('p50_ms')):<{W}}{cell(v.get('p99_ms')):<{W}}"
                   f"{cell(v.get('cpu_us_per_req'), '{:.1f}'):<{W}}{cell(v.get('cpu_kernel_share'), '{:.2f}'):<{W}}")
+    elif e["kind"] == "idle":
+        print(f"  {'target':<9}{'RSS idle kB':<{W}}{'RSS with conns kB':<{W}}{'bytes/conn':<{W}}"
+              f"{'PSS with conns kB':<{W}}{'RSS x best peer':<{W}}{'PSS x best peer':<{W}}")
+        for t in peers:
+            v, b = e["targets"][t], e["vs_best_peer"].get(t, {})
+            print(f"  {t:<9}{cell(v.get('idle_rss_kb'), '{:.0f}'):<{W}}{cell(v.get('held_rss_kb'), '{:.0f}'):<{W}}"
+                  f"{cell(v.get('per_conn_bytes'), '{:.0f}'):<{W}}{cell(v.get('held_pss_kb'), '{:.0f}'):<{W}}"
+                  f"{cell(b.get('held_rss_kb'), '{:.2f}'):<{W}}{cell(b.get('held_pss_kb'), '{:.2f}'):<{W}}")
+    elif e["kind"] == "big":
+        print(f"  {'target':<9}{'req/s':<{W}}{'MB/s':<{W}}{'ratio to direct':<{W}}{'x best peer':<{W}}"
+              f"{'CPU µs/req':<{W}}{'peak RSS kB':<{W}}{'peak x best peer':<{W}}")
+        for t in targets:
+            v, r, b = e["targets"][t], e["ratio"].get(t, {}), e["vs_best_peer"].get(t, {})
+            print(f"  {t:<9}{cell(v.get('rps'), '{:.0f}'):<{W}}{cell(v.get('mb_per_s'), '{:.0f}'):<{W}}"
+                  f"{cell(r.get('rps'), '{:.2f}'):<{W}}{cell(b.get('rps'), '{:.2f}'):<{W}}"
+                  f"{cell(v.get('cpu_us_per_req'), '{:.0f}'):<{W}}{cell(v.get('peak_rss_kb'), '{:.0f}'):<{W}}"
+                  f"{cell(b.get('peak_rss_kb'), '{:.2f}'):<{W}}")
     else:
         print(f"  {'target':<9}{'first event p50 µs':<{W}}{'p99 µs':<{W}}{'+p50 µs':<{W}}{'+p99 µs':<{W}}{'reads / events':<{W}}")
         for t in targets:
@@ -619,10 +873,11 @@ for scen, e in results["scenarios"].items():
             re_ = f"{reads[0]['median']:.0f} / {reads[1]['median']:.0f}" if all(reads) else "-"
             print(f"  {t:<9}{cell(v.get('first_event_p50_us'), '{:.0f}'):<{W}}{cell(v.get('first_event_p99_us'), '{:.0f}'):<{W}}"
                   f"{cell(a.get('first_event_p50_us'), '{:.0f}'):<{W}}{cell(a.get('first_event_p99_us'), '{:.0f}'):<{W}}{re_:<{W}}")
-print()
-print("memory (kB, VmRSS idle before load / VmHWM peak / VmRSS after load):")
-for t, m in results["memory_kb"].items():
-    print(f"  {t:<9}idle {m['idle']:>7}   peak {m['peak']:>7}   after {m['after']:>7}")
+if results["memory_kb"]:
+    print()
+    print("memory of the long-running servers (kB, VmRSS idle before load / VmHWM peak / VmRSS after load):")
+    for t, m in results["memory_kb"].items():
+        print(f"  {t:<9}idle {m['idle']:>7}   peak {m['peak']:>7}   after {m['after']:>7}")
 print()
 print("errors (failed, non-2xx, socket errors) by scenario.target:", results["errors"] or "none")
 print("proxy /metrics responses not OK:", non2xx or "none")
@@ -632,4 +887,4 @@ PY
 }
 
 report "$RAW" "$OUT/results.json"
-log "wrote $OUT/results.json (load phase ${ELAPSED}s)"
+log "wrote $OUT/results.json (load phase ${LOAD_ELAPSED}s, fresh-process phase ${FRESH_ELAPSED}s)"

@@ -28,6 +28,13 @@ const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Cap on an HTTP/1.1 connection's read buffer and queued writes (hyper's
+/// default is about 400 KB). The read buffer grows with a fast stream and
+/// body slices in flight keep it alive: with the default a 1 MiB upload
+/// held about 1 MB at its peak, with 128 KiB about 0.35 MB, for a little
+/// more CPU (docs/benchmarks.md). It also bounds a request head, still well
+/// above nginx's 32 KB and HAProxy's 16 KB.
+const HTTP1_MAX_BUF: usize = 128 * 1024;
 
 /// A bound listener.
 pub struct Listener {
@@ -110,6 +117,7 @@ impl Builders {
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(HTTP1_MAX_BUF)
             .keep_alive(true);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2

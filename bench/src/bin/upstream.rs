@@ -9,8 +9,11 @@
 //!   trailers;
 //! - `GET /sse?n=N&gap_ms=G` streams `N` server-sent events, the first at
 //!   once and the others `G` milliseconds apart, each one flushed alone;
-//! - anything else gets a small JSON body (request bodies are read and
-//!   dropped).
+//! - `/blob?bytes=N` (any method) gets a body of `N` bytes (default 1 MiB,
+//!   at most 1 GiB) with its `content-length`, sent as slices of one shared
+//!   1 MiB buffer, so that a large response costs this server no copy;
+//! - anything else gets a small JSON body. Request bodies of any size are
+//!   read and dropped, so a large POST costs no memory here either.
 //!
 //! Each of `--threads` threads runs its own single-threaded runtime on its own
 //! `SO_REUSEPORT` socket: no work moves between threads, which is the fastest
@@ -21,6 +24,7 @@ use std::future::Future as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -55,6 +59,21 @@ const JSON: &[u8] = br#"{"id":"bench-1","object":"chat.completion","model":"benc
 /// One gRPC message: uncompressed flag, big-endian length 4, then the
 /// protobuf `{1: "ok"}`.
 const GRPC_MESSAGE: &[u8] = &[0, 0, 0, 0, 4, 0x0a, 0x02, b'o', b'k'];
+
+/// Size of the shared buffer that `/blob` bodies are sliced from, and of
+/// each body frame.
+const BLOB_CHUNK: usize = 1 << 20;
+/// The largest `/blob` body.
+const BLOB_MAX: u64 = 1 << 30;
+
+/// The buffer `/blob` bodies are sliced from: made once, shared by every
+/// response (a `Bytes` slice is a reference count, not a copy).
+fn blob_chunk() -> Bytes {
+    static CHUNK: OnceLock<Bytes> = OnceLock::new();
+    CHUNK
+        .get_or_init(|| Bytes::from(vec![b'x'; BLOB_CHUNK]))
+        .clone()
+}
 
 fn main() {
     let args = Args::parse();
@@ -155,7 +174,18 @@ async fn respond(req: Request<Incoming>) -> Response<Reply> {
             }))
             .expect("a valid response");
     }
+    let blob =
+        (!grpc && req.uri().path() == "/blob").then(|| blob_size(req.uri().query().unwrap_or("")));
     drain(req.into_body()).await;
+    if let Some(left) = blob {
+        return Response::builder()
+            .header(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            )
+            .body(Reply::Blob { left })
+            .expect("a valid response");
+    }
     if grpc {
         let mut trailers = HeaderMap::with_capacity(1);
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
@@ -198,6 +228,18 @@ fn sse_params(query: &str) -> (u32, Duration) {
     (events, Duration::from_millis(gap_ms))
 }
 
+/// `bytes` (default 1 MiB, at most [`BLOB_MAX`]) from a query string.
+fn blob_size(query: &str) -> u64 {
+    query
+        .split('&')
+        .find_map(|pair| match pair.split_once('=') {
+            Some(("bytes", v)) => v.parse().ok(),
+            _ => None,
+        })
+        .unwrap_or(BLOB_CHUNK as u64)
+        .min(BLOB_MAX)
+}
+
 // === impl Reply ===
 
 /// Every response body the server sends.
@@ -211,6 +253,8 @@ enum Reply {
     },
     /// Server-sent events, one frame per event.
     Sse(Sse),
+    /// `left` more bytes of `/blob`, in frames of at most [`BLOB_CHUNK`].
+    Blob { left: u64 },
 }
 
 struct Sse {
@@ -237,6 +281,14 @@ impl Body for Reply {
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
             Reply::Sse(sse) => sse.poll_event(cx),
+            Reply::Blob { left } => {
+                if *left == 0 {
+                    return Poll::Ready(None);
+                }
+                let n = (*left).min(BLOB_CHUNK as u64);
+                *left -= n;
+                Poll::Ready(Some(Ok(Frame::data(blob_chunk().slice(..n as usize)))))
+            }
         }
     }
 
@@ -245,12 +297,14 @@ impl Body for Reply {
             Reply::Full(data) => data.is_none(),
             Reply::Grpc { message, trailers } => message.is_none() && trailers.is_none(),
             Reply::Sse(sse) => sse.left == 0,
+            Reply::Blob { left } => *left == 0,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Reply::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Reply::Blob { left } => SizeHint::with_exact(*left),
             _ => SizeHint::default(),
         }
     }
@@ -298,6 +352,31 @@ mod tests {
             sse_params("gap_ms=x&n=9999999"),
             (100_000, Duration::from_millis(10))
         );
+    }
+
+    #[test]
+    fn blob_size_defaults_to_one_mebibyte_and_is_capped() {
+        assert_eq!(blob_size(""), 1 << 20);
+        assert_eq!(blob_size("bytes=10"), 10);
+        assert_eq!(blob_size("x=1&bytes=0"), 0);
+        assert_eq!(blob_size("bytes=nope"), 1 << 20);
+        assert_eq!(blob_size("bytes=99999999999999"), BLOB_MAX);
+    }
+
+    #[test]
+    fn blob_bodies_are_slices_of_one_buffer_with_an_exact_length() {
+        let mut reply = Reply::Blob {
+            left: BLOB_CHUNK as u64 + 5,
+        };
+        assert_eq!(reply.size_hint().exact(), Some(BLOB_CHUNK as u64 + 5));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut lens = Vec::new();
+        while let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut reply).poll_frame(&mut cx) {
+            lens.push(frame.into_data().expect("a data frame").len());
+        }
+        assert_eq!(lens, [BLOB_CHUNK, 5]);
+        assert!(reply.is_end_stream());
     }
 
     #[test]

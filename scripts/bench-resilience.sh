@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Resilience filters: the latency a route with retries and rate limits (a
+# Resilience filters: the latency a route with retries, rate limits (a
 # request limit per route, and a request + model-token limit per tenant
-# header) adds over a plain route at 1,000 requests/s (p50, p99, p99.9 over
+# header) and circuit breaking adds over a plain route at 1,000 requests/s (p50, p99, p99.9 over
 # every request), and retry amplification during an outage: an upstream that
 # answers 503 to everything, a route allowing 5 attempts with the default
 # retry budget (ratio 0.2, 10 retries/s), and the attempts the upstream saw
@@ -15,8 +15,9 @@
 # repetitions with min-max. The proxy has CPU 1 and one worker thread; the
 # upstreams and the load generator share CPU 0. Rate limits are set high
 # enough that nothing is refused: the figure is the cost of the filters.
-# BENCH_GUARDED_EXTRA (YAML, one field per line) is appended to the guarded
-# route's spec, e.g. to add circuit-breaker settings once they exist.
+# The guarded route's backend has outlier detection and in-flight/pending
+# limits too. BENCH_GUARDED_EXTRA (YAML, one field per line) is appended to
+# the guarded route's spec, to measure other settings.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -143,6 +144,16 @@ spec: {endpoints: ["$UP"]}
 ---
 apiVersion: infermesh.io/v1alpha1
 kind: Backend
+metadata: {name: up-guarded}
+spec:
+  endpoints: ["$UP"]
+  # Circuit breaking, set so that a healthy upstream never trips it: the
+  # figure is the cost of the bookkeeping on every attempt.
+  outlierDetection: {consecutiveFailures: 5, failureRate: {threshold: 0.5, minRequests: 20}}
+  limits: {maxInFlight: 10000, maxPending: 10000}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
 metadata: {name: down}
 spec: {endpoints: ["$DOWN"]}
 ---
@@ -158,7 +169,7 @@ kind: ModelRoute
 metadata: {name: guarded}
 spec:
   match: [{headers: [{name: x-bench, value: guarded}]}]
-  backends: [{backend: up}]
+  backends: [{backend: up-guarded}]
   retries: {maxAttempts: 3, on: {statuses: [429, 503]}}
   rateLimits:
     - {key: route, requestsPerSecond: 100000}

@@ -655,3 +655,60 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     identities.sort();
     assert_eq!(identities, [WEB, SERVER], "{proxies}");
 }
+
+/// A rate limit keyed by `caller` gives every mesh identity its own bucket:
+/// one caller past its burst is refused while another still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_keyed_by_caller_identity_are_per_identity() {
+    let openai = OpenAiServer::start("llama");
+    let policy = format!(
+        r#"apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{name: llama-server}}
+spec: {{endpoints: ["{}"]}}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {{name: chat, namespace: models}}
+spec:
+  listener: inbound
+  backends: [{{backend: llama-server}}]
+  rateLimits:
+    - {{key: caller, requestsPerSecond: 0.01, burst: 2}}
+"#,
+        openai.addr()
+    );
+    let mesh = Mesh::start(&[("server.yaml", &policy)], "1h", &[("models", "llama")]);
+    let server = mesh.proxy("models", "llama").start();
+    wait_ready(&server, Duration::from_secs(20)).await;
+    let url = format!("https://{}/v1/chat/completions", server.inbound);
+    let web = mesh.mint_valid("web", WEB);
+    let job = mesh.mint_valid("job", "spiffe://cluster.local/ns/batch/sa/job");
+    let status = |(cert, key): &(std::path::PathBuf, std::path::PathBuf)| {
+        let (code, out, err) = curl(&[
+            "-k",
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "-H",
+            "content-type: application/json",
+            "--data",
+            &chat("llama-3-8b"),
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out.rsplit('\n').next().unwrap_or_default().to_string()
+    };
+    // web spends its burst of 2, then is limited...
+    assert_eq!(status(&web), "200");
+    assert_eq!(status(&web), "200");
+    assert_eq!(status(&web), "429");
+    // ...while job, another identity, has a bucket of its own.
+    assert_eq!(status(&job), "200");
+    assert_eq!(status(&job), "200");
+    assert_eq!(status(&job), "429");
+    assert_eq!(openai.requests().len(), 4);
+}

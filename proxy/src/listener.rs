@@ -162,42 +162,13 @@ async fn serve_connection(
     };
     let port = stream.local_addr().map_or(0, |a| a.port());
     match (protocol, mesh) {
+        // The TLS and opaque paths are boxed: a task's future is as large as
+        // its largest state, and every plaintext HTTP connection would
+        // otherwise carry room for a TLS session and copy buffers.
         (Protocol::Tls, Some(identity)) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(builders.inbound_tls(identity));
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    let error = identity::describe_handshake_error(&error);
-                    tracing::warn!(%peer, %error, "inbound mTLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(%peer, "inbound mTLS handshake timed out");
-                    return;
-                }
-            };
-            let (_, session) = tls.get_ref();
-            let caller = session
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| SpiffeId::from_certificate(leaf).ok())
-                .map(Arc::new);
-            let protocol = match session.alpn_protocol() {
-                Some(identity::ALPN_H2) => Protocol::Http2,
-                _ => Protocol::Http1,
-            };
-            tracing::debug!(%peer, caller = ?caller.as_deref().map(ToString::to_string), "inbound mTLS connection");
-            let conn = InboundConn { caller, port };
-            serve_http(
-                tls,
-                peer,
-                protocol,
-                Some(conn),
-                kind,
-                inputs,
-                &builders,
-                watcher,
-            )
+            Box::pin(serve_mtls(
+                stream, peer, port, kind, identity, inputs, builders, watcher,
+            ))
             .await;
         }
         (Protocol::Http1 | Protocol::Http2 | Protocol::Opaque, Some(_))
@@ -206,7 +177,7 @@ async fn serve_connection(
             tracing::warn!(%peer, "plaintext connection refused: inbound mTLS is strict (a MeshConfig with mtls.mode: permissive accepts plaintext)");
         }
         (Protocol::Tls | Protocol::Opaque, _) => {
-            opaque::serve(stream, peer, kind, &inputs).await;
+            Box::pin(opaque::serve(stream, peer, kind, &inputs)).await;
         }
         (Protocol::Http1 | Protocol::Http2, _) => {
             let conn =
@@ -217,6 +188,57 @@ async fn serve_connection(
             .await;
         }
     }
+}
+
+/// Terminates mutual TLS on the inbound listener and serves HTTP over it,
+/// with the caller's identity on every request.
+#[allow(clippy::too_many_arguments)]
+async fn serve_mtls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    kind: ListenerKind,
+    identity: &'static Arc<identity::Identity>,
+    inputs: Arc<Inputs>,
+    builders: Arc<Builders>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(builders.inbound_tls(identity));
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            let error = identity::describe_handshake_error(&error);
+            tracing::warn!(%peer, %error, "inbound mTLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "inbound mTLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let caller = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| SpiffeId::from_certificate(leaf).ok())
+        .map(Arc::new);
+    let protocol = match session.alpn_protocol() {
+        Some(identity::ALPN_H2) => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
+    tracing::debug!(%peer, caller = ?caller.as_deref().map(ToString::to_string), "inbound mTLS connection");
+    let conn = InboundConn { caller, port };
+    serve_http(
+        tls,
+        peer,
+        protocol,
+        Some(conn),
+        kind,
+        inputs,
+        &builders,
+        watcher,
+    )
+    .await;
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on `io`; on the inbound listener every request

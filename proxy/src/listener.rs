@@ -260,7 +260,10 @@ async fn serve_http<I>(
         if let Some(conn) = &conn {
             request.extensions_mut().insert(conn.clone());
         }
-        service::handle(inputs.clone(), kind, request)
+        // Boxed per request: hyper keeps room for one service future per
+        // connection for the connection's whole life, so an unboxed future
+        // of several KB would be held by every idle keep-alive connection.
+        Box::pin(service::handle(inputs.clone(), kind, request))
     });
     let io = TokioIo::new(io);
     let result = match protocol {

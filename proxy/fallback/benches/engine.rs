@@ -28,23 +28,14 @@ fn values(n: usize) -> Vec<f32> {
 /// Seconds per product on the GPU: `reps` dispatches in one submission.
 fn gpu_matmul(gpu: &mut Gpu, [m, n, k]: [usize; 3], reps: usize) -> f64 {
     let a = gpu.stage(&values(m * k));
-    let w = gpu.stage(&values(k * n));
+    let w = matmul::Weight::upload(gpu, "w", &values(k * n), k as u32, n as u32).expect("weight");
     let bias = gpu.stage(&values(n));
     let c = gpu.acquire((m * n * 4) as u64);
     let run = |gpu: &mut Gpu, reps: usize| {
         let mut rec = gpu.recorder(reps);
         for _ in 0..reps {
-            matmul::record(
-                gpu,
-                &mut rec,
-                &matmul::PLAIN,
-                &a,
-                &w,
-                &bias,
-                &c,
-                [m as u32, n as u32, k as u32],
-            )
-            .expect("record");
+            matmul::record(gpu, &mut rec, &matmul::PLAIN, &a, &w, &bias, &c, m as u32)
+                .expect("record");
         }
         let start = Instant::now();
         gpu.finish(rec, &c, 16).expect("run");

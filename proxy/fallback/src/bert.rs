@@ -66,25 +66,33 @@ impl BertConfig {
                 config.num_attention_heads
             )));
         }
-        if !config.intermediate_size.is_multiple_of(4) || config.hidden_size > pool::MAX_HIDDEN {
-            return Err(bad(
-                "intermediate_size must be a multiple of 4 and hidden_size at most 1024".into(),
-            ));
+        // The matmul kernel reads activations as textures whose rows are
+        // whole 256-byte copy rows: 64 floats.
+        if !config.hidden_size.is_multiple_of(64)
+            || !config.intermediate_size.is_multiple_of(64)
+            || config.hidden_size > pool::MAX_HIDDEN
+        {
+            return Err(bad(format!(
+                "hidden_size and intermediate_size must be multiples of 64 and hidden_size at most {} (got {} and {})",
+                pool::MAX_HIDDEN,
+                config.hidden_size,
+                config.intermediate_size
+            )));
         }
         Ok(config)
     }
 }
 
 struct Layer {
-    qkv_w: wgpu::Buffer,
+    qkv_w: matmul::Weight,
     qkv_b: wgpu::Buffer,
-    out_w: wgpu::Buffer,
+    out_w: matmul::Weight,
     out_b: wgpu::Buffer,
     ln1_g: wgpu::Buffer,
     ln1_b: wgpu::Buffer,
-    up_w: wgpu::Buffer,
+    up_w: matmul::Weight,
     up_b: wgpu::Buffer,
-    down_w: wgpu::Buffer,
+    down_w: matmul::Weight,
     down_b: wgpu::Buffer,
     ln2_g: wgpu::Buffer,
     ln2_b: wgpu::Buffer,
@@ -223,13 +231,17 @@ impl Bert {
             let mut qkv_b = r.tensor(&format!("{p}attention.self.query.bias"), &[h])?;
             qkv_b.extend(r.tensor(&format!("{p}attention.self.key.bias"), &[h])?);
             qkv_b.extend(r.tensor(&format!("{p}attention.self.value.bias"), &[h])?);
+            let (hu, iu) = (h as u32, i as u32);
             layers.push(Layer {
-                qkv_w: gpu.upload("qkv_w", &qkv_w),
+                qkv_w: matmul::Weight::upload(gpu, "qkv_w", &qkv_w, hu, 3 * hu)?,
                 qkv_b: gpu.upload("qkv_b", &qkv_b),
-                out_w: gpu.upload(
+                out_w: matmul::Weight::upload(
+                    gpu,
                     "out_w",
                     &r.linear_t(&format!("{p}attention.output.dense.weight"), h, h)?,
-                ),
+                    hu,
+                    hu,
+                )?,
                 out_b: gpu.upload(
                     "out_b",
                     &r.tensor(&format!("{p}attention.output.dense.bias"), &[h])?,
@@ -242,18 +254,24 @@ impl Bert {
                     "ln1_b",
                     &r.tensor(&format!("{p}attention.output.LayerNorm.bias"), &[h])?,
                 ),
-                up_w: gpu.upload(
+                up_w: matmul::Weight::upload(
+                    gpu,
                     "up_w",
                     &r.linear_t(&format!("{p}intermediate.dense.weight"), i, h)?,
-                ),
+                    hu,
+                    iu,
+                )?,
                 up_b: gpu.upload(
                     "up_b",
                     &r.tensor(&format!("{p}intermediate.dense.bias"), &[i])?,
                 ),
-                down_w: gpu.upload(
+                down_w: matmul::Weight::upload(
+                    gpu,
                     "down_w",
                     &r.linear_t(&format!("{p}output.dense.weight"), h, i)?,
-                ),
+                    iu,
+                    hu,
+                )?,
                 down_b: gpu.upload("down_b", &r.tensor(&format!("{p}output.dense.bias"), &[h])?),
                 ln2_g: gpu.upload(
                     "ln2_g",
@@ -327,11 +345,7 @@ impl Bert {
         seq: usize,
     ) -> Result<Vec<f32>, EngineError> {
         let c = &self.config;
-        let (h, i, eps) = (
-            c.hidden_size as u32,
-            c.intermediate_size as u32,
-            c.layer_norm_eps,
-        );
+        let (h, eps) = (c.hidden_size as u32, c.layer_norm_eps);
         let (rows, heads) = ((b * seq) as u32, c.num_attention_heads as u32);
         let mut rec = gpu.recorder(2 + 7 * self.layers.len());
         let tables = embed::Tables {
@@ -353,7 +367,7 @@ impl Bert {
                 &l.qkv_w,
                 &l.qkv_b,
                 &a.qkv,
-                [rows, 3 * h, h],
+                rows,
             )?;
             attention::record(
                 gpu, &mut rec, &a.qkv, &a.lens, &a.ctx, b as u32, seq as u32, heads,
@@ -366,7 +380,7 @@ impl Bert {
                 &l.out_w,
                 &l.out_b,
                 &a.h,
-                [rows, h, h],
+                rows,
             )?;
             layernorm::record(
                 gpu, &mut rec, &a.h, &a.x, &l.ln1_g, &l.ln1_b, &a.x1, rows, h, eps,
@@ -379,7 +393,7 @@ impl Bert {
                 &l.up_w,
                 &l.up_b,
                 &a.ffn,
-                [rows, i, h],
+                rows,
             )?;
             matmul::record(
                 gpu,
@@ -389,7 +403,7 @@ impl Bert {
                 &l.down_w,
                 &l.down_b,
                 &a.h,
-                [rows, h, i],
+                rows,
             )?;
             layernorm::record(
                 gpu, &mut rec, &a.h, &a.x1, &l.ln2_g, &l.ln2_b, &a.x, rows, h, eps,

@@ -100,7 +100,12 @@ pub struct Gpu {
     modules: HashMap<&'static str, wgpu::ShaderModule>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
     pool: HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>,
+    textures: HashMap<(u32, u32), Vec<wgpu::Texture>>,
     uniform_align: u64,
+    max_texture_rows: u32,
+    /// Rows per block of a matrix copied into a texture (the texture
+    /// limit, lowered in tests).
+    max_block_rows: u32,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -146,6 +151,7 @@ impl Gpu {
             max_buffer_size = limits.max_buffer_size,
             max_compute_workgroups_per_dimension = limits.max_compute_workgroups_per_dimension,
             max_compute_invocations_per_workgroup = limits.max_compute_invocations_per_workgroup,
+            max_texture_dimension_2d = limits.max_texture_dimension_2d,
             features = ?adapter.features(),
             "fallback engine adapter"
         );
@@ -165,7 +171,10 @@ impl Gpu {
             modules: HashMap::new(),
             pipelines: HashMap::new(),
             pool: HashMap::new(),
+            textures: HashMap::new(),
             uniform_align: u64::from(limits.min_uniform_buffer_offset_alignment).max(16),
+            max_texture_rows: limits.max_texture_dimension_2d,
+            max_block_rows: limits.max_texture_dimension_2d,
         })
     }
 
@@ -258,15 +267,72 @@ impl Gpu {
         buffer
     }
 
-    /// Starts recording a pass of at most `max_dispatches` dispatches.
-    pub fn recorder(&mut self, max_dispatches: usize) -> Recorder {
-        let slot = self.uniform_align;
-        let uniforms = self.acquire_with(slot * max_dispatches as u64, UNIFORM);
+    /// The most rows of a matrix one scratch texture holds.
+    pub fn max_block_rows(&self) -> u32 {
+        self.max_block_rows
+    }
+
+    /// Lowers [`Gpu::max_block_rows`], so tests can exercise row blocks.
+    #[cfg(test)]
+    pub(crate) fn limit_block_rows(&mut self, rows: u32) {
+        self.max_block_rows = rows;
+    }
+
+    /// A row-major `f32` matrix of `rows` × `4 * width` as an RGBA32F
+    /// texture of `width` × `rows` texels, for weights that live as long as
+    /// the model. Kernels read it with `textureLoad`, one vec4 per texel.
+    pub fn upload_matrix(
+        &self,
+        label: &str,
+        data: &[f32],
+        width: u32,
+        rows: u32,
+    ) -> Result<wgpu::Texture, EngineError> {
+        if data.len() != 4 * width as usize * rows as usize {
+            return Err(EngineError::Gpu(format!(
+                "{label}: {} values do not make {rows} rows of {width} vec4",
+                data.len()
+            )));
+        }
+        if width > self.max_texture_rows || rows > self.max_texture_rows {
+            return Err(EngineError::Gpu(format!(
+                "{label}: {width} x {rows} texels exceed the adapter's 2D texture limit of {}",
+                self.max_texture_rows
+            )));
+        }
+        Ok(self.device.create_texture_with_data(
+            &self.queue,
+            &matrix_descriptor(label, width, rows),
+            wgpu::util::TextureDataOrder::LayerMajor,
+            bytemuck::cast_slice(data),
+        ))
+    }
+
+    /// A pooled matrix texture of `width` vec4 by at least `rows` rows.
+    pub fn acquire_matrix(&mut self, width: u32, rows: u32) -> wgpu::Texture {
+        let height = rows.max(16).next_power_of_two().min(self.max_block_rows);
+        if let Some(texture) = self.textures.get_mut(&(width, height)).and_then(Vec::pop) {
+            return texture;
+        }
+        self.device
+            .create_texture(&matrix_descriptor("pooled", width, height))
+    }
+
+    /// Returns a matrix texture to the pool.
+    pub fn release_matrix(&mut self, texture: wgpu::Texture) {
+        self.textures
+            .entry((texture.width(), texture.height()))
+            .or_default()
+            .push(texture);
+    }
+
+    /// Starts recording a pass; `dispatches` is a capacity hint.
+    pub fn recorder(&mut self, dispatches: usize) -> Recorder {
         Recorder {
-            dispatches: Vec::with_capacity(max_dispatches),
-            params: Vec::with_capacity((slot as usize) * max_dispatches),
-            uniforms,
-            slot,
+            commands: Vec::with_capacity(dispatches),
+            params: Vec::with_capacity((self.uniform_align as usize) * dispatches),
+            slot: self.uniform_align,
+            scratch: Vec::new(),
         }
     }
 
@@ -279,11 +345,12 @@ impl Gpu {
         bytes: u64,
     ) -> Result<Vec<f32>, EngineError> {
         let Recorder {
-            dispatches,
+            commands,
             params,
-            uniforms,
+            scratch,
             ..
         } = recorder;
+        let uniforms = self.acquire_with(params.len() as u64, UNIFORM);
         if !params.is_empty() {
             self.queue.write_buffer(&uniforms, 0, &params);
         }
@@ -293,18 +360,74 @@ impl Gpu {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("forward"),
             });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("forward"),
-                timestamp_writes: None,
-            });
-            for dispatch in &dispatches {
-                pass.set_pipeline(&dispatch.pipeline);
-                pass.set_bind_group(0, &dispatch.bind_group, &[]);
-                let [x, y, z] = dispatch.workgroups;
-                pass.dispatch_workgroups(x, y, z);
+        let mut pass: Option<wgpu::ComputePass<'static>> = None;
+        for command in &commands {
+            match command {
+                Command::Dispatch(dispatch) => {
+                    let mut entries: Vec<wgpu::BindGroupEntry<'_>> = dispatch
+                        .bindings
+                        .iter()
+                        .enumerate()
+                        .map(|(binding, resource)| wgpu::BindGroupEntry {
+                            binding: binding as u32,
+                            resource: resource.as_binding(),
+                        })
+                        .collect();
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: dispatch.bindings.len() as u32,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &uniforms,
+                            offset: dispatch.params_offset,
+                            size: NonZeroU64::new(dispatch.params_size),
+                        }),
+                    });
+                    let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("dispatch"),
+                        layout: &dispatch.pipeline.get_bind_group_layout(0),
+                        entries: &entries,
+                    });
+                    let pass = pass.get_or_insert_with(|| {
+                        encoder
+                            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                                label: Some("forward"),
+                                timestamp_writes: None,
+                            })
+                            .forget_lifetime()
+                    });
+                    pass.set_pipeline(&dispatch.pipeline);
+                    pass.set_bind_group(0, &bind_group, &[]);
+                    let [x, y, z] = dispatch.workgroups;
+                    pass.dispatch_workgroups(x, y, z);
+                }
+                Command::Copy {
+                    buffer,
+                    offset,
+                    texture,
+                    width,
+                    rows,
+                } => {
+                    // A copy ends the compute pass; the next dispatch opens another.
+                    pass = None;
+                    encoder.copy_buffer_to_texture(
+                        wgpu::TexelCopyBufferInfo {
+                            buffer,
+                            layout: wgpu::TexelCopyBufferLayout {
+                                offset: *offset,
+                                bytes_per_row: Some(width * 16),
+                                rows_per_image: Some(*rows),
+                            },
+                        },
+                        texture.as_image_copy(),
+                        wgpu::Extent3d {
+                            width: *width,
+                            height: *rows,
+                            depth_or_array_layers: 1,
+                        },
+                    );
+                }
             }
         }
+        drop(pass);
         encoder.copy_buffer_to_buffer(output, 0, &readback, 0, bytes);
         let submission = self.queue.submit([encoder.finish()]);
         let (tx, rx) = mpsc::channel();
@@ -335,23 +458,76 @@ impl Gpu {
         };
         self.release(readback);
         self.release(uniforms);
+        for texture in scratch {
+            self.release_matrix(texture);
+        }
         values
+    }
+}
+
+fn matrix_descriptor(label: &str, width: u32, rows: u32) -> wgpu::TextureDescriptor<'_> {
+    wgpu::TextureDescriptor {
+        label: Some(label),
+        size: wgpu::Extent3d {
+            width,
+            height: rows,
+            depth_or_array_layers: 1,
+        },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba32Float,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING.union(wgpu::TextureUsages::COPY_DST),
+        view_formats: &[],
+    }
+}
+
+/// What a kernel binds, in binding order (its parameters come last).
+#[derive(Debug, Clone)]
+pub enum Bind {
+    /// A whole storage buffer.
+    Buffer(wgpu::Buffer),
+    /// A matrix texture (see [`Gpu::upload_matrix`]).
+    Matrix(wgpu::TextureView),
+}
+
+impl Bind {
+    fn as_binding(&self) -> wgpu::BindingResource<'_> {
+        match self {
+            Bind::Buffer(buffer) => buffer.as_entire_binding(),
+            Bind::Matrix(view) => wgpu::BindingResource::TextureView(view),
+        }
     }
 }
 
 struct Dispatch {
     pipeline: wgpu::ComputePipeline,
-    bind_group: wgpu::BindGroup,
+    bindings: Vec<Bind>,
+    params_offset: u64,
+    params_size: u64,
     workgroups: [u32; 3],
 }
 
-/// Dispatches recorded for one submission, with their parameters packed in
+enum Command {
+    Dispatch(Dispatch),
+    /// Rows of a buffer into a matrix texture.
+    Copy {
+        buffer: wgpu::Buffer,
+        offset: u64,
+        texture: wgpu::Texture,
+        width: u32,
+        rows: u32,
+    },
+}
+
+/// Commands recorded for one submission, with their parameters packed in
 /// one uniform buffer.
 pub struct Recorder {
-    dispatches: Vec<Dispatch>,
+    commands: Vec<Command>,
     params: Vec<u8>,
-    uniforms: wgpu::Buffer,
     slot: u64,
+    /// Pooled textures used by this pass, returned when it is finished.
+    scratch: Vec<wgpu::Texture>,
 }
 
 impl Recorder {
@@ -379,38 +555,24 @@ impl Recorder {
         params: &P,
         groups: u32,
     ) -> Result<(), EngineError> {
+        let bindings = buffers.iter().map(|b| Bind::Buffer((*b).clone())).collect();
+        self.dispatch_bound(gpu, kernel, bindings, params, groups)
+    }
+
+    /// As [`Recorder::dispatch_groups`], binding buffers and textures.
+    pub fn dispatch_bound<P: bytemuck::Pod>(
+        &mut self,
+        gpu: &mut Gpu,
+        kernel: &Kernel,
+        bindings: Vec<Bind>,
+        params: &P,
+        groups: u32,
+    ) -> Result<(), EngineError> {
         let offset = self.params.len() as u64;
-        if offset + self.slot > self.uniforms.size() {
-            return Err(EngineError::Gpu(
-                "more dispatches than the recorder was sized for".into(),
-            ));
-        }
         let bytes = bytemuck::bytes_of(params);
         self.params.extend_from_slice(bytes);
         self.params.resize((offset + self.slot) as usize, 0);
         let pipeline = gpu.pipeline(kernel)?;
-        let layout = pipeline.get_bind_group_layout(0);
-        let mut entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
-            .iter()
-            .enumerate()
-            .map(|(binding, buffer)| wgpu::BindGroupEntry {
-                binding: binding as u32,
-                resource: buffer.as_entire_binding(),
-            })
-            .collect();
-        entries.push(wgpu::BindGroupEntry {
-            binding: buffers.len() as u32,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &self.uniforms,
-                offset,
-                size: NonZeroU64::new(bytes.len() as u64),
-            }),
-        });
-        let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.key.kernel),
-            layout: &layout,
-            entries: &entries,
-        });
         // WebGPU's per-dimension limit is 65535 workgroups.
         const MAX: u32 = 65_535;
         let workgroups = if groups <= MAX {
@@ -418,10 +580,46 @@ impl Recorder {
         } else {
             [MAX, groups.div_ceil(MAX), 1]
         };
-        self.dispatches.push(Dispatch {
+        self.commands.push(Command::Dispatch(Dispatch {
             pipeline,
-            bind_group,
+            bindings,
+            params_offset: offset,
+            params_size: bytes.len() as u64,
             workgroups,
+        }));
+        Ok(())
+    }
+
+    /// A matrix texture of `width` vec4 by at least `rows` rows for this
+    /// pass only, returned to the pool when the pass is finished.
+    pub fn scratch_matrix(&mut self, gpu: &mut Gpu, width: u32, rows: u32) -> wgpu::Texture {
+        let texture = gpu.acquire_matrix(width, rows);
+        self.scratch.push(texture.clone());
+        texture
+    }
+
+    /// Records a copy of `rows` rows of `width` vec4, starting at byte
+    /// `offset` of `buffer`, into the top of `texture`. Rows must be a
+    /// multiple of 256 bytes (`width` a multiple of 16).
+    pub fn copy_to_matrix(
+        &mut self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        texture: &wgpu::Texture,
+        width: u32,
+        rows: u32,
+    ) -> Result<(), EngineError> {
+        if !width.is_multiple_of(16) {
+            return Err(EngineError::Gpu(format!(
+                "a matrix row of {width} vec4 is not a multiple of 256 bytes"
+            )));
+        }
+        self.commands.push(Command::Copy {
+            buffer: buffer.clone(),
+            offset,
+            texture: texture.clone(),
+            width,
+            rows,
         });
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! `C = A·W + bias`, with an optional exact-GELU epilogue.
 
-use crate::gpu::{Gpu, Kernel, PipelineKey, Recorder};
+use crate::gpu::{Bind, Gpu, Kernel, PipelineKey, Recorder};
 use crate::kernels::WORKGROUP;
 use crate::EngineError;
 
@@ -34,36 +34,85 @@ struct Params {
     m: u32,
     n: u32,
     k: u32,
-    row_stride: u32,
+    row_offset: u32,
 }
 
-/// Records `c[m,n] = a[m,k] · w[k,n] + bias[n]` (row-major; `k` a multiple
-/// of 4, `n` of 8).
+/// A weight matrix `w[k, n]` (row-major) laid out for the kernel: an RGBA32F
+/// texture of `n / 4` × `k` texels.
+#[derive(Debug)]
+pub struct Weight {
+    view: wgpu::TextureView,
+    k: u32,
+    n: u32,
+}
+
+impl Weight {
+    /// Uploads `w[k, n]`; `n` must be a multiple of 8 and `k` of 64 (a row of
+    /// the activation texture is then a whole number of 256-byte copy rows).
+    pub fn upload(gpu: &Gpu, label: &str, w: &[f32], k: u32, n: u32) -> Result<Self, EngineError> {
+        check_shape(n, k)?;
+        let texture = gpu.upload_matrix(label, w, n / 4, k)?;
+        Ok(Self {
+            view: texture.create_view(&wgpu::TextureViewDescriptor::default()),
+            k,
+            n,
+        })
+    }
+}
+
+fn check_shape(n: u32, k: u32) -> Result<(), EngineError> {
+    if k == 0 || !k.is_multiple_of(64) || n == 0 || !n.is_multiple_of(8) {
+        return Err(EngineError::Gpu(format!(
+            "matmul needs k % 64 == 0 and n % 8 == 0, got k {k}, n {n}"
+        )));
+    }
+    Ok(())
+}
+
+/// Records `c[m,n] = a[m,k] · w[k,n] + bias[n]` (row-major buffers). `a` is
+/// copied into a texture first, in row blocks as tall as the adapter's
+/// texture limit allows, each followed by its dispatch.
 #[allow(clippy::too_many_arguments)]
 pub fn record(
     gpu: &mut Gpu,
     recorder: &mut Recorder,
     kernel: &Kernel,
     a: &wgpu::Buffer,
-    w: &wgpu::Buffer,
+    w: &Weight,
     bias: &wgpu::Buffer,
     c: &wgpu::Buffer,
-    [m, n, k]: [u32; 3],
+    m: u32,
 ) -> Result<(), EngineError> {
-    if k % 4 != 0 || n % 8 != 0 {
-        return Err(EngineError::Gpu(format!(
-            "matmul needs k % 4 == 0 and n % 8 == 0, got k {k}, n {n}"
-        )));
+    let (n, k) = (w.n, w.k);
+    check_shape(n, k)?;
+    if m == 0 {
+        return Ok(());
     }
-    // Workgroups of 8 x 8 tiles of 4 x 8: 32 rows by 64 columns each.
-    let groups = m.div_ceil(32) * n.div_ceil(64);
-    let params = Params {
-        m,
-        n,
-        k,
-        row_stride: k,
-    };
-    recorder.dispatch_groups(gpu, kernel, &[a, w, bias, c], &params, groups)
+    let block = gpu.max_block_rows().min(m);
+    let texture = recorder.scratch_matrix(gpu, k / 4, block);
+    let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+    let mut row = 0;
+    while row < m {
+        let rows = block.min(m - row);
+        recorder.copy_to_matrix(a, u64::from(row) * u64::from(k) * 4, &texture, k / 4, rows)?;
+        // Workgroups of 8 x 8 tiles of 8 x 8: 64 rows by 64 columns each.
+        let groups = rows.div_ceil(64) * n.div_ceil(64);
+        let params = Params {
+            m: rows,
+            n,
+            k,
+            row_offset: row,
+        };
+        let bindings = vec![
+            Bind::Matrix(view.clone()),
+            Bind::Matrix(w.view.clone()),
+            Bind::Buffer(bias.clone()),
+            Bind::Buffer(c.clone()),
+        ];
+        recorder.dispatch_bound(gpu, kernel, bindings, &params, groups)?;
+        row += rows;
+    }
+    Ok(())
 }
 
 /// Floating-point operations of one product.
@@ -134,20 +183,11 @@ mod tests {
         let a = values(m * k, 1, 1.0);
         let w = values(k * n, 2, 0.2);
         let bias = values(n, 3, 0.5);
-        let (ab, wb, bb) = (gpu.stage(&a), gpu.stage(&w), gpu.stage(&bias));
+        let (ab, bb) = (gpu.stage(&a), gpu.stage(&bias));
+        let wt = Weight::upload(gpu, "w", &w, k as u32, n as u32).unwrap();
         let cb = gpu.acquire((m * n * 4) as u64);
         let mut rec = gpu.recorder(1);
-        record(
-            gpu,
-            &mut rec,
-            kernel,
-            &ab,
-            &wb,
-            &bb,
-            &cb,
-            [m as u32, n as u32, k as u32],
-        )
-        .unwrap();
+        record(gpu, &mut rec, kernel, &ab, &wt, &bb, &cb, m as u32).unwrap();
         let got = gpu.finish(rec, &cb, (m * n * 4) as u64).unwrap();
         let want = reference(&a, &w, &bias, [m, n, k], kernel.key.variant == "gelu");
         (got, want)
@@ -157,15 +197,38 @@ mod tests {
     fn matmul_matches_the_cpu_reference_on_ragged_row_counts() {
         let mut gpu = gpu();
         for shape in [
-            [1, 8, 4],
-            [5, 8, 12],
-            [3, 72, 8],
+            [1, 8, 64],
+            [5, 8, 128],
+            [3, 72, 64],
             [37, 1152, 384],
             [130, 384, 1536],
+            [64, 1536, 384],
         ] {
             let (got, want) = run(&mut gpu, &PLAIN, shape);
             assert_close(&got, &want, 1e-4);
         }
+    }
+
+    #[test]
+    fn products_taller_than_the_texture_limit_run_in_row_blocks() {
+        let mut gpu = gpu();
+        gpu.limit_block_rows(16);
+        // 3 blocks of 16, 16 and 5 rows, each written at its own offset.
+        let (got, want) = run(&mut gpu, &PLAIN, [37, 72, 64]);
+        assert_close(&got, &want, 1e-4);
+        let (got, want) = run(&mut gpu, &GELU, [16, 8, 128]);
+        assert_close(&got, &want, 1e-4);
+    }
+
+    #[test]
+    fn shapes_the_kernel_cannot_take_are_refused_with_the_reason() {
+        let gpu = gpu();
+        let err = Weight::upload(&gpu, "w", &[0.0; 12 * 8], 12, 8).unwrap_err();
+        assert!(err.to_string().contains("k % 64 == 0"), "{err}");
+        let err = Weight::upload(&gpu, "w", &[0.0; 64 * 12], 64, 12).unwrap_err();
+        assert!(err.to_string().contains("n % 8 == 0"), "{err}");
+        let err = Weight::upload(&gpu, "w", &[0.0; 10], 64, 8).unwrap_err();
+        assert!(err.to_string().contains("do not make"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Multi-head self-attention over a fused QKV buffer with a padding mask.
 
-use crate::gpu::{Gpu, Kernel, PipelineKey, Recorder};
+use crate::gpu::{Bind, Gpu, Kernel, PipelineKey, Recorder};
 use crate::kernels::WORKGROUP;
 use crate::EngineError;
 
@@ -22,15 +22,21 @@ pub const KERNEL: Kernel = Kernel {
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
     batch: u32,
+    first: u32,
     seq: u32,
     heads: u32,
     hidden: u32,
     scale: f32,
-    _pad: [u32; 3],
+    _pad: [u32; 2],
 }
 
+/// Query positions one invocation handles (`QUERIES` in the WGSL).
+const QUERIES: u32 = 4;
+
 /// Records attention for a padded `[batch, seq]` grid; `qkv` rows are
-/// `[q | k | v]`, each `hidden` wide, and `lens` holds each sequence's length.
+/// `[q | k | v]`, each `hidden` wide (a multiple of 64), and `lens` holds
+/// each sequence's length. The rows are copied into a texture first, in
+/// blocks of whole sequences as tall as the texture limit allows.
 #[allow(clippy::too_many_arguments)]
 pub fn record(
     gpu: &mut Gpu,
@@ -42,21 +48,56 @@ pub fn record(
     seq: u32,
     heads: u32,
 ) -> Result<(), EngineError> {
-    let params = Params {
-        batch,
-        seq,
-        heads,
-        hidden: heads * HEAD_DIM as u32,
-        scale: 1.0 / (HEAD_DIM as f32).sqrt(),
-        _pad: [0; 3],
-    };
-    recorder.dispatch(
-        gpu,
-        &KERNEL,
-        &[qkv, lens, out],
-        &params,
-        batch * heads * seq,
-    )
+    let hidden = heads * HEAD_DIM as u32;
+    let width = 3 * hidden / 4;
+    let per_block = (gpu.max_block_rows() / seq.max(1)).max(1).min(batch);
+    if batch == 0 || seq == 0 {
+        return Ok(());
+    }
+    if per_block * seq > gpu.max_block_rows() {
+        return Err(EngineError::Gpu(format!(
+            "a sequence of {seq} tokens is taller than the adapter's texture limit of {} rows",
+            gpu.max_block_rows()
+        )));
+    }
+    let texture = recorder.scratch_matrix(gpu, width, per_block * seq);
+    let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+    let mut first = 0;
+    while first < batch {
+        let count = per_block.min(batch - first);
+        let row_bytes = u64::from(width) * 16;
+        recorder.copy_to_matrix(
+            qkv,
+            u64::from(first * seq) * row_bytes,
+            &texture,
+            width,
+            count * seq,
+        )?;
+        let params = Params {
+            batch: count,
+            first,
+            seq,
+            heads,
+            hidden,
+            scale: 1.0 / (HEAD_DIM as f32).sqrt(),
+            _pad: [0; 2],
+        };
+        let invocations = count * heads * seq.div_ceil(QUERIES);
+        let groups = invocations.div_ceil(KERNEL.key.workgroup_size);
+        recorder.dispatch_bound(
+            gpu,
+            &KERNEL,
+            vec![
+                Bind::Matrix(view.clone()),
+                Bind::Buffer(lens.clone()),
+                Bind::Buffer(out.clone()),
+            ],
+            &params,
+            groups,
+        )?;
+        first += count;
+    }
+    Ok(())
 }
 
 /// The CPU reference of [`record`]: a plain masked softmax.
@@ -108,14 +149,31 @@ mod tests {
     use crate::kernels::testing::{assert_close, values};
 
     #[test]
+    fn the_wgsl_handles_as_many_queries_per_invocation_as_dispatched() {
+        let line = format!("const QUERIES: u32 = {QUERIES}u;");
+        assert!(KERNEL.source.contains(&line), "attention.wgsl lacks {line}");
+    }
+
+    #[test]
     fn attention_matches_the_reference_and_ignores_padding() {
         let mut gpu = gpu();
         let (heads, seq) = (12, 9);
         let lens = [9u32, 1, 5];
+        attention_case(&mut gpu, heads, seq, &lens);
+        // Blocks of 2 sequences (18 rows per texture): three dispatches.
+        gpu.limit_block_rows(20);
+        attention_case(&mut gpu, heads, seq, &[9, 1, 5, 7, 9]);
+        // A block of one sequence whose length is not a multiple of the
+        // queries per invocation.
+        gpu.limit_block_rows(11);
+        attention_case(&mut gpu, 2, 11, &[11, 6]);
+    }
+
+    fn attention_case(gpu: &mut Gpu, heads: usize, seq: usize, lens: &[u32]) {
         let hidden = heads * HEAD_DIM;
         let mut qkv = values(lens.len() * seq * 3 * hidden, 13, 2.0);
         let run = |gpu: &mut Gpu, qkv: &[f32]| {
-            let (qb, lb) = (gpu.stage(qkv), gpu.stage(&lens));
+            let (qb, lb) = (gpu.stage(qkv), gpu.stage(lens));
             let out = gpu.acquire((lens.len() * seq * hidden * 4) as u64);
             let mut rec = gpu.recorder(1);
             record(
@@ -132,12 +190,13 @@ mod tests {
             gpu.finish(rec, &out, (lens.len() * seq * hidden * 4) as u64)
                 .unwrap()
         };
-        let got = run(&mut gpu, &qkv);
-        assert_close(&got, &reference(&qkv, &lens, seq, heads), 1e-5);
+        let got = run(gpu, &qkv);
+        assert_close(&got, &reference(&qkv, lens, seq, heads), 1e-5);
         // Garbage in the padded rows of sequence 1 changes nothing.
-        for v in &mut qkv[(seq + 1) * 3 * hidden..2 * seq * 3 * hidden] {
+        let padding = seq + lens[1] as usize..2 * seq;
+        for v in &mut qkv[padding.start * 3 * hidden..padding.end * 3 * hidden] {
             *v = 1e3;
         }
-        assert_close(&run(&mut gpu, &qkv), &got, 0.0);
+        assert_close(&run(gpu, &qkv), &got, 0.0);
     }
 }

@@ -280,7 +280,8 @@ impl Gpu {
 
     /// A row-major `f32` matrix of `rows` × `4 * width` as an RGBA32F
     /// texture of `width` × `rows` texels, for weights that live as long as
-    /// the model. Kernels read it with `textureLoad`, one vec4 per texel.
+    /// the model. Kernels bind it as a read-only storage texture and read it
+    /// with `textureLoad`, one vec4 per texel.
     pub fn upload_matrix(
         &self,
         label: &str,
@@ -477,7 +478,7 @@ fn matrix_descriptor(label: &str, width: u32, rows: u32) -> wgpu::TextureDescrip
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
         format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING.union(wgpu::TextureUsages::COPY_DST),
+        usage: wgpu::TextureUsages::STORAGE_BINDING.union(wgpu::TextureUsages::COPY_DST),
         view_formats: &[],
     }
 }
@@ -591,8 +592,17 @@ impl Recorder {
     }
 
     /// A matrix texture of `width` vec4 by at least `rows` rows for this
-    /// pass only, returned to the pool when the pass is finished.
+    /// pass, returned to the pool when the pass is finished. Products of
+    /// the same width share one: commands run in order, so each copy into
+    /// it waits for the dispatch before it.
     pub fn scratch_matrix(&mut self, gpu: &mut Gpu, width: u32, rows: u32) -> wgpu::Texture {
+        if let Some(texture) = self
+            .scratch
+            .iter()
+            .find(|t| t.width() == width && t.height() >= rows)
+        {
+            return texture.clone();
+        }
         let texture = gpu.acquire_matrix(width, rows);
         self.scratch.push(texture.clone());
         texture

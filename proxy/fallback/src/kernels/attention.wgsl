@@ -5,10 +5,10 @@
 // sum), so scores are never stored. Query rows that are padding get zeros:
 // pooling ignores them.
 //
-// The QKV rows come as an RGBA32F texture (one vec4 per texel, rows
-// [q | k | v], 3 * hidden / 4 texels wide) holding the sequences of this
-// block only: texel fetches are far cheaper than storage-buffer loads on
-// lavapipe (see matmul.wgsl). Each key and value row fetched serves all
+// The QKV rows come as an RGBA32F read-only storage texture (one vec4 per
+// texel, rows [q | k | v], 3 * hidden / 4 texels wide) holding the
+// sequences of this block only: texture loads are far cheaper than
+// storage-buffer loads on lavapipe (see matmul.wgsl). Each key and value row fetched serves all
 // QUERIES queries of the invocation, and neighbouring invocations (the same
 // sequence and head) fetch the same texels.
 //
@@ -31,7 +31,7 @@ struct Params {
 const HEAD4: i32 = 8; // head dimension 32, as vec4
 const QUERIES: u32 = 4u;
 
-@group(0) @binding(0) var qkv: texture_2d<f32>;
+@group(0) @binding(0) var qkv: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(1) var<storage, read> lens: array<u32>;
 @group(0) @binding(2) var<storage, read_write> out: array<vec4<f32>>;
 @group(0) @binding(3) var<uniform> p: Params;
@@ -53,78 +53,78 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let hk = hidden4 + hq;
     let hv = 2 * hidden4 + hq;
     let row0 = base + i32(select(0u, i0 + 0u, i0 + 0u < len));
-    let q0_0 = textureLoad(qkv, vec2<i32>(hq + 0, row0), 0) * p.scale;
+    let q0_0 = textureLoad(qkv, vec2<i32>(hq + 0, row0)) * p.scale;
     var a0_0 = vec4<f32>(0.0);
-    let q0_1 = textureLoad(qkv, vec2<i32>(hq + 1, row0), 0) * p.scale;
+    let q0_1 = textureLoad(qkv, vec2<i32>(hq + 1, row0)) * p.scale;
     var a0_1 = vec4<f32>(0.0);
-    let q0_2 = textureLoad(qkv, vec2<i32>(hq + 2, row0), 0) * p.scale;
+    let q0_2 = textureLoad(qkv, vec2<i32>(hq + 2, row0)) * p.scale;
     var a0_2 = vec4<f32>(0.0);
-    let q0_3 = textureLoad(qkv, vec2<i32>(hq + 3, row0), 0) * p.scale;
+    let q0_3 = textureLoad(qkv, vec2<i32>(hq + 3, row0)) * p.scale;
     var a0_3 = vec4<f32>(0.0);
-    let q0_4 = textureLoad(qkv, vec2<i32>(hq + 4, row0), 0) * p.scale;
+    let q0_4 = textureLoad(qkv, vec2<i32>(hq + 4, row0)) * p.scale;
     var a0_4 = vec4<f32>(0.0);
-    let q0_5 = textureLoad(qkv, vec2<i32>(hq + 5, row0), 0) * p.scale;
+    let q0_5 = textureLoad(qkv, vec2<i32>(hq + 5, row0)) * p.scale;
     var a0_5 = vec4<f32>(0.0);
-    let q0_6 = textureLoad(qkv, vec2<i32>(hq + 6, row0), 0) * p.scale;
+    let q0_6 = textureLoad(qkv, vec2<i32>(hq + 6, row0)) * p.scale;
     var a0_6 = vec4<f32>(0.0);
-    let q0_7 = textureLoad(qkv, vec2<i32>(hq + 7, row0), 0) * p.scale;
+    let q0_7 = textureLoad(qkv, vec2<i32>(hq + 7, row0)) * p.scale;
     var a0_7 = vec4<f32>(0.0);
     var m0 = -3.0e38;
     var l0 = 0.0;
     let row1 = base + i32(select(0u, i0 + 1u, i0 + 1u < len));
-    let q1_0 = textureLoad(qkv, vec2<i32>(hq + 0, row1), 0) * p.scale;
+    let q1_0 = textureLoad(qkv, vec2<i32>(hq + 0, row1)) * p.scale;
     var a1_0 = vec4<f32>(0.0);
-    let q1_1 = textureLoad(qkv, vec2<i32>(hq + 1, row1), 0) * p.scale;
+    let q1_1 = textureLoad(qkv, vec2<i32>(hq + 1, row1)) * p.scale;
     var a1_1 = vec4<f32>(0.0);
-    let q1_2 = textureLoad(qkv, vec2<i32>(hq + 2, row1), 0) * p.scale;
+    let q1_2 = textureLoad(qkv, vec2<i32>(hq + 2, row1)) * p.scale;
     var a1_2 = vec4<f32>(0.0);
-    let q1_3 = textureLoad(qkv, vec2<i32>(hq + 3, row1), 0) * p.scale;
+    let q1_3 = textureLoad(qkv, vec2<i32>(hq + 3, row1)) * p.scale;
     var a1_3 = vec4<f32>(0.0);
-    let q1_4 = textureLoad(qkv, vec2<i32>(hq + 4, row1), 0) * p.scale;
+    let q1_4 = textureLoad(qkv, vec2<i32>(hq + 4, row1)) * p.scale;
     var a1_4 = vec4<f32>(0.0);
-    let q1_5 = textureLoad(qkv, vec2<i32>(hq + 5, row1), 0) * p.scale;
+    let q1_5 = textureLoad(qkv, vec2<i32>(hq + 5, row1)) * p.scale;
     var a1_5 = vec4<f32>(0.0);
-    let q1_6 = textureLoad(qkv, vec2<i32>(hq + 6, row1), 0) * p.scale;
+    let q1_6 = textureLoad(qkv, vec2<i32>(hq + 6, row1)) * p.scale;
     var a1_6 = vec4<f32>(0.0);
-    let q1_7 = textureLoad(qkv, vec2<i32>(hq + 7, row1), 0) * p.scale;
+    let q1_7 = textureLoad(qkv, vec2<i32>(hq + 7, row1)) * p.scale;
     var a1_7 = vec4<f32>(0.0);
     var m1 = -3.0e38;
     var l1 = 0.0;
     let row2 = base + i32(select(0u, i0 + 2u, i0 + 2u < len));
-    let q2_0 = textureLoad(qkv, vec2<i32>(hq + 0, row2), 0) * p.scale;
+    let q2_0 = textureLoad(qkv, vec2<i32>(hq + 0, row2)) * p.scale;
     var a2_0 = vec4<f32>(0.0);
-    let q2_1 = textureLoad(qkv, vec2<i32>(hq + 1, row2), 0) * p.scale;
+    let q2_1 = textureLoad(qkv, vec2<i32>(hq + 1, row2)) * p.scale;
     var a2_1 = vec4<f32>(0.0);
-    let q2_2 = textureLoad(qkv, vec2<i32>(hq + 2, row2), 0) * p.scale;
+    let q2_2 = textureLoad(qkv, vec2<i32>(hq + 2, row2)) * p.scale;
     var a2_2 = vec4<f32>(0.0);
-    let q2_3 = textureLoad(qkv, vec2<i32>(hq + 3, row2), 0) * p.scale;
+    let q2_3 = textureLoad(qkv, vec2<i32>(hq + 3, row2)) * p.scale;
     var a2_3 = vec4<f32>(0.0);
-    let q2_4 = textureLoad(qkv, vec2<i32>(hq + 4, row2), 0) * p.scale;
+    let q2_4 = textureLoad(qkv, vec2<i32>(hq + 4, row2)) * p.scale;
     var a2_4 = vec4<f32>(0.0);
-    let q2_5 = textureLoad(qkv, vec2<i32>(hq + 5, row2), 0) * p.scale;
+    let q2_5 = textureLoad(qkv, vec2<i32>(hq + 5, row2)) * p.scale;
     var a2_5 = vec4<f32>(0.0);
-    let q2_6 = textureLoad(qkv, vec2<i32>(hq + 6, row2), 0) * p.scale;
+    let q2_6 = textureLoad(qkv, vec2<i32>(hq + 6, row2)) * p.scale;
     var a2_6 = vec4<f32>(0.0);
-    let q2_7 = textureLoad(qkv, vec2<i32>(hq + 7, row2), 0) * p.scale;
+    let q2_7 = textureLoad(qkv, vec2<i32>(hq + 7, row2)) * p.scale;
     var a2_7 = vec4<f32>(0.0);
     var m2 = -3.0e38;
     var l2 = 0.0;
     let row3 = base + i32(select(0u, i0 + 3u, i0 + 3u < len));
-    let q3_0 = textureLoad(qkv, vec2<i32>(hq + 0, row3), 0) * p.scale;
+    let q3_0 = textureLoad(qkv, vec2<i32>(hq + 0, row3)) * p.scale;
     var a3_0 = vec4<f32>(0.0);
-    let q3_1 = textureLoad(qkv, vec2<i32>(hq + 1, row3), 0) * p.scale;
+    let q3_1 = textureLoad(qkv, vec2<i32>(hq + 1, row3)) * p.scale;
     var a3_1 = vec4<f32>(0.0);
-    let q3_2 = textureLoad(qkv, vec2<i32>(hq + 2, row3), 0) * p.scale;
+    let q3_2 = textureLoad(qkv, vec2<i32>(hq + 2, row3)) * p.scale;
     var a3_2 = vec4<f32>(0.0);
-    let q3_3 = textureLoad(qkv, vec2<i32>(hq + 3, row3), 0) * p.scale;
+    let q3_3 = textureLoad(qkv, vec2<i32>(hq + 3, row3)) * p.scale;
     var a3_3 = vec4<f32>(0.0);
-    let q3_4 = textureLoad(qkv, vec2<i32>(hq + 4, row3), 0) * p.scale;
+    let q3_4 = textureLoad(qkv, vec2<i32>(hq + 4, row3)) * p.scale;
     var a3_4 = vec4<f32>(0.0);
-    let q3_5 = textureLoad(qkv, vec2<i32>(hq + 5, row3), 0) * p.scale;
+    let q3_5 = textureLoad(qkv, vec2<i32>(hq + 5, row3)) * p.scale;
     var a3_5 = vec4<f32>(0.0);
-    let q3_6 = textureLoad(qkv, vec2<i32>(hq + 6, row3), 0) * p.scale;
+    let q3_6 = textureLoad(qkv, vec2<i32>(hq + 6, row3)) * p.scale;
     var a3_6 = vec4<f32>(0.0);
-    let q3_7 = textureLoad(qkv, vec2<i32>(hq + 7, row3), 0) * p.scale;
+    let q3_7 = textureLoad(qkv, vec2<i32>(hq + 7, row3)) * p.scale;
     var a3_7 = vec4<f32>(0.0);
     var m3 = -3.0e38;
     var l3 = 0.0;
@@ -132,22 +132,22 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     // m{t} its running maximum score, l{t} its running softmax denominator.
     for (var j = 0u; j < len; j = j + 1u) {
         let row = base + i32(j);
-        let k0 = textureLoad(qkv, vec2<i32>(hk + 0, row), 0);
-        let k1 = textureLoad(qkv, vec2<i32>(hk + 1, row), 0);
-        let k2 = textureLoad(qkv, vec2<i32>(hk + 2, row), 0);
-        let k3 = textureLoad(qkv, vec2<i32>(hk + 3, row), 0);
-        let k4 = textureLoad(qkv, vec2<i32>(hk + 4, row), 0);
-        let k5 = textureLoad(qkv, vec2<i32>(hk + 5, row), 0);
-        let k6 = textureLoad(qkv, vec2<i32>(hk + 6, row), 0);
-        let k7 = textureLoad(qkv, vec2<i32>(hk + 7, row), 0);
-        let v0 = textureLoad(qkv, vec2<i32>(hv + 0, row), 0);
-        let v1 = textureLoad(qkv, vec2<i32>(hv + 1, row), 0);
-        let v2 = textureLoad(qkv, vec2<i32>(hv + 2, row), 0);
-        let v3 = textureLoad(qkv, vec2<i32>(hv + 3, row), 0);
-        let v4 = textureLoad(qkv, vec2<i32>(hv + 4, row), 0);
-        let v5 = textureLoad(qkv, vec2<i32>(hv + 5, row), 0);
-        let v6 = textureLoad(qkv, vec2<i32>(hv + 6, row), 0);
-        let v7 = textureLoad(qkv, vec2<i32>(hv + 7, row), 0);
+        let k0 = textureLoad(qkv, vec2<i32>(hk + 0, row));
+        let k1 = textureLoad(qkv, vec2<i32>(hk + 1, row));
+        let k2 = textureLoad(qkv, vec2<i32>(hk + 2, row));
+        let k3 = textureLoad(qkv, vec2<i32>(hk + 3, row));
+        let k4 = textureLoad(qkv, vec2<i32>(hk + 4, row));
+        let k5 = textureLoad(qkv, vec2<i32>(hk + 5, row));
+        let k6 = textureLoad(qkv, vec2<i32>(hk + 6, row));
+        let k7 = textureLoad(qkv, vec2<i32>(hk + 7, row));
+        let v0 = textureLoad(qkv, vec2<i32>(hv + 0, row));
+        let v1 = textureLoad(qkv, vec2<i32>(hv + 1, row));
+        let v2 = textureLoad(qkv, vec2<i32>(hv + 2, row));
+        let v3 = textureLoad(qkv, vec2<i32>(hv + 3, row));
+        let v4 = textureLoad(qkv, vec2<i32>(hv + 4, row));
+        let v5 = textureLoad(qkv, vec2<i32>(hv + 5, row));
+        let v6 = textureLoad(qkv, vec2<i32>(hv + 6, row));
+        let v7 = textureLoad(qkv, vec2<i32>(hv + 7, row));
         let s0 = dot(q0_0, k0) + dot(q0_1, k1) + dot(q0_2, k2) + dot(q0_3, k3) + dot(q0_4, k4) + dot(q0_5, k5) + dot(q0_6, k6) + dot(q0_7, k7);
         let n0 = max(m0, s0);
         let c0 = exp(m0 - n0);

@@ -47,7 +47,7 @@ pub struct Weight {
 }
 
 impl Weight {
-    /// Uploads `w[k, n]`; `n` must be a multiple of 8 and `k` of 64 (a row of
+    /// Uploads `w[k, n]`; `n` must be a multiple of 16 and `k` of 64 (a row of
     /// the activation texture is then a whole number of 256-byte copy rows).
     pub fn upload(gpu: &Gpu, label: &str, w: &[f32], k: u32, n: u32) -> Result<Self, EngineError> {
         check_shape(n, k)?;
@@ -61,9 +61,9 @@ impl Weight {
 }
 
 fn check_shape(n: u32, k: u32) -> Result<(), EngineError> {
-    if k == 0 || !k.is_multiple_of(64) || n == 0 || !n.is_multiple_of(8) {
+    if k == 0 || !k.is_multiple_of(64) || n == 0 || !n.is_multiple_of(16) {
         return Err(EngineError::Gpu(format!(
-            "matmul needs k % 64 == 0 and n % 8 == 0, got k {k}, n {n}"
+            "matmul needs k % 64 == 0 and n % 16 == 0, got k {k}, n {n}"
         )));
     }
     Ok(())
@@ -95,8 +95,8 @@ pub fn record(
     while row < m {
         let rows = block.min(m - row);
         recorder.copy_to_matrix(a, u64::from(row) * u64::from(k) * 4, &texture, k / 4, rows)?;
-        // Workgroups of 8 x 8 tiles of 8 x 8: 64 rows by 64 columns each.
-        let groups = rows.div_ceil(64) * n.div_ceil(64);
+        // Workgroups of 8 x 8 tiles of 8 x 16: 64 rows by 128 columns each.
+        let groups = rows.div_ceil(64) * n.div_ceil(128);
         let params = Params {
             m: rows,
             n,
@@ -197,9 +197,9 @@ mod tests {
     fn matmul_matches_the_cpu_reference_on_ragged_row_counts() {
         let mut gpu = gpu();
         for shape in [
-            [1, 8, 64],
-            [5, 8, 128],
-            [3, 72, 64],
+            [1, 16, 64],
+            [5, 16, 128],
+            [3, 80, 64],
             [37, 1152, 384],
             [130, 384, 1536],
             [64, 1536, 384],
@@ -214,20 +214,20 @@ mod tests {
         let mut gpu = gpu();
         gpu.limit_block_rows(16);
         // 3 blocks of 16, 16 and 5 rows, each written at its own offset.
-        let (got, want) = run(&mut gpu, &PLAIN, [37, 72, 64]);
+        let (got, want) = run(&mut gpu, &PLAIN, [37, 80, 64]);
         assert_close(&got, &want, 1e-4);
-        let (got, want) = run(&mut gpu, &GELU, [16, 8, 128]);
+        let (got, want) = run(&mut gpu, &GELU, [16, 16, 128]);
         assert_close(&got, &want, 1e-4);
     }
 
     #[test]
     fn shapes_the_kernel_cannot_take_are_refused_with_the_reason() {
         let gpu = gpu();
-        let err = Weight::upload(&gpu, "w", &[0.0; 12 * 8], 12, 8).unwrap_err();
+        let err = Weight::upload(&gpu, "w", &[0.0; 12 * 16], 12, 16).unwrap_err();
         assert!(err.to_string().contains("k % 64 == 0"), "{err}");
-        let err = Weight::upload(&gpu, "w", &[0.0; 64 * 12], 64, 12).unwrap_err();
-        assert!(err.to_string().contains("n % 8 == 0"), "{err}");
-        let err = Weight::upload(&gpu, "w", &[0.0; 10], 64, 8).unwrap_err();
+        let err = Weight::upload(&gpu, "w", &[0.0; 64 * 24], 64, 24).unwrap_err();
+        assert!(err.to_string().contains("n % 16 == 0"), "{err}");
+        let err = Weight::upload(&gpu, "w", &[0.0; 10], 64, 16).unwrap_err();
         assert!(err.to_string().contains("do not make"), "{err}");
     }
 

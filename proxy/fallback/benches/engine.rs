@@ -1,5 +1,6 @@
 //! Fallback-engine benchmark: matmul GFLOP/s per model shape next to CPU
-//! sgemm (matrixmultiply) in the same run; sequences/s and latency at batch
+//! sgemm (matrixmultiply) in the same run; the attention kernel's time per
+//! pass; sequences/s and latency at batch
 //! 1, 8 and 32 for 16- and 128-token inputs; and sentence-transformers
 //! (PyTorch, CPU) on the same inputs when `.venv-golden` exists.
 //!
@@ -12,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use infermesh_fallback::gpu::{AdapterPreference, Gpu};
-use infermesh_fallback::kernels::matmul;
+use infermesh_fallback::kernels::{attention, matmul};
 use infermesh_fallback::{EngineConfig, LocalEmbedder};
 
 fn root() -> PathBuf {
@@ -44,6 +45,37 @@ fn gpu_matmul(gpu: &mut Gpu, [m, n, k]: [usize; 3], reps: usize) -> f64 {
     run(gpu, 1); // warm-up: compiles the pipeline
     let t = run(gpu, reps);
     t / reps as f64
+}
+
+/// Seconds per attention layer (12 heads of 32) over `batch` sequences of
+/// `tokens`, as the model runs it.
+fn gpu_attention(gpu: &mut Gpu, tokens: usize, batch: usize) -> f64 {
+    let heads = 12;
+    let hidden = heads * attention::HEAD_DIM;
+    let qkv = gpu.stage(&values(batch * tokens * 3 * hidden));
+    let lens = gpu.stage(&vec![tokens as u32; batch]);
+    let out = gpu.acquire((batch * tokens * hidden * 4) as u64);
+    let run = |gpu: &mut Gpu, reps: usize| {
+        let mut rec = gpu.recorder(reps);
+        for _ in 0..reps {
+            attention::record(
+                gpu,
+                &mut rec,
+                &qkv,
+                &lens,
+                &out,
+                batch as u32,
+                tokens as u32,
+                heads as u32,
+            )
+            .expect("record");
+        }
+        let start = Instant::now();
+        gpu.finish(rec, &out, 16).expect("run");
+        start.elapsed().as_secs_f64() / reps as f64
+    };
+    run(gpu, 1);
+    run(gpu, 6)
 }
 
 fn cpu_sgemm([m, n, k]: [usize; 3], reps: usize) -> f64 {
@@ -114,6 +146,17 @@ fn main() {
             let c = flops / cpu_sgemm([m, n, k], reps) / 1e9;
             println!("| {m}×{n}×{k} | {role} | {g:.1} | {c:.1} |");
         }
+    }
+    println!();
+    println!("| attention (6 layers of 12 heads) | per pass | per sequence |");
+    println!("| --- | --- | --- |");
+    for (tokens, batch) in [(16usize, 32usize), (128, 1), (128, 32)] {
+        let t = gpu_attention(&mut gpu, tokens, batch) * 6.0;
+        println!(
+            "| {tokens} tokens × {batch} | {:.1} ms | {:.2} ms |",
+            t * 1e3,
+            t * 1e3 / batch as f64
+        );
     }
     drop(gpu);
 

@@ -88,14 +88,12 @@ struct Layer {
     qkv_b: wgpu::Buffer,
     out_w: matmul::Weight,
     out_b: wgpu::Buffer,
-    ln1_g: wgpu::Buffer,
-    ln1_b: wgpu::Buffer,
+    ln1: layernorm::Affine,
     up_w: matmul::Weight,
     up_b: wgpu::Buffer,
     down_w: matmul::Weight,
     down_b: wgpu::Buffer,
-    ln2_g: wgpu::Buffer,
-    ln2_b: wgpu::Buffer,
+    ln2: layernorm::Affine,
 }
 
 /// A BERT encoder whose weights live on the device.
@@ -246,14 +244,12 @@ impl Bert {
                     "out_b",
                     &r.tensor(&format!("{p}attention.output.dense.bias"), &[h])?,
                 ),
-                ln1_g: gpu.upload(
-                    "ln1_g",
+                ln1: layernorm::Affine::upload(
+                    gpu,
+                    "ln1",
                     &r.tensor(&format!("{p}attention.output.LayerNorm.weight"), &[h])?,
-                ),
-                ln1_b: gpu.upload(
-                    "ln1_b",
                     &r.tensor(&format!("{p}attention.output.LayerNorm.bias"), &[h])?,
-                ),
+                )?,
                 up_w: matmul::Weight::upload(
                     gpu,
                     "up_w",
@@ -273,14 +269,12 @@ impl Bert {
                     hu,
                 )?,
                 down_b: gpu.upload("down_b", &r.tensor(&format!("{p}output.dense.bias"), &[h])?),
-                ln2_g: gpu.upload(
-                    "ln2_g",
+                ln2: layernorm::Affine::upload(
+                    gpu,
+                    "ln2",
                     &r.tensor(&format!("{p}output.LayerNorm.weight"), &[h])?,
-                ),
-                ln2_b: gpu.upload(
-                    "ln2_b",
                     &r.tensor(&format!("{p}output.LayerNorm.bias"), &[h])?,
-                ),
+                )?,
             });
         }
         Ok(Self {
@@ -382,9 +376,7 @@ impl Bert {
                 &a.h,
                 rows,
             )?;
-            layernorm::record(
-                gpu, &mut rec, &a.h, &a.x, &l.ln1_g, &l.ln1_b, &a.x1, rows, h, eps,
-            )?;
+            layernorm::record(gpu, &mut rec, &a.h, &a.x, &l.ln1, &a.x1, rows, eps)?;
             matmul::record(
                 gpu,
                 &mut rec,
@@ -405,9 +397,7 @@ impl Bert {
                 &a.h,
                 rows,
             )?;
-            layernorm::record(
-                gpu, &mut rec, &a.h, &a.x1, &l.ln2_g, &l.ln2_b, &a.x, rows, h, eps,
-            )?;
+            layernorm::record(gpu, &mut rec, &a.h, &a.x1, &l.ln2, &a.x, rows, eps)?;
         }
         pool::record(
             gpu, &mut rec, &a.x, &a.lens, &a.out, b as u32, seq as u32, h,

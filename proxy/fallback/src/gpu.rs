@@ -459,7 +459,7 @@ impl Gpu {
         };
         self.release(readback);
         self.release(uniforms);
-        for texture in scratch {
+        for (_, texture) in scratch {
             self.release_matrix(texture);
         }
         values
@@ -527,8 +527,9 @@ pub struct Recorder {
     commands: Vec<Command>,
     params: Vec<u8>,
     slot: u64,
-    /// Pooled textures used by this pass, returned when it is finished.
-    scratch: Vec<wgpu::Texture>,
+    /// Pooled textures used by this pass, by slot, returned when it is
+    /// finished.
+    scratch: Vec<(usize, wgpu::Texture)>,
 }
 
 impl Recorder {
@@ -592,19 +593,26 @@ impl Recorder {
     }
 
     /// A matrix texture of `width` vec4 by at least `rows` rows for this
-    /// pass, returned to the pool when the pass is finished. Products of
-    /// the same width share one: commands run in order, so each copy into
-    /// it waits for the dispatch before it.
-    pub fn scratch_matrix(&mut self, gpu: &mut Gpu, width: u32, rows: u32) -> wgpu::Texture {
-        if let Some(texture) = self
+    /// pass, returned to the pool when the pass is finished. Kernels that
+    /// bind two at once ask for different `slot`s; otherwise products of the
+    /// same width share one: commands run in order, so each copy into it
+    /// waits for the dispatch before it.
+    pub fn scratch_matrix(
+        &mut self,
+        gpu: &mut Gpu,
+        slot: usize,
+        width: u32,
+        rows: u32,
+    ) -> wgpu::Texture {
+        if let Some((_, texture)) = self
             .scratch
             .iter()
-            .find(|t| t.width() == width && t.height() >= rows)
+            .find(|(s, t)| *s == slot && t.width() == width && t.height() >= rows)
         {
             return texture.clone();
         }
         let texture = gpu.acquire_matrix(width, rows);
-        self.scratch.push(texture.clone());
+        self.scratch.push((slot, texture.clone()));
         texture
     }
 

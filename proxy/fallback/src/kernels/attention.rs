@@ -60,7 +60,7 @@ pub fn record(
             gpu.max_block_rows()
         )));
     }
-    let texture = recorder.scratch_matrix(gpu, width, per_block * seq);
+    let texture = recorder.scratch_matrix(gpu, 0, width, per_block * seq);
     let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
     let mut first = 0;
     while first < batch {

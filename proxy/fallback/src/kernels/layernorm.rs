@@ -1,7 +1,7 @@
 //! `out = LayerNorm(x + residual)`: the residual add and norm after the
 //! attention output and after the feed-forward.
 
-use crate::gpu::{Gpu, Kernel, PipelineKey, Recorder};
+use crate::gpu::{Bind, Gpu, Kernel, PipelineKey, Recorder};
 use crate::kernels::WORKGROUP;
 use crate::EngineError;
 
@@ -22,36 +22,88 @@ struct Params {
     rows: u32,
     hidden: u32,
     eps: f32,
-    _pad: u32,
+    row_offset: u32,
 }
 
-/// Records the add-and-norm of `rows` rows of width `hidden`.
-#[allow(clippy::too_many_arguments)]
+/// A LayerNorm's `gamma` and `beta`, as the two rows of a texture.
+#[derive(Debug)]
+pub struct Affine {
+    view: wgpu::TextureView,
+    hidden: u32,
+}
+
+impl Affine {
+    /// Uploads `gamma` and `beta` (each `hidden` long, a multiple of 64).
+    pub fn upload(
+        gpu: &Gpu,
+        label: &str,
+        gamma: &[f32],
+        beta: &[f32],
+    ) -> Result<Self, EngineError> {
+        let hidden = gamma.len() as u32;
+        if beta.len() != gamma.len() || !hidden.is_multiple_of(64) {
+            return Err(EngineError::Gpu(format!(
+                "{label}: gamma and beta must be the same length, a multiple of 64 (got {} and {})",
+                gamma.len(),
+                beta.len()
+            )));
+        }
+        let rows: Vec<f32> = gamma.iter().chain(beta).copied().collect();
+        let texture = gpu.upload_matrix(label, &rows, hidden / 4, 2)?;
+        Ok(Self {
+            view: texture.create_view(&wgpu::TextureViewDescriptor::default()),
+            hidden,
+        })
+    }
+}
+
+/// Records the add-and-norm of `rows` rows of width `hidden` (the affine's):
+/// `x` and `residual` are copied into textures first, in row blocks as tall
+/// as the texture limit allows.
 pub fn record(
     gpu: &mut Gpu,
     recorder: &mut Recorder,
     x: &wgpu::Buffer,
     residual: &wgpu::Buffer,
-    gamma: &wgpu::Buffer,
-    beta: &wgpu::Buffer,
+    affine: &Affine,
     out: &wgpu::Buffer,
     rows: u32,
-    hidden: u32,
     eps: f32,
 ) -> Result<(), EngineError> {
-    let params = Params {
-        rows,
-        hidden,
-        eps,
-        _pad: 0,
-    };
-    recorder.dispatch(
-        gpu,
-        &KERNEL,
-        &[x, residual, gamma, beta, out],
-        &params,
-        rows,
-    )
+    if rows == 0 {
+        return Ok(());
+    }
+    let hidden = affine.hidden;
+    let width = hidden / 4;
+    let block = gpu.max_block_rows().min(rows);
+    let xt = recorder.scratch_matrix(gpu, 0, width, block);
+    let rt = recorder.scratch_matrix(gpu, 1, width, block);
+    let (xv, rv) = (
+        xt.create_view(&wgpu::TextureViewDescriptor::default()),
+        rt.create_view(&wgpu::TextureViewDescriptor::default()),
+    );
+    let mut row = 0;
+    while row < rows {
+        let count = block.min(rows - row);
+        let offset = u64::from(row) * u64::from(hidden) * 4;
+        recorder.copy_to_matrix(x, offset, &xt, width, count)?;
+        recorder.copy_to_matrix(residual, offset, &rt, width, count)?;
+        let params = Params {
+            rows: count,
+            hidden,
+            eps,
+            row_offset: row,
+        };
+        let bindings = vec![
+            Bind::Matrix(xv.clone()),
+            Bind::Matrix(rv.clone()),
+            Bind::Matrix(affine.view.clone()),
+            Bind::Buffer(out.clone()),
+        ];
+        recorder.dispatch_bound(gpu, &KERNEL, bindings, &params, count.div_ceil(WORKGROUP))?;
+        row += count;
+    }
+    Ok(())
 }
 
 /// LayerNorm of one row, in place, in f64 for a reference that rounds once.
@@ -91,40 +143,40 @@ mod tests {
     use crate::gpu::tests::gpu;
     use crate::kernels::testing::{assert_close, values};
 
-    #[test]
-    fn add_and_norm_matches_the_cpu_reference() {
-        let mut gpu = gpu();
-        let (rows, hidden) = (67, 384);
+    fn case(gpu: &mut Gpu, rows: usize, hidden: usize) {
         let x = values(rows * hidden, 4, 3.0);
         let residual = values(rows * hidden, 5, 1.0);
         let gamma = values(hidden, 6, 1.0);
         let beta = values(hidden, 7, 0.1);
-        let bufs = [
-            gpu.stage(&x),
-            gpu.stage(&residual),
-            gpu.stage(&gamma),
-            gpu.stage(&beta),
-        ];
+        let (xb, rb) = (gpu.stage(&x), gpu.stage(&residual));
+        let affine = Affine::upload(gpu, "ln", &gamma, &beta).unwrap();
         let out = gpu.acquire((rows * hidden * 4) as u64);
         let mut rec = gpu.recorder(1);
-        record(
-            &mut gpu,
-            &mut rec,
-            &bufs[0],
-            &bufs[1],
-            &bufs[2],
-            &bufs[3],
-            &out,
-            rows as u32,
-            hidden as u32,
-            1e-12,
-        )
-        .unwrap();
+        record(gpu, &mut rec, &xb, &rb, &affine, &out, rows as u32, 1e-12).unwrap();
         let got = gpu.finish(rec, &out, (rows * hidden * 4) as u64).unwrap();
         assert_close(
             &got,
             &reference(&x, &residual, &gamma, &beta, hidden, 1e-12),
             1e-5,
         );
+    }
+
+    #[test]
+    fn add_and_norm_matches_the_cpu_reference() {
+        let mut gpu = gpu();
+        case(&mut gpu, 67, 384);
+        case(&mut gpu, 3, 64);
+        // Row blocks of 16: five dispatches, the last of 3 rows.
+        gpu.limit_block_rows(16);
+        case(&mut gpu, 67, 128);
+    }
+
+    #[test]
+    fn an_affine_of_a_width_the_kernel_cannot_take_is_refused() {
+        let gpu = gpu();
+        let err = Affine::upload(&gpu, "ln", &[1.0; 48], &[0.0; 48]).unwrap_err();
+        assert!(err.to_string().contains("multiple of 64"), "{err}");
+        let err = Affine::upload(&gpu, "ln", &[1.0; 64], &[0.0; 60]).unwrap_err();
+        assert!(err.to_string().contains("same length"), "{err}");
     }
 }

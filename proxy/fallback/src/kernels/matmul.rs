@@ -89,7 +89,7 @@ pub fn record(
         return Ok(());
     }
     let block = gpu.max_block_rows().min(m);
-    let texture = recorder.scratch_matrix(gpu, k / 4, block);
+    let texture = recorder.scratch_matrix(gpu, 0, k / 4, block);
     let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
     let mut row = 0;
     while row < m {

@@ -60,6 +60,7 @@ impl Affine {
 /// Records the add-and-norm of `rows` rows of width `hidden` (the affine's):
 /// `x` and `residual` are copied into textures first, in row blocks as tall
 /// as the texture limit allows.
+#[allow(clippy::too_many_arguments)]
 pub fn record(
     gpu: &mut Gpu,
     recorder: &mut Recorder,

@@ -203,11 +203,21 @@ fn main() -> ExitCode {
         None => None,
     };
 
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime, where the listeners and every
+    // connection share the thread that runs them, with none of the
+    // multi-threaded scheduler's cross-thread wake-ups and atomics.
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let mut runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
     runtime.enable_all().thread_name("infermesh-worker");
-    if let Some(threads) = args.threads {
-        runtime.worker_threads(threads.max(1));
-    }
     let runtime = match runtime.build() {
         Ok(runtime) => runtime,
         Err(error) => {

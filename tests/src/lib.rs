@@ -41,12 +41,26 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// An address on which nothing listens: bound once to learn a free port, then
-/// released, so a connection to it is refused.
-pub fn refused_addr() -> std::net::SocketAddr {
+/// A port free at the time of asking, for a process that binds it next:
+/// bound once to learn it, then released.
+pub fn free_addr() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().expect("local_addr");
     drop(listener);
+    addr
+}
+
+/// An address on which nothing listens, so a connection to it is refused.
+pub fn refused_addr() -> std::net::SocketAddr {
+    // Bound but never listening: connections are refused, and no other
+    // test's listener can take the port while this process lives (a port
+    // merely freed could be, and then it would answer).
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().expect("local_addr");
+    std::mem::forget(socket);
     addr
 }
 

@@ -142,6 +142,13 @@ impl ProxyBuilder {
                 "127.0.0.1:0",
             ])
             .args(&self.extra_args)
+            // One worker, as sidecars run (a current-thread runtime); a
+            // test that passes --threads itself gets what it asks for.
+            .args(if self.extra_args.iter().any(|a| a == "--threads") {
+                &[][..]
+            } else {
+                &["--threads", "1"][..]
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -97,10 +97,6 @@ spec:
       from: [{identity: "spiffe://cluster.local/ns/batch/sa/rogue"}]
 "#;
 
-fn free_addr() -> SocketAddr {
-    infermesh_tests::refused_addr()
-}
-
 fn chat(model: &str) -> String {
     format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
 }
@@ -130,7 +126,7 @@ async fn wait_log(what: &str, stderr: impl Fn() -> String, text: &str) {
 async fn a_sidecar_pair_speaks_mtls_and_authorizes_each_caller_per_model_and_method() {
     let openai = OpenAiServer::start("llama");
     let kserve = KServeGrpcServer::start("triton");
-    let inbound = free_addr();
+    let inbound = infermesh_tests::free_addr();
     let mesh = Mesh::start(
         &[
             ("server.yaml", &server_policy(openai.addr(), kserve.addr())),
@@ -545,7 +541,7 @@ async fn the_ca_refuses_a_token_bound_to_another_identity() {
 async fn certificates_rotate_under_load_without_a_failed_request() {
     let openai = OpenAiServer::start("llama");
     let kserve = KServeGrpcServer::start("triton");
-    let inbound = free_addr();
+    let inbound = infermesh_tests::free_addr();
     let mesh = Mesh::start(
         &[
             ("server.yaml", &server_policy(openai.addr(), kserve.addr())),

@@ -83,8 +83,20 @@ fn assert_median_lag_small(sent: &[Instant], arrived: &[Instant]) {
 }
 
 async fn assert_sse_passes_chunk_by_chunk(client: HttpClient, upstream_protocol: &str) {
+    assert_sse_passes_chunk_by_chunk_on(client, upstream_protocol, "1").await;
+}
+
+async fn assert_sse_passes_chunk_by_chunk_on(
+    client: HttpClient,
+    upstream_protocol: &str,
+    threads: &str,
+) {
     let upstream = twenty_chunks_50ms_apart("sse");
-    let proxy = ProxyProcess::start(&openai_policy(&upstream, upstream_protocol));
+    let proxy = ProxyProcess::builder()
+        .policy(&openai_policy(&upstream, upstream_protocol))
+        .arg("--threads")
+        .arg(threads)
+        .start();
     let url = format!("{}/v1/chat/completions", proxy.url());
 
     let response = client
@@ -139,6 +151,13 @@ async fn sse_passes_chunk_by_chunk_http2_client_http2_upstream() {
 #[tokio::test]
 async fn sse_passes_chunk_by_chunk_http2_client_http1_upstream() {
     assert_sse_passes_chunk_by_chunk(HttpClient::http2(), "http1").await;
+}
+
+#[tokio::test]
+async fn sse_passes_chunk_by_chunk_on_a_multi_threaded_runtime() {
+    // The suite runs its proxies with one worker (a current-thread
+    // runtime); this is the other flavour.
+    assert_sse_passes_chunk_by_chunk_on(HttpClient::http2(), "http1", "2").await;
 }
 
 #[tokio::test]

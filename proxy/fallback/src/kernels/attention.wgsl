@@ -12,9 +12,9 @@
 // QUERIES queries of the invocation, and neighbouring invocations (the same
 // sequence and head) fetch the same texels.
 //
-// Written out without loops over local arrays: lavapipe keeps an array that
-// is indexed in a loop in per-lane memory, which made the looped form of
-// this kernel 5x slower (docs/benchmarks.md).
+// Written out without loops over local arrays: on lavapipe the looped form
+// of this kernel (arrays of queries and sums indexed in loops, apparently
+// kept in memory rather than registers) was 5x slower (docs/benchmarks.md).
 
 struct Params {
     // Sequences in this block, and the index of its first one.

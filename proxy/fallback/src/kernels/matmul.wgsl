@@ -4,10 +4,10 @@
 // A and W are RGBA32F textures read as read-only storage textures, one
 // vec4 of a row per texel (A: k/4 wide, m tall; W: n/4 wide, k tall). On
 // CPU-backed adapters (lavapipe) a storage-buffer load is a loop over the
-// SIMD lanes with a bounds check per scalar, and a sampled-texture fetch
-// goes through the sampler's level-of-detail logic; a storage-texture load
-// is a 128-bit load per lane. Same products, same run: storage buffers
-// 4-6 GFLOP/s, sampled textures 11-13, storage textures 20-28
+// SIMD lanes with a bounds check per scalar, a sampled-texture fetch takes
+// the sampler's texel-fetch path, and a storage-texture load is a 128-bit
+// load per lane. In sweeps on a 2-core machine: storage buffers 4-6
+// GFLOP/s, sampled textures 11-13, storage textures 20-28
 // (docs/benchmarks.md). GPUs serve texture loads from their caches.
 //
 // Register-blocked: each invocation owns an 8-row x 16-column tile (32 vec4
@@ -16,8 +16,8 @@
 // costs more than the cache it would save. A workgroup's 64 invocations form
 // 8 column tiles by 8 row tiles (64 rows x 128 columns); the 8 invocations
 // that share rows are consecutive, so they load the same A texels.
-// Written out without loops over local arrays, which lavapipe would keep in
-// per-lane memory. Requires n % 16 == 0; rows past m are clamped on read
+// Written out without loops over local arrays, which lavapipe appears to
+// keep in memory rather than registers. Requires n % 16 == 0; rows past m are clamped on read
 // and skipped on write.
 
 struct Params {

@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use infermesh_fallback::gpu::{AdapterPreference, Gpu};
+use infermesh_fallback::gpu::{AdapterPreference, Gpu, Recorder};
 use infermesh_fallback::kernels::{attention, matmul};
-use infermesh_fallback::{EngineConfig, LocalEmbedder};
+use infermesh_fallback::{EngineConfig, EngineError, LocalEmbedder};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -32,19 +32,30 @@ fn gpu_matmul(gpu: &mut Gpu, [m, n, k]: [usize; 3], reps: usize) -> f64 {
     let w = matmul::Weight::upload(gpu, "w", &values(k * n), k as u32, n as u32).expect("weight");
     let bias = gpu.stage(&values(n));
     let c = gpu.acquire((m * n * 4) as u64);
+    time_pass(gpu, &c, reps, |gpu, rec| {
+        matmul::record(gpu, rec, &matmul::PLAIN, &a, &w, &bias, &c, m as u32)
+    })
+}
+
+/// Seconds per `record` call: a warm-up pass (which compiles the pipeline),
+/// then `reps` calls recorded into one submission.
+fn time_pass(
+    gpu: &mut Gpu,
+    output: &wgpu::Buffer,
+    reps: usize,
+    record: impl Fn(&mut Gpu, &mut Recorder) -> Result<(), EngineError>,
+) -> f64 {
     let run = |gpu: &mut Gpu, reps: usize| {
         let mut rec = gpu.recorder(reps);
         for _ in 0..reps {
-            matmul::record(gpu, &mut rec, &matmul::PLAIN, &a, &w, &bias, &c, m as u32)
-                .expect("record");
+            record(gpu, &mut rec).expect("record");
         }
         let start = Instant::now();
-        gpu.finish(rec, &c, 16).expect("run");
-        start.elapsed().as_secs_f64()
+        gpu.finish(rec, output, 16).expect("run");
+        start.elapsed().as_secs_f64() / reps as f64
     };
-    run(gpu, 1); // warm-up: compiles the pipeline
-    let t = run(gpu, reps);
-    t / reps as f64
+    run(gpu, 1);
+    run(gpu, reps)
 }
 
 /// Seconds per attention layer (12 heads of 32) over `batch` sequences of
@@ -55,27 +66,10 @@ fn gpu_attention(gpu: &mut Gpu, tokens: usize, batch: usize) -> f64 {
     let qkv = gpu.stage(&values(batch * tokens * 3 * hidden));
     let lens = gpu.stage(&vec![tokens as u32; batch]);
     let out = gpu.acquire((batch * tokens * hidden * 4) as u64);
-    let run = |gpu: &mut Gpu, reps: usize| {
-        let mut rec = gpu.recorder(reps);
-        for _ in 0..reps {
-            attention::record(
-                gpu,
-                &mut rec,
-                &qkv,
-                &lens,
-                &out,
-                batch as u32,
-                tokens as u32,
-                heads as u32,
-            )
-            .expect("record");
-        }
-        let start = Instant::now();
-        gpu.finish(rec, &out, 16).expect("run");
-        start.elapsed().as_secs_f64() / reps as f64
-    };
-    run(gpu, 1);
-    run(gpu, 6)
+    time_pass(gpu, &out, 6, |gpu, rec| {
+        let (b, t, h) = (batch as u32, tokens as u32, heads as u32);
+        attention::record(gpu, rec, &qkv, &lens, &out, b, t, h)
+    })
 }
 
 fn cpu_sgemm([m, n, k]: [usize; 3], reps: usize) -> f64 {

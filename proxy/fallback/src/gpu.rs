@@ -272,6 +272,23 @@ impl Gpu {
         self.max_block_rows
     }
 
+    /// Splits `rows` rows, in whole units of `unit` rows (a sequence, say),
+    /// into blocks no taller than [`Gpu::max_block_rows`]: (first row, rows)
+    /// of each, in order. The first block is the tallest.
+    pub fn row_blocks(&self, rows: u32, unit: u32) -> Result<Vec<(u32, u32)>, EngineError> {
+        let unit = unit.max(1);
+        let block = self.max_block_rows / unit * unit;
+        if block == 0 {
+            return Err(EngineError::Gpu(format!(
+                "a unit of {unit} rows is taller than the adapter's texture limit of {} rows",
+                self.max_block_rows
+            )));
+        }
+        Ok((0..rows.div_ceil(block))
+            .map(|i| (i * block, block.min(rows - i * block)))
+            .collect())
+    }
+
     /// Lowers [`Gpu::max_block_rows`], so tests can exercise row blocks.
     #[cfg(test)]
     pub(crate) fn limit_block_rows(&mut self, rows: u32) {
@@ -593,40 +610,45 @@ impl Recorder {
     }
 
     /// A matrix texture of `width` vec4 by at least `rows` rows for this
-    /// pass, returned to the pool when the pass is finished. Kernels that
-    /// bind two at once ask for different `slot`s; otherwise products of the
-    /// same width share one: commands run in order, so each copy into it
-    /// waits for the dispatch before it.
+    /// pass, and the view kernels bind, returned to the pool when the pass
+    /// is finished. Kernels that bind two at once ask for different
+    /// `slot`s; otherwise products of the same width share one: commands
+    /// run in order, so each copy into it waits for the dispatch before it.
     pub fn scratch_matrix(
         &mut self,
         gpu: &mut Gpu,
         slot: usize,
         width: u32,
         rows: u32,
-    ) -> wgpu::Texture {
-        if let Some((_, texture)) = self
+    ) -> (wgpu::Texture, wgpu::TextureView) {
+        let texture = match self
             .scratch
             .iter()
             .find(|(s, t)| *s == slot && t.width() == width && t.height() >= rows)
         {
-            return texture.clone();
-        }
-        let texture = gpu.acquire_matrix(width, rows);
-        self.scratch.push((slot, texture.clone()));
-        texture
+            Some((_, texture)) => texture.clone(),
+            None => {
+                let texture = gpu.acquire_matrix(width, rows);
+                self.scratch.push((slot, texture.clone()));
+                texture
+            }
+        };
+        let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+        (texture, view)
     }
 
-    /// Records a copy of `rows` rows of `width` vec4, starting at byte
-    /// `offset` of `buffer`, into the top of `texture`. Rows must be a
-    /// multiple of 256 bytes (`width` a multiple of 16).
+    /// Records a copy of `rows` rows of a row-major matrix as wide as
+    /// `texture` (in vec4), starting at row `first_row` of `buffer`, into
+    /// the top of `texture`. Rows must be a multiple of 256 bytes (the
+    /// texture's width a multiple of 16).
     pub fn copy_to_matrix(
         &mut self,
         buffer: &wgpu::Buffer,
-        offset: u64,
+        first_row: u32,
         texture: &wgpu::Texture,
-        width: u32,
         rows: u32,
     ) -> Result<(), EngineError> {
+        let width = texture.width();
         if !width.is_multiple_of(16) {
             return Err(EngineError::Gpu(format!(
                 "a matrix row of {width} vec4 is not a multiple of 256 bytes"
@@ -634,7 +656,7 @@ impl Recorder {
         }
         self.commands.push(Command::Copy {
             buffer: buffer.clone(),
-            offset,
+            offset: u64::from(first_row) * u64::from(width) * 16,
             texture: texture.clone(),
             width,
             rows,

@@ -49,33 +49,21 @@ pub fn record(
     heads: u32,
 ) -> Result<(), EngineError> {
     let hidden = heads * HEAD_DIM as u32;
-    let width = 3 * hidden / 4;
-    let per_block = (gpu.max_block_rows() / seq.max(1)).max(1).min(batch);
-    if batch == 0 || seq == 0 {
+    if seq == 0 {
         return Ok(());
     }
-    if per_block * seq > gpu.max_block_rows() {
-        return Err(EngineError::Gpu(format!(
-            "a sequence of {seq} tokens is taller than the adapter's texture limit of {} rows",
-            gpu.max_block_rows()
-        )));
-    }
-    let texture = recorder.scratch_matrix(gpu, 0, width, per_block * seq);
-    let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
-    let mut first = 0;
-    while first < batch {
-        let count = per_block.min(batch - first);
-        let row_bytes = u64::from(width) * 16;
-        recorder.copy_to_matrix(
-            qkv,
-            u64::from(first * seq) * row_bytes,
-            &texture,
-            width,
-            count * seq,
-        )?;
+    // Blocks of whole sequences: a query reads every key of its own.
+    let blocks = gpu.row_blocks(batch * seq, seq)?;
+    let Some(&(_, tallest)) = blocks.first() else {
+        return Ok(());
+    };
+    let (texture, view) = recorder.scratch_matrix(gpu, 0, 3 * hidden / 4, tallest);
+    for (first_row, rows) in blocks {
+        recorder.copy_to_matrix(qkv, first_row, &texture, rows)?;
+        let count = rows / seq;
         let params = Params {
             batch: count,
-            first,
+            first: first_row / seq,
             seq,
             heads,
             hidden,
@@ -95,7 +83,6 @@ pub fn record(
             &params,
             groups,
         )?;
-        first += count;
     }
     Ok(())
 }

@@ -71,29 +71,21 @@ pub fn record(
     rows: u32,
     eps: f32,
 ) -> Result<(), EngineError> {
-    if rows == 0 {
-        return Ok(());
-    }
     let hidden = affine.hidden;
-    let width = hidden / 4;
-    let block = gpu.max_block_rows().min(rows);
-    let xt = recorder.scratch_matrix(gpu, 0, width, block);
-    let rt = recorder.scratch_matrix(gpu, 1, width, block);
-    let (xv, rv) = (
-        xt.create_view(&wgpu::TextureViewDescriptor::default()),
-        rt.create_view(&wgpu::TextureViewDescriptor::default()),
-    );
-    let mut row = 0;
-    while row < rows {
-        let count = block.min(rows - row);
-        let offset = u64::from(row) * u64::from(hidden) * 4;
-        recorder.copy_to_matrix(x, offset, &xt, width, count)?;
-        recorder.copy_to_matrix(residual, offset, &rt, width, count)?;
+    let blocks = gpu.row_blocks(rows, 1)?;
+    let Some(&(_, tallest)) = blocks.first() else {
+        return Ok(());
+    };
+    let (xt, xv) = recorder.scratch_matrix(gpu, 0, hidden / 4, tallest);
+    let (rt, rv) = recorder.scratch_matrix(gpu, 1, hidden / 4, tallest);
+    for (first, count) in blocks {
+        recorder.copy_to_matrix(x, first, &xt, count)?;
+        recorder.copy_to_matrix(residual, first, &rt, count)?;
         let params = Params {
             rows: count,
             hidden,
             eps,
-            row_offset: row,
+            row_offset: first,
         };
         let bindings = vec![
             Bind::Matrix(xv.clone()),
@@ -102,7 +94,6 @@ pub fn record(
             Bind::Buffer(out.clone()),
         ];
         recorder.dispatch_bound(gpu, &KERNEL, bindings, &params, count.div_ceil(WORKGROUP))?;
-        row += count;
     }
     Ok(())
 }

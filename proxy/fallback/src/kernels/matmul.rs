@@ -50,7 +50,11 @@ impl Weight {
     /// Uploads `w[k, n]`; `n` must be a multiple of 16 and `k` of 64 (a row of
     /// the activation texture is then a whole number of 256-byte copy rows).
     pub fn upload(gpu: &Gpu, label: &str, w: &[f32], k: u32, n: u32) -> Result<Self, EngineError> {
-        check_shape(n, k)?;
+        if k == 0 || !k.is_multiple_of(64) || n == 0 || !n.is_multiple_of(16) {
+            return Err(EngineError::Gpu(format!(
+                "matmul needs k % 64 == 0 and n % 16 == 0, got k {k}, n {n}"
+            )));
+        }
         let texture = gpu.upload_matrix(label, w, n / 4, k)?;
         Ok(Self {
             view: texture.create_view(&wgpu::TextureViewDescriptor::default()),
@@ -58,15 +62,6 @@ impl Weight {
             n,
         })
     }
-}
-
-fn check_shape(n: u32, k: u32) -> Result<(), EngineError> {
-    if k == 0 || !k.is_multiple_of(64) || n == 0 || !n.is_multiple_of(16) {
-        return Err(EngineError::Gpu(format!(
-            "matmul needs k % 64 == 0 and n % 16 == 0, got k {k}, n {n}"
-        )));
-    }
-    Ok(())
 }
 
 /// Records `c[m,n] = a[m,k] · w[k,n] + bias[n]` (row-major buffers). `a` is
@@ -84,24 +79,20 @@ pub fn record(
     m: u32,
 ) -> Result<(), EngineError> {
     let (n, k) = (w.n, w.k);
-    check_shape(n, k)?;
-    if m == 0 {
+    let blocks = gpu.row_blocks(m, 1)?;
+    let Some(&(_, tallest)) = blocks.first() else {
         return Ok(());
-    }
-    let block = gpu.max_block_rows().min(m);
-    let texture = recorder.scratch_matrix(gpu, 0, k / 4, block);
-    let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
-    let mut row = 0;
-    while row < m {
-        let rows = block.min(m - row);
-        recorder.copy_to_matrix(a, u64::from(row) * u64::from(k) * 4, &texture, k / 4, rows)?;
+    };
+    let (texture, view) = recorder.scratch_matrix(gpu, 0, k / 4, tallest);
+    for (first, rows) in blocks {
+        recorder.copy_to_matrix(a, first, &texture, rows)?;
         // Workgroups of 8 x 8 tiles of 8 x 16: 64 rows by 128 columns each.
         let groups = rows.div_ceil(64) * n.div_ceil(128);
         let params = Params {
             m: rows,
             n,
             k,
-            row_offset: row,
+            row_offset: first,
         };
         let bindings = vec![
             Bind::Matrix(view.clone()),
@@ -110,7 +101,6 @@ pub fn record(
             Bind::Buffer(c.clone()),
         ];
         recorder.dispatch_bound(gpu, kernel, bindings, &params, groups)?;
-        row += rows;
     }
     Ok(())
 }

@@ -59,6 +59,9 @@ pub enum ProxyError {
     /// The request is malformed.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The client did not send its request (its body) in time.
+    #[error("request timeout: {0}")]
+    RequestTimeout(String),
     /// An authorization policy refuses the caller this request.
     #[error("permission denied: {0}")]
     Forbidden(String),
@@ -139,9 +142,11 @@ impl ProxyError {
     /// Who caused the error.
     pub fn fault(&self) -> Fault {
         match self {
-            Self::NoRoute(_) | Self::BadRequest(_) | Self::Forbidden(_) | Self::TooLarge(_) => {
-                Fault::Client
-            }
+            Self::NoRoute(_)
+            | Self::BadRequest(_)
+            | Self::RequestTimeout(_)
+            | Self::Forbidden(_)
+            | Self::TooLarge(_) => Fault::Client,
             Self::NoEndpoint(_) | Self::Misconfigured(_) | Self::LocalUnavailable { .. } => {
                 Fault::Proxy
             }
@@ -178,6 +183,7 @@ impl ProxyError {
             Self::Upstream { .. } => "upstream_error",
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => "timeout",
             Self::BadRequest(_) => "bad_request",
+            Self::RequestTimeout(_) => "request_timeout",
             Self::Forbidden(_) => "permission_denied",
             Self::Misconfigured(_) => "proxy_misconfigured",
             Self::TooLarge(_) => "request_too_large",
@@ -200,6 +206,7 @@ impl ProxyError {
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -219,6 +226,7 @@ impl ProxyError {
             Self::Forbidden(_) => grpc_code::PERMISSION_DENIED,
             Self::FirstByteTimeout(_) | Self::TotalTimeout(_) => grpc_code::DEADLINE_EXCEEDED,
             Self::BadRequest(_) => grpc_code::INVALID_ARGUMENT,
+            Self::RequestTimeout(_) => grpc_code::DEADLINE_EXCEEDED,
             Self::TooLarge(_) => grpc_code::RESOURCE_EXHAUSTED,
             // UNAVAILABLE, as gRPC maps HTTP 503: transient, try again or
             // elsewhere. RESOURCE_EXHAUSTED stays for quotas and rate limits,

@@ -1,16 +1,27 @@
 //! Request bodies on their way upstream: the prefix read for classification
 //! is replayed first, then the rest of the client's body streams through.
+//!
+//! What goes wrong on the client's side of a body (a broken upload, a client
+//! that leaves, a body that stalls, a body whose rest contradicts the model it
+//! was routed by) is recorded in a [`BodyFault`] that the forwarding code
+//! reads, so that the endpoint is never blamed for it.
 
 use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use infermesh_filters::replay::ReplayBody;
-use infermesh_filters::BoxError;
+use infermesh_filters::{BoxError, ProxyError};
+
+use crate::classify::{GrpcVerifier, JsonScanner};
 
 /// A client's request body with its already-read prefix put back in front.
 #[derive(Debug, Default)]
@@ -19,9 +30,98 @@ pub struct ProxyBody {
     prefix_len: u64,
     trailers: Option<HeaderMap>,
     rest: Option<Incoming>,
+    /// Checks the rest of the body as it streams.
+    check: Option<BodyCheck>,
+    /// Where a client-side failure of the rest is recorded.
+    fault: Option<BodyFault>,
+    /// Longest wait for the next chunk of the rest; `None` for no limit.
+    idle: Option<Duration>,
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Set instead of the fields above on the way upstream, when the retry
     /// filter keeps the body to send it again.
     attempt: Option<Box<ReplayBody<ProxyBody>>>,
+}
+
+/// Verifies the rest of a request body after it was routed by its model.
+#[derive(Debug)]
+pub enum BodyCheck {
+    /// An OpenAI JSON body: no second top-level `model`, no second value.
+    Json(Box<JsonScanner>),
+    /// A gRPC body: every message names the model the first one named.
+    Grpc(Box<GrpcVerifier>),
+}
+
+impl BodyCheck {
+    /// Checks the next chunk; the reason when the body must not reach the
+    /// upstream.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), String> {
+        match self {
+            BodyCheck::Json(scanner) => {
+                scanner.feed(chunk);
+                match scanner.ambiguity() {
+                    Some(why) => Err(why),
+                    None => Ok(()),
+                }
+            }
+            BodyCheck::Grpc(verifier) => verifier.feed(chunk),
+        }
+    }
+}
+
+/// What went wrong on the client's side of a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyProblem {
+    /// The client's upload broke (bad chunk size, cut short, the client left).
+    Broken(String),
+    /// The rest of the body contradicts what the request was routed and
+    /// authorized by.
+    Refused(String),
+    /// Nothing arrived for this long.
+    Stalled(Duration),
+}
+
+impl fmt::Display for BodyProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BodyProblem::Broken(why) => write!(f, "reading the request body failed: {why}"),
+            BodyProblem::Refused(why) => f.write_str(why),
+            BodyProblem::Stalled(limit) => write!(
+                f,
+                "the request body stalled: nothing arrived for {} s",
+                limit.as_secs()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BodyProblem {}
+
+impl BodyProblem {
+    /// The error the client is owed: the client's fault, never retried.
+    pub fn to_error(&self) -> ProxyError {
+        match self {
+            BodyProblem::Stalled(_) => ProxyError::RequestTimeout(self.to_string()),
+            _ => ProxyError::BadRequest(self.to_string()),
+        }
+    }
+}
+
+/// The first client-side failure of a request body, shared by the body
+/// (which sees it) and the forwarding code (which must not count it against
+/// the endpoint). Travels as a request extension, so every attempt sees it.
+#[derive(Debug, Clone, Default)]
+pub struct BodyFault(Arc<OnceLock<BodyProblem>>);
+
+impl BodyFault {
+    /// The recorded failure, if any.
+    pub fn get(&self) -> Option<&BodyProblem> {
+        self.0.get()
+    }
+
+    fn record(&self, problem: BodyProblem) -> BoxError {
+        let _ = self.0.set(problem.clone());
+        Box::new(problem)
+    }
 }
 
 impl ProxyBody {
@@ -47,8 +147,23 @@ impl ProxyBody {
             prefix_len,
             trailers,
             rest,
-            attempt: None,
+            ..Default::default()
         }
+    }
+
+    /// Verifies the rest of the body with `check`, cuts it when nothing
+    /// arrives for `idle`, and records what goes wrong on the client's side
+    /// in `fault`.
+    pub fn guarded(
+        mut self,
+        check: Option<BodyCheck>,
+        idle: Option<Duration>,
+        fault: BodyFault,
+    ) -> Self {
+        self.check = check;
+        self.idle = idle;
+        self.fault = Some(fault);
+        self
     }
 
     /// One attempt's body, as the retry filter hands it on.
@@ -56,6 +171,19 @@ impl ProxyBody {
         Self {
             attempt: Some(Box::new(body)),
             ..Default::default()
+        }
+    }
+}
+
+impl ProxyBody {
+    /// Ends the rest of the body with `problem`, recorded for the forwarding code.
+    fn fail(&mut self, problem: BodyProblem) -> BoxError {
+        self.rest = None;
+        self.trailers = None;
+        self.idle_timer = None;
+        match &self.fault {
+            Some(fault) => fault.record(problem),
+            None => Box::new(problem),
         }
     }
 }
@@ -80,10 +208,40 @@ impl Body for ProxyBody {
             return match Pin::new(rest).poll_frame(cx) {
                 Poll::Ready(None) => {
                     this.rest = None;
+                    this.idle_timer = None;
                     Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
                 }
-                Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
-                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(check), Some(data)) = (this.check.as_mut(), frame.data_ref()) {
+                        if let Err(why) = check.feed(data) {
+                            // The chunk is withheld: the upstream never sees
+                            // a complete body it could act on.
+                            return Poll::Ready(Some(Err(this.fail(BodyProblem::Refused(why)))));
+                        }
+                    }
+                    if let (Some(timer), Some(idle)) = (this.idle_timer.as_mut(), this.idle) {
+                        timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    let problem = BodyProblem::Broken(error.to_string());
+                    Poll::Ready(Some(Err(this.fail(problem))))
+                }
+                Poll::Pending => {
+                    let Some(idle) = this.idle else {
+                        return Poll::Pending;
+                    };
+                    let timer = this
+                        .idle_timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
+                            Poll::Ready(Some(Err(this.fail(BodyProblem::Stalled(idle)))))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
             };
         }
         Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))

@@ -26,7 +26,7 @@ use tower::Service;
 
 use crate::backend::{Admitted, Backend, Picked};
 use crate::balance::{InFlight, DEFAULT_PENALTY};
-use crate::body::ProxyBody;
+use crate::body::{BodyFault, ProxyBody};
 
 /// Request extension naming the backend chosen for this request.
 #[derive(Debug, Clone)]
@@ -95,6 +95,9 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
         endpoint.authority(),
         backend.protocol(),
     );
+    // Where the client's side of the body records its failures: those are
+    // the client's, never the endpoint's.
+    let client_body = request.extensions().get::<BodyFault>().cloned();
     let guard = endpoint.start();
     let started = Instant::now();
     match backend.client().request(request).await {
@@ -122,6 +125,10 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
             ))
         }
         Err(error) => {
+            if let Some(problem) = client_body.as_ref().and_then(BodyFault::get) {
+                // Neither judged nor timed: the endpoint did nothing wrong.
+                return Err(problem.to_error());
+            }
             // A failure counts against the endpoint's latency too, so a
             // broken endpoint does not look fast.
             endpoint.observe_first_byte(started.elapsed());

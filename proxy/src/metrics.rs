@@ -48,6 +48,26 @@ pub struct RequestLabels {
     pub backend: Name,
     /// HTTP status sent to the client.
     pub status: u16,
+    /// gRPC status the client received (from the response headers of a
+    /// trailers-only response, else from the trailers), as its number;
+    /// empty for requests that are not gRPC.
+    pub grpc_status: &'static str,
+}
+
+/// The `grpc_status` label of a gRPC status code.
+pub fn grpc_status_label(code: u32) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    CODES.get(code as usize).copied().unwrap_or("unknown")
+}
+
+/// The `grpc_status` label of a `grpc-status` header value.
+pub fn grpc_status_of(value: &http::HeaderValue) -> &'static str {
+    std::str::from_utf8(value.as_bytes())
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .map_or("unknown", grpc_status_label)
 }
 
 /// Labels of per-route-and-backend histograms.

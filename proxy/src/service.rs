@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -35,12 +35,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use tower::ServiceExt;
 
-use crate::body::ProxyBody;
+use crate::body::{BodyCheck, BodyFault, ProxyBody};
 use crate::classify::{self, ApiKind, BodyScan, GrpcModelScanner, JsonScanner, Scan};
 use crate::forward::Upstream;
 use crate::identity::InboundConn;
 use crate::local::{self, LocalRequest};
-use crate::metrics::{listener_label, LocalRequestLabels, Metrics, Name, RequestLabels};
+use crate::metrics::{
+    grpc_status_label, grpc_status_of, listener_label, LocalRequestLabels, Metrics, Name,
+    RequestLabels,
+};
 use crate::route::{self, RouteInput};
 use crate::snapshot::{Destination, RouteTarget, Snapshot};
 
@@ -99,21 +102,44 @@ pub async fn handle(
         access.backend = backend.clone();
         access.status = status;
     }
-    match ok {
-        Some(ok) if status == 200 => {
+    let labels = RequestLabels {
+        listener: listener_name,
+        route,
+        backend,
+        status,
+        grpc_status: "",
+    };
+    // A gRPC request is counted with its gRPC status: from the head of a
+    // trailers-only response, else when the trailers pass.
+    let mut pending = None;
+    match (grpc, response.headers().get("grpc-status"), ok) {
+        (false, _, Some(ok)) if status == 200 => {
             ok.inc();
         }
-        _ => {
+        (false, _, _) => {
+            inputs.metrics.requests.get_or_create(&labels).inc();
+        }
+        (true, Some(code), _) => {
+            let grpc_status = grpc_status_of(code);
+            if let Some(access) = access.as_mut() {
+                access.grpc_status = grpc_status;
+            }
             inputs
                 .metrics
                 .requests
                 .get_or_create(&RequestLabels {
-                    listener: listener_name,
-                    route,
-                    backend,
-                    status,
+                    grpc_status,
+                    ..labels
                 })
                 .inc();
+        }
+        (true, None, _) => {
+            pending = Some(PendingCount {
+                requests: inputs.metrics.requests.clone(),
+                labels,
+                grpc_status: None,
+                ended: false,
+            })
         }
     }
     let (parts, body) = response.into_parts();
@@ -124,6 +150,7 @@ pub async fn handle(
             duration,
             _in_flight: in_flight,
             access,
+            pending,
         }),
     };
     Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -161,6 +188,7 @@ async fn route_and_send(
 ) -> Result<Routed, Failed> {
     let snapshot = inputs.snapshot.load_full();
     let (mut parts, body) = request.into_parts();
+    normalize_authority(&mut parts)?;
     let head = classify::classify_head(
         &parts.method,
         parts.uri.path(),
@@ -170,12 +198,6 @@ async fn route_and_send(
     // Read as much of the body as classification needs; it is replayed
     // upstream unchanged (unless a model alias rewrites the name).
     let limit = snapshot.classify_limit();
-    let mut model = head.model.clone();
-    // Known up front only for the KServe streaming method; OpenAI says so in the body.
-    let mut stream = head
-        .grpc
-        .as_ref()
-        .is_some_and(|g| g.method == "ModelStreamInfer");
     let authorizer = (listener == ListenerKind::Inbound)
         .then(|| snapshot.authorizer())
         .filter(|a| a.enforced());
@@ -185,39 +207,21 @@ async fn route_and_send(
     // A token limit estimates a request's cost from its `max_tokens`,
     // wherever it is in the object.
     let whole_object = prove_model || snapshot.token_limits();
-    let mut max_tokens = None;
-    let body = match head.body {
-        BodyScan::None => BodyState::Streaming(body),
-        BodyScan::OpenAiJson => {
-            let mut scanner = JsonScanner::new(limit);
-            if whole_object {
-                scanner = scanner.whole_object();
-            }
-            let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
-            let fields = scanner.finish();
-            if prove_model && fields.duplicate_model {
-                return Err(ProxyError::BadRequest(
-                    "the JSON body has more than one top-level `model` member".into(),
-                )
-                .into());
-            }
-            if prove_model && !fields.complete && prefix.rest.is_some() {
-                return Err(ProxyError::Forbidden(format!(
-                    "the model of a JSON body longer than classify.maxBodyPrefix ({limit} bytes) cannot be verified for authorization; raise maxBodyPrefix in the MeshConfig"
-                ))
-                .into());
-            }
-            model = fields.model.clone();
-            stream = fields.stream;
-            max_tokens = fields.max_tokens;
-            BodyState::Scanned(prefix, Scanned::Json(fields))
-        }
-        BodyScan::GrpcModelName => {
-            let mut scanner = GrpcModelScanner::new(limit);
-            let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
-            let fields = scanner.finish();
-            model = fields.model.clone();
-            BodyState::Scanned(prefix, Scanned::Grpc(fields))
+    let read = read_classified(&head, body, limit, prove_model, whole_object);
+    let Classified {
+        body,
+        model,
+        stream,
+        max_tokens,
+        check,
+    } = match tokio::time::timeout(CLASSIFY_READ_LIMIT, read).await {
+        Ok(classified) => classified?,
+        Err(_) => {
+            return Err(ProxyError::RequestTimeout(format!(
+                "the request body did not arrive within {} s (the proxy reads up to {limit} bytes of it to find the model)",
+                CLASSIFY_READ_LIMIT.as_secs()
+            ))
+            .into())
         }
     };
 
@@ -289,12 +293,17 @@ async fn route_and_send(
         None
     } else {
         match &body {
-            BodyState::Scanned(prefix, scanned) if prefix.rest.is_none() => Some(Replay {
-                parts: parts.clone(),
-                chunks: prefix.chunks.clone(),
-                trailers: prefix.trailers.clone(),
-                scanned: Some(scanned.clone()),
-            }),
+            BodyState::Scanned(prefix, scanned)
+                if prefix.rest.is_none()
+                    && prefix.chunks.iter().map(Bytes::len).sum::<usize>() <= limit =>
+            {
+                Some(Replay {
+                    parts: parts.clone(),
+                    chunks: prefix.chunks.clone(),
+                    trailers: prefix.trailers.clone(),
+                    scanned: Some(scanned.clone()),
+                })
+            }
             BodyState::Streaming(body) if body.is_end_stream() => Some(Replay {
                 parts: parts.clone(),
                 chunks: VecDeque::new(),
@@ -330,6 +339,11 @@ async fn route_and_send(
         parts.extensions.insert(copy);
     }
 
+    // A stalled upload is cut; a gRPC stream may be quiet for long, and its
+    // limits are the route's.
+    let idle = (!is_grpc(&parts.headers)).then_some(BODY_IDLE_LIMIT);
+    let fault = BodyFault::default();
+    parts.extensions.insert(fault.clone());
     let body = match body {
         BodyState::Streaming(body) => ProxyBody::streaming(body),
         BodyState::Scanned(mut prefix, scanned) => {
@@ -340,7 +354,8 @@ async fn route_and_send(
             }
             ProxyBody::replay(prefix.chunks, prefix.trailers, prefix.rest)
         }
-    };
+    }
+    .guarded(check, idle, fault);
 
     let what = Asked {
         api: head.api,
@@ -386,6 +401,174 @@ async fn route_and_send(
         }),
         Err(error) => Err(fail(error, served_by.name.clone())),
     }
+}
+
+/// Longest wait for the part of a body that classification reads: a client
+/// trickling its body cannot hold a connection and a task for hours.
+pub const CLASSIFY_READ_LIMIT: Duration = Duration::from_secs(30);
+
+/// Longest wait for the next chunk of a request body (other than a gRPC
+/// stream's) once it is on its way upstream.
+pub const BODY_IDLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Makes the request's authority one value that routing and forwarding both
+/// see (RFC 9112 section 3.2, RFC 9113 section 8.3.1): a request with two
+/// `Host` headers, an HTTP/1.1 request without one, a `Host` that is no
+/// authority, and an HTTP/2 `host` that differs from `:authority` are
+/// refused; an absolute-form target's authority replaces the `Host` header.
+fn normalize_authority(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest(
+            "the request has more than one Host header".into(),
+        ));
+    }
+    let host = match host {
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<http::uri::Authority>().ok())
+                .ok_or_else(|| {
+                    ProxyError::BadRequest(format!("the Host header {value:?} is not a host"))
+                })?,
+        ),
+        None => None,
+    };
+    let target = parts.uri.authority().cloned();
+    match (target, host) {
+        (None, None) if parts.version == http::Version::HTTP_11 => Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host header".into(),
+        )),
+        (Some(target), Some(host)) if target != host => {
+            if parts.version == http::Version::HTTP_2 {
+                Err(ProxyError::BadRequest(format!(
+                    "the host header {host} differs from :authority {target}"
+                )))
+            } else {
+                // The target's authority wins, and is what goes upstream.
+                let value = HeaderValue::from_str(target.as_str()).map_err(|_| {
+                    ProxyError::BadRequest(format!("the request target {target} is not a host"))
+                })?;
+                parts.headers.insert(header::HOST, value);
+                Ok(())
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A request body read as far as classification needs.
+struct Classified {
+    body: BodyState,
+    model: Option<String>,
+    stream: bool,
+    max_tokens: Option<u64>,
+    /// Verifies the rest of the body, when it streams on after the prefix
+    /// and the request was routed by a model read from the prefix.
+    check: Option<BodyCheck>,
+}
+
+/// Reads the body's prefix and finds the model in it. When a decision rests
+/// on the model, the body must not name another one further on: checked now
+/// for what was read, and by a [`BodyCheck`] for the rest as it streams.
+async fn read_classified(
+    head: &classify::HeadClass,
+    body: Incoming,
+    limit: usize,
+    prove_model: bool,
+    whole_object: bool,
+) -> Result<Classified, ProxyError> {
+    let mut model = head.model.clone();
+    // Known up front only for the KServe streaming method; OpenAI says so in the body.
+    let mut stream = head
+        .grpc
+        .as_ref()
+        .is_some_and(|g| g.method == "ModelStreamInfer");
+    let mut max_tokens = None;
+    let mut check = None;
+    let body = match head.body {
+        BodyScan::None => BodyState::Streaming(body),
+        BodyScan::OpenAiJson => {
+            let mut scanner = JsonScanner::new(limit);
+            if whole_object {
+                scanner = scanner.whole_object();
+            }
+            let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
+            let fields = scanner.fields();
+            if prove_model {
+                if let Some(why) = fields.ambiguity() {
+                    return Err(ProxyError::BadRequest(why));
+                }
+                if fields.truncated || prefix.rest.is_some() {
+                    return Err(ProxyError::Forbidden(format!(
+                        "the model of a JSON body longer than classify.maxBodyPrefix ({limit} bytes) cannot be verified for authorization; raise maxBodyPrefix in the MeshConfig"
+                    )));
+                }
+                if fields.object_end.is_none() {
+                    return Err(ProxyError::BadRequest(
+                        "the JSON body ends before its top-level object does".into(),
+                    ));
+                }
+            } else if fields.model.is_some() {
+                if let Some(why) = fields.ambiguity() {
+                    return Err(ProxyError::BadRequest(why));
+                }
+                // Routed by this model: nothing further on may name another.
+                let consumed = scanner.consumed();
+                let mut verifier = scanner.into_verifier();
+                for chunk in unscanned(&prefix.chunks, consumed) {
+                    verifier.feed(chunk);
+                }
+                if let Some(why) = verifier.ambiguity() {
+                    return Err(ProxyError::BadRequest(why));
+                }
+                if prefix.rest.is_some() {
+                    check = Some(BodyCheck::Json(Box::new(verifier)));
+                }
+            }
+            model = fields.model.clone();
+            stream = fields.stream;
+            max_tokens = fields.max_tokens;
+            BodyState::Scanned(prefix, Scanned::Json(fields))
+        }
+        BodyScan::GrpcModelName => {
+            let mut scanner = GrpcModelScanner::new(limit);
+            let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
+            let fields = scanner.fields();
+            let consumed = scanner.consumed();
+            // Every later message, and a repeated field 1 in the first, must
+            // name the same model.
+            if let Some(mut verifier) = scanner.into_verifier() {
+                for chunk in unscanned(&prefix.chunks, consumed) {
+                    verifier.feed(chunk).map_err(ProxyError::BadRequest)?;
+                }
+                if prefix.rest.is_some() {
+                    check = Some(BodyCheck::Grpc(Box::new(verifier)));
+                }
+            }
+            model = fields.model.clone();
+            BodyState::Scanned(prefix, Scanned::Grpc(fields))
+        }
+    };
+    Ok(Classified {
+        body,
+        model,
+        stream,
+        max_tokens,
+        check,
+    })
+}
+
+/// The parts of `chunks` from body offset `from` on.
+fn unscanned(chunks: &VecDeque<Bytes>, from: usize) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0usize;
+    chunks.iter().filter_map(move |chunk| {
+        let begin = start;
+        start += chunk.len();
+        (start > from).then(|| &chunk[from.saturating_sub(begin)..])
+    })
 }
 
 /// The request's way to a response: the route's chosen target, then its
@@ -796,6 +979,31 @@ struct Finish {
     /// Held for its `Drop`: leaves the gauge when the response ends.
     _in_flight: InFlightGauge,
     access: Option<AccessLog>,
+    /// A gRPC request still to be counted, once its status is known.
+    pending: Option<PendingCount>,
+}
+
+/// A gRPC request whose `requests_total` waits for the response's trailers.
+struct PendingCount {
+    requests: prometheus_client::metrics::family::Family<RequestLabels, Counter>,
+    labels: RequestLabels,
+    /// From the trailers, once they passed.
+    grpc_status: Option<&'static str>,
+    /// The response body ended (rather than being dropped by a client
+    /// that went away).
+    ended: bool,
+}
+
+impl PendingCount {
+    /// The status the client saw: the trailers', else `UNKNOWN` for a
+    /// response that ended without them, `CANCELLED` for a client that left.
+    fn status(&self) -> &'static str {
+        match (self.grpc_status, self.ended) {
+            (Some(status), _) => status,
+            (None, true) => grpc_status_label(2),
+            (None, false) => grpc_status_label(1),
+        }
+    }
 }
 
 impl Drop for Finish {
@@ -803,6 +1011,19 @@ impl Drop for Finish {
         let elapsed = self.started.elapsed();
         if let Some(duration) = &self.duration {
             duration.observe(elapsed.as_secs_f64());
+        }
+        if let Some(pending) = &self.pending {
+            let grpc_status = pending.status();
+            if let Some(access) = self.access.as_mut() {
+                access.grpc_status = grpc_status;
+            }
+            pending
+                .requests
+                .get_or_create(&RequestLabels {
+                    grpc_status,
+                    ..pending.labels.clone()
+                })
+                .inc();
         }
         if let Some(access) = &self.access {
             access.emit(elapsed);
@@ -824,6 +1045,8 @@ struct AccessLog {
     route: Name,
     backend: Name,
     status: u16,
+    /// The gRPC status, for gRPC requests.
+    grpc_status: &'static str,
     /// The caller's mesh identity (inbound, over mutual TLS).
     caller: Option<Arc<SpiffeId>>,
 }
@@ -840,6 +1063,7 @@ impl AccessLog {
             route: Name::default(),
             backend: Name::default(),
             status: 0,
+            grpc_status: "",
             caller: None,
         }
     }
@@ -856,6 +1080,7 @@ impl AccessLog {
             route = self.route.as_str(),
             backend = self.backend.as_str(),
             status = self.status,
+            grpc_status = self.grpc_status,
             caller = self.caller.as_deref().map(ToString::to_string).unwrap_or_default(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
         );
@@ -885,8 +1110,24 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let frame = std::task::ready!(this.inner.poll_frame(cx));
-        if matches!(frame, None | Some(Err(_))) {
-            this.finish.take();
+        match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(trailers), Some(pending)) = (
+                    frame.trailers_ref(),
+                    this.finish.as_mut().and_then(|f| f.pending.as_mut()),
+                ) {
+                    pending.grpc_status = trailers.get("grpc-status").map(grpc_status_of);
+                }
+            }
+            None => {
+                if let Some(pending) = this.finish.as_mut().and_then(|f| f.pending.as_mut()) {
+                    pending.ended = true;
+                }
+                this.finish.take();
+            }
+            Some(Err(_)) => {
+                this.finish.take();
+            }
         }
         Poll::Ready(frame)
     }
@@ -897,5 +1138,86 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(version: http::Version, uri: &str, hosts: &[&str]) -> http::request::Parts {
+        let mut builder = Request::builder().version(version).uri(uri);
+        for host in hosts {
+            builder = builder.header(header::HOST, *host);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn normalized(version: http::Version, uri: &str, hosts: &[&str]) -> Result<String, String> {
+        let mut parts = parts(version, uri, hosts);
+        normalize_authority(&mut parts).map_err(|e| e.to_string())?;
+        let host = route::request_host(&parts.uri, &parts.headers).map(|h| h.into_owned());
+        let header = parts.headers.get(header::HOST).map(|h| h.to_str().unwrap());
+        Ok(format!("{host:?} {header:?}"))
+    }
+
+    #[test]
+    fn routing_and_forwarding_see_one_authority() {
+        use http::Version;
+        // Origin form: the Host header.
+        assert_eq!(
+            normalized(Version::HTTP_11, "/v1/x", &["a.example"]).unwrap(),
+            r#"Some("a.example") Some("a.example")"#
+        );
+        // Absolute form: the target wins and replaces Host.
+        assert_eq!(
+            normalized(Version::HTTP_11, "http://a.example/x", &["b.example"]).unwrap(),
+            r#"Some("a.example") Some("a.example")"#
+        );
+        assert_eq!(
+            normalized(Version::HTTP_11, "http://a.example:8080/x", &[]).unwrap(),
+            r#"Some("a.example") None"#
+        );
+        // HTTP/2: :authority and an equal host are fine.
+        assert_eq!(
+            normalized(Version::HTTP_2, "http://a.example/x", &["a.example"]).unwrap(),
+            r#"Some("a.example") Some("a.example")"#
+        );
+        assert_eq!(
+            normalized(Version::HTTP_2, "/x", &["a.example"]).unwrap(),
+            r#"Some("a.example") Some("a.example")"#
+        );
+        // HTTP/1.0 may leave Host out.
+        assert!(normalized(Version::HTTP_10, "/x", &[]).is_ok());
+    }
+
+    #[test]
+    fn ambiguous_authorities_are_refused() {
+        use http::Version;
+        let refused = |version, uri, hosts: &[&str]| normalized(version, uri, hosts).unwrap_err();
+        assert!(refused(Version::HTTP_11, "/x", &["a", "b"]).contains("more than one Host"));
+        assert!(refused(Version::HTTP_11, "/x", &["a", "a"]).contains("more than one Host"));
+        assert!(refused(Version::HTTP_11, "/x", &[]).contains("needs a Host"));
+        assert!(refused(Version::HTTP_11, "/x", &["a b"]).contains("is not a host"));
+        assert!(refused(Version::HTTP_2, "http://a/x", &["b"]).contains("differs from :authority"));
+    }
+
+    #[test]
+    fn unscanned_parts_start_at_the_offset() {
+        let chunks = VecDeque::from([
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"de"),
+            Bytes::from_static(b"fgh"),
+        ]);
+        let rest = |from| {
+            unscanned(&chunks, from)
+                .map(<[u8]>::to_vec)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(rest(0), [b"abc".to_vec(), b"de".to_vec(), b"fgh".to_vec()]);
+        assert_eq!(rest(2), [b"c".to_vec(), b"de".to_vec(), b"fgh".to_vec()]);
+        assert_eq!(rest(3), [b"de".to_vec(), b"fgh".to_vec()]);
+        assert_eq!(rest(7), [b"h".to_vec()]);
+        assert!(rest(8).is_empty());
     }
 }

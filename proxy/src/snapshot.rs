@@ -224,6 +224,7 @@ impl Snapshot {
                             route: name.clone(),
                             backend: backend.clone(),
                             status: 200,
+                            grpc_status: "",
                         })
                         .clone(),
                 }

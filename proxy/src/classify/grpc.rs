@@ -131,6 +131,11 @@ impl GrpcModelScanner {
         self.fields
     }
 
+    /// What was found so far.
+    pub fn fields(&self) -> GrpcFields {
+        self.fields.clone()
+    }
+
     /// Bytes the scanner holds: its carry buffer and the model name being or already read.
     #[cfg(test)]
     pub(crate) fn retained_bytes(&self) -> usize {
@@ -279,6 +284,233 @@ impl GrpcModelScanner {
             self.fields.field_span = Some(self.field_start..end);
         }
         self.state = State::Done;
+    }
+}
+
+impl GrpcModelScanner {
+    /// Body bytes consumed so far: the offset of the first byte not scanned.
+    pub fn consumed(&self) -> usize {
+        self.consumed
+    }
+
+    /// A verifier of the rest of the body, from where the scan stopped,
+    /// when the scan found the model in an uncompressed first message.
+    pub fn into_verifier(self) -> Option<GrpcVerifier> {
+        let model = self.fields.model?;
+        if self.fields.compressed || self.fields.field_span.is_none() {
+            return None;
+        }
+        let left = self.message_end.saturating_sub(self.consumed);
+        Some(GrpcVerifier {
+            expected: model.into_bytes(),
+            state: if left == 0 {
+                VerifyState::Header
+            } else {
+                VerifyState::Key
+            },
+            left,
+            carry: [0; MAX_VARINT_LEN],
+            carry_len: 0,
+            offset: self.consumed,
+            problem: None,
+        })
+    }
+}
+
+/// Follows the rest of a gRPC request body after its model was read from
+/// field 1 of the first message, and finds any message (the first one
+/// included) whose field 1 names another model: protobuf decoders keep the
+/// last value of a repeated field, and each message of a stream names its
+/// own model, so either would reach the server as a model that routing and
+/// authorization never saw. Compressed messages cannot be read and count as
+/// such a problem too. Memory is fixed; bytes are looked at, never copied.
+#[derive(Debug)]
+pub struct GrpcVerifier {
+    expected: Vec<u8>,
+    state: VerifyState,
+    /// Bytes left in the current message (meaningless in `Header`).
+    left: usize,
+    carry: [u8; MAX_VARINT_LEN],
+    carry_len: usize,
+    /// Body offset of the next byte.
+    offset: usize,
+    problem: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VerifyState {
+    Header,
+    Key,
+    Length {
+        model: bool,
+    },
+    Varint,
+    Skip {
+        remaining: usize,
+    },
+    /// Comparing a field 1 value with the expected model: `at` bytes matched.
+    Compare {
+        at: usize,
+        remaining: usize,
+    },
+    Failed,
+}
+
+impl GrpcVerifier {
+    /// Checks the next chunk of the body; the reason once a message names
+    /// another model, is compressed or cannot be decoded.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), String> {
+        let mut data = chunk;
+        while !data.is_empty() && self.problem.is_none() {
+            let in_message = self.state != VerifyState::Header;
+            let n = self.step(data);
+            data = &data[n..];
+            self.offset += n;
+            if in_message && self.problem.is_none() && self.left == 0 {
+                self.end_of_message();
+            }
+        }
+        match &self.problem {
+            Some(problem) => Err(problem.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, why: impl std::fmt::Display) {
+        self.problem = Some(format!("{why} (at byte {})", self.offset));
+        self.state = VerifyState::Failed;
+    }
+
+    fn end_of_message(&mut self) {
+        match self.state {
+            VerifyState::Key if self.carry_len == 0 => self.state = VerifyState::Header,
+            _ => self.fail("a gRPC message ends inside a field"),
+        }
+    }
+
+    /// Consumes a prefix of `data` (at least one byte).
+    fn step(&mut self, data: &[u8]) -> usize {
+        let data = match self.state {
+            VerifyState::Header => data,
+            _ => &data[..data.len().min(self.left)],
+        };
+        match self.state {
+            VerifyState::Header => {
+                let n = (HEADER_LEN - self.carry_len).min(data.len());
+                self.carry[self.carry_len..self.carry_len + n].copy_from_slice(&data[..n]);
+                self.carry_len += n;
+                if self.carry_len == HEADER_LEN {
+                    self.carry_len = 0;
+                    let flag = self.carry[0];
+                    let len = u32::from_be_bytes([
+                        self.carry[1],
+                        self.carry[2],
+                        self.carry[3],
+                        self.carry[4],
+                    ]);
+                    if flag != 0 {
+                        self.fail("a compressed gRPC message cannot be checked for its model");
+                        return n;
+                    }
+                    self.left = len as usize;
+                    // An empty message names no model: the next header follows.
+                    self.state = if len == 0 {
+                        VerifyState::Header
+                    } else {
+                        VerifyState::Key
+                    };
+                }
+                n
+            }
+            VerifyState::Key | VerifyState::Length { .. } | VerifyState::Varint => {
+                let mut n = 0;
+                for &b in data {
+                    if self.carry_len == MAX_VARINT_LEN {
+                        self.fail("a malformed varint in a gRPC message");
+                        return n;
+                    }
+                    self.carry[self.carry_len] = b;
+                    self.carry_len += 1;
+                    n += 1;
+                    if b < 0x80 {
+                        self.left -= n;
+                        self.varint_complete();
+                        return n;
+                    }
+                }
+                self.left -= n;
+                n
+            }
+            VerifyState::Skip { remaining } => {
+                let n = remaining.min(data.len());
+                self.left -= n;
+                self.state = match remaining - n {
+                    0 => VerifyState::Key,
+                    remaining => VerifyState::Skip { remaining },
+                };
+                n
+            }
+            VerifyState::Compare { at, remaining } => {
+                let n = remaining.min(data.len());
+                self.left -= n;
+                if self.expected.get(at..at + n) != Some(&data[..n]) {
+                    self.fail("a gRPC message names another model than the first one");
+                    return n;
+                }
+                self.state = match remaining - n {
+                    0 => VerifyState::Key,
+                    remaining => VerifyState::Compare {
+                        at: at + n,
+                        remaining,
+                    },
+                };
+                n
+            }
+            VerifyState::Failed => data.len(),
+        }
+    }
+
+    fn varint_complete(&mut self) {
+        let mut raw = &self.carry[..self.carry_len];
+        self.carry_len = 0;
+        self.state = match self.state {
+            VerifyState::Key => match decode_key(&mut raw) {
+                Ok((MODEL_FIELD, WireType::LengthDelimited)) => VerifyState::Length { model: true },
+                Ok((MODEL_FIELD, _)) => {
+                    return self.fail("field 1 of a gRPC message has the wrong wire type")
+                }
+                Ok((_, WireType::Varint)) => VerifyState::Varint,
+                Ok((_, WireType::SixtyFourBit)) => VerifyState::Skip { remaining: 8 },
+                Ok((_, WireType::ThirtyTwoBit)) => VerifyState::Skip { remaining: 4 },
+                Ok((_, WireType::LengthDelimited)) => VerifyState::Length { model: false },
+                Ok((_, WireType::StartGroup | WireType::EndGroup)) | Err(_) => {
+                    return self.fail("a gRPC message that cannot be decoded")
+                }
+            },
+            VerifyState::Length { model } => match decode_varint(&mut raw) {
+                Ok(len) if len > self.left as u64 => {
+                    return self.fail("a field longer than its gRPC message")
+                }
+                Ok(len) => {
+                    let len = len as usize;
+                    match (model, len) {
+                        (true, len) if len != self.expected.len() => {
+                            return self
+                                .fail("a gRPC message names another model than the first one")
+                        }
+                        (_, 0) => VerifyState::Key,
+                        (true, remaining) => VerifyState::Compare { at: 0, remaining },
+                        (false, remaining) => VerifyState::Skip { remaining },
+                    }
+                }
+                Err(_) => return self.fail("a malformed varint in a gRPC message"),
+            },
+            VerifyState::Varint => match decode_varint(&mut raw) {
+                Ok(_) => VerifyState::Key,
+                Err(_) => return self.fail("a malformed varint in a gRPC message"),
+            },
+            state => state,
+        };
     }
 }
 
@@ -702,5 +934,78 @@ mod tests {
             ..fields.clone()
         };
         assert_eq!(rewrite_grpc_model(&body, &compressed, "x"), None);
+    }
+
+    /// The verdict of a verifier over `body` after a scan that stopped at
+    /// the first field 1, fed in pieces split at every `step` bytes.
+    fn verdict(body: &[u8], step: usize) -> Result<(), String> {
+        let mut scanner = GrpcModelScanner::new(BIG);
+        scanner.feed(body);
+        let consumed = scanner.consumed();
+        let mut verifier = scanner.into_verifier().expect("a model was read");
+        for piece in body[consumed..].chunks(step.max(1)) {
+            verifier.feed(piece)?;
+        }
+        Ok(())
+    }
+
+    fn message_with_models(models: &[&str]) -> Vec<u8> {
+        let mut message = Vec::new();
+        for (i, model) in models.iter().enumerate() {
+            field_bytes(1, model.as_bytes(), &mut message);
+            field_bytes(7, &vec![i as u8; 40], &mut message);
+        }
+        message
+    }
+
+    #[test]
+    fn a_repeated_model_field_naming_another_model_is_found() {
+        for step in [1, 3, 7, 1000] {
+            let body = frame(0, &message_with_models(&["allowed", "forbidden"]));
+            let why = verdict(&body, step).unwrap_err();
+            assert!(why.contains("another model"), "{why}");
+            // The same name again is what the scan saw.
+            let body = frame(0, &message_with_models(&["allowed", "allowed"]));
+            assert_eq!(verdict(&body, step), Ok(()));
+        }
+    }
+
+    #[test]
+    fn every_message_of_a_stream_must_name_the_first_model() {
+        let first = frame(0, &infer("allowed").encode_to_vec());
+        for step in [1, 2, 5, 64, 4096] {
+            let mut same = first.clone();
+            same.extend(frame(0, &infer("allowed").encode_to_vec()));
+            same.extend(frame(0, &[]));
+            // A message without field 1 names no model of its own.
+            same.extend(frame(0, &{
+                let mut m = Vec::new();
+                field_bytes(7, b"tensor", &mut m);
+                m
+            }));
+            assert_eq!(verdict(&same, step), Ok(()), "step {step}");
+            let mut other = first.clone();
+            other.extend(frame(0, &infer("forbidden").encode_to_vec()));
+            assert!(verdict(&other, step).unwrap_err().contains("another model"));
+            // A longer name that starts the same is another name.
+            let mut longer = first.clone();
+            longer.extend(frame(0, &infer("allowed-too").encode_to_vec()));
+            assert!(verdict(&longer, step).is_err());
+            let mut compressed = first.clone();
+            compressed.extend(frame(1, &infer("allowed").encode_to_vec()));
+            assert!(verdict(&compressed, step)
+                .unwrap_err()
+                .contains("compressed"));
+        }
+    }
+
+    #[test]
+    fn a_malformed_later_message_is_refused() {
+        let mut body = frame(0, &infer("m").encode_to_vec());
+        // A length-delimited field longer than its message.
+        body.extend(frame(0, &[0x3a, 0x7f, 1, 2]));
+        assert!(verdict(&body, 3)
+            .unwrap_err()
+            .contains("longer than its gRPC message"));
     }
 }

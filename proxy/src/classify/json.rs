@@ -19,6 +19,10 @@ const MAX_DEPTH: usize = 256;
 /// Longest top-level key worth decoding: `max_completion_tokens`.
 const KEY_CAP: usize = 21;
 
+/// Longest `model` string a verifier keeps (a repeated model is refused
+/// whatever its name, so only its presence matters there).
+const VERIFY_MODEL_CAP: usize = 1024;
+
 /// Reads a JSON body chunk by chunk until it knows the top-level `model` and `stream`.
 ///
 /// ```
@@ -72,6 +76,19 @@ pub struct JsonScanner {
     /// `model` and `stream` are known, to catch a repeated `model`.
     whole: bool,
     duplicate_model: bool,
+    /// Body offset of the byte being stepped, for error positions.
+    pos: usize,
+    /// Body offset of the first byte that breaks JSON syntax (or of a
+    /// top-level value that is not an object, or of nesting past the cap).
+    invalid_at: Option<usize>,
+    /// Body offset just past the `}` closing the top-level object.
+    object_end: Option<usize>,
+    /// Body offset of something other than whitespace after the top-level object.
+    trailing_at: Option<usize>,
+    /// Input was left unread because the limit cut it.
+    truncated: bool,
+    /// Longest `model` string kept; a longer one is no valid name.
+    model_cap: usize,
 }
 
 /// What a [`JsonScanner`] found.
@@ -93,6 +110,46 @@ pub struct JsonFields {
     /// before the decision (a [`JsonScanner::whole_object`] scan sees it
     /// wherever it is).
     pub max_tokens: Option<u64>,
+    /// Body offset of the first byte that is not valid JSON, of a top-level
+    /// value that is not an object, or of nesting deeper than the scanner
+    /// follows: past it the scan cannot tell what a parser would find.
+    pub invalid_at: Option<usize>,
+    /// Body offset just past the `}` that closed the top-level object, when
+    /// the scan saw it.
+    pub object_end: Option<usize>,
+    /// Body offset of a second value (anything but whitespace) after the
+    /// top-level object, when the scan saw one.
+    pub trailing_at: Option<usize>,
+    /// The limit left part of a chunk unread while the scan still read on
+    /// (a chunk that ends exactly at the limit does not tell: the caller
+    /// knows whether more of the body follows).
+    pub truncated: bool,
+}
+
+impl JsonFields {
+    /// Why a body whose model decides something cannot be trusted to name
+    /// the model a JSON parser upstream will see, as far as the scan went:
+    /// a second `model` member, a second value after the object, or a byte
+    /// past which the scan cannot follow the syntax.
+    pub fn ambiguity(&self) -> Option<String> {
+        ambiguity(self.duplicate_model, self.trailing_at, self.invalid_at)
+    }
+}
+
+fn ambiguity(
+    duplicate_model: bool,
+    trailing_at: Option<usize>,
+    invalid_at: Option<usize>,
+) -> Option<String> {
+    if duplicate_model {
+        return Some("the JSON body has more than one top-level `model` member".into());
+    }
+    if let Some(at) = trailing_at {
+        return Some(format!(
+            "the JSON body holds another value after its top-level object (at byte {at})"
+        ));
+    }
+    invalid_at.map(|at| format!("the JSON body is not valid JSON (at byte {at})"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +178,8 @@ enum State {
         rest: &'static [u8],
         is_true: bool,
     },
+    /// After the top-level object: only whitespace may follow.
+    Trailing,
     Done,
 }
 
@@ -192,6 +251,12 @@ impl JsonScanner {
             max_tokens: None,
             whole: false,
             duplicate_model: false,
+            pos: 0,
+            invalid_at: None,
+            object_end: None,
+            trailing_at: None,
+            truncated: false,
+            model_cap: limit,
         }
     }
 
@@ -204,11 +269,26 @@ impl JsonScanner {
         self
     }
 
+    /// Turns the scanner into a verifier of the rest of the body: it goes on
+    /// from where it stopped, without a limit, to the end of the top-level
+    /// object and past it, so that [`JsonFields::ambiguity`] reports a
+    /// repeated `model` or a second value however far into the body it is.
+    /// Its memory stays fixed (a repeated model name is not kept whole).
+    pub fn into_verifier(mut self) -> Self {
+        self.whole = true;
+        self.limit = usize::MAX;
+        self.truncated = false;
+        self.model_cap = self.model_cap.min(VERIFY_MODEL_CAP);
+        self
+    }
+
     /// Feeds the next chunk; `Done` once nothing more is needed: both `model`
     /// and `stream` seen at the top level, the top-level object ended, the
-    /// input is not a JSON object or breaks JSON syntax, or `limit` bytes consumed.
+    /// input is not a JSON object or breaks JSON syntax, or `limit` bytes
+    /// consumed. A [`JsonScanner::whole_object`] scan reads on past the
+    /// object (whitespace only may follow) until the limit or a second value.
     pub fn feed(&mut self, chunk: &[u8]) -> Scan {
-        if self.state == State::Done {
+        if self.state == State::Done || (self.decided && !self.whole) {
             return Scan::Done;
         }
         let data = &chunk[..chunk.len().min(self.limit - self.consumed)];
@@ -226,21 +306,50 @@ impl JsonScanner {
                     continue;
                 }
             }
+            self.pos = self.consumed + i;
             if self.step(data[i], self.consumed + i) {
                 i += 1;
             }
-            if self.state == State::Done {
+            if self.state == State::Done || (self.decided && !self.whole) {
                 break;
             }
         }
         self.consumed += i;
-        if self.state != State::Done && self.consumed >= self.limit {
-            self.state = State::Done;
+        let stopped = self.state == State::Done || (self.decided && !self.whole);
+        if !stopped && self.consumed >= self.limit && chunk.len() > i {
+            // Still reading, but the limit leaves the rest of this chunk unread.
+            self.truncated = true;
         }
-        if self.state == State::Done {
+        if stopped || self.consumed >= self.limit {
             Scan::Done
         } else {
             Scan::NeedMore
+        }
+    }
+
+    /// Body bytes consumed so far: the offset of the first byte not scanned.
+    pub fn consumed(&self) -> usize {
+        self.consumed
+    }
+
+    /// [`JsonFields::ambiguity`] of what was scanned so far.
+    pub fn ambiguity(&self) -> Option<String> {
+        ambiguity(self.duplicate_model, self.trailing_at, self.invalid_at)
+    }
+
+    /// What was found so far.
+    pub fn fields(&self) -> JsonFields {
+        JsonFields {
+            model: self.model.clone(),
+            model_span: self.model_span.clone(),
+            stream: self.stream,
+            complete: self.decided,
+            duplicate_model: self.duplicate_model,
+            max_tokens: self.max_tokens,
+            invalid_at: self.invalid_at,
+            object_end: self.object_end,
+            trailing_at: self.trailing_at,
+            truncated: self.truncated,
         }
     }
 
@@ -253,6 +362,10 @@ impl JsonScanner {
             complete: self.decided,
             duplicate_model: self.duplicate_model,
             max_tokens: self.max_tokens,
+            invalid_at: self.invalid_at,
+            object_end: self.object_end,
+            trailing_at: self.trailing_at,
+            truncated: self.truncated,
         }
     }
 
@@ -274,7 +387,7 @@ impl JsonScanner {
                 b'{' => self.open(true),
                 _ if is_ws(b) => {}
                 // Not an object: there is no `model` member to find.
-                _ => self.decide(),
+                _ => self.fail(),
             },
             State::Value => self.begin_value(b, at),
             State::ArrayStart => match b {
@@ -285,17 +398,17 @@ impl JsonScanner {
                 b'"' => self.begin_string(true, at),
                 b'}' => self.close(),
                 _ if is_ws(b) => {}
-                _ => self.decide(),
+                _ => self.fail(),
             },
             State::Key => match b {
                 b'"' => self.begin_string(true, at),
                 _ if is_ws(b) => {}
-                _ => self.decide(),
+                _ => self.fail(),
             },
             State::Colon => match b {
                 b':' => self.state = State::Value,
                 _ if is_ws(b) => {}
-                _ => self.decide(),
+                _ => self.fail(),
             },
             State::AfterValue => match b {
                 b',' if self.in_object() => self.state = State::Key,
@@ -303,7 +416,7 @@ impl JsonScanner {
                 b'}' if self.in_object() => self.close(),
                 b']' if !self.in_object() => self.close(),
                 _ if is_ws(b) => {}
-                _ => self.decide(),
+                _ => self.fail(),
             },
             State::Str { key } => self.string_byte(b, at, key),
             State::Number(num) => return self.number_byte(b, num),
@@ -312,17 +425,25 @@ impl JsonScanner {
                 [expected, rest @ ..] if b == *expected => {
                     self.state = State::Literal { rest, is_true }
                 }
-                _ => self.decide(),
+                _ => self.fail(),
             },
+            State::Trailing => {
+                if !is_ws(b) {
+                    self.trailing_at = Some(at);
+                    self.state = State::Done;
+                }
+            }
             State::Done => {}
         }
         true
     }
 
-    /// Ends the scan with what was found: a decision, whether by success,
-    /// by a body that is not an object, or by a syntax error.
-    fn decide(&mut self) {
+    /// Ends the scan on a byte that is not valid JSON where it stands, a
+    /// top-level value that is not an object, or nesting past the cap: what
+    /// was found stands, but nothing after this byte can be followed.
+    fn fail(&mut self) {
         self.decided = true;
+        self.invalid_at.get_or_insert(self.pos);
         self.state = State::Done;
     }
 
@@ -332,7 +453,7 @@ impl JsonScanner {
 
     fn open(&mut self, object: bool) {
         if self.depth == MAX_DEPTH {
-            return self.decide();
+            return self.fail();
         }
         let (word, bit) = (self.depth / 64, 1u64 << (self.depth % 64));
         if object {
@@ -378,14 +499,21 @@ impl JsonScanner {
                 State::Number(if b == b'0' { Num::Zero } else { Num::Int })
             }
             _ if is_ws(b) => return,
-            _ => return self.decide(),
+            _ => return self.fail(),
         };
     }
 
     /// A value ended; the member values of the top-level object are recorded here.
     fn value_end(&mut self, is_true: bool) {
         match self.depth {
-            0 => return self.decide(),
+            0 => {
+                // The top-level object closed: a decision, and from here
+                // only whitespace may follow.
+                self.decided = true;
+                self.object_end = Some(self.pos + 1);
+                self.state = State::Trailing;
+                return;
+            }
             1 => match self.member {
                 Member::Model => {
                     self.duplicate_model |= self.model_seen;
@@ -413,11 +541,11 @@ impl JsonScanner {
             },
             _ => {}
         }
-        if self.model_seen && self.stream_seen && !self.whole {
-            self.decide();
-        } else {
-            self.state = State::AfterValue;
+        if self.model_seen && self.stream_seen {
+            // Enough to route; a whole-object scan reads on.
+            self.decided = true;
         }
+        self.state = State::AfterValue;
     }
 
     fn number_byte(&mut self, b: u8, num: Num) -> bool {
@@ -446,7 +574,7 @@ impl JsonScanner {
                 return false;
             }
             _ => {
-                self.decide();
+                self.fail();
                 return true;
             }
         };
@@ -481,7 +609,7 @@ impl JsonScanner {
             Escape::None => match b {
                 b'"' => self.end_string(at, key),
                 b'\\' => self.escape = Escape::Backslash,
-                0..=0x1f => self.decide(),
+                0..=0x1f => self.fail(),
                 _ => self.plain(&[b]),
             },
             Escape::Backslash => {
@@ -499,14 +627,14 @@ impl JsonScanner {
                         };
                         return;
                     }
-                    _ => return self.decide(),
+                    _ => return self.fail(),
                 };
                 self.escape = Escape::None;
                 self.plain(&[unescaped]);
             }
             Escape::Unicode { digits, value } => {
                 let Some(digit) = hex_digit(b) else {
-                    return self.decide();
+                    return self.fail();
                 };
                 let value = (value << 4) | u16::from(digit);
                 if digits == 3 {
@@ -564,6 +692,9 @@ impl JsonScanner {
                 } else {
                     self.key_overflow = true;
                 }
+            }
+            Sink::Model if self.model_buf.len() + bytes.len() > self.model_cap => {
+                self.model_invalid = true;
             }
             Sink::Model => self.model_buf.extend_from_slice(bytes),
         }
@@ -696,10 +827,12 @@ mod tests {
         assert_eq!(quick.model.as_deref(), Some("allowed"));
         assert!(!quick.duplicate_model, "the quick scan stops early");
         let mut scanner = JsonScanner::new(BIG).whole_object();
-        assert_eq!(scanner.feed(body), Scan::Done);
+        // The object ended; a whole-object scan reads on for what follows it.
+        assert_eq!(scanner.feed(body), Scan::NeedMore);
         let whole = scanner.finish();
         assert!(whole.duplicate_model);
         assert!(whole.complete);
+        assert_eq!(whole.object_end, Some(body.len()));
         assert_eq!(whole.model.as_deref(), Some("secret"));
         // One top-level model, however deep others are nested, is no duplicate.
         let mut scanner = JsonScanner::new(BIG).whole_object();
@@ -710,7 +843,96 @@ mod tests {
         // Cut by the limit: not complete, so not proven.
         let mut scanner = JsonScanner::new(20).whole_object();
         scanner.feed(br#"{"model":"a","stream":true,"x":"yyyyyyyyyyyy"}"#);
-        assert!(!scanner.finish().complete);
+        let cut = scanner.finish();
+        assert!(!cut.complete && cut.truncated && cut.object_end.is_none());
+    }
+
+    /// Feeds `body` to a quick scan that stops at its decision, then to its
+    /// verifier from where it stopped, split at `cut`; the verifier's verdict.
+    fn verify(body: &[u8], limit: usize, cut: usize) -> Option<String> {
+        let mut scanner = JsonScanner::new(limit);
+        scanner.feed(body);
+        let consumed = scanner.consumed();
+        let mut verifier = scanner.into_verifier();
+        let rest = &body[consumed..];
+        let cut = cut.min(rest.len());
+        verifier.feed(&rest[..cut]);
+        verifier.feed(&rest[cut..]);
+        verifier.ambiguity()
+    }
+
+    #[test]
+    fn a_verifier_finds_a_repeated_model_however_far_past_the_decision() {
+        let mut body = br#"{"model":"allowed","stream":true,"pad":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'x', 100_000));
+        body.extend_from_slice(br#"","model":"forbidden"}"#);
+        for cut in [0, 1, 50_000, 100_000, 100_010] {
+            let why = verify(&body, 64 * 1024, cut).expect("a repeated model is found");
+            assert!(why.contains("more than one top-level `model`"), "{why}");
+        }
+        // The quick scan itself stops before it, as routing needs no more.
+        assert_eq!(scan(&body).model.as_deref(), Some("allowed"));
+    }
+
+    #[test]
+    fn a_verifier_finds_a_second_value_and_broken_syntax() {
+        let why = verify(br#"{"model":"a","stream":false}{"model":"b"}"#, BIG, 3).unwrap();
+        assert!(
+            why.contains("another value after its top-level object"),
+            "{why}"
+        );
+        let why = verify(
+            br#"{"model":"a","stream":false,"t":NaN,"model":"b"}"#,
+            BIG,
+            0,
+        )
+        .unwrap();
+        assert!(why.contains("not valid JSON (at byte 32)"), "{why}");
+        // Whitespace after the object, nested models and a body that ends
+        // early are no ambiguity.
+        assert_eq!(
+            verify(b"{\"model\":\"a\",\"stream\":true} \r\n", BIG, 2),
+            None
+        );
+        assert_eq!(
+            verify(
+                br#"{"model":"a","stream":true,"m":[{"model":"b"}]}"#,
+                BIG,
+                5
+            ),
+            None
+        );
+        assert_eq!(
+            verify(br#"{"model":"a","stream":true,"m":[{"#, BIG, 5),
+            None
+        );
+        // Nesting past what the scanner follows cannot be verified.
+        let mut deep = br#"{"model":"a","stream":true,"x":"#.to_vec();
+        deep.extend(std::iter::repeat_n(b'[', MAX_DEPTH + 1));
+        assert!(verify(&deep, BIG, 0).unwrap().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn a_verifier_keeps_a_repeated_model_name_short() {
+        let mut body = br#"{"model":"a","stream":true,"model":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'y', 1 << 20));
+        let mut scanner = JsonScanner::new(64).into_verifier();
+        scanner.feed(&body);
+        assert!(scanner.retained_bytes() < 4 * VERIFY_MODEL_CAP);
+    }
+
+    #[test]
+    fn a_frame_that_crosses_the_limit_and_ends_the_body_is_truncated() {
+        // The authorization bypass: the second model lies past the limit in
+        // the same chunk that ends the body.
+        let mut body = br#"{"model":"allowed","pad":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'x', 100_000));
+        body.extend_from_slice(br#"","model":"forbidden"}"#);
+        let mut scanner = JsonScanner::new(64 * 1024).whole_object();
+        assert_eq!(scanner.feed(&body), Scan::Done);
+        let fields = scanner.finish();
+        assert!(fields.truncated && fields.object_end.is_none());
+        assert!(!fields.duplicate_model, "not seen, hence the refusal");
     }
 
     fn found(model: &str, stream: bool) -> (Option<String>, bool, bool) {
@@ -1105,7 +1327,13 @@ mod tests {
     fn a_zero_limit_is_done_at_once() {
         let mut scanner = JsonScanner::new(0);
         assert_eq!(scanner.feed(b"{}"), Scan::Done);
-        assert_eq!(scanner.finish(), JsonFields::default());
+        assert_eq!(
+            scanner.finish(),
+            JsonFields {
+                truncated: true,
+                ..JsonFields::default()
+            }
+        );
     }
 
     #[test]

@@ -763,12 +763,27 @@ pub struct ClassifySettings {
     /// model is not found within them is routed by the other match rules.
     #[serde(default = "defaults::max_body_prefix")]
     pub max_body_prefix: u32,
+    /// Longest time the client may take to send the part of its body read to
+    /// find the model (at most `maxBodyPrefix` bytes); past it the request
+    /// is refused with 408. `0s` for no limit.
+    #[serde(default = "defaults::classify_read_timeout", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub read_timeout: Duration,
+    /// Longest wait for the next chunk of a request body on its way
+    /// upstream; past it the upload is cut and the client answered 408.
+    /// gRPC streams are exempt (their limits are the route's). `0s` for no
+    /// limit.
+    #[serde(default = "defaults::body_idle_timeout", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub body_idle_timeout: Duration,
 }
 
 impl Default for ClassifySettings {
     fn default() -> Self {
         Self {
             max_body_prefix: defaults::max_body_prefix(),
+            read_timeout: defaults::classify_read_timeout(),
+            body_idle_timeout: defaults::body_idle_timeout(),
         }
     }
 }
@@ -906,6 +921,12 @@ mod defaults {
     }
     pub fn max_body_prefix() -> u32 {
         64 * 1024
+    }
+    pub fn classify_read_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn body_idle_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn yes() -> bool {
         true

@@ -87,8 +87,8 @@ impl fmt::Display for BodyProblem {
             BodyProblem::Refused(why) => f.write_str(why),
             BodyProblem::Stalled(limit) => write!(
                 f,
-                "the request body stalled: nothing arrived for {} s",
-                limit.as_secs()
+                "the request body stalled: nothing arrived for {} (classify.bodyIdleTimeout)",
+                humantime::format_duration(*limit)
             ),
         }
     }

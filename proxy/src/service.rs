@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -208,22 +208,22 @@ async fn route_and_send(
     // wherever it is in the object.
     let whole_object = prove_model || snapshot.token_limits();
     let read = read_classified(&head, body, limit, prove_model, whole_object);
+    let classified = match snapshot.classify_read_limit() {
+        None => read.await,
+        Some(wait) => tokio::time::timeout(wait, read).await.unwrap_or_else(|_| {
+            Err(ProxyError::RequestTimeout(format!(
+                "the request body did not arrive within {} (classify.readTimeout; the proxy reads up to {limit} bytes of it to find the model)",
+                humantime::format_duration(wait)
+            )))
+        }),
+    };
     let Classified {
         body,
         model,
         stream,
         max_tokens,
         check,
-    } = match tokio::time::timeout(CLASSIFY_READ_LIMIT, read).await {
-        Ok(classified) => classified?,
-        Err(_) => {
-            return Err(ProxyError::RequestTimeout(format!(
-                "the request body did not arrive within {} s (the proxy reads up to {limit} bytes of it to find the model)",
-                CLASSIFY_READ_LIMIT.as_secs()
-            ))
-            .into())
-        }
-    };
+    } = classified?;
 
     let conn = parts.extensions.get::<InboundConn>();
     if let Some(access) = access {
@@ -341,7 +341,9 @@ async fn route_and_send(
 
     // A stalled upload is cut; a gRPC stream may be quiet for long, and its
     // limits are the route's.
-    let idle = (!is_grpc(&parts.headers)).then_some(BODY_IDLE_LIMIT);
+    let idle = snapshot
+        .body_idle_limit()
+        .filter(|_| !is_grpc(&parts.headers));
     let fault = BodyFault::default();
     parts.extensions.insert(fault.clone());
     let body = match body {
@@ -402,14 +404,6 @@ async fn route_and_send(
         Err(error) => Err(fail(error, served_by.name.clone())),
     }
 }
-
-/// Longest wait for the part of a body that classification reads: a client
-/// trickling its body cannot hold a connection and a task for hours.
-pub const CLASSIFY_READ_LIMIT: Duration = Duration::from_secs(30);
-
-/// Longest wait for the next chunk of a request body (other than a gRPC
-/// stream's) once it is on its way upstream.
-pub const BODY_IDLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Makes the request's authority one value that routing and forwarding both
 /// see (RFC 9112 section 3.2, RFC 9113 section 8.3.1): a request with two

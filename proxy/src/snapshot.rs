@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_filters::authz::Authorizer;
-use infermesh_proto::policy::{local_model_name, ListenerKind, MtlsMode, PolicySet, RateLimitKey};
+use infermesh_proto::policy::{
+    local_model_name, ClassifySettings, ListenerKind, MtlsMode, PolicySet, RateLimitKey,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -80,7 +82,7 @@ pub struct Snapshot {
     backends: HashMap<String, Arc<Backend>>,
     local_models: HashMap<String, Arc<LocalModel>>,
     opaque: Option<Arc<Backend>>,
-    classify_limit: usize,
+    classify: ClassifySettings,
     drain_timeout: Duration,
     mtls_mode: MtlsMode,
     authorizer: Authorizer,
@@ -301,7 +303,7 @@ impl Snapshot {
         let opaque = mesh
             .and_then(|m| m.opaque.backend.as_ref())
             .and_then(|name| backends.get(name).cloned());
-        let classify_limit = mesh.map_or(64 * 1024, |m| m.classify.max_body_prefix as usize);
+        let classify = mesh.map(|m| m.classify.clone()).unwrap_or_default();
         let drain_timeout = mesh.map_or(Duration::from_secs(30), |m| m.drain_timeout);
         let mtls_mode = mesh.map_or(MtlsMode::Strict, |m| m.mtls.mode);
         let trust_domain = crate::identity::mesh().map(|id| id.id().trust_domain().to_owned());
@@ -315,7 +317,7 @@ impl Snapshot {
             backends,
             local_models,
             opaque,
-            classify_limit,
+            classify,
             drain_timeout,
             mtls_mode,
             authorizer,
@@ -385,7 +387,19 @@ impl Snapshot {
 
     /// Most body bytes read to classify a request.
     pub fn classify_limit(&self) -> usize {
-        self.classify_limit
+        self.classify.max_body_prefix as usize
+    }
+
+    /// How long the client may take to send the body prefix classification
+    /// reads; `None` for no limit.
+    pub fn classify_read_limit(&self) -> Option<Duration> {
+        Some(self.classify.read_timeout).filter(|d| !d.is_zero())
+    }
+
+    /// Longest wait for the next chunk of a request body on its way
+    /// upstream; `None` for no limit.
+    pub fn body_idle_limit(&self) -> Option<Duration> {
+        Some(self.classify.body_idle_timeout).filter(|d| !d.is_zero())
     }
 
     /// How long in-flight requests may run after a shutdown signal.

@@ -262,6 +262,66 @@ async fn a_sidecar_pair_speaks_mtls_and_authorizes_each_caller_per_model_and_met
     assert!(out.ends_with("\n400"), "{out}");
     assert!(out.contains("more than one top-level `model`"), "{out}");
 
+    // Nor by a second model past the scan limit, in the frame that ends the
+    // body, over HTTP/1.1 and HTTP/2 alike: the documented 403, as JSON.
+    let body_file = mesh.dir().join("two-models.json");
+    std::fs::write(
+        &body_file,
+        format!(
+            r#"{{"model":"llama-3-8b","pad":"{}","model":"mistral-7b"}}"#,
+            "x".repeat(100_000)
+        ),
+    )
+    .unwrap();
+    let data = format!("@{}", body_file.display());
+    for version in ["--http1.1", "--http2"] {
+        for _ in 0..5 {
+            let (code, out, err) = curl(&[
+                version,
+                "-k",
+                "--cert",
+                web_cert.to_str().unwrap(),
+                "--key",
+                web_key.to_str().unwrap(),
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &data,
+                "-w",
+                "\n%{http_code}",
+                &format!("https://{inbound}/v1/chat/completions"),
+            ]);
+            assert_eq!(code, 0, "{version}: {err}");
+            assert!(out.ends_with("\n403"), "{version}: {out}");
+            assert!(
+                out.contains(r#""type":"permission_denied""#),
+                "{version}: {out}"
+            );
+            assert!(out.contains("longer than classify.maxBodyPrefix"), "{out}");
+        }
+    }
+    // Two objects one after the other are no single request.
+    let (code, out, err) = curl(&[
+        "-k",
+        "--cert",
+        web_cert.to_str().unwrap(),
+        "--key",
+        web_key.to_str().unwrap(),
+        "-H",
+        "content-type: application/json",
+        "--data",
+        r#"{"model":"llama-3-8b"}{"model":"mistral-7b"}"#,
+        "-w",
+        "\n%{http_code}",
+        &format!("https://{inbound}/v1/chat/completions"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n400"), "{out}");
+    assert!(
+        out.contains("another value after its top-level object"),
+        "{out}"
+    );
+
     // Denied requests never reached the upstreams.
     let models: Vec<String> = openai.requests().iter().filter_map(|r| r.model()).collect();
     assert_eq!(models, ["llama-3-8b"]);

@@ -800,6 +800,9 @@ fn describe(parts: &http::request::Parts, model: Option<&str>) -> String {
     text
 }
 
+// Lives on the stack of one request's classification; boxing the larger
+// variant would cost an allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
 enum BodyState {
     Streaming(Incoming),
     Scanned(Prefix, Scanned),

@@ -953,7 +953,7 @@ mod tests {
         let mut message = Vec::new();
         for (i, model) in models.iter().enumerate() {
             field_bytes(1, model.as_bytes(), &mut message);
-            field_bytes(7, &vec![i as u8; 40], &mut message);
+            field_bytes(7, &[i as u8; 40], &mut message);
         }
         message
     }

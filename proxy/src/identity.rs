@@ -694,7 +694,10 @@ mod tests {
                 TlsError::InvalidCertificate(CertificateError::NotValidYet),
                 Reason::TlsExpired,
             ),
-            (refused("not of this trust domain".into()), Reason::TlsIdentity),
+            (
+                refused("not of this trust domain".into()),
+                Reason::TlsIdentity,
+            ),
             (
                 TlsError::PeerIncompatible(PeerIncompatible::SupportedVersionsExtensionRequired),
                 Reason::TlsVersion,

@@ -16,11 +16,11 @@ use http::{header, HeaderValue, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use infermesh_proto::policy::{ListenerKind, MtlsMode};
-use infermesh_proto::spiffe::SpiffeId;
 use infermesh_filters::error::{grpc_code, grpc_error_response};
 use infermesh_filters::timeout::is_grpc;
 use infermesh_filters::BoxBody;
+use infermesh_proto::policy::{ListenerKind, MtlsMode};
+use infermesh_proto::spiffe::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -325,7 +325,13 @@ async fn serve_http<I>(
         // of several KB would be held by every idle keep-alive connection.
         let future: ServiceFuture = match head_refusal(&request) {
             Some((reason, detail)) => {
-                refuse(&inputs, kind, peer, reason, &detail);
+                refuse(
+                    &inputs,
+                    kind,
+                    peer,
+                    reason,
+                    &format_args!("request refused with 431: {detail}"),
+                );
                 let response = head_refused_response(&request, &detail);
                 Box::pin(std::future::ready(Ok(response)))
             }
@@ -360,15 +366,20 @@ async fn serve_http<I>(
     };
     if let Err(error) = result {
         match refusal::http_reason(&error, head_started) {
-            Some(reason) => refuse(&shared, kind, peer, reason, &error),
+            Some(reason) => refuse(
+                &shared,
+                kind,
+                peer,
+                reason,
+                &format_args!("HTTP connection refused: {error}"),
+            ),
             None => tracing::debug!(%peer, %error, "connection ended with an error"),
         }
     }
 }
 
-type ServiceFuture = Pin<
-    Box<dyn Future<Output = Result<Response<BoxBody>, std::convert::Infallible>> + Send>,
->;
+type ServiceFuture =
+    Pin<Box<dyn Future<Output = Result<Response<BoxBody>, std::convert::Infallible>> + Send>>;
 
 /// Counts a refusal and logs it through the shared rate limiter.
 fn refuse(
@@ -488,10 +499,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
@@ -572,7 +580,10 @@ mod tests {
     fn refused_heads_answer_431_in_the_callers_protocol() {
         let plain = request(&[]);
         let response = head_refused_response(&plain, "too big");
-        assert_eq!(response.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
         let grpc = request(&[("content-type".into(), "application/grpc".into())]);
         let response = head_refused_response(&grpc, "too big");

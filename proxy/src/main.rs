@@ -263,11 +263,13 @@ fn scope_local(policy: PolicySet, workload: &Workload) -> PolicySet {
 
 fn init_logging() {
     // The h2 library warns once per connection it closes for a flood (rapid
-    // reset and the like); the proxy counts and logs those refusals itself,
-    // rate-limited, so a client cannot flood the log through h2's lines.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG").unwrap_or_else(
-        |_| tracing_subscriber::EnvFilter::new("info,infermesh::access=off,h2=error"),
-    );
+    // reset and the like), rustls once per warning alert a peer sends; the
+    // proxy counts and logs those refusals itself, rate-limited, so a client
+    // cannot flood the log through the libraries' own lines.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,infermesh::access=off,h2=error,rustls=error")
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -195,8 +195,7 @@ impl LogLimiter {
                 return None;
             }
             let next = (window << 32) | (lines + 1);
-            match slot.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
+            match slot.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return Some(self.suppressed[reason.index()].swap(0, Ordering::Relaxed)),
                 Err(seen) => current = seen,
             }
@@ -211,8 +210,14 @@ fn limiter() -> &'static (LogLimiter, Instant) {
 
 /// Logs a refusal at WARN through the process's rate limiter: at most
 /// [`BURST`] lines per reason every [`WINDOW`], each with the number of
-/// refusals of that reason left out of the log before it.
-pub fn log(listener: &'static str, reason: Reason, peer: std::net::SocketAddr, detail: &dyn std::fmt::Display) {
+/// refusals of that reason left out of the log before it. `detail` is the
+/// message, and says what was refused and why.
+pub fn log(
+    listener: &'static str,
+    reason: Reason,
+    peer: std::net::SocketAddr,
+    detail: &dyn std::fmt::Display,
+) {
     let (limiter, start) = limiter();
     let now_ms = start.elapsed().as_millis() as u64;
     if let Some(suppressed) = limiter.admit(reason, now_ms) {
@@ -221,10 +226,10 @@ pub fn log(listener: &'static str, reason: Reason, peer: std::net::SocketAddr, d
             reason = reason.as_str(),
             %peer,
             suppressed,
-            "refused: {detail}"
+            "{detail}"
         );
     } else {
-        tracing::debug!(listener, reason = reason.as_str(), %peer, "refused: {detail}");
+        tracing::debug!(listener, reason = reason.as_str(), %peer, "{detail}");
     }
 }
 

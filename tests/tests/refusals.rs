@@ -38,17 +38,25 @@ async fn metrics(proxy: &ProxyProcess) -> Metrics {
 }
 
 async fn refusals(proxy: &ProxyProcess, reason: &str) -> f64 {
-    metrics(proxy)
-        .await
-        .sum(REFUSALS, &[("listener", "outbound"), ("reason", reason)])
+    refusals_on(proxy, "outbound", reason).await
 }
 
-/// Waits until the `reason` count reaches `want` (counts land as the
-/// connection task ends, a moment after the client saw it close).
+async fn refusals_on(proxy: &ProxyProcess, listener: &str, reason: &str) -> f64 {
+    metrics(proxy)
+        .await
+        .sum(REFUSALS, &[("listener", listener), ("reason", reason)])
+}
+
+/// Waits until the outbound `reason` count reaches `want` (counts land as
+/// the connection task ends, a moment after the client saw it close).
 async fn wait_refusals(proxy: &ProxyProcess, reason: &str, want: f64) {
+    wait_refusals_on(proxy, "outbound", reason, want).await
+}
+
+async fn wait_refusals_on(proxy: &ProxyProcess, listener: &str, reason: &str, want: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let got = refusals(proxy, reason).await;
+        let got = refusals_on(proxy, listener, reason).await;
         if got >= want {
             assert_eq!(got, want, "{reason}: more refusals than expected");
             return;
@@ -160,7 +168,11 @@ async fn http1_heads_over_the_budget_get_431_and_are_counted() {
     wait_refusals(&proxy, "header_too_large", 3.0).await;
 
     assert_still_serves(&proxy).await;
-    assert_eq!(upstream.request_count(), 3, "a refused request reached the upstream");
+    assert_eq!(
+        upstream.request_count(),
+        3,
+        "a refused request reached the upstream"
+    );
 }
 
 #[tokio::test]
@@ -176,17 +188,22 @@ async fn a_slow_request_head_is_cut_at_the_header_timeout_and_counted() {
     let started = Instant::now();
     let mut buf = [0u8; 1024];
     let mut answered = Vec::new();
+    let mut dribble = tokio::time::interval(Duration::from_millis(200));
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(15), slow.read(&mut buf))
-            .await
-            .expect("the slow connection was not closed at the header timeout")
-            .unwrap_or(0);
-        if n == 0 {
-            break;
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the slow connection was not closed at the header timeout"
+        );
+        tokio::select! {
+            read = slow.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answered.extend_from_slice(&buf[..n]),
+            },
+            // One more header line now and then, as slowloris does.
+            _ = dribble.tick() => {
+                let _ = slow.write_all(b"x-a: b\r\n").await;
+            }
         }
-        answered.extend_from_slice(&buf[..n]);
-        // Dribble one more header line now and then, as slowloris does.
-        let _ = slow.write_all(b"x-a: b\r\n").await;
     }
     assert!(
         started.elapsed() >= Duration::from_millis(900),
@@ -269,7 +286,9 @@ async fn http2_heads_over_the_budget_get_431_on_their_stream_and_the_connection_
 
     // A 100 KB header: 431 with the reason, on its stream only.
     let big = [("x-big".to_string(), "b".repeat(100_000))];
-    let (status, body) = h2_get(&mut client, &url, &big).await.expect("a 431, not a dead connection");
+    let (status, body) = h2_get(&mut client, &url, &big)
+        .await
+        .expect("a 431, not a dead connection");
     assert_eq!(status, 431, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
     assert_eq!(body["error"]["type"], "request_header_fields_too_large");
@@ -293,7 +312,11 @@ async fn http2_heads_over_the_budget_get_431_on_their_stream_and_the_connection_
     assert_eq!(status, 200);
     wait_refusals(&proxy, "header_too_large", 1.0).await;
     wait_refusals(&proxy, "too_many_headers", 1.0).await;
-    assert_eq!(upstream.request_count(), 2, "a refused request reached the upstream");
+    assert_eq!(
+        upstream.request_count(),
+        2,
+        "a refused request reached the upstream"
+    );
 }
 
 // === raw HTTP/2 frames ===
@@ -338,7 +361,13 @@ fn continuation_flood(frames: usize) -> Vec<u8> {
     frame(&mut out, HEADERS, END_STREAM, 1, GET_BLOCK);
     for _ in 0..frames {
         // A literal `x: y` without indexing, again and again.
-        frame(&mut out, CONTINUATION, 0, 1, &[0x00, 0x01, b'x', 0x01, b'y']);
+        frame(
+            &mut out,
+            CONTINUATION,
+            0,
+            1,
+            &[0x00, 0x01, b'x', 0x01, b'y'],
+        );
     }
     out
 }
@@ -523,23 +552,7 @@ async fn inbound_mtls_refusals_are_counted_by_reason() {
             &url,
         ])
     };
-    let inbound = |reason: &'static str| async move {
-        metrics(&server)
-            .await
-            .sum(REFUSALS, &[("listener", "inbound"), ("reason", reason)])
-    };
-    let wait_inbound = |reason: &'static str| async move {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while inbound(reason).await < 1.0 {
-            assert!(
-                Instant::now() < deadline,
-                "no {reason} refusal counted:\n{}",
-                metrics(&server).await.text
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(inbound(reason).await, 1.0, "{reason}");
-    };
+    let wait_inbound = |reason: &'static str| wait_refusals_on(&server, "inbound", reason, 1.0);
 
     let (good_cert, good_key) = mesh.mint_valid("good", WEB);
     let (code, out, err) = get(&good_cert, &good_key);

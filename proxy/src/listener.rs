@@ -51,9 +51,12 @@ pub const MAX_HEADER_LIST: usize = 64 * 1024;
 pub const MAX_HEADER_FIELDS: usize = 100;
 /// The HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE` the proxy advertises: twice
 /// the budget, so that a head over the budget still reaches the proxy's own
-/// 431 with a JSON body and a count. Above it the h2 library answers 431 on
-/// the stream by itself; above four times it (512 KiB) it treats the block
-/// as abuse and closes the connection with ENHANCE_YOUR_CALM.
+/// 431 with a JSON body and a count (hyper's default, 16 KiB, made h2 close
+/// the whole connection for a 100 KB header: h2 calls four times the limit
+/// abuse). Above it the h2 library answers 431 on the stream by itself;
+/// a block of more than 10 frames (`(limit / frame size) * 1.25`, about
+/// 160 KiB on the wire) or 512 KiB decoded it treats as a flood and closes
+/// the connection with ENHANCE_YOUR_CALM.
 const H2_MAX_HEADER_LIST: u32 = 2 * MAX_HEADER_LIST as u32;
 /// Cap on an HTTP/1.1 connection's read buffer and queued writes (hyper's
 /// default is about 400 KB). The read buffer grows with a fast stream and
@@ -159,7 +162,9 @@ impl Builders {
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
             .max_buf_size(HTTP1_MAX_BUF)
-            .max_headers(MAX_HEADER_FIELDS)
+            // hyper's default field limit is MAX_HEADER_FIELDS, parsed into
+            // an array on the stack; a larger limit would put that array on
+            // the heap for every request.
             .keep_alive(true);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2

@@ -146,6 +146,36 @@ async fn http1_heads_over_the_budget_get_431_and_are_counted() {
     );
     wait_refusals(&proxy, "header_too_large", 1.0).await;
 
+    // Over keep-alive, the same connection then serves the next request.
+    let mut conn = TcpStream::connect(proxy.outbound).await.unwrap();
+    let big = big.replace("connection: close\r\n", "");
+    let next = "GET /v1/models HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
+    conn.write_all(big.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("request_header_fields_too_large\"") {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("no 431")
+            .unwrap();
+        assert_ne!(
+            n,
+            0,
+            "closed after the 431: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    conn.write_all(next.as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+        .await
+        .expect("no answer to the next request")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("HTTP/1.1 200"), "{rest}");
+    wait_refusals(&proxy, "header_too_large", 2.0).await;
+
     // A 200 KB header and 101 fields: refused by the HTTP/1.1 parser
     // itself (431, no body), counted all the same.
     let huge = format!(
@@ -165,12 +195,12 @@ async fn http1_heads_over_the_budget_get_431_and_are_counted() {
     )
     .await;
     assert_eq!(reply.status(), Some(431), "{}", reply.text());
-    wait_refusals(&proxy, "header_too_large", 3.0).await;
+    wait_refusals(&proxy, "header_too_large", 4.0).await;
 
     assert_still_serves(&proxy).await;
     assert_eq!(
         upstream.request_count(),
-        3,
+        4,
         "a refused request reached the upstream"
     );
 }

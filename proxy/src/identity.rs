@@ -37,6 +37,8 @@ use rustls::{
 };
 use tokio::sync::watch;
 
+use crate::refusal::Reason;
+
 /// ALPN identifiers.
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN identifier of HTTP/1.1.
@@ -416,6 +418,43 @@ pub fn describe_handshake_error(error: &std::io::Error) -> String {
     }
 }
 
+/// The refusal reason of a failed inbound handshake, for the metric.
+pub fn handshake_refusal(error: &std::io::Error) -> Reason {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsError>())
+    {
+        Some(tls) => tls_refusal(tls),
+        None => Reason::TlsOther,
+    }
+}
+
+fn tls_refusal(error: &TlsError) -> Reason {
+    use rustls::PeerIncompatible as P;
+    match error {
+        TlsError::NoCertificatesPresented => Reason::TlsNoCertificate,
+        TlsError::InvalidCertificate(CertificateError::UnknownIssuer) => Reason::TlsUnknownIssuer,
+        TlsError::InvalidCertificate(
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. },
+        ) => Reason::TlsExpired,
+        TlsError::InvalidCertificate(CertificateError::Other(OtherError(other)))
+            if other.is::<Refused>() =>
+        {
+            Reason::TlsIdentity
+        }
+        TlsError::PeerIncompatible(
+            P::SupportedVersionsExtensionRequired
+            | P::Tls12NotOffered
+            | P::Tls12NotOfferedOrEnabled
+            | P::ServerDoesNotSupportTls12Or13,
+        ) => Reason::TlsVersion,
+        _ => Reason::TlsOther,
+    }
+}
+
 /// A refusal with the reason, as rustls carries it to the log line.
 #[derive(Debug)]
 struct Refused(String);
@@ -632,4 +671,47 @@ pub struct InboundConn {
     pub caller: Option<Arc<SpiffeId>>,
     /// The port of the listener the connection arrived on.
     pub port: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_failures_map_to_their_refusal_reason() {
+        use rustls::PeerIncompatible;
+        let cases = [
+            (TlsError::NoCertificatesPresented, Reason::TlsNoCertificate),
+            (
+                TlsError::InvalidCertificate(CertificateError::UnknownIssuer),
+                Reason::TlsUnknownIssuer,
+            ),
+            (
+                TlsError::InvalidCertificate(CertificateError::Expired),
+                Reason::TlsExpired,
+            ),
+            (
+                TlsError::InvalidCertificate(CertificateError::NotValidYet),
+                Reason::TlsExpired,
+            ),
+            (
+                refused("not of this trust domain".into()),
+                Reason::TlsIdentity,
+            ),
+            (
+                TlsError::PeerIncompatible(PeerIncompatible::SupportedVersionsExtensionRequired),
+                Reason::TlsVersion,
+            ),
+            (
+                TlsError::InvalidCertificate(CertificateError::BadSignature),
+                Reason::TlsOther,
+            ),
+        ];
+        for (error, reason) in cases {
+            let io = std::io::Error::new(std::io::ErrorKind::InvalidData, error.clone());
+            assert_eq!(handshake_refusal(&io), reason, "{error:?}");
+        }
+        let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(handshake_refusal(&eof), Reason::TlsOther);
+    }
 }

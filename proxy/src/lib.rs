@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod opaque;
 pub mod outlier;
 pub mod pool;
+pub mod refusal;
 pub mod route;
 pub mod service;
 pub mod snapshot;

@@ -4,21 +4,32 @@
 //! a mesh identity terminates mutual TLS and, in strict mode (the default),
 //! refuses plaintext.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::{header, HeaderValue, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use infermesh_filters::error::{grpc_code, grpc_error_response};
+use infermesh_filters::timeout::is_grpc;
+use infermesh_filters::BoxBody;
 use infermesh_proto::policy::{ListenerKind, MtlsMode};
 use infermesh_proto::spiffe::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::detect::{self, Protocol};
 use crate::identity::{self, InboundConn};
+use crate::metrics::listener_label;
 use crate::opaque;
+use crate::refusal::{self, Reason};
 use crate::service::{self, Inputs};
 
 /// How long a new connection may stay silent before it is treated as opaque
@@ -26,14 +37,34 @@ use crate::service::{self, Inputs};
 const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a client may take to finish a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a client may take to send a request head (HTTP/1.1), unless
+/// the `--header-read-timeout` flag says otherwise.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The budget of a request's header list, counted as HTTP/2 counts it
+/// (name + value + 32 bytes per field) plus the request target, the same on
+/// HTTP/1.1 and HTTP/2. Over it the proxy answers 431 with a JSON body.
+/// Envoy's default is 60 KiB; nginx and HAProxy allow less.
+pub const MAX_HEADER_LIST: usize = 64 * 1024;
+/// Most header fields a request may carry, on both protocols: hyper's
+/// HTTP/1.1 parser holds this many on the stack (more would cost a heap
+/// allocation per request), and Envoy's default is the same.
+pub const MAX_HEADER_FIELDS: usize = 100;
+/// The HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE` the proxy advertises: twice
+/// the budget, so that a head over the budget still reaches the proxy's own
+/// 431 with a JSON body and a count (hyper's default, 16 KiB, made h2 close
+/// the whole connection for a 100 KB header: h2 calls four times the limit
+/// abuse). Above it the h2 library answers 431 on the stream by itself;
+/// a block of more than 10 frames (`(limit / frame size) * 1.25`, about
+/// 160 KiB on the wire) or 512 KiB decoded it treats as a flood and closes
+/// the connection with ENHANCE_YOUR_CALM.
+const H2_MAX_HEADER_LIST: u32 = 2 * MAX_HEADER_LIST as u32;
 /// Cap on an HTTP/1.1 connection's read buffer and queued writes (hyper's
 /// default is about 400 KB). The read buffer grows with a fast stream and
 /// body slices in flight keep it alive: with the default a 1 MiB upload
 /// held about 1 MB at its peak, with 128 KiB about 0.35 MB, for a little
-/// more CPU (docs/benchmarks.md). It also bounds a request head, still well
-/// above nginx's 32 KB and HAProxy's 16 KB.
+/// more CPU (docs/benchmarks.md). It is also the hard limit of an HTTP/1.1
+/// request head (hyper answers 431 and closes the connection), above the
+/// [`MAX_HEADER_LIST`] budget the proxy answers itself.
 const HTTP1_MAX_BUF: usize = 128 * 1024;
 
 /// A bound listener.
@@ -41,6 +72,7 @@ pub struct Listener {
     tcp: TcpListener,
     kind: ListenerKind,
     inputs: Arc<Inputs>,
+    header_read_timeout: Duration,
 }
 
 impl Listener {
@@ -51,7 +83,19 @@ impl Listener {
         inputs: Arc<Inputs>,
     ) -> std::io::Result<Self> {
         let tcp = TcpListener::bind(addr).await?;
-        Ok(Self { tcp, kind, inputs })
+        Ok(Self {
+            tcp,
+            kind,
+            inputs,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+        })
+    }
+
+    /// Sets how long an HTTP/1.1 client may take to send a request head
+    /// ([`HEADER_READ_TIMEOUT`] by default); a slower one is refused.
+    pub fn with_header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
     }
 
     /// The bound address (with the real port when bound to port 0).
@@ -64,7 +108,7 @@ impl Listener {
     /// timeout.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let graceful = GracefulShutdown::new();
-        let builders = Arc::new(Builders::new());
+        let builders = Arc::new(Builders::new(self.header_read_timeout));
         loop {
             let accepted = tokio::select! {
                 accepted = self.tcp.accept() => accepted,
@@ -112,12 +156,15 @@ struct Builders {
 }
 
 impl Builders {
-    fn new() -> Self {
+    fn new(header_read_timeout: Duration) -> Self {
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(header_read_timeout)
             .max_buf_size(HTTP1_MAX_BUF)
+            // hyper's default field limit is MAX_HEADER_FIELDS, parsed into
+            // an array on the stack; a larger limit would put that array on
+            // the heap for every request.
             .keep_alive(true);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2
@@ -125,6 +172,7 @@ impl Builders {
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(8 * 1024 * 1024)
             .max_concurrent_streams(1024)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
             .keep_alive_interval(Duration::from_secs(30));
         Self {
             http1,
@@ -174,7 +222,13 @@ async fn serve_connection(
         (Protocol::Http1 | Protocol::Http2 | Protocol::Opaque, Some(_))
             if inputs.snapshot.load().mtls_mode() == MtlsMode::Strict =>
         {
-            tracing::warn!(%peer, "plaintext connection refused: inbound mTLS is strict (a MeshConfig with mtls.mode: permissive accepts plaintext)");
+            refuse(
+                &inputs,
+                kind,
+                peer,
+                Reason::PlaintextRefused,
+                &"plaintext connection refused: inbound mTLS is strict (a MeshConfig with mtls.mode: permissive accepts plaintext)",
+            );
         }
         (Protocol::Tls | Protocol::Opaque, _) => {
             Box::pin(opaque::serve(stream, peer, kind, &inputs)).await;
@@ -207,12 +261,25 @@ async fn serve_mtls(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
+            let reason = identity::handshake_refusal(&error);
             let error = identity::describe_handshake_error(&error);
-            tracing::warn!(%peer, %error, "inbound mTLS handshake refused");
+            refuse(
+                &inputs,
+                kind,
+                peer,
+                reason,
+                &format_args!("inbound mTLS handshake refused: {error}"),
+            );
             return;
         }
         Err(_) => {
-            tracing::warn!(%peer, "inbound mTLS handshake timed out");
+            refuse(
+                &inputs,
+                kind,
+                peer,
+                Reason::TlsTimeout,
+                &"inbound mTLS handshake timed out",
+            );
             return;
         }
     };
@@ -254,32 +321,191 @@ async fn serve_http<I>(
     builders: &Builders,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let shared = inputs.clone();
     let svc = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-        if let Some(conn) = &conn {
-            request.extensions_mut().insert(conn.clone());
-        }
         // Boxed per request: hyper keeps room for one service future per
         // connection for the connection's whole life, so an unboxed future
         // of several KB would be held by every idle keep-alive connection.
-        Box::pin(service::handle(inputs.clone(), kind, request))
+        let future: ServiceFuture = match head_refusal(&request) {
+            Some((reason, detail)) => {
+                refuse(
+                    &inputs,
+                    kind,
+                    peer,
+                    reason,
+                    &format_args!("request refused with 431: {detail}"),
+                );
+                let response = head_refused_response(&request, &detail);
+                Box::pin(std::future::ready(Ok(response)))
+            }
+            None => {
+                if let Some(conn) = &conn {
+                    request.extensions_mut().insert(conn.clone());
+                }
+                Box::pin(service::handle(inputs.clone(), kind, request))
+            }
+        };
+        future
     });
-    let io = TokioIo::new(io);
-    let result = match protocol {
+    let (result, head_started) = match protocol {
         Protocol::Http2 => {
-            watcher
+            let io = TokioIo::new(io);
+            let result = watcher
                 .watch(builders.http2.serve_connection(io, svc))
-                .await
+                .await;
+            (result, false)
         }
         _ => {
-            watcher
+            let head_started = Arc::new(AtomicBool::new(false));
+            let io = TokioIo::new(Watched {
+                io,
+                head_started: head_started.clone(),
+            });
+            let result = watcher
                 .watch(builders.http1.serve_connection(io, svc))
-                .await
+                .await;
+            (result, head_started.load(Ordering::Relaxed))
         }
     };
     if let Err(error) = result {
-        tracing::debug!(%peer, %error, "connection ended with an error");
+        match refusal::http_reason(&error, head_started) {
+            Some(reason) => refuse(
+                &shared,
+                kind,
+                peer,
+                reason,
+                &format_args!("HTTP connection refused: {error}"),
+            ),
+            None => tracing::debug!(%peer, %error, "connection ended with an error"),
+        }
+    }
+}
+
+type ServiceFuture =
+    Pin<Box<dyn Future<Output = Result<Response<BoxBody>, std::convert::Infallible>> + Send>>;
+
+/// Counts a refusal and logs it through the shared rate limiter.
+fn refuse(
+    inputs: &Inputs,
+    kind: ListenerKind,
+    peer: SocketAddr,
+    reason: Reason,
+    detail: &dyn std::fmt::Display,
+) {
+    inputs.metrics.refused(kind, reason);
+    refusal::log(listener_label(kind), reason, peer, detail);
+}
+
+/// Why a request head that the HTTP library accepted is still over the
+/// proxy's budget, if it is: too many fields, or too many bytes as HTTP/2
+/// counts them.
+fn head_refusal<B>(request: &hyper::Request<B>) -> Option<(Reason, String)> {
+    let fields = request.headers().len();
+    if fields > MAX_HEADER_FIELDS {
+        return Some((
+            Reason::TooManyHeaders,
+            format!("the request has {fields} header fields; the limit is {MAX_HEADER_FIELDS}"),
+        ));
+    }
+    let size = header_list_size(request);
+    (size > MAX_HEADER_LIST).then(|| {
+        (
+            Reason::HeaderTooLarge,
+            format!(
+                "the request's headers take {size} bytes (name + value + 32 per field, and the target); the limit is {MAX_HEADER_LIST}"
+            ),
+        )
+    })
+}
+
+/// The size of a request's head as HTTP/2 counts a header list (RFC 9113,
+/// section 6.5.2): name, value and 32 bytes per field, plus the target.
+fn header_list_size<B>(request: &hyper::Request<B>) -> usize {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    request
+        .headers()
+        .iter()
+        .fold(target, |size, (name, value)| {
+            size + name.as_str().len() + value.len() + 32
+        })
+}
+
+/// 431 with the reason, in the caller's protocol: a JSON error body, or a
+/// gRPC status.
+fn head_refused_response<B>(request: &hyper::Request<B>, detail: &str) -> Response<BoxBody> {
+    if is_grpc(request.headers()) {
+        return grpc_error_response(grpc_code::RESOURCE_EXHAUSTED, detail);
+    }
+    let body = serde_json::json!({
+        "error": { "type": "request_header_fields_too_large", "message": detail }
+    });
+    let mut response = Response::new(infermesh_filters::body::full(body.to_string()));
+    *response.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// An HTTP/1.1 connection's transport, noting whether bytes of a request
+/// head arrived since the last response bytes went out: a header timeout
+/// then means a slow client, and without them an idle keep-alive
+/// connection being closed.
+struct Watched<I> {
+    io: I,
+    head_started: Arc<AtomicBool>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.head_started.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.head_started.store(false, Ordering::Relaxed);
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.head_started.store(false, Ordering::Relaxed);
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -309,5 +535,63 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Protocol> {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         seen = peeked;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(String, String)]) -> hyper::Request<()> {
+        let mut builder = hyper::Request::get("http://a/v1/models");
+        for (name, value) in headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn heads_within_the_budget_pass() {
+        let fields: Vec<_> = (0..MAX_HEADER_FIELDS)
+            .map(|i| (format!("x-{i}"), "v".repeat(500)))
+            .collect();
+        assert_eq!(head_refusal(&request(&fields)), None);
+        assert_eq!(head_refusal(&request(&[])), None);
+    }
+
+    #[test]
+    fn heads_over_the_budget_are_refused_with_the_reason() {
+        let many: Vec<_> = (0..=MAX_HEADER_FIELDS)
+            .map(|i| (format!("x-{i}"), "v".into()))
+            .collect();
+        let (reason, detail) = head_refusal(&request(&many)).unwrap();
+        assert_eq!(reason, Reason::TooManyHeaders);
+        assert!(detail.contains("101 header fields"), "{detail}");
+
+        let big = [("x-big".to_string(), "b".repeat(MAX_HEADER_LIST))];
+        let (reason, detail) = head_refusal(&request(&big)).unwrap();
+        assert_eq!(reason, Reason::HeaderTooLarge);
+        assert!(detail.contains("the limit is 65536"), "{detail}");
+    }
+
+    #[test]
+    fn the_header_list_is_sized_as_http2_counts_it() {
+        let one = [("x-a".to_string(), "bc".to_string())];
+        // "/v1/models" + "x-a" + "bc" + 32
+        assert_eq!(header_list_size(&request(&one)), 10 + 3 + 2 + 32);
+    }
+
+    #[test]
+    fn refused_heads_answer_431_in_the_callers_protocol() {
+        let plain = request(&[]);
+        let response = head_refused_response(&plain, "too big");
+        assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let grpc = request(&[("content-type".into(), "application/grpc".into())]);
+        let response = head_refused_response(&grpc, "too big");
+        assert_eq!(response.headers()["grpc-status"], "8");
     }
 }

@@ -36,6 +36,10 @@ struct Args {
     /// Inbound listener: traffic from the mesh to the local model server.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:4143")]
     inbound: SocketAddr,
+    /// Longest an HTTP/1.1 client may take to send a request head; a slower
+    /// one is refused (counted as header_timeout).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+    header_read_timeout: std::time::Duration,
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -258,8 +262,14 @@ fn scope_local(policy: PolicySet, workload: &Workload) -> PolicySet {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,infermesh::access=off"));
+    // The h2 library warns once per connection it closes for a flood (rapid
+    // reset and the like), rustls once per warning alert a peer sends; the
+    // proxy counts and logs those refusals itself, rate-limited, so a client
+    // cannot flood the log through the libraries' own lines.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,infermesh::access=off,h2=error,rustls=error")
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -326,10 +336,12 @@ async fn run(
                 "cannot bind the outbound listener on {}: {e}",
                 args.outbound
             )
-        })?;
+        })?
+        .with_header_read_timeout(args.header_read_timeout);
     let inbound = Listener::bind(args.inbound, ListenerKind::Inbound, inputs.clone())
         .await
-        .map_err(|e| format!("cannot bind the inbound listener on {}: {e}", args.inbound))?;
+        .map_err(|e| format!("cannot bind the inbound listener on {}: {e}", args.inbound))?
+        .with_header_read_timeout(args.header_read_timeout);
     let admin_state = Admin::new(inputs.clone(), control.as_ref().map(|c| c.status()));
     let admin_addr = admin::spawn(args.admin, admin_state.clone())
         .map_err(|e| format!("cannot bind the admin server on {}: {e}", args.admin))?;

@@ -15,6 +15,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::refusal::Reason;
+
 /// A shared name used as a label value without copying it per request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Name(pub Arc<str>);
@@ -174,6 +176,18 @@ pub struct Metrics {
     pub faults: Family<FaultLabels, Counter>,
     /// Shadow copies of requests, by route and outcome.
     pub mirrored: Family<MirrorLabels, Counter>,
+    /// Connections and requests refused before routing, by listener and
+    /// reason; count through [`Metrics::refused`].
+    pub refusals: Family<RefusalLabels, Counter>,
+}
+
+/// Labels of the refusal counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `outbound` or `inbound`.
+    pub listener: &'static str,
+    /// Why (`crate::refusal::Reason`), a bounded set.
+    pub reason: Reason,
 }
 
 /// Labels of the ejection counter.
@@ -464,8 +478,16 @@ impl Metrics {
             mirrored.clone(),
         );
 
+        let refusals = Family::default();
+        registry.register(
+            "refusals",
+            "Connections and requests refused before routing (malformed or oversized HTTP, slow request heads, HTTP/2 floods, failed mTLS handshakes, plaintext on a strict port), by listener and reason",
+            refusals.clone(),
+        );
+
         Self {
             registry,
+            refusals,
             outlier_ejections,
             outlier_ejected,
             overloaded,
@@ -508,6 +530,16 @@ impl Metrics {
         let outcome = if applied { "applied" } else { "rejected" };
         self.policy_updates
             .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Counts one refusal on `listener` for `reason`.
+    pub fn refused(&self, listener: ListenerKind, reason: Reason) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                listener: listener_label(listener),
+                reason,
+            })
             .inc();
     }
 

@@ -8,6 +8,7 @@ use infermesh_proto::policy::ListenerKind;
 use tokio::net::TcpStream;
 
 use crate::metrics::{listener_label, OpaqueLabels};
+use crate::refusal::{self, Reason};
 use crate::service::Inputs;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,7 +26,13 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, kind: ListenerKind, 
     let snapshot = inputs.snapshot.load_full();
     let Some(backend) = snapshot.opaque_backend() else {
         count("refused");
-        tracing::warn!(%peer, listener, "refused a connection that is not HTTP: no opaque backend is configured (MeshConfig spec.opaque.backend)");
+        inputs.metrics.refused(kind, Reason::NotHttp);
+        refusal::log(
+            listener,
+            Reason::NotHttp,
+            peer,
+            &"refused a connection that is not HTTP: no opaque backend is configured (MeshConfig spec.opaque.backend)",
+        );
         return;
     };
     let Some(endpoint) = backend.pick() else {

@@ -10,6 +10,14 @@
 //! is validated once. A periodic re-scan compares file sizes, times and
 //! inodes, for what inotify cannot see (a directory created after start, a
 //! network file system) and re-arms the watch.
+//!
+//! A valid set that routes nothing is not taken at its word: a file caught
+//! between an editor's truncate and its write, a ConfigMap mid-swap or a
+//! deleted file would otherwise publish zero routes to every proxy. A set
+//! with no documents, or one without a `ModelRoute` replacing one that had
+//! some, is refused like an invalid one (the snapshot in force stays)
+//! unless the operator said so: `serve --allow-empty-policy`, or a set that
+//! holds nothing but a `MeshConfig` (and authorization policies).
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -44,23 +52,81 @@ pub enum Decision {
     Unchanged,
     /// Invalid: the snapshot in force stays.
     Refuse(Vec<PolicyError>),
+    /// Valid but routes nothing, and nobody said that is meant: the
+    /// snapshot in force stays. One error, on the policy path, says why.
+    RefuseEmpty(Vec<PolicyError>),
     /// Invalid with the same errors as the refusal already reported.
     StillRefused,
 }
 
 /// The decision, on plain values: `current` is the set in force, `refused`
-/// the errors of a refusal not yet followed by a valid set.
+/// the errors of a refusal not yet followed by a valid set, `path` the
+/// policy path and `allow_empty` whether an empty set may be published.
 pub fn decide(
     current: Option<&PolicySet>,
     refused: Option<&[PolicyError]>,
     loaded: Result<PolicySet, Vec<PolicyError>>,
+    path: &Path,
+    allow_empty: bool,
 ) -> Decision {
     match loaded {
         Ok(set) if current == Some(&set) => Decision::Unchanged,
-        Ok(set) => Decision::Publish(Box::new(set)),
+        Ok(set) => match emptiness(current, &set, allow_empty) {
+            None => Decision::Publish(Box::new(set)),
+            Some(message) => {
+                let errors = vec![PolicyError {
+                    file: path.to_owned(),
+                    line: 0,
+                    column: 0,
+                    message,
+                }];
+                if refused == Some(errors.as_slice()) {
+                    Decision::StillRefused
+                } else {
+                    Decision::RefuseEmpty(errors)
+                }
+            }
+        },
         Err(errors) if refused == Some(errors.as_slice()) => Decision::StillRefused,
         Err(errors) => Decision::Refuse(errors),
     }
+}
+
+/// Why `set` must not be published without the operator's say-so, if it
+/// must not: it holds no document at all, or it drops every `ModelRoute`
+/// of the set in force without being an explicit empty mesh (a
+/// `MeshConfig` with no `Backend`, `LocalModel` or `ModelRoute` beside it).
+pub fn emptiness(
+    current: Option<&PolicySet>,
+    set: &PolicySet,
+    allow_empty: bool,
+) -> Option<String> {
+    const HOW: &str = "to publish it, start the control plane with --allow-empty-policy, \
+                       or leave a file holding only a MeshConfig document";
+    if allow_empty {
+        return None;
+    }
+    let documents = set.backends.len()
+        + set.local_models.len()
+        + set.routes.len()
+        + set.authorizations.len()
+        + usize::from(set.mesh.is_some());
+    if documents == 0 {
+        return Some(format!(
+            "refused an empty policy set: no policy documents (every file is empty or gone, \
+             or a write is in progress); {HOW}"
+        ));
+    }
+    let explicit = set.mesh.is_some() && set.backends.is_empty() && set.local_models.is_empty();
+    let had_routes = current.is_some_and(|c| !c.routes.is_empty());
+    if had_routes && set.routes.is_empty() && !explicit {
+        let n = current.map_or(0, |c| c.routes.len());
+        return Some(format!(
+            "refused a policy set without routes: it would drop all {n} ModelRoute documents \
+             in force (a file emptied or deleted, or a write in progress?); {HOW}"
+        ));
+    }
+    None
 }
 
 /// The state of the policy files, as `/policy` shows it.
@@ -103,6 +169,9 @@ pub struct Documents {
 pub struct Refused {
     /// When it was refused.
     pub at: String,
+    /// `invalid` (the files do not validate) or `empty` (valid, but they
+    /// route nothing and nobody said that is meant).
+    pub reason: &'static str,
     /// Every problem, as `validate --output json` prints them.
     pub errors: Vec<ErrorJson>,
     #[serde(skip)]
@@ -129,11 +198,13 @@ pub struct Publisher {
     sender: watch::Sender<Option<Arc<Published>>>,
     status: Mutex<PolicyStatus>,
     metrics: Arc<Metrics>,
+    allow_empty: bool,
 }
 
 impl Publisher {
-    /// A publisher for the policies under `path`, with nothing published.
-    pub fn new(path: PathBuf, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A publisher for the policies under `path`, with nothing published;
+    /// with `allow_empty`, a set that routes nothing is published too.
+    pub fn new(path: PathBuf, metrics: Arc<Metrics>, allow_empty: bool) -> Arc<Self> {
         let (sender, _) = watch::channel(None);
         Arc::new(Self {
             status: Mutex::new(PolicyStatus {
@@ -147,6 +218,7 @@ impl Publisher {
             path,
             sender,
             metrics,
+            allow_empty,
         })
     }
 
@@ -190,7 +262,13 @@ impl Publisher {
             "serving" => None,
             _ => status.last_refusal.as_ref().map(|r| r.raw.as_slice()),
         };
-        match decide(current.as_ref().map(|p| &p.set), refused, loaded) {
+        match decide(
+            current.as_ref().map(|p| &p.set),
+            refused,
+            loaded,
+            &self.path,
+            self.allow_empty,
+        ) {
             Decision::Publish(set) => {
                 let version = current.as_ref().map_or_else(
                     || first_version(SystemTime::now()),
@@ -230,6 +308,22 @@ impl Publisher {
                 status.state = "serving";
                 self.metrics.policy_refused.set(0);
             }
+            Decision::RefuseEmpty(errors) => {
+                let message = errors.first().map_or("", |e| e.message.as_str());
+                match status.version {
+                    Some(version) => tracing::warn!(
+                        version,
+                        path = %self.path.display(),
+                        "{message}; the snapshot in force stays"
+                    ),
+                    None => tracing::warn!(
+                        path = %self.path.display(),
+                        "{message}; serving nothing until there is a policy"
+                    ),
+                }
+                self.metrics.empty_refusals.inc();
+                self.refuse(&mut *status, "empty", errors);
+            }
             Decision::Refuse(errors) => {
                 match status.version {
                     Some(version) => tracing::warn!(
@@ -245,29 +339,35 @@ impl Publisher {
                 for error in &errors {
                     tracing::warn!("{error}");
                 }
-                status.state = if status.version.is_some() {
-                    "refused"
-                } else {
-                    "waiting"
-                };
-                status.last_refusal = Some(Refused {
-                    at: rfc3339(SystemTime::now()),
-                    errors: errors
-                        .iter()
-                        .map(|e| ErrorJson {
-                            file: e.file.display().to_string(),
-                            line: e.line,
-                            column: e.column,
-                            message: e.message.clone(),
-                        })
-                        .collect(),
-                    raw: errors,
-                });
-                self.metrics.refused_changes.inc();
-                self.metrics.policy_refused.set(1);
+                self.refuse(&mut *status, "invalid", errors);
             }
             Decision::StillRefused => {}
         }
+    }
+
+    /// Records a refusal in the status and the metrics.
+    fn refuse(&self, status: &mut PolicyStatus, reason: &'static str, errors: Vec<PolicyError>) {
+        status.state = if status.version.is_some() {
+            "refused"
+        } else {
+            "waiting"
+        };
+        status.last_refusal = Some(Refused {
+            at: rfc3339(SystemTime::now()),
+            reason,
+            errors: errors
+                .iter()
+                .map(|e| ErrorJson {
+                    file: e.file.display().to_string(),
+                    line: e.line,
+                    column: e.column,
+                    message: e.message.clone(),
+                })
+                .collect(),
+            raw: errors,
+        });
+        self.metrics.refused_changes.inc();
+        self.metrics.policy_refused.set(1);
     }
 }
 
@@ -445,7 +545,7 @@ mod tests {
     #[test]
     fn a_valid_set_is_published_unless_it_equals_the_one_in_force() {
         assert!(matches!(
-            decide(None, None, Ok(set(VALID))),
+            decide(None, None, Ok(set(VALID)), Path::new("p"), false),
             Decision::Publish(_)
         ));
         let current = set(VALID);
@@ -453,15 +553,105 @@ mod tests {
             decide(
                 Some(&current),
                 None,
-                Ok(set(&format!("# a comment\n{VALID}")))
+                Ok(set(&format!("# a comment\n{VALID}"))),
+                Path::new("p"),
+                false
             ),
             Decision::Unchanged
         ));
         let changed = set(&VALID.replace("a:1", "a:2"));
         assert!(matches!(
-            decide(Some(&current), None, Ok(changed)),
+            decide(Some(&current), None, Ok(changed), Path::new("p"), false),
             Decision::Publish(_)
         ));
+    }
+
+    const ROUTED: &str = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: a}\nspec: {endpoints: [\"a:1\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r}\nspec: {backends: [{backend: a}]}\n";
+    const MESH_ONLY: &str =
+        "apiVersion: infermesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {}\n";
+
+    #[test]
+    fn a_set_that_routes_nothing_is_refused_unless_asked_for() {
+        let routed = set(ROUTED);
+        let empty = PolicySet::default();
+        let backends_only = set(VALID);
+        let mesh_only = set(MESH_ONLY);
+        // Every file empty or gone: refused, whatever was in force before.
+        for current in [None, Some(&routed), Some(&backends_only)] {
+            let why = emptiness(current, &empty, false).unwrap();
+            assert!(why.contains("no policy documents"), "{why}");
+            assert!(why.contains("--allow-empty-policy"), "{why}");
+        }
+        // The routes file emptied, the backends left: every route dropped.
+        let why = emptiness(Some(&routed), &backends_only, false).unwrap();
+        assert!(why.contains("drop all 1 ModelRoute"), "{why}");
+        // Said so: the flag, or a set of nothing but a MeshConfig.
+        assert_eq!(emptiness(Some(&routed), &empty, true), None);
+        assert_eq!(emptiness(Some(&routed), &backends_only, true), None);
+        assert_eq!(emptiness(Some(&routed), &mesh_only, false), None);
+        // Nothing routed before, or routes still there: no question.
+        assert_eq!(emptiness(Some(&backends_only), &backends_only, false), None);
+        assert_eq!(emptiness(None, &backends_only, false), None);
+        assert_eq!(emptiness(Some(&backends_only), &routed, false), None);
+    }
+
+    #[test]
+    fn an_empty_set_is_refused_once_and_the_snapshot_in_force_stays() {
+        let routed = set(ROUTED);
+        let dir = Path::new("/etc/policies");
+        let Decision::RefuseEmpty(errors) =
+            decide(Some(&routed), None, Ok(PolicySet::default()), dir, false)
+        else {
+            panic!("an empty set was not refused");
+        };
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].file, dir);
+        assert!(matches!(
+            decide(
+                Some(&routed),
+                Some(&errors),
+                Ok(PolicySet::default()),
+                dir,
+                false
+            ),
+            Decision::StillRefused
+        ));
+        assert!(matches!(
+            decide(Some(&routed), None, Ok(PolicySet::default()), dir, true),
+            Decision::Publish(_)
+        ));
+    }
+
+    #[test]
+    fn the_publisher_reports_and_counts_an_empty_set_it_refuses() {
+        let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(PathBuf::from("p"), metrics.clone(), false);
+        let current = publisher.subscribe();
+        publisher.offer(Ok(set(ROUTED)));
+        let first = current.borrow().as_ref().map(|p| p.version).unwrap();
+        publisher.offer(Ok(PolicySet::default()));
+        publisher.offer(Ok(PolicySet::default()));
+        let status = publisher.status();
+        assert_eq!(status.state, "refused");
+        assert_eq!(status.version, Some(first));
+        let refusal = status.last_refusal.unwrap();
+        assert_eq!(refusal.reason, "empty");
+        assert!(refusal.errors[0].message.contains("no policy documents"));
+        assert_eq!(metrics.empty_refusals.get(), 1, "once per change");
+        assert_eq!(metrics.policy_refused.get(), 1);
+        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first));
+        // Written back as it was: serving again, same version.
+        publisher.offer(Ok(set(ROUTED)));
+        assert_eq!(publisher.status().state, "serving");
+        assert_eq!(metrics.policy_refused.get(), 0);
+        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first));
+
+        // With the opt-in the empty set is published.
+        let publisher = Publisher::new(PathBuf::from("p"), Arc::new(Metrics::new()), true);
+        publisher.offer(Ok(set(ROUTED)));
+        publisher.offer(Ok(PolicySet::default()));
+        assert_eq!(publisher.status().state, "serving");
+        assert_eq!(publisher.status().documents.unwrap().routes, 0);
     }
 
     #[test]
@@ -469,16 +659,34 @@ mod tests {
         let current = set(VALID);
         let first = errors(INVALID);
         assert!(matches!(
-            decide(Some(&current), None, Err(first.clone())),
+            decide(
+                Some(&current),
+                None,
+                Err(first.clone()),
+                Path::new("p"),
+                false
+            ),
             Decision::Refuse(_)
         ));
         assert!(matches!(
-            decide(Some(&current), Some(&first), Err(first.clone())),
+            decide(
+                Some(&current),
+                Some(&first),
+                Err(first.clone()),
+                Path::new("p"),
+                false
+            ),
             Decision::StillRefused
         ));
         let other = errors(&INVALID.replace("name: a", "name: A"));
         assert!(matches!(
-            decide(Some(&current), Some(&first), Err(other)),
+            decide(
+                Some(&current),
+                Some(&first),
+                Err(other),
+                Path::new("p"),
+                false
+            ),
             Decision::Refuse(_)
         ));
     }
@@ -486,7 +694,7 @@ mod tests {
     #[test]
     fn the_publisher_counts_versions_up_and_keeps_the_last_good_snapshot() {
         let metrics = Arc::new(Metrics::new());
-        let publisher = Publisher::new(PathBuf::from("p"), metrics.clone());
+        let publisher = Publisher::new(PathBuf::from("p"), metrics.clone(), false);
         let current = publisher.subscribe();
         assert!(!publisher.ready());
 

@@ -299,7 +299,8 @@ async fn fifty_edits_under_steady_load_fail_no_request() {
     for edit in 0..edits {
         let target = if edit % 2 == 0 { "green" } else { "blue" };
         // Renamed over the old file: an in-place rewrite can be read half
-        // written, and a valid half (an empty file) would be published.
+        // written, and each such read is refused (invalid, or empty) rather
+        // than published, so this edit would not be a version of its own.
         control_plane.write("routes.yaml", &route_to(target));
         // Each edit is its own version on both proxies before the next one.
         for proxy in proxies.iter() {

@@ -436,11 +436,7 @@ mod tests {
 
     fn key_usage(der: &[u8]) -> x509_parser::extensions::KeyUsage {
         let (_, leaf) = X509Certificate::from_der(der).unwrap();
-        leaf.key_usage()
-            .unwrap()
-            .expect("a key usage")
-            .value
-            .clone()
+        *leaf.key_usage().unwrap().expect("a key usage").value
     }
 
     #[test]

@@ -322,7 +322,7 @@ impl Publisher {
                     ),
                 }
                 self.metrics.empty_refusals.inc();
-                self.refuse(&mut *status, "empty", errors);
+                self.refuse(&mut status, "empty", errors);
             }
             Decision::Refuse(errors) => {
                 match status.version {
@@ -339,7 +339,7 @@ impl Publisher {
                 for error in &errors {
                     tracing::warn!("{error}");
                 }
-                self.refuse(&mut *status, "invalid", errors);
+                self.refuse(&mut status, "invalid", errors);
             }
             Decision::StillRefused => {}
         }

@@ -17,9 +17,12 @@
 //! with no documents, or one without a `ModelRoute` replacing one that had
 //! some, is refused like an invalid one (the snapshot in force stays)
 //! unless the operator said so: `serve --allow-empty-policy`, or a set that
-//! holds nothing but a `MeshConfig` (and authorization policies).
+//! holds nothing but a `MeshConfig` (and authorization policies). So is a
+//! set in which a file that held documents is now blank (a `gen >
+//! routes.yaml` still running, say): deleting the file is how its
+//! documents are removed on purpose.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,31 +65,48 @@ pub enum Decision {
 /// The decision, on plain values: `current` is the set in force, `refused`
 /// the errors of a refusal not yet followed by a valid set, `path` the
 /// policy path and `allow_empty` whether an empty set may be published.
+/// `emptied` lists the files that held documents in the set in force and
+/// are blank now.
 pub fn decide(
     current: Option<&PolicySet>,
     refused: Option<&[PolicyError]>,
     loaded: Result<PolicySet, Vec<PolicyError>>,
     path: &Path,
     allow_empty: bool,
+    emptied: &[PathBuf],
 ) -> Decision {
     match loaded {
         Ok(set) if current == Some(&set) => Decision::Unchanged,
-        Ok(set) => match emptiness(current, &set, allow_empty) {
-            None => Decision::Publish(Box::new(set)),
-            Some(message) => {
-                let errors = vec![PolicyError {
+        Ok(set) => {
+            let errors = match emptiness(current, &set, allow_empty) {
+                Some(message) => vec![PolicyError {
                     file: path.to_owned(),
                     line: 0,
                     column: 0,
                     message,
-                }];
-                if refused == Some(errors.as_slice()) {
-                    Decision::StillRefused
-                } else {
-                    Decision::RefuseEmpty(errors)
-                }
+                }],
+                None if allow_empty => Vec::new(),
+                None => emptied
+                    .iter()
+                    .map(|file| PolicyError {
+                        file: file.clone(),
+                        line: 1,
+                        column: 1,
+                        message: "the file is empty but held documents in the version in force \
+                                  (a write in progress?); delete the file to remove its documents, \
+                                  or start the control plane with --allow-empty-policy"
+                            .into(),
+                    })
+                    .collect(),
+            };
+            if errors.is_empty() {
+                Decision::Publish(Box::new(set))
+            } else if refused == Some(errors.as_slice()) {
+                Decision::StillRefused
+            } else {
+                Decision::RefuseEmpty(errors)
             }
-        },
+        }
         Err(errors) if refused == Some(errors.as_slice()) => Decision::StillRefused,
         Err(errors) => Decision::Refuse(errors),
     }
@@ -199,6 +219,8 @@ pub struct Publisher {
     status: Mutex<PolicyStatus>,
     metrics: Arc<Metrics>,
     allow_empty: bool,
+    /// Policy files that held documents when the set in force was loaded.
+    populated: Mutex<BTreeSet<PathBuf>>,
 }
 
 impl Publisher {
@@ -219,6 +241,7 @@ impl Publisher {
             sender,
             metrics,
             allow_empty,
+            populated: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -241,23 +264,53 @@ impl Publisher {
     /// publishes it when valid and changed.
     pub async fn reload(&self) {
         let path = self.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || policy::load_path(&path))
-            .await
-            .unwrap_or_else(|error| {
-                Err(vec![PolicyError {
-                    file: self.path.clone(),
-                    line: 1,
-                    column: 1,
-                    message: format!("loading failed: {error}"),
-                }])
-            });
-        self.offer(loaded);
+        let loaded = tokio::task::spawn_blocking(move || {
+            let files = scan(&path);
+            (policy::load_path(&path), Some(files))
+        })
+        .await
+        .unwrap_or_else(|error| {
+            let error = PolicyError {
+                file: self.path.clone(),
+                line: 1,
+                column: 1,
+                message: format!("loading failed: {error}"),
+            };
+            (Err(vec![error]), None)
+        });
+        self.offer_scanned(loaded.0, loaded.1);
     }
 
     /// Acts on a loaded set: publishes it, or refuses it and says why.
     pub fn offer(&self, loaded: Result<PolicySet, Vec<PolicyError>>) {
+        self.offer_scanned(loaded, None);
+    }
+
+    /// [`Publisher::offer`], with each policy file and whether it holds
+    /// anything but blank lines and comments, when they were read.
+    fn offer_scanned(
+        &self,
+        loaded: Result<PolicySet, Vec<PolicyError>>,
+        files: Option<Vec<(PathBuf, bool)>>,
+    ) {
         let current = self.sender.borrow().clone();
         let mut status = self.status.lock();
+        let mut populated = self.populated.lock();
+        let emptied: Vec<PathBuf> = files
+            .iter()
+            .flatten()
+            .filter(|(file, filled)| !filled && populated.contains(file))
+            .map(|(file, _)| file.clone())
+            .collect();
+        let accepted = || {
+            files.as_ref().map(|files| {
+                files
+                    .iter()
+                    .filter(|(_, filled)| *filled)
+                    .map(|(file, _)| file.clone())
+                    .collect::<BTreeSet<_>>()
+            })
+        };
         let refused = match status.state {
             "serving" => None,
             _ => status.last_refusal.as_ref().map(|r| r.raw.as_slice()),
@@ -268,8 +321,12 @@ impl Publisher {
             loaded,
             &self.path,
             self.allow_empty,
+            &emptied,
         ) {
             Decision::Publish(set) => {
+                if let Some(files) = accepted() {
+                    *populated = files;
+                }
                 let version = current.as_ref().map_or_else(
                     || first_version(SystemTime::now()),
                     |p| p.version.saturating_add(1),
@@ -299,6 +356,9 @@ impl Publisher {
                 self.sender.send_replace(Some(published));
             }
             Decision::Unchanged => {
+                if let Some(files) = accepted() {
+                    *populated = files;
+                }
                 if status.state != "serving" {
                     tracing::info!(
                         version = status.version,
@@ -481,6 +541,28 @@ fn arm(dir: &Path, events: &mpsc::UnboundedSender<()>) -> Option<RecommendedWatc
     Some(watcher)
 }
 
+/// Every file the loader would read, and whether it holds more than blank
+/// lines, comments and document markers (a file mid-write is blank).
+fn scan(dir: &Path) -> Vec<(PathBuf, bool)> {
+    let mut found = Vec::new();
+    walk(dir, &mut found, &mut HashSet::new());
+    found
+        .into_iter()
+        .map(|(file, ..)| {
+            let filled = std::fs::read(&file).map_or(true, |bytes| has_content(&bytes));
+            (file, filled)
+        })
+        .collect()
+}
+
+/// Whether a policy file's text holds anything a document could be made of.
+fn has_content(bytes: &[u8]) -> bool {
+    String::from_utf8_lossy(bytes).lines().any(|line| {
+        let line = line.trim();
+        !(line.is_empty() || line.starts_with('#') || line == "---" || line == "...")
+    })
+}
+
 /// Size, modification time and inode of every file the loader would read,
 /// to tell whether anything changed since the last load.
 async fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, i64, i64, u64)> {
@@ -545,7 +627,7 @@ mod tests {
     #[test]
     fn a_valid_set_is_published_unless_it_equals_the_one_in_force() {
         assert!(matches!(
-            decide(None, None, Ok(set(VALID)), Path::new("p"), false),
+            decide(None, None, Ok(set(VALID)), Path::new("p"), false, &[]),
             Decision::Publish(_)
         ));
         let current = set(VALID);
@@ -555,13 +637,21 @@ mod tests {
                 None,
                 Ok(set(&format!("# a comment\n{VALID}"))),
                 Path::new("p"),
-                false
+                false,
+                &[]
             ),
             Decision::Unchanged
         ));
         let changed = set(&VALID.replace("a:1", "a:2"));
         assert!(matches!(
-            decide(Some(&current), None, Ok(changed), Path::new("p"), false),
+            decide(
+                Some(&current),
+                None,
+                Ok(changed),
+                Path::new("p"),
+                false,
+                &[]
+            ),
             Decision::Publish(_)
         ));
     }
@@ -599,9 +689,14 @@ mod tests {
     fn an_empty_set_is_refused_once_and_the_snapshot_in_force_stays() {
         let routed = set(ROUTED);
         let dir = Path::new("/etc/policies");
-        let Decision::RefuseEmpty(errors) =
-            decide(Some(&routed), None, Ok(PolicySet::default()), dir, false)
-        else {
+        let Decision::RefuseEmpty(errors) = decide(
+            Some(&routed),
+            None,
+            Ok(PolicySet::default()),
+            dir,
+            false,
+            &[],
+        ) else {
             panic!("an empty set was not refused");
         };
         assert_eq!(errors.len(), 1);
@@ -612,12 +707,20 @@ mod tests {
                 Some(&errors),
                 Ok(PolicySet::default()),
                 dir,
-                false
+                false,
+                &[]
             ),
             Decision::StillRefused
         ));
         assert!(matches!(
-            decide(Some(&routed), None, Ok(PolicySet::default()), dir, true),
+            decide(
+                Some(&routed),
+                None,
+                Ok(PolicySet::default()),
+                dir,
+                true,
+                &[]
+            ),
             Decision::Publish(_)
         ));
     }
@@ -655,6 +758,82 @@ mod tests {
     }
 
     #[test]
+    fn a_file_with_only_blank_lines_comments_and_markers_has_no_content() {
+        for blank in ["", "\n\n", "# routes\n---\n  \n...\n"] {
+            assert!(!has_content(blank.as_bytes()), "{blank:?}");
+        }
+        assert!(has_content(VALID.as_bytes()));
+        assert!(has_content(b"# x\nkind: Backend"));
+    }
+
+    fn route_file(name: &str) -> String {
+        format!(
+            "apiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: {name}}}\n\
+             spec: {{match: [{{model: {{exact: {name}}}}}], backends: [{{backend: a}}]}}\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_file_emptied_in_place_is_refused_and_a_deleted_one_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("backends.yaml", VALID);
+        write("a.yaml", &route_file("ra"));
+        write("b.yaml", &route_file("rb"));
+        let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(dir.path().to_owned(), metrics.clone(), false);
+        let current = publisher.subscribe();
+        publisher.reload().await;
+        let first = current.borrow().as_ref().map(|p| p.version).unwrap();
+
+        // Truncated, the writer not done yet: the routes of a.yaml stay.
+        write("b.yaml", "");
+        publisher.reload().await;
+        let status = publisher.status();
+        assert_eq!(status.state, "refused");
+        let refusal = status.last_refusal.unwrap();
+        assert_eq!(refusal.reason, "empty");
+        assert!(refusal.errors[0].file.ends_with("b.yaml"), "{refusal:?}");
+        assert!(refusal.errors[0].message.contains("delete the file"));
+        assert_eq!(metrics.empty_refusals.get(), 1);
+        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first));
+
+        // Written: the same set, nothing to publish.
+        write("b.yaml", &route_file("rb"));
+        publisher.reload().await;
+        assert_eq!(publisher.status().state, "serving");
+        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first));
+
+        // Deleted: its route goes, as asked.
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        publisher.reload().await;
+        let published = current.borrow().clone().unwrap();
+        assert_eq!(published.version, first + 1);
+        assert_eq!(published.set.routes.len(), 1);
+
+        // A file that was blank all along is no refusal.
+        write("c.yaml", "# to do\n");
+        publisher.reload().await;
+        assert_eq!(publisher.status().state, "serving");
+        assert_eq!(metrics.empty_refusals.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn with_the_opt_in_an_emptied_file_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("backends.yaml", VALID);
+        write("a.yaml", &route_file("ra"));
+        write("b.yaml", &route_file("rb"));
+        let publisher = Publisher::new(dir.path().to_owned(), Arc::new(Metrics::new()), true);
+        publisher.reload().await;
+        write("b.yaml", "");
+        publisher.reload().await;
+        assert_eq!(publisher.status().state, "serving");
+        assert_eq!(publisher.status().documents.unwrap().routes, 1);
+    }
+
+    #[test]
     fn an_invalid_set_is_refused_once_per_distinct_set_of_errors() {
         let current = set(VALID);
         let first = errors(INVALID);
@@ -664,7 +843,8 @@ mod tests {
                 None,
                 Err(first.clone()),
                 Path::new("p"),
-                false
+                false,
+                &[]
             ),
             Decision::Refuse(_)
         ));
@@ -674,7 +854,8 @@ mod tests {
                 Some(&first),
                 Err(first.clone()),
                 Path::new("p"),
-                false
+                false,
+                &[]
             ),
             Decision::StillRefused
         ));
@@ -685,7 +866,8 @@ mod tests {
                 Some(&first),
                 Err(other),
                 Path::new("p"),
-                false
+                false,
+                &[]
             ),
             Decision::Refuse(_)
         ));

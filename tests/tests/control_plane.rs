@@ -750,6 +750,83 @@ async fn an_emptied_or_deleted_policy_file_does_not_empty_the_mesh() {
 }
 
 #[tokio::test]
+async fn a_file_emptied_while_its_writer_is_still_busy_keeps_its_routes() {
+    let blue = OpenAiServer::start("blue");
+    let green = OpenAiServer::start("green");
+    let other_route = policy::route(
+        "other",
+        "match:\n  - model: {exact: other-model}\nbackends:\n  - backend: green\n",
+    );
+    let control_plane = ControlPlaneProcess::start(&[
+        ("backends.yaml", &backends(&blue, &green)),
+        ("routes.yaml", &route_to("blue")),
+        ("other.yaml", &other_route),
+    ]);
+    let proxy = follower(&control_plane, "emptied-file", &[]);
+    wait_ready(&proxy).await;
+    let before = version(&proxy).await;
+    let client = HttpClient::http1();
+    let other = || async {
+        client
+            .post_json(
+                &format!("{}/v1/chat/completions", proxy.url()),
+                &chat_body("other-model", false),
+            )
+            .await
+    };
+    assert_eq!(other().await.status, 200);
+
+    // `generate > other.yaml`: the shell truncates at once, the writer
+    // takes its time.
+    control_plane.write_in_place("other.yaml", "");
+    let (error, _) = eventually(
+        "the control plane refuses the emptied file",
+        Duration::from_secs(10),
+        || async {
+            let policy = control_plane.policy().await;
+            (policy["state"] == "refused" && policy["lastRefusal"]["reason"] == "empty")
+                .then(|| policy["lastRefusal"]["errors"][0].clone())
+        },
+    )
+    .await;
+    assert!(
+        error["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("other.yaml"))
+            && error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("delete the file")),
+        "{error:#}"
+    );
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(800) {
+        let reply = other().await;
+        assert_eq!(
+            reply.status,
+            200,
+            "while other.yaml is empty: {}",
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    control_plane.write_in_place("other.yaml", &other_route);
+    wait_serving(&control_plane).await;
+    assert_eq!(other().await.status, 200);
+    assert_eq!(version(&proxy).await, before);
+
+    // Deleting the file is how its routes go on purpose.
+    control_plane.remove("other.yaml");
+    eventually(
+        "the deletion reaches the proxy",
+        Duration::from_secs(10),
+        || async { (version(&proxy).await.0 > before.0).then_some(()) },
+    )
+    .await;
+    other().await.assert_proxy_error(404, "no_route");
+    assert_eq!(upstream_of(&client, &proxy).await, "blue");
+}
+
+#[tokio::test]
 async fn with_allow_empty_policy_an_emptied_directory_is_published() {
     let blue = OpenAiServer::start("blue");
     let green = OpenAiServer::start("green");

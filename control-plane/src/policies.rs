@@ -281,13 +281,16 @@ impl Publisher {
         self.offer_scanned(loaded.0, loaded.1);
     }
 
-    /// Acts on a loaded set: publishes it, or refuses it and says why.
+    /// Acts on a loaded set without looking at the files (no emptied-file
+    /// check): what the decision tests drive.
+    #[cfg(test)]
     pub fn offer(&self, loaded: Result<PolicySet, Vec<PolicyError>>) {
         self.offer_scanned(loaded, None);
     }
 
-    /// [`Publisher::offer`], with each policy file and whether it holds
-    /// anything but blank lines and comments, when they were read.
+    /// Acts on a loaded set: publishes it, or refuses it and says why.
+    /// `files` are the policy files and whether each holds anything but
+    /// blank lines and comments, when they were read.
     fn offer_scanned(
         &self,
         loaded: Result<PolicySet, Vec<PolicyError>>,

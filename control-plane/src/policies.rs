@@ -55,8 +55,9 @@ pub enum Decision {
     Unchanged,
     /// Invalid: the snapshot in force stays.
     Refuse(Vec<PolicyError>),
-    /// Valid but routes nothing, and nobody said that is meant: the
-    /// snapshot in force stays. One error, on the policy path, says why.
+    /// Valid but routes nothing (or a file that held documents is blank),
+    /// and nobody said that is meant: the snapshot in force stays. One
+    /// error on the policy path (line 0), or one per emptied file, says why.
     RefuseEmpty(Vec<PolicyError>),
     /// Invalid with the same errors as the refusal already reported.
     StillRefused,
@@ -372,17 +373,24 @@ impl Publisher {
                 self.metrics.policy_refused.set(0);
             }
             Decision::RefuseEmpty(errors) => {
-                let message = errors.first().map_or("", |e| e.message.as_str());
-                match status.version {
-                    Some(version) => tracing::warn!(
-                        version,
-                        path = %self.path.display(),
-                        "{message}; the snapshot in force stays"
-                    ),
-                    None => tracing::warn!(
-                        path = %self.path.display(),
-                        "{message}; serving nothing until there is a policy"
-                    ),
+                for error in &errors {
+                    // Line 0: about the whole set, not a place in a file.
+                    let what = if error.line == 0 {
+                        error.message.clone()
+                    } else {
+                        error.to_string()
+                    };
+                    match status.version {
+                        Some(version) => tracing::warn!(
+                            version,
+                            path = %self.path.display(),
+                            "{what}; the snapshot in force stays"
+                        ),
+                        None => tracing::warn!(
+                            path = %self.path.display(),
+                            "{what}; serving nothing until there is a policy"
+                        ),
+                    }
                 }
                 self.metrics.empty_refusals.inc();
                 self.refuse(&mut status, "empty", errors);

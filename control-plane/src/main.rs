@@ -69,7 +69,8 @@ enum Command {
         #[arg(long)]
         insecure_listen: bool,
         /// Publish a policy set that routes nothing (no document, or every
-        /// `ModelRoute` removed). Without it such a set is refused and the
+        /// `ModelRoute` removed), or in which a file that held documents is
+        /// blank. Without it such a set is refused and the
         /// snapshot in force stays, since an emptied or deleted file is far
         /// more often an accident than a wish; a set holding only a
         /// `MeshConfig` is always taken as meant.

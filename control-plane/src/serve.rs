@@ -246,3 +246,35 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> Option<SocketAddr> {
+        Some(text.parse().unwrap())
+    }
+
+    #[test]
+    fn without_a_ca_the_policy_stream_stays_on_loopback_unless_told() {
+        let listen = policy_listen(None, false, false).unwrap();
+        assert_eq!(listen.addr, "127.0.0.1:8080".parse().unwrap());
+        assert!(!listen.exposed);
+        for local in ["127.0.0.1:0", "[::1]:9000", "127.0.0.2:8080"] {
+            assert!(!policy_listen(addr(local), false, false).unwrap().exposed);
+        }
+        for open in ["0.0.0.0:8080", "[::]:8080", "10.0.0.7:8080"] {
+            let error = policy_listen(addr(open), false, false).unwrap_err();
+            assert!(error.to_string().contains("--insecure-listen"), "{error}");
+            assert!(policy_listen(addr(open), false, true).unwrap().exposed);
+        }
+    }
+
+    #[test]
+    fn with_a_ca_every_interface_is_the_default_and_nothing_is_exposed() {
+        let listen = policy_listen(None, true, false).unwrap();
+        assert_eq!(listen.addr, "0.0.0.0:8080".parse().unwrap());
+        assert!(!listen.exposed);
+        assert!(!policy_listen(addr("[::]:0"), true, false).unwrap().exposed);
+    }
+}

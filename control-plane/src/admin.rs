@@ -49,13 +49,33 @@ impl Admin {
         match request.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" => {
-                if self.publisher.ready() {
-                    text(StatusCode::OK, "ready\n")
-                } else {
-                    text(
+                let status = self.publisher.status();
+                // Why the files on disk are not what is published, if they are not.
+                let refusal = match (status.state, &status.last_refusal) {
+                    ("serving", _) | (_, None) => String::new(),
+                    (_, Some(refused)) => {
+                        let first = refused.errors.first().map_or("", |e| e.message.as_str());
+                        let more = match refused.errors.len() {
+                            0 | 1 => String::new(),
+                            n => format!(" (and {} more)", n - 1),
+                        };
+                        format!(
+                            "; the policy files are refused ({}): {first}{more}",
+                            refused.reason
+                        )
+                    }
+                };
+                match status.version {
+                    Some(version) if self.publisher.ready() => text(
+                        StatusCode::OK,
+                        &format!("ready: serving version {version}{refusal}\n"),
+                    ),
+                    _ => text(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: no valid policy published yet (see /policy)\n",
-                    )
+                        &format!(
+                            "not ready: no valid policy published yet{refusal} (see /policy)\n"
+                        ),
+                    ),
                 }
             }
             "/metrics" => {

@@ -2,6 +2,14 @@
 //! kept on disk, or given as files), an optional intermediate that signs in
 //! its place, and the signing of proxies' CSRs into short-lived SPIFFE
 //! certificates.
+//!
+//! Keys are kept as SSH keeps them: a generated CA directory is created
+//! `0700` and its key `0600`, and a private key that group or others may
+//! read or write is refused at start with the file and the fix. Workload
+//! certificates carry the key usages RFC 5480 and RFC 8813 allow for their
+//! key: `digitalSignature` for EC and Ed25519 keys, plus
+//! `keyEncipherment` only for RSA keys, which must have at least
+//! [`MIN_RSA_BITS`] bits.
 
 use std::fs;
 use std::io::Write as _;
@@ -15,7 +23,9 @@ use rcgen::{
     SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::prelude::{FromDer, SubjectPublicKeyInfo, X509Certificate};
+use x509_parser::public_key::PublicKey;
 
 /// Where the authority's keys come from.
 #[derive(Debug, Clone, Default)]
@@ -40,6 +50,8 @@ const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const BACKDATE: Duration = Duration::from_secs(60);
 /// The shortest lifetime a leaf may have.
 pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
+/// The smallest RSA key the authority signs (NIST SP 800-131A).
+pub const MIN_RSA_BITS: usize = 2048;
 
 /// A signed leaf.
 #[derive(Debug, Clone)]
@@ -92,7 +104,7 @@ impl Authority {
             (None, Some(dir)) => {
                 let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
                 match (cert.exists(), key.exists()) {
-                    (true, true) => {}
+                    (true, true) => warn_if_open(dir),
                     (false, false) => generate_root(dir, &cert, &key)?,
                     (true, false) => {
                         return Err(format!(
@@ -152,6 +164,14 @@ impl Authority {
         csr: &[u8],
         lifetime: Option<Duration>,
     ) -> Result<Signed, SignError> {
+        // The key is judged before the signature: a weak RSA key also fails
+        // ring's signature check, and "invalid signature" would hide why.
+        let (_, parsed) = X509CertificationRequest::from_der(csr).map_err(|e| {
+            SignError::BadRequest(format!(
+                "the CSR is not a valid signed PKCS#10 request: {e}"
+            ))
+        })?;
+        check_key(&parsed.certification_request_info.subject_pki)?;
         let der = CertificateSigningRequestDer::from(csr);
         let request = CertificateSigningRequestParams::from_der(&der).map_err(|e| {
             SignError::BadRequest(format!(
@@ -194,10 +214,7 @@ impl Authority {
             params.subject_alt_names.push(SanType::DnsName(dns));
         }
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = leaf_key_usages(&public_key.subject_public_key_info());
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -210,6 +227,59 @@ impl Authority {
         chain.extend(self.intermediates.iter().cloned());
         Ok(Signed { chain, not_after })
     }
+}
+
+/// Refuses a key the authority does not sign: an RSA key under
+/// [`MIN_RSA_BITS`].
+fn check_key(spki: &SubjectPublicKeyInfo<'_>) -> Result<(), SignError> {
+    match spki.parsed() {
+        Ok(PublicKey::RSA(rsa)) if rsa.key_size() < MIN_RSA_BITS => {
+            Err(SignError::BadRequest(format!(
+                "key too small: the CSR's RSA key has {} bits; the mesh CA signs RSA keys of at \
+                 least {MIN_RSA_BITS} bits (or ECDSA P-256, what proxies generate)",
+                rsa.key_size()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Key usages of a leaf over `spki` (DER): key encipherment only for RSA,
+/// the one key type that can encipher (RFC 5480 section 3 forbids it for
+/// EC keys; RFC 8410 for Ed25519).
+fn leaf_key_usages(spki: &[u8]) -> Vec<KeyUsagePurpose> {
+    let rsa = SubjectPublicKeyInfo::from_der(spki)
+        .ok()
+        .is_some_and(|(_, info)| matches!(info.parsed(), Ok(PublicKey::RSA(_))));
+    if rsa {
+        vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ]
+    } else {
+        vec![KeyUsagePurpose::DigitalSignature]
+    }
+}
+
+/// Refuses a private key file that group or others may read or write,
+/// naming the file and the fix. The mode is that of the file a symlink
+/// points at (a Kubernetes Secret volume's `..data` link included).
+fn check_key_mode(key: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(key)
+        .map_err(|e| format!("{}: {e}", key.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{}: the private key is open to group or others (mode {:04o}); run `chmod 600 {}` \
+             (for a Kubernetes Secret volume, set defaultMode: 0400)",
+            key.display(),
+            mode & 0o7777,
+            key.display()
+        ));
+    }
+    Ok(())
 }
 
 /// A random positive 16-byte serial number.
@@ -227,6 +297,7 @@ fn read_pair(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, KeyPai
     use rustls_pki_types::pem::PemObject;
     let der = CertificateDer::from_pem_file(cert)
         .map_err(|e| format!("{}: not a PEM certificate: {e}", cert.display()))?;
+    check_key_mode(key)?;
     let key_pem = fs::read_to_string(key).map_err(|e| format!("{}: {e}", key.display()))?;
     let pair = KeyPair::from_pem(&key_pem)
         .map_err(|e| format!("{}: not a PEM private key: {e}", key.display()))?;
@@ -248,10 +319,17 @@ fn read_pair(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, KeyPai
     Ok((der, pair))
 }
 
-/// Generates a root in `dir`: the key is written first, readable by its
-/// owner only, and each file appears whole (written aside, then renamed).
+/// Generates a root in `dir` (created `0700` when missing): the key is
+/// written first, readable by its owner only, and each file appears whole
+/// (written aside, then renamed).
 fn generate_root(dir: &Path, cert: &Path, key: &Path) -> Result<(), String> {
-    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    warn_if_open(dir);
     let pair = KeyPair::generate().map_err(|e| format!("cannot generate the CA key: {e}"))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -281,6 +359,11 @@ fn write_private(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> 
     use std::os::unix::fs::OpenOptionsExt;
     let aside = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {
+        // A leftover from a crash keeps its old mode through `open`.
+        match fs::remove_file(&aside) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -294,6 +377,22 @@ fn write_private(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> 
     write().map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// Warns when a CA directory that already existed lets group or others in:
+/// they could replace the key or certificate the authority loads next.
+fn warn_if_open(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = fs::metadata(dir) {
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{mode:04o}"),
+                "the CA directory is open to group or others; `chmod 700` it"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,6 +404,92 @@ mod tests {
             max_lifetime: Duration::from_secs(7200),
             ..CaSettings::default()
         }
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// A CSR (DER) over a new RSA key of `bits`, made by the openssl CLI.
+    fn openssl_rsa_csr(dir: &Path, bits: u32) -> Vec<u8> {
+        let key = dir.join(format!("rsa{bits}.key"));
+        let csr = dir.join(format!("rsa{bits}.csr"));
+        let status = std::process::Command::new("openssl")
+            .args(["req", "-new", "-newkey"])
+            .arg(format!("rsa:{bits}"))
+            .args(["-nodes", "-subj", "/O=test", "-outform", "DER", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("the openssl CLI runs");
+        assert!(status.success(), "openssl req failed");
+        fs::read(csr).unwrap()
+    }
+
+    fn key_usage(der: &[u8]) -> x509_parser::extensions::KeyUsage {
+        let (_, leaf) = X509Certificate::from_der(der).unwrap();
+        *leaf.key_usage().unwrap().expect("a key usage").value
+    }
+
+    #[test]
+    fn the_ca_directory_is_created_owner_only_and_an_open_key_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        chmod(base.path(), 0o755);
+        let dir = base.path().join("state/ca");
+        Authority::load(&settings(&dir)).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("ca.key")), 0o600);
+        // Made world-readable by a careless copy: refused with the fix.
+        chmod(&dir.join("ca.key"), 0o644);
+        let error = Authority::load(&settings(&dir)).unwrap_err();
+        assert!(error.contains("ca.key"), "{error}");
+        assert!(error.contains("mode 0644"), "{error}");
+        assert!(error.contains("chmod 600"), "{error}");
+        chmod(&dir.join("ca.key"), 0o640);
+        assert!(Authority::load(&settings(&dir)).is_err());
+        chmod(&dir.join("ca.key"), 0o400);
+        Authority::load(&settings(&dir)).unwrap();
+    }
+
+    #[test]
+    fn an_ec_leaf_has_no_key_encipherment_and_an_rsa_leaf_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load(&settings(dir.path())).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let ec = KeyPair::generate().unwrap();
+        let csr = CertificateParams::default().serialize_request(&ec).unwrap();
+        let signed = ca.sign_csr(&id, csr.der(), None).unwrap();
+        let usage = key_usage(&signed.chain[0]);
+        assert!(usage.digital_signature());
+        assert!(!usage.key_encipherment(), "{usage}");
+
+        let rsa = openssl_rsa_csr(dir.path(), 2048);
+        let signed = ca.sign_csr(&id, &rsa, None).unwrap();
+        let usage = key_usage(&signed.chain[0]);
+        assert!(
+            usage.digital_signature() && usage.key_encipherment(),
+            "{usage}"
+        );
+    }
+
+    #[test]
+    fn a_csr_with_a_weak_rsa_key_is_refused_as_too_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load(&settings(dir.path())).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let weak = openssl_rsa_csr(dir.path(), 1024);
+        let error = ca.sign_csr(&id, &weak, None).unwrap_err();
+        assert!(matches!(error, SignError::BadRequest(_)), "{error}");
+        assert!(error.to_string().starts_with("key too small"), "{error}");
+        assert!(error.to_string().contains("1024 bits"), "{error}");
     }
 
     #[test]
@@ -367,6 +552,7 @@ mod tests {
         let mid = params.signed_by(&mid_key, &root_issuer).unwrap();
         fs::write(dir.path().join("mid.crt"), mid.pem()).unwrap();
         fs::write(dir.path().join("mid.key"), mid_key.serialize_pem()).unwrap();
+        chmod(&dir.path().join("mid.key"), 0o600);
         let ca = Authority::load(&CaSettings {
             intermediate: Some((dir.path().join("mid.crt"), dir.path().join("mid.key"))),
             ..settings(dir.path())

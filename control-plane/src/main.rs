@@ -58,9 +58,24 @@ enum Command {
         /// The policy directory (or a single policy file).
         #[arg(long, value_name = "DIR")]
         policies: PathBuf,
-        /// Address of the policy gRPC server.
-        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
-        listen: SocketAddr,
+        /// Address of the policy gRPC server [default: 0.0.0.0:8080 with a
+        /// CA, 127.0.0.1:8080 without one].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// Without a CA the policy stream is plaintext and unauthenticated:
+        /// anyone who reaches it reads every namespace's policy. A
+        /// `--listen` address other than loopback is refused without a CA
+        /// unless this flag accepts that.
+        #[arg(long)]
+        insecure_listen: bool,
+        /// Publish a policy set that routes nothing (no document, or every
+        /// `ModelRoute` removed), or in which a file that held documents is
+        /// blank. Without it such a set is refused and the
+        /// snapshot in force stays, since an emptied or deleted file is far
+        /// more often an accident than a wish; a set holding only a
+        /// `MeshConfig` is always taken as meant.
+        #[arg(long)]
+        allow_empty_policy: bool,
         /// Address of the admin server (/live, /ready, /metrics, /proxies, /policy).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9091")]
         admin: SocketAddr,
@@ -174,20 +189,30 @@ fn main() -> ExitCode {
         Command::Serve {
             policies,
             listen,
+            insecure_listen,
+            allow_empty_policy,
             admin,
             ca,
-        } => match ca.settings() {
-            Ok(identity) => serve(serve::Settings {
-                policies,
-                listen,
-                admin,
-                identity,
-            }),
-            Err(message) => {
-                eprintln!("infermesh-control: {message}");
-                ExitCode::from(2)
+        } => {
+            let settings = ca.settings().and_then(|identity| {
+                let listen = serve::policy_listen(listen, identity.is_some(), insecure_listen)
+                    .map_err(|e| e.to_string())?;
+                Ok(serve::Settings {
+                    policies,
+                    listen,
+                    admin,
+                    identity,
+                    allow_empty_policy,
+                })
+            });
+            match settings {
+                Ok(settings) => serve(settings),
+                Err(message) => {
+                    eprintln!("infermesh-control: {message}");
+                    ExitCode::from(2)
+                }
             }
-        },
+        }
         Command::Schema { out } => schema(&out),
     }
 }

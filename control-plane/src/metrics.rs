@@ -17,6 +17,9 @@ pub struct Metrics {
     pub publishes: Counter,
     /// Changes to the policy files that were refused as invalid.
     pub refused_changes: Counter,
+    /// Of those, the valid sets refused because they route nothing (no
+    /// document, or every `ModelRoute` gone) without the operator's say-so.
+    pub empty_refusals: Counter,
     /// 1 while the latest policy files are refused (an older snapshot, or
     /// none, is in force), else 0.
     pub policy_refused: Gauge,
@@ -59,6 +62,12 @@ impl Metrics {
             "refused_changes",
             "Changes to the policy files refused as invalid; the previous snapshot stayed in force",
             refused_changes.clone(),
+        );
+        let empty_refusals = Counter::default();
+        registry.register(
+            "empty_policy_refusals",
+            "Policy sets refused because they route nothing (no document, or every ModelRoute gone) without --allow-empty-policy or an explicit MeshConfig",
+            empty_refusals.clone(),
         );
         let policy_refused = Gauge::default();
         registry.register(
@@ -111,6 +120,7 @@ impl Metrics {
             snapshot_version,
             publishes,
             refused_changes,
+            empty_refusals,
             policy_refused,
             connected_proxies,
             pushes,
@@ -156,6 +166,7 @@ mod tests {
             "infermesh_control_snapshot_version 42",
             "infermesh_control_publishes_total 0",
             "infermesh_control_refused_changes_total 0",
+            "infermesh_control_empty_policy_refusals_total 0",
             "infermesh_control_policy_refused 0",
             "infermesh_control_connected_proxies 0",
             "infermesh_control_pushes_total 0",

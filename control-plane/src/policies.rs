@@ -10,8 +10,19 @@
 //! is validated once. A periodic re-scan compares file sizes, times and
 //! inodes, for what inotify cannot see (a directory created after start, a
 //! network file system) and re-arms the watch.
+//!
+//! A valid set that routes nothing is not taken at its word: a file caught
+//! between an editor's truncate and its write, a ConfigMap mid-swap or a
+//! deleted file would otherwise publish zero routes to every proxy. A set
+//! with no documents, or one without a `ModelRoute` replacing one that had
+//! some, is refused like an invalid one (the snapshot in force stays)
+//! unless the operator said so: `serve --allow-empty-policy`, or a set that
+//! holds nothing but a `MeshConfig` (and authorization policies). So is a
+//! set in which a file that held documents is now blank (a `gen >
+//! routes.yaml` still running, say): deleting the file is how its
+//! documents are removed on purpose.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,23 +55,99 @@ pub enum Decision {
     Unchanged,
     /// Invalid: the snapshot in force stays.
     Refuse(Vec<PolicyError>),
+    /// Valid but routes nothing (or a file that held documents is blank),
+    /// and nobody said that is meant: the snapshot in force stays. One
+    /// error on the policy path (line 0), or one per emptied file, says why.
+    RefuseEmpty(Vec<PolicyError>),
     /// Invalid with the same errors as the refusal already reported.
     StillRefused,
 }
 
 /// The decision, on plain values: `current` is the set in force, `refused`
-/// the errors of a refusal not yet followed by a valid set.
+/// the errors of a refusal not yet followed by a valid set, `path` the
+/// policy path and `allow_empty` whether an empty set may be published.
+/// `emptied` lists the files that held documents in the set in force and
+/// are blank now.
 pub fn decide(
     current: Option<&PolicySet>,
     refused: Option<&[PolicyError]>,
     loaded: Result<PolicySet, Vec<PolicyError>>,
+    path: &Path,
+    allow_empty: bool,
+    emptied: &[PathBuf],
 ) -> Decision {
     match loaded {
         Ok(set) if current == Some(&set) => Decision::Unchanged,
-        Ok(set) => Decision::Publish(Box::new(set)),
+        Ok(set) => {
+            let errors = match emptiness(current, &set, allow_empty) {
+                Some(message) => vec![PolicyError {
+                    file: path.to_owned(),
+                    line: 0,
+                    column: 0,
+                    message,
+                }],
+                None if allow_empty => Vec::new(),
+                None => emptied
+                    .iter()
+                    .map(|file| PolicyError {
+                        file: file.clone(),
+                        line: 1,
+                        column: 1,
+                        message: "the file is empty but held documents in the version in force \
+                                  (a write in progress?); delete the file to remove its documents, \
+                                  or start the control plane with --allow-empty-policy"
+                            .into(),
+                    })
+                    .collect(),
+            };
+            if errors.is_empty() {
+                Decision::Publish(Box::new(set))
+            } else if refused == Some(errors.as_slice()) {
+                Decision::StillRefused
+            } else {
+                Decision::RefuseEmpty(errors)
+            }
+        }
         Err(errors) if refused == Some(errors.as_slice()) => Decision::StillRefused,
         Err(errors) => Decision::Refuse(errors),
     }
+}
+
+/// Why `set` must not be published without the operator's say-so, if it
+/// must not: it holds no document at all, or it drops every `ModelRoute`
+/// of the set in force without being an explicit empty mesh (a
+/// `MeshConfig` with no `Backend`, `LocalModel` or `ModelRoute` beside it).
+pub fn emptiness(
+    current: Option<&PolicySet>,
+    set: &PolicySet,
+    allow_empty: bool,
+) -> Option<String> {
+    const HOW: &str = "to publish it, start the control plane with --allow-empty-policy, \
+                       or leave a file holding only a MeshConfig document";
+    if allow_empty {
+        return None;
+    }
+    let documents = set.backends.len()
+        + set.local_models.len()
+        + set.routes.len()
+        + set.authorizations.len()
+        + usize::from(set.mesh.is_some());
+    if documents == 0 {
+        return Some(format!(
+            "refused an empty policy set: no policy documents (every file is empty or gone, \
+             or a write is in progress); {HOW}"
+        ));
+    }
+    let explicit = set.mesh.is_some() && set.backends.is_empty() && set.local_models.is_empty();
+    let had_routes = current.is_some_and(|c| !c.routes.is_empty());
+    if had_routes && set.routes.is_empty() && !explicit {
+        let n = current.map_or(0, |c| c.routes.len());
+        return Some(format!(
+            "refused a policy set without routes: it would drop all {n} ModelRoute documents \
+             in force (a file emptied or deleted, or a write in progress?); {HOW}"
+        ));
+    }
+    None
 }
 
 /// The state of the policy files, as `/policy` shows it.
@@ -103,6 +190,9 @@ pub struct Documents {
 pub struct Refused {
     /// When it was refused.
     pub at: String,
+    /// `invalid` (the files do not validate) or `empty` (valid, but they
+    /// route nothing and nobody said that is meant).
+    pub reason: &'static str,
     /// Every problem, as `validate --output json` prints them.
     pub errors: Vec<ErrorJson>,
     #[serde(skip)]
@@ -129,11 +219,15 @@ pub struct Publisher {
     sender: watch::Sender<Option<Arc<Published>>>,
     status: Mutex<PolicyStatus>,
     metrics: Arc<Metrics>,
+    allow_empty: bool,
+    /// Policy files that held documents when the set in force was loaded.
+    populated: Mutex<BTreeSet<PathBuf>>,
 }
 
 impl Publisher {
-    /// A publisher for the policies under `path`, with nothing published.
-    pub fn new(path: PathBuf, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A publisher for the policies under `path`, with nothing published;
+    /// with `allow_empty`, a set that routes nothing is published too.
+    pub fn new(path: PathBuf, metrics: Arc<Metrics>, allow_empty: bool) -> Arc<Self> {
         let (sender, _) = watch::channel(None);
         Arc::new(Self {
             status: Mutex::new(PolicyStatus {
@@ -147,6 +241,8 @@ impl Publisher {
             path,
             sender,
             metrics,
+            allow_empty,
+            populated: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -169,29 +265,72 @@ impl Publisher {
     /// publishes it when valid and changed.
     pub async fn reload(&self) {
         let path = self.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || policy::load_path(&path))
-            .await
-            .unwrap_or_else(|error| {
-                Err(vec![PolicyError {
-                    file: self.path.clone(),
-                    line: 1,
-                    column: 1,
-                    message: format!("loading failed: {error}"),
-                }])
-            });
-        self.offer(loaded);
+        let loaded = tokio::task::spawn_blocking(move || {
+            let files = scan(&path);
+            (policy::load_path(&path), Some(files))
+        })
+        .await
+        .unwrap_or_else(|error| {
+            let error = PolicyError {
+                file: self.path.clone(),
+                line: 1,
+                column: 1,
+                message: format!("loading failed: {error}"),
+            };
+            (Err(vec![error]), None)
+        });
+        self.offer_scanned(loaded.0, loaded.1);
+    }
+
+    /// Acts on a loaded set without looking at the files (no emptied-file
+    /// check): what the decision tests drive.
+    #[cfg(test)]
+    pub fn offer(&self, loaded: Result<PolicySet, Vec<PolicyError>>) {
+        self.offer_scanned(loaded, None);
     }
 
     /// Acts on a loaded set: publishes it, or refuses it and says why.
-    pub fn offer(&self, loaded: Result<PolicySet, Vec<PolicyError>>) {
+    /// `files` are the policy files and whether each holds anything but
+    /// blank lines and comments, when they were read.
+    fn offer_scanned(
+        &self,
+        loaded: Result<PolicySet, Vec<PolicyError>>,
+        files: Option<Vec<(PathBuf, bool)>>,
+    ) {
         let current = self.sender.borrow().clone();
         let mut status = self.status.lock();
+        let mut populated = self.populated.lock();
+        let emptied: Vec<PathBuf> = files
+            .iter()
+            .flatten()
+            .filter(|(file, filled)| !filled && populated.contains(file))
+            .map(|(file, _)| file.clone())
+            .collect();
+        let accepted = || {
+            files.as_ref().map(|files| {
+                files
+                    .iter()
+                    .filter(|(_, filled)| *filled)
+                    .map(|(file, _)| file.clone())
+                    .collect::<BTreeSet<_>>()
+            })
+        };
         let refused = match status.state {
             "serving" => None,
             _ => status.last_refusal.as_ref().map(|r| r.raw.as_slice()),
         };
-        match decide(current.as_ref().map(|p| &p.set), refused, loaded) {
+        match decide(
+            current.as_ref().map(|p| &p.set),
+            refused,
+            loaded,
+            &self.path,
+            self.allow_empty,
+            &emptied,
+        ) {
             Decision::Publish(set) => {
+                if let Some(files) = accepted() {
+                    *populated = files;
+                }
                 let version = current.as_ref().map_or_else(
                     || first_version(SystemTime::now()),
                     |p| p.version.saturating_add(1),
@@ -221,6 +360,9 @@ impl Publisher {
                 self.sender.send_replace(Some(published));
             }
             Decision::Unchanged => {
+                if let Some(files) = accepted() {
+                    *populated = files;
+                }
                 if status.state != "serving" {
                     tracing::info!(
                         version = status.version,
@@ -229,6 +371,29 @@ impl Publisher {
                 }
                 status.state = "serving";
                 self.metrics.policy_refused.set(0);
+            }
+            Decision::RefuseEmpty(errors) => {
+                for error in &errors {
+                    // Line 0: about the whole set, not a place in a file.
+                    let what = if error.line == 0 {
+                        error.message.clone()
+                    } else {
+                        error.to_string()
+                    };
+                    match status.version {
+                        Some(version) => tracing::warn!(
+                            version,
+                            path = %self.path.display(),
+                            "{what}; the snapshot in force stays"
+                        ),
+                        None => tracing::warn!(
+                            path = %self.path.display(),
+                            "{what}; serving nothing until there is a policy"
+                        ),
+                    }
+                }
+                self.metrics.empty_refusals.inc();
+                self.refuse(&mut status, "empty", errors);
             }
             Decision::Refuse(errors) => {
                 match status.version {
@@ -245,29 +410,35 @@ impl Publisher {
                 for error in &errors {
                     tracing::warn!("{error}");
                 }
-                status.state = if status.version.is_some() {
-                    "refused"
-                } else {
-                    "waiting"
-                };
-                status.last_refusal = Some(Refused {
-                    at: rfc3339(SystemTime::now()),
-                    errors: errors
-                        .iter()
-                        .map(|e| ErrorJson {
-                            file: e.file.display().to_string(),
-                            line: e.line,
-                            column: e.column,
-                            message: e.message.clone(),
-                        })
-                        .collect(),
-                    raw: errors,
-                });
-                self.metrics.refused_changes.inc();
-                self.metrics.policy_refused.set(1);
+                self.refuse(&mut status, "invalid", errors);
             }
             Decision::StillRefused => {}
         }
+    }
+
+    /// Records a refusal in the status and the metrics.
+    fn refuse(&self, status: &mut PolicyStatus, reason: &'static str, errors: Vec<PolicyError>) {
+        status.state = if status.version.is_some() {
+            "refused"
+        } else {
+            "waiting"
+        };
+        status.last_refusal = Some(Refused {
+            at: rfc3339(SystemTime::now()),
+            reason,
+            errors: errors
+                .iter()
+                .map(|e| ErrorJson {
+                    file: e.file.display().to_string(),
+                    line: e.line,
+                    column: e.column,
+                    message: e.message.clone(),
+                })
+                .collect(),
+            raw: errors,
+        });
+        self.metrics.refused_changes.inc();
+        self.metrics.policy_refused.set(1);
     }
 }
 
@@ -381,6 +552,28 @@ fn arm(dir: &Path, events: &mpsc::UnboundedSender<()>) -> Option<RecommendedWatc
     Some(watcher)
 }
 
+/// Every file the loader would read, and whether it holds more than blank
+/// lines, comments and document markers (a file mid-write is blank).
+fn scan(dir: &Path) -> Vec<(PathBuf, bool)> {
+    let mut found = Vec::new();
+    walk(dir, &mut found, &mut HashSet::new());
+    found
+        .into_iter()
+        .map(|(file, ..)| {
+            let filled = std::fs::read(&file).map_or(true, |bytes| has_content(&bytes));
+            (file, filled)
+        })
+        .collect()
+}
+
+/// Whether a policy file's text holds anything a document could be made of.
+fn has_content(bytes: &[u8]) -> bool {
+    String::from_utf8_lossy(bytes).lines().any(|line| {
+        let line = line.trim();
+        !(line.is_empty() || line.starts_with('#') || line == "---" || line == "...")
+    })
+}
+
 /// Size, modification time and inode of every file the loader would read,
 /// to tell whether anything changed since the last load.
 async fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, i64, i64, u64)> {
@@ -445,7 +638,7 @@ mod tests {
     #[test]
     fn a_valid_set_is_published_unless_it_equals_the_one_in_force() {
         assert!(matches!(
-            decide(None, None, Ok(set(VALID))),
+            decide(None, None, Ok(set(VALID)), Path::new("p"), false, &[]),
             Decision::Publish(_)
         ));
         let current = set(VALID);
@@ -453,15 +646,202 @@ mod tests {
             decide(
                 Some(&current),
                 None,
-                Ok(set(&format!("# a comment\n{VALID}")))
+                Ok(set(&format!("# a comment\n{VALID}"))),
+                Path::new("p"),
+                false,
+                &[]
             ),
             Decision::Unchanged
         ));
         let changed = set(&VALID.replace("a:1", "a:2"));
         assert!(matches!(
-            decide(Some(&current), None, Ok(changed)),
+            decide(
+                Some(&current),
+                None,
+                Ok(changed),
+                Path::new("p"),
+                false,
+                &[]
+            ),
             Decision::Publish(_)
         ));
+    }
+
+    const ROUTED: &str = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: a}\nspec: {endpoints: [\"a:1\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r}\nspec: {backends: [{backend: a}]}\n";
+    const MESH_ONLY: &str =
+        "apiVersion: infermesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {}\n";
+
+    #[test]
+    fn a_set_that_routes_nothing_is_refused_unless_asked_for() {
+        let routed = set(ROUTED);
+        let empty = PolicySet::default();
+        let backends_only = set(VALID);
+        let mesh_only = set(MESH_ONLY);
+        // Every file empty or gone: refused, whatever was in force before.
+        for current in [None, Some(&routed), Some(&backends_only)] {
+            let why = emptiness(current, &empty, false).unwrap();
+            assert!(why.contains("no policy documents"), "{why}");
+            assert!(why.contains("--allow-empty-policy"), "{why}");
+        }
+        // The routes file emptied, the backends left: every route dropped.
+        let why = emptiness(Some(&routed), &backends_only, false).unwrap();
+        assert!(why.contains("drop all 1 ModelRoute"), "{why}");
+        // Said so: the flag, or a set of nothing but a MeshConfig.
+        assert_eq!(emptiness(Some(&routed), &empty, true), None);
+        assert_eq!(emptiness(Some(&routed), &backends_only, true), None);
+        assert_eq!(emptiness(Some(&routed), &mesh_only, false), None);
+        // Nothing routed before, or routes still there: no question.
+        assert_eq!(emptiness(Some(&backends_only), &backends_only, false), None);
+        assert_eq!(emptiness(None, &backends_only, false), None);
+        assert_eq!(emptiness(Some(&backends_only), &routed, false), None);
+    }
+
+    #[test]
+    fn an_empty_set_is_refused_once_and_the_snapshot_in_force_stays() {
+        let routed = set(ROUTED);
+        let dir = Path::new("/etc/policies");
+        let Decision::RefuseEmpty(errors) = decide(
+            Some(&routed),
+            None,
+            Ok(PolicySet::default()),
+            dir,
+            false,
+            &[],
+        ) else {
+            panic!("an empty set was not refused");
+        };
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].file, dir);
+        assert!(matches!(
+            decide(
+                Some(&routed),
+                Some(&errors),
+                Ok(PolicySet::default()),
+                dir,
+                false,
+                &[]
+            ),
+            Decision::StillRefused
+        ));
+        assert!(matches!(
+            decide(
+                Some(&routed),
+                None,
+                Ok(PolicySet::default()),
+                dir,
+                true,
+                &[]
+            ),
+            Decision::Publish(_)
+        ));
+    }
+
+    #[test]
+    fn the_publisher_reports_and_counts_an_empty_set_it_refuses() {
+        let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(PathBuf::from("p"), metrics.clone(), false);
+        let current = publisher.subscribe();
+        publisher.offer(Ok(set(ROUTED)));
+        let first = current.borrow().as_ref().map(|p| p.version).unwrap();
+        publisher.offer(Ok(PolicySet::default()));
+        publisher.offer(Ok(PolicySet::default()));
+        let status = publisher.status();
+        assert_eq!(status.state, "refused");
+        assert_eq!(status.version, Some(first));
+        let refusal = status.last_refusal.unwrap();
+        assert_eq!(refusal.reason, "empty");
+        assert!(refusal.errors[0].message.contains("no policy documents"));
+        assert_eq!(metrics.empty_refusals.get(), 1, "once per change");
+        assert_eq!(metrics.policy_refused.get(), 1);
+        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first));
+        // Written back as it was: serving again, same version.
+        publisher.offer(Ok(set(ROUTED)));
+        assert_eq!(publisher.status().state, "serving");
+        assert_eq!(metrics.policy_refused.get(), 0);
+        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first));
+
+        // With the opt-in the empty set is published.
+        let publisher = Publisher::new(PathBuf::from("p"), Arc::new(Metrics::new()), true);
+        publisher.offer(Ok(set(ROUTED)));
+        publisher.offer(Ok(PolicySet::default()));
+        assert_eq!(publisher.status().state, "serving");
+        assert_eq!(publisher.status().documents.unwrap().routes, 0);
+    }
+
+    #[test]
+    fn a_file_with_only_blank_lines_comments_and_markers_has_no_content() {
+        for blank in ["", "\n\n", "# routes\n---\n  \n...\n"] {
+            assert!(!has_content(blank.as_bytes()), "{blank:?}");
+        }
+        assert!(has_content(VALID.as_bytes()));
+        assert!(has_content(b"# x\nkind: Backend"));
+    }
+
+    fn route_file(name: &str) -> String {
+        format!(
+            "apiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: {name}}}\n\
+             spec: {{match: [{{model: {{exact: {name}}}}}], backends: [{{backend: a}}]}}\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_file_emptied_in_place_is_refused_and_a_deleted_one_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("backends.yaml", VALID);
+        write("a.yaml", &route_file("ra"));
+        write("b.yaml", &route_file("rb"));
+        let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(dir.path().to_owned(), metrics.clone(), false);
+        let current = publisher.subscribe();
+        publisher.reload().await;
+        let first = current.borrow().as_ref().map(|p| p.version).unwrap();
+
+        // Truncated, the writer not done yet: the routes of a.yaml stay.
+        write("b.yaml", "");
+        publisher.reload().await;
+        let status = publisher.status();
+        assert_eq!(status.state, "refused");
+        let refusal = status.last_refusal.unwrap();
+        assert_eq!(refusal.reason, "empty");
+        assert!(refusal.errors[0].file.ends_with("b.yaml"), "{refusal:?}");
+        assert!(refusal.errors[0].message.contains("delete the file"));
+        assert_eq!(metrics.empty_refusals.get(), 1);
+        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first));
+
+        // Written: the same set, nothing to publish.
+        write("b.yaml", &route_file("rb"));
+        publisher.reload().await;
+        assert_eq!(publisher.status().state, "serving");
+        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first));
+
+        // Deleted: its route goes, as asked.
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        publisher.reload().await;
+        let published = current.borrow().clone().unwrap();
+        assert_eq!(published.version, first + 1);
+        assert_eq!(published.set.routes.len(), 1);
+
+        // A file that was blank all along is no refusal.
+        write("c.yaml", "# to do\n");
+        publisher.reload().await;
+        assert_eq!(publisher.status().state, "serving");
+        assert_eq!(metrics.empty_refusals.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn with_the_opt_in_an_emptied_file_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("backends.yaml", VALID);
+        write("a.yaml", &route_file("ra"));
+        write("b.yaml", &route_file("rb"));
+        let publisher = Publisher::new(dir.path().to_owned(), Arc::new(Metrics::new()), true);
+        publisher.reload().await;
+        write("b.yaml", "");
+        publisher.reload().await;
+        assert_eq!(publisher.status().state, "serving");
+        assert_eq!(publisher.status().documents.unwrap().routes, 1);
     }
 
     #[test]
@@ -469,16 +849,37 @@ mod tests {
         let current = set(VALID);
         let first = errors(INVALID);
         assert!(matches!(
-            decide(Some(&current), None, Err(first.clone())),
+            decide(
+                Some(&current),
+                None,
+                Err(first.clone()),
+                Path::new("p"),
+                false,
+                &[]
+            ),
             Decision::Refuse(_)
         ));
         assert!(matches!(
-            decide(Some(&current), Some(&first), Err(first.clone())),
+            decide(
+                Some(&current),
+                Some(&first),
+                Err(first.clone()),
+                Path::new("p"),
+                false,
+                &[]
+            ),
             Decision::StillRefused
         ));
         let other = errors(&INVALID.replace("name: a", "name: A"));
         assert!(matches!(
-            decide(Some(&current), Some(&first), Err(other)),
+            decide(
+                Some(&current),
+                Some(&first),
+                Err(other),
+                Path::new("p"),
+                false,
+                &[]
+            ),
             Decision::Refuse(_)
         ));
     }
@@ -486,7 +887,7 @@ mod tests {
     #[test]
     fn the_publisher_counts_versions_up_and_keeps_the_last_good_snapshot() {
         let metrics = Arc::new(Metrics::new());
-        let publisher = Publisher::new(PathBuf::from("p"), metrics.clone());
+        let publisher = Publisher::new(PathBuf::from("p"), metrics.clone(), false);
         let current = publisher.subscribe();
         assert!(!publisher.ready());
 

@@ -32,12 +32,63 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub struct Settings {
     /// The policy directory (or file).
     pub policies: PathBuf,
-    /// The policy gRPC address.
-    pub listen: SocketAddr,
+    /// The policy gRPC address, as [`policy_listen`] chose it.
+    pub listen: Listen,
     /// The admin address.
     pub admin: SocketAddr,
     /// The certificate authority, when the control plane is one.
     pub identity: Option<IdentitySettings>,
+    /// Publish policy sets that route nothing (`--allow-empty-policy`).
+    pub allow_empty_policy: bool,
+}
+
+/// The port of the policy gRPC server unless `--listen` says otherwise.
+pub const DEFAULT_GRPC_PORT: u16 = 8080;
+
+/// Where the policy gRPC server listens, and whether that exposes the
+/// plaintext, unauthenticated policy stream beyond this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// The address to bind.
+    pub addr: SocketAddr,
+    /// No CA and not loopback: accepted with `--insecure-listen`, and
+    /// warned about at start.
+    pub exposed: bool,
+}
+
+/// A policy address that would expose the plaintext stream unasked.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--listen {addr} without a CA would serve every namespace's policy, unauthenticated and in \
+     plaintext, to anyone who can reach that address; give a CA (--ca-dir, or --ca-cert and \
+     --ca-key) so that the stream requires mesh certificates, listen on loopback, or add \
+     --insecure-listen to accept the exposure"
+)]
+pub struct ExposedListen {
+    addr: SocketAddr,
+}
+
+/// The policy gRPC address: `--listen`, else every interface with a CA
+/// (mutual TLS guards the stream) and loopback without one. Without a CA a
+/// non-loopback address needs `insecure`.
+pub fn policy_listen(
+    listen: Option<SocketAddr>,
+    with_ca: bool,
+    insecure: bool,
+) -> Result<Listen, ExposedListen> {
+    let addr = listen.unwrap_or_else(|| {
+        let ip = if with_ca {
+            std::net::Ipv4Addr::UNSPECIFIED
+        } else {
+            std::net::Ipv4Addr::LOCALHOST
+        };
+        SocketAddr::from((ip, DEFAULT_GRPC_PORT))
+    });
+    let exposed = !with_ca && !addr.ip().is_loopback();
+    if exposed && !insecure {
+        return Err(ExposedListen { addr });
+    }
+    Ok(Listen { addr, exposed })
 }
 
 /// The control plane as the mesh's certificate authority.
@@ -58,7 +109,11 @@ pub struct IdentitySettings {
 /// Runs until SIGTERM or Ctrl-C; an error is a failure to start.
 pub async fn run(settings: Settings) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
-    let publisher = Publisher::new(settings.policies.clone(), metrics.clone());
+    let publisher = Publisher::new(
+        settings.policies.clone(),
+        metrics.clone(),
+        settings.allow_empty_policy,
+    );
     let registry = Registry::new(metrics.clone());
 
     // The authority and its token file load before anything binds, so a
@@ -74,10 +129,19 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         }
         None => None,
     };
-    let listener = TcpListener::bind(settings.listen)
+    let listen = settings.listen.addr;
+    let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot bind the policy server on {}: {e}", settings.listen))?;
+        .map_err(|e| format!("cannot bind the policy server on {listen}: {e}"))?;
     let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    if settings.listen.exposed {
+        tracing::warn!(
+            %grpc_addr,
+            "INSECURE: the policy stream listens beyond loopback without a CA (--insecure-listen): \
+             plaintext, no authentication, and any client that names a namespace receives its \
+             policies; give --ca-dir to require mesh certificates"
+        );
+    }
     let admin_state = Admin {
         publisher: publisher.clone(),
         registry: registry.clone(),
@@ -180,5 +244,37 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> Option<SocketAddr> {
+        Some(text.parse().unwrap())
+    }
+
+    #[test]
+    fn without_a_ca_the_policy_stream_stays_on_loopback_unless_told() {
+        let listen = policy_listen(None, false, false).unwrap();
+        assert_eq!(listen.addr, "127.0.0.1:8080".parse().unwrap());
+        assert!(!listen.exposed);
+        for local in ["127.0.0.1:0", "[::1]:9000", "127.0.0.2:8080"] {
+            assert!(!policy_listen(addr(local), false, false).unwrap().exposed);
+        }
+        for open in ["0.0.0.0:8080", "[::]:8080", "10.0.0.7:8080"] {
+            let error = policy_listen(addr(open), false, false).unwrap_err();
+            assert!(error.to_string().contains("--insecure-listen"), "{error}");
+            assert!(policy_listen(addr(open), false, true).unwrap().exposed);
+        }
+    }
+
+    #[test]
+    fn with_a_ca_every_interface_is_the_default_and_nothing_is_exposed() {
+        let listen = policy_listen(None, true, false).unwrap();
+        assert_eq!(listen.addr, "0.0.0.0:8080".parse().unwrap());
+        assert!(!listen.exposed);
+        assert!(!policy_listen(addr("[::]:0"), true, false).unwrap().exposed);
     }
 }

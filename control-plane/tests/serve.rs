@@ -715,3 +715,184 @@ fn a_busy_port_fails_start_up_with_the_reason() {
         "{stderr}"
     );
 }
+
+// === where the policy stream listens ===
+
+/// What one `serve` run showed: its `listening` line (when it got that
+/// far), its stderr, and its exit status when it stopped on its own.
+struct Run {
+    listening: Option<String>,
+    stderr: String,
+    exit: Option<std::process::ExitStatus>,
+}
+
+/// Runs `serve ARGS` until it prints its `listening` line or exits, lets
+/// it log for a moment, and stops it.
+fn run_serve(args: &[&str]) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infermesh-control"))
+        .arg("serve")
+        .args(args)
+        .env("INFERMESH_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("infermesh-control starts");
+    let mut stderr_pipe = child.stderr.take().expect("stderr");
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr_pipe.read_to_string(&mut text);
+        text
+    });
+    let mut line = String::new();
+    let read = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    let listening = match read {
+        Ok(n) if n > 0 => Some(line.trim_end().to_owned()),
+        _ => None,
+    };
+    let exit = if listening.is_some() {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    } else {
+        Some(child.wait().expect("wait"))
+    };
+    Run {
+        listening,
+        stderr: stderr.join().expect("stderr reader"),
+        exit,
+    }
+}
+
+fn policy_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("p.yaml"), simple("127.0.0.1:1")).expect("write policy");
+    dir
+}
+
+/// Asserts that `run` listened on `expected`, or failed to bind exactly
+/// that address (the default port may be taken on a shared machine).
+fn assert_default_address(run: &Run, expected: &str) {
+    match &run.listening {
+        Some(line) => assert!(
+            line.starts_with(&format!("listening grpc={expected} ")),
+            "{line}\n{}",
+            run.stderr
+        ),
+        None => assert!(
+            run.stderr
+                .contains(&format!("cannot bind the policy server on {expected}:")),
+            "{}",
+            run.stderr
+        ),
+    }
+}
+
+#[test]
+fn without_a_ca_the_policy_stream_listens_on_loopback_by_default() {
+    let dir = policy_dir();
+    let policies = dir.path().to_str().unwrap();
+    let run = run_serve(&["--policies", policies, "--admin", "127.0.0.1:0"]);
+    assert_default_address(&run, "127.0.0.1:8080");
+    assert!(!run.stderr.contains("INSECURE"), "{}", run.stderr);
+}
+
+#[test]
+fn without_a_ca_another_address_is_refused_unless_acknowledged_and_then_warned_about() {
+    let dir = policy_dir();
+    let policies = dir.path().to_str().unwrap();
+    for addr in ["0.0.0.0:0", "[::]:0"] {
+        let run = run_serve(&[
+            "--policies",
+            policies,
+            "--listen",
+            addr,
+            "--admin",
+            "127.0.0.1:0",
+        ]);
+        assert_eq!(run.listening, None, "{}", run.stderr);
+        assert_eq!(run.exit.and_then(|e| e.code()), Some(2), "{}", run.stderr);
+        for needle in [
+            "without a CA",
+            "unauthenticated",
+            "--ca-dir",
+            "--insecure-listen",
+        ] {
+            assert!(run.stderr.contains(needle), "{needle}: {}", run.stderr);
+        }
+    }
+    let run = run_serve(&[
+        "--policies",
+        policies,
+        "--listen",
+        "0.0.0.0:0",
+        "--insecure-listen",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let line = run.listening.expect("it starts when told to");
+    assert!(line.starts_with("listening grpc=0.0.0.0:"), "{line}");
+    assert!(
+        run.stderr.contains("INSECURE") && run.stderr.contains("any client that names a namespace"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn with_a_ca_every_interface_is_the_default_and_the_ca_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = policy_dir();
+    let state = tempfile::tempdir().expect("temp dir");
+    let tokens = state.path().join("tokens");
+    std::fs::write(&tokens, "apps/web a-token-of-32-characters-or-so-0001\n").unwrap();
+    let ca = state.path().join("ca");
+    let args = |listen: Option<&str>| {
+        let mut args = vec![
+            "--policies".to_string(),
+            dir.path().display().to_string(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+            "--ca-dir".into(),
+            ca.display().to_string(),
+            "--bootstrap-tokens".into(),
+            tokens.display().to_string(),
+        ];
+        if let Some(listen) = listen {
+            args.extend(["--listen".to_string(), listen.to_string()]);
+        }
+        args
+    };
+    let run = run_serve(&args(None).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_default_address(&run, "0.0.0.0:8080");
+    let run = run_serve(
+        &args(Some("0.0.0.0:0"))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let line = run.listening.unwrap_or_else(|| panic!("{}", run.stderr));
+    assert!(line.starts_with("listening grpc=0.0.0.0:"), "{line}");
+    assert!(!run.stderr.contains("INSECURE"), "{}", run.stderr);
+    let mode = std::fs::metadata(&ca).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the generated CA directory is {mode:o}");
+
+    // A key someone made world-readable stops the start, naming the fix.
+    let key = ca.join("ca.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = run_serve(
+        &args(Some("127.0.0.1:0"))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(run.listening, None);
+    assert_eq!(run.exit.and_then(|e| e.code()), Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("{}: the private key is open", key.display()))
+            && run.stderr.contains("chmod 600"),
+        "{}",
+        run.stderr
+    );
+}

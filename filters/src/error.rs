@@ -28,6 +28,10 @@ pub enum ProxyError {
     /// No route matches the request.
     #[error("no route matches {0}")]
     NoRoute(String),
+    /// The proxy follows a control plane and has received no policy from it
+    /// yet (nor from its cache): it cannot tell whether a route would match.
+    #[error("no policy yet: the proxy is waiting for its first snapshot from the control plane")]
+    NoPolicyYet,
     /// The chosen backend has no endpoint to send to.
     #[error("backend {0} has no available endpoint")]
     NoEndpoint(String),
@@ -147,9 +151,10 @@ impl ProxyError {
             | Self::RequestTimeout(_)
             | Self::Forbidden(_)
             | Self::TooLarge(_) => Fault::Client,
-            Self::NoEndpoint(_) | Self::Misconfigured(_) | Self::LocalUnavailable { .. } => {
-                Fault::Proxy
-            }
+            Self::NoEndpoint(_)
+            | Self::NoPolicyYet
+            | Self::Misconfigured(_)
+            | Self::LocalUnavailable { .. } => Fault::Proxy,
             Self::Overloaded { .. } => Fault::Proxy,
             Self::Connect { .. }
             | Self::Upstream { .. }
@@ -178,6 +183,7 @@ impl ProxyError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::NoRoute(_) => "no_route",
+            Self::NoPolicyYet => "no_policy_yet",
             Self::NoEndpoint(_) => "no_endpoint",
             Self::Connect { .. } => "upstream_connect_error",
             Self::Upstream { .. } => "upstream_error",
@@ -199,6 +205,7 @@ impl ProxyError {
         match self {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::NoEndpoint(_)
+            | Self::NoPolicyYet
             | Self::Connect { .. }
             | Self::Misconfigured(_)
             | Self::LocalUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -219,6 +226,7 @@ impl ProxyError {
         match self {
             Self::NoRoute(_) => grpc_code::UNIMPLEMENTED,
             Self::NoEndpoint(_)
+            | Self::NoPolicyYet
             | Self::Connect { .. }
             | Self::Upstream { .. }
             | Self::Misconfigured(_)
@@ -323,6 +331,20 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("model llama"));
+    }
+
+    #[tokio::test]
+    async fn no_policy_yet_is_a_503_and_unavailable_for_grpc() {
+        let error = ProxyError::NoPolicyYet;
+        assert_eq!(error.fault(), Fault::Proxy);
+        assert!(!error.retryable());
+        let response = error.to_response(false);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "no_policy_yet");
+        let response = error.to_response(true);
+        assert_eq!(response.headers()["grpc-status"], "14");
     }
 
     #[test]

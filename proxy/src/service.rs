@@ -256,6 +256,10 @@ async fn route_and_send(
         })?;
     }
     let Some(route) = route else {
+        // Still waiting for the control plane: "no route" would be a lie.
+        if snapshot.source() == crate::snapshot::Source::Pending {
+            return Err(ProxyError::NoPolicyYet.into());
+        }
         return Err(ProxyError::NoRoute(describe(&parts, model.as_deref())).into());
     };
     let fail = |error: ProxyError, backend: Name| Failed {

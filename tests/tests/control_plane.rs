@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use infermesh_tests::client::{chat_body, json_request};
+use infermesh_tests::kserve::{grpc_client, infer_request};
 use infermesh_tests::{
     policy, Arrivals, ControlPlaneProcess, HttpClient, Metrics, OpenAiServer, ProxyProcess, Reply,
 };
@@ -298,7 +299,8 @@ async fn fifty_edits_under_steady_load_fail_no_request() {
     for edit in 0..edits {
         let target = if edit % 2 == 0 { "green" } else { "blue" };
         // Renamed over the old file: an in-place rewrite can be read half
-        // written, and a valid half (an empty file) would be published.
+        // written, and each such read is refused (invalid, or empty) rather
+        // than published, so this edit would not be a version of its own.
         control_plane.write("routes.yaml", &route_to(target));
         // Each edit is its own version on both proxies before the next one.
         for proxy in proxies.iter() {
@@ -494,7 +496,7 @@ async fn a_snapshot_the_proxy_cannot_apply_is_nacked_and_shown_in_proxies() {
         .map(|s| s.value);
     assert!(rejected >= Some(1.0));
     let reply = chat(&HttpClient::http1(), &small).await;
-    reply.assert_proxy_error(404, "no_route");
+    reply.assert_proxy_error(503, "no_policy_yet");
 }
 
 #[tokio::test]
@@ -588,6 +590,303 @@ async fn workloads_get_only_the_routes_scoped_to_them() {
     assert_eq!(config(&local_a).await["source"], "file");
 }
 
+/// Steady chat traffic through `proxies` until `stop`: the number of
+/// requests sent and the failures, each described.
+type Load = (
+    Arc<AtomicBool>,
+    Arc<AtomicUsize>,
+    Arc<std::sync::Mutex<Vec<String>>>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
+fn steady_load(proxies: &Arc<[ProxyProcess; 2]>, workers: usize) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut handles = Vec::new();
+    for worker in 0..workers {
+        let (proxies, stop, sent, failures) = (
+            proxies.clone(),
+            stop.clone(),
+            sent.clone(),
+            failures.clone(),
+        );
+        handles.push(tokio::spawn(async move {
+            let client = HttpClient::http1();
+            let proxy = &proxies[worker % 2];
+            while !stop.load(Ordering::Relaxed) {
+                let reply = chat(&client, proxy).await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                if reply.status != 200 {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{}: {}", reply.status, reply.text()));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    (stop, sent, failures, handles)
+}
+
+/// `/ready` of the control plane: status and text.
+async fn control_ready(control_plane: &ControlPlaneProcess) -> (u16, String) {
+    let reply = get(format!("{}/ready", control_plane.admin_url())).await;
+    (reply.status.as_u16(), reply.text())
+}
+
+async fn empty_refusals(control_plane: &ControlPlaneProcess) -> f64 {
+    let text = get(format!("{}/metrics", control_plane.admin_url()))
+        .await
+        .text();
+    Metrics::parse(&text).sum("infermesh_control_empty_policy_refusals_total", &[])
+}
+
+/// Waits until the control plane reports the policy files refused as
+/// empty, and returns the reason it gives.
+async fn wait_empty_refusal(control_plane: &ControlPlaneProcess, after: f64) -> String {
+    eventually(
+        "the control plane refuses the empty policy set",
+        Duration::from_secs(10),
+        || async {
+            let policy = control_plane.policy().await;
+            let refused = policy["state"] == "refused"
+                && policy["lastRefusal"]["reason"] == "empty"
+                && empty_refusals(control_plane).await > after;
+            refused.then(|| {
+                policy["lastRefusal"]["errors"][0]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+        },
+    )
+    .await
+    .0
+}
+
+async fn wait_serving(control_plane: &ControlPlaneProcess) {
+    eventually(
+        "the control plane serves the files again",
+        Duration::from_secs(10),
+        || async { (control_plane.policy().await["state"] == "serving").then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_emptied_or_deleted_policy_file_does_not_empty_the_mesh() {
+    let blue = OpenAiServer::start("blue");
+    let green = OpenAiServer::start("green");
+    let control_plane = control_plane(&blue, &green, "blue");
+    let proxies = Arc::new([
+        follower(&control_plane, "empty-1", &[]),
+        follower(&control_plane, "empty-2", &[]),
+    ]);
+    for proxy in proxies.iter() {
+        wait_ready(proxy).await;
+    }
+    let before = version(&proxies[0]).await;
+    let published = published_version(&control_plane).await;
+    let (stop, sent, failures, workers) = steady_load(&proxies, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // An editor's truncate, then its write a while later.
+    control_plane.write_in_place("routes.yaml", "");
+    let why = wait_empty_refusal(&control_plane, 0.0).await;
+    assert!(why.contains("ModelRoute"), "{why}");
+    assert!(why.contains("--allow-empty-policy"), "{why}");
+    let (status, ready) = control_ready(&control_plane).await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(
+        ready.contains(&format!("serving version {published}"))
+            && ready.contains("refused (empty)"),
+        "{ready}"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    control_plane.write_in_place("routes.yaml", &route_to("blue"));
+    wait_serving(&control_plane).await;
+
+    // Every file deleted (a ConfigMap swapped for an empty one), then back.
+    // (In this order, a load between the two steps sees an invalid set,
+    // never one without routes.)
+    control_plane.remove("backends.yaml");
+    control_plane.remove("routes.yaml");
+    let why = wait_empty_refusal(&control_plane, 1.0).await;
+    assert!(why.contains("no policy documents"), "{why}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    control_plane.write("routes.yaml", &route_to("blue"));
+    control_plane.write("backends.yaml", &backends(&blue, &green));
+    wait_serving(&control_plane).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    let sent = sent.load(Ordering::Relaxed);
+    eprintln!("{sent} requests, {} failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed while the policy files were empty; first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(sent >= 50, "only {sent} requests ran");
+    // Nothing was published: the proxies hold the version they had.
+    for proxy in proxies.iter() {
+        assert_eq!(version(proxy).await, before);
+    }
+    assert_eq!(published_version(&control_plane).await, published);
+    assert_eq!(empty_refusals(&control_plane).await, 2.0);
+    let log = control_plane.stderr();
+    assert_eq!(
+        log.matches("refused a policy set without routes").count(),
+        1,
+        "logged once per change:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_emptied_while_its_writer_is_still_busy_keeps_its_routes() {
+    let blue = OpenAiServer::start("blue");
+    let green = OpenAiServer::start("green");
+    let other_route = policy::route(
+        "other",
+        "match:\n  - model: {exact: other-model}\nbackends:\n  - backend: green\n",
+    );
+    let control_plane = ControlPlaneProcess::start(&[
+        ("backends.yaml", &backends(&blue, &green)),
+        ("routes.yaml", &route_to("blue")),
+        ("other.yaml", &other_route),
+    ]);
+    let proxy = follower(&control_plane, "emptied-file", &[]);
+    wait_ready(&proxy).await;
+    let before = version(&proxy).await;
+    let client = HttpClient::http1();
+    let other = || async {
+        client
+            .post_json(
+                &format!("{}/v1/chat/completions", proxy.url()),
+                &chat_body("other-model", false),
+            )
+            .await
+    };
+    assert_eq!(other().await.status, 200);
+
+    // `generate > other.yaml`: the shell truncates at once, the writer
+    // takes its time.
+    control_plane.write_in_place("other.yaml", "");
+    let (error, _) = eventually(
+        "the control plane refuses the emptied file",
+        Duration::from_secs(10),
+        || async {
+            let policy = control_plane.policy().await;
+            (policy["state"] == "refused" && policy["lastRefusal"]["reason"] == "empty")
+                .then(|| policy["lastRefusal"]["errors"][0].clone())
+        },
+    )
+    .await;
+    assert!(
+        error["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("other.yaml"))
+            && error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("delete the file")),
+        "{error:#}"
+    );
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(800) {
+        let reply = other().await;
+        assert_eq!(
+            reply.status,
+            200,
+            "while other.yaml is empty: {}",
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    control_plane.write_in_place("other.yaml", &other_route);
+    wait_serving(&control_plane).await;
+    assert_eq!(other().await.status, 200);
+    assert_eq!(version(&proxy).await, before);
+
+    // Deleting the file is how its routes go on purpose.
+    control_plane.remove("other.yaml");
+    eventually(
+        "the deletion reaches the proxy",
+        Duration::from_secs(10),
+        || async { (version(&proxy).await.0 > before.0).then_some(()) },
+    )
+    .await;
+    other().await.assert_proxy_error(404, "no_route");
+    assert_eq!(upstream_of(&client, &proxy).await, "blue");
+}
+
+#[tokio::test]
+async fn with_allow_empty_policy_an_emptied_directory_is_published() {
+    let blue = OpenAiServer::start("blue");
+    let green = OpenAiServer::start("green");
+    let control_plane = ControlPlaneProcess::start_with(
+        &[
+            ("backends.yaml", &backends(&blue, &green)),
+            ("routes.yaml", &route_to("blue")),
+        ],
+        &["--allow-empty-policy"],
+    );
+    let proxy = follower(&control_plane, "allow-empty", &[]);
+    wait_ready(&proxy).await;
+    let client = HttpClient::http1();
+    assert_eq!(upstream_of(&client, &proxy).await, "blue");
+    let before = version(&proxy).await.0;
+    control_plane.remove("routes.yaml");
+    control_plane.remove("backends.yaml");
+    eventually(
+        "the empty set reaches the proxy",
+        Duration::from_secs(10),
+        || async { (version(&proxy).await.0 > before).then_some(()) },
+    )
+    .await;
+    chat(&client, &proxy)
+        .await
+        .assert_proxy_error(404, "no_route");
+    assert_eq!(control_plane.policy().await["state"], "serving");
+    assert_eq!(empty_refusals(&control_plane).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_policy_of_only_a_mesh_config_is_an_explicit_empty_mesh() {
+    let blue = OpenAiServer::start("blue");
+    let green = OpenAiServer::start("green");
+    let control_plane = control_plane(&blue, &green, "blue");
+    let proxy = follower(&control_plane, "mesh-only", &[]);
+    wait_ready(&proxy).await;
+    let before = version(&proxy).await.0;
+    control_plane.write(
+        "mesh.yaml",
+        "apiVersion: infermesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {}\n",
+    );
+    control_plane.remove("backends.yaml");
+    control_plane.remove("routes.yaml");
+    eventually(
+        "the MeshConfig-only set reaches the proxy",
+        Duration::from_secs(10),
+        || async {
+            let config = config(&proxy).await;
+            let now = config["version"].as_u64().unwrap_or_default();
+            (now > before && control_plane.policy().await["documents"]["routes"] == 0).then_some(())
+        },
+    )
+    .await;
+    chat(&HttpClient::http1(), &proxy)
+        .await
+        .assert_proxy_error(404, "no_route");
+    assert_eq!(empty_refusals(&control_plane).await, 0.0);
+}
+
 #[tokio::test]
 async fn a_proxy_waiting_for_an_absent_control_plane_is_live_but_not_ready() {
     let nowhere = infermesh_tests::refused_addr();
@@ -603,8 +902,17 @@ async fn a_proxy_waiting_for_an_absent_control_plane_is_live_but_not_ready() {
     assert_eq!(config["source"], "none");
     assert_eq!(config["version"], 0);
     assert_eq!(config["controlPlane"]["connected"], Value::Bool(false));
+    // Not "no route": the proxy cannot know yet; a 503 says try again.
     let reply = chat(&HttpClient::http1(), &proxy).await;
-    reply.assert_proxy_error(404, "no_route");
+    let message = reply.assert_proxy_error(503, "no_policy_yet");
+    assert!(message.contains("control plane"), "{message}");
+    let mut grpc = grpc_client(proxy.outbound).await;
+    let status = grpc
+        .model_infer(infer_request("any-model", "1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no policy yet"), "{status:?}");
     // Reconnect attempts are logged once, not each time.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let warnings = proxy.stderr().matches("control plane unavailable").count();

@@ -12,6 +12,17 @@
 //! carried over to the next snapshot with its engine; an unavailable one is
 //! loaded again, so a policy push after the files appear brings it up.
 //!
+//! Which model names a local model answers for: its own `LocalModel` name,
+//! and the name a request carries when the route that sent it selected the
+//! request by that name (a `model` condition of the route held, as in
+//! `model: {exact: text-embedding-3-small}` with a `local:` fallback). A
+//! route without a `model` condition (a path or gRPC-service route) sends
+//! every name, and those are not the model's: readiness is false for them
+//! and inference answers "not found", as a real server does for a model it
+//! does not hold. Server health (`/v2/health/*`, gRPC `ServerLive`,
+//! `ServerReady`, `ServerMetadata`) is answered the same way over REST and
+//! gRPC.
+//!
 //! The engine knows nothing of HTTP; this module turns requests into texts
 //! and vectors into responses. The parsing and rendering functions
 //! (`openai`, `kserve`) are pure and tested on their own.
@@ -31,7 +42,7 @@ use infermesh_fallback::{
     AdapterPreference, EngineConfig, EngineError, EngineObserver, LocalEmbedder, PassStats,
 };
 use infermesh_filters::{BoxBody, ProxyError};
-use infermesh_proto::policy::LocalModelSpec;
+use infermesh_proto::policy::{ListenerKind, LocalModelSpec, PolicySet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -378,6 +389,17 @@ pub struct LocalRequest<'a> {
     pub grpc_method: Option<&'a str>,
     /// The model name the client asked for, echoed in responses.
     pub model: Option<&'a str>,
+    /// The route selected the request by its model name (a `model`
+    /// condition held), so the local model serves that name.
+    pub claimed: bool,
+}
+
+impl LocalRequest<'_> {
+    /// Whether `model` answers for the name the request carries: a request
+    /// naming no model, the model's own name, or a name its route selected.
+    fn names_served_model(&self, model: &LocalModel) -> bool {
+        self.claimed || self.model.is_none_or(|name| name == model.name.as_str())
+    }
 }
 
 /// Whether a local model answers requests of this API: embeddings, model
@@ -401,6 +423,15 @@ pub async fn serve(
     body: Bytes,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let requested = request.model.unwrap_or(model.name.as_str());
+    if !request.names_served_model(model) {
+        return Ok(match request.api {
+            ApiKind::KServeRest => kserve::rest_not_served(model, request.path, requested),
+            ApiKind::KServeGrpc => {
+                kserve::grpc_not_served(model, request.grpc_method.unwrap_or(""), requested)
+            }
+            _ => openai::model_not_found(model, requested),
+        });
+    }
     match request.api {
         ApiKind::OpenAiEmbeddings => openai::embeddings(model, requested, &body).await,
         ApiKind::OpenAiModels => openai::model(model, request.path, requested),
@@ -427,6 +458,19 @@ pub async fn serve(
             model.name.as_str()
         ))),
     }
+}
+
+/// `GET /v1/models` when no route takes it: the models the routes of
+/// `listener` select by exact name, in OpenAI's list shape, so that an
+/// OpenAI client's `models.list()` shows what it can ask for.
+pub fn model_list(policy: &PolicySet, listener: ListenerKind) -> Response<BoxBody> {
+    openai::model_list(policy, listener)
+}
+
+/// Whether a request is OpenAI's `GET /v1/models` (the list, not one model).
+pub fn lists_models(method: &Method, path: &str) -> bool {
+    let path = path.split_once(['?', '#']).map_or(path, |(p, _)| p);
+    method == Method::GET && matches!(path, "/v1/models" | "/v1/models/")
 }
 
 #[cfg(test)]
@@ -468,6 +512,9 @@ mod tests {
         assert!(serves(ApiKind::KServeGrpc, Some("ModelInfer")));
         assert!(serves(ApiKind::KServeGrpc, Some("ModelReady")));
         assert!(!serves(ApiKind::KServeGrpc, Some("ModelStreamInfer")));
+        for health in ["ServerLive", "ServerReady", "ServerMetadata"] {
+            assert!(serves(ApiKind::KServeGrpc, Some(health)), "{health}");
+        }
         assert!(!serves(ApiKind::OpenAiChat, None));
         assert!(!serves(ApiKind::Http, None));
     }

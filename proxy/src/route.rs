@@ -126,6 +126,12 @@ impl Matcher {
         }
         true
     }
+
+    /// Whether this match selects `input` by its model name: it has a
+    /// `model` condition and every condition holds.
+    pub fn selects_model(&self, input: &RouteInput<'_>) -> bool {
+        self.model.is_some() && self.matches(input)
+    }
 }
 
 fn string_matches(m: &StringMatch, actual: &str) -> bool {

@@ -214,11 +214,7 @@ fn the_python_clients_get_local_embeddings_when_the_remote_backend_is_down() {
 /// The proxy of the tritonclient test: resnet50 goes to the KServe fixtures
 /// (gRPC and REST); with `local`, every other KServe request (health,
 /// other model names) goes to the local model `minilm`.
-fn kserve_proxy(
-    grpc: &KServeGrpcServer,
-    rest: &OpenAiServer,
-    local: bool,
-) -> ProxyProcess {
+fn kserve_proxy(grpc: &KServeGrpcServer, rest: &OpenAiServer, local: bool) -> ProxyProcess {
     let mut docs = vec![
         policy::backend("kserve-grpc", &[grpc.addr()], "protocol: http2"),
         policy::backend("kserve-rest", &[rest.addr()], ""),
@@ -293,9 +289,14 @@ fn tritonclient_speaks_kserve_v2_through_the_proxy_over_http_and_grpc() {
         // Inference for a name the local model does not serve is refused
         // with the reason, in the client's own exception.
         let other = &seen["other_infer"];
-        assert_eq!(other["exception"], "InferenceServerException", "{api}: {result:#}");
+        assert_eq!(
+            other["exception"], "InferenceServerException",
+            "{api}: {result:#}"
+        );
         assert!(
-            other["message"].as_str().is_some_and(|m| m.contains("other-model")),
+            other["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("other-model")),
             "{api}: {result:#}"
         );
         // A model no route takes: a clean exception saying so, never a
@@ -314,12 +315,18 @@ fn tritonclient_speaks_kserve_v2_through_the_proxy_over_http_and_grpc() {
             );
         }
     }
-    assert_eq!(result["http"]["unrouted_infer"]["status"], "404", "{result:#}");
+    assert_eq!(
+        result["http"]["unrouted_infer"]["status"], "404",
+        "{result:#}"
+    );
     assert_eq!(
         result["grpc"]["unrouted_infer"]["status"], "StatusCode.UNIMPLEMENTED",
         "{result:#}"
     );
-    assert_eq!(result["grpc"]["other_infer"]["status"], "StatusCode.NOT_FOUND", "{result:#}");
+    assert_eq!(
+        result["grpc"]["other_infer"]["status"], "StatusCode.NOT_FOUND",
+        "{result:#}"
+    );
     assert_eq!(result["http"]["other_infer"]["status"], "404", "{result:#}");
 
     let http = &result["http"]["infer"]["ok"];

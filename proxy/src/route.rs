@@ -193,6 +193,32 @@ mod tests {
     }
 
     #[test]
+    fn only_a_match_with_a_model_condition_selects_by_model() {
+        let headers = HeaderMap::new();
+        let by_model = RouteMatch {
+            model: Some(StringMatch::Prefix("llama-".into())),
+            ..Default::default()
+        };
+        assert!(Matcher::new(&by_model).selects_model(&input(&headers)));
+        let by_path = RouteMatch {
+            path: Some(StringMatch::Prefix("/v2".into())),
+            ..Default::default()
+        };
+        let v2 = RouteInput {
+            path: "/v2/models/llama-3-8b/ready",
+            ..input(&headers)
+        };
+        assert!(Matcher::new(&by_path).matches(&v2));
+        assert!(!Matcher::new(&by_path).selects_model(&v2));
+        assert!(!Matcher::new(&RouteMatch::default()).selects_model(&v2));
+        let other = RouteMatch {
+            model: Some(StringMatch::Exact("mistral".into())),
+            ..Default::default()
+        };
+        assert!(!Matcher::new(&other).selects_model(&v2));
+    }
+
+    #[test]
     fn model_matches_exactly_or_by_prefix() {
         let headers = HeaderMap::new();
         let exact = |m: &str| RouteMatch {

@@ -425,7 +425,7 @@ pub async fn serve(
     let requested = request.model.unwrap_or(model.name.as_str());
     if !request.names_served_model(model) {
         return Ok(match request.api {
-            ApiKind::KServeRest => kserve::rest_not_served(model, request.path, requested),
+            ApiKind::KServeRest => kserve::rest_not_served(model, requested),
             ApiKind::KServeGrpc => {
                 kserve::grpc_not_served(model, request.grpc_method.unwrap_or(""), requested)
             }

@@ -344,15 +344,8 @@ fn json(status: StatusCode, value: &Value) -> Response<BoxBody> {
 
 /// A model path for a name the local model does not serve: 404, so that
 /// readiness is false and metadata and inference are not found.
-pub(super) fn rest_not_served(
-    model: &LocalModel,
-    path: &str,
-    requested: &str,
-) -> Response<BoxBody> {
-    rest_error(
-        StatusCode::NOT_FOUND,
-        &format!("{}: {path}", not_served(model, requested)),
-    )
+pub(super) fn rest_not_served(model: &LocalModel, requested: &str) -> Response<BoxBody> {
+    rest_error(StatusCode::NOT_FOUND, &not_served(model, requested))
 }
 
 /// A model method for a name the local model does not serve: `ModelReady`

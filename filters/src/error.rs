@@ -2,12 +2,24 @@
 //! request may be tried again, and how the client is told.
 //!
 //! Filters read [`ProxyError::fault`] and [`ProxyError::retryable`] instead of
-//! matching on messages; the stack's edge turns the error into a JSON body
-//! with the right HTTP status, or a trailers-only gRPC response.
+//! matching on messages; the stack's edge turns the error into the response
+//! the caller's API defines ([`ErrorShape`]): OpenAI's JSON error object on
+//! OpenAI and other HTTP paths, KServe v2's `{"error": "<message>"}` on
+//! `/v2` paths, a trailers-only response with `grpc-status` for gRPC.
+//!
+//! ```
+//! use http::HeaderMap;
+//! use infermesh_filters::error::{ErrorShape, ProxyError};
+//!
+//! let shape = ErrorShape::of("/v2/models/resnet/infer", &HeaderMap::new());
+//! assert_eq!(shape, ErrorShape::KServe);
+//! let response = ProxyError::NoRoute("model resnet".into()).to_response(shape);
+//! assert_eq!(response.status(), 404);
+//! ```
 
 use std::time::Duration;
 
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::body::{self, BoxBody};
 
@@ -116,6 +128,39 @@ pub enum ProxyError {
         /// The gRPC status a gRPC client receives.
         grpc: u8,
     },
+}
+
+/// The error format of the API a request speaks: each API's clients parse
+/// errors in their own shape (tritonclient reads `error` as a string, the
+/// openai SDK reads `error.message`, gRPC clients read `grpc-status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// `{"error": {"type", "message"}}`: OpenAI paths and any other HTTP.
+    OpenAi,
+    /// `{"error": "<message>"}`: the KServe v2 (Open Inference Protocol) REST
+    /// error body, on `/v2` and every path under it.
+    KServe,
+    /// A trailers-only response with `grpc-status` and `grpc-message`.
+    Grpc,
+}
+
+impl ErrorShape {
+    /// The shape for a request with this path (a query is ignored) and
+    /// headers: gRPC by its content type, KServe v2 by its path, OpenAI's
+    /// otherwise.
+    pub fn of(path: &str, headers: &HeaderMap) -> Self {
+        let grpc = headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if grpc {
+            return Self::Grpc;
+        }
+        let path = path.split_once(['?', '#']).map_or(path, |(p, _)| p);
+        match path.strip_prefix("/v2") {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => Self::KServe,
+            _ => Self::OpenAi,
+        }
+    }
 }
 
 fn fmt_duration(d: &Duration) -> String {
@@ -245,10 +290,11 @@ impl ProxyError {
         }
     }
 
-    /// The response the client receives: a JSON error body, or for gRPC a
-    /// trailers-only response carrying `grpc-status` and `grpc-message`.
-    pub fn to_response(&self, grpc: bool) -> Response<BoxBody> {
-        let mut response = self.error_response(grpc);
+    /// The response the client receives, in its API's shape: a JSON error
+    /// body with the HTTP status, or for gRPC a trailers-only response
+    /// carrying `grpc-status` and `grpc-message`.
+    pub fn to_response(&self, shape: ErrorShape) -> Response<BoxBody> {
+        let mut response = self.error_response(shape);
         if let Some(wait) = self.retry_after() {
             // Whole seconds, rounded up: a client that waits this long gets through.
             let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -267,14 +313,15 @@ impl ProxyError {
         }
     }
 
-    fn error_response(&self, grpc: bool) -> Response<BoxBody> {
+    fn error_response(&self, shape: ErrorShape) -> Response<BoxBody> {
         let message = self.to_string();
-        if grpc {
-            return grpc_error_response(self.grpc_code(), &message);
-        }
-        let body = serde_json::json!({
-            "error": { "type": self.kind(), "message": message }
-        });
+        let body = match shape {
+            ErrorShape::Grpc => return grpc_error_response(self.grpc_code(), &message),
+            ErrorShape::OpenAi => serde_json::json!({
+                "error": { "type": self.kind(), "message": message }
+            }),
+            ErrorShape::KServe => serde_json::json!({ "error": message }),
+        };
         let mut response = Response::new(body::full(body.to_string()));
         *response.status_mut() = self.http_status();
         response.headers_mut().insert(
@@ -322,7 +369,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_route_is_a_404_with_a_json_body() {
-        let response = ProxyError::NoRoute("model llama".into()).to_response(false);
+        let response = ProxyError::NoRoute("model llama".into()).to_response(ErrorShape::OpenAi);
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -338,18 +385,73 @@ mod tests {
         let error = ProxyError::NoPolicyYet;
         assert_eq!(error.fault(), Fault::Proxy);
         assert!(!error.retryable());
-        let response = error.to_response(false);
+        let response = error.to_response(ErrorShape::OpenAi);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["type"], "no_policy_yet");
-        let response = error.to_response(true);
+        let response = error.to_response(ErrorShape::Grpc);
         assert_eq!(response.headers()["grpc-status"], "14");
+    }
+
+    #[tokio::test]
+    async fn kserve_paths_get_the_kserve_error_body() {
+        let error = ProxyError::Connect {
+            endpoint: "10.0.0.1:8000".into(),
+            reason: "connection refused".into(),
+        };
+        let response = error.to_response(ErrorShape::KServe);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"error": "connecting to 10.0.0.1:8000 failed: connection refused"})
+        );
+    }
+
+    #[test]
+    fn the_shape_follows_the_content_type_then_the_path() {
+        let none = HeaderMap::new();
+        let mut grpc = HeaderMap::new();
+        grpc.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        let mut json = HeaderMap::new();
+        json.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for (path, headers, shape) in [
+            ("/v2/models/m/infer", &none, ErrorShape::KServe),
+            ("/v2/models/m/infer", &json, ErrorShape::KServe),
+            ("/v2", &none, ErrorShape::KServe),
+            ("/v2/", &none, ErrorShape::KServe),
+            ("/v2?x=1", &none, ErrorShape::KServe),
+            ("/v2/health/ready", &none, ErrorShape::KServe),
+            ("/v2/repository/index", &json, ErrorShape::KServe),
+            ("/v2x/models/m", &none, ErrorShape::OpenAi),
+            ("/v1/chat/completions", &json, ErrorShape::OpenAi),
+            ("/v1/models", &none, ErrorShape::OpenAi),
+            ("/healthz", &none, ErrorShape::OpenAi),
+            ("/", &none, ErrorShape::OpenAi),
+            (
+                "/inference.GRPCInferenceService/ModelInfer",
+                &grpc,
+                ErrorShape::Grpc,
+            ),
+            ("/v2/models/m/infer", &grpc, ErrorShape::Grpc),
+        ] {
+            assert_eq!(ErrorShape::of(path, headers), shape, "{path}");
+        }
     }
 
     #[test]
     fn grpc_errors_are_trailers_only_responses() {
-        let response = ProxyError::FirstByteTimeout(Duration::from_millis(250)).to_response(true);
+        let response =
+            ProxyError::FirstByteTimeout(Duration::from_millis(250)).to_response(ErrorShape::Grpc);
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["grpc-status"], "4");
         assert_eq!(
@@ -367,7 +469,7 @@ mod tests {
         assert_eq!(error.fault(), Fault::Proxy);
         assert!(!error.retryable());
         assert_eq!(error.grpc_code(), grpc_code::UNAVAILABLE);
-        let response = error.to_response(false);
+        let response = error.to_response(ErrorShape::OpenAi);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -388,7 +490,7 @@ mod tests {
         assert_eq!(error.fault(), Fault::Proxy);
         assert!(error.retryable());
         assert_eq!(error.grpc_code(), grpc_code::UNAVAILABLE);
-        let response = error.to_response(false);
+        let response = error.to_response(ErrorShape::OpenAi);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -407,20 +509,23 @@ mod tests {
         };
         assert_eq!(error.fault(), Fault::Client);
         assert!(!error.retryable());
-        let response = error.to_response(false);
+        let response = error.to_response(ErrorShape::OpenAi);
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["type"], "rate_limited");
-        let grpc = error.to_response(true);
+        let grpc = error.to_response(ErrorShape::Grpc);
         assert_eq!(grpc.headers()["grpc-status"], "8");
         assert_eq!(grpc.headers()[header::RETRY_AFTER], "2");
         let soon = ProxyError::RateLimited {
             reason: String::new(),
             retry_after: Duration::from_millis(5),
         };
-        assert_eq!(soon.to_response(false).headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            soon.to_response(ErrorShape::OpenAi).headers()[header::RETRY_AFTER],
+            "1"
+        );
     }
 
     #[test]
@@ -430,8 +535,11 @@ mod tests {
             status: StatusCode::SERVICE_UNAVAILABLE,
             grpc: grpc_code::UNAVAILABLE,
         };
-        assert_eq!(error.to_response(false).status(), 503);
-        assert_eq!(error.to_response(true).headers()["grpc-status"], "14");
+        assert_eq!(error.to_response(ErrorShape::OpenAi).status(), 503);
+        assert_eq!(
+            error.to_response(ErrorShape::Grpc).headers()["grpc-status"],
+            "14"
+        );
         assert_eq!(error.kind(), "fault_injected");
         assert!(!error.retryable());
     }

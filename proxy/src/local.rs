@@ -12,6 +12,17 @@
 //! carried over to the next snapshot with its engine; an unavailable one is
 //! loaded again, so a policy push after the files appear brings it up.
 //!
+//! Which model names a local model answers for: its own `LocalModel` name,
+//! and the name a request carries when the route that sent it selected the
+//! request by that name (a `model` condition of the route held, as in
+//! `model: {exact: text-embedding-3-small}` with a `local:` fallback). A
+//! route without a `model` condition (a path or gRPC-service route) sends
+//! every name, and those are not the model's: readiness is false for them
+//! and inference answers "not found", as a real server does for a model it
+//! does not hold. Server health (`/v2/health/*`, gRPC `ServerLive`,
+//! `ServerReady`, `ServerMetadata`) is answered the same way over REST and
+//! gRPC.
+//!
 //! The engine knows nothing of HTTP; this module turns requests into texts
 //! and vectors into responses. The parsing and rendering functions
 //! (`openai`, `kserve`) are pure and tested on their own.
@@ -31,7 +42,7 @@ use infermesh_fallback::{
     AdapterPreference, EngineConfig, EngineError, EngineObserver, LocalEmbedder, PassStats,
 };
 use infermesh_filters::{BoxBody, ProxyError};
-use infermesh_proto::policy::LocalModelSpec;
+use infermesh_proto::policy::{ListenerKind, LocalModelSpec, PolicySet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -378,6 +389,17 @@ pub struct LocalRequest<'a> {
     pub grpc_method: Option<&'a str>,
     /// The model name the client asked for, echoed in responses.
     pub model: Option<&'a str>,
+    /// The route selected the request by its model name (a `model`
+    /// condition held), so the local model serves that name.
+    pub claimed: bool,
+}
+
+impl LocalRequest<'_> {
+    /// Whether `model` answers for the name the request carries: a request
+    /// naming no model, the model's own name, or a name its route selected.
+    fn names_served_model(&self, model: &LocalModel) -> bool {
+        self.claimed || self.model.is_none_or(|name| name == model.name.as_str())
+    }
 }
 
 /// Whether a local model answers requests of this API: embeddings, model
@@ -401,6 +423,15 @@ pub async fn serve(
     body: Bytes,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let requested = request.model.unwrap_or(model.name.as_str());
+    if !request.names_served_model(model) {
+        return Ok(match request.api {
+            ApiKind::KServeRest => kserve::rest_not_served(model, requested),
+            ApiKind::KServeGrpc => {
+                kserve::grpc_not_served(model, request.grpc_method.unwrap_or(""), requested)
+            }
+            _ => openai::model_not_found(model, requested),
+        });
+    }
     match request.api {
         ApiKind::OpenAiEmbeddings => openai::embeddings(model, requested, &body).await,
         ApiKind::OpenAiModels => openai::model(model, request.path, requested),
@@ -427,6 +458,19 @@ pub async fn serve(
             model.name.as_str()
         ))),
     }
+}
+
+/// `GET /v1/models` when no route takes it: the models the routes of
+/// `listener` select by exact name, in OpenAI's list shape, so that an
+/// OpenAI client's `models.list()` shows what it can ask for.
+pub fn model_list(policy: &PolicySet, listener: ListenerKind) -> Response<BoxBody> {
+    openai::model_list(policy, listener)
+}
+
+/// Whether a request is OpenAI's `GET /v1/models` (the list, not one model).
+pub fn lists_models(method: &Method, path: &str) -> bool {
+    let path = path.split_once(['?', '#']).map_or(path, |(p, _)| p);
+    method == Method::GET && matches!(path, "/v1/models" | "/v1/models/")
 }
 
 #[cfg(test)]
@@ -468,6 +512,9 @@ mod tests {
         assert!(serves(ApiKind::KServeGrpc, Some("ModelInfer")));
         assert!(serves(ApiKind::KServeGrpc, Some("ModelReady")));
         assert!(!serves(ApiKind::KServeGrpc, Some("ModelStreamInfer")));
+        for health in ["ServerLive", "ServerReady", "ServerMetadata"] {
+            assert!(serves(ApiKind::KServeGrpc, Some(health)), "{health}");
+        }
         assert!(!serves(ApiKind::OpenAiChat, None));
         assert!(!serves(ApiKind::Http, None));
     }
@@ -541,6 +588,151 @@ mod tests {
         );
         assert_eq!(config.max_wait, Duration::from_millis(5));
         assert_eq!(config.adapter.name.as_deref(), Some("llvmpipe"));
+    }
+
+    /// A model whose files are missing, once it has given up loading.
+    fn missing_model(metrics: &Metrics) -> Arc<LocalModel> {
+        let spec = LocalModelSpec {
+            model_dir: "/nonexistent/model".into(),
+            ..spec()
+        };
+        let model = LocalModel::carry_over("minilm", &spec, None, metrics);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(*model.state(), State::Loading) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        model
+    }
+
+    fn request<'a>(api: ApiKind, path: &'a str, grpc_method: Option<&'a str>) -> LocalRequest<'a> {
+        static GET: Method = Method::GET;
+        LocalRequest {
+            api,
+            method: &GET,
+            path,
+            grpc_method,
+            model: None,
+            claimed: false,
+        }
+    }
+
+    /// A unary gRPC body holding `message`.
+    fn framed(message: &[u8]) -> Bytes {
+        let mut body = vec![0];
+        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        body.extend_from_slice(message);
+        Bytes::from(body)
+    }
+
+    /// The message of a unary gRPC response, or its `grpc-status`.
+    async fn grpc_answer(response: Response<BoxBody>) -> Result<Bytes, String> {
+        use http_body_util::BodyExt;
+        if let Some(status) = response.headers().get("grpc-status") {
+            return Err(status.to_str().unwrap().to_owned());
+        }
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        assert_eq!(trailers["grpc-status"], "0");
+        Ok(collected.to_bytes().slice(5..))
+    }
+
+    #[test]
+    fn a_model_serves_its_own_name_and_the_names_its_route_selects() {
+        let metrics = Metrics::new();
+        let model = missing_model(&metrics);
+        let mut request = request(ApiKind::KServeRest, "/v2/models/x/ready", None);
+        assert!(request.names_served_model(&model), "no name at all");
+        request.model = Some("minilm");
+        assert!(request.names_served_model(&model));
+        request.model = Some("other");
+        assert!(!request.names_served_model(&model));
+        request.claimed = true;
+        assert!(request.names_served_model(&model));
+    }
+
+    #[tokio::test]
+    async fn grpc_server_health_is_answered_as_rest_health_is() {
+        use infermesh_proto::kserve::{
+            ModelReadyResponse, ServerLiveResponse, ServerMetadataResponse, ServerReadyResponse,
+        };
+        use prost::Message;
+        let metrics = Metrics::new();
+        let model = missing_model(&metrics);
+        let grpc = |method| request(ApiKind::KServeGrpc, "/", Some(method));
+        let live = serve(&model, grpc("ServerLive"), framed(&[]))
+            .await
+            .unwrap();
+        let live = ServerLiveResponse::decode(grpc_answer(live).await.unwrap()).unwrap();
+        assert!(live.live);
+        // The model could not load: live, but not ready, over both APIs.
+        let ready = serve(&model, grpc("ServerReady"), framed(&[]))
+            .await
+            .unwrap();
+        let ready = ServerReadyResponse::decode(grpc_answer(ready).await.unwrap()).unwrap();
+        assert!(!ready.ready);
+        let rest = serve(
+            &model,
+            request(ApiKind::KServeRest, "/v2/health/ready", None),
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(rest.status(), http::StatusCode::BAD_REQUEST);
+        let rest = serve(
+            &model,
+            request(ApiKind::KServeRest, "/v2/health/live", None),
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(rest.status(), http::StatusCode::OK);
+        let metadata = serve(&model, grpc("ServerMetadata"), framed(&[]))
+            .await
+            .unwrap();
+        let metadata =
+            ServerMetadataResponse::decode(grpc_answer(metadata).await.unwrap()).unwrap();
+        assert_eq!(metadata.name, "infermesh-local");
+
+        // A name the route did not select: not ready, and not found.
+        let mut other = grpc("ModelReady");
+        other.model = Some("other");
+        let ready = serve(&model, other, framed(&[])).await.unwrap();
+        let ready = ModelReadyResponse::decode(grpc_answer(ready).await.unwrap()).unwrap();
+        assert!(!ready.ready);
+        let mut infer = grpc("ModelInfer");
+        infer.model = Some("other");
+        let refused = serve(&model, infer, framed(&[])).await.unwrap();
+        assert_eq!(grpc_answer(refused).await.unwrap_err(), "5");
+        let mut rest = request(ApiKind::KServeRest, "/v2/models/other/ready", None);
+        rest.model = Some("other");
+        let refused = serve(&model, rest, Bytes::new()).await.unwrap();
+        assert_eq!(refused.status(), http::StatusCode::NOT_FOUND);
+        let mut embeddings = request(ApiKind::OpenAiEmbeddings, "/v1/embeddings", None);
+        embeddings.model = Some("other");
+        let refused = serve(&model, embeddings, Bytes::new()).await.unwrap();
+        assert_eq!(refused.status(), http::StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn the_model_list_holds_the_exact_names_of_the_listeners_routes() {
+        let policy = infermesh_proto::policy::load_str(
+            std::path::Path::new("p.yaml"),
+            "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: vllm}\nspec: {endpoints: [\"127.0.0.1:1\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: chat}\nspec:\n  match: [{model: {exact: llama}}, {model: {prefix: llama-}}, {model: {exact: mistral}}]\n  backends: [{backend: vllm}]\n---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: in}\nspec:\n  listener: inbound\n  match: [{model: {exact: inside}}]\n  backends: [{backend: vllm}]\n",
+        );
+        let policy = policy.unwrap_or_else(|e| panic!("{e:?}"));
+        let list = openai::route_models(&policy, ListenerKind::Outbound);
+        assert_eq!(
+            list,
+            serde_json::json!({"object": "list", "data": [
+                {"id": "llama", "object": "model", "created": 0, "owned_by": "vllm"},
+                {"id": "mistral", "object": "model", "created": 0, "owned_by": "vllm"},
+            ]})
+        );
+        let inbound = openai::route_models(&policy, ListenerKind::Inbound);
+        assert_eq!(inbound["data"][0]["id"], "inside");
+        assert!(lists_models(&Method::GET, "/v1/models?limit=5"));
+        assert!(!lists_models(&Method::GET, "/v1/models/llama"));
+        assert!(!lists_models(&Method::POST, "/v1/models"));
     }
 
     #[test]

@@ -126,6 +126,12 @@ impl Matcher {
         }
         true
     }
+
+    /// Whether this match selects `input` by its model name: it has a
+    /// `model` condition and every condition holds.
+    pub fn selects_model(&self, input: &RouteInput<'_>) -> bool {
+        self.model.is_some() && self.matches(input)
+    }
 }
 
 fn string_matches(m: &StringMatch, actual: &str) -> bool {
@@ -184,6 +190,32 @@ mod tests {
     fn an_empty_match_matches_everything() {
         let headers = HeaderMap::new();
         assert!(Matcher::new(&RouteMatch::default()).matches(&input(&headers)));
+    }
+
+    #[test]
+    fn only_a_match_with_a_model_condition_selects_by_model() {
+        let headers = HeaderMap::new();
+        let by_model = RouteMatch {
+            model: Some(StringMatch::Prefix("llama-".into())),
+            ..Default::default()
+        };
+        assert!(Matcher::new(&by_model).selects_model(&input(&headers)));
+        let by_path = RouteMatch {
+            path: Some(StringMatch::Prefix("/v2".into())),
+            ..Default::default()
+        };
+        let v2 = RouteInput {
+            path: "/v2/models/llama-3-8b/ready",
+            ..input(&headers)
+        };
+        assert!(Matcher::new(&by_path).matches(&v2));
+        assert!(!Matcher::new(&by_path).selects_model(&v2));
+        assert!(!Matcher::new(&RouteMatch::default()).selects_model(&v2));
+        let other = RouteMatch {
+            model: Some(StringMatch::Exact("mistral".into())),
+            ..Default::default()
+        };
+        assert!(!Matcher::new(&other).selects_model(&v2));
     }
 
     #[test]

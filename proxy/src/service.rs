@@ -23,6 +23,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use infermesh_filters::authz::AuthzRequest;
+use infermesh_filters::error::ErrorShape;
 use infermesh_filters::mirror::BodyCopy;
 use infermesh_filters::rate_limit::{CallerKey, TokenEstimate};
 use infermesh_filters::timeout::is_grpc;
@@ -68,7 +69,9 @@ pub async fn handle(
     // A guard, so that a client leaving before the response (the future is
     // dropped) still leaves the gauge.
     let in_flight = InFlightGauge::enter(inputs.metrics.in_flight_of(listener));
-    let grpc = is_grpc(request.headers());
+    // Each API's clients parse errors in their own shape.
+    let shape = ErrorShape::of(request.uri().path(), request.headers());
+    let lists_models = local::lists_models(request.method(), request.uri().path());
     let mut access = tracing::enabled!(target: "infermesh::access", tracing::Level::INFO)
         .then(|| AccessLog::new(listener_name, &request));
     let outcome = route_and_send(&inputs, listener, request, access.as_mut()).await;
@@ -80,6 +83,16 @@ pub async fn handle(
             duration,
             ok,
         }) => (response, route, backend, Some(duration), Some(ok)),
+        // No route takes OpenAI's model list: the proxy answers it.
+        Err(Failed {
+            error: ProxyError::NoRoute(_),
+            route,
+            backend,
+        }) if lists_models => {
+            let snapshot = inputs.snapshot.load();
+            let list = local::model_list(snapshot.policy(), listener);
+            (list, route, backend, None, None)
+        }
         Err(Failed {
             error,
             route,
@@ -93,7 +106,7 @@ pub async fn handle(
             } else {
                 tracing::debug!(listener = listener_name, %error, "request refused");
             }
-            (error.to_response(grpc), route, backend, None, None)
+            (error.to_response(shape), route, backend, None, None)
         }
     };
     let status = response.status().as_u16();
@@ -112,6 +125,7 @@ pub async fn handle(
     // A gRPC request is counted with its gRPC status: from the head of a
     // trailers-only response, else when the trailers pass.
     let mut pending = None;
+    let grpc = shape == ErrorShape::Grpc;
     match (grpc, response.headers().get("grpc-status"), ok) {
         (false, _, Some(ok)) if status == 200 => {
             ok.inc();
@@ -245,6 +259,7 @@ async fn route_and_send(
         model: model.as_deref(),
     };
     let route = snapshot.route(listener, &input);
+    let claimed = route.is_some_and(|r| r.selects_model(&input));
     if let Some(authorizer) = authorizer {
         let grpc_method = head.grpc.as_ref().map(|_| parts.uri.path());
         authorizer.check(&AuthzRequest {
@@ -367,6 +382,7 @@ async fn route_and_send(
         api: head.api,
         grpc_method: head.grpc.as_ref().map(|g| g.method.as_str()),
         model: model.as_deref(),
+        claimed,
     };
     let request = Request::from_parts(parts, body);
     let served = AtomicUsize::new(0);
@@ -636,6 +652,8 @@ struct Asked<'a> {
     grpc_method: Option<&'a str>,
     /// The client's model name, before any alias.
     model: Option<&'a str>,
+    /// The route selected the request by that name.
+    claimed: bool,
 }
 
 /// Sends `request` to `target`: a backend through the route's stack, or a
@@ -697,6 +715,7 @@ async fn answer_locally(
             path: parts.uri.path(),
             grpc_method: asked.grpc_method,
             model: asked.model,
+            claimed: asked.claimed,
         };
         local::serve(model, request, body).await
     };

@@ -425,6 +425,12 @@ impl Route {
         self.matchers.is_empty() || self.matchers.iter().any(|m| m.matches(input))
     }
 
+    /// Whether a match of the route selects `input` by its model name, so
+    /// that a local model of the route serves that name.
+    pub fn selects_model(&self, input: &RouteInput<'_>) -> bool {
+        self.matchers.iter().any(|m| m.selects_model(input))
+    }
+
     /// Chooses a backend by weight.
     pub fn pick_target(&self) -> Option<&RouteTarget> {
         let total = *self.cumulative.last()?;

@@ -1,9 +1,11 @@
 //! Every error a client can get from the proxy, with its status and body
-//! (HTTP) or grpc-status (gRPC); malformed HTTP; opaque TCP.
+//! (HTTP) or grpc-status (gRPC); malformed HTTP; opaque TCP. Each API gets
+//! errors in its own shape: `{"error":{"type","message"}}` on OpenAI and
+//! other HTTP paths, KServe v2's `{"error":"<message>"}` on `/v2` paths.
 
 use std::time::{Duration, Instant};
 
-use infermesh_tests::client::{chat_body, json_request, raw_exchange};
+use infermesh_tests::client::{chat_body, json_request, raw_exchange, Reply};
 use infermesh_tests::kserve::{grpc_client, infer_request};
 use infermesh_tests::{
     policy, refused_addr, Arrivals, HttpClient, KServeGrpcServer, KServeSettings, OpenAiServer,
@@ -485,4 +487,147 @@ async fn an_upstream_that_breaks_http_is_a_502_upstream_error() {
         started.elapsed()
     );
     assert!(echo.connections() >= 1);
+}
+
+/// Asserts a proxy error in KServe v2's shape: this status, JSON, a body
+/// that is exactly `{"error": "<message>"}`, no upstream involved. Returns
+/// the message.
+#[track_caller]
+fn assert_kserve_error(reply: &Reply, status: u16) -> String {
+    assert_eq!(reply.status.as_u16(), status, "{}", reply.text());
+    let content_type = reply.header("content-type").unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type:?}"
+    );
+    assert_eq!(
+        reply.upstream(),
+        None,
+        "an upstream answered: {}",
+        reply.text()
+    );
+    let body = reply.json();
+    let fields = body.as_object().expect("a JSON object");
+    assert_eq!(fields.len(), 1, "more than `error` in {body}");
+    let message = body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("`error` is not a string in {body}"));
+    assert!(!message.trim().is_empty(), "empty message in {body}");
+    message.to_string()
+}
+
+#[tokio::test]
+async fn kserve_paths_get_every_proxy_error_as_a_kserve_error_body() {
+    let slow = OpenAiServer::with_settings(
+        "slow",
+        OpenAiSettings {
+            first_byte_delay: Duration::from_secs(5),
+            ..OpenAiSettings::default()
+        },
+    );
+    let fast = OpenAiServer::start("fast");
+    // Answers a request with the request itself: not HTTP.
+    let echo = TcpEchoServer::start();
+    let proxy = ProxyProcess::start(&policy::docs(&[
+        policy::backend("refused", &[refused_addr()], "connectTimeout: 1s"),
+        policy::backend(
+            "unresolved",
+            &["model-server.does-not-exist.invalid:8000"],
+            "",
+        ),
+        policy::backend("echo", &[echo.addr()], ""),
+        policy::local_model("broken", std::path::Path::new("/nonexistent/broken"), ""),
+        policy::route(
+            "unresolved",
+            "match:\n  - model: {exact: unresolved}\nbackends:\n  - backend: unresolved\n",
+        ),
+        policy::route(
+            "echo",
+            "match:\n  - model: {exact: echo}\nbackends:\n  - backend: echo\ntimeouts:\n  firstByte: 5s\n",
+        ),
+        policy::route(
+            "broken",
+            "match:\n  - model: {exact: broken}\nbackends:\n  - backend: \"local:broken\"\n",
+        ),
+        policy::backend("slow", &[slow.addr()], ""),
+        policy::backend("fast", &[fast.addr()], ""),
+        policy::route(
+            "refused",
+            "match:\n  - model: {exact: refused}\nbackends:\n  - backend: refused\n",
+        ),
+        policy::route(
+            "slow",
+            "match:\n  - model: {exact: slow}\nbackends:\n  - backend: slow\ntimeouts:\n  firstByte: 300ms\n",
+        ),
+        policy::route(
+            "limited",
+            "match:\n  - model: {exact: limited}\nbackends:\n  - backend: fast\nrateLimits:\n  - {key: route, requestsPerSecond: 0.01, burst: 1}\n",
+        ),
+    ]));
+    let client = HttpClient::http1();
+    let infer = |model: &str| format!("{}/v2/models/{model}/infer", proxy.url());
+    let body = r#"{"inputs":[{"name":"input0","shape":[1],"datatype":"FP32","data":[1.0]}]}"#;
+
+    let reply = client.post_json(&infer("nothing"), body).await;
+    let message = assert_kserve_error(&reply, 404);
+    assert!(
+        message.starts_with("no route matches POST /v2/models/nothing/infer"),
+        "{message}"
+    );
+    let reply = client
+        .get(&format!("{}/v2/health/ready", proxy.url()))
+        .await;
+    assert!(assert_kserve_error(&reply, 404).contains("no route matches GET /v2/health/ready"));
+    // A path under /v2 that is no KServe endpoint is still answered in its shape.
+    let reply = client
+        .get(&format!("{}/v2/repository/index", proxy.url()))
+        .await;
+    assert_kserve_error(&reply, 404);
+
+    let reply = client.post_json(&infer("refused"), body).await;
+    let message = assert_kserve_error(&reply, 503);
+    assert!(message.starts_with("connecting to 127.0.0.1:"), "{message}");
+
+    let reply = client.post_json(&infer("unresolved"), body).await;
+    assert!(assert_kserve_error(&reply, 503).contains("has no available endpoint"));
+
+    let reply = client.post_json(&infer("echo"), body).await;
+    assert!(assert_kserve_error(&reply, 502).starts_with("upstream "));
+
+    // The proxy's own engine, whose model is missing (loading, then failed:
+    // both are 503 with the reason).
+    let texts = r#"{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["hello"]}]}"#;
+    let reply = client.post_json(&infer("broken"), texts).await;
+    assert!(assert_kserve_error(&reply, 503).starts_with("local model broken is unavailable"));
+
+    let reply = client.post_json(&infer("slow"), body).await;
+    assert_eq!(
+        assert_kserve_error(&reply, 504),
+        "no response within the time-to-first-byte limit of 300ms"
+    );
+
+    let first = client.post_json(&infer("limited"), body).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let reply = client.post_json(&infer("limited"), body).await;
+    assert!(assert_kserve_error(&reply, 429).starts_with("rate limited: "));
+    assert!(
+        reply.header("retry-after").is_some(),
+        "429 without Retry-After"
+    );
+
+    // The same failures on OpenAI paths keep OpenAI's shape.
+    let chat = format!("{}{CHAT}", proxy.url());
+    client
+        .post_json(&chat, &chat_body("nothing", false))
+        .await
+        .assert_proxy_error(404, "no_route");
+    client
+        .post_json(&chat, &chat_body("refused", false))
+        .await
+        .assert_proxy_error(503, "upstream_connect_error");
+    client
+        .post_json(&chat, &chat_body("limited", false))
+        .await
+        .assert_proxy_error(429, "rate_limited");
+    assert_eq!(fast.request_count(), 1);
 }

@@ -141,7 +141,16 @@ async fn routes_kserve_rest_by_the_model_in_the_path() {
     let unknown = client
         .post_json(&format!("{base}/v2/models/gpt2/infer"), infer)
         .await;
-    unknown.assert_proxy_error(404, "no_route");
+    // KServe v2's error body: `error` is the message itself.
+    assert_eq!(unknown.status, 404, "{}", unknown.text());
+    assert_eq!(unknown.upstream(), None);
+    assert!(
+        unknown.json()["error"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("no route matches POST /v2/models/gpt2/infer")),
+        "{}",
+        unknown.text()
+    );
     let paths: Vec<String> = resnet
         .requests()
         .iter()

@@ -18,7 +18,9 @@ use infermesh_filters::{body, BoxBody, BoxError, ProxyError};
 use infermesh_proto::kserve::{
     model_infer_response::InferOutputTensor, model_metadata_response::TensorMetadata,
     InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
-    ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
+    ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse,
 };
 use prost::Message;
 use serde_json::Value;
@@ -30,10 +32,20 @@ use super::{Failure, LocalModel, State};
 const INPUT: &str = "text";
 const OUTPUT: &str = "embedding";
 const PLATFORM: &str = "infermesh_wgpu";
+/// The server name of the server metadata.
+const SERVER: &str = "infermesh-local";
 
 /// The gRPC methods a local model answers.
 pub(super) fn grpc_method_served(method: &str) -> bool {
-    matches!(method, "ModelInfer" | "ModelReady" | "ModelMetadata")
+    matches!(
+        method,
+        "ModelInfer"
+            | "ModelReady"
+            | "ModelMetadata"
+            | "ServerLive"
+            | "ServerReady"
+            | "ServerMetadata"
+    )
 }
 
 /// What inference was asked for, checked.
@@ -113,14 +125,15 @@ pub(super) async fn rest(
         )),
         Action::Server("") => Ok(json(
             StatusCode::OK,
-            &serde_json::json!({"name": "infermesh-local", "version": env!("CARGO_PKG_VERSION"), "extensions": []}),
+            &serde_json::json!({"name": SERVER, "version": env!("CARGO_PKG_VERSION"), "extensions": []}),
         )),
         Action::Server("live") => Ok(json(StatusCode::OK, &serde_json::json!({"live": true}))),
         Action::Server(_) | Action::Ready => Ok(match &*model.state() {
-            State::Ready(_) => json(
+            State::Ready(_) if action == Action::Ready => json(
                 StatusCode::OK,
                 &serde_json::json!({"name": requested, "ready": true}),
             ),
+            State::Ready(_) => json(StatusCode::OK, &serde_json::json!({"ready": true})),
             // The protocol says not ready with a 4xx; the reason helps a person.
             State::Loading => rest_error(
                 StatusCode::BAD_REQUEST,
@@ -329,6 +342,30 @@ fn json(status: StatusCode, value: &Value) -> Response<BoxBody> {
     response
 }
 
+/// A model path for a name the local model does not serve: 404, so that
+/// readiness is false and metadata and inference are not found.
+pub(super) fn rest_not_served(model: &LocalModel, requested: &str) -> Response<BoxBody> {
+    rest_error(StatusCode::NOT_FOUND, &not_served(model, requested))
+}
+
+/// A model method for a name the local model does not serve: `ModelReady`
+/// answers `ready: false`, the others `NOT_FOUND`.
+pub(super) fn grpc_not_served(
+    model: &LocalModel,
+    method: &str,
+    requested: &str,
+) -> Response<BoxBody> {
+    match method {
+        "ModelReady" => grpc_ok(&ModelReadyResponse { ready: false }),
+        _ => grpc_error_response(grpc_code::NOT_FOUND, &not_served(model, requested)),
+    }
+}
+
+fn not_served(model: &LocalModel, requested: &str) -> String {
+    let name = model.name().as_str();
+    format!("model `{requested}` is not found: local model {name} serves `{name}` and the names its routes select")
+}
+
 /// The protocol's error body, `{"error": "<message>"}`.
 fn rest_error(status: StatusCode, message: &str) -> Response<BoxBody> {
     json(status, &serde_json::json!({ "error": message }))
@@ -355,6 +392,29 @@ pub(super) async fn grpc(
             }
             let ready = matches!(*model.state(), State::Ready(_));
             Ok(grpc_ok(&ModelReadyResponse { ready }))
+        }
+        "ServerLive" => {
+            if let Err(e) = ServerLiveRequest::decode(message) {
+                return invalid(format!("malformed ServerLiveRequest: {e}"));
+            }
+            Ok(grpc_ok(&ServerLiveResponse { live: true }))
+        }
+        "ServerReady" => {
+            if let Err(e) = ServerReadyRequest::decode(message) {
+                return invalid(format!("malformed ServerReadyRequest: {e}"));
+            }
+            let ready = matches!(*model.state(), State::Ready(_));
+            Ok(grpc_ok(&ServerReadyResponse { ready }))
+        }
+        "ServerMetadata" => {
+            if let Err(e) = ServerMetadataRequest::decode(message) {
+                return invalid(format!("malformed ServerMetadataRequest: {e}"));
+            }
+            Ok(grpc_ok(&ServerMetadataResponse {
+                name: SERVER.to_owned(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                extensions: Vec::new(),
+            }))
         }
         "ModelMetadata" => {
             if let Err(e) = ModelMetadataRequest::decode(message) {
@@ -393,7 +453,7 @@ pub(super) async fn grpc(
         other => Ok(grpc_error_response(
             grpc_code::UNIMPLEMENTED,
             &format!(
-                "local model {} does not implement {other}; it answers ModelInfer, ModelReady and ModelMetadata",
+                "local model {} does not implement {other}; it answers ModelInfer, ModelReady, ModelMetadata, ServerLive, ServerReady and ServerMetadata",
                 model.name().as_str()
             ),
         )),

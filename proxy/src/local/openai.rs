@@ -1,5 +1,6 @@
 //! OpenAI `POST /v1/embeddings` (and `GET /v1/models`) answered by a local
-//! model, with OpenAI's request checks, response shape and error bodies.
+//! model, with OpenAI's request checks, response shape and error bodies;
+//! and the proxy's own `GET /v1/models` list when no route takes it.
 //!
 //! `encoding_format: base64` carries each vector as the base64 of its
 //! little-endian f32 bytes, as OpenAI sends it (the `openai` Python package
@@ -9,6 +10,7 @@
 use base64::Engine as _;
 use http::{header, HeaderValue, Response, StatusCode};
 use infermesh_filters::{body, BoxBody, ProxyError};
+use infermesh_proto::policy::{ListenerKind, PolicySet, StringMatch};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -268,6 +270,60 @@ pub(super) fn model(
         entry
     };
     Ok(json(StatusCode::OK, body.to_string().into_bytes()))
+}
+
+/// A model name the local model does not serve: OpenAI's 404
+/// `model_not_found`.
+pub(super) fn model_not_found(model: &LocalModel, requested: &str) -> Response<BoxBody> {
+    let body = serde_json::json!({
+        "error": {
+            "message": format!(
+                "The model `{requested}` does not exist: local model {} serves `{}` and the names its routes select",
+                model.name().as_str(),
+                model.name().as_str()
+            ),
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    });
+    json(StatusCode::NOT_FOUND, body.to_string().into_bytes())
+}
+
+/// The models a client of `listener` can name: every exact `model`
+/// condition of its routes, in policy order, once each, owned by the
+/// route's first backend. Prefix conditions name no model to list.
+pub(super) fn route_models(policy: &PolicySet, listener: ListenerKind) -> Value {
+    let mut seen = std::collections::HashSet::new();
+    let mut data = Vec::new();
+    for route in policy.routes.iter().filter(|r| r.spec.listener == listener) {
+        let owner = route
+            .spec
+            .backends
+            .first()
+            .map_or("infermesh", |b| b.backend.as_str());
+        for condition in &route.spec.matches {
+            if let Some(StringMatch::Exact(name)) = &condition.model {
+                if seen.insert(name.as_str()) {
+                    data.push(serde_json::json!({
+                        "id": name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": owner,
+                    }));
+                }
+            }
+        }
+    }
+    serde_json::json!({"object": "list", "data": data})
+}
+
+/// `GET /v1/models` answered by the proxy: [`route_models`] in OpenAI's list shape.
+pub(super) fn model_list(policy: &PolicySet, listener: ListenerKind) -> Response<BoxBody> {
+    json(
+        StatusCode::OK,
+        route_models(policy, listener).to_string().into_bytes(),
+    )
 }
 
 /// A chat or text completion sent to an embedding model: OpenAI answers

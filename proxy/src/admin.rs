@@ -15,8 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::control;
+use crate::inputs::Inputs;
 use crate::local::State;
-use crate::service::Inputs;
 use crate::snapshot::{Snapshot, Source};
 
 /// State the admin endpoints report.

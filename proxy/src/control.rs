@@ -32,7 +32,8 @@ use crate::identity::Identity;
 pub use backoff::Backoff;
 pub use cache::{CacheError, Cached, PolicyCache};
 
-use crate::service::Inputs;
+use crate::error::error_chain;
+use crate::inputs::Inputs;
 use crate::snapshot::{Origin, Snapshot, Source};
 
 /// First reconnect delay ceiling; it doubles with each failure.
@@ -466,21 +467,6 @@ impl ControlPlane {
             tracing::warn!(%error, "cannot keep the policy snapshot on disk; serving it all the same");
         }
     }
-}
-
-/// An error and its causes, `outer: inner: innermost`.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        next = cause.source();
-    }
-    text
 }
 
 fn describe_status(status: &tonic::Status) -> String {

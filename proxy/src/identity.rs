@@ -394,12 +394,7 @@ pub async fn connect(
         .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| {
-            format!(
-                "cannot connect to {url}: {}",
-                crate::control::error_chain(&e)
-            )
-        })
+        .map_err(|e| format!("cannot connect to {url}: {}", crate::error::error_chain(&e)))
 }
 
 /// A failed handshake's reason for the log: rustls's own message, or ours

@@ -27,10 +27,11 @@ use tokio::sync::watch;
 
 use crate::detect::{self, Protocol};
 use crate::identity::{self, InboundConn};
+use crate::inputs::Inputs;
 use crate::metrics::listener_label;
 use crate::opaque;
 use crate::refusal::{self, Reason};
-use crate::service::{self, Inputs};
+use crate::service;
 
 /// How long a new connection may stay silent before it is treated as opaque
 /// (a server-speaks-first protocol).

@@ -13,9 +13,9 @@ use infermesh_proto::spiffe::SpiffeId;
 use infermesh_proxy::admin::{self, Admin};
 use infermesh_proxy::control::{self, ControlPlane, Node, PolicyCache};
 use infermesh_proxy::identity::{self, Identity, IdentitySettings};
+use infermesh_proxy::inputs::Inputs;
 use infermesh_proxy::listener::Listener;
 use infermesh_proxy::metrics::Metrics;
-use infermesh_proxy::service::Inputs;
 use infermesh_proxy::snapshot::{Origin, Snapshot, Source};
 use tokio::sync::watch;
 

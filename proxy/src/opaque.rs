@@ -7,9 +7,9 @@ use std::time::Duration;
 use infermesh_proto::policy::ListenerKind;
 use tokio::net::TcpStream;
 
+use crate::inputs::Inputs;
 use crate::metrics::{listener_label, OpaqueLabels};
 use crate::refusal::{self, Reason};
-use crate::service::Inputs;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

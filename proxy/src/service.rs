@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response};
@@ -40,22 +39,13 @@ use crate::body::{BodyCheck, BodyFault, ProxyBody};
 use crate::classify::{self, ApiKind, BodyScan, GrpcModelScanner, JsonScanner, Scan};
 use crate::forward::Upstream;
 use crate::identity::InboundConn;
+use crate::inputs::Inputs;
 use crate::local::{self, LocalRequest};
 use crate::metrics::{
-    grpc_status_label, grpc_status_of, listener_label, LocalRequestLabels, Metrics, Name,
-    RequestLabels,
+    grpc_status_label, grpc_status_of, listener_label, LocalRequestLabels, Name, RequestLabels,
 };
 use crate::route::{self, RouteInput};
-use crate::snapshot::{Destination, RouteTarget, Snapshot};
-
-/// What every connection task shares.
-#[derive(Debug)]
-pub struct Inputs {
-    /// The policy in force.
-    pub snapshot: ArcSwap<Snapshot>,
-    /// Metric families.
-    pub metrics: Arc<Metrics>,
-}
+use crate::snapshot::{Destination, RouteTarget};
 
 /// Serves one request received on `listener`. Never fails: every error
 /// becomes the response the client is owed.

@@ -244,7 +244,6 @@ impl Embedder for LocalEmbedder {
     }
 }
 
-
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     pass: PassLimits,

@@ -266,7 +266,10 @@ mod tests {
         assert_eq!(decision.dropped, vec![(0, DropReason::Cancelled)]);
         assert!(decision.taken.is_empty());
         assert_eq!(decision.last, None);
-        assert_eq!(next_pass(&[], None, now, limits(32, 8192)), Decision::default());
+        assert_eq!(
+            next_pass(&[], None, now, limits(32, 8192)),
+            Decision::default()
+        );
     }
 
     #[test]
@@ -284,6 +287,19 @@ mod tests {
         let queue = [waiting(0, &short), waiting(1, &long)];
         let decision = next_pass(&queue, None, now, limits(32, 150));
         assert_eq!(decision.taken, vec![(0, 3)]);
+    }
+
+    #[test]
+    fn a_long_sequence_kept_out_of_one_pass_leads_the_next() {
+        let now = Instant::now();
+        let short = [10; 20];
+        let long = [100];
+        let queue = [waiting(0, &short), waiting(1, &long)];
+        let first = next_pass(&queue, None, now, limits(4, 150));
+        assert_eq!(first.taken, vec![(0, 4)]);
+        assert_eq!(first.last, Some(0));
+        let second = next_pass(&queue, first.last, now, limits(4, 150));
+        assert_eq!(second.taken, vec![(1, 1)]);
     }
 
     #[test]

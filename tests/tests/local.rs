@@ -836,13 +836,51 @@ async fn a_long_request_whose_client_hangs_up_leaves_the_queue() {
     let (reply, waited) = timed_embed(&proxy, "minilm", &["hello".to_owned()]).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_not_stuck(waited, solo, "behind an abandoned request");
-    let after = wait_accounted(&proxy, before, 201.0).await;
+    assert_cancelled(&proxy, before).await;
+}
+
+/// Asserts that of the 200 sequences of a request abandoned since
+/// `before` (and one short request), some were dropped as cancelled and
+/// the rest computed.
+async fn assert_cancelled(proxy: &ProxyProcess, before: Work) {
+    let after = wait_accounted(proxy, before, 201.0).await;
     let dropped = after.cancelled - before.cancelled;
     let computed = after.computed - before.computed;
     assert!(dropped > 0.0, "nothing was dropped: {after:?}");
-    assert!(computed < 201.0, "{after:?}");
     assert_eq!(dropped + computed, 201.0, "{after:?}");
     assert_eq!(after.expired, 0.0, "{after:?}");
+}
+
+#[tokio::test]
+async fn a_cancelled_grpc_call_leaves_the_queue() {
+    let proxy = queue_proxy();
+    wait_ready(&proxy, "minilm").await;
+    let solo = solo_times(&proxy).await;
+
+    // A KServe ModelInfer call of 200 texts, dropped once the engine is on
+    // them: its HTTP/2 stream is reset.
+    let before = work(&proxy).await;
+    let texts = long_inputs();
+    let request = infer_request(
+        Some(InferTensorContents {
+            bytes_contents: texts.iter().map(|t| t.as_bytes().to_vec()).collect(),
+            ..Default::default()
+        }),
+        Vec::new(),
+        texts.len() as i64,
+    );
+    let mut grpc = grpc_client(proxy.outbound).await;
+    let call = tokio::spawn(async move { grpc.model_infer(request).await });
+    wait_for_a_pass(&proxy, before).await;
+    call.abort();
+    assert!(
+        call.await.is_err(),
+        "the call finished before it was dropped"
+    );
+    let (reply, waited) = timed_embed(&proxy, "minilm", &["hello".to_owned()]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_not_stuck(waited, solo, "behind a cancelled gRPC call");
+    assert_cancelled(&proxy, before).await;
 }
 
 #[tokio::test]

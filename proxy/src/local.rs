@@ -144,22 +144,7 @@ impl LocalModel {
             ready,
             queue: Queue::new(spec.max_queued as usize),
         });
-        let observer = Arc::new(Observer {
-            batch_size: metrics.local_batch_size.get_or_create(&labels).clone(),
-            queue_wait: metrics.local_queue_wait.get_or_create(&labels).clone(),
-            forward: metrics.local_forward.get_or_create(&labels).clone(),
-            sequences: metrics.local_sequences.get_or_create(&labels).clone(),
-            tokens: metrics.local_tokens.get_or_create(&labels).clone(),
-            dropped: [DropReason::Cancelled, DropReason::Expired].map(|reason| {
-                metrics
-                    .local_dropped
-                    .get_or_create(&LocalDroppedLabels {
-                        model: Name::new(name),
-                        reason: reason.as_str(),
-                    })
-                    .clone()
-            }),
-        });
+        let observer = Arc::new(Observer::new(metrics, name));
         let config = engine_config(name, spec);
         let loading = model.clone();
         let spawned = std::thread::Builder::new()
@@ -373,6 +358,31 @@ struct Observer {
     dropped: [Counter; 2],
 }
 
+impl Observer {
+    /// The metric handles of model `name`, resolved once.
+    fn new(metrics: &Metrics, name: &str) -> Self {
+        let labels = LocalModelLabels {
+            model: Name::new(name),
+        };
+        Self {
+            batch_size: metrics.local_batch_size.get_or_create(&labels).clone(),
+            queue_wait: metrics.local_queue_wait.get_or_create(&labels).clone(),
+            forward: metrics.local_forward.get_or_create(&labels).clone(),
+            sequences: metrics.local_sequences.get_or_create(&labels).clone(),
+            tokens: metrics.local_tokens.get_or_create(&labels).clone(),
+            dropped: [DropReason::Cancelled, DropReason::Expired].map(|reason| {
+                metrics
+                    .local_dropped
+                    .get_or_create(&LocalDroppedLabels {
+                        model: Name::new(name),
+                        reason: reason.as_str(),
+                    })
+                    .clone()
+            }),
+        }
+    }
+}
+
 impl EngineObserver for Observer {
     fn queued(&self, wait: Duration) {
         self.queue_wait.observe(wait.as_secs_f64());
@@ -571,6 +581,25 @@ mod tests {
         assert_eq!(queue.queued.load(Ordering::Acquire), 9);
         drop((b, c));
         assert_eq!(queue.queued.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn dropped_sequences_are_counted_under_their_reason() {
+        let metrics = Metrics::new();
+        let observer = Observer::new(&metrics, "m");
+        observer.dropped(DropReason::Cancelled, 7);
+        observer.dropped(DropReason::Expired, 5);
+        observer.dropped(DropReason::Cancelled, 1);
+        let count = |reason| {
+            metrics
+                .local_dropped
+                .get_or_create(&LocalDroppedLabels {
+                    model: Name::new("m"),
+                    reason,
+                })
+                .get()
+        };
+        assert_eq!((count("cancelled"), count("expired")), (8, 5));
     }
 
     #[test]

@@ -3,10 +3,14 @@
 //! batches, on whatever adapter wgpu offers (lavapipe on CI).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use infermesh_fallback::{Embedder, EmbeddingRequest, EngineConfig, LocalEmbedder};
+use infermesh_fallback::{
+    DropReason, Embedder, EmbeddingRequest, EngineConfig, EngineError, EngineObserver,
+    LocalEmbedder, PassStats,
+};
 
 const MIN_COSINE: f64 = 0.9999;
 const MAX_ABS_DIFF: f32 = 1e-4;
@@ -186,4 +190,74 @@ fn invalid_requests_are_refused_before_the_device() {
         .block_on(engine.embed(EmbeddingRequest { inputs: vec![] }))
         .unwrap_err();
     assert!(err.to_string().contains("input must not be empty"), "{err}");
+}
+
+/// What an engine reported, counted.
+#[derive(Default)]
+struct Counts {
+    passes: AtomicUsize,
+    computed: AtomicUsize,
+    cancelled: AtomicUsize,
+    expired: AtomicUsize,
+}
+
+impl EngineObserver for Counts {
+    fn queued(&self, _: Duration) {}
+
+    fn pass(&self, pass: &PassStats) {
+        self.computed.fetch_add(pass.sequences, Ordering::SeqCst);
+        self.passes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn dropped(&self, reason: DropReason, sequences: usize) {
+        let counter = match reason {
+            DropReason::Cancelled => &self.cancelled,
+            DropReason::Expired => &self.expired,
+        };
+        counter.fetch_add(sequences, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn expired_and_abandoned_requests_leave_the_queue_uncomputed() {
+    let counts = Arc::new(Counts::default());
+    let mut config = EngineConfig::new("all-MiniLM-L6-v2", model_dir());
+    config.max_batch_size = 4;
+    let engine = LocalEmbedder::start_observed(config, counts.clone())
+        .unwrap_or_else(|e| panic!("{e}; run scripts/setup.sh"));
+    let rt = runtime();
+    let load = |counter: &AtomicUsize| counter.load(Ordering::SeqCst);
+    let long = engine
+        .tokenize(&vec!["The cat sat on the mat.".to_owned(); 200])
+        .expect("tokenize");
+
+    // Past its deadline on arrival: dropped whole, never computed.
+    let answer = rt.block_on(engine.embed_tokens_by(long.clone(), Some(Instant::now())));
+    assert_eq!(answer, Err(EngineError::Expired));
+    assert_eq!(load(&counts.expired), 200);
+    assert_eq!(load(&counts.passes), 0);
+
+    // Abandoned once its first pass has run: the rest is dropped before the
+    // next one, and a short request sent next is computed.
+    rt.block_on(async {
+        let call = engine.embed_tokens(long.clone());
+        let first_pass = async {
+            while load(&counts.passes) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::select! {
+            _ = call => panic!("200 sequences were computed before the first pass was seen"),
+            _ = first_pass => {}
+        }
+    });
+    let short = engine.tokenize(&["hello".to_owned()]).expect("tokenize");
+    let vectors = rt
+        .block_on(engine.embed_tokens(short))
+        .expect("the short request");
+    assert_eq!(vectors.len(), 1);
+    let (computed, cancelled) = (load(&counts.computed), load(&counts.cancelled));
+    assert!(cancelled > 0, "nothing was dropped ({computed} computed)");
+    assert_eq!(computed - 1 + cancelled, 200);
+    assert_eq!(load(&counts.expired), 200);
 }

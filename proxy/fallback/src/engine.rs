@@ -4,8 +4,8 @@
 //! Async callers send a job and await a oneshot reply, so no tokio worker
 //! ever blocks on the device. The thread keeps a queue of requests and runs
 //! one forward pass at a time (at most `max_batch_size` sequences and
-//! `max_batch_tokens` padded tokens), each pass chosen afresh from
-//! everything queued by [`schedule`]: sequences, not requests, are the unit,
+//! `max_batch_tokens` padded tokens), each chosen afresh from everything
+//! queued by `schedule::next_pass`: sequences, not requests, are the unit,
 //! shared round robin between requests, so a short request is not stuck
 //! behind a long one's later passes. A request whose caller has gone (its
 //! reply channel closed, as when the proxy's time limit drops the future) or

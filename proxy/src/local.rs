@@ -39,7 +39,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Response};
 use infermesh_fallback::{
-    AdapterPreference, EngineConfig, EngineError, EngineObserver, LocalEmbedder, PassStats,
+    AdapterPreference, DropReason, EngineConfig, EngineError, EngineObserver, LocalEmbedder,
+    PassStats,
 };
 use infermesh_filters::{BoxBody, ProxyError};
 use infermesh_proto::policy::{ListenerKind, LocalModelSpec, PolicySet};
@@ -48,7 +49,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::classify::ApiKind;
-use crate::metrics::{LocalModelLabels, Metrics, Name};
+use crate::metrics::{LocalDroppedLabels, LocalModelLabels, Metrics, Name};
 
 /// Most request-body bytes read to answer a request locally; a longer body
 /// is refused with 413. 8 MiB holds 2048 inputs of about 1,000 words each,
@@ -154,13 +155,7 @@ impl LocalModel {
             ready,
             queue: Queue::new(spec.max_queued as usize),
         });
-        let observer = Arc::new(Observer {
-            batch_size: metrics.local_batch_size.get_or_create(&labels).clone(),
-            queue_wait: metrics.local_queue_wait.get_or_create(&labels).clone(),
-            forward: metrics.local_forward.get_or_create(&labels).clone(),
-            sequences: metrics.local_sequences.get_or_create(&labels).clone(),
-            tokens: metrics.local_tokens.get_or_create(&labels).clone(),
-        });
+        let observer = Arc::new(Observer::new(metrics, name));
         let config = engine_config(name, spec);
         let loading = model.clone();
         let spawned = std::thread::Builder::new()
@@ -240,8 +235,14 @@ impl LocalModel {
         }
     }
 
-    /// Embeds `inputs` after checking them as the remote APIs do.
-    async fn embed(&self, inputs: Vec<String>) -> Result<Embedded, Failure> {
+    /// Embeds `inputs` after checking them as the remote APIs do, within
+    /// the route's time limit: past it, the engine drops what it has not
+    /// computed and the answer is the route's timeout.
+    async fn embed(
+        &self,
+        inputs: Vec<String>,
+        time_limit: Option<TimeLimit>,
+    ) -> Result<Embedded, Failure> {
         let engine = self.engine().map_err(Failure::Proxy)?;
         check_inputs(&inputs, self.spec.max_inputs as usize)?;
         let _admitted = self.queue.admit(inputs.len()).map_err(|queued| {
@@ -258,9 +259,14 @@ impl LocalModel {
             .map_err(|e| self.engine_failure(e))?;
         let prompt_tokens = sequences.iter().map(Vec::len).sum();
         let vectors = engine
-            .embed_tokens(sequences)
+            .embed_tokens_by(sequences, time_limit.map(|limit| limit.ends))
             .await
-            .map_err(|e| self.engine_failure(e))?;
+            .map_err(|e| match (e, time_limit) {
+                (EngineError::Expired, Some(limit)) => {
+                    Failure::Proxy(ProxyError::FirstByteTimeout(limit.limit))
+                }
+                (e, _) => self.engine_failure(e),
+            })?;
         Ok(Embedded {
             dimensions: engine.dimensions(),
             vectors,
@@ -359,6 +365,33 @@ struct Observer {
     forward: Histogram,
     sequences: Counter,
     tokens: Counter,
+    /// Indexed by [`DropReason`]: cancelled, expired.
+    dropped: [Counter; 2],
+}
+
+impl Observer {
+    /// The metric handles of model `name`, resolved once.
+    fn new(metrics: &Metrics, name: &str) -> Self {
+        let labels = LocalModelLabels {
+            model: Name::new(name),
+        };
+        Self {
+            batch_size: metrics.local_batch_size.get_or_create(&labels).clone(),
+            queue_wait: metrics.local_queue_wait.get_or_create(&labels).clone(),
+            forward: metrics.local_forward.get_or_create(&labels).clone(),
+            sequences: metrics.local_sequences.get_or_create(&labels).clone(),
+            tokens: metrics.local_tokens.get_or_create(&labels).clone(),
+            dropped: [DropReason::Cancelled, DropReason::Expired].map(|reason| {
+                metrics
+                    .local_dropped
+                    .get_or_create(&LocalDroppedLabels {
+                        model: Name::new(name),
+                        reason: reason.as_str(),
+                    })
+                    .clone()
+            }),
+        }
+    }
 }
 
 impl EngineObserver for Observer {
@@ -371,6 +404,14 @@ impl EngineObserver for Observer {
         self.forward.observe(pass.elapsed.as_secs_f64());
         self.sequences.inc_by(pass.sequences as u64);
         self.tokens.inc_by(pass.tokens as u64);
+    }
+
+    fn dropped(&self, reason: DropReason, sequences: usize) {
+        let counter = match reason {
+            DropReason::Cancelled => &self.dropped[0],
+            DropReason::Expired => &self.dropped[1],
+        };
+        counter.inc_by(sequences as u64);
     }
 }
 
@@ -392,6 +433,29 @@ pub struct LocalRequest<'a> {
     /// The route selected the request by its model name (a `model`
     /// condition held), so the local model serves that name.
     pub claimed: bool,
+    /// The route's time limit, when it has one.
+    pub time_limit: Option<TimeLimit>,
+}
+
+/// A route's time limit for one request, started when the request was
+/// taken up: the engine drops the request's uncomputed sequences once it
+/// ends, and the answer is then the route's timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeLimit {
+    /// The limit, as the policy gives it.
+    pub limit: Duration,
+    /// When it runs out.
+    pub ends: Instant,
+}
+
+impl TimeLimit {
+    /// A limit of `limit` starting now.
+    pub fn starting_now(limit: Duration) -> Self {
+        Self {
+            limit,
+            ends: Instant::now() + limit,
+        }
+    }
 }
 
 impl LocalRequest<'_> {
@@ -433,16 +497,33 @@ pub async fn serve(
         });
     }
     match request.api {
-        ApiKind::OpenAiEmbeddings => openai::embeddings(model, requested, &body).await,
+        ApiKind::OpenAiEmbeddings => {
+            openai::embeddings(model, requested, &body, request.time_limit).await
+        }
         ApiKind::OpenAiModels => openai::model(model, request.path, requested),
         ApiKind::OpenAiChat | ApiKind::OpenAiCompletions => {
             Ok(openai::not_an_embedding_api(request.api, requested))
         }
         ApiKind::KServeRest => {
-            kserve::rest(model, request.method, request.path, requested, &body).await
+            kserve::rest(
+                model,
+                request.method,
+                request.path,
+                requested,
+                &body,
+                request.time_limit,
+            )
+            .await
         }
         ApiKind::KServeGrpc => {
-            kserve::grpc(model, request.grpc_method.unwrap_or(""), requested, &body).await
+            kserve::grpc(
+                model,
+                request.grpc_method.unwrap_or(""),
+                requested,
+                &body,
+                request.time_limit,
+            )
+            .await
         }
         ApiKind::Grpc => Ok(infermesh_filters::error::grpc_error_response(
             infermesh_filters::error::grpc_code::UNIMPLEMENTED,
@@ -547,6 +628,25 @@ mod tests {
         assert_eq!(queue.queued.load(Ordering::Acquire), 9);
         drop((b, c));
         assert_eq!(queue.queued.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn dropped_sequences_are_counted_under_their_reason() {
+        let metrics = Metrics::new();
+        let observer = Observer::new(&metrics, "m");
+        observer.dropped(DropReason::Cancelled, 7);
+        observer.dropped(DropReason::Expired, 5);
+        observer.dropped(DropReason::Cancelled, 1);
+        let count = |reason| {
+            metrics
+                .local_dropped
+                .get_or_create(&LocalDroppedLabels {
+                    model: Name::new("m"),
+                    reason,
+                })
+                .get()
+        };
+        assert_eq!((count("cancelled"), count("expired")), (8, 5));
     }
 
     #[test]

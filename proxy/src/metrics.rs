@@ -157,6 +157,8 @@ pub struct Metrics {
     pub local_sequences: Family<LocalModelLabels, Counter>,
     /// Tokens embedded by a local model, before padding.
     pub local_tokens: Family<LocalModelLabels, Counter>,
+    /// Sequences a local model dropped uncomputed, by reason.
+    pub local_dropped: Family<LocalDroppedLabels, Counter>,
     /// Endpoint ejections, by backend and reason.
     pub outlier_ejections: Family<EjectionLabels, Counter>,
     /// Endpoints ejected now (probing included), by backend.
@@ -259,6 +261,15 @@ pub struct MirrorLabels {
 pub struct LocalModelLabels {
     /// The `LocalModel`'s name.
     pub model: Name,
+}
+
+/// Labels of the local model's dropped-sequence counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LocalDroppedLabels {
+    /// The `LocalModel`'s name.
+    pub model: Name,
+    /// `cancelled` (the caller has gone) or `expired` (the time limit passed).
+    pub reason: &'static str,
 }
 
 /// Labels of the local-request counter.
@@ -422,6 +433,12 @@ impl Metrics {
             "Tokens embedded by a local model, special tokens included, padding excluded",
             local_tokens.clone(),
         );
+        let local_dropped = Family::default();
+        registry.register(
+            "local_sequences_dropped",
+            "Sequences a local model dropped from its queue without computing them, by reason: cancelled (the client went away), expired (the route's time limit passed)",
+            local_dropped.clone(),
+        );
         let outlier_ejections = Family::default();
         registry.register(
             "outlier_ejections",
@@ -504,6 +521,7 @@ impl Metrics {
             local_forward,
             local_sequences,
             local_tokens,
+            local_dropped,
             retries,
             fallbacks,
             requests,

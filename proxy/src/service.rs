@@ -697,6 +697,8 @@ async fn answer_locally(
     asked: &Asked<'_>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let (parts, body) = request.into_parts();
+    // Started before the timer below, so the engine gives up no later.
+    let time_limit = route.local_limit().map(local::TimeLimit::starting_now);
     let answer = async {
         let body = read_whole(body, local::MAX_BODY_BYTES).await?;
         let request = LocalRequest {
@@ -706,6 +708,7 @@ async fn answer_locally(
             grpc_method: asked.grpc_method,
             model: asked.model,
             claimed: asked.claimed,
+            time_limit,
         };
         local::serve(model, request, body).await
     };

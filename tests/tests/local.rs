@@ -8,7 +8,7 @@
 //! same model, committed as `proxy/fallback/tests/golden.json`. Inputs are
 //! few and short: every forward pass runs on the CPU.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use infermesh_proto::kserve::model_infer_request::InferInputTensor;
 use infermesh_proto::kserve::{
@@ -17,8 +17,12 @@ use infermesh_proto::kserve::{
 use infermesh_tests::client::chat_body;
 use infermesh_tests::kserve::grpc_client;
 use infermesh_tests::local::{cosine, floats, golden_for, model_dir, wait_ready, Golden};
-use infermesh_tests::{policy, refused_addr, HttpClient, Metrics, OpenAiServer, ProxyProcess};
+use infermesh_tests::{
+    policy, refused_addr, HttpClient, Metrics, OpenAiServer, ProxyProcess, Reply,
+};
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 const MIN_COSINE: f64 = 0.9999;
 const MAX_ABS_DIFF: f32 = 1e-4;
@@ -606,4 +610,297 @@ async fn a_policy_push_that_keeps_the_local_model_keeps_its_engine() {
     assert_eq!(loads(&proxy), 2, "{}", proxy.stderr());
     let reply = client.post_json(&url, &body).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+// === the engine's queue ===
+
+/// A local model with passes of at most 8 sequences, reached directly
+/// (`minilm`) and through a route with a one-second time limit
+/// (`minilm-limited`).
+fn queue_proxy() -> ProxyProcess {
+    ProxyProcess::start(&policy::docs(&[
+        policy::local_model(
+            "minilm",
+            &model_dir(),
+            "maxWait: 5ms\nmaxBatchSize: 8\nmaxInputs: 256",
+        ),
+        policy::route(
+            "direct",
+            "match:\n  - model: {exact: minilm}\nbackends:\n  - backend: \"local:minilm\"",
+        ),
+        policy::route(
+            "limited",
+            "match:\n  - model: {exact: minilm-limited}\nbackends:\n  - backend: \"local:minilm\"\ntimeouts:\n  firstByte: 1s",
+        ),
+    ]))
+}
+
+/// The golden inputs of at most 16 tokens, so that every pass costs about
+/// the same.
+fn short_golden() -> Vec<Golden> {
+    infermesh_tests::local::golden()
+        .into_iter()
+        .filter(|g| g.tokens <= 16)
+        .collect()
+}
+
+/// 200 inputs: [`short_golden`], over and over.
+fn long_inputs() -> Vec<String> {
+    short_golden()
+        .into_iter()
+        .map(|g| g.input)
+        .cycle()
+        .take(200)
+        .collect()
+}
+
+fn embeddings_body(model: &str, inputs: &[String]) -> String {
+    json!({"model": model, "input": inputs}).to_string()
+}
+
+/// Sends an embeddings request and returns the reply and how long it took.
+async fn timed_embed(proxy: &ProxyProcess, model: &str, inputs: &[String]) -> (Reply, Duration) {
+    let started = Instant::now();
+    let reply = HttpClient::http1()
+        .post_json(
+            &format!("{}/v1/embeddings", proxy.url()),
+            &embeddings_body(model, inputs),
+        )
+        .await;
+    (reply, started.elapsed())
+}
+
+/// What the engine has done so far, from its metrics.
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    /// Sequences computed.
+    computed: f64,
+    /// Forward passes run.
+    passes: f64,
+    cancelled: f64,
+    expired: f64,
+}
+
+async fn work(proxy: &ProxyProcess) -> Work {
+    let metrics = metrics(proxy).await;
+    let model = [("model", "minilm")];
+    let dropped = |reason| {
+        metrics.sum(
+            "infermesh_local_sequences_dropped_total",
+            &[("model", "minilm"), ("reason", reason)],
+        )
+    };
+    Work {
+        computed: metrics.sum("infermesh_local_sequences_total", &model),
+        passes: metrics.sum("infermesh_local_batch_size_count", &model),
+        cancelled: dropped("cancelled"),
+        expired: dropped("expired"),
+    }
+}
+
+/// Waits until the engine has run a forward pass since `before`.
+async fn wait_for_a_pass(proxy: &ProxyProcess, before: Work) {
+    let started = Instant::now();
+    while work(proxy).await.passes <= before.passes {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no forward pass within 60 s\n--- stderr\n{}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until every one of `sequences` sequences sent since `before` was
+/// either computed or dropped, and returns the engine's work then.
+async fn wait_accounted(proxy: &ProxyProcess, before: Work, sequences: f64) -> Work {
+    let started = Instant::now();
+    loop {
+        let now = work(proxy).await;
+        let accounted = (now.computed - before.computed)
+            + (now.cancelled - before.cancelled)
+            + (now.expired - before.expired);
+        if accounted >= sequences {
+            return now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "after 30 s only {accounted} of {sequences} sequences were computed or dropped: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long one short request and the costliest pass of [`long_inputs`]
+/// (its 8 longest inputs) take alone, after a warm-up (the fastest of three
+/// runs each).
+async fn solo_times(proxy: &ProxyProcess) -> (Duration, Duration) {
+    let short = vec!["hello".to_owned()];
+    let mut golden = short_golden();
+    golden.sort_by_key(|g| std::cmp::Reverse(g.tokens));
+    let pass: Vec<String> = golden.into_iter().take(8).map(|g| g.input).collect();
+    let mut best = (Duration::MAX, Duration::MAX);
+    for _ in 0..3 {
+        let (reply, took) = timed_embed(proxy, "minilm", &short).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        best.0 = best.0.min(took);
+        let (reply, took) = timed_embed(proxy, "minilm", &pass).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        best.1 = best.1.min(took);
+    }
+    best
+}
+
+/// The short request's wait is bounded by the pass under way, its own pass
+/// and slack for a loaded machine; a short request behind all 25 passes
+/// of a 200-input request passes it.
+#[track_caller]
+fn assert_not_stuck(waited: Duration, solo: (Duration, Duration), what: &str) {
+    let bound = (solo.0 + solo.1) * 4;
+    eprintln!(
+        "{what}: waited {waited:?}; alone {:?}, a full pass {:?}",
+        solo.0, solo.1
+    );
+    assert!(
+        waited <= bound,
+        "{what}: the short request took {waited:?}; alone it takes {:?} and a full pass {:?} (bound {bound:?})",
+        solo.0,
+        solo.1
+    );
+}
+
+#[tokio::test]
+async fn a_short_request_is_served_between_the_passes_of_a_long_one() {
+    let proxy = queue_proxy();
+    wait_ready(&proxy, "minilm").await;
+    let solo = solo_times(&proxy).await;
+    let before = work(&proxy).await;
+
+    let inputs = long_inputs();
+    let long = {
+        let (url, body) = (
+            format!("{}/v1/embeddings", proxy.url()),
+            embeddings_body("minilm", &inputs),
+        );
+        tokio::spawn(async move { HttpClient::http1().post_json(&url, &body).await })
+    };
+    wait_for_a_pass(&proxy, before).await;
+    let (reply, waited) = timed_embed(&proxy, "minilm", &["hello".to_owned()]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_matches(
+        &golden_for("hello"),
+        &floats(&reply.json()["data"][0]["embedding"]),
+    );
+    let at_short = work(&proxy).await;
+    // Scheduled by request, the short one would come after all 200.
+    let long_done = at_short.computed - before.computed - 1.0;
+    assert!(
+        long_done < 100.0,
+        "{long_done} of the long request's 200 sequences were computed before the short one"
+    );
+    assert_not_stuck(waited, solo, "behind a long request");
+
+    // The long request is still wanted: it gets every vector, each the one
+    // sentence-transformers computes.
+    let reply = long.await.expect("the long request's task");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let answer = reply.json();
+    let data = answer["data"].as_array().expect("data");
+    assert_eq!(data.len(), inputs.len());
+    for (item, input) in data.iter().zip(&inputs) {
+        assert_matches(&golden_for(input), &floats(&item["embedding"]));
+    }
+    let after = work(&proxy).await;
+    assert_eq!(after.computed - before.computed, 201.0);
+    assert_eq!((after.cancelled, after.expired), (0.0, 0.0));
+}
+
+#[tokio::test]
+async fn a_long_request_whose_client_hangs_up_leaves_the_queue() {
+    let proxy = queue_proxy();
+    wait_ready(&proxy, "minilm").await;
+    let solo = solo_times(&proxy).await;
+
+    // The client sends 200 inputs and hangs up once the engine is on them.
+    let before = work(&proxy).await;
+    let body = embeddings_body("minilm", &long_inputs());
+    let mut stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let head = format!(
+        "POST /v1/embeddings HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(body.as_bytes()).await.expect("write");
+    wait_for_a_pass(&proxy, before).await;
+    drop(stream);
+    let (reply, waited) = timed_embed(&proxy, "minilm", &["hello".to_owned()]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_not_stuck(waited, solo, "behind an abandoned request");
+    assert_cancelled(&proxy, before).await;
+}
+
+/// Asserts that of the 200 sequences of a request abandoned since
+/// `before` (and one short request), some were dropped as cancelled and
+/// the rest computed.
+async fn assert_cancelled(proxy: &ProxyProcess, before: Work) {
+    let after = wait_accounted(proxy, before, 201.0).await;
+    let dropped = after.cancelled - before.cancelled;
+    let computed = after.computed - before.computed;
+    assert!(dropped > 0.0, "nothing was dropped: {after:?}");
+    assert_eq!(dropped + computed, 201.0, "{after:?}");
+    assert_eq!(after.expired, 0.0, "{after:?}");
+}
+
+#[tokio::test]
+async fn a_cancelled_grpc_call_leaves_the_queue() {
+    let proxy = queue_proxy();
+    wait_ready(&proxy, "minilm").await;
+    let solo = solo_times(&proxy).await;
+
+    // A KServe ModelInfer call of 200 texts, dropped once the engine is on
+    // them: its HTTP/2 stream is reset.
+    let before = work(&proxy).await;
+    let texts = long_inputs();
+    let request = infer_request(
+        Some(InferTensorContents {
+            bytes_contents: texts.iter().map(|t| t.as_bytes().to_vec()).collect(),
+            ..Default::default()
+        }),
+        Vec::new(),
+        texts.len() as i64,
+    );
+    let mut grpc = grpc_client(proxy.outbound).await;
+    let call = tokio::spawn(async move { grpc.model_infer(request).await });
+    wait_for_a_pass(&proxy, before).await;
+    call.abort();
+    assert!(
+        call.await.is_err(),
+        "the call finished before it was dropped"
+    );
+    let (reply, waited) = timed_embed(&proxy, "minilm", &["hello".to_owned()]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_not_stuck(waited, solo, "behind a cancelled gRPC call");
+    assert_cancelled(&proxy, before).await;
+}
+
+#[tokio::test]
+async fn a_long_request_past_its_routes_time_limit_leaves_the_queue() {
+    let proxy = queue_proxy();
+    wait_ready(&proxy, "minilm").await;
+    let solo = solo_times(&proxy).await;
+
+    // The route's 1 s limit passes while 200 inputs are queued: the client
+    // gets 504, and the engine drops what it has not computed.
+    let before = work(&proxy).await;
+    let (reply, _) = timed_embed(&proxy, "minilm-limited", &long_inputs()).await;
+    reply.assert_proxy_error(504, "timeout");
+    let (reply, waited) = timed_embed(&proxy, "minilm", &["hello".to_owned()]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_not_stuck(waited, solo, "behind a timed-out request");
+    let after = wait_accounted(&proxy, before, 201.0).await;
+    let dropped = after.expired - before.expired;
+    let computed = after.computed - before.computed;
+    assert!(dropped > 0.0, "nothing was dropped: {after:?}");
+    assert_eq!(dropped + computed, 201.0, "{after:?}");
+    assert_eq!(after.cancelled, 0.0, "{after:?}");
 }

@@ -2,11 +2,16 @@
 //! over a channel, batching concurrent requests.
 //!
 //! Async callers send a job and await a oneshot reply, so no tokio worker
-//! ever blocks on the device. The thread takes the first job, then keeps
-//! collecting for at most `max_wait` (or until `max_batch_size` sequences
-//! are waiting), sorts the sequences by length so that padding is small, and
-//! runs them in forward passes of at most `max_batch_size` sequences and
-//! `max_batch_tokens` padded tokens.
+//! ever blocks on the device. The thread keeps a queue of requests and runs
+//! one forward pass at a time (at most `max_batch_size` sequences and
+//! `max_batch_tokens` padded tokens), each chosen afresh from everything
+//! queued by `schedule::next_pass`: sequences, not requests, are the unit,
+//! shared round robin between requests, so a short request is not stuck
+//! behind a long one's later passes. A request whose caller has gone (its
+//! reply channel closed, as when the proxy's time limit drops the future) or
+//! whose deadline has passed leaves the queue before the next pass. When the
+//! engine was idle, the first job waits at most `max_wait` for others to
+//! join its pass.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -14,6 +19,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+
+mod schedule;
+
+pub use schedule::DropReason;
+
+use schedule::{PassLimits, Waiting};
 
 use crate::bert::Bert;
 use crate::gpu::{AdapterPreference, Gpu};
@@ -60,6 +71,7 @@ type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>;
 struct Job {
     sequences: Vec<Vec<u32>>,
     queued_at: Instant,
+    deadline: Option<Instant>,
     reply: Reply,
 }
 
@@ -71,6 +83,9 @@ pub trait EngineObserver: Send + Sync {
     fn queued(&self, wait: Duration);
     /// A forward pass ran.
     fn pass(&self, pass: &PassStats);
+    /// A request left the queue for `reason` with `sequences` of its
+    /// sequences not computed.
+    fn dropped(&self, reason: DropReason, sequences: usize);
 }
 
 /// One forward pass, as [`EngineObserver::pass`] sees it.
@@ -92,6 +107,7 @@ struct Unobserved;
 impl EngineObserver for Unobserved {
     fn queued(&self, _: Duration) {}
     fn pass(&self, _: &PassStats) {}
+    fn dropped(&self, _: DropReason, _: usize) {}
 }
 
 /// A model served from this process. Cheap to share behind an `Arc`.
@@ -123,8 +139,10 @@ impl LocalEmbedder {
         let (jobs, receiver) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let limits = Limits {
-            max_batch_size: config.max_batch_size.max(1),
-            max_batch_tokens: config.max_batch_tokens.max(config.max_tokens),
+            pass: PassLimits {
+                max_sequences: config.max_batch_size.max(1),
+                max_padded_tokens: config.max_batch_tokens.max(config.max_tokens),
+            },
             max_wait: config.max_wait,
         };
         let adapter = config.adapter.clone();
@@ -182,11 +200,23 @@ impl LocalEmbedder {
         &self,
         sequences: Vec<Vec<u32>>,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.embed_tokens_by(sequences, None).await
+    }
+
+    /// Embeds already-tokenized sequences, unless `deadline` passes first
+    /// ([`EngineError::Expired`]). Dropping the future withdraws the request:
+    /// its sequences not yet computed leave the queue before the next pass.
+    pub async fn embed_tokens_by(
+        &self,
+        sequences: Vec<Vec<u32>>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job {
                 sequences,
                 queued_at: Instant::now(),
+                deadline,
                 reply,
             })
             .map_err(|_| EngineError::Gpu("the engine thread has stopped".into()))?;
@@ -216,11 +246,53 @@ impl Embedder for LocalEmbedder {
 
 #[derive(Debug, Clone, Copy)]
 struct Limits {
-    max_batch_size: usize,
-    max_batch_tokens: usize,
+    pass: PassLimits,
     max_wait: Duration,
 }
 
+/// A request on the engine thread: its sequences, shortest first (so that
+/// passes pad little), and the vectors computed so far.
+struct Queued {
+    id: u64,
+    sequences: Vec<Vec<u32>>,
+    /// Indices into `sequences`, in the order they are taken.
+    order: Vec<usize>,
+    /// Token counts in `order`'s order.
+    lengths: Vec<usize>,
+    /// How many of `order` have been computed.
+    done: usize,
+    vectors: Vec<Vec<f32>>,
+    queued_at: Instant,
+    deadline: Option<Instant>,
+    reply: Reply,
+}
+
+impl Queued {
+    fn new(id: u64, job: Job) -> Self {
+        let mut order: Vec<usize> = (0..job.sequences.len()).collect();
+        order.sort_by_key(|&i| job.sequences[i].len());
+        let lengths = order.iter().map(|&i| job.sequences[i].len()).collect();
+        let count = job.sequences.len();
+        Self {
+            id,
+            sequences: job.sequences,
+            order,
+            lengths,
+            done: 0,
+            vectors: vec![Vec::new(); count],
+            queued_at: job.queued_at,
+            deadline: job.deadline,
+            reply: job.reply,
+        }
+    }
+
+    fn left(&self) -> usize {
+        self.order.len() - self.done
+    }
+}
+
+/// The engine thread's loop: gather jobs, then run one pass at a time,
+/// each chosen by [`schedule::next_pass`] over everything still queued.
 fn serve(
     mut gpu: Gpu,
     bert: Bert,
@@ -228,137 +300,163 @@ fn serve(
     limits: Limits,
     observer: &dyn EngineObserver,
 ) {
-    while let Ok(first) = jobs.recv() {
-        let deadline = Instant::now() + limits.max_wait;
-        let mut waiting = first.sequences.len();
-        let mut batch = vec![first];
-        while waiting < limits.max_batch_size {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match jobs.recv_timeout(left) {
-                Ok(job) => {
-                    waiting += job.sequences.len();
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
-        }
-        run(&mut gpu, &bert, batch, limits, observer);
-    }
-}
-
-/// Splits sequences (given by length, in processing order) into forward
-/// passes within the limits; returns each pass's index range.
-fn plan(lengths: &[usize], limits: Limits) -> Vec<std::ops::Range<usize>> {
-    let mut passes = Vec::new();
-    let mut start = 0;
-    let mut longest = 0;
-    for (index, &len) in lengths.iter().enumerate() {
-        let count = index - start + 1;
-        let padded = count * longest.max(len);
-        if index > start && (count > limits.max_batch_size || padded > limits.max_batch_tokens) {
-            passes.push(start..index);
-            start = index;
-            longest = 0;
-        }
-        longest = longest.max(len);
-    }
-    if start < lengths.len() {
-        passes.push(start..lengths.len());
-    }
-    passes
-}
-
-fn run(gpu: &mut Gpu, bert: &Bert, jobs: Vec<Job>, limits: Limits, observer: &dyn EngineObserver) {
-    let now = Instant::now();
-    for job in &jobs {
-        observer.queued(now.saturating_duration_since(job.queued_at));
-    }
-    // (job, position in job), sorted by length so each pass pads little.
-    let mut order: Vec<(usize, usize)> = jobs
-        .iter()
-        .enumerate()
-        .flat_map(|(j, job)| (0..job.sequences.len()).map(move |s| (j, s)))
-        .collect();
-    order.sort_by_key(|&(j, s)| jobs[j].sequences[s].len());
-    let lengths: Vec<usize> = order
-        .iter()
-        .map(|&(j, s)| jobs[j].sequences[s].len())
-        .collect();
-    let mut results: Vec<Vec<Option<Vec<f32>>>> = jobs
-        .iter()
-        .map(|job| vec![None; job.sequences.len()])
-        .collect();
-    let mut failure = None;
-    for pass in plan(&lengths, limits) {
-        let batch: Vec<Vec<u32>> = order[pass.clone()]
-            .iter()
-            .map(|&(j, s)| jobs[j].sequences[s].clone())
-            .collect();
-        let started = Instant::now();
-        match bert.forward(gpu, &batch) {
-            Ok(vectors) => {
-                let stats = PassStats {
-                    sequences: batch.len(),
-                    tokens: batch.iter().map(Vec::len).sum(),
-                    padded_tokens: batch.len() * batch.iter().map(Vec::len).max().unwrap_or(0),
-                    elapsed: started.elapsed(),
-                };
-                observer.pass(&stats);
-                tracing::debug!(
-                    sequences = stats.sequences,
-                    padded_tokens = stats.padded_tokens,
-                    elapsed = ?stats.elapsed,
-                    "forward pass"
-                );
-                for (&(j, s), vector) in order[pass].iter().zip(vectors) {
-                    results[j][s] = Some(vector);
+    let mut queue: Vec<Queued> = Vec::new();
+    let mut next_id = 0u64;
+    let mut after = None;
+    let mut admit = |queue: &mut Vec<Queued>, job: Job| {
+        queue.push(Queued::new(next_id, job));
+        next_id += 1;
+    };
+    loop {
+        if queue.is_empty() {
+            // Idle: wait for work, then let others join it for `max_wait`.
+            let Ok(first) = jobs.recv() else { return };
+            admit(&mut queue, first);
+            let until = Instant::now() + limits.max_wait;
+            while queue.iter().map(Queued::left).sum::<usize>() < limits.pass.max_sequences {
+                match jobs.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(job) => admit(&mut queue, job),
+                    Err(_) => break,
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "forward pass failed");
-                failure = Some(e);
-                break;
+        } else {
+            // Busy: whatever arrived during the last pass joins the queue
+            // without delaying the next one.
+            while let Ok(job) = jobs.try_recv() {
+                admit(&mut queue, job);
             }
         }
-    }
-    for (job, vectors) in jobs.into_iter().zip(results) {
-        let answer = match &failure {
-            Some(e) => Err(e.clone()),
-            None => vectors
-                .into_iter()
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| EngineError::Gpu("a sequence was left out of every pass".into())),
+        let decision = {
+            let waiting: Vec<Waiting<'_>> = queue
+                .iter()
+                .map(|q| Waiting {
+                    id: q.id,
+                    remaining: &q.lengths[q.done..],
+                    deadline: q.deadline,
+                    cancelled: q.reply.is_closed(),
+                })
+                .collect();
+            schedule::next_pass(&waiting, after, Instant::now(), limits.pass)
         };
-        let _ = job.reply.send(answer);
+        after = decision.last.or(after);
+        let mut fates: Vec<Fate> = (0..queue.len()).map(|_| Fate::Stay).collect();
+        for &(position, reason) in &decision.dropped {
+            let request = &queue[position];
+            observer.dropped(reason, request.left());
+            tracing::debug!(
+                reason = reason.as_str(),
+                sequences = request.left(),
+                of = request.order.len(),
+                "dropped a request's unfinished sequences"
+            );
+            fates[position] = match reason {
+                // A caller still waiting is told why; one gone is not.
+                DropReason::Expired => Fate::Answer(Err(EngineError::Expired)),
+                DropReason::Cancelled => Fate::Forget,
+            };
+        }
+        if !decision.taken.is_empty() {
+            run_pass(
+                &mut gpu,
+                &bert,
+                &mut queue,
+                &decision.taken,
+                &mut fates,
+                observer,
+            );
+        }
+        let mut staying = Vec::with_capacity(queue.len());
+        for (mut request, fate) in queue.drain(..).zip(fates) {
+            match fate {
+                Fate::Stay if request.left() > 0 => staying.push(request),
+                Fate::Stay => {
+                    let vectors = std::mem::take(&mut request.vectors);
+                    let _ = request.reply.send(Ok(vectors));
+                }
+                Fate::Answer(answer) => {
+                    let _ = request.reply.send(answer);
+                }
+                Fate::Forget => {}
+            }
+        }
+        queue = staying;
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What becomes of a queued request after a pass.
+enum Fate {
+    /// It stays queued, or is answered when it has nothing left.
+    Stay,
+    /// It leaves with this answer.
+    Answer(Result<Vec<Vec<f32>>, EngineError>),
+    /// It leaves unanswered: nobody is waiting.
+    Forget,
+}
 
-    fn limits(size: usize, tokens: usize) -> Limits {
-        Limits {
-            max_batch_size: size,
-            max_batch_tokens: tokens,
-            max_wait: Duration::ZERO,
+/// Runs one forward pass over the sequences `taken` from the queue and
+/// stores their vectors; a failed pass fails the requests in it.
+fn run_pass(
+    gpu: &mut Gpu,
+    bert: &Bert,
+    queue: &mut [Queued],
+    taken: &[(usize, usize)],
+    fates: &mut [Fate],
+    observer: &dyn EngineObserver,
+) {
+    let now = Instant::now();
+    let mut batch = Vec::new();
+    for &(position, count) in taken {
+        let request = &queue[position];
+        if request.done == 0 {
+            observer.queued(now.saturating_duration_since(request.queued_at));
+        }
+        for &index in &request.order[request.done..request.done + count] {
+            batch.push(request.sequences[index].clone());
         }
     }
-
-    #[test]
-    fn passes_respect_the_size_limit() {
-        assert_eq!(plan(&[3; 5], limits(2, 1000)), vec![0..2, 2..4, 4..5]);
-    }
-
-    #[test]
-    fn passes_respect_the_padded_token_limit() {
-        // Sorted lengths; 3 x 10 = 30 tokens would pass 25.
-        assert_eq!(plan(&[2, 5, 10, 10], limits(32, 25)), vec![0..2, 2..4]);
-    }
-
-    #[test]
-    fn one_sequence_longer_than_the_token_limit_still_gets_a_pass() {
-        assert_eq!(plan(&[300], limits(32, 256)), vec![0..1]);
-        assert!(plan(&[], limits(32, 256)).is_empty());
+    let started = Instant::now();
+    let computed = bert.forward(gpu, &batch).and_then(|vectors| {
+        if vectors.len() == batch.len() {
+            Ok(vectors)
+        } else {
+            Err(EngineError::Gpu(format!(
+                "a pass of {} sequences returned {} vectors",
+                batch.len(),
+                vectors.len()
+            )))
+        }
+    });
+    match computed {
+        Ok(vectors) => {
+            let stats = PassStats {
+                sequences: batch.len(),
+                tokens: batch.iter().map(Vec::len).sum(),
+                padded_tokens: batch.len() * batch.iter().map(Vec::len).max().unwrap_or(0),
+                elapsed: started.elapsed(),
+            };
+            observer.pass(&stats);
+            tracing::debug!(
+                sequences = stats.sequences,
+                requests = taken.len(),
+                padded_tokens = stats.padded_tokens,
+                elapsed = ?stats.elapsed,
+                "forward pass"
+            );
+            let mut vectors = vectors.into_iter();
+            for &(position, count) in taken {
+                let request = &mut queue[position];
+                for slot in request.done..request.done + count {
+                    let index = request.order[slot];
+                    request.vectors[index] = vectors.next().unwrap_or_default();
+                }
+                request.done += count;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "forward pass failed");
+            for &(position, _) in taken {
+                fates[position] = Fate::Answer(Err(e.clone()));
+            }
+        }
     }
 }

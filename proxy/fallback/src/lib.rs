@@ -5,7 +5,8 @@
 //! The first model is all-MiniLM-L6-v2 (a BERT encoder with mean pooling
 //! and L2 normalisation): [`LocalEmbedder::start`] loads it on a dedicated
 //! engine thread that owns the device, and [`Embedder::embed`] batches
-//! concurrent requests into single-submission forward passes.
+//! concurrent requests into single-submission forward passes, sharing each
+//! pass between the queued requests sequence by sequence.
 
 pub mod bert;
 pub mod engine;
@@ -13,7 +14,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod tokenize;
 
-pub use engine::{EngineConfig, EngineObserver, LocalEmbedder, PassStats};
+pub use engine::{DropReason, EngineConfig, EngineObserver, LocalEmbedder, PassStats};
 pub use gpu::AdapterPreference;
 
 use std::future::Future;
@@ -126,6 +127,9 @@ pub enum EngineError {
     /// The device failed while running the model: a 503 with this reason.
     #[error("compute device error: {0}")]
     Gpu(String),
+    /// The request's deadline passed before its sequences were computed.
+    #[error("the deadline passed before the request was computed")]
+    Expired,
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use infermesh_proto::kserve::{
 use prost::Message;
 use serde_json::Value;
 
-use super::{Failure, LocalModel, State};
+use super::{Failure, LocalModel, State, TimeLimit};
 
 /// The input and output tensor names the metadata announces. Inference
 /// accepts any name for the single input.
@@ -106,6 +106,7 @@ pub(super) async fn rest(
     path: &str,
     requested: &str,
     body: &[u8],
+    time_limit: Option<TimeLimit>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let get = method == Method::GET || method == Method::HEAD;
     let Some(action) = action(path) else {
@@ -163,7 +164,7 @@ pub(super) async fn rest(
                 Ok(infer) => infer,
                 Err(message) => return Ok(rest_error(StatusCode::BAD_REQUEST, &message)),
             };
-            match model.embed(infer.texts).await {
+            match model.embed(infer.texts, time_limit).await {
                 Ok(embedded) => {
                     let data = embedded.vectors.concat();
                     let output = RestOutput {
@@ -379,6 +380,7 @@ pub(super) async fn grpc(
     method: &str,
     requested: &str,
     body: &[u8],
+    time_limit: Option<TimeLimit>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let message = match unframe(body) {
         Ok(message) => message,
@@ -434,7 +436,7 @@ pub(super) async fn grpc(
             };
             let raw = infer.raw;
             let id = infer.id.clone();
-            match model.embed(infer.texts).await {
+            match model.embed(infer.texts, time_limit).await {
                 Ok(embedded) => {
                     let response = grpc_infer_response(
                         requested,

@@ -14,7 +14,7 @@ use infermesh_proto::policy::{ListenerKind, PolicySet, StringMatch};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Embedded, Failure, LocalModel, State};
+use super::{Embedded, Failure, LocalModel, State, TimeLimit};
 use crate::classify::ApiKind;
 
 /// How vectors are written in the response.
@@ -53,6 +53,7 @@ pub(super) async fn embeddings(
     model: &LocalModel,
     requested: &str,
     body: &[u8],
+    time_limit: Option<TimeLimit>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let request = match parse(body) {
         Ok(request) => request,
@@ -71,7 +72,7 @@ pub(super) async fn embeddings(
             return Ok(error(StatusCode::BAD_REQUEST, &refused));
         }
     }
-    match model.embed(request.inputs).await {
+    match model.embed(request.inputs, time_limit).await {
         Ok(embedded) => Ok(json(
             StatusCode::OK,
             render(&embedded, requested, request.format),

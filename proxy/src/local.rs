@@ -713,6 +713,7 @@ mod tests {
             grpc_method,
             model: None,
             claimed: false,
+            time_limit: None,
         }
     }
 

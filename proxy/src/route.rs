@@ -5,7 +5,9 @@
 //! and the first whose conditions hold wins.
 
 use http::header::HeaderName;
+use http::header::{self, HeaderValue};
 use http::HeaderMap;
+use infermesh_filters::ProxyError;
 use infermesh_proto::policy::{RouteMatch, StringMatch};
 
 /// What routing looks at, borrowed from the request.
@@ -168,6 +170,54 @@ fn strip_port(host: &str) -> &str {
     match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host,
+    }
+}
+
+/// Makes the request's authority one value that routing and forwarding both
+/// see (RFC 9112 section 3.2, RFC 9113 section 8.3.1): a request with two
+/// `Host` headers, an HTTP/1.1 request without one, a `Host` that is no
+/// authority, and an HTTP/2 `host` that differs from `:authority` are
+/// refused; an absolute-form target's authority replaces the `Host` header.
+pub fn normalize_authority(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest(
+            "the request has more than one Host header".into(),
+        ));
+    }
+    let host = match host {
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<http::uri::Authority>().ok())
+                .ok_or_else(|| {
+                    ProxyError::BadRequest(format!("the Host header {value:?} is not a host"))
+                })?,
+        ),
+        None => None,
+    };
+    let target = parts.uri.authority().cloned();
+    match (target, host) {
+        (None, None) if parts.version == http::Version::HTTP_11 => Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host header".into(),
+        )),
+        (Some(target), Some(host)) if target != host => {
+            if parts.version == http::Version::HTTP_2 {
+                Err(ProxyError::BadRequest(format!(
+                    "the host header {host} differs from :authority {target}"
+                )))
+            } else {
+                // The target's authority wins, and is what goes upstream.
+                let value = HeaderValue::from_str(target.as_str()).map_err(|_| {
+                    ProxyError::BadRequest(format!("the request target {target} is not a host"))
+                })?;
+                parts.headers.insert(header::HOST, value);
+                Ok(())
+            }
+        }
+        _ => Ok(()),
     }
 }
 
@@ -336,5 +386,69 @@ mod tests {
             request_host(&absolute, &HeaderMap::new()).unwrap(),
             "models.local"
         );
+    }
+}
+
+#[cfg(test)]
+#[cfg(test)]
+mod authority_tests {
+    use super::*;
+    use http::Request;
+
+    fn parts(version: http::Version, uri: &str, hosts: &[&str]) -> http::request::Parts {
+        let mut builder = Request::builder().version(version).uri(uri);
+        for host in hosts {
+            builder = builder.header(header::HOST, *host);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn normalized(version: http::Version, uri: &str, hosts: &[&str]) -> Result<String, String> {
+        let mut parts = parts(version, uri, hosts);
+        normalize_authority(&mut parts).map_err(|e| e.to_string())?;
+        let host = request_host(&parts.uri, &parts.headers).map(|h| h.into_owned());
+        let header = parts.headers.get(header::HOST).map(|h| h.to_str().unwrap());
+        Ok(format!("{host:?} {header:?}"))
+    }
+
+    #[test]
+    fn routing_and_forwarding_see_one_authority() {
+        use http::Version;
+        // Origin form: the Host header.
+        assert_eq!(
+            normalized(Version::HTTP_11, "/v1/x", &["a.example"]).unwrap(),
+            r#"Some("a.example") Some("a.example")"#
+        );
+        // Absolute form: the target wins and replaces Host.
+        assert_eq!(
+            normalized(Version::HTTP_11, "http://a.example/x", &["b.example"]).unwrap(),
+            r#"Some("a.example") Some("a.example")"#
+        );
+        assert_eq!(
+            normalized(Version::HTTP_11, "http://a.example:8080/x", &[]).unwrap(),
+            r#"Some("a.example") None"#
+        );
+        // HTTP/2: :authority and an equal host are fine.
+        assert_eq!(
+            normalized(Version::HTTP_2, "http://a.example/x", &["a.example"]).unwrap(),
+            r#"Some("a.example") Some("a.example")"#
+        );
+        assert_eq!(
+            normalized(Version::HTTP_2, "/x", &["a.example"]).unwrap(),
+            r#"Some("a.example") Some("a.example")"#
+        );
+        // HTTP/1.0 may leave Host out.
+        assert!(normalized(Version::HTTP_10, "/x", &[]).is_ok());
+    }
+
+    #[test]
+    fn ambiguous_authorities_are_refused() {
+        use http::Version;
+        let refused = |version, uri, hosts: &[&str]| normalized(version, uri, hosts).unwrap_err();
+        assert!(refused(Version::HTTP_11, "/x", &["a", "b"]).contains("more than one Host"));
+        assert!(refused(Version::HTTP_11, "/x", &["a", "a"]).contains("more than one Host"));
+        assert!(refused(Version::HTTP_11, "/x", &[]).contains("needs a Host"));
+        assert!(refused(Version::HTTP_11, "/x", &["a b"]).contains("is not a host"));
+        assert!(refused(Version::HTTP_2, "http://a/x", &["b"]).contains("differs from :authority"));
     }
 }

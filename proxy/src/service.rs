@@ -1,9 +1,14 @@
-//! The request path of both listeners: classify, route, run the route's
-//! filter stack, and account for the response.
+//! The request path of both listeners, in named phases: [`classify_body`]
+//! (the model, from the head or a bounded body prefix, `prefix.rs`),
+//! [`route_request`] (route and authorize), [`prepare`] (hold the body for
+//! a replay, give the filters their keys, guard the rest of the body), then
+//! the route's front filters and the fallback chain (`chain.rs`), and the
+//! accounting of the response as it streams back.
 //!
 //! ```text
-//! accept -> detect -> [classify -> route -> rate limits -> faults -> mirror
-//!                      -> timeouts -> retries -> balance -> send] -> stream back
+//! accept -> detect -> [classify -> route + authorize -> prepare -> rate limits
+//!                      -> faults -> mirror -> timeouts -> retries/hedges
+//!                      -> balance -> send] -> stream back
 //!                         (fallback chain: the stack again, per link)
 //!                              `local:` target -> read the body -> local engine -> answer
 //! ```
@@ -16,12 +21,12 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use infermesh_filters::authz::AuthzRequest;
+use infermesh_filters::authz::{Authorizer, AuthzRequest};
 use infermesh_filters::error::ErrorShape;
 use infermesh_filters::mirror::BodyCopy;
 use infermesh_filters::rate_limit::{CallerKey, TokenEstimate};
@@ -35,17 +40,18 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use tower::ServiceExt;
 
-use crate::body::{BodyCheck, BodyFault, ProxyBody};
-use crate::classify::{self, ApiKind, BodyScan, GrpcModelScanner, JsonScanner, Scan};
-use crate::forward::Upstream;
+use crate::body::{BodyFault, ProxyBody};
+use crate::chain::{Asked, Chain, Replay};
+use crate::classify::{self, ApiKind, HeadClass};
 use crate::identity::InboundConn;
 use crate::inputs::Inputs;
-use crate::local::{self, LocalRequest};
-use crate::metrics::{
-    grpc_status_label, grpc_status_of, listener_label, LocalRequestLabels, Name, RequestLabels,
+use crate::local;
+use crate::metrics::{grpc_status_label, grpc_status_of, listener_label, Name, RequestLabels};
+use crate::prefix::{
+    complete_prefix, read_classified, rewrite_model, BodyState, Classified, Prefix, Scanned,
 };
 use crate::route::{self, RouteInput};
-use crate::snapshot::{Destination, RouteTarget};
+use crate::snapshot::{Route, RouteTarget, Snapshot};
 
 /// Serves one request received on `listener`. Never fails: every error
 /// becomes the response the client is owed.
@@ -192,27 +198,100 @@ async fn route_and_send(
 ) -> Result<Routed, Failed> {
     let snapshot = inputs.snapshot.load_full();
     let (mut parts, body) = request.into_parts();
-    normalize_authority(&mut parts)?;
+    route::normalize_authority(&mut parts)?;
     let head = classify::classify_head(
         &parts.method,
         parts.uri.path(),
         parts.headers.get(header::CONTENT_TYPE),
     );
-
-    // Read as much of the body as classification needs; it is replayed
-    // upstream unchanged (unless a model alias rewrites the name).
-    let limit = snapshot.classify_limit();
     let authorizer = (listener == ListenerKind::Inbound)
         .then(|| snapshot.authorizer())
         .filter(|a| a.enforced());
+    let classified = classify_body(&snapshot, &head, body, authorizer).await?;
+    if let Some(access) = access {
+        access.api = head.api.as_str();
+        access.model = classified.model.clone();
+        access.stream = classified.stream;
+        access.caller = parts
+            .extensions
+            .get::<InboundConn>()
+            .and_then(|c| c.caller.clone());
+    }
+    let (route, target, claimed) =
+        route_request(&snapshot, listener, authorizer, &head, &parts, &classified)?;
+    let fail = |error: ProxyError, backend: Name| Failed {
+        error,
+        route: route.name().clone(),
+        backend,
+    };
+    let model = classified.model.clone();
+    let (request, replay) = prepare(&snapshot, route, target, &head, parts, classified)
+        .await
+        .map_err(|error| fail(error, target.name.clone()))?;
+    let asked = Asked {
+        api: head.api,
+        grpc_method: head.grpc.as_ref().map(|g| g.method.as_str()),
+        model: model.as_deref(),
+        claimed,
+    };
+    let served = AtomicUsize::new(0);
+    let chain = Chain {
+        inputs,
+        route,
+        target,
+        replay: replay.as_ref(),
+        asked: &asked,
+        served: &served,
+    };
+    let result = match route.front() {
+        None => chain.dispatch(request).await,
+        // Rate limits, faults and the mirror see the request once, whichever
+        // link of the chain answers it.
+        Some(front) => {
+            let chain = &chain;
+            front
+                .service(tower::service_fn(move |request| chain.dispatch(request)))
+                .oneshot(request)
+                .await
+        }
+    };
+    let served_by = match served.load(Ordering::Relaxed) {
+        0 => target,
+        link => route
+            .fallback()
+            .get(link - 1)
+            .map_or(target, |link| &link.target),
+    };
+    match result {
+        Ok(response) => Ok(Routed {
+            response,
+            route: route.name().clone(),
+            backend: served_by.name.clone(),
+            duration: served_by.duration.clone(),
+            ok: served_by.ok.clone(),
+        }),
+        Err(error) => Err(fail(error, served_by.name.clone())),
+    }
+}
+
+/// Phase 1, classify: reads as much of the body as finding its model needs,
+/// within `classify.readTimeout`. The body is replayed upstream unchanged
+/// (unless a model alias renames the model).
+async fn classify_body(
+    snapshot: &Snapshot,
+    head: &HeadClass,
+    body: Incoming,
+    authorizer: Option<&Authorizer>,
+) -> Result<Classified, ProxyError> {
+    let limit = snapshot.classify_limit();
     // Authorization by model needs the model for certain: the whole
     // top-level object is scanned, to see a repeated `model`.
     let prove_model = authorizer.is_some_and(|a| a.needs_model());
     // A token limit estimates a request's cost from its `max_tokens`,
     // wherever it is in the object.
     let whole_object = prove_model || snapshot.token_limits();
-    let read = read_classified(&head, body, limit, prove_model, whole_object);
-    let classified = match snapshot.classify_read_limit() {
+    let read = read_classified(head, body, limit, prove_model, whole_object);
+    match snapshot.classify_read_limit() {
         None => read.await,
         Some(wait) => tokio::time::timeout(wait, read).await.unwrap_or_else(|_| {
             Err(ProxyError::RequestTimeout(format!(
@@ -220,23 +299,21 @@ async fn route_and_send(
                 humantime::format_duration(wait)
             )))
         }),
-    };
-    let Classified {
-        body,
-        model,
-        stream,
-        max_tokens,
-        check,
-    } = classified?;
-
-    let conn = parts.extensions.get::<InboundConn>();
-    if let Some(access) = access {
-        access.api = head.api.as_str();
-        access.model = model.clone();
-        access.stream = stream;
-        access.caller = conn.and_then(|c| c.caller.clone());
     }
+}
 
+/// Phase 2, route and authorize: the route the request matches, its chosen
+/// target, and whether the route chose it by its model name. Authorization
+/// runs before a missing route is reported, so that unroutable requests are
+/// refused like any other.
+fn route_request<'s>(
+    snapshot: &'s Snapshot,
+    listener: ListenerKind,
+    authorizer: Option<&Authorizer>,
+    head: &HeadClass,
+    parts: &http::request::Parts,
+    classified: &Classified,
+) -> Result<(&'s Route, &'s RouteTarget, bool), Failed> {
     let host = route::request_host(&parts.uri, &parts.headers);
     let input = RouteInput {
         host: host.as_deref(),
@@ -246,17 +323,17 @@ async fn route_and_send(
             .as_ref()
             .map(|g| (g.service.as_str(), g.method.as_str())),
         headers: &parts.headers,
-        model: model.as_deref(),
+        model: classified.model.as_deref(),
     };
     let route = snapshot.route(listener, &input);
     let claimed = route.is_some_and(|r| r.selects_model(&input));
     if let Some(authorizer) = authorizer {
-        let grpc_method = head.grpc.as_ref().map(|_| parts.uri.path());
+        let conn = parts.extensions.get::<InboundConn>();
         authorizer.check(&AuthzRequest {
             caller: conn.and_then(|c| c.caller.as_deref()),
-            model: model.as_deref(),
+            model: classified.model.as_deref(),
             route: route.map(|r| r.name().as_str()),
-            grpc_method,
+            grpc_method: head.grpc.as_ref().map(|_| parts.uri.path()),
             port: conn.map_or(0, |c| c.port),
         })?;
     }
@@ -265,24 +342,44 @@ async fn route_and_send(
         if snapshot.source() == crate::snapshot::Source::Pending {
             return Err(ProxyError::NoPolicyYet.into());
         }
-        return Err(ProxyError::NoRoute(describe(&parts, model.as_deref())).into());
-    };
-    let fail = |error: ProxyError, backend: Name| Failed {
-        error,
-        route: route.name().clone(),
-        backend,
+        return Err(ProxyError::NoRoute(describe(parts, classified.model.as_deref())).into());
     };
     let Some(target) = route.pick_target() else {
-        return Err(fail(
-            ProxyError::NoEndpoint(format!("(route {} has no backend)", route.name().as_str())),
-            Name::default(),
-        ));
+        return Err(Failed {
+            error: ProxyError::NoEndpoint(format!(
+                "(route {} has no backend)",
+                route.name().as_str()
+            )),
+            route: route.name().clone(),
+            backend: Name::default(),
+        });
     };
+    Ok((route, target, claimed))
+}
 
+/// Phase 3, prepare: holds the whole body when a fallback chain or a mirror
+/// will send it again, gives the filters what they key on (token estimate,
+/// caller, the mirror's copy), guards the rest of the body (verifier, idle
+/// limit, client-side faults) and renames the model for an alias.
+async fn prepare(
+    snapshot: &Snapshot,
+    route: &Route,
+    target: &RouteTarget,
+    head: &HeadClass,
+    mut parts: http::request::Parts,
+    classified: Classified,
+) -> Result<(Request<ProxyBody>, Option<Replay>), ProxyError> {
+    let Classified {
+        mut body,
+        model,
+        max_tokens,
+        check,
+        ..
+    } = classified;
+    let limit = snapshot.classify_limit();
     // A fallback chain and a mirror need the whole body to send it again:
     // read the rest of a body that fits in the classification limit. KServe
     // REST names the model in the path, so its body was not scanned: read it now.
-    let mut body = body;
     if !route.fallback().is_empty() || route.mirrored() {
         if head.api == ApiKind::KServeRest {
             if let BodyState::Streaming(incoming) = body {
@@ -367,258 +464,7 @@ async fn route_and_send(
         }
     }
     .guarded(check, idle, fault);
-
-    let what = Asked {
-        api: head.api,
-        grpc_method: head.grpc.as_ref().map(|g| g.method.as_str()),
-        model: model.as_deref(),
-        claimed,
-    };
-    let request = Request::from_parts(parts, body);
-    let served = AtomicUsize::new(0);
-    let chain = Chain {
-        inputs,
-        route,
-        target,
-        replay: replay.as_ref(),
-        asked: &what,
-        served: &served,
-    };
-    let result = match route.front() {
-        None => chain.dispatch(request).await,
-        // Rate limits, faults and the mirror see the request once, whichever
-        // link of the chain answers it.
-        Some(front) => {
-            let chain = &chain;
-            front
-                .service(tower::service_fn(move |request| chain.dispatch(request)))
-                .oneshot(request)
-                .await
-        }
-    };
-    let served_by = match served.load(Ordering::Relaxed) {
-        0 => target,
-        link => route
-            .fallback()
-            .get(link - 1)
-            .map_or(target, |link| &link.target),
-    };
-    match result {
-        Ok(response) => Ok(Routed {
-            response,
-            route: route.name().clone(),
-            backend: served_by.name.clone(),
-            duration: served_by.duration.clone(),
-            ok: served_by.ok.clone(),
-        }),
-        Err(error) => Err(fail(error, served_by.name.clone())),
-    }
-}
-
-/// Makes the request's authority one value that routing and forwarding both
-/// see (RFC 9112 section 3.2, RFC 9113 section 8.3.1): a request with two
-/// `Host` headers, an HTTP/1.1 request without one, a `Host` that is no
-/// authority, and an HTTP/2 `host` that differs from `:authority` are
-/// refused; an absolute-form target's authority replaces the `Host` header.
-fn normalize_authority(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
-        return Err(ProxyError::BadRequest(
-            "the request has more than one Host header".into(),
-        ));
-    }
-    let host = match host {
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<http::uri::Authority>().ok())
-                .ok_or_else(|| {
-                    ProxyError::BadRequest(format!("the Host header {value:?} is not a host"))
-                })?,
-        ),
-        None => None,
-    };
-    let target = parts.uri.authority().cloned();
-    match (target, host) {
-        (None, None) if parts.version == http::Version::HTTP_11 => Err(ProxyError::BadRequest(
-            "an HTTP/1.1 request needs a Host header".into(),
-        )),
-        (Some(target), Some(host)) if target != host => {
-            if parts.version == http::Version::HTTP_2 {
-                Err(ProxyError::BadRequest(format!(
-                    "the host header {host} differs from :authority {target}"
-                )))
-            } else {
-                // The target's authority wins, and is what goes upstream.
-                let value = HeaderValue::from_str(target.as_str()).map_err(|_| {
-                    ProxyError::BadRequest(format!("the request target {target} is not a host"))
-                })?;
-                parts.headers.insert(header::HOST, value);
-                Ok(())
-            }
-        }
-        _ => Ok(()),
-    }
-}
-
-/// A request body read as far as classification needs.
-struct Classified {
-    body: BodyState,
-    model: Option<String>,
-    stream: bool,
-    max_tokens: Option<u64>,
-    /// Verifies the rest of the body, when it streams on after the prefix
-    /// and the request was routed by a model read from the prefix.
-    check: Option<BodyCheck>,
-}
-
-/// Reads the body's prefix and finds the model in it. When a decision rests
-/// on the model, the body must not name another one further on: checked now
-/// for what was read, and by a [`BodyCheck`] for the rest as it streams.
-async fn read_classified(
-    head: &classify::HeadClass,
-    body: Incoming,
-    limit: usize,
-    prove_model: bool,
-    whole_object: bool,
-) -> Result<Classified, ProxyError> {
-    let mut model = head.model.clone();
-    // Known up front only for the KServe streaming method; OpenAI says so in the body.
-    let mut stream = head
-        .grpc
-        .as_ref()
-        .is_some_and(|g| g.method == "ModelStreamInfer");
-    let mut max_tokens = None;
-    let mut check = None;
-    let body = match head.body {
-        BodyScan::None => BodyState::Streaming(body),
-        BodyScan::OpenAiJson => {
-            let mut scanner = JsonScanner::new(limit);
-            if whole_object {
-                scanner = scanner.whole_object();
-            }
-            let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
-            let fields = scanner.fields();
-            if prove_model {
-                if let Some(why) = fields.ambiguity() {
-                    return Err(ProxyError::BadRequest(why));
-                }
-                if fields.truncated || prefix.rest.is_some() {
-                    return Err(ProxyError::Forbidden(format!(
-                        "the model of a JSON body longer than classify.maxBodyPrefix ({limit} bytes) cannot be verified for authorization; raise maxBodyPrefix in the MeshConfig"
-                    )));
-                }
-                if fields.object_end.is_none() {
-                    return Err(ProxyError::BadRequest(
-                        "the JSON body ends before its top-level object does".into(),
-                    ));
-                }
-            } else if fields.model.is_some() {
-                if let Some(why) = fields.ambiguity() {
-                    return Err(ProxyError::BadRequest(why));
-                }
-                // Routed by this model: nothing further on may name another.
-                let consumed = scanner.consumed();
-                let mut verifier = scanner.into_verifier();
-                for chunk in unscanned(&prefix.chunks, consumed) {
-                    verifier.feed(chunk);
-                }
-                if let Some(why) = verifier.ambiguity() {
-                    return Err(ProxyError::BadRequest(why));
-                }
-                if prefix.rest.is_some() {
-                    check = Some(BodyCheck::Json(Box::new(verifier)));
-                }
-            }
-            model = fields.model.clone();
-            stream = fields.stream;
-            max_tokens = fields.max_tokens;
-            BodyState::Scanned(prefix, Scanned::Json(fields))
-        }
-        BodyScan::GrpcModelName => {
-            let mut scanner = GrpcModelScanner::new(limit);
-            let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
-            let fields = scanner.fields();
-            let consumed = scanner.consumed();
-            // Every later message, and a repeated field 1 in the first, must
-            // name the same model.
-            if let Some(mut verifier) = scanner.into_verifier() {
-                for chunk in unscanned(&prefix.chunks, consumed) {
-                    verifier.feed(chunk).map_err(ProxyError::BadRequest)?;
-                }
-                if prefix.rest.is_some() {
-                    check = Some(BodyCheck::Grpc(Box::new(verifier)));
-                }
-            }
-            model = fields.model.clone();
-            BodyState::Scanned(prefix, Scanned::Grpc(fields))
-        }
-    };
-    Ok(Classified {
-        body,
-        model,
-        stream,
-        max_tokens,
-        check,
-    })
-}
-
-/// The parts of `chunks` from body offset `from` on.
-fn unscanned(chunks: &VecDeque<Bytes>, from: usize) -> impl Iterator<Item = &[u8]> {
-    let mut start = 0usize;
-    chunks.iter().filter_map(move |chunk| {
-        let begin = start;
-        start += chunk.len();
-        (start > from).then(|| &chunk[from.saturating_sub(begin)..])
-    })
-}
-
-/// The request's way to a response: the route's chosen target, then its
-/// fallback chain.
-struct Chain<'a> {
-    inputs: &'a Inputs,
-    route: &'a crate::snapshot::Route,
-    target: &'a RouteTarget,
-    /// The request again for the fallback chain, when it has one and the
-    /// body was held whole.
-    replay: Option<&'a Replay>,
-    asked: &'a Asked<'a>,
-    /// Which target answered: 0 for `target`, `n` for fallback link `n - 1`.
-    served: &'a AtomicUsize,
-}
-
-impl Chain<'_> {
-    /// Sends `request` to the target and, while no response could start,
-    /// down the fallback chain.
-    async fn dispatch(&self, request: Request<ProxyBody>) -> Result<Response<BoxBody>, ProxyError> {
-        let (inputs, route, what) = (self.inputs, self.route, self.asked);
-        let mut result = send(inputs, route, self.target, request, what).await;
-        let Some(replay) = self.replay else {
-            return result;
-        };
-        for (index, link) in route.fallback().iter().enumerate() {
-            if !cannot_start(&result) {
-                break;
-            }
-            // A local embedding model cannot answer a chat completion: the
-            // client is better told why the remote backend failed.
-            if !link.target.serves(what.api, what.grpc_method) {
-                continue;
-            }
-            link.taken.inc();
-            tracing::debug!(
-                route = route.name().as_str(),
-                backend = link.target.name.as_str(),
-                "falling back"
-            );
-            let request = replay.request(&link.target, what.model);
-            result = send(inputs, route, &link.target, request, what).await;
-            self.served.store(index + 1, Ordering::Relaxed);
-        }
-        result
-    }
+    Ok((Request::from_parts(parts, body), replay))
 }
 
 /// The model tokens a request is expected to use, for token rate limits:
@@ -636,173 +482,6 @@ fn token_estimate(headers: &HeaderMap, body: &BodyState, max_tokens: Option<u64>
     declared.unwrap_or(read).max(read) / 4 + max_tokens.unwrap_or(0)
 }
 
-/// What the client asked for, as classification found it.
-struct Asked<'a> {
-    api: ApiKind,
-    grpc_method: Option<&'a str>,
-    /// The client's model name, before any alias.
-    model: Option<&'a str>,
-    /// The route selected the request by that name.
-    claimed: bool,
-}
-
-/// Sends `request` to `target`: a backend through the route's stack, or a
-/// local model.
-async fn send(
-    inputs: &Inputs,
-    route: &crate::snapshot::Route,
-    target: &RouteTarget,
-    mut request: Request<ProxyBody>,
-    asked: &Asked<'_>,
-) -> Result<Response<BoxBody>, ProxyError> {
-    let sent = Instant::now();
-    let result = match &target.destination {
-        Destination::Remote(backend) => {
-            request.extensions_mut().insert(Upstream(backend.clone()));
-            route.stack().clone().oneshot(request).await
-        }
-        Destination::Local(model) => {
-            let result = answer_locally(model, route, request, asked).await;
-            let outcome = match &result {
-                Ok(response) if response.status().is_success() && !grpc_failed(response) => {
-                    "served"
-                }
-                Ok(_) | Err(ProxyError::TooLarge(_) | ProxyError::BadRequest(_)) => "invalid",
-                Err(_) => "unavailable",
-            };
-            inputs
-                .metrics
-                .local_requests
-                .get_or_create(&LocalRequestLabels {
-                    route: route.name().clone(),
-                    model: model.name().clone(),
-                    outcome,
-                })
-                .inc();
-            result
-        }
-    };
-    if result.is_ok() {
-        target.first_byte.observe(sent.elapsed().as_secs_f64());
-    }
-    result
-}
-
-/// Reads the whole request body (the engine needs all of it) and has the
-/// local model answer, within the route's time limit.
-async fn answer_locally(
-    model: &local::LocalModel,
-    route: &crate::snapshot::Route,
-    request: Request<ProxyBody>,
-    asked: &Asked<'_>,
-) -> Result<Response<BoxBody>, ProxyError> {
-    let (parts, body) = request.into_parts();
-    // Started before the timer below, so the engine gives up no later.
-    let time_limit = route.local_limit().map(local::TimeLimit::starting_now);
-    let answer = async {
-        let body = read_whole(body, local::MAX_BODY_BYTES).await?;
-        let request = LocalRequest {
-            api: asked.api,
-            method: &parts.method,
-            path: parts.uri.path(),
-            grpc_method: asked.grpc_method,
-            model: asked.model,
-            claimed: asked.claimed,
-            time_limit,
-        };
-        local::serve(model, request, body).await
-    };
-    match route.local_limit() {
-        Some(limit) => tokio::time::timeout(limit, answer)
-            .await
-            .unwrap_or(Err(ProxyError::FirstByteTimeout(limit))),
-        None => answer.await,
-    }
-}
-
-/// Whether a gRPC response carries a failure status in its headers.
-fn grpc_failed(response: &Response<BoxBody>) -> bool {
-    response
-        .headers()
-        .get("grpc-status")
-        .is_some_and(|status| status != "0")
-}
-
-/// The whole of `body`, or 413 past `limit` bytes.
-async fn read_whole(mut body: ProxyBody, limit: usize) -> Result<Bytes, ProxyError> {
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut read = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|error| {
-            ProxyError::BadRequest(format!("reading the request body failed: {error}"))
-        })?;
-        if let Ok(data) = frame.into_data() {
-            read += data.len();
-            if read > limit {
-                return Err(ProxyError::TooLarge(format!(
-                    "a local model reads at most {limit} bytes of request body"
-                )));
-            }
-            chunks.push(data);
-        }
-    }
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => Bytes::from(chunks.concat()),
-    })
-}
-
-/// Whether an outcome means the backend could not start a response, so the
-/// next link of the fallback chain is tried: no endpoint (every endpoint
-/// ejected included), no connection, a failure before the response headers,
-/// the backend's own limits reached, or a 503 (what an overloaded server,
-/// and the last of exhausted retries, answer). A timeout is not: the
-/// client's time is spent.
-fn cannot_start(result: &Result<Response<BoxBody>, ProxyError>) -> bool {
-    match result {
-        Ok(response) => response.status() == http::StatusCode::SERVICE_UNAVAILABLE,
-        Err(error) => matches!(
-            error,
-            ProxyError::NoEndpoint(_)
-                | ProxyError::Connect { .. }
-                | ProxyError::Upstream { .. }
-                | ProxyError::LocalUnavailable { .. }
-                | ProxyError::Overloaded { .. }
-        ),
-    }
-}
-
-/// What it takes to send a request again down the fallback chain: its head
-/// and its whole body as the client sent it.
-struct Replay {
-    parts: http::request::Parts,
-    chunks: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
-    scanned: Option<Scanned>,
-}
-
-impl Replay {
-    /// The request for `target`, with the model renamed to its alias.
-    fn request(&self, target: &RouteTarget, model: Option<&str>) -> Request<ProxyBody> {
-        let mut parts = self.parts.clone();
-        let mut prefix = Prefix {
-            chunks: self.chunks.clone(),
-            trailers: self.trailers.clone(),
-            rest: None,
-        };
-        if let (Some(alias), Some(scanned)) = (target.model.as_deref(), &self.scanned) {
-            if model != Some(alias) {
-                rewrite_model(&mut prefix, scanned, alias, &mut parts.headers);
-            }
-        }
-        Request::from_parts(
-            parts,
-            ProxyBody::replay(prefix.chunks, prefix.trailers, None),
-        )
-    }
-}
-
 /// A short description of an unroutable request for its error message.
 fn describe(parts: &http::request::Parts, model: Option<&str>) -> String {
     let host = route::request_host(&parts.uri, &parts.headers);
@@ -814,160 +493,6 @@ fn describe(parts: &http::request::Parts, model: Option<&str>) -> String {
         text.push_str(&format!(" for model {model:?}"));
     }
     text
-}
-
-// Lives on the stack of one request's classification; boxing the larger
-// variant would cost an allocation per request for nothing.
-#[allow(clippy::large_enum_variant)]
-enum BodyState {
-    Streaming(Incoming),
-    Scanned(Prefix, Scanned),
-}
-
-#[derive(Clone)]
-enum Scanned {
-    Json(classify::JsonFields),
-    Grpc(classify::GrpcFields),
-    /// Read whole for a fallback chain; the model is in the path (KServe
-    /// REST), so nothing in the body is renamed.
-    Path,
-}
-
-/// The part of a body read before routing.
-struct Prefix {
-    chunks: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
-    /// The rest of the body, `None` when it ended within the prefix.
-    rest: Option<Incoming>,
-}
-
-/// Reads body frames into a prefix until `feed` says it has seen enough or
-/// the body ends.
-async fn read_prefix(
-    mut body: Incoming,
-    mut feed: impl FnMut(&[u8]) -> Scan,
-) -> Result<Prefix, ProxyError> {
-    let mut chunks = VecDeque::new();
-    if body.is_end_stream() {
-        return Ok(Prefix {
-            chunks,
-            trailers: None,
-            rest: None,
-        });
-    }
-    loop {
-        match body.frame().await {
-            None => {
-                return Ok(Prefix {
-                    chunks,
-                    trailers: None,
-                    rest: None,
-                })
-            }
-            Some(Err(error)) => {
-                return Err(ProxyError::BadRequest(format!(
-                    "reading the request body failed: {error}"
-                )))
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    let scan = feed(&data);
-                    if !data.is_empty() {
-                        chunks.push_back(data);
-                    }
-                    if matches!(scan, Scan::Done) {
-                        let rest = (!body.is_end_stream()).then_some(body);
-                        return Ok(Prefix {
-                            chunks,
-                            trailers: None,
-                            rest,
-                        });
-                    }
-                }
-                Err(frame) => {
-                    return Ok(Prefix {
-                        chunks,
-                        trailers: frame.into_trailers().ok(),
-                        rest: None,
-                    })
-                }
-            },
-        }
-    }
-}
-
-/// Reads the rest of a body into `prefix` while the whole stays within
-/// `limit` bytes; a longer body keeps its rest to stream.
-async fn complete_prefix(prefix: &mut Prefix, limit: usize) -> Result<(), ProxyError> {
-    let mut read: usize = prefix.chunks.iter().map(Bytes::len).sum();
-    while let Some(rest) = prefix.rest.as_mut() {
-        if rest.is_end_stream() {
-            prefix.rest = None;
-            break;
-        }
-        if read >= limit {
-            break;
-        }
-        match rest.frame().await {
-            None => prefix.rest = None,
-            Some(Err(error)) => {
-                return Err(ProxyError::BadRequest(format!(
-                    "reading the request body failed: {error}"
-                )))
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    read += data.len();
-                    if !data.is_empty() {
-                        prefix.chunks.push_back(data);
-                    }
-                }
-                Err(frame) => {
-                    prefix.trailers = frame.into_trailers().ok();
-                    prefix.rest = None;
-                }
-            },
-        }
-    }
-    Ok(())
-}
-
-/// Replaces the model name in the prefix with `alias`, fixing the length.
-fn rewrite_model(prefix: &mut Prefix, scanned: &Scanned, alias: &str, headers: &mut HeaderMap) {
-    let joined: Bytes = if prefix.chunks.len() == 1 {
-        prefix.chunks[0].clone()
-    } else {
-        let mut all = Vec::with_capacity(prefix.chunks.iter().map(Bytes::len).sum());
-        for chunk in &prefix.chunks {
-            all.extend_from_slice(chunk);
-        }
-        Bytes::from(all)
-    };
-    let rewritten = match scanned {
-        Scanned::Json(fields) => fields
-            .model_span
-            .clone()
-            .filter(|span| span.end <= joined.len())
-            .map(|span| classify::rewrite_json_model(&joined, span, alias)),
-        Scanned::Grpc(fields) => classify::rewrite_grpc_model(&joined, fields, alias),
-        Scanned::Path => None,
-    };
-    let Some(rewritten) = rewritten else {
-        return;
-    };
-    let delta = rewritten.len() as i64 - joined.len() as i64;
-    if let Some(length) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok())
-    {
-        headers.insert(
-            header::CONTENT_LENGTH,
-            HeaderValue::from((length + delta).max(0) as u64),
-        );
-    }
-    prefix.chunks.clear();
-    prefix.chunks.push_back(rewritten);
 }
 
 /// Counts a request in the in-flight gauge until dropped.
@@ -1151,86 +676,5 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parts(version: http::Version, uri: &str, hosts: &[&str]) -> http::request::Parts {
-        let mut builder = Request::builder().version(version).uri(uri);
-        for host in hosts {
-            builder = builder.header(header::HOST, *host);
-        }
-        builder.body(()).unwrap().into_parts().0
-    }
-
-    fn normalized(version: http::Version, uri: &str, hosts: &[&str]) -> Result<String, String> {
-        let mut parts = parts(version, uri, hosts);
-        normalize_authority(&mut parts).map_err(|e| e.to_string())?;
-        let host = route::request_host(&parts.uri, &parts.headers).map(|h| h.into_owned());
-        let header = parts.headers.get(header::HOST).map(|h| h.to_str().unwrap());
-        Ok(format!("{host:?} {header:?}"))
-    }
-
-    #[test]
-    fn routing_and_forwarding_see_one_authority() {
-        use http::Version;
-        // Origin form: the Host header.
-        assert_eq!(
-            normalized(Version::HTTP_11, "/v1/x", &["a.example"]).unwrap(),
-            r#"Some("a.example") Some("a.example")"#
-        );
-        // Absolute form: the target wins and replaces Host.
-        assert_eq!(
-            normalized(Version::HTTP_11, "http://a.example/x", &["b.example"]).unwrap(),
-            r#"Some("a.example") Some("a.example")"#
-        );
-        assert_eq!(
-            normalized(Version::HTTP_11, "http://a.example:8080/x", &[]).unwrap(),
-            r#"Some("a.example") None"#
-        );
-        // HTTP/2: :authority and an equal host are fine.
-        assert_eq!(
-            normalized(Version::HTTP_2, "http://a.example/x", &["a.example"]).unwrap(),
-            r#"Some("a.example") Some("a.example")"#
-        );
-        assert_eq!(
-            normalized(Version::HTTP_2, "/x", &["a.example"]).unwrap(),
-            r#"Some("a.example") Some("a.example")"#
-        );
-        // HTTP/1.0 may leave Host out.
-        assert!(normalized(Version::HTTP_10, "/x", &[]).is_ok());
-    }
-
-    #[test]
-    fn ambiguous_authorities_are_refused() {
-        use http::Version;
-        let refused = |version, uri, hosts: &[&str]| normalized(version, uri, hosts).unwrap_err();
-        assert!(refused(Version::HTTP_11, "/x", &["a", "b"]).contains("more than one Host"));
-        assert!(refused(Version::HTTP_11, "/x", &["a", "a"]).contains("more than one Host"));
-        assert!(refused(Version::HTTP_11, "/x", &[]).contains("needs a Host"));
-        assert!(refused(Version::HTTP_11, "/x", &["a b"]).contains("is not a host"));
-        assert!(refused(Version::HTTP_2, "http://a/x", &["b"]).contains("differs from :authority"));
-    }
-
-    #[test]
-    fn unscanned_parts_start_at_the_offset() {
-        let chunks = VecDeque::from([
-            Bytes::from_static(b"abc"),
-            Bytes::from_static(b"de"),
-            Bytes::from_static(b"fgh"),
-        ]);
-        let rest = |from| {
-            unscanned(&chunks, from)
-                .map(<[u8]>::to_vec)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(rest(0), [b"abc".to_vec(), b"de".to_vec(), b"fgh".to_vec()]);
-        assert_eq!(rest(2), [b"c".to_vec(), b"de".to_vec(), b"fgh".to_vec()]);
-        assert_eq!(rest(3), [b"de".to_vec(), b"fgh".to_vec()]);
-        assert_eq!(rest(7), [b"h".to_vec()]);
-        assert!(rest(8).is_empty());
     }
 }

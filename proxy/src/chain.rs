@@ -1,0 +1,239 @@
+//! The fallback chain: a request goes to its route's chosen target and, while
+//! no response could start, to each link of the route's fallback chain in
+//! turn; a `local:` target is answered by the proxy's own engine.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::HeaderMap;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use infermesh_filters::{BoxBody, ProxyError};
+use tower::ServiceExt;
+
+use crate::body::ProxyBody;
+use crate::classify::ApiKind;
+use crate::forward::Upstream;
+use crate::inputs::Inputs;
+use crate::local::{self, LocalRequest};
+use crate::metrics::LocalRequestLabels;
+use crate::prefix::{rewrite_model, Prefix, Scanned};
+use crate::snapshot::{Destination, Route, RouteTarget};
+
+/// The request's way to a response: the route's chosen target, then its
+/// fallback chain.
+pub(crate) struct Chain<'a> {
+    pub(crate) inputs: &'a Inputs,
+    pub(crate) route: &'a Route,
+    pub(crate) target: &'a RouteTarget,
+    /// The request again for the fallback chain, when it has one and the
+    /// body was held whole.
+    pub(crate) replay: Option<&'a Replay>,
+    pub(crate) asked: &'a Asked<'a>,
+    /// Which target answered: 0 for `target`, `n` for fallback link `n - 1`.
+    pub(crate) served: &'a AtomicUsize,
+}
+
+impl Chain<'_> {
+    /// Sends `request` to the target and, while no response could start,
+    /// down the fallback chain.
+    pub(crate) async fn dispatch(
+        &self,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<BoxBody>, ProxyError> {
+        let (inputs, route, what) = (self.inputs, self.route, self.asked);
+        let mut result = send(inputs, route, self.target, request, what).await;
+        let Some(replay) = self.replay else {
+            return result;
+        };
+        for (index, link) in route.fallback().iter().enumerate() {
+            if !cannot_start(&result) {
+                break;
+            }
+            // A local embedding model cannot answer a chat completion: the
+            // client is better told why the remote backend failed.
+            if !link.target.serves(what.api, what.grpc_method) {
+                continue;
+            }
+            link.taken.inc();
+            tracing::debug!(
+                route = route.name().as_str(),
+                backend = link.target.name.as_str(),
+                "falling back"
+            );
+            let request = replay.request(&link.target, what.model);
+            result = send(inputs, route, &link.target, request, what).await;
+            self.served.store(index + 1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+/// What the client asked for, as classification found it.
+pub(crate) struct Asked<'a> {
+    pub(crate) api: ApiKind,
+    pub(crate) grpc_method: Option<&'a str>,
+    /// The client's model name, before any alias.
+    pub(crate) model: Option<&'a str>,
+    /// The route selected the request by that name.
+    pub(crate) claimed: bool,
+}
+
+/// Sends `request` to `target`: a backend through the route's stack, or a
+/// local model.
+pub(crate) async fn send(
+    inputs: &Inputs,
+    route: &Route,
+    target: &RouteTarget,
+    mut request: Request<ProxyBody>,
+    asked: &Asked<'_>,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let sent = Instant::now();
+    let result = match &target.destination {
+        Destination::Remote(backend) => {
+            request.extensions_mut().insert(Upstream(backend.clone()));
+            route.stack().clone().oneshot(request).await
+        }
+        Destination::Local(model) => {
+            let result = answer_locally(model, route, request, asked).await;
+            let outcome = match &result {
+                Ok(response) if response.status().is_success() && !grpc_failed(response) => {
+                    "served"
+                }
+                Ok(_) | Err(ProxyError::TooLarge(_) | ProxyError::BadRequest(_)) => "invalid",
+                Err(_) => "unavailable",
+            };
+            inputs
+                .metrics
+                .local_requests
+                .get_or_create(&LocalRequestLabels {
+                    route: route.name().clone(),
+                    model: model.name().clone(),
+                    outcome,
+                })
+                .inc();
+            result
+        }
+    };
+    if result.is_ok() {
+        target.first_byte.observe(sent.elapsed().as_secs_f64());
+    }
+    result
+}
+
+/// Reads the whole request body (the engine needs all of it) and has the
+/// local model answer, within the route's time limit.
+pub(crate) async fn answer_locally(
+    model: &local::LocalModel,
+    route: &Route,
+    request: Request<ProxyBody>,
+    asked: &Asked<'_>,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let (parts, body) = request.into_parts();
+    // Started before the timer below, so the engine gives up no later.
+    let time_limit = route.local_limit().map(local::TimeLimit::starting_now);
+    let answer = async {
+        let body = read_whole(body, local::MAX_BODY_BYTES).await?;
+        let request = LocalRequest {
+            api: asked.api,
+            method: &parts.method,
+            path: parts.uri.path(),
+            grpc_method: asked.grpc_method,
+            model: asked.model,
+            claimed: asked.claimed,
+            time_limit,
+        };
+        local::serve(model, request, body).await
+    };
+    match route.local_limit() {
+        Some(limit) => tokio::time::timeout(limit, answer)
+            .await
+            .unwrap_or(Err(ProxyError::FirstByteTimeout(limit))),
+        None => answer.await,
+    }
+}
+
+/// Whether a gRPC response carries a failure status in its headers.
+pub(crate) fn grpc_failed(response: &Response<BoxBody>) -> bool {
+    response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|status| status != "0")
+}
+
+/// The whole of `body`, or 413 past `limit` bytes.
+pub(crate) async fn read_whole(mut body: ProxyBody, limit: usize) -> Result<Bytes, ProxyError> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut read = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
+            ProxyError::BadRequest(format!("reading the request body failed: {error}"))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            read += data.len();
+            if read > limit {
+                return Err(ProxyError::TooLarge(format!(
+                    "a local model reads at most {limit} bytes of request body"
+                )));
+            }
+            chunks.push(data);
+        }
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
+    })
+}
+
+/// Whether an outcome means the backend could not start a response, so the
+/// next link of the fallback chain is tried: no endpoint (every endpoint
+/// ejected included), no connection, a failure before the response headers,
+/// the backend's own limits reached, or a 503 (what an overloaded server,
+/// and the last of exhausted retries, answer). A timeout is not: the
+/// client's time is spent.
+pub(crate) fn cannot_start(result: &Result<Response<BoxBody>, ProxyError>) -> bool {
+    match result {
+        Ok(response) => response.status() == http::StatusCode::SERVICE_UNAVAILABLE,
+        Err(error) => matches!(
+            error,
+            ProxyError::NoEndpoint(_)
+                | ProxyError::Connect { .. }
+                | ProxyError::Upstream { .. }
+                | ProxyError::LocalUnavailable { .. }
+                | ProxyError::Overloaded { .. }
+        ),
+    }
+}
+
+/// What it takes to send a request again down the fallback chain: its head
+/// and its whole body as the client sent it.
+pub(crate) struct Replay {
+    pub(crate) parts: http::request::Parts,
+    pub(crate) chunks: VecDeque<Bytes>,
+    pub(crate) trailers: Option<HeaderMap>,
+    pub(crate) scanned: Option<Scanned>,
+}
+
+impl Replay {
+    /// The request for `target`, with the model renamed to its alias.
+    fn request(&self, target: &RouteTarget, model: Option<&str>) -> Request<ProxyBody> {
+        let mut parts = self.parts.clone();
+        let mut prefix = Prefix {
+            chunks: self.chunks.clone(),
+            trailers: self.trailers.clone(),
+            rest: None,
+        };
+        if let (Some(alias), Some(scanned)) = (target.model.as_deref(), &self.scanned) {
+            if model != Some(alias) {
+                rewrite_model(&mut prefix, scanned, alias, &mut parts.headers);
+            }
+        }
+        Request::from_parts(
+            parts,
+            ProxyBody::replay(prefix.chunks, prefix.trailers, None),
+        )
+    }
+}

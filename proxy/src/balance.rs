@@ -30,19 +30,23 @@
 //! the backend filters them out.
 //!
 //! The peak-EWMA estimate is the larger of two decaying values: an average
-//! of the time to first byte (a sample pulls it in with weight growing over
-//! [`DECAY`]) and the last peak (a sample above it replaces it), which fades
-//! within [`PEAK_DECAY`]. A slow response is avoided at once, a single slow
-//! response among fast ones is forgiven within a second or two rather than
-//! starving its endpoint for tens of seconds, and an endpoint that gets no
-//! traffic fades towards zero so that it is tried again. An endpoint with no
-//! sample yet is compared by requests in flight alone (it takes its rival's
-//! estimate), so equal replicas split evenly from the first request.
+//! of the time to first byte (a sample pulls it in with a weight growing
+//! with the time since the last one, over [`DECAY`]; a stall counts in it as
+//! twice the estimate at most) and the last peak (a sample above it replaces
+//! it), which fades within [`PEAK_DECAY`]. A slow endpoint is avoided at
+//! once, a single stall is forgiven within a second rather than starving its
+//! endpoint for tens of seconds, and an endpoint that gets no traffic fades
+//! towards zero so that it is tried again. An endpoint with no sample yet
+//! takes its rival's estimate, so the two compare by requests in flight.
+//! The comparison is soft: each of the two gets a share in inverse
+//! proportion to its squared load, so equal replicas split evenly despite
+//! noisy estimates while a clearly slower or busier endpoint gets little
+//! (see [`p2c`]).
 //!
 //! Every endpoint keeps its own statistics in atomics (and a small per-endpoint
 //! lock for the EWMA), so picking never takes a lock shared by all requests.
-//! Power of two choices samples two endpoints at random and takes the less
-//! loaded: nearly as good as scanning them all, and no endpoint is stampeded
+//! Power of two choices samples two endpoints at random and compares them:
+//! nearly as good as scanning them all, and no endpoint is stampeded
 //! when every proxy sees the same minimum.
 
 use std::net::SocketAddr;
@@ -359,14 +363,13 @@ impl Standing {
 /// is, whatever the loads; between two backing off, the one whose back-off
 /// ends first; otherwise by load. Least-request, and any pair of which one
 /// is penalised, takes the lower load (`a` on a tie). Otherwise peak-EWMA
-/// chooses `a` when `draw` (uniform in `0..1`) falls below `a`'s share of
-/// the inverse loads, `load_b / (load_a + load_b)`: latency estimates are
-/// noisy (a prompt's length alone moves a model server's time to first
-/// byte), and always taking the lower one turns a few percent of noise into
-/// all of the traffic, while a share in inverse proportion moves a few
-/// percent (twice the load keeps a third, ten times a eleventh, and the
-/// requests in flight pile up on the one that gets more). An endpoint not
-/// yet sampled takes its rival's estimate, so that the two compare by
+/// chooses `a` when `draw` (uniform in `0..1`) falls below `a`'s share,
+/// `load_b² / (load_a² + load_b²)`: latency estimates are noisy (a prompt's
+/// length alone moves a model server's time to first byte), and always
+/// taking the lower one turns a few percent of noise into all of the
+/// traffic between two endpoints, while these shares move a few percent
+/// (1.1 times the load keeps 45%, twice a fifth, ten times 1%). An endpoint
+/// not yet sampled takes its rival's estimate, so that the two compare by
 /// requests in flight.
 fn p2c(
     kind: BalancerKind,

@@ -216,7 +216,9 @@ async fn kill_a_replica_under_load(balancer: &str) -> (usize, usize, usize) {
         .filter(|(at, _)| (killed..back).contains(at))
         .count();
     let failed = outcomes.iter().filter(|(_, status)| *status != 200).count();
-    (during_outage, failed, revived.request_count())
+    let revived = revived.request_count();
+    eprintln!("{balancer}: {failed} failed of {during_outage} sent during the outage; {revived} to the restarted replica");
+    (during_outage, failed, revived)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,6 +288,7 @@ async fn a_replica_answering_500_at_once_gets_a_small_share() {
         .await;
         let failed = replies.iter().filter(|r| r.status != 200).count();
         let (h, b) = (healthy.request_count(), broken.request_count());
+        eprintln!("{balancer}: {b} of 1000 to the replica answering 500");
         assert_eq!(h + b, 1000, "{balancer}: the upstreams saw {h} + {b}");
         assert_eq!(
             failed, b,
@@ -316,6 +319,7 @@ async fn peak_ewma_splits_evenly_between_two_equal_replicas() {
     let (a, b) = (a.request_count(), b.request_count());
     assert!(a + b > 1000, "only {} requests went out in 10 s", a + b);
     let share = a as f64 / (a + b) as f64;
+    eprintln!("peak-ewma split {a}/{b}");
     assert!(
         (0.35..=0.65).contains(&share),
         "peak-EWMA split {} requests {a}/{b} between two identical replicas; expected within 35/65",

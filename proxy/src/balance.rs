@@ -22,7 +22,8 @@
 //! - A **shed** response (429, `RESOURCE_EXHAUSTED`, `Retry-After`) is
 //!   neither: the endpoint is penalised for a while, and both
 //!   power-of-two pickers see its load multiplied by [`PENALTY_FACTOR`], so
-//!   traffic shifts to the others unless they are far busier.
+//!   traffic shifts to the others unless they are far busier. (A 5xx with
+//!   `Retry-After` is a failure and penalised too.)
 //!
 //! Round robin ignores load and outcomes alike: it is the even, oblivious
 //! baseline, and needs outlier detection to avoid a failing endpoint.
@@ -64,7 +65,7 @@ use crate::outlier::Health;
 /// towards zero without any.
 pub const DECAY: Duration = Duration::from_secs(10);
 /// How quickly a peak fades into the average: a single slow response is
-/// forgiven within a second or two.
+/// forgiven within a second.
 pub const PEAK_DECAY: Duration = Duration::from_millis(250);
 /// Failure back-off after one failure; it doubles with each consecutive one.
 pub const FAILURE_BACKOFF: Duration = Duration::from_millis(100);

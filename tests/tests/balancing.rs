@@ -304,9 +304,12 @@ async fn a_replica_answering_500_at_once_gets_a_small_share() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_ewma_splits_evenly_between_two_equal_replicas() {
     // A steady rate, as a service sees it: at a few requests in flight the
-    // latency estimate alone decides, and noise must not pick a winner.
-    let a = OpenAiServer::start("a");
-    let b = OpenAiServer::start("b");
+    // latency estimate alone decides, and noise must not pick a winner. The
+    // replicas take 2 ms, as a model server does some work before its first
+    // byte, so that what the test measures is not which fixture thread the
+    // loaded machine happened to schedule better.
+    let a = delayed("a", Duration::from_millis(2));
+    let b = delayed("b", Duration::from_millis(2));
     let proxy = ProxyProcess::start(&policy::docs(&[
         policy::backend("pool", &[a.addr(), b.addr()], "balancer: peak-ewma"),
         policy::route("pool", "backends:\n  - backend: pool\n"),

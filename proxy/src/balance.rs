@@ -218,17 +218,21 @@ impl Endpoint {
     /// first sample) times the requests in flight plus one, heavier while
     /// penalised. The picker compares two endpoints with [`p2c`].
     pub fn peak_ewma_load(&self, now: Instant) -> f64 {
-        let standing = self.standing(now);
+        let standing = self.standing(now, BalancerKind::PeakEwma);
         standing.peak_ewma_load(standing.rtt.unwrap_or(0.0))
     }
 
-    /// What the pickers compare, read at `now`.
-    fn standing(&self, now: Instant) -> Standing {
+    /// What a picker of `kind` compares, read at `now` (the latency
+    /// estimate, behind the endpoint's lock, only for peak-EWMA).
+    fn standing(&self, now: Instant, kind: BalancerKind) -> Standing {
         let backoff_until = self.backoff_until.load(Ordering::Relaxed);
         let now_nanos = nanos_since_epoch(now);
         Standing {
             in_flight: self.in_flight(),
-            rtt: self.ewma.lock().estimate(now),
+            rtt: match kind {
+                BalancerKind::PeakEwma => self.ewma.lock().estimate(now),
+                _ => None,
+            },
             penalty: self.penalty_weight(now),
             backoff_left: backoff_until.saturating_sub(now_nanos),
         }
@@ -528,7 +532,7 @@ impl Balancer {
             (_, 1) => 0,
             (BalancerKind::RoundRobin, n) => self.next.fetch_add(1, Ordering::Relaxed) % n,
             (kind, n) => {
-                let standing = |i: usize| (i, endpoints[i].standing(now));
+                let standing = |i: usize| (i, endpoints[i].standing(now, kind));
                 // Among three or more, two endpoints in back-off may be
                 // drawn while others are fine: draw again a few times, and
                 // keep the one whose back-off ends first.
@@ -718,16 +722,19 @@ mod tests {
         let eps = endpoints(1);
         let t0 = Instant::now();
         eps[0].observe_at(t0, Duration::from_millis(20), Outcome::Served);
-        let before = eps[0].standing(t0).rtt.unwrap();
+        let before = eps[0].standing(t0, BalancerKind::PeakEwma).rtt.unwrap();
         eps[0].observe_at(t0, Duration::from_micros(100), Outcome::Failed);
-        assert_eq!(eps[0].standing(t0).rtt.unwrap(), before);
+        assert_eq!(
+            eps[0].standing(t0, BalancerKind::PeakEwma).rtt.unwrap(),
+            before
+        );
         eps[0].observe_at(t0, Duration::from_secs(2), Outcome::Failed);
-        let after_timeout = eps[0].standing(t0).rtt.unwrap();
+        let after_timeout = eps[0].standing(t0, BalancerKind::PeakEwma).rtt.unwrap();
         assert_eq!(after_timeout, Duration::from_secs(2).as_nanos() as f64);
         // A fresh endpoint stays without an estimate: it has served nothing.
         let fresh = endpoints(1);
         fresh[0].observe_at(t0, Duration::from_micros(100), Outcome::Failed);
-        assert_eq!(fresh[0].standing(t0).rtt, None);
+        assert_eq!(fresh[0].standing(t0, BalancerKind::PeakEwma).rtt, None);
     }
 
     #[test]
@@ -737,7 +744,7 @@ mod tests {
         eps[0].observe_at(t0, Duration::from_millis(20), Outcome::Served);
         eps[0].observe_at(t0, Duration::from_micros(50), Outcome::Shed);
         assert_eq!(
-            eps[0].standing(t0).rtt.unwrap(),
+            eps[0].standing(t0, BalancerKind::PeakEwma).rtt.unwrap(),
             Duration::from_millis(20).as_nanos() as f64
         );
         assert_eq!(eps[0].consecutive_failures(), 0);

@@ -18,20 +18,36 @@
 # The guarded route's backend has outlier detection and in-flight/pending
 # limits too. BENCH_GUARDED_EXTRA (YAML, one field per line) is appended to
 # the guarded route's spec, to measure other settings.
+#
+#   scripts/bench-resilience.sh --killed-replica [--outage 5] [--reps 3] [--out DIR]
+#
+# measures something else, alone: two upstream replicas behind the proxy
+# under 100 requests/s (h2load, 10 connections at 10/s each), one of them
+# killed (SIGKILL, so connections are refused) for --outage seconds after
+# 3 s and then started again on its port, the load going on 5 s more; for
+# each balancer (round-robin, least-request, peak-ewma), with no retries
+# and no outlier detection, a fresh proxy per run. It reports the requests
+# that failed per second of outage and as a share of the outage's requests.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SECS=10
 REPS=5
 OUT="$ROOT/target/bench-resilience"
+MODE=filters
+OUTAGE=5
+REPS_SET=
 while [ $# -gt 0 ]; do
     case $1 in
         --secs) SECS=$2; shift 2 ;;
-        --reps) REPS=$2; shift 2 ;;
+        --reps) REPS=$2; REPS_SET=1; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
-        *) echo "usage: $0 [--secs N] [--reps N] [--out DIR]" >&2; exit 2 ;;
+        --killed-replica) MODE=killed-replica; shift ;;
+        --outage) OUTAGE=$2; shift 2 ;;
+        *) echo "usage: $0 [--secs N] [--reps N] [--out DIR] | --killed-replica [--outage N] [--reps N] [--out DIR]" >&2; exit 2 ;;
     esac
 done
+if [ "$MODE" = killed-replica ] && [ -z "$REPS_SET" ]; then REPS=3; fi
 WARMUP=2
 EXTRA=${BENCH_GUARDED_EXTRA:-}
 
@@ -49,9 +65,12 @@ need python3 python3
 need curl curl
 need taskset util-linux
 
-log "building release binaries"
-(cd "$ROOT" && cargo build --release -q -p infermesh-proxy -p infermesh-bench)
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+# The killed-replica figure is a count of failed requests at a rate any
+# build sustains, so it uses the quick dev build.
+if [ "$MODE" = killed-replica ]; then PROFILE=dev PROFILE_DIR=debug; else PROFILE=release PROFILE_DIR=release; fi
+log "building $PROFILE binaries"
+(cd "$ROOT" && cargo build --profile "$PROFILE" -q -p infermesh-proxy -p infermesh-bench)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE_DIR
 for b in infermesh-proxy infermesh-bench-upstream; do
     [ -x "$BIN/$b" ] || die "missing $BIN/$b after the build"
 done
@@ -83,6 +102,75 @@ wait_line() { # wait_line FILE PATTERN PID
     return 1
 }
 field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p"; }
+
+# --- a killed replica, per balancer ----------------------------------------------
+if [ "$MODE" = killed-replica ]; then
+    WARM=3 AFTER=5
+    LENGTH=$((WARM + OUTAGE + AFTER))
+    replica() { # replica ADDR NAME: starts an upstream; sets REPLICA_PID and REPLICA
+        spawn "$UP_CPU" "$BIN/infermesh-bench-upstream" --addr "$1" --threads 1 \
+            >"$OUT/$2.out" 2>"$OUT/$2.out.err" &
+        REPLICA_PID=$!
+        PIDS+=("$REPLICA_PID")
+        REPLICA=$(wait_line "$OUT/$2.out" '^listening' "$REPLICA_PID" | field addr)
+        [ -n "$REPLICA" ]
+    }
+    printf '{"model":"bench","messages":[{"role":"user","content":"hi"}],"max_tokens":64,"stream":false}' >"$OUT/body.json"
+    echo "balancer rep requests failed outage_s" >"$OUT/killed-replica.txt"
+    for r in $(seq 1 "$REPS"); do
+        for balancer in round-robin least-request peak-ewma; do
+            run="$balancer.$r"
+            replica 127.0.0.1:0 "steady.$run" || die "an upstream did not start"
+            STEADY=$REPLICA STEADY_PID=$REPLICA_PID
+            replica 127.0.0.1:0 "doomed.$run" || die "an upstream did not start"
+            DOOMED=$REPLICA DOOMED_PID=$REPLICA_PID
+            printf '%s\n' \
+                'apiVersion: infermesh.io/v1alpha1' 'kind: Backend' 'metadata: {name: pool}' \
+                "spec: {endpoints: [\"$STEADY\", \"$DOOMED\"], balancer: $balancer}" '---' \
+                'apiVersion: infermesh.io/v1alpha1' 'kind: ModelRoute' 'metadata: {name: pool}' \
+                'spec: {backends: [{backend: pool}]}' >"$OUT/policy.$run.yaml"
+            spawn "$PROXY_CPU" "$BIN/infermesh-proxy" --config "$OUT/policy.$run.yaml" --threads 1 \
+                --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 \
+                >"$OUT/proxy.$run.out" 2>"$OUT/proxy.$run.out.err" &
+            PROXY_PID=$!
+            PIDS+=("$PROXY_PID")
+            line=$(wait_line "$OUT/proxy.$run.out" '^listening' "$PROXY_PID") || die "the proxy did not start"
+            PROXY=$(echo "$line" | field outbound)
+            log "rep $r/$REPS: $balancer at 100 req/s for ${LENGTH}s, one replica killed for ${OUTAGE}s after ${WARM}s"
+            on "$LOAD_CPU" h2load --h1 -c 10 -m 1 --rps 10 -D "$LENGTH" \
+                -d "$OUT/body.json" -H 'content-type: application/json' \
+                "http://$PROXY/v1/chat/completions" >"$OUT/raw/killed.$run.out" 2>&1 &
+            LOAD_PID=$!
+            sleep "$WARM"
+            kill -9 "$DOOMED_PID"
+            wait "$DOOMED_PID" 2>/dev/null || true
+            sleep "$OUTAGE"
+            replica "$DOOMED" "revived.$run" || die "the killed replica did not start again on $DOOMED"
+            REVIVED_PID=$REPLICA_PID
+            wait "$LOAD_PID" || true
+            summary="$OUT/raw/killed.$run.out"
+            requests=$(sed -n 's/^requests: \([0-9]*\) total.*/\1/p' "$summary")
+            ok=$(sed -n 's/^status codes: \([0-9]*\) 2xx.*/\1/p' "$summary")
+            [ -n "$requests" ] && [ -n "$ok" ] || die "no h2load summary in $summary"
+            echo "$balancer $r $requests $((requests - ok)) $OUTAGE" >>"$OUT/killed-replica.txt"
+            kill "$PROXY_PID" "$STEADY_PID" "$REVIVED_PID" 2>/dev/null || true
+            wait "$PROXY_PID" "$STEADY_PID" "$REVIVED_PID" 2>/dev/null || true
+        done
+    done
+    python3 - "$OUT/killed-replica.txt" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]).read().splitlines()[1:]]
+print("\nOne of two replicas killed (SIGKILL) under 100 req/s, no retries, no outlier detection:")
+print("failed requests per second of outage, median over the runs (min-max), and as a share of the outage's requests")
+for b in ("round-robin", "least-request", "peak-ewma"):
+    runs = [(int(req), int(fail), int(secs)) for bal, _, req, fail, secs in rows if bal == b]
+    per_s = sorted(f / s for _, f, s in runs)
+    share = statistics.median(f / (100 * s) for _, f, s in runs)
+    print(f"{b:<14} {statistics.median(per_s):6.1f}/s ({per_s[0]:.1f}-{per_s[-1]:.1f})  {100 * share:5.1f}%  "
+          f"failed per run: {[f for _, f, _ in runs]} of {[r for r, _, _ in runs]} requests")
+PY
+    exit 0
+fi
 
 # --- upstreams -----------------------------------------------------------------
 spawn "$UP_CPU" "$BIN/infermesh-bench-upstream" --addr 127.0.0.1:0 --threads 1 \

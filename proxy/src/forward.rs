@@ -3,7 +3,8 @@
 //!
 //! Each attempt is counted against the backend's limits (refused with 503
 //! `overloaded` past them), and its outcome is judged on the response head
-//! for outlier detection and the balancer's 429 penalty.
+//! for outlier detection and the balancer (latency samples, failure
+//! back-off, the 429 penalty).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,7 +26,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::backend::{Admitted, Backend, Picked};
-use crate::balance::{InFlight, DEFAULT_PENALTY};
+use crate::balance::{InFlight, Outcome, DEFAULT_PENALTY};
 use crate::body::{BodyFault, ProxyBody};
 
 /// Request extension naming the backend chosen for this request.
@@ -102,9 +103,9 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
     let started = Instant::now();
     match backend.client().request(request).await {
         Ok(response) => {
-            endpoint.observe_first_byte(started.elapsed());
             admitted.responded();
             let verdict = judge(response.status(), response.headers());
+            endpoint.observe(started.elapsed(), verdict.outcome());
             judged.finish(verdict.failed);
             if let Some(length) = verdict.penalty {
                 backend.penalize(&endpoint, length);
@@ -126,12 +127,13 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
         }
         Err(error) => {
             if let Some(problem) = client_body.as_ref().and_then(BodyFault::get) {
-                // Neither judged nor timed: the endpoint did nothing wrong.
+                // Neither judged, timed nor backed off: the endpoint did
+                // nothing wrong.
                 return Err(problem.to_error());
             }
-            // A failure counts against the endpoint's latency too, so a
-            // broken endpoint does not look fast.
-            endpoint.observe_first_byte(started.elapsed());
+            // Never a latency sample (a refused connection is fast): the
+            // endpoint backs off instead.
+            endpoint.observe(started.elapsed(), Outcome::Failed);
             judged.finish(true);
             let reason = error_chain(&error);
             if error.is_connect() {
@@ -184,6 +186,20 @@ struct Verdict {
     /// `RESOURCE_EXHAUSTED` in the headers, or any failure status carrying
     /// `Retry-After`, for the `Retry-After` (seconds) or a default.
     penalty: Option<Duration>,
+}
+
+impl Verdict {
+    /// What the balancer makes of the attempt: a failure backs the endpoint
+    /// off, shedding is penalised, only the rest is a latency sample.
+    fn outcome(&self) -> Outcome {
+        if self.failed {
+            Outcome::Failed
+        } else if self.penalty.is_some() {
+            Outcome::Shed
+        } else {
+            Outcome::Served
+        }
+    }
 }
 
 fn judge(status: http::StatusCode, headers: &HeaderMap) -> Verdict {
@@ -462,6 +478,23 @@ mod tests {
             Some(DEFAULT_PENALTY)
         );
         assert_eq!(head(200, &[("retry-after", "3")]).penalty, None);
+    }
+
+    #[test]
+    fn only_served_heads_are_latency_samples_for_the_balancer() {
+        assert_eq!(head(200, &[]).outcome(), Outcome::Served);
+        assert_eq!(head(404, &[]).outcome(), Outcome::Served);
+        assert_eq!(head(500, &[]).outcome(), Outcome::Failed);
+        assert_eq!(
+            head(503, &[("retry-after", "3")]).outcome(),
+            Outcome::Failed
+        );
+        assert_eq!(
+            head(200, &[("grpc-status", "14")]).outcome(),
+            Outcome::Failed
+        );
+        assert_eq!(head(429, &[]).outcome(), Outcome::Shed);
+        assert_eq!(head(200, &[("grpc-status", "8")]).outcome(), Outcome::Shed);
     }
 
     #[test]

@@ -135,7 +135,7 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
             // endpoint backs off instead.
             endpoint.observe(started.elapsed(), Outcome::Failed);
             judged.finish(true);
-            let reason = error_chain(&error);
+            let reason = crate::error::causes(&error);
             if error.is_connect() {
                 backend.connect_failed();
                 Err(ProxyError::Connect {
@@ -332,25 +332,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == header::PROXY_AUTHORIZATION
         || name.as_str() == "keep-alive"
         || name.as_str() == "proxy-connection"
-}
-
-/// The causes of a client error, without the client's own generic wrapper
-/// ("client error (Connect)") that says nothing to the user.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let Some(first) = error.source() else {
-        return error.to_string();
-    };
-    let mut message = first.to_string();
-    let mut source = first.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 pin_project! {

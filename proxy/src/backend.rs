@@ -1,9 +1,8 @@
 //! Backends: a named endpoint set with its balancer, connection pool and
-//! periodic DNS re-resolution, outlier ejection of its endpoints and limits
-//! on its outstanding requests.
+//! periodic DNS re-resolution (`discovery.rs`), outlier ejection of its
+//! endpoints and limits on its outstanding requests.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -16,39 +15,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::balance::{Balancer, Endpoint};
+use crate::discovery::{self, Target};
 use crate::metrics::{BackendLabels, EjectionLabels, Metrics, Name, OverloadLabels};
 use crate::outlier::{self, OutlierPolicy, ProbeVerdict, Trip};
 use crate::pool::{self, UpstreamClient};
-
-/// An endpoint as written in policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// An IP address: used as is.
-    Addr(SocketAddr),
-    /// A host name: resolved, and re-resolved periodically.
-    Dns { host: String, port: u16 },
-}
-
-impl Target {
-    /// Parses `host:port` or `[v6]:port`; the policy loader has validated it.
-    pub fn parse(text: &str) -> Option<Self> {
-        if let Ok(addr) = text.parse::<SocketAddr>() {
-            return Some(Self::Addr(addr));
-        }
-        let (host, port) = text.rsplit_once(':')?;
-        let port = port.parse().ok()?;
-        if host.is_empty() {
-            return None;
-        }
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            return Some(Self::Addr(SocketAddr::new(ip, port)));
-        }
-        Some(Self::Dns {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
 
 /// A named set of endpoints and the means to reach them.
 #[derive(Debug)]
@@ -509,50 +479,20 @@ impl Backend {
         self.targets.iter().any(|t| matches!(t, Target::Dns { .. }))
     }
 
-    /// Resolves host names once and installs the resulting endpoint set.
-    /// Endpoints that stay keep their statistics. A name that fails to
-    /// resolve keeps its previous addresses, so a DNS hiccup does not empty
-    /// the backend.
+    /// Resolves host names once and installs the resulting endpoint set
+    /// (see [`discovery::next_endpoints`]).
     pub async fn resolve(&self) {
         if !self.has_dns_targets() {
             return;
         }
-        let current = self.endpoints.load_full();
-        let by_addr: HashMap<SocketAddr, &Arc<Endpoint>> =
-            current.iter().map(|e| (e.addr(), e)).collect();
-        let mut next: Vec<Arc<Endpoint>> = Vec::new();
-        let push = |addr: SocketAddr, next: &mut Vec<Arc<Endpoint>>| {
-            if next.iter().any(|e| e.addr() == addr) {
-                return;
-            }
-            let endpoint = by_addr
-                .get(&addr)
-                .map(|e| (*e).clone())
-                .unwrap_or_else(|| Arc::new(Endpoint::new(addr)));
-            next.push(endpoint);
-        };
-        for target in &self.targets {
-            match target {
-                Target::Addr(addr) => push(*addr, &mut next),
-                Target::Dns { host, port } => {
-                    match tokio::net::lookup_host((host.as_str(), *port)).await {
-                        Ok(addrs) => {
-                            for addr in addrs {
-                                push(addr, &mut next);
-                            }
-                        }
-                        Err(error) => {
-                            tracing::warn!(backend = %self.name.as_str(), %host, %error, "resolving endpoint failed; keeping its previous addresses");
-                            for e in current.iter().filter(|e| e.addr().port() == *port) {
-                                if !self.is_static(e.addr()) {
-                                    push(e.addr(), &mut next);
-                                }
-                            }
-                        }
-                    }
-                }
+        let lookups = discovery::lookup(&self.targets).await;
+        for (target, lookup) in self.targets.iter().zip(&lookups) {
+            if let (Target::Dns { host, .. }, Err(error)) = (target, lookup) {
+                tracing::warn!(backend = %self.name.as_str(), %host, %error, "resolving endpoint failed; keeping its previous addresses");
             }
         }
+        let current = self.endpoints.load_full();
+        let next = discovery::next_endpoints(&self.targets, &current, &lookups);
         self.endpoints.store(Arc::new(next));
     }
 

@@ -9,6 +9,7 @@ pub mod chain;
 pub mod classify;
 pub mod control;
 pub mod detect;
+pub mod discovery;
 pub mod error;
 pub mod forward;
 pub mod identity;

@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use infermesh_filters::replay::ReplayBody;
 use infermesh_filters::{BoxError, ProxyError};
 
-use crate::classify::{GrpcVerifier, JsonScanner};
+use crate::classify::{Ambiguity, GrpcVerifier, JsonScanner};
 
 /// A client's request body with its already-read prefix put back in front.
 #[derive(Debug, Default)]
@@ -54,7 +54,7 @@ pub enum BodyCheck {
 impl BodyCheck {
     /// Checks the next chunk; the reason when the body must not reach the
     /// upstream.
-    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), String> {
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), Ambiguity> {
         match self {
             BodyCheck::Json(scanner) => {
                 scanner.feed(chunk);
@@ -75,7 +75,7 @@ pub enum BodyProblem {
     Broken(String),
     /// The rest of the body contradicts what the request was routed and
     /// authorized by.
-    Refused(String),
+    Refused(Ambiguity),
     /// Nothing arrived for this long.
     Stalled(Duration),
 }
@@ -84,7 +84,7 @@ impl fmt::Display for BodyProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BodyProblem::Broken(why) => write!(f, "reading the request body failed: {why}"),
-            BodyProblem::Refused(why) => f.write_str(why),
+            BodyProblem::Refused(why) => write!(f, "{why}"),
             BodyProblem::Stalled(limit) => write!(
                 f,
                 "the request body stalled: nothing arrived for {} (classify.bodyIdleTimeout)",

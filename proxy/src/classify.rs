@@ -32,6 +32,35 @@ pub use grpc::{rewrite_grpc_model, GrpcFields, GrpcModelScanner, GrpcVerifier};
 pub use head::{classify_head, ApiKind, BodyScan, GrpcMethod, HeadClass};
 pub use json::{rewrite_json_model, JsonFields, JsonScanner};
 
+/// Why the rest of a body cannot be trusted to name the model the request
+/// was routed and authorized by; positions are body offsets.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Ambiguity {
+    /// A JSON body with a second top-level `model` (parsers keep the last).
+    #[error("the JSON body has more than one top-level `model` member")]
+    RepeatedModel,
+    /// Something other than whitespace after the top-level JSON object.
+    #[error("the JSON body holds another value after its top-level object (at byte {0})")]
+    SecondValue(usize),
+    /// A byte past which the JSON scan cannot follow what a parser would see.
+    #[error("the JSON body is not valid JSON (at byte {0})")]
+    InvalidJson(usize),
+    /// A gRPC message (or a repeated field 1) naming another model.
+    #[error("a gRPC message names another model than the first one (at byte {0})")]
+    OtherModel(usize),
+    /// A compressed gRPC message, which the proxy does not decompress.
+    #[error("a compressed gRPC message cannot be checked for its model (at byte {0})")]
+    Compressed(usize),
+    /// A gRPC message that cannot be decoded.
+    #[error("{what} (at byte {at})")]
+    MalformedGrpc {
+        /// What is wrong with it.
+        what: &'static str,
+        /// Where.
+        at: usize,
+    },
+}
+
 /// Whether a body scanner wants more of the body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scan {

@@ -56,7 +56,7 @@ pub(crate) async fn read_classified(
             let fields = scanner.fields();
             if prove_model {
                 if let Some(why) = fields.ambiguity() {
-                    return Err(ProxyError::BadRequest(why));
+                    return Err(ProxyError::BadRequest(why.to_string()));
                 }
                 if fields.truncated || prefix.rest.is_some() {
                     return Err(ProxyError::Forbidden(format!(
@@ -70,7 +70,7 @@ pub(crate) async fn read_classified(
                 }
             } else if fields.model.is_some() {
                 if let Some(why) = fields.ambiguity() {
-                    return Err(ProxyError::BadRequest(why));
+                    return Err(ProxyError::BadRequest(why.to_string()));
                 }
                 // Routed by this model: nothing further on may name another.
                 let consumed = scanner.consumed();
@@ -79,7 +79,7 @@ pub(crate) async fn read_classified(
                     verifier.feed(chunk);
                 }
                 if let Some(why) = verifier.ambiguity() {
-                    return Err(ProxyError::BadRequest(why));
+                    return Err(ProxyError::BadRequest(why.to_string()));
                 }
                 if prefix.rest.is_some() {
                     check = Some(BodyCheck::Json(Box::new(verifier)));
@@ -99,7 +99,9 @@ pub(crate) async fn read_classified(
             // name the same model.
             if let Some(mut verifier) = scanner.into_verifier() {
                 for chunk in unscanned(&prefix.chunks, consumed) {
-                    verifier.feed(chunk).map_err(ProxyError::BadRequest)?;
+                    verifier
+                        .feed(chunk)
+                        .map_err(|why| ProxyError::BadRequest(why.to_string()))?;
                 }
                 if prefix.rest.is_some() {
                     check = Some(BodyCheck::Grpc(Box::new(verifier)));

@@ -10,7 +10,7 @@ use std::ops::Range;
 use bytes::Bytes;
 use prost::encoding::{decode_key, decode_varint, encode_key, encode_varint, WireType};
 
-use super::Scan;
+use super::{Ambiguity, Scan};
 
 /// gRPC length-prefixed message header: compressed flag (u8), length (u32 BE).
 const HEADER_LEN: usize = 5;
@@ -334,7 +334,7 @@ pub struct GrpcVerifier {
     carry_len: usize,
     /// Body offset of the next byte.
     offset: usize,
-    problem: Option<String>,
+    problem: Option<Ambiguity>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,7 +359,7 @@ enum VerifyState {
 impl GrpcVerifier {
     /// Checks the next chunk of the body; the reason once a message names
     /// another model, is compressed or cannot be decoded.
-    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), String> {
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), Ambiguity> {
         let mut data = chunk;
         while !data.is_empty() && self.problem.is_none() {
             let in_message = self.state != VerifyState::Header;
@@ -376,8 +376,15 @@ impl GrpcVerifier {
         }
     }
 
-    fn fail(&mut self, why: impl std::fmt::Display) {
-        self.problem = Some(format!("{why} (at byte {})", self.offset));
+    fn fail(&mut self, why: &'static str) {
+        self.fail_with(Ambiguity::MalformedGrpc {
+            what: why,
+            at: self.offset,
+        });
+    }
+
+    fn fail_with(&mut self, problem: Ambiguity) {
+        self.problem = Some(problem);
         self.state = VerifyState::Failed;
     }
 
@@ -409,7 +416,7 @@ impl GrpcVerifier {
                         self.carry[4],
                     ]);
                     if flag != 0 {
-                        self.fail("a compressed gRPC message cannot be checked for its model");
+                        self.fail_with(Ambiguity::Compressed(self.offset));
                         return n;
                     }
                     self.left = len as usize;
@@ -454,7 +461,7 @@ impl GrpcVerifier {
                 let n = remaining.min(data.len());
                 self.left -= n;
                 if self.expected.get(at..at + n) != Some(&data[..n]) {
-                    self.fail("a gRPC message names another model than the first one");
+                    self.fail_with(Ambiguity::OtherModel(self.offset));
                     return n;
                 }
                 self.state = match remaining - n {
@@ -495,8 +502,7 @@ impl GrpcVerifier {
                     let len = len as usize;
                     match (model, len) {
                         (true, len) if len != self.expected.len() => {
-                            return self
-                                .fail("a gRPC message names another model than the first one")
+                            return self.fail_with(Ambiguity::OtherModel(self.offset))
                         }
                         (_, 0) => VerifyState::Key,
                         (true, remaining) => VerifyState::Compare { at: 0, remaining },
@@ -939,6 +945,10 @@ mod tests {
     /// The verdict of a verifier over `body` after a scan that stopped at
     /// the first field 1, fed in pieces split at every `step` bytes.
     fn verdict(body: &[u8], step: usize) -> Result<(), String> {
+        verdict_of(body, step).map_err(|a| a.to_string())
+    }
+
+    fn verdict_of(body: &[u8], step: usize) -> Result<(), Ambiguity> {
         let mut scanner = GrpcModelScanner::new(BIG);
         scanner.feed(body);
         let consumed = scanner.consumed();

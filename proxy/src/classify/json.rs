@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use super::Scan;
+use super::{Ambiguity, Scan};
 
 /// Deeper nesting ends the scan like a syntax error: no real request nests so
 /// deep, and it keeps the container stack a fixed size.
@@ -131,7 +131,7 @@ impl JsonFields {
     /// the model a JSON parser upstream will see, as far as the scan went:
     /// a second `model` member, a second value after the object, or a byte
     /// past which the scan cannot follow the syntax.
-    pub fn ambiguity(&self) -> Option<String> {
+    pub fn ambiguity(&self) -> Option<Ambiguity> {
         ambiguity(self.duplicate_model, self.trailing_at, self.invalid_at)
     }
 }
@@ -140,16 +140,13 @@ fn ambiguity(
     duplicate_model: bool,
     trailing_at: Option<usize>,
     invalid_at: Option<usize>,
-) -> Option<String> {
+) -> Option<Ambiguity> {
     if duplicate_model {
-        return Some("the JSON body has more than one top-level `model` member".into());
+        return Some(Ambiguity::RepeatedModel);
     }
-    if let Some(at) = trailing_at {
-        return Some(format!(
-            "the JSON body holds another value after its top-level object (at byte {at})"
-        ));
-    }
-    invalid_at.map(|at| format!("the JSON body is not valid JSON (at byte {at})"))
+    trailing_at
+        .map(Ambiguity::SecondValue)
+        .or(invalid_at.map(Ambiguity::InvalidJson))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,7 +330,7 @@ impl JsonScanner {
     }
 
     /// [`JsonFields::ambiguity`] of what was scanned so far.
-    pub fn ambiguity(&self) -> Option<String> {
+    pub fn ambiguity(&self) -> Option<Ambiguity> {
         ambiguity(self.duplicate_model, self.trailing_at, self.invalid_at)
     }
 
@@ -850,6 +847,10 @@ mod tests {
     /// Feeds `body` to a quick scan that stops at its decision, then to its
     /// verifier from where it stopped, split at `cut`; the verifier's verdict.
     fn verify(body: &[u8], limit: usize, cut: usize) -> Option<String> {
+        verify_ambiguity(body, limit, cut).map(|a| a.to_string())
+    }
+
+    fn verify_ambiguity(body: &[u8], limit: usize, cut: usize) -> Option<Ambiguity> {
         let mut scanner = JsonScanner::new(limit);
         scanner.feed(body);
         let consumed = scanner.consumed();

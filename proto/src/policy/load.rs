@@ -6,9 +6,10 @@
 //!   syntax error ends that file, the documents before it are still checked.
 //! - The top level of each document (`apiVersion`, `kind`, `metadata`,
 //!   `spec`) is checked here; `de` then types `metadata` and `spec` with the
-//!   serde derives of `policy.rs`. When typing fails, the offending node is
-//!   taken out and typing runs again, so every unknown field and bad value
-//!   of a document is reported, not only the first.
+//!   serde derives of the kind modules (`policy/backend.rs`, ...). When
+//!   typing fails, the offending node is taken out and typing runs again,
+//!   so every unknown field and bad value of a document is reported, not
+//!   only the first.
 //! - `check` looks at what types cannot express: name and endpoint formats,
 //!   references between documents, limits.
 //!

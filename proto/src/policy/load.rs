@@ -6,9 +6,10 @@
 //!   syntax error ends that file, the documents before it are still checked.
 //! - The top level of each document (`apiVersion`, `kind`, `metadata`,
 //!   `spec`) is checked here; `de` then types `metadata` and `spec` with the
-//!   serde derives of `policy.rs`. When typing fails, the offending node is
-//!   taken out and typing runs again, so every unknown field and bad value
-//!   of a document is reported, not only the first.
+//!   serde derives of the kind modules (`policy/backend.rs`, ...). When
+//!   typing fails, the offending node is taken out and typing runs again,
+//!   so every unknown field and bad value of a document is reported, not
+//!   only the first.
 //! - `check` looks at what types cannot express: name and endpoint formats,
 //!   references between documents, limits.
 //!
@@ -1386,91 +1387,6 @@ spec:
                 "p.yaml:15:43: invalid label key `Bad_Prefix/x`: the prefix before `/` must be a DNS subdomain (lowercase letters, digits, `-` and `.`), like `app.kubernetes.io`",
             ]
         );
-    }
-
-    #[test]
-    fn label_keys_and_values() {
-        for ok in [
-            "app",
-            "app.kubernetes.io/name",
-            "a_b-c.d",
-            "A1",
-            &"k".repeat(63),
-        ] {
-            assert_eq!(check::label_key_problem(ok), None, "{ok}");
-        }
-        for bad in [
-            "",
-            "-a",
-            "a-",
-            "a b",
-            "/a",
-            "a/",
-            "a/b/c",
-            &"k".repeat(64),
-            "A.B/c",
-        ] {
-            assert!(check::label_key_problem(bad).is_some(), "{bad}");
-        }
-        for ok in ["", "v1", "a.b_c-d", &"v".repeat(63)] {
-            assert_eq!(check::label_value_problem(ok), None, "{ok}");
-        }
-        for bad in ["-", "a/b", "é", &"v".repeat(64)] {
-            assert!(check::label_value_problem(bad).is_some(), "{bad}");
-        }
-        for ok in ["default", "team-a", "a1"] {
-            assert_eq!(check::namespace_problem(ok), None, "{ok}");
-        }
-        for bad in ["", "Team", "a.b", "-a", &"n".repeat(64)] {
-            assert!(check::namespace_problem(bad).is_some(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn endpoints_must_be_host_and_port() {
-        for ok in [
-            "a:1",
-            "10.0.0.1:8000",
-            "[::1]:80",
-            "svc.ns.svc.cluster.local:65535",
-        ] {
-            assert_eq!(check::endpoint_problem(ok), None, "{ok}");
-        }
-        for (bad, expected) in [
-            ("a", "endpoint `a` has no port: write `a:PORT`"),
-            ("a:0", "port 0 in endpoint `a:0` is out of range: use 1 to 65535"),
-            ("a:65536", "port 65536 in endpoint `a:65536` is out of range: use 1 to 65535"),
-            ("a:http", "port `http` in endpoint `a:http` must be a number from 1 to 65535"),
-            ("::1:80", "endpoint `::1:80` looks like an IPv6 address: put the address in brackets, as in `[::1]:8000`"),
-            ("[::1]", "endpoint `[::1]` has no port: write `[::1]:PORT`"),
-            ("[zz]:80", "`zz` in endpoint `[zz]:80` is not an IPv6 address"),
-            ("http://a:80", "endpoint `http://a:80` must be `host:port` without a scheme: remove `http://`"),
-            (":80", "endpoint `:80` has no host before the port"),
-            ("a b:80", "`a b` in endpoint `a b:80` is not a valid host name or IPv4 address"),
-        ] {
-            assert_eq!(check::endpoint_problem(bad).as_deref(), Some(expected), "{bad}");
-        }
-    }
-
-    #[test]
-    fn names_follow_dns_1123() {
-        for ok in ["a", "vllm-0", "a.b-c.d", "0"] {
-            assert_eq!(check::name_problem(ok), None, "{ok}");
-        }
-        for bad in ["", "A", "-a", "a-", "a..b", "a_b", &"a".repeat(254)] {
-            assert!(check::name_problem(bad).is_some(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn header_names_are_http_tokens() {
-        assert_eq!(check::header_name_problem("x-tenant_id"), None);
-        assert_eq!(
-            check::header_name_problem("x tenant").as_deref(),
-            Some("`x tenant` is not a valid HTTP header name: ' ' is not allowed (use letters, digits, `-` and `_`)")
-        );
-        assert!(check::header_name_problem(":authority").is_some());
-        assert!(check::header_name_problem("").is_some());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! JSON Schemas of the policy kinds, generated from the serde types so that
-//! they cannot drift from what the loader accepts. The field docs of
-//! `policy.rs` become the descriptions editors show.
+//! they cannot drift from what the loader accepts. The field docs of the
+//! kind modules (`backend.rs`, `model_route.rs`, ...) become the
+//! descriptions editors show.
 //!
 //! The schemas are draft-07, the dialect every YAML language server reads;
 //! `infermesh-control schema --out deploy/schemas` writes them.

@@ -1,0 +1,192 @@
+//! `kind: Backend`: the model-server endpoints routes send to, and how the
+//! proxy connects to them, balances over them and ejects failing ones.
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::duration;
+
+/// A set of model-server endpoints that routes send traffic to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendSpec {
+    /// Endpoints as `host:port`; host names are resolved, and re-resolved
+    /// every `dnsRefresh`.
+    pub endpoints: Vec<String>,
+    /// Protocol spoken to the endpoints.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// How an endpoint is chosen for each request.
+    #[serde(default)]
+    pub balancer: BalancerKind,
+    /// Limit on establishing a TCP connection to one endpoint.
+    #[serde(default = "defaults::connect_timeout", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub connect_timeout: Duration,
+    /// How often host names in `endpoints` are resolved again.
+    #[serde(default = "defaults::dns_refresh", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub dns_refresh: Duration,
+    /// The endpoints are meshed workloads (their inbound sidecars): connect
+    /// with mutual TLS 1.3, present this proxy's certificate, and accept
+    /// only a peer whose certificate carries this identity. Plaintext when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<BackendMtls>,
+    /// Takes endpoints that keep failing out of the balancer for a while
+    /// (outlier ejection, a per-endpoint circuit breaker). Off when absent;
+    /// `outlierDetection: {}` turns it on with the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Most requests the proxy keeps outstanding to this backend; past them
+    /// a request fails at once with 503 `overloaded`. Unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<BackendLimits>,
+}
+
+/// When an endpoint is ejected, for how long, and how many may be.
+///
+/// A failure is a connection that cannot be opened, an upstream failure
+/// before the response headers, a 5xx response, or a gRPC `UNAVAILABLE` in
+/// the response headers; anything else that starts a response is a success.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Ejects an endpoint after this many failures in a row; 0 turns the
+    /// check off.
+    #[serde(default = "defaults::consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// Ejects an endpoint whose share of failures over a sliding window
+    /// passes a threshold. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<FailureRate>,
+    /// How long a first ejection lasts; the n-th ejection in a row lasts n
+    /// times as long, up to `maxEjection`.
+    #[serde(default = "defaults::base_ejection", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub base_ejection: Duration,
+    /// Longest ejection.
+    #[serde(default = "defaults::max_ejection", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub max_ejection: Duration,
+    /// Most endpoints of the backend ejected at once, as a percentage of its
+    /// endpoints (rounded down); an endpoint that fails past it stays in.
+    #[serde(default = "defaults::max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: defaults::consecutive_failures(),
+            failure_rate: None,
+            base_ejection: defaults::base_ejection(),
+            max_ejection: defaults::max_ejection(),
+            max_ejected_percent: defaults::max_ejected_percent(),
+        }
+    }
+}
+
+/// Ejection by the share of failed requests over a sliding window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailureRate {
+    /// Share of failed requests (above 0, at most 1) at which the endpoint
+    /// is ejected: 0.5 ejects it when half its requests fail.
+    #[serde(default = "defaults::failure_rate_threshold")]
+    pub threshold: f64,
+    /// Requests the endpoint must have answered in the window before its
+    /// rate is judged, so one failure of one request does not eject it.
+    #[serde(default = "defaults::failure_rate_min_requests")]
+    pub min_requests: u32,
+    /// Length of the sliding window.
+    #[serde(default = "defaults::failure_rate_window", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub window: Duration,
+}
+
+/// Limits on the requests the proxy keeps outstanding to one backend,
+/// across all its endpoints and every route that uses it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendLimits {
+    /// Most requests in flight: sent to an endpoint and not yet finished
+    /// (waiting for the response headers, or streaming the response body).
+    /// Unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    /// Most requests pending: sent to an endpoint and still waiting for the
+    /// response headers (connecting, sending, queued in the model server
+    /// before its first byte). Unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending: Option<u32>,
+}
+
+/// Mutual TLS to a backend's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendMtls {
+    /// The SPIFFE ID the endpoints must prove:
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub identity: crate::spiffe::SpiffeId,
+}
+
+/// Protocol used between the proxy and a backend's endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive connection pooling.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext (prior knowledge), multiplexed; required for gRPC.
+    Http2,
+}
+
+/// Endpoint selection strategy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalancerKind {
+    /// Each endpoint in turn.
+    RoundRobin,
+    /// Power of two choices by fewest requests in flight.
+    LeastRequest,
+    /// Power of two choices by in-flight requests times the peak-EWMA of the
+    /// time to first byte: the default, because model servers' latency varies
+    /// with what they are busy with.
+    #[default]
+    PeakEwma,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn dns_refresh() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn consecutive_failures() -> u32 {
+        5
+    }
+    pub fn base_ejection() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_ejection() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_ejected_percent() -> u32 {
+        50
+    }
+    pub fn failure_rate_threshold() -> f64 {
+        0.5
+    }
+    pub fn failure_rate_min_requests() -> u32 {
+        20
+    }
+    pub fn failure_rate_window() -> Duration {
+        Duration::from_secs(10)
+    }
+}

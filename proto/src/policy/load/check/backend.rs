@@ -1,0 +1,172 @@
+//! `Backend` checks: endpoints, outlier detection and limits.
+
+use super::format::endpoint_problem;
+use super::path::{find, P};
+use crate::policy::load::{PolicyError, Typed};
+use crate::policy::{BackendLimits, BackendSpec, OutlierDetection};
+use P::{I, K};
+
+/// `outlierDetection` bounds: a failure-rate window shorter than a second
+/// judges too few requests, one longer than an hour remembers an outage
+/// long gone; an ejection longer than a day is a removal, which belongs in
+/// the endpoint list.
+const MIN_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+const MAX_EJECTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+const MAX_CONSECUTIVE_FAILURES: u32 = 1000;
+
+pub(super) fn backend_spec(backend: &Typed<BackendSpec>, errors: &mut Vec<PolicyError>) {
+    let (file, tree, spec) = (&backend.file, &backend.tree, &backend.resource.spec);
+    if spec.endpoints.is_empty() && !backend.repaired {
+        let name = &backend.resource.metadata.name;
+        errors.push(PolicyError::new(
+            file,
+            find(tree, &[K("spec"), K("endpoints")]).at,
+            format!("Backend `{name}` has no endpoints: list at least one `host:port`"),
+        ));
+    }
+    for (i, endpoint) in spec.endpoints.iter().enumerate() {
+        if let Some(problem) = endpoint_problem(endpoint) {
+            let at = find(tree, &[K("spec"), K("endpoints"), I(i)]).at;
+            errors.push(PolicyError::new(file, at, problem));
+        }
+    }
+    let problems = spec
+        .outlier_detection
+        .as_ref()
+        .map(outlier_problems)
+        .into_iter()
+        .flatten()
+        .map(|(keys, problem)| {
+            (
+                ["outlierDetection"]
+                    .iter()
+                    .chain(keys)
+                    .copied()
+                    .collect::<Vec<_>>(),
+                problem,
+            )
+        })
+        .chain(
+            spec.limits
+                .as_ref()
+                .map(limits_problems)
+                .into_iter()
+                .flatten()
+                .map(|(key, problem)| (vec!["limits", key], problem)),
+        );
+    for (keys, problem) in problems {
+        let path: Vec<P<'_>> = std::iter::once(K("spec"))
+            .chain(keys.into_iter().map(K))
+            .collect();
+        errors.push(PolicyError::new(file, find(tree, &path).at, problem));
+    }
+}
+
+/// What is wrong with an `outlierDetection`: bounds, and settings that
+/// could never eject anything. Each problem comes with the keys of its
+/// field under `outlierDetection`.
+pub(super) fn outlier_problems(
+    outlier: &OutlierDetection,
+) -> Vec<(&'static [&'static str], String)> {
+    let mut problems: Vec<(&'static [&'static str], String)> = Vec::new();
+    if outlier.consecutive_failures > MAX_CONSECUTIVE_FAILURES {
+        problems.push((
+            &["consecutiveFailures"],
+            format!(
+                "`consecutiveFailures` must be at most {MAX_CONSECUTIVE_FAILURES}, found {}",
+                outlier.consecutive_failures
+            ),
+        ));
+    }
+    if outlier.consecutive_failures == 0 && outlier.failure_rate.is_none() {
+        problems.push((
+            &["consecutiveFailures"],
+            "`consecutiveFailures: 0` without a `failureRate` never ejects an endpoint: set one of them, or remove `outlierDetection`".into(),
+        ));
+    }
+    if let Some(rate) = &outlier.failure_rate {
+        if !(rate.threshold > 0.0 && rate.threshold <= 1.0) {
+            problems.push((
+                &["failureRate", "threshold"],
+                format!(
+                    "failure-rate `threshold` is a share of requests: above 0 and at most 1, found {}",
+                    rate.threshold
+                ),
+            ));
+        }
+        if rate.min_requests == 0 {
+            problems.push((
+                &["failureRate", "minRequests"],
+                "`minRequests` must be at least 1: a rate over no requests means nothing".into(),
+            ));
+        }
+        if !(MIN_FAILURE_WINDOW..=MAX_FAILURE_WINDOW).contains(&rate.window) {
+            problems.push((
+                &["failureRate", "window"],
+                format!(
+                    "failure-rate `window` must be between 1s and 1h, found {}ms",
+                    rate.window.as_millis()
+                ),
+            ));
+        }
+    }
+    if outlier.base_ejection.is_zero() || outlier.base_ejection > outlier.max_ejection {
+        problems.push((
+            &["baseEjection"],
+            format!(
+                "`baseEjection` ({}ms) must be above zero and at most `maxEjection` ({}ms)",
+                outlier.base_ejection.as_millis(),
+                outlier.max_ejection.as_millis()
+            ),
+        ));
+    }
+    if outlier.max_ejection > MAX_EJECTION {
+        problems.push((
+            &["maxEjection"],
+            format!(
+                "`maxEjection` must be at most 24h, found {}s; remove an endpoint for good from `endpoints`",
+                outlier.max_ejection.as_secs()
+            ),
+        ));
+    }
+    if outlier.max_ejected_percent > 100 {
+        problems.push((
+            &["maxEjectedPercent"],
+            format!(
+                "`maxEjectedPercent` is a percentage of the endpoints: at most 100, found {}",
+                outlier.max_ejected_percent
+            ),
+        ));
+    }
+    problems
+}
+
+/// What is wrong with a backend's `limits`; each problem comes with its key.
+pub(super) fn limits_problems(limits: &BackendLimits) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    for (key, value) in [
+        ("maxInFlight", limits.max_in_flight),
+        ("maxPending", limits.max_pending),
+    ] {
+        if value == Some(0) {
+            problems.push((
+                key,
+                format!(
+                    "`{key}: 0` refuses every request: give at least 1, or remove it for no limit"
+                ),
+            ));
+        }
+    }
+    if let (Some(pending), Some(in_flight)) = (limits.max_pending, limits.max_in_flight) {
+        if pending > in_flight {
+            problems.push((
+                "maxPending",
+                format!(
+                    "`maxPending` ({pending}) can never be reached: pending requests are in flight too, and `maxInFlight` is {in_flight}"
+                ),
+            ));
+        }
+    }
+    problems
+}

@@ -1,0 +1,117 @@
+//! `kind: MeshConfig`: settings for the whole mesh, or for the workloads
+//! it selects.
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::duration;
+use super::selector::WorkloadSelector;
+
+/// Settings for the whole mesh (at most one document).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfigSpec {
+    /// How requests are classified.
+    #[serde(default)]
+    pub classify: ClassifySettings,
+    /// What happens to connections that are neither HTTP/1.1 nor HTTP/2.
+    #[serde(default)]
+    pub opaque: OpaqueSettings,
+    /// Mutual TLS on the inbound listener.
+    #[serde(default)]
+    pub mtls: MtlsSettings,
+    /// How long in-flight requests may run after SIGTERM.
+    #[serde(default = "defaults::drain_timeout", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub drain_timeout: Duration,
+    /// The workloads whose proxies receive these settings (the others keep
+    /// the defaults); every proxy in the namespace (or in the mesh, without
+    /// one) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<WorkloadSelector>,
+}
+
+/// Request classification settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClassifySettings {
+    /// Most bytes of a request body read to find the model name; a body whose
+    /// model is not found within them is routed by the other match rules.
+    #[serde(default = "defaults::max_body_prefix")]
+    pub max_body_prefix: u32,
+    /// Longest time the client may take to send the part of its body read to
+    /// find the model (at most `maxBodyPrefix` bytes); past it the request
+    /// is refused with 408. `0s` for no limit.
+    #[serde(default = "defaults::classify_read_timeout", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub read_timeout: Duration,
+    /// Longest wait for the next chunk of a request body on its way
+    /// upstream; past it the upload is cut and the client answered 408.
+    /// gRPC streams are exempt (their limits are the route's). `0s` for no
+    /// limit.
+    #[serde(default = "defaults::body_idle_timeout", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub body_idle_timeout: Duration,
+}
+
+impl Default for ClassifySettings {
+    fn default() -> Self {
+        Self {
+            max_body_prefix: defaults::max_body_prefix(),
+            read_timeout: defaults::classify_read_timeout(),
+            body_idle_timeout: defaults::body_idle_timeout(),
+        }
+    }
+}
+
+/// Handling of non-HTTP connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OpaqueSettings {
+    /// Backend that receives such connections as raw TCP; when absent they are
+    /// refused and logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// Mutual TLS settings of the inbound listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtlsSettings {
+    /// `strict` (the default) refuses plaintext and callers without a valid
+    /// mesh certificate; `permissive` also accepts plaintext, for workloads
+    /// migrating into the mesh. Applies once the proxy holds a certificate.
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+/// What the inbound listener accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MtlsMode {
+    /// Mutual TLS only.
+    #[default]
+    Strict,
+    /// Mutual TLS, or plaintext (detected from the first bytes) without a
+    /// caller identity.
+    Permissive,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_body_prefix() -> u32 {
+        64 * 1024
+    }
+    pub fn classify_read_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn body_idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+}

@@ -867,8 +867,11 @@ mod tests {
     }
 
     fn mesh_identity(ca: &Ca) -> Arc<Identity> {
-        Identity::trusting(ME.parse().expect("a SPIFFE ID"), &[ca.der.clone()])
-            .expect("an identity")
+        Identity::trusting(
+            ME.parse().expect("a SPIFFE ID"),
+            std::slice::from_ref(&ca.der),
+        )
+        .expect("an identity")
     }
 
     fn verify_server(

@@ -492,8 +492,9 @@ fn refused(reason: String) -> TlsError {
     )))))
 }
 
-/// Verifies a server: rustls's WebPKI verifier over the mesh's roots, then
-/// the SPIFFE ID: the server must prove `expected`.
+/// Verifies a server: the chain check of rustls's WebPKI verifier over the
+/// mesh's roots (not its host-name match), then the SPIFFE ID: the server
+/// must prove `expected`. Handshake signatures are the WebPKI verifier's.
 struct PeerVerifier {
     identity: Arc<Identity>,
     expected: SpiffeId,
@@ -925,6 +926,38 @@ mod tests {
                 Reason::TlsIdentity,
                 format!("invalid peer certificate: the peer is {other}, not the expected {PEER}")
             ))
+        );
+    }
+
+    /// Why the server verifier runs the WebPKI chain check itself rather
+    /// than the whole `WebPkiServerVerifier::verify_server_cert`: that one
+    /// ends with a match of the dialled address, which a mesh certificate
+    /// does not carry.
+    #[test]
+    fn the_whole_webpki_server_check_would_refuse_a_mesh_peer_dialled_by_address() {
+        let mesh = ca("mesh");
+        let identity = mesh_identity(&mesh);
+        let dialled = ServerName::try_from("10.0.0.7").expect("an address");
+        let error = identity
+            .trust
+            .load()
+            .servers
+            .verify_server_cert(&valid(&mesh, PEER), &[], &dialled, &[], UnixTime::now())
+            .map(|_| ())
+            .expect_err("no name to match");
+        assert!(
+            matches!(
+                error,
+                TlsError::InvalidCertificate(
+                    CertificateError::NotValidForName
+                        | CertificateError::NotValidForNameContext { .. }
+                )
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            outcome(verify_server(&identity, PEER, &valid(&mesh, PEER))),
+            Ok(())
         );
     }
 

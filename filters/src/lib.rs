@@ -6,6 +6,7 @@
 //! the edge of the stack.
 
 pub mod authz;
+pub mod backoff;
 pub mod body;
 pub mod error;
 pub mod fault;

@@ -44,6 +44,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
+use crate::backoff::{Backoff, Jitter};
 use crate::body::{BoxBody, BoxError};
 use crate::error::ProxyError;
 use crate::replay::ReplayBody;
@@ -161,8 +162,7 @@ pub struct RetryLayer {
     max_attempts: u32,
     conditions: Arc<RetryConditions>,
     per_try_timeout: Option<Duration>,
-    backoff_base: Duration,
-    backoff_max: Duration,
+    backoff: Backoff,
     max_retry_after: Duration,
     max_replay_bytes: usize,
     keep_body: bool,
@@ -178,8 +178,11 @@ impl RetryLayer {
             max_attempts: max_attempts.max(1),
             conditions: Arc::new(RetryConditions::default()),
             per_try_timeout: None,
-            backoff_base: Duration::from_millis(25),
-            backoff_max: Duration::from_secs(1),
+            backoff: Backoff::new(
+                Duration::from_millis(25),
+                Duration::from_secs(1),
+                Jitter::Equal,
+            ),
             max_retry_after: Duration::from_secs(2),
             max_replay_bytes: 64 * 1024,
             keep_body: false,
@@ -205,10 +208,11 @@ impl RetryLayer {
         self
     }
 
-    /// Exponential back-off: `base` before the first retry, doubling, at most `max`.
+    /// Exponential back-off: `base` before the first retry, doubling, at most
+    /// `max`, each wait drawn between half and all of it ([`Jitter::Equal`]:
+    /// never an immediate retry into the failure just seen).
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.backoff_base = base;
-        self.backoff_max = max.max(base);
+        self.backoff = Backoff::new(base, max, Jitter::Equal);
         self
     }
 
@@ -240,11 +244,7 @@ impl RetryLayer {
     /// The wait before retry number `retry` (1 for the first), with jitter:
     /// drawn between half and all of the exponential back-off.
     fn backoff_for(&self, retry: u32, draw: f64) -> Duration {
-        let exp = self
-            .backoff_base
-            .saturating_mul(1u32 << retry.saturating_sub(1).min(16))
-            .min(self.backoff_max);
-        exp.mul_f64(0.5 + 0.5 * draw.clamp(0.0, 1.0))
+        self.backoff.delay(retry, draw)
     }
 }
 

@@ -11,13 +11,13 @@
 //! With `--policy-cache` the last applied snapshot is also kept on disk, and
 //! served at start-up when the control plane cannot be reached.
 
-mod backoff;
 mod cache;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use infermesh_filters::backoff::{Backoff, BackoffState, Jitter};
 use infermesh_proto::policy::{PolicySet, Workload};
 use infermesh_proto::policy_api::policy_discovery_client::PolicyDiscoveryClient;
 use infermesh_proto::policy_api::proxy_message::Message;
@@ -29,17 +29,20 @@ use tonic::transport::Endpoint;
 
 use crate::identity::Identity;
 
-pub use backoff::Backoff;
 pub use cache::{CacheError, Cached, PolicyCache};
 
 use crate::error::error_chain;
 use crate::inputs::Inputs;
 use crate::snapshot::{Origin, Snapshot, Source};
 
-/// First reconnect delay ceiling; it doubles with each failure.
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-/// Longest reconnect delay.
-const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Reconnect delays: a ceiling of 100 ms doubling to 10 s, full jitter, so
+/// the proxies cut off by one control-plane restart do not all come back in
+/// the same millisecond.
+const RECONNECT: Backoff = Backoff::new(
+    Duration::from_millis(100),
+    Duration::from_secs(10),
+    Jitter::Full,
+);
 /// How long start-up waits for the control plane's first snapshot before it
 /// serves the cached one (sooner when the control plane cannot be reached).
 const CACHE_GRACE: Duration = Duration::from_secs(3);
@@ -225,7 +228,7 @@ impl ControlPlane {
     pub async fn run(self) {
         let mut cached = self.read_cache();
         let cache_deadline = tokio::time::Instant::now() + CACHE_GRACE;
-        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+        let mut backoff = BackoffState::new(RECONNECT);
         let mut link = Link::Starting;
         loop {
             let reason = {
@@ -261,7 +264,7 @@ impl ControlPlane {
     }
 
     /// One stream, from connecting to its end; returns why it ended.
-    async fn session(&self, link: &mut Link, backoff: &mut Backoff) -> String {
+    async fn session(&self, link: &mut Link, backoff: &mut BackoffState) -> String {
         let connected = match &self.settings.tls {
             Some((identity, control_plane_id)) => {
                 if !identity.certified() {

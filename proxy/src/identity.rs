@@ -20,12 +20,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use infermesh_filters::backoff::{Backoff, BackoffState, Jitter};
 use infermesh_proto::identity_api::identity_client::IdentityClient;
 use infermesh_proto::identity_api::CertifyRequest;
 use infermesh_proto::spiffe::SpiffeId;
 use parking_lot::Mutex;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::ResolvesClientCert;
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -46,9 +47,15 @@ pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// Renew once this share of the lifetime has passed.
 const RENEW_AT: f64 = 0.7;
-/// Retry delays after a failed request for a certificate.
-const RETRY_MIN: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Waits after a failed request for a certificate: a ceiling of 200 ms
+/// doubling to 30 s, each wait drawn between half and all of it, so the
+/// proxies that failed together during a CA outage do not all come back in
+/// the same instant (and none comes back at once).
+const RENEWAL_RETRY: Backoff = Backoff::new(
+    Duration::from_millis(200),
+    Duration::from_secs(30),
+    Jitter::Equal,
+);
 /// Limit on one certificate request.
 const CERTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -84,9 +91,11 @@ impl fmt::Debug for IdentitySettings {
     }
 }
 
-/// The roots peers are verified against.
+/// The roots peers are verified against, and rustls's WebPKI verifiers
+/// over them, which the mesh's verifiers wrap.
 struct Trust {
     roots: Arc<RootCertStore>,
+    servers: Arc<WebPkiServerVerifier>,
     clients: Arc<dyn ClientCertVerifier>,
 }
 
@@ -105,10 +114,17 @@ impl Trust {
             return Err("no trust anchors".into());
         }
         let roots = Arc::new(roots);
+        let servers = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| format!("cannot verify servers with these roots: {e}"))?;
         let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| format!("cannot verify clients with these roots: {e}"))?;
-        Ok(Self { roots, clients })
+        Ok(Self {
+            roots,
+            servers,
+            clients,
+        })
     }
 }
 
@@ -164,9 +180,13 @@ impl Identity {
         let anchors: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(trust_bundle)
             .and_then(|certs| certs.collect::<Result<_, _>>())
             .map_err(|e| format!("{}: {e}", trust_bundle.display()))?;
+        Self::trusting(id, &anchors).map_err(|e| format!("{}: {e}", trust_bundle.display()))
+    }
+
+    /// An identity with no certificate yet, trusting `anchors`.
+    fn trusting(id: SpiffeId, anchors: &[CertificateDer<'static>]) -> Result<Arc<Self>, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let trust = Trust::new(&anchors, &provider)
-            .map_err(|e| format!("{}: {e}", trust_bundle.display()))?;
+        let trust = Trust::new(anchors, &provider)?;
         Ok(Arc::new(Self {
             id,
             provider,
@@ -269,11 +289,11 @@ impl Identity {
     /// Obtains the first certificate and renews it until the process ends.
     pub async fn run(self: Arc<Self>, settings: IdentitySettings) {
         let tls = self.client_config(settings.control_plane_id.clone());
-        let mut retry = RETRY_MIN;
+        let mut retries = BackoffState::new(RENEWAL_RETRY);
         loop {
             match self.certify(&settings, &tls).await {
                 Ok((not_after, lifetime)) => {
-                    retry = RETRY_MIN;
+                    retries.reset();
                     let left = not_after
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
@@ -292,15 +312,10 @@ impl Identity {
                         .lock()
                         .not_after
                         .and_then(|t| t.duration_since(SystemTime::now()).ok());
-                    tracing::warn!(identity = %self.id, %error, retry_in_ms = retry.as_millis() as u64, "cannot obtain a mesh certificate");
+                    let pause = next_retry_pause(&mut retries, left);
+                    tracing::warn!(identity = %self.id, %error, retry_in_ms = pause.as_millis() as u64, "cannot obtain a mesh certificate");
                     self.status.lock().last_error = Some(error);
-                    // Never sleep past the expiry of the certificate in force.
-                    let pause = match left {
-                        Some(left) => retry.min(left / 4).max(RETRY_MIN),
-                        None => retry,
-                    };
                     tokio::time::sleep(pause).await;
-                    retry = (retry * 2).min(RETRY_MAX);
                 }
             }
         }
@@ -364,6 +379,15 @@ impl Identity {
         let lifetime = not_after.duration_since(issued).unwrap_or_default();
         Ok((not_after, lifetime))
     }
+}
+
+/// The wait before the next request for a certificate, after one more
+/// failure, when the certificate in force has `left` before it expires:
+/// never more than a quarter of that, so a renewal never sleeps past the
+/// expiry (the ceiling stays at least the base, so an expiring certificate
+/// does not turn the loop into a tight one).
+fn next_retry_pause(retries: &mut BackoffState, left: Option<Duration>) -> Duration {
+    retries.next_delay_within(left.map_or(Duration::MAX, |left| left / 4))
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -468,7 +492,9 @@ fn refused(reason: String) -> TlsError {
     )))))
 }
 
-/// Verifies a server: chains to the mesh's roots and proves `expected`.
+/// Verifies a server: the chain check of rustls's WebPKI verifier over the
+/// mesh's roots (not its host-name match), then the SPIFFE ID: the server
+/// must prove `expected`. Handshake signatures are the WebPKI verifier's.
 struct PeerVerifier {
     identity: Arc<Identity>,
     expected: SpiffeId,
@@ -489,6 +515,11 @@ impl ServerCertVerifier for PeerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
+        // `WebPkiServerVerifier::verify_server_cert` is this chain check
+        // (the same rustls function) followed by a match of the name that
+        // was dialled, a DNS name or an IP address. A mesh certificate names
+        // its workload in a URI SAN instead, and a proxy dials endpoints by
+        // address, so that last step is replaced by the SPIFFE check below.
         let cert = ParsedCertificate::try_from(end_entity)?;
         let trust = self.identity.trust.load();
         rustls::client::verify_server_cert_signed_by_trust_anchor(
@@ -514,12 +545,11 @@ impl ServerCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.identity.provider.signature_verification_algorithms,
-        )
+        self.identity
+            .trust
+            .load()
+            .servers
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -528,25 +558,25 @@ impl ServerCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.identity.provider.signature_verification_algorithms,
-        )
+        self.identity
+            .trust
+            .load()
+            .servers
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.identity
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
+            .trust
+            .load()
+            .servers
+            .supported_verify_schemes()
     }
 }
 
-/// Verifies a caller on the inbound listener: a certificate is required,
-/// it chains to the mesh's roots, and it carries a SPIFFE ID of this
-/// mesh's trust domain.
+/// Verifies a caller on the inbound listener: rustls's WebPKI verifier over
+/// the mesh's roots (a certificate is required), then the SPIFFE ID: it must
+/// be of this mesh's trust domain.
 struct CallerVerifier(Arc<Identity>);
 
 impl fmt::Debug for CallerVerifier {
@@ -588,12 +618,11 @@ impl ClientCertVerifier for CallerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.provider.signature_verification_algorithms,
-        )
+        self.0
+            .trust
+            .load()
+            .clients
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -602,19 +631,15 @@ impl ClientCertVerifier for CallerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.provider.signature_verification_algorithms,
-        )
+        self.0
+            .trust
+            .load()
+            .clients
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.trust.load().clients.supported_verify_schemes()
     }
 }
 
@@ -708,5 +733,305 @@ mod tests {
         }
         let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
         assert_eq!(handshake_refusal(&eof), Reason::TlsOther);
+    }
+
+    // === renewal retries ===
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn renewal_retry_pauses_stay_within_bounds() {
+        let lefts = [
+            None,
+            Some(Duration::ZERO),
+            Some(ms(100)),
+            Some(ms(900)),
+            Some(Duration::from_secs(20)),
+            Some(Duration::from_secs(24 * 3600)),
+        ];
+        for left in lefts {
+            for seed in 0..20 {
+                let mut retries =
+                    BackoffState::with_rng(RENEWAL_RETRY, fastrand::Rng::with_seed(seed));
+                for failure in 1..=40u32 {
+                    // 200 ms doubling to 30 s, no more than a quarter of
+                    // what the certificate has left, no less than 200 ms.
+                    let doubling =
+                        (ms(200) * 2u32.pow((failure - 1).min(10))).min(Duration::from_secs(30));
+                    let ceiling = match left {
+                        Some(left) => doubling.min(left / 4).max(ms(200)),
+                        None => doubling,
+                    };
+                    let pause = next_retry_pause(&mut retries, left);
+                    assert!(
+                        pause >= ceiling / 2 && pause <= ceiling,
+                        "failure {failure}, left {left:?}: {pause:?} outside [{:?}, {ceiling:?}]",
+                        ceiling / 2
+                    );
+                    if let Some(left) = left.filter(|left| *left >= ms(800)) {
+                        assert!(pause <= left / 4, "sleeps past the expiry");
+                    }
+                }
+                retries.reset();
+                assert!(next_retry_pause(&mut retries, None) <= ms(200));
+            }
+        }
+    }
+
+    #[test]
+    fn proxies_cut_off_by_one_ca_outage_do_not_retry_in_step() {
+        // A thousand proxies, each with the state `run` gives it, failing
+        // at the same instant. Without jitter all of them came back exactly
+        // 200 ms later.
+        let first: Vec<Duration> = (0..1000)
+            .map(|_| next_retry_pause(&mut BackoffState::new(RENEWAL_RETRY), None))
+            .collect();
+        assert!(first.iter().all(|&p| p >= ms(100) && p <= ms(200)));
+        let mut per_ms = std::collections::HashMap::<u128, usize>::new();
+        for pause in &first {
+            *per_ms.entry(pause.as_millis()).or_default() += 1;
+        }
+        let crowd = per_ms.values().max().copied().unwrap_or(0);
+        assert!(
+            crowd <= 50,
+            "{crowd} of 1000 proxies retry in the same millisecond"
+        );
+        // The window is used from end to end: each tenth holds some.
+        for tenth in 0..10 {
+            let (start, end) = (ms(100 + 10 * tenth), ms(110 + 10 * tenth));
+            let n = first.iter().filter(|&&p| p >= start && p <= end).count();
+            assert!(n >= 40, "{n} pauses in [{start:?}, {end:?}]");
+        }
+        // And two proxies' whole sequences differ.
+        let sequence = || {
+            let mut retries = BackoffState::new(RENEWAL_RETRY);
+            (0..8)
+                .map(|_| next_retry_pause(&mut retries, None))
+                .collect::<Vec<_>>()
+        };
+        assert_ne!(sequence(), sequence());
+    }
+
+    // === verifiers ===
+
+    const ME: &str = "spiffe://mesh.test/ns/models/sa/llama";
+    const PEER: &str = "spiffe://mesh.test/ns/models/sa/vllm";
+
+    /// A certificate authority made by the test.
+    struct Ca {
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+        der: CertificateDer<'static>,
+    }
+
+    fn ca(name: &str) -> Ca {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().expect("a key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let der = params.self_signed(&key).expect("self-signed").der().clone();
+        Ca {
+            issuer: rcgen::Issuer::new(params, key),
+            der,
+        }
+    }
+
+    /// A leaf for `spiffe_id`, signed by `ca`, valid until `not_after`.
+    fn leaf(ca: &Ca, spiffe_id: &str, not_after: SystemTime) -> CertificateDer<'static> {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
+        let key = KeyPair::generate().expect("a key");
+        let mut params = CertificateParams::default();
+        params
+            .subject_alt_names
+            .push(SanType::URI(spiffe_id.try_into().expect("ASCII")));
+        params.not_before = (SystemTime::now() - Duration::from_secs(3600)).into();
+        params.not_after = not_after.into();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params
+            .signed_by(&key, &ca.issuer)
+            .expect("signed")
+            .der()
+            .clone()
+    }
+
+    fn valid(ca: &Ca, spiffe_id: &str) -> CertificateDer<'static> {
+        leaf(ca, spiffe_id, SystemTime::now() + Duration::from_secs(3600))
+    }
+
+    fn mesh_identity(ca: &Ca) -> Arc<Identity> {
+        Identity::trusting(
+            ME.parse().expect("a SPIFFE ID"),
+            std::slice::from_ref(&ca.der),
+        )
+        .expect("an identity")
+    }
+
+    fn verify_server(
+        identity: &Arc<Identity>,
+        expected: &str,
+        cert: &CertificateDer<'_>,
+    ) -> Result<(), TlsError> {
+        let verifier = PeerVerifier {
+            identity: identity.clone(),
+            expected: expected.parse().expect("a SPIFFE ID"),
+        };
+        // A proxy dials an endpoint by address; the certificate names none.
+        let dialled = ServerName::try_from("10.0.0.7").expect("an address");
+        verifier
+            .verify_server_cert(cert, &[], &dialled, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    fn verify_caller(identity: &Arc<Identity>, cert: &CertificateDer<'_>) -> Result<(), TlsError> {
+        CallerVerifier(identity.clone())
+            .verify_client_cert(cert, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    /// The reason the metric and the log line would show.
+    fn outcome(result: Result<(), TlsError>) -> Result<(), (Reason, String)> {
+        result.map_err(|error| {
+            let io = std::io::Error::new(std::io::ErrorKind::InvalidData, error);
+            (handshake_refusal(&io), describe_handshake_error(&io))
+        })
+    }
+
+    #[test]
+    fn a_server_proving_the_expected_identity_over_a_trusted_chain_is_accepted() {
+        let mesh = ca("mesh");
+        let identity = mesh_identity(&mesh);
+        assert_eq!(
+            outcome(verify_server(&identity, PEER, &valid(&mesh, PEER))),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_server_with_a_valid_chain_but_another_identity_is_refused_after_the_chain() {
+        let mesh = ca("mesh");
+        let identity = mesh_identity(&mesh);
+        let other = "spiffe://mesh.test/ns/models/sa/impostor";
+        assert_eq!(
+            outcome(verify_server(&identity, PEER, &valid(&mesh, other))),
+            Err((
+                Reason::TlsIdentity,
+                format!("invalid peer certificate: the peer is {other}, not the expected {PEER}")
+            ))
+        );
+    }
+
+    /// Why the server verifier runs the WebPKI chain check itself rather
+    /// than the whole `WebPkiServerVerifier::verify_server_cert`: that one
+    /// ends with a match of the dialled address, which a mesh certificate
+    /// does not carry.
+    #[test]
+    fn the_whole_webpki_server_check_would_refuse_a_mesh_peer_dialled_by_address() {
+        let mesh = ca("mesh");
+        let identity = mesh_identity(&mesh);
+        let dialled = ServerName::try_from("10.0.0.7").expect("an address");
+        let error = identity
+            .trust
+            .load()
+            .servers
+            .verify_server_cert(&valid(&mesh, PEER), &[], &dialled, &[], UnixTime::now())
+            .map(|_| ())
+            .expect_err("no name to match");
+        assert!(
+            matches!(
+                error,
+                TlsError::InvalidCertificate(
+                    CertificateError::NotValidForName
+                        | CertificateError::NotValidForNameContext { .. }
+                )
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            outcome(verify_server(&identity, PEER, &valid(&mesh, PEER))),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_server_chain_the_mesh_does_not_trust_is_refused_with_the_chain_reason() {
+        let mesh = ca("mesh");
+        let stranger = ca("stranger");
+        let identity = mesh_identity(&mesh);
+        // The chain is checked first: even the expected identity, or a
+        // wrong one, is refused as an unknown issuer.
+        for id in [PEER, "spiffe://elsewhere/ns/x/sa/y"] {
+            let (reason, _) = outcome(verify_server(&identity, PEER, &valid(&stranger, id)))
+                .expect_err("refused");
+            assert_eq!(reason, Reason::TlsUnknownIssuer, "{id}");
+        }
+        let expired = leaf(&mesh, PEER, SystemTime::now() - Duration::from_secs(60));
+        let (reason, _) = outcome(verify_server(&identity, PEER, &expired)).expect_err("refused");
+        assert_eq!(reason, Reason::TlsExpired);
+    }
+
+    #[test]
+    fn a_caller_of_this_trust_domain_over_a_trusted_chain_is_accepted() {
+        let mesh = ca("mesh");
+        let identity = mesh_identity(&mesh);
+        assert_eq!(
+            outcome(verify_caller(&identity, &valid(&mesh, PEER))),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_caller_with_a_valid_chain_but_another_trust_domain_is_refused_after_the_chain() {
+        let mesh = ca("mesh");
+        let identity = mesh_identity(&mesh);
+        let other = "spiffe://elsewhere/ns/models/sa/vllm";
+        assert_eq!(
+            outcome(verify_caller(&identity, &valid(&mesh, other))),
+            Err((
+                Reason::TlsIdentity,
+                format!(
+                    "invalid peer certificate: the caller {other} is not of this mesh's trust domain `mesh.test`"
+                )
+            ))
+        );
+    }
+
+    #[test]
+    fn a_caller_chain_the_mesh_does_not_trust_is_refused_with_the_chain_reason() {
+        let mesh = ca("mesh");
+        let stranger = ca("stranger");
+        let identity = mesh_identity(&mesh);
+        for id in [PEER, "spiffe://elsewhere/ns/x/sa/y"] {
+            let (reason, _) =
+                outcome(verify_caller(&identity, &valid(&stranger, id))).expect_err("refused");
+            assert_eq!(reason, Reason::TlsUnknownIssuer, "{id}");
+        }
+        let expired = leaf(&mesh, PEER, SystemTime::now() - Duration::from_secs(60));
+        let (reason, _) = outcome(verify_caller(&identity, &expired)).expect_err("refused");
+        assert_eq!(reason, Reason::TlsExpired);
+    }
+
+    #[test]
+    fn both_verifiers_offer_the_signature_schemes_of_the_provider() {
+        let identity = mesh_identity(&ca("mesh"));
+        let schemes = identity
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes();
+        assert!(!schemes.is_empty());
+        let peer = PeerVerifier {
+            identity: identity.clone(),
+            expected: PEER.parse().expect("a SPIFFE ID"),
+        };
+        assert_eq!(peer.supported_verify_schemes(), schemes);
+        assert_eq!(CallerVerifier(identity).supported_verify_schemes(), schemes);
     }
 }

@@ -768,3 +768,61 @@ spec:
     assert_eq!(status(&job), "429");
     assert_eq!(openai.requests().len(), 4);
 }
+
+/// The waits (`retry_in_ms`) a proxy logged after each failed request for a
+/// certificate, in order.
+fn renewal_waits(stderr: &str) -> Vec<u64> {
+    stderr
+        .lines()
+        .filter(|line| line.contains("cannot obtain a mesh certificate"))
+        .filter_map(|line| {
+            let value = line.split("retry_in_ms=").nth(1)?;
+            value.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Proxies that fail to reach the CA together (here: started during its
+/// outage) do not come back together: each wait is drawn at random between
+/// half and all of a ceiling that doubles from 200 ms, so their requests
+/// spread out instead of hitting the returning CA in the same instant. Once
+/// the CA is back, every proxy gets its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_that_lose_the_ca_together_do_not_retry_in_step() {
+    let mut mesh = Mesh::start(&[], "1h", &[("apps", "web")]);
+    mesh.control.kill();
+    let proxies: Vec<ProxyProcess> = (0..3).map(|_| mesh.proxy("apps", "web").start()).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let waits = loop {
+        let waits: Vec<Vec<u64>> = proxies.iter().map(|p| renewal_waits(&p.stderr())).collect();
+        if waits.iter().all(|w| w.len() >= 4) {
+            break waits;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than four failed attempts logged: {waits:?}\n{}",
+            proxies[0].stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (proxy, waits) in waits.iter().enumerate() {
+        for (n, &wait) in waits.iter().take(4).enumerate() {
+            let ceiling = 200u64 << n;
+            assert!(
+                (ceiling / 2..=ceiling).contains(&wait),
+                "proxy {proxy}, wait {n}: {wait} ms outside [{}, {ceiling}]: {waits:?}",
+                ceiling / 2
+            );
+        }
+    }
+    // Without jitter every proxy waited 200, 400, 800, 1600 ms.
+    let first_four: Vec<&[u64]> = waits.iter().map(|w| &w[..4]).collect();
+    assert!(
+        first_four.windows(2).any(|pair| pair[0] != pair[1]),
+        "the proxies retried in step: {first_four:?}"
+    );
+    mesh.control.restart();
+    for proxy in &proxies {
+        wait_log("a proxy", || proxy.stderr(), "mesh certificate in force").await;
+    }
+}

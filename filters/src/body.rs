@@ -150,10 +150,9 @@ mod tests {
         }
     }
 
-    fn stream(
-        frames: Vec<Result<Frame<Bytes>, BoxError>>,
-    ) -> StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>>
-    {
+    type Frames = Vec<Result<Frame<Bytes>, BoxError>>;
+
+    fn stream(frames: Frames) -> impl http_body::Body<Data = Bytes, Error = BoxError> {
         StreamBody::new(futures_util::stream::iter(frames))
     }
 

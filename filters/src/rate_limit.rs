@@ -49,14 +49,14 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use http::header::{HeaderName, CONTENT_LENGTH};
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Frame;
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::body::{BoxBody, BoxError};
+use crate::body::{BoxBody, Ended, Watch, Watched};
 use crate::error::ProxyError;
 
 /// Request extension: who is calling, as the proxy knows it (the caller's
@@ -563,14 +563,14 @@ where
                     Ok(response) => {
                         let success = response.status().is_success();
                         let (parts, body) = response.into_parts();
-                        let body = UsageBody {
-                            inner: body,
-                            settlement: Settlement {
+                        let body = Watched::new(
+                            body,
+                            Settlement {
                                 charge: Some(charge),
                                 scanner: UsageScanner::default(),
                                 success,
                             },
-                        };
+                        );
                         Ok(Response::from_parts(parts, body.boxed_unsync()))
                     }
                 })
@@ -632,51 +632,17 @@ impl Drop for Settlement {
     }
 }
 
-pin_project! {
-    /// A response body that watches its chunks for `usage.total_tokens`
-    /// and corrects the request's token charge when it ends or is dropped.
-    struct UsageBody<B> {
-        #[pin]
-        inner: B,
-        settlement: Settlement,
-    }
-}
-
-impl<B> Body for UsageBody<B>
-where
-    B: Body<Data = Bytes, Error = BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let mut inner = this.inner;
-        let frame = std::task::ready!(inner.as_mut().poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    this.settlement.scanner.feed(data);
-                }
-                if inner.is_end_stream() {
-                    this.settlement.settle();
-                }
-            }
-            // Settle now rather than when the connection drops the body.
-            None | Some(Err(_)) => this.settlement.settle(),
+/// Watches a response's chunks for `usage.total_tokens` and corrects the
+/// request's token charge when the body ends (or, dropped, in `Drop`).
+impl Watch for Settlement {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.scanner.feed(data);
         }
-        Poll::Ready(frame)
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn end(mut self, _ended: Ended) {
+        self.settle();
     }
 }
 

@@ -12,17 +12,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use infermesh_filters::body::{Watch, Watched};
 use infermesh_filters::hedge::HedgeGroup;
 use infermesh_filters::replay::ReplayBody;
 use infermesh_filters::retry::{ServedBy, TriedEndpoints};
-use infermesh_filters::{BoxBody, BoxError, ProxyError};
+use infermesh_filters::{BoxBody, ProxyError};
 use infermesh_proto::policy::UpstreamProtocol;
-use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::backend::{Admitted, Backend, Picked};
@@ -118,10 +116,13 @@ async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, P
             parts.extensions.insert(ServedBy(endpoint.addr()));
             Ok(Response::from_parts(
                 parts,
-                EndpointBody {
-                    inner: body,
-                    guard: Some((guard, admitted)),
-                }
+                Watched::new(
+                    body,
+                    InFlightUntilEnd {
+                        _endpoint: guard,
+                        _backend: admitted,
+                    },
+                )
                 .boxed_unsync(),
             ))
         }
@@ -334,47 +335,14 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str() == "proxy-connection"
 }
 
-pin_project! {
-    /// An upstream response body that counts as in flight on its endpoint
-    /// and its backend until it ends or is dropped.
-    struct EndpointBody<B> {
-        #[pin]
-        inner: B,
-        guard: Option<(InFlight, Admitted)>,
-    }
+/// What an upstream response body holds until it ends: the attempt's count
+/// in flight on its endpoint and on its backend.
+struct InFlightUntilEnd {
+    _endpoint: InFlight,
+    _backend: Admitted,
 }
 
-impl<B> Body for EndpointBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        match &frame {
-            None | Some(Err(_)) => {
-                this.guard.take();
-            }
-            Some(Ok(_)) => {}
-        }
-        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+impl Watch for InFlightUntilEnd {}
 
 #[cfg(test)]
 mod tests {

@@ -14,27 +14,25 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use infermesh_filters::authz::{Authorizer, AuthzRequest};
+use infermesh_filters::body::{Ended, Watch, Watched};
 use infermesh_filters::error::ErrorShape;
 use infermesh_filters::mirror::BodyCopy;
 use infermesh_filters::rate_limit::{CallerKey, TokenEstimate};
 use infermesh_filters::timeout::is_grpc;
-use infermesh_filters::{BoxBody, BoxError, ProxyError};
+use infermesh_filters::{BoxBody, ProxyError};
 use infermesh_proto::policy::ListenerKind;
 use infermesh_proto::spiffe::SpiffeId;
-use pin_project_lite::pin_project;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -153,16 +151,16 @@ pub async fn handle(
         }
     }
     let (parts, body) = response.into_parts();
-    let body = Accounted {
-        inner: body,
-        finish: Some(Finish {
+    let body = Watched::new(
+        body,
+        Finish {
             started,
             duration,
             _in_flight: in_flight,
             access,
             pending,
-        }),
-    };
+        },
+    );
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 
@@ -625,56 +623,19 @@ impl AccessLog {
     }
 }
 
-pin_project! {
-    /// A response body that records the request's duration and leaves the
-    /// in-flight gauge when it ends or the client goes away.
-    struct Accounted<B> {
-        #[pin]
-        inner: B,
-        finish: Option<Finish>,
-    }
-}
-
-impl<B> Body for Accounted<B>
-where
-    B: Body<Data = Bytes, Error = BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let (Some(trailers), Some(pending)) = (
-                    frame.trailers_ref(),
-                    this.finish.as_mut().and_then(|f| f.pending.as_mut()),
-                ) {
-                    pending.grpc_status = trailers.get("grpc-status").map(grpc_status_of);
-                }
-            }
-            None => {
-                if let Some(pending) = this.finish.as_mut().and_then(|f| f.pending.as_mut()) {
-                    pending.ended = true;
-                }
-                this.finish.take();
-            }
-            Some(Err(_)) => {
-                this.finish.take();
-            }
+/// The response's accounting, done when its body ends or the client goes
+/// away (the body is dropped): the duration, the in-flight gauge, a gRPC
+/// request's count with the status from its trailers, the access log.
+impl Watch for Finish {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let (Some(trailers), Some(pending)) = (frame.trailers_ref(), self.pending.as_mut()) {
+            pending.grpc_status = trailers.get("grpc-status").map(grpc_status_of);
         }
-        Poll::Ready(frame)
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn end(mut self, ended: Ended) {
+        if let Some(pending) = self.pending.as_mut() {
+            pending.ended = ended == Ended::Complete;
+        }
     }
 }

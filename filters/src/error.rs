@@ -149,10 +149,7 @@ impl ErrorShape {
     /// headers: gRPC by its content type, KServe v2 by its path, OpenAI's
     /// otherwise.
     pub fn of(path: &str, headers: &HeaderMap) -> Self {
-        let grpc = headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        if grpc {
+        if crate::grpc::is_grpc(headers) {
             return Self::Grpc;
         }
         let path = path.split_once(['?', '#']).map_or(path, |(p, _)| p);

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod body;
 pub mod error;
 pub mod fault;
+pub mod grpc;
 pub mod hedge;
 pub mod mirror;
 pub mod rate_limit;

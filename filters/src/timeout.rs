@@ -39,6 +39,7 @@ use tower::{Layer, Service};
 
 use crate::body::{BoxBody, BoxError};
 use crate::error::{grpc_code, grpc_percent_encode, ProxyError};
+use crate::grpc::is_grpc;
 
 /// Configuration of the [`Timeout`] filter; every limit is optional.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -292,13 +293,6 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// Whether a request or response is gRPC, by its content type.
-pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 #[cfg(test)]

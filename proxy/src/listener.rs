@@ -17,7 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use infermesh_filters::error::{grpc_code, grpc_error_response};
-use infermesh_filters::timeout::is_grpc;
+use infermesh_filters::grpc::is_grpc;
 use infermesh_filters::BoxBody;
 use infermesh_proto::policy::{ListenerKind, MtlsMode};
 use infermesh_proto::spiffe::SpiffeId;

@@ -105,7 +105,7 @@ const KSERVE_MODEL_ACTIONS: [&str; 4] = ["infer", "ready", "generate", "generate
 pub fn classify_head(method: &Method, path: &str, content_type: Option<&HeaderValue>) -> HeadClass {
     let path = path.split_once(['?', '#']).map_or(path, |(p, _)| p);
 
-    if content_type.is_some_and(is_grpc_content_type) {
+    if content_type.is_some_and(infermesh_filters::grpc::is_grpc_content_type) {
         if let Some((service, method)) = grpc_path(path) {
             return grpc_class(service, method);
         }
@@ -132,18 +132,6 @@ impl HeadClass {
             body: BodyScan::None,
         }
     }
-}
-
-/// `application/grpc`, optionally followed by `+codec` or `;params`.
-///
-/// gRPC-Web (`application/grpc-web*`) is not gRPC here: its text variant is
-/// base64, and the proxy forwards it as plain HTTP.
-fn is_grpc_content_type(value: &HeaderValue) -> bool {
-    const GRPC: &[u8] = b"application/grpc";
-    let bytes = value.as_bytes();
-    bytes.len() >= GRPC.len()
-        && bytes[..GRPC.len()].eq_ignore_ascii_case(GRPC)
-        && matches!(bytes.get(GRPC.len()), None | Some(b'+' | b';'))
 }
 
 /// Splits `/service/method` into its two non-empty parts.

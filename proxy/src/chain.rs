@@ -15,7 +15,6 @@ use tower::ServiceExt;
 
 use crate::body::ProxyBody;
 use crate::classify::ApiKind;
-use crate::forward::Upstream;
 use crate::inputs::Inputs;
 use crate::local::{self, LocalRequest};
 use crate::metrics::LocalRequestLabels;
@@ -87,15 +86,12 @@ pub(crate) async fn send(
     inputs: &Inputs,
     route: &Route,
     target: &RouteTarget,
-    mut request: Request<ProxyBody>,
+    request: Request<ProxyBody>,
     asked: &Asked<'_>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let sent = Instant::now();
     let result = match &target.destination {
-        Destination::Remote(backend) => {
-            request.extensions_mut().insert(Upstream(backend.clone()));
-            route.stack().clone().oneshot(request).await
-        }
+        Destination::Remote(remote) => remote.stack.clone().oneshot(request).await,
         Destination::Local(model) => {
             let result = answer_locally(model, route, request, asked).await;
             let outcome = match &result {

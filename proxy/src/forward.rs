@@ -1,4 +1,4 @@
-//! The innermost service: picks an endpoint of the request's backend and
+//! The innermost service: picks an endpoint of its backend and
 //! sends the request over a pooled connection, streaming both ways.
 //!
 //! Each attempt is counted against the backend's limits (refused with 503
@@ -27,13 +27,19 @@ use crate::backend::{Admitted, Backend, Picked};
 use crate::balance::{InFlight, Outcome, DEFAULT_PENALTY};
 use crate::body::{BodyFault, ProxyBody};
 
-/// Request extension naming the backend chosen for this request.
+/// Sends requests to an endpoint of one backend: the innermost service of
+/// each route target's stack, so the type says which backend it serves.
 #[derive(Debug, Clone)]
-pub struct Upstream(pub Arc<Backend>);
+pub struct Forward {
+    backend: Arc<Backend>,
+}
 
-/// Sends requests to an endpoint of their [`Upstream`] backend.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Forward;
+impl Forward {
+    /// Sends to `backend`'s endpoints.
+    pub fn to(backend: Arc<Backend>) -> Self {
+        Self { backend }
+    }
+}
 
 impl Service<Request<ReplayBody<ProxyBody>>> for Forward {
     type Response = Response<BoxBody>;
@@ -45,14 +51,17 @@ impl Service<Request<ReplayBody<ProxyBody>>> for Forward {
     }
 
     fn call(&mut self, request: Request<ReplayBody<ProxyBody>>) -> Self::Future {
-        Box::pin(forward(request.map(ProxyBody::attempt)))
+        Box::pin(forward(
+            self.backend.clone(),
+            request.map(ProxyBody::attempt),
+        ))
     }
 }
 
-async fn forward(mut request: Request<ProxyBody>) -> Result<Response<BoxBody>, ProxyError> {
-    let Some(Upstream(backend)) = request.extensions_mut().remove::<Upstream>() else {
-        return Err(ProxyError::NoEndpoint("(none chosen)".into()));
-    };
+async fn forward(
+    backend: Arc<Backend>,
+    mut request: Request<ProxyBody>,
+) -> Result<Response<BoxBody>, ProxyError> {
     if let Some(problem) = backend.mtls_problem() {
         return Err(ProxyError::Misconfigured(problem));
     }

@@ -25,7 +25,7 @@ use crate::classify::ApiKind;
 use crate::local::{self, LocalModel};
 use crate::metrics::{listener_label, Metrics, Name, RequestLabels, RouteLabels};
 use crate::route::{Matcher, RouteInput};
-use crate::stack::{self, RouteFront, RouteStack};
+use crate::stack::{self, RouteFront, RouteLayers, RouteStack};
 
 /// Where the policy of a snapshot came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +98,6 @@ pub struct Route {
     targets: Vec<RouteTarget>,
     cumulative: Vec<u64>,
     fallback: Vec<FallbackLink>,
-    stack: RouteStack,
     /// Rate limits, faults and mirror, passed once per request.
     front: Option<RouteFront>,
     /// Mirrored: the body is read whole (within the replay limit) to copy it.
@@ -125,9 +124,19 @@ pub struct FallbackLink {
 #[derive(Debug, Clone)]
 pub enum Destination {
     /// A `Backend`'s endpoints, through the route's filter stack.
-    Remote(Arc<Backend>),
+    Remote(Remote),
     /// A model served by this proxy (`local:<name>`).
     Local(Arc<LocalModel>),
+}
+
+/// A backend as a route target: the backend and the stack that serves it
+/// (the route's layers over this backend).
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// The backend.
+    pub backend: Arc<Backend>,
+    /// The route's timeouts, retries and hedging over this backend.
+    pub stack: RouteStack,
 }
 
 /// A weighted backend of a route, with its metric handles.
@@ -193,11 +202,16 @@ impl Snapshot {
                 )
             })
             .collect();
-        let destination = |name: &str| match local_model_name(name) {
+        let destination = |name: &str, layers: &RouteLayers| match local_model_name(name) {
             Some(local) => local_models
                 .get(local)
                 .map(|m| Destination::Local(m.clone())),
-            None => backends.get(name).map(|b| Destination::Remote(b.clone())),
+            None => backends.get(name).map(|b| {
+                Destination::Remote(Remote {
+                    backend: b.clone(),
+                    stack: stack::target_stack(layers, b.clone()),
+                })
+            }),
         };
         let mut outbound = Vec::new();
         let mut inbound = Vec::new();
@@ -207,6 +221,13 @@ impl Snapshot {
             let mut cumulative = Vec::new();
             let mut sum = 0u64;
             let listener = listener_label(doc.spec.listener);
+            let layers = stack::route_layers(
+                &name,
+                &doc.spec.timeouts,
+                doc.spec.retries.as_ref(),
+                doc.spec.hedging.as_ref(),
+                metrics,
+            );
             let target = |destination: Destination, backend: &str, model: Option<&str>| {
                 let backend = Name::new(backend);
                 let labels = RouteLabels {
@@ -233,7 +254,7 @@ impl Snapshot {
             };
             for wb in &doc.spec.backends {
                 // The loader has checked every reference; skip rather than panic.
-                let Some(to) = destination(&wb.backend) else {
+                let Some(to) = destination(&wb.backend, &layers) else {
                     continue;
                 };
                 sum += u64::from(wb.weight);
@@ -245,7 +266,7 @@ impl Snapshot {
                 .fallback
                 .iter()
                 .filter_map(|link| {
-                    let to = destination(&link.backend)?;
+                    let to = destination(&link.backend, &layers)?;
                     let taken = metrics
                         .fallbacks
                         .get_or_create(&RouteLabels {
@@ -259,13 +280,6 @@ impl Snapshot {
                     })
                 })
                 .collect();
-            let stack = stack::route_stack(
-                &name,
-                &doc.spec.timeouts,
-                doc.spec.retries.as_ref(),
-                doc.spec.hedging.as_ref(),
-                metrics,
-            );
             let mirror_to = doc
                 .spec
                 .mirror
@@ -287,7 +301,6 @@ impl Snapshot {
                 targets,
                 cumulative,
                 fallback,
-                stack,
                 front,
                 mirrored,
                 token_limited,
@@ -446,11 +459,6 @@ impl Route {
         &self.fallback
     }
 
-    /// The route's filter stack.
-    pub fn stack(&self) -> &RouteStack {
-        &self.stack
-    }
-
     /// The route's rate limits, faults and mirror, if it has any.
     pub fn front(&self) -> Option<&RouteFront> {
         self.front.as_ref()
@@ -508,7 +516,7 @@ mod tests {
 
     fn first_target(snapshot: &Snapshot) -> &Arc<Backend> {
         match &snapshot.outbound[0].targets[0].destination {
-            Destination::Remote(backend) => backend,
+            Destination::Remote(remote) => &remote.backend,
             Destination::Local(model) => panic!("local model {:?}", model.name()),
         }
     }

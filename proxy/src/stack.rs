@@ -3,9 +3,10 @@
 //! Each route gets its own stack, built when the snapshot is compiled, so no
 //! policy is parsed per request. Layers run outermost first. A route has two
 //! parts: its front ([`RouteFront`]: rate limits, faults, mirror), which a
-//! request passes once, and its stack ([`RouteStack`]: timeouts, retries,
-//! forwarding), which runs for the route's backend and again for each link
-//! of its fallback chain.
+//! request passes once, and its layers ([`RouteLayers`]: timeouts, retries,
+//! hedging), built once and put over each target's backend, so that every
+//! target and fallback link has a [`RouteStack`] whose innermost `Forward`
+//! names the backend it serves: no request carries its backend around.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -26,27 +27,37 @@ use infermesh_proto::policy::{
 };
 use tower::layer::util::{Identity, Stack};
 use tower::util::Either;
-use tower::{Service, ServiceBuilder};
+use tower::{Layer, Service, ServiceBuilder};
 
 use crate::backend::Backend;
 use crate::body::ProxyBody;
-use crate::forward::{Forward, Upstream};
+use crate::forward::Forward;
 use crate::metrics::{
     FaultLabels, HedgeLabels, Metrics, MirrorLabels, Name, RateLimitedLabels, RetryLabels,
     TokenChargeLabels,
 };
 
-/// The concrete stack type of a route.
+/// The concrete stack type of a route target: its route's layers over the
+/// target's backend.
 pub type RouteStack = Timeout<Retry<Hedge<Forward>>>;
 
-/// Builds a route's stack from its policy.
-pub fn route_stack(
+/// A route's layers, built once per route and shared by every target's
+/// stack (clones share the retry budget and metric handles).
+pub type RouteLayers = Stack<HedgeLayer, Stack<RetryLayer, Stack<TimeoutLayer, Identity>>>;
+
+/// The stack of one route target: the route's layers over `backend`.
+pub fn target_stack(layers: &RouteLayers, backend: Arc<Backend>) -> RouteStack {
+    layers.layer(Forward::to(backend))
+}
+
+/// Builds a route's layers from its policy.
+pub fn route_layers(
     route: &Name,
     timeouts: &RouteTimeouts,
     retries: Option<&RetryPolicy>,
     hedging: Option<&HedgePolicy>,
     metrics: &Metrics,
-) -> RouteStack {
+) -> RouteLayers {
     ServiceBuilder::new()
         // Outermost, so the limits cover the request as the client sees it,
         // including the wait for an endpoint and a connection, and every
@@ -64,8 +75,9 @@ pub fn route_stack(
         // judges the winner's head; above the balancer, so a hedge picks
         // another endpoint.
         .layer(hedge_layer(route, hedging, metrics))
-        // Balances over the backend's endpoints and sends on a pooled connection.
-        .service(Forward)
+        // Below them all, each target's Forward balances over its backend's
+        // endpoints and sends on a pooled connection (see `target_stack`).
+        .into_inner()
 }
 
 fn hedge_layer(route: &Name, policy: Option<&HedgePolicy>, metrics: &Metrics) -> HedgeLayer {
@@ -289,9 +301,8 @@ impl Service<Request<BodyCopy>> for MirrorSend {
     }
 
     fn call(&mut self, request: Request<BodyCopy>) -> Self::Future {
-        let (mut parts, copy) = request.into_parts();
-        parts.extensions.insert(Upstream(self.0.clone()));
+        let (parts, copy) = request.into_parts();
         let body = ProxyBody::replay(copy.chunks.into(), copy.trailers, None);
-        Forward.call(Request::from_parts(parts, ReplayBody::direct(body)))
+        Forward::to(self.0.clone()).call(Request::from_parts(parts, ReplayBody::direct(body)))
     }
 }

@@ -50,7 +50,7 @@ impl Admin {
         if !self.ready.load(Ordering::Acquire) {
             return Some("starting or draining".into());
         }
-        if let Some(identity) = crate::identity::mesh() {
+        if let Some(identity) = self.inputs.identity.as_ref() {
             if !identity.certified() {
                 let mut reason = format!("no mesh certificate yet for {}", identity.id());
                 if let Some(error) = identity.status().last_error {
@@ -99,7 +99,7 @@ impl Admin {
             }
             // Who the proxy is and when its certificate ends; never the
             // certificate, the key or the token.
-            if let Some(identity) = crate::identity::mesh() {
+            if let Some(identity) = self.inputs.identity.as_ref() {
                 let status = identity.status();
                 let not_after = status.not_after.and_then(|t| {
                     t.duration_since(std::time::UNIX_EPOCH)

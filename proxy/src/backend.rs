@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::balance::{Balancer, Endpoint};
 use crate::discovery::{self, Target};
+use crate::identity::Identity;
 use crate::metrics::{BackendLabels, EjectionLabels, Metrics, Name, OverloadLabels};
 use crate::outlier::{self, OutlierPolicy, ProbeVerdict, Trip};
 use crate::pool::{self, UpstreamClient};
@@ -40,6 +41,9 @@ pub struct Backend {
     load: Arc<Load>,
     max_in_flight: Option<u32>,
     max_pending: Option<u32>,
+    /// Meshed (`mtls`) and this proxy has no identity to speak mutual TLS
+    /// with: every request fails with the reason.
+    lacks_identity: bool,
     handles: Handles,
 }
 
@@ -156,7 +160,7 @@ impl Backend {
     /// Builds a backend; IP endpoints are usable at once, host names after
     /// [`Backend::resolve`].
     pub fn new(name: &str, spec: &BackendSpec, metrics: &Metrics) -> Arc<Self> {
-        Self::carry_over(name, spec, None, metrics)
+        Self::carry_over(name, spec, None, metrics, None)
     }
 
     /// The backend for `spec`, keeping what it can of `previous`, the backend
@@ -170,6 +174,7 @@ impl Backend {
         spec: &BackendSpec,
         previous: Option<&Arc<Backend>>,
         metrics: &Metrics,
+        identity: Option<&Arc<Identity>>,
     ) -> Arc<Self> {
         if let Some(previous) = previous {
             if previous.spec == *spec && previous.name.as_str() == name {
@@ -214,7 +219,7 @@ impl Backend {
         // identity the backend exists but every request to it fails with
         // the reason (see `Backend::mtls_problem`).
         let tls = spec.mtls.as_ref().and_then(|mtls| {
-            crate::identity::mesh().map(|identity| identity.client_config(mtls.identity.clone()))
+            identity.map(|identity| identity.client_config(mtls.identity.clone()))
         });
         let client = match previous {
             Some(p)
@@ -224,7 +229,7 @@ impl Backend {
             {
                 p.client.clone()
             }
-            _ => pool::client(spec.protocol, spec.connect_timeout, tls),
+            _ => pool::client(spec.protocol, spec.connect_timeout, tls.clone()),
         };
         if spec.outlier_detection.is_none() {
             // Without outlier detection nothing would ever re-admit them.
@@ -234,7 +239,9 @@ impl Backend {
             }
         }
         let limits = spec.limits.clone().unwrap_or_default();
+        let lacks_identity = spec.mtls.is_some() && tls.is_none();
         Arc::new(Self {
+            lacks_identity,
             handles: Handles::new(&name, metrics),
             outlier: spec.outlier_detection.as_ref().map(OutlierPolicy::from),
             trip: Mutex::new(()),
@@ -282,7 +289,7 @@ impl Backend {
     /// Why requests to this backend cannot be sent, when they cannot: its
     /// endpoints require mutual TLS and this proxy has no mesh identity.
     pub fn mtls_problem(&self) -> Option<String> {
-        (self.spec.mtls.is_some() && crate::identity::mesh().is_none()).then(|| {
+        self.lacks_identity.then(|| {
             format!(
                 "backend `{}` requires mutual TLS, and this proxy has no mesh identity (start it with --identity-token-file)",
                 self.name.as_str()

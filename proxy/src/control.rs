@@ -158,6 +158,7 @@ pub async fn install(inputs: &Inputs, policy: PolicySet, origin: Origin) {
         origin,
         Some(&previous),
         &inputs.metrics,
+        inputs.identity.as_ref(),
     ));
     // In a task of its own, so that giving up the wait does not stop it.
     let discovery = tokio::spawn({
@@ -563,6 +564,7 @@ spec:
                 Origin { version: 9, source },
                 None,
                 &metrics,
+                None,
             )
         };
         assert_eq!(held_version(&build(Source::ControlPlane)), 9);
@@ -663,10 +665,12 @@ spec:
             Origin::local(Source::Pending),
             None,
             &metrics,
+            None,
         );
         Arc::new(Inputs {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
+            identity: None,
         })
     }
 

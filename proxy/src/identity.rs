@@ -16,7 +16,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -157,19 +157,6 @@ impl fmt::Debug for Identity {
             .field("certified", &self.key.load().is_some())
             .finish_non_exhaustive()
     }
-}
-
-static MESH: OnceLock<Arc<Identity>> = OnceLock::new();
-
-/// The process's identity, once [`install`]ed; `None` for a proxy started
-/// without one (plaintext everywhere).
-pub fn mesh() -> Option<&'static Arc<Identity>> {
-    MESH.get()
-}
-
-/// Makes `identity` the process's.
-pub fn install(identity: Arc<Identity>) {
-    let _ = MESH.set(identity);
 }
 
 impl Identity {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 
@@ -17,4 +18,7 @@ pub struct Inputs {
     pub snapshot: ArcSwap<Snapshot>,
     /// Metric families.
     pub metrics: Arc<Metrics>,
+    /// This proxy's mesh identity, when it was started with one: the inbound
+    /// listener terminates mutual TLS with it, meshed backends present it.
+    pub identity: Option<Arc<Identity>>,
 }

@@ -206,7 +206,7 @@ async fn serve_connection(
     // mutual TLS; the outbound one passes an application's own TLS through
     // as bytes.
     let mesh = match kind {
-        ListenerKind::Inbound => identity::mesh(),
+        ListenerKind::Inbound => inputs.identity.clone(),
         ListenerKind::Outbound => None,
     };
     let port = stream.local_addr().map_or(0, |a| a.port());
@@ -253,12 +253,12 @@ async fn serve_mtls(
     peer: SocketAddr,
     port: u16,
     kind: ListenerKind,
-    identity: &'static Arc<identity::Identity>,
+    identity: Arc<identity::Identity>,
     inputs: Arc<Inputs>,
     builders: Arc<Builders>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(builders.inbound_tls(identity));
+    let acceptor = tokio_rustls::TlsAcceptor::from(builders.inbound_tls(&identity));
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {

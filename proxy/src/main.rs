@@ -12,7 +12,7 @@ use infermesh_proto::policy::{self, ListenerKind, PolicySet, Workload};
 use infermesh_proto::spiffe::SpiffeId;
 use infermesh_proxy::admin::{self, Admin};
 use infermesh_proxy::control::{self, ControlPlane, Node, PolicyCache};
-use infermesh_proxy::identity::{self, Identity, IdentitySettings};
+use infermesh_proxy::identity::{Identity, IdentitySettings};
 use infermesh_proxy::inputs::Inputs;
 use infermesh_proxy::listener::Listener;
 use infermesh_proxy::metrics::Metrics;
@@ -286,7 +286,6 @@ async fn run(
     let identity = match identity {
         Some(settings) => {
             let identity = Identity::new(settings.id.clone(), &settings.trust_bundle)?;
-            identity::install(identity.clone());
             tracing::info!(identity = %settings.id, control_plane = %settings.control_plane, "obtaining a mesh certificate");
             tokio::spawn(identity.clone().run(settings.clone()));
             Some((identity, settings))
@@ -304,7 +303,8 @@ async fn run(
         (None, Some(_)) => (PolicySet::default(), Source::Pending),
         (None, None) => (PolicySet::default(), Source::Default),
     };
-    let snapshot = Snapshot::build(policy, Origin::local(source), None, &metrics);
+    let mesh = identity.as_ref().map(|(identity, _)| identity.clone());
+    let snapshot = Snapshot::build(policy, Origin::local(source), None, &metrics, mesh.as_ref());
     snapshot.start_discovery().await;
     if source != Source::Pending {
         metrics.policy_update(true);
@@ -312,6 +312,7 @@ async fn run(
     let inputs = Arc::new(Inputs {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics,
+        identity: mesh,
     });
     let control = match &args.control_plane {
         Some(url) => {

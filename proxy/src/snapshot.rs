@@ -22,6 +22,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use crate::backend::Backend;
 use crate::balance::weighted_index;
 use crate::classify::ApiKind;
+use crate::identity::Identity;
 use crate::local::{self, LocalModel};
 use crate::metrics::{listener_label, Metrics, Name, RequestLabels, RouteLabels};
 use crate::route::{Matcher, RouteInput};
@@ -177,6 +178,7 @@ impl Snapshot {
         origin: Origin,
         previous: Option<&Snapshot>,
         metrics: &Metrics,
+        identity: Option<&Arc<Identity>>,
     ) -> Self {
         let backends: HashMap<String, Arc<Backend>> = policy
             .backends
@@ -186,7 +188,7 @@ impl Snapshot {
                 let old = previous.and_then(|p| p.backends.get(name));
                 (
                     name.clone(),
-                    Backend::carry_over(name, &b.spec, old, metrics),
+                    Backend::carry_over(name, &b.spec, old, metrics, identity),
                 )
             })
             .collect();
@@ -319,7 +321,7 @@ impl Snapshot {
         let classify = mesh.map(|m| m.classify.clone()).unwrap_or_default();
         let drain_timeout = mesh.map_or(Duration::from_secs(30), |m| m.drain_timeout);
         let mtls_mode = mesh.map_or(MtlsMode::Strict, |m| m.mtls.mode);
-        let trust_domain = crate::identity::mesh().map(|id| id.id().trust_domain().to_owned());
+        let trust_domain = identity.map(|id| id.id().trust_domain().to_owned());
         let authorizer = Authorizer::new(&policy.authorizations, trust_domain.as_deref());
         let token_limits = outbound.iter().chain(&inbound).any(|r| r.token_limited);
         Self {
@@ -531,6 +533,7 @@ mod tests {
             pushed(1),
             None,
             &metrics,
+            None,
         );
         let endpoint = first.backend("a").unwrap().endpoints()[0].clone();
         let _in_flight = endpoint.start();
@@ -544,6 +547,7 @@ mod tests {
             pushed(2),
             Some(&first),
             &metrics,
+            None,
         );
         for name in ["a", "b"] {
             assert!(
@@ -574,6 +578,7 @@ mod tests {
             Origin::local(Source::File),
             None,
             &metrics,
+            None,
         );
         let old = first.backend("a").unwrap().endpoints();
         let _in_flight = old[1].start();
@@ -590,6 +595,7 @@ mod tests {
             pushed(7),
             Some(&first),
             &metrics,
+            None,
         );
         let changed = second.backend("a").unwrap();
         assert!(!Arc::ptr_eq(first.backend("a").unwrap(), changed));
@@ -613,6 +619,7 @@ mod tests {
             pushed(1),
             None,
             &metrics,
+            None,
         );
         let b = backend("b", "\"127.0.0.1:2\"", "");
         let second = Snapshot::build(
@@ -620,6 +627,7 @@ mod tests {
             pushed(2),
             Some(&first),
             &metrics,
+            None,
         );
         assert!(second.backend("a").is_none());
         let third = Snapshot::build(
@@ -627,6 +635,7 @@ mod tests {
             pushed(3),
             Some(&second),
             &metrics,
+            None,
         );
         assert!(!Arc::ptr_eq(
             first.backend("a").unwrap(),
@@ -643,6 +652,7 @@ mod tests {
             pushed(1),
             None,
             &metrics,
+            None,
         );
         assert!(first.backend("a").unwrap().endpoints().is_empty());
         first.start_discovery().await;
@@ -655,6 +665,7 @@ mod tests {
             pushed(2),
             Some(&first),
             &metrics,
+            None,
         );
         assert!(Arc::ptr_eq(
             first.backend("a").unwrap(),
@@ -667,6 +678,7 @@ mod tests {
             pushed(3),
             Some(&second),
             &metrics,
+            None,
         );
         let carried = third.backend("a").unwrap().endpoints();
         assert_eq!(carried.len(), resolved.len());

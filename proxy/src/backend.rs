@@ -507,31 +507,38 @@ impl Backend {
         self.targets.contains(&Target::Addr(addr))
     }
 
-    /// Resolves host names and keeps them fresh; does nothing after the first
-    /// call, so a backend carried over into a new snapshot keeps its one
-    /// refresh task.
-    pub async fn start_discovery(self: &Arc<Self>) {
+    /// Resolves host names and keeps them fresh until `drain` is signaled;
+    /// does nothing after the first call, so a backend carried over into a
+    /// new snapshot keeps its one refresh task.
+    pub async fn start_discovery(self: &Arc<Self>, drain: &drain::Watch) {
         if self.discovery_started.swap(true, Ordering::AcqRel) {
             return;
         }
         self.resolve().await;
-        self.spawn_refresh();
+        self.spawn_refresh(drain.clone());
     }
 
-    /// Re-resolves host names every `dnsRefresh` until the backend is dropped.
-    pub fn spawn_refresh(self: &Arc<Self>) {
+    /// Re-resolves host names every `dnsRefresh` until the backend is
+    /// dropped or the drain is signaled.
+    pub fn spawn_refresh(self: &Arc<Self>, drain: drain::Watch) {
         if !self.has_dns_targets() {
             return;
         }
         let weak: Weak<Self> = Arc::downgrade(self);
         let period = self.dns_refresh;
         tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(period).await;
-                let Some(backend) = weak.upgrade() else {
-                    return;
-                };
-                backend.resolve().await;
+            let refresh = async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    let Some(backend) = weak.upgrade() else {
+                        return;
+                    };
+                    backend.resolve().await;
+                }
+            };
+            tokio::select! {
+                release = drain.signaled() => drop(release),
+                () = refresh => {}
             }
         });
     }

@@ -151,7 +151,7 @@ pub fn held_version(snapshot: &Snapshot) -> u64 {
 /// Builds a snapshot from `policy` on top of the one in force, waits briefly
 /// for its new backends' host names, and swaps it in: requests already
 /// running finish on the old one.
-pub async fn install(inputs: &Inputs, policy: PolicySet, origin: Origin) {
+pub async fn install(inputs: &Inputs, policy: PolicySet, origin: Origin, drain: &drain::Watch) {
     let previous = inputs.snapshot.load_full();
     let next = Arc::new(Snapshot::build(
         policy,
@@ -163,7 +163,8 @@ pub async fn install(inputs: &Inputs, policy: PolicySet, origin: Origin) {
     // In a task of its own, so that giving up the wait does not stop it.
     let discovery = tokio::spawn({
         let next = next.clone();
-        async move { next.start_discovery().await }
+        let drain = drain.clone();
+        async move { next.start_discovery(&drain).await }
     });
     let _ = tokio::time::timeout(DISCOVERY_WAIT, discovery).await;
     inputs.snapshot.store(next);
@@ -179,6 +180,8 @@ pub struct ControlPlane {
     inputs: Arc<Inputs>,
     status: Arc<Status>,
     cache_failing: AtomicBool,
+    /// Released when the client's task ends.
+    drain: drain::Watch,
 }
 
 /// Whether the stream is up, for logging each change once.
@@ -191,7 +194,13 @@ enum Link {
 
 impl ControlPlane {
     /// Checks the URL; nothing is connected until [`ControlPlane::run`].
-    pub fn new(settings: Settings, inputs: Arc<Inputs>) -> Result<Self, ControlError> {
+    /// A client for `settings.url`; it follows the stream under `drain`,
+    /// which also holds the discovery of the backends it installs.
+    pub fn new(
+        settings: Settings,
+        inputs: Arc<Inputs>,
+        drain: drain::Watch,
+    ) -> Result<Self, ControlError> {
         let invalid = |reason: String| ControlError::Url {
             url: settings.url.clone(),
             reason,
@@ -217,6 +226,7 @@ impl ControlPlane {
             inputs,
             status,
             cache_failing: AtomicBool::new(false),
+            drain,
         })
     }
 
@@ -225,8 +235,19 @@ impl ControlPlane {
         self.status.clone()
     }
 
-    /// Follows the control plane until the task is dropped.
+    /// Follows the control plane until the drain is signaled; snapshots it
+    /// applies start their backends' discovery under the same drain.
     pub async fn run(self) {
+        tokio::select! {
+            release = self.drain.clone().signaled() => {
+                tracing::debug!("leaving the policy stream: draining");
+                drop(release);
+            }
+            () = self.follow() => {}
+        }
+    }
+
+    async fn follow(&self) {
         let mut cached = self.read_cache();
         let cache_deadline = tokio::time::Instant::now() + CACHE_GRACE;
         let mut backoff = BackoffState::new(RECONNECT);
@@ -352,7 +373,7 @@ impl ControlPlane {
                     version,
                     source: Source::ControlPlane,
                 };
-                install(&self.inputs, policy, origin).await;
+                install(&self.inputs, policy, origin, &self.drain).await;
                 tracing::info!(
                     version,
                     resources = snapshot.resources.len(),
@@ -434,7 +455,7 @@ impl ControlPlane {
                     version: cached.version,
                     source: Source::Cache,
                 };
-                install(&self.inputs, policy, origin).await;
+                install(&self.inputs, policy, origin, &self.drain).await;
                 tracing::warn!(
                     version = cached.version,
                     cache = %path,
@@ -582,7 +603,7 @@ spec:
             max_resources: 10,
             tls: None,
         };
-        let error = ControlPlane::new(settings, inputs()).unwrap_err();
+        let error = ControlPlane::new(settings, inputs(), drain::channel().1).unwrap_err();
         assert!(error.to_string().contains("expected http://"), "{error}");
     }
 
@@ -702,7 +723,9 @@ spec:
     async fn the_proxy_says_who_it_is_applies_pushes_and_acks_or_nacks_them() {
         let (addr, mut sessions) = fake_control_plane().await;
         let inputs = inputs();
-        let control = ControlPlane::new(settings(addr, None), inputs.clone()).unwrap();
+        // The signal lives as long as the test: dropped, it would drain.
+        let (_signal, drain) = drain::channel();
+        let control = ControlPlane::new(settings(addr, None), inputs.clone(), drain).unwrap();
         let status = control.status();
         let task = tokio::spawn(control.run());
 
@@ -784,8 +807,9 @@ spec:
             listener.local_addr().unwrap()
         };
         let inputs = inputs();
+        let (_signal, drain) = drain::channel();
         let control =
-            ControlPlane::new(settings(addr, Some(cache.clone())), inputs.clone()).unwrap();
+            ControlPlane::new(settings(addr, Some(cache.clone())), inputs.clone(), drain).unwrap();
         let task = tokio::spawn(control.run());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while inputs.snapshot.load().source() != Source::Cache {

@@ -273,8 +273,16 @@ impl Identity {
         Arc::new(config)
     }
 
-    /// Obtains the first certificate and renews it until the process ends.
-    pub async fn run(self: Arc<Self>, settings: IdentitySettings) {
+    /// Obtains the first certificate and renews it until the drain is
+    /// signaled.
+    pub async fn run(self: Arc<Self>, settings: IdentitySettings, drain: drain::Watch) {
+        tokio::select! {
+            release = drain.signaled() => drop(release),
+            () = self.renew(settings) => {}
+        }
+    }
+
+    async fn renew(self: Arc<Self>, settings: IdentitySettings) {
         let tls = self.client_config(settings.control_plane_id.clone());
         let mut retries = BackoffState::new(RENEWAL_RETRY);
         loop {

@@ -23,7 +23,6 @@ use infermesh_proto::policy::{ListenerKind, MtlsMode};
 use infermesh_proto::spiffe::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use crate::detect::{self, Protocol};
 use crate::identity::{self, InboundConn};
@@ -104,16 +103,18 @@ impl Listener {
         self.tcp.local_addr()
     }
 
-    /// Accepts connections until `shutdown` turns true, then lets open
+    /// Accepts connections until the drain is signaled, then lets open
     /// connections finish their requests for up to the snapshot's drain
-    /// timeout.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// timeout, and releases the drain.
+    pub async fn run(self, drain: drain::Watch) {
         let graceful = GracefulShutdown::new();
         let builders = Arc::new(Builders::new(self.header_read_timeout));
-        loop {
+        let signaled = drain.signaled();
+        tokio::pin!(signaled);
+        let release = loop {
             let accepted = tokio::select! {
                 accepted = self.tcp.accept() => accepted,
-                _ = shutdown.wait_for(|stop| *stop) => break,
+                release = &mut signaled => break release,
             };
             let (stream, peer) = match accepted {
                 Ok(conn) => conn,
@@ -132,7 +133,7 @@ impl Listener {
             tokio::spawn(async move {
                 serve_connection(stream, peer, kind, inputs, builders, watcher).await;
             });
-        }
+        };
         drop(self.tcp);
         let drain = self.inputs.snapshot.load().drain_timeout();
         let open = graceful.count();
@@ -145,6 +146,7 @@ impl Listener {
         {
             tracing::warn!(listener = ?self.kind, "drain deadline passed; closing remaining connections");
         }
+        drop(release);
     }
 }
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use clap::Parser;
@@ -17,7 +18,10 @@ use infermesh_proxy::inputs::Inputs;
 use infermesh_proxy::listener::Listener;
 use infermesh_proxy::metrics::Metrics;
 use infermesh_proxy::snapshot::{Origin, Snapshot, Source};
-use tokio::sync::watch;
+
+/// How much longer than the drain timeout shutdown waits for every task to
+/// let go of the drain before exiting anyway.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// The infermesh sidecar proxy for model traffic.
 #[derive(Debug, Parser)]
@@ -282,12 +286,16 @@ async fn run(
     policy: Option<PolicySet>,
     identity: Option<IdentitySettings>,
 ) -> Result<(), String> {
+    // One drain for every task: each holds a watch, and shutdown signals
+    // them all and waits until every one has let go (listeners after their
+    // connections drained, the policy stream, renewals, DNS refreshes).
+    let (drain_signal, drain) = drain::channel();
     // The identity comes first: snapshots build meshed backends' TLS on it.
     let identity = match identity {
         Some(settings) => {
             let identity = Identity::new(settings.id.clone(), &settings.trust_bundle)?;
             tracing::info!(identity = %settings.id, control_plane = %settings.control_plane, "obtaining a mesh certificate");
-            tokio::spawn(identity.clone().run(settings.clone()));
+            tokio::spawn(identity.clone().run(settings.clone(), drain.clone()));
             Some((identity, settings))
         }
         None => {
@@ -305,7 +313,7 @@ async fn run(
     };
     let mesh = identity.as_ref().map(|(identity, _)| identity.clone());
     let snapshot = Snapshot::build(policy, Origin::local(source), None, &metrics, mesh.as_ref());
-    snapshot.start_discovery().await;
+    snapshot.start_discovery(&drain).await;
     if source != Source::Pending {
         metrics.policy_update(true);
     }
@@ -325,7 +333,10 @@ async fn run(
                     (identity.clone(), settings.control_plane_id.clone())
                 }),
             };
-            Some(ControlPlane::new(settings, inputs.clone()).map_err(|e| e.to_string())?)
+            Some(
+                ControlPlane::new(settings, inputs.clone(), drain.clone())
+                    .map_err(|e| e.to_string())?,
+            )
         }
         None => None,
     };
@@ -349,11 +360,14 @@ async fn run(
     let outbound_addr = outbound.local_addr().map_err(|e| e.to_string())?;
     let inbound_addr = inbound.local_addr().map_err(|e| e.to_string())?;
 
-    let (stop, stopped) = watch::channel(false);
-    let outbound_task = tokio::spawn(outbound.run(stopped.clone()));
-    let inbound_task = tokio::spawn(inbound.run(stopped));
+    tokio::spawn(outbound.run(drain.clone()));
+    tokio::spawn(inbound.run(drain.clone()));
     // Follows the control plane until shutdown; /ready waits for its first snapshot.
-    let control_task = control.map(|control| tokio::spawn(control.run()));
+    if let Some(control) = control {
+        tokio::spawn(control.run());
+    }
+    let drain_timeout = inputs.snapshot.load().drain_timeout();
+    drop(drain);
     admin_state.set_ready(true);
     tracing::info!(%outbound_addr, %inbound_addr, %admin_addr, "infermesh-proxy started");
     {
@@ -368,12 +382,15 @@ async fn run(
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; draining in-flight requests");
     admin_state.set_ready(false);
-    let _ = stop.send(true);
-    if let Some(task) = control_task {
-        task.abort();
+    // The listeners bound their own wait by the snapshot's drain timeout;
+    // this bound only guards against a task that never lets go.
+    let drain_timeout = inputs.snapshot.load().drain_timeout().max(drain_timeout);
+    if tokio::time::timeout(drain_timeout + DRAIN_GRACE, drain_signal.drain())
+        .await
+        .is_err()
+    {
+        tracing::warn!("a task did not finish draining in time; exiting anyway");
     }
-    let _ = outbound_task.await;
-    let _ = inbound_task.await;
     tracing::info!("drained; exiting");
     Ok(())
 }

@@ -423,9 +423,11 @@ impl Snapshot {
     }
 
     /// Resolves the host names of every backend new in this snapshot (all
-    /// at once), then keeps them fresh; carried-over backends already are.
-    pub async fn start_discovery(&self) {
-        futures_util::future::join_all(self.backends.values().map(|b| b.start_discovery())).await;
+    /// at once), then keeps them fresh until `drain` is signaled;
+    /// carried-over backends already are.
+    pub async fn start_discovery(&self, drain: &drain::Watch) {
+        futures_util::future::join_all(self.backends.values().map(|b| b.start_discovery(drain)))
+            .await;
     }
 }
 
@@ -655,7 +657,7 @@ mod tests {
             None,
         );
         assert!(first.backend("a").unwrap().endpoints().is_empty());
-        first.start_discovery().await;
+        first.start_discovery(&drain::channel().1).await;
         let resolved = first.backend("a").unwrap().endpoints();
         assert!(!resolved.is_empty(), "localhost resolves");
 

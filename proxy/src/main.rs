@@ -11,7 +11,7 @@ use clap::Parser;
 use infermesh_proto::policy::{self, ListenerKind, PolicySet, Workload};
 use infermesh_proto::spiffe::SpiffeId;
 use infermesh_proxy::admin::{self, Admin};
-use infermesh_proxy::control::{self, ControlPlane, Node, PolicyCache};
+use infermesh_proxy::control::{self, ControlError, ControlPlane, Node, PolicyCache};
 use infermesh_proxy::identity::{self, Identity, IdentitySettings};
 use infermesh_proxy::inputs::Inputs;
 use infermesh_proxy::listener::Listener;
@@ -277,15 +277,50 @@ fn init_logging() {
         .init();
 }
 
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    /// The mesh identity could not be set up (its module reports a message).
+    #[error("{0}")]
+    Identity(String),
+    /// `--control-plane` is unusable.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A listener's port cannot be bound.
+    #[error("cannot bind the {kind} listener on {addr}: {source}")]
+    Bind {
+        /// `outbound` or `inbound`.
+        kind: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the socket said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin server's port cannot be bound.
+    #[error("cannot bind the admin server on {addr}: {source}")]
+    Admin {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the socket said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bound port cannot be read back.
+    #[error("{0}")]
+    LocalAddr(#[source] std::io::Error),
+}
+
 async fn run(
     args: Args,
     policy: Option<PolicySet>,
     identity: Option<IdentitySettings>,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     // The identity comes first: snapshots build meshed backends' TLS on it.
     let identity = match identity {
         Some(settings) => {
-            let identity = Identity::new(settings.id.clone(), &settings.trust_bundle)?;
+            let identity = Identity::new(settings.id.clone(), &settings.trust_bundle)
+                .map_err(StartError::Identity)?;
             identity::install(identity.clone());
             tracing::info!(identity = %settings.id, control_plane = %settings.control_plane, "obtaining a mesh certificate");
             tokio::spawn(identity.clone().run(settings.clone()));
@@ -324,29 +359,35 @@ async fn run(
                     (identity.clone(), settings.control_plane_id.clone())
                 }),
             };
-            Some(ControlPlane::new(settings, inputs.clone()).map_err(|e| e.to_string())?)
+            Some(ControlPlane::new(settings, inputs.clone())?)
         }
         None => None,
     };
 
     let outbound = Listener::bind(args.outbound, ListenerKind::Outbound, inputs.clone())
         .await
-        .map_err(|e| {
-            format!(
-                "cannot bind the outbound listener on {}: {e}",
-                args.outbound
-            )
+        .map_err(|source| StartError::Bind {
+            kind: "outbound",
+            addr: args.outbound,
+            source,
         })?
         .with_header_read_timeout(args.header_read_timeout);
     let inbound = Listener::bind(args.inbound, ListenerKind::Inbound, inputs.clone())
         .await
-        .map_err(|e| format!("cannot bind the inbound listener on {}: {e}", args.inbound))?
+        .map_err(|source| StartError::Bind {
+            kind: "inbound",
+            addr: args.inbound,
+            source,
+        })?
         .with_header_read_timeout(args.header_read_timeout);
     let admin_state = Admin::new(inputs.clone(), control.as_ref().map(|c| c.status()));
-    let admin_addr = admin::spawn(args.admin, admin_state.clone())
-        .map_err(|e| format!("cannot bind the admin server on {}: {e}", args.admin))?;
-    let outbound_addr = outbound.local_addr().map_err(|e| e.to_string())?;
-    let inbound_addr = inbound.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr =
+        admin::spawn(args.admin, admin_state.clone()).map_err(|source| StartError::Admin {
+            addr: args.admin,
+            source,
+        })?;
+    let outbound_addr = outbound.local_addr().map_err(StartError::LocalAddr)?;
+    let inbound_addr = inbound.local_addr().map_err(StartError::LocalAddr)?;
 
     let (stop, stopped) = watch::channel(false);
     let outbound_task = tokio::spawn(outbound.run(stopped.clone()));

@@ -68,9 +68,19 @@ pub enum SignError {
     /// The request itself is bad: the caller's fault.
     #[error("{0}")]
     BadRequest(String),
+    /// A DNS name for the leaf is not one rcgen accepts: ours (the names
+    /// come from the control plane's own settings).
+    #[error("cannot sign: bad DNS name {name:?}: {source}")]
+    DnsName {
+        /// The name.
+        name: String,
+        /// What rcgen said.
+        #[source]
+        source: rcgen::Error,
+    },
     /// The authority could not sign: ours.
     #[error("cannot sign: {0}")]
-    Internal(String),
+    Internal(#[source] rcgen::Error),
 }
 
 /// Why the authority could not be loaded or generated; each message names
@@ -314,7 +324,10 @@ impl Authority {
             let dns = name
                 .clone()
                 .try_into()
-                .map_err(|e| SignError::Internal(format!("bad DNS name {name:?}: {e}")))?;
+                .map_err(|source| SignError::DnsName {
+                    name: name.clone(),
+                    source,
+                })?;
             params.subject_alt_names.push(SanType::DnsName(dns));
         }
         params.is_ca = IsCa::ExplicitNoCa;
@@ -326,7 +339,7 @@ impl Authority {
         params.use_authority_key_identifier_extension = true;
         let leaf = params
             .signed_by(public_key, &self.issuer)
-            .map_err(|e| SignError::Internal(e.to_string()))?;
+            .map_err(SignError::Internal)?;
         let mut chain = vec![leaf.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
         Ok(Signed { chain, not_after })
@@ -701,6 +714,28 @@ mod tests {
             error.to_string().contains("not a valid signed PKCS#10"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn an_unreadable_key_file_is_named_and_keeps_the_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        Authority::load(&settings(dir.path())).unwrap();
+        let missing = dir.path().join("gone.key");
+        let error = Authority::load(&CaSettings {
+            root: Some((dir.path().join("ca.crt"), missing.clone())),
+            ..settings(dir.path())
+        })
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("{}: ", missing.display())),
+            "{error}"
+        );
+        let io = std::error::Error::source(&error)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .expect("the io error is the source");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
     }
 
     #[test]

@@ -260,7 +260,7 @@ impl Identity for IdentityService {
             Err(SignError::BadRequest(message)) => {
                 return Err(self.refuse("bad_csr", Status::invalid_argument(message)))
             }
-            Err(error @ SignError::Internal(_)) => {
+            Err(error) => {
                 tracing::error!(%error, "signing failed");
                 self.metrics.csr_refused("internal");
                 return Err(Status::internal(error.to_string()));

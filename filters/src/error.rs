@@ -605,6 +605,40 @@ mod tests {
         assert!(!error.retryable());
     }
 
+    /// hyper's shape: a wrapper that says nothing, over the real causes.
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error (Connect)")]
+    struct Wrapper(#[source] std::io::Error);
+
+    #[test]
+    fn an_upstream_failure_keeps_its_cause_and_names_it_without_the_wrapper() {
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let error = ProxyError::connect("10.0.0.1:80", Wrapper(refused));
+        assert_eq!(
+            error.to_string(),
+            "connecting to 10.0.0.1:80 failed: connection refused"
+        );
+        // The clone a rate limit or a retry hands out shares the cause.
+        let clone = error.clone();
+        for error in [&error, &clone] {
+            let wrapper = error.source().expect("the cause is kept");
+            assert_eq!(wrapper.to_string(), "client error (Connect)");
+            let io = wrapper
+                .source()
+                .and_then(|e| e.downcast_ref::<std::io::Error>())
+                .expect("the io error under the wrapper");
+            assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+        let reset = ProxyError::upstream("10.0.0.1:80", "connection reset", true);
+        assert_eq!(
+            reset.to_string(),
+            "upstream 10.0.0.1:80 failed: connection reset"
+        );
+        assert!(reset.source().is_some());
+        assert!(reset.retryable());
+    }
+
     #[test]
     fn grpc_message_is_percent_encoded() {
         assert_eq!(grpc_percent_encode("a%b\né"), "a%25b%0A%C3%A9");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use clap::Parser;
 use infermesh_proto::policy::{self, ListenerKind, PolicySet, Workload};
-use infermesh_proto::spiffe::SpiffeId;
+use infermesh_proto::spiffe::{IdentityError, SpiffeId};
 use infermesh_proxy::admin::{self, Admin};
 use infermesh_proxy::control::{self, ControlError, ControlPlane, Node, PolicyCache};
 use infermesh_proxy::identity::{self, Identity, IdentitySettings};
@@ -106,36 +106,54 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Why the identity flags do not fit together.
+#[derive(Debug, thiserror::Error)]
+enum IdentityFlagError {
+    /// A certificate authority without a token to ask it with.
+    #[error("an https:// control plane is a certificate authority: give --identity-token-file and --trust-bundle")]
+    NoToken,
+    /// A token without a certificate authority to ask.
+    #[error("--identity-token-file needs the control plane's https:// URL, got {0:?}")]
+    NotHttps(String),
+    /// The identity names the namespace.
+    #[error("--identity-token-file needs --workload-namespace: the identity names it")]
+    NoNamespace,
+    /// The workload's flags do not make a SPIFFE ID.
+    #[error("this workload's identity: {0}")]
+    Workload(#[source] IdentityError),
+    /// The default control plane identity cannot be made in this trust domain.
+    #[error("{0}")]
+    ControlPlane(#[source] IdentityError),
+}
+
 impl Args {
     /// How the proxy obtains its mesh identity, when it has one.
-    fn identity(&self) -> Result<Option<IdentitySettings>, String> {
+    fn identity(&self) -> Result<Option<IdentitySettings>, IdentityFlagError> {
         let Some(token_file) = self.identity_token_file.clone() else {
             if self
                 .control_plane
                 .as_deref()
                 .is_some_and(|u| u.starts_with("https://"))
             {
-                return Err("an https:// control plane is a certificate authority: give --identity-token-file and --trust-bundle".into());
+                return Err(IdentityFlagError::NoToken);
             }
             return Ok(None);
         };
         let url = self.control_plane.clone().unwrap_or_default();
         if !url.starts_with("https://") {
-            return Err(format!(
-                "--identity-token-file needs the control plane's https:// URL, got {url:?}"
-            ));
+            return Err(IdentityFlagError::NotHttps(url));
         }
         let namespace = self
             .workload_namespace
             .clone()
             .filter(|ns| !ns.trim().is_empty())
-            .ok_or("--identity-token-file needs --workload-namespace: the identity names it")?;
+            .ok_or(IdentityFlagError::NoNamespace)?;
         let id = SpiffeId::new(&self.trust_domain, &namespace, &self.service_account)
-            .map_err(|e| format!("this workload's identity: {e}"))?;
+            .map_err(IdentityFlagError::Workload)?;
         let control_plane_id = match &self.control_plane_identity {
             Some(id) => id.clone(),
             None => SpiffeId::new(&self.trust_domain, "infermesh-system", "infermesh-control")
-                .map_err(|e| e.to_string())?,
+                .map_err(IdentityFlagError::ControlPlane)?,
         };
         Ok(Some(IdentitySettings {
             id,

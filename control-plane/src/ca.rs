@@ -68,9 +68,126 @@ pub enum SignError {
     /// The request itself is bad: the caller's fault.
     #[error("{0}")]
     BadRequest(String),
+    /// A DNS name for the leaf is not one rcgen accepts: ours (the names
+    /// come from the control plane's own settings).
+    #[error("cannot sign: bad DNS name {name:?}: {source}")]
+    DnsName {
+        /// The name.
+        name: String,
+        /// What rcgen said.
+        #[source]
+        source: rcgen::Error,
+    },
     /// The authority could not sign: ours.
     #[error("cannot sign: {0}")]
-    Internal(String),
+    Internal(#[source] rcgen::Error),
+}
+
+/// Why the authority could not be loaded or generated; each message names
+/// the file and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// Neither a CA directory nor root files were given.
+    #[error("no certificate authority configured")]
+    NotConfigured,
+    /// A CA directory holds one file of the pair but not the other.
+    #[error("{} exists but {} is missing", .present.display(), .missing.display())]
+    HalfPair {
+        /// The file that exists.
+        present: PathBuf,
+        /// The file that does not.
+        missing: PathBuf,
+    },
+    /// A file could not be read (or its mode looked up).
+    #[error("{}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate file holds no PEM certificate.
+    #[error("{}: not a PEM certificate: {source}", .path.display())]
+    NotPemCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What the PEM reader said.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A key file holds no usable PEM private key.
+    #[error("{}: not a PEM private key: {source}", .path.display())]
+    NotPemKey {
+        /// The file.
+        path: PathBuf,
+        /// What rcgen said.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// A certificate file's certificate cannot be parsed.
+    #[error("{}: unreadable certificate: {source}", .path.display())]
+    UnreadableCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What the X.509 parser said.
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// A private key that group or others may read or write.
+    #[error(
+        "{}: the private key is open to group or others (mode {mode:04o}); run `chmod 600 {}` \
+         (for a Kubernetes Secret volume, set defaultMode: 0400)",
+        .path.display(),
+        .path.display()
+    )]
+    OpenKey {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The key does not belong to the certificate.
+    #[error("{} is not the key of {}", .key.display(), .cert.display())]
+    WrongKey {
+        /// The key file.
+        key: PathBuf,
+        /// The certificate file.
+        cert: PathBuf,
+    },
+    /// The certificate may not sign certificates.
+    #[error("{}: not a CA certificate (basicConstraints CA:TRUE is missing)", .path.display())]
+    NotCa {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// rcgen refuses the issuing certificate.
+    #[error("cannot use the issuing certificate: {0}")]
+    Issuer(#[source] rcgen::Error),
+    /// The CA directory cannot be created.
+    #[error("cannot create {}: {source}", .path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A root key cannot be generated.
+    #[error("cannot generate the CA key: {0}")]
+    GenerateKey(#[source] rcgen::Error),
+    /// A generated root cannot be self-signed.
+    #[error("cannot self-sign the CA: {0}")]
+    SelfSign(#[source] rcgen::Error),
+    /// A generated file cannot be written.
+    #[error("cannot write {}: {source}", .path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The authority.
@@ -98,7 +215,7 @@ impl std::fmt::Debug for Authority {
 impl Authority {
     /// Loads the root (and intermediate) from files, or generates a root in
     /// `dir` on first start. Errors name the file and the reason.
-    pub fn load(settings: &CaSettings) -> Result<Self, String> {
+    pub fn load(settings: &CaSettings) -> Result<Self, CaError> {
         let (root_cert, root_key) = match (&settings.root, &settings.dir) {
             (Some((cert, key)), _) => (cert.clone(), key.clone()),
             (None, Some(dir)) => {
@@ -107,23 +224,21 @@ impl Authority {
                     (true, true) => warn_if_open(dir),
                     (false, false) => generate_root(dir, &cert, &key)?,
                     (true, false) => {
-                        return Err(format!(
-                            "{} exists but {} is missing",
-                            cert.display(),
-                            key.display()
-                        ))
+                        return Err(CaError::HalfPair {
+                            present: cert,
+                            missing: key,
+                        })
                     }
                     (false, true) => {
-                        return Err(format!(
-                            "{} exists but {} is missing",
-                            key.display(),
-                            cert.display()
-                        ))
+                        return Err(CaError::HalfPair {
+                            present: key,
+                            missing: cert,
+                        })
                     }
                 }
                 (cert, key)
             }
-            (None, None) => return Err("no certificate authority configured".into()),
+            (None, None) => return Err(CaError::NotConfigured),
         };
         let (root_der, root_pair) = read_pair(&root_cert, &root_key)?;
         let (issuer_der, issuer_pair, intermediates) = match &settings.intermediate {
@@ -133,8 +248,7 @@ impl Authority {
             }
             None => (root_der.clone(), root_pair, Vec::new()),
         };
-        let issuer = Issuer::from_ca_cert_der(&issuer_der, issuer_pair)
-            .map_err(|e| format!("cannot use the issuing certificate: {e}"))?;
+        let issuer = Issuer::from_ca_cert_der(&issuer_der, issuer_pair).map_err(CaError::Issuer)?;
         Ok(Self {
             issuer,
             intermediates,
@@ -210,7 +324,10 @@ impl Authority {
             let dns = name
                 .clone()
                 .try_into()
-                .map_err(|e| SignError::Internal(format!("bad DNS name {name:?}: {e}")))?;
+                .map_err(|source| SignError::DnsName {
+                    name: name.clone(),
+                    source,
+                })?;
             params.subject_alt_names.push(SanType::DnsName(dns));
         }
         params.is_ca = IsCa::ExplicitNoCa;
@@ -222,7 +339,7 @@ impl Authority {
         params.use_authority_key_identifier_extension = true;
         let leaf = params
             .signed_by(public_key, &self.issuer)
-            .map_err(|e| SignError::Internal(e.to_string()))?;
+            .map_err(SignError::Internal)?;
         let mut chain = vec![leaf.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
         Ok(Signed { chain, not_after })
@@ -264,20 +381,20 @@ fn leaf_key_usages(spki: &[u8]) -> Vec<KeyUsagePurpose> {
 /// Refuses a private key file that group or others may read or write,
 /// naming the file and the fix. The mode is that of the file a symlink
 /// points at (a Kubernetes Secret volume's `..data` link included).
-fn check_key_mode(key: &Path) -> Result<(), String> {
+fn check_key_mode(key: &Path) -> Result<(), CaError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(key)
-        .map_err(|e| format!("{}: {e}", key.display()))?
+        .map_err(|source| CaError::Read {
+            path: key.to_owned(),
+            source,
+        })?
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
-        return Err(format!(
-            "{}: the private key is open to group or others (mode {:04o}); run `chmod 600 {}` \
-             (for a Kubernetes Secret volume, set defaultMode: 0400)",
-            key.display(),
-            mode & 0o7777,
-            key.display()
-        ));
+        return Err(CaError::OpenKey {
+            path: key.to_owned(),
+            mode: mode & 0o7777,
+        });
     }
     Ok(())
 }
@@ -293,28 +410,36 @@ fn serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn read_pair(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, KeyPair), String> {
+fn read_pair(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, KeyPair), CaError> {
     use rustls_pki_types::pem::PemObject;
-    let der = CertificateDer::from_pem_file(cert)
-        .map_err(|e| format!("{}: not a PEM certificate: {e}", cert.display()))?;
+    let der = CertificateDer::from_pem_file(cert).map_err(|source| CaError::NotPemCertificate {
+        path: cert.to_owned(),
+        source,
+    })?;
     check_key_mode(key)?;
-    let key_pem = fs::read_to_string(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let pair = KeyPair::from_pem(&key_pem)
-        .map_err(|e| format!("{}: not a PEM private key: {e}", key.display()))?;
-    let (_, parsed) = X509Certificate::from_der(&der)
-        .map_err(|e| format!("{}: unreadable certificate: {e}", cert.display()))?;
+    let key_pem = fs::read_to_string(key).map_err(|source| CaError::Read {
+        path: key.to_owned(),
+        source,
+    })?;
+    let pair = KeyPair::from_pem(&key_pem).map_err(|source| CaError::NotPemKey {
+        path: key.to_owned(),
+        source,
+    })?;
+    let (_, parsed) =
+        X509Certificate::from_der(&der).map_err(|source| CaError::UnreadableCertificate {
+            path: cert.to_owned(),
+            source,
+        })?;
     if parsed.public_key().raw != pair.subject_public_key_info().as_slice() {
-        return Err(format!(
-            "{} is not the key of {}",
-            key.display(),
-            cert.display()
-        ));
+        return Err(CaError::WrongKey {
+            key: key.to_owned(),
+            cert: cert.to_owned(),
+        });
     }
     if !parsed.is_ca() {
-        return Err(format!(
-            "{}: not a CA certificate (basicConstraints CA:TRUE is missing)",
-            cert.display()
-        ));
+        return Err(CaError::NotCa {
+            path: cert.to_owned(),
+        });
     }
     Ok((der, pair))
 }
@@ -322,15 +447,18 @@ fn read_pair(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, KeyPai
 /// Generates a root in `dir` (created `0700` when missing): the key is
 /// written first, readable by its owner only, and each file appears whole
 /// (written aside, then renamed).
-fn generate_root(dir: &Path, cert: &Path, key: &Path) -> Result<(), String> {
+fn generate_root(dir: &Path, cert: &Path, key: &Path) -> Result<(), CaError> {
     use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        .map_err(|source| CaError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
     warn_if_open(dir);
-    let pair = KeyPair::generate().map_err(|e| format!("cannot generate the CA key: {e}"))?;
+    let pair = KeyPair::generate().map_err(CaError::GenerateKey)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "infermesh");
@@ -346,16 +474,14 @@ fn generate_root(dir: &Path, cert: &Path, key: &Path) -> Result<(), String> {
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + ROOT_LIFETIME).into();
     params.serial_number = Some(serial());
-    let root = params
-        .self_signed(&pair)
-        .map_err(|e| format!("cannot self-sign the CA: {e}"))?;
+    let root = params.self_signed(&pair).map_err(CaError::SelfSign)?;
     write_private(key, pair.serialize_pem().as_bytes(), 0o600)?;
     write_private(cert, root.pem().as_bytes(), 0o644)?;
     tracing::info!(dir = %dir.display(), "generated a new mesh root CA");
     Ok(())
 }
 
-fn write_private(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
+fn write_private(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt;
     let aside = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {
@@ -374,7 +500,10 @@ fn write_private(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> 
         file.sync_all()?;
         fs::rename(&aside, path)
     };
-    write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+    write().map_err(|source| CaError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Warns when a CA directory that already existed lets group or others in:
@@ -449,7 +578,7 @@ mod tests {
         assert_eq!(mode(&dir.join("ca.key")), 0o600);
         // Made world-readable by a careless copy: refused with the fix.
         chmod(&dir.join("ca.key"), 0o644);
-        let error = Authority::load(&settings(&dir)).unwrap_err();
+        let error = Authority::load(&settings(&dir)).unwrap_err().to_string();
         assert!(error.contains("ca.key"), "{error}");
         assert!(error.contains("mode 0644"), "{error}");
         assert!(error.contains("chmod 600"), "{error}");
@@ -588,6 +717,28 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_key_file_is_named_and_keeps_the_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        Authority::load(&settings(dir.path())).unwrap();
+        let missing = dir.path().join("gone.key");
+        let error = Authority::load(&CaSettings {
+            root: Some((dir.path().join("ca.crt"), missing.clone())),
+            ..settings(dir.path())
+        })
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("{}: ", missing.display())),
+            "{error}"
+        );
+        let io = std::error::Error::source(&error)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .expect("the io error is the source");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    #[test]
     fn a_key_that_is_not_the_certificates_is_refused() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
@@ -597,7 +748,7 @@ mod tests {
             root: Some((a.path().join("ca.crt"), b.path().join("ca.key"))),
             ..settings(a.path())
         };
-        let error = Authority::load(&mixed).unwrap_err();
+        let error = Authority::load(&mixed).unwrap_err().to_string();
         assert!(error.contains("is not the key of"), "{error}");
     }
 }

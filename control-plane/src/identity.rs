@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use infermesh_proto::identity_api::identity_server::Identity;
 use infermesh_proto::identity_api::{CertifyRequest, CertifyResponse};
-use infermesh_proto::spiffe::SpiffeId;
+use infermesh_proto::spiffe::{IdentityError, SpiffeId};
 use parking_lot::Mutex;
 use tonic::{Request, Response, Status};
 
@@ -23,6 +23,56 @@ use crate::metrics::Metrics;
 const MAX_TOKEN_LEN: usize = 4096;
 /// Shortest token the file may hold: shorter ones are guessable.
 const MIN_TOKEN_LEN: usize = 16;
+
+/// Why the token file was refused: unreadable, or a line of it malformed
+/// (`FILE:LINE: reason`).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    /// The file cannot be read.
+    #[error("{}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line is not `<namespace>/<service-account> <token>`.
+    #[error("{at}: expected `<namespace>/<service-account> <token>`")]
+    Malformed {
+        /// `FILE:LINE`.
+        at: String,
+    },
+    /// The first word has no `/`.
+    #[error("{at}: `{who}` is not `<namespace>/<service-account>`")]
+    NotAccount {
+        /// `FILE:LINE`.
+        at: String,
+        /// The word.
+        who: String,
+    },
+    /// The namespace or service account cannot make a SPIFFE ID.
+    #[error("{at}: {source}")]
+    Identity {
+        /// `FILE:LINE`.
+        at: String,
+        /// Why.
+        #[source]
+        source: IdentityError,
+    },
+    /// The token is guessable.
+    #[error("{at}: the token is shorter than {MIN_TOKEN_LEN} characters")]
+    TooShort {
+        /// `FILE:LINE`.
+        at: String,
+    },
+    /// The same token appears twice.
+    #[error("{at}: this token is already bound to an identity")]
+    Duplicate {
+        /// `FILE:LINE`.
+        at: String,
+    },
+}
 
 /// Bootstrap tokens, by digest.
 #[derive(Default)]
@@ -40,7 +90,7 @@ pub struct TokenFile {
 
 impl TokenFile {
     /// Reads `path`; a malformed line fails with `FILE:LINE: reason`.
-    pub fn open(path: PathBuf, trust_domain: String) -> Result<Self, String> {
+    pub fn open(path: PathBuf, trust_domain: String) -> Result<Self, TokenFileError> {
         let file = Self {
             path,
             trust_domain,
@@ -51,12 +101,14 @@ impl TokenFile {
         Ok(file)
     }
 
-    fn read(&self) -> Result<Tokens, String> {
+    fn read(&self) -> Result<Tokens, TokenFileError> {
         let modified = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .ok();
-        let text = std::fs::read_to_string(&self.path)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let text = std::fs::read_to_string(&self.path).map_err(|source| TokenFileError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
         let by_digest = parse_tokens(&self.path, &text, &self.trust_domain)?;
         Ok(Tokens {
             by_digest,
@@ -98,7 +150,7 @@ fn parse_tokens(
     path: &Path,
     text: &str,
     trust_domain: &str,
-) -> Result<HashMap<[u8; 32], SpiffeId>, String> {
+) -> Result<HashMap<[u8; 32], SpiffeId>, TokenFileError> {
     let mut out = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let at = format!("{}:{}", path.display(), i + 1);
@@ -108,23 +160,23 @@ fn parse_tokens(
         }
         let mut words = line.split_whitespace();
         let (Some(who), Some(token), None) = (words.next(), words.next(), words.next()) else {
-            return Err(format!(
-                "{at}: expected `<namespace>/<service-account> <token>`"
-            ));
+            return Err(TokenFileError::Malformed { at });
         };
         let Some((ns, sa)) = who.split_once('/') else {
-            return Err(format!(
-                "{at}: `{who}` is not `<namespace>/<service-account>`"
-            ));
+            return Err(TokenFileError::NotAccount {
+                at,
+                who: who.to_owned(),
+            });
         };
-        let id = SpiffeId::new(trust_domain, ns, sa).map_err(|e| format!("{at}: {e}"))?;
+        let id = match SpiffeId::new(trust_domain, ns, sa) {
+            Ok(id) => id,
+            Err(source) => return Err(TokenFileError::Identity { at, source }),
+        };
         if token.len() < MIN_TOKEN_LEN {
-            return Err(format!(
-                "{at}: the token is shorter than {MIN_TOKEN_LEN} characters"
-            ));
+            return Err(TokenFileError::TooShort { at });
         }
         if out.insert(digest(token), id).is_some() {
-            return Err(format!("{at}: this token is already bound to an identity"));
+            return Err(TokenFileError::Duplicate { at });
         }
     }
     Ok(out)
@@ -208,7 +260,7 @@ impl Identity for IdentityService {
             Err(SignError::BadRequest(message)) => {
                 return Err(self.refuse("bad_csr", Status::invalid_argument(message)))
             }
-            Err(error @ SignError::Internal(_)) => {
+            Err(error) => {
                 tracing::error!(%error, "signing failed");
                 self.metrics.csr_refused("internal");
                 return Err(Status::internal(error.to_string()));
@@ -261,7 +313,9 @@ mod tests {
                 "tokens:2: this token is already bound",
             ),
         ] {
-            let error = parse_tokens(path, text, "cluster.local").unwrap_err();
+            let error = parse_tokens(path, text, "cluster.local")
+                .unwrap_err()
+                .to_string();
             assert!(error.starts_with(reason), "{error}");
         }
     }

@@ -27,6 +27,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use infermesh_proto::policy::{self, PolicyError, PolicySet};
+use infermesh_proto::spiffe::IdentityError;
 use serde::Serialize;
 
 #[derive(Debug, Parser)]
@@ -133,21 +134,44 @@ struct CaArgs {
     server_names: Vec<String>,
 }
 
+/// Why the serve command's flags do not fit together.
+#[derive(Debug, thiserror::Error)]
+enum FlagError {
+    /// Flags that only mean something with a CA, without one.
+    #[error(
+        "--bootstrap-tokens and --intermediate-cert need a CA: give --ca-dir or --ca-cert/--ca-key"
+    )]
+    NoCa,
+    /// The trust domain is not a valid SPIFFE trust domain.
+    #[error("--trust-domain: {0}")]
+    TrustDomain(#[source] IdentityError),
+    /// A CA without bootstrap tokens would sign for no one.
+    #[error("a CA needs --bootstrap-tokens FILE: proxies prove their identity with those tokens")]
+    NoTokens,
+    /// Leaves must live at least a second.
+    #[error("--cert-lifetime must be at least 1s")]
+    Lifetime,
+    /// The default identity cannot be made in this trust domain.
+    #[error("{0}")]
+    OwnIdentity(#[source] IdentityError),
+    /// The policy stream would listen beyond loopback unprotected.
+    #[error(transparent)]
+    Listen(#[from] serve::ExposedListen),
+}
+
 impl CaArgs {
-    fn settings(self) -> Result<Option<serve::IdentitySettings>, String> {
+    fn settings(self) -> Result<Option<serve::IdentitySettings>, FlagError> {
         if self.ca_dir.is_none() && self.ca_cert.is_none() {
             if self.bootstrap_tokens.is_some() || self.intermediate_cert.is_some() {
-                return Err("--bootstrap-tokens and --intermediate-cert need a CA: give --ca-dir or --ca-cert/--ca-key".into());
+                return Err(FlagError::NoCa);
             }
             return Ok(None);
         }
         infermesh_proto::spiffe::check_trust_domain(&self.trust_domain)
-            .map_err(|e| format!("--trust-domain: {e}"))?;
-        let tokens = self.bootstrap_tokens.ok_or(
-            "a CA needs --bootstrap-tokens FILE: proxies prove their identity with those tokens",
-        )?;
+            .map_err(FlagError::TrustDomain)?;
+        let tokens = self.bootstrap_tokens.ok_or(FlagError::NoTokens)?;
         if self.cert_lifetime < ca::MIN_LIFETIME {
-            return Err("--cert-lifetime must be at least 1s".into());
+            return Err(FlagError::Lifetime);
         }
         let own_identity = match self.identity {
             Some(id) => id,
@@ -156,7 +180,7 @@ impl CaArgs {
                 "infermesh-system",
                 "infermesh-control",
             )
-            .map_err(|e| e.to_string())?,
+            .map_err(FlagError::OwnIdentity)?,
         };
         Ok(Some(serve::IdentitySettings {
             ca: ca::CaSettings {
@@ -195,8 +219,7 @@ fn main() -> ExitCode {
             ca,
         } => {
             let settings = ca.settings().and_then(|identity| {
-                let listen = serve::policy_listen(listen, identity.is_some(), insecure_listen)
-                    .map_err(|e| e.to_string())?;
+                let listen = serve::policy_listen(listen, identity.is_some(), insecure_listen)?;
                 Ok(serve::Settings {
                     policies,
                     listen,

@@ -16,12 +16,13 @@ use infermesh_proto::identity_api::identity_server::IdentityServer;
 use infermesh_proto::spiffe::SpiffeId;
 
 use crate::admin::{self, Admin};
-use crate::ca::{Authority, CaSettings};
+use crate::ca::{Authority, CaError, CaSettings};
 use crate::discovery::Discovery;
-use crate::identity::{IdentityService, TokenFile};
+use crate::identity::{IdentityService, TokenFile, TokenFileError};
 use crate::metrics::Metrics;
 use crate::policies::{self, Publisher};
 use crate::proxies::Registry;
+use crate::tls::TlsError;
 
 /// How long open streams get to close after SIGTERM before the process
 /// exits anyway; proxies keep their snapshots either way.
@@ -106,8 +107,43 @@ pub struct IdentitySettings {
     pub dns_names: Vec<String>,
 }
 
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The certificate authority could not be loaded.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The bootstrap token file was refused.
+    #[error(transparent)]
+    Tokens(#[from] TokenFileError),
+    /// The serving certificate or TLS configuration could not be made.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The policy server's port cannot be bound.
+    #[error("cannot bind the policy server on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the socket said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound policy port cannot be read back.
+    #[error("{0}")]
+    LocalAddr(#[source] std::io::Error),
+    /// The admin server's port cannot be bound.
+    #[error("cannot bind the admin server on {addr}: {source}")]
+    Admin {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the socket said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Runs until SIGTERM or Ctrl-C; an error is a failure to start.
-pub async fn run(settings: Settings) -> Result<(), String> {
+pub async fn run(settings: Settings) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
     let publisher = Publisher::new(
         settings.policies.clone(),
@@ -132,8 +168,11 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let listen = settings.listen.addr;
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot bind the policy server on {listen}: {e}"))?;
-    let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     if settings.listen.exposed {
         tracing::warn!(
             %grpc_addr,
@@ -147,8 +186,11 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         registry: registry.clone(),
         metrics: metrics.clone(),
     };
-    let admin_addr = admin::spawn(settings.admin, admin_state)
-        .map_err(|e| format!("cannot bind the admin server on {}: {e}", settings.admin))?;
+    let admin_addr =
+        admin::spawn(settings.admin, admin_state).map_err(|source| ServeError::Admin {
+            addr: settings.admin,
+            source,
+        })?;
     tracing::info!(%grpc_addr, %admin_addr, policies = %settings.policies.display(), "infermesh-control started");
     {
         let mut stdout = std::io::stdout().lock();

@@ -24,10 +24,31 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 
-use crate::ca::Authority;
+use crate::ca::{Authority, SignError};
 
 /// Longest a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the control plane's serving certificate or TLS configuration could
+/// not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// No key pair could be generated.
+    #[error("cannot generate a key: {0}")]
+    GenerateKey(#[source] rcgen::Error),
+    /// The authority would not sign the certificate.
+    #[error(transparent)]
+    Sign(#[from] SignError),
+    /// rustls cannot sign with the generated key.
+    #[error("unusable key: {0}")]
+    UnusableKey(#[source] rustls::Error),
+    /// The CA's root cannot anchor client verification.
+    #[error("the CA root is not a usable trust anchor: {0}")]
+    TrustAnchor(#[source] rustls::Error),
+    /// The client certificate verifier cannot be built.
+    #[error("cannot build the client verifier: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+}
 
 /// Who is on the other end of a gRPC connection.
 #[derive(Debug, Clone)]
@@ -54,19 +75,17 @@ pub fn server_config(
     authority: Arc<Authority>,
     identity: SpiffeId,
     dns_names: Vec<String>,
-) -> Result<Arc<ServerConfig>, String> {
+) -> Result<Arc<ServerConfig>, TlsError> {
     let (key, not_after) = issue(&authority, &identity, &dns_names)?;
     let own = Arc::new(OwnCert(ArcSwap::from_pointee(key)));
     let mut roots = RootCertStore::empty();
     for root in authority.roots() {
-        roots
-            .add(root.clone())
-            .map_err(|e| format!("the CA root is not a usable trust anchor: {e}"))?;
+        roots.add(root.clone()).map_err(TlsError::TrustAnchor)?;
     }
     let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
         .allow_unauthenticated()
         .build()
-        .map_err(|e| format!("cannot build the client verifier: {e}"))?;
+        .map_err(TlsError::Verifier)?;
     let mut config = ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(own.clone());
@@ -79,14 +98,12 @@ fn issue(
     authority: &Authority,
     identity: &SpiffeId,
     dns_names: &[String],
-) -> Result<(CertifiedKey, SystemTime), String> {
-    let pair = KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
-    let signed = authority
-        .sign_key(identity, &pair, dns_names, None)
-        .map_err(|e| e.to_string())?;
+) -> Result<(CertifiedKey, SystemTime), TlsError> {
+    let pair = KeyPair::generate().map_err(TlsError::GenerateKey)?;
+    let signed = authority.sign_key(identity, &pair, dns_names, None)?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.serialize_der()));
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| format!("unusable key: {e}"))?;
+    let signing =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(TlsError::UnusableKey)?;
     Ok((CertifiedKey::new(signed.chain, signing), signed.not_after))
 }
 

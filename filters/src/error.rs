@@ -17,6 +17,8 @@
 //! assert_eq!(response.status(), 404);
 //! ```
 
+use std::error::Error;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
@@ -48,20 +50,23 @@ pub enum ProxyError {
     #[error("backend {0} has no available endpoint")]
     NoEndpoint(String),
     /// A connection to the endpoint could not be established.
-    #[error("connecting to {endpoint} failed: {reason}")]
+    #[error("connecting to {endpoint} failed: {}", causes(&**.cause))]
     Connect {
         /// `host:port` of the endpoint.
         endpoint: String,
-        /// What the connection attempt reported.
-        reason: String,
+        /// What the connection attempt reported (shared: a rate limit or a
+        /// retry hands out clones of one outcome).
+        #[source]
+        cause: Cause,
     },
     /// The endpoint failed after the connection was established.
-    #[error("upstream {endpoint} failed: {reason}")]
+    #[error("upstream {endpoint} failed: {}", causes(&**.cause))]
     Upstream {
         /// `host:port` of the endpoint.
         endpoint: String,
         /// What the upstream connection reported.
-        reason: String,
+        #[source]
+        cause: Cause,
         /// The request did not reach the server (refused stream, closed idle
         /// connection), so sending it again is safe.
         refused: bool,
@@ -130,6 +135,39 @@ pub enum ProxyError {
     },
 }
 
+/// The cause of an upstream failure, shared between clones of the error.
+pub type Cause = Arc<dyn Error + Send + Sync + 'static>;
+
+/// An error and its causes, `outer: inner: innermost`, each cause once.
+pub fn error_chain(error: &(dyn Error + 'static)) -> String {
+    let mut text = error.to_string();
+    append_causes(&mut text, error.source());
+    text
+}
+
+/// The causes of `error` without `error` itself, for a wrapper whose own
+/// message says nothing to the user (hyper's "client error (Connect)");
+/// `error` itself when it has no cause.
+pub fn causes(error: &(dyn Error + 'static)) -> String {
+    let Some(first) = error.source() else {
+        return error.to_string();
+    };
+    let mut text = first.to_string();
+    append_causes(&mut text, first.source());
+    text
+}
+
+fn append_causes(text: &mut String, mut next: Option<&(dyn Error + 'static)>) {
+    while let Some(cause) = next {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        next = cause.source();
+    }
+}
+
 /// The error format of the API a request speaks: each API's clients parse
 /// errors in their own shape (tritonclient reads `error` as a string, the
 /// openai SDK reads `error.message`, gRPC clients read `grpc-status`).
@@ -185,6 +223,32 @@ pub mod grpc_code {
 }
 
 impl ProxyError {
+    /// The connection to `endpoint` could not be established because of
+    /// `cause`; its message names the causes under a generic wrapper's.
+    pub fn connect(
+        endpoint: impl Into<String>,
+        cause: impl Into<Box<dyn Error + Send + Sync>>,
+    ) -> Self {
+        Self::Connect {
+            endpoint: endpoint.into(),
+            cause: Arc::from(cause.into()),
+        }
+    }
+
+    /// `endpoint` failed after the connection was established; `refused`
+    /// when the request certainly did not reach the server.
+    pub fn upstream(
+        endpoint: impl Into<String>,
+        cause: impl Into<Box<dyn Error + Send + Sync>>,
+        refused: bool,
+    ) -> Self {
+        Self::Upstream {
+            endpoint: endpoint.into(),
+            cause: Arc::from(cause.into()),
+            refused,
+        }
+    }
+
     /// Who caused the error.
     pub fn fault(&self) -> Fault {
         match self {
@@ -393,10 +457,7 @@ mod tests {
 
     #[tokio::test]
     async fn kserve_paths_get_the_kserve_error_body() {
-        let error = ProxyError::Connect {
-            endpoint: "10.0.0.1:8000".into(),
-            reason: "connection refused".into(),
-        };
+        let error = ProxyError::connect("10.0.0.1:8000", "connection refused");
         let response = error.to_response(ErrorShape::KServe);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
@@ -541,6 +602,40 @@ mod tests {
         assert!(!error.retryable());
     }
 
+    /// hyper's shape: a wrapper that says nothing, over the real causes.
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error (Connect)")]
+    struct Wrapper(#[source] std::io::Error);
+
+    #[test]
+    fn an_upstream_failure_keeps_its_cause_and_names_it_without_the_wrapper() {
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let error = ProxyError::connect("10.0.0.1:80", Wrapper(refused));
+        assert_eq!(
+            error.to_string(),
+            "connecting to 10.0.0.1:80 failed: connection refused"
+        );
+        // The clone a rate limit or a retry hands out shares the cause.
+        let clone = error.clone();
+        for error in [&error, &clone] {
+            let wrapper = error.source().expect("the cause is kept");
+            assert_eq!(wrapper.to_string(), "client error (Connect)");
+            let io = wrapper
+                .source()
+                .and_then(|e| e.downcast_ref::<std::io::Error>())
+                .expect("the io error under the wrapper");
+            assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+        let reset = ProxyError::upstream("10.0.0.1:80", "connection reset", true);
+        assert_eq!(
+            reset.to_string(),
+            "upstream 10.0.0.1:80 failed: connection reset"
+        );
+        assert!(reset.source().is_some());
+        assert!(reset.retryable());
+    }
+
     #[test]
     fn grpc_message_is_percent_encoded() {
         assert_eq!(grpc_percent_encode("a%b\né"), "a%25b%0A%C3%A9");
@@ -548,16 +643,9 @@ mod tests {
 
     #[test]
     fn only_requests_that_never_reached_a_server_are_retryable() {
-        let connect = ProxyError::Connect {
-            endpoint: "10.0.0.1:80".into(),
-            reason: "refused".into(),
-        };
+        let connect = ProxyError::connect("10.0.0.1:80", "refused");
         assert!(connect.retryable());
-        let reset = ProxyError::Upstream {
-            endpoint: "10.0.0.1:80".into(),
-            reason: "reset".into(),
-            refused: false,
-        };
+        let reset = ProxyError::upstream("10.0.0.1:80", "reset", false);
         assert!(!reset.retryable());
         assert_eq!(reset.fault(), Fault::Upstream);
     }

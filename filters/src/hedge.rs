@@ -403,11 +403,7 @@ mod tests {
                 request.into_body().collect().await.unwrap();
                 if n == 0 {
                     tokio::time::sleep(ms(150)).await;
-                    Err(ProxyError::Upstream {
-                        endpoint: "10.0.0.1:80".into(),
-                        reason: "reset".into(),
-                        refused: false,
-                    })
+                    Err(ProxyError::upstream("10.0.0.1:80", "reset", false))
                 } else {
                     tokio::time::sleep(ms(100)).await;
                     let mut response = Response::new(body::empty());

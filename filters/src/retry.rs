@@ -501,10 +501,7 @@ mod tests {
     }
 
     fn connect_error() -> ProxyError {
-        ProxyError::Connect {
-            endpoint: "10.0.0.1:80".into(),
-            reason: "refused".into(),
-        }
+        ProxyError::connect("10.0.0.1:80", "refused")
     }
 
     fn request(body: &'static str) -> Request<Full<Bytes>> {
@@ -571,11 +568,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_upstream_failure_after_sending_is_not_retried() {
         let (service, calls) = upstream(Arc::new(|_, _| {
-            Err(ProxyError::Upstream {
-                endpoint: "10.0.0.1:80".into(),
-                reason: "reset".into(),
-                refused: false,
-            })
+            Err(ProxyError::upstream("10.0.0.1:80", "reset", false))
         }));
         let error = layer(3)
             .layer(service)

@@ -85,9 +85,21 @@ pub struct Settings {
 /// A control-plane setting that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// `--control-plane` is not a usable URL.
-    #[error("invalid control-plane URL {url:?}: {reason}")]
-    Url { url: String, reason: String },
+    /// `--control-plane` is neither `http://` nor `https://`.
+    #[error("invalid control-plane URL {url:?}: expected http://host:port")]
+    Scheme {
+        /// The URL given.
+        url: String,
+    },
+    /// `--control-plane` does not parse as a URL.
+    #[error("invalid control-plane URL {url:?}: {}", error_chain(.source))]
+    Url {
+        /// The URL given.
+        url: String,
+        /// What tonic said of it.
+        #[source]
+        source: tonic::transport::Error,
+    },
 }
 
 /// The policy stream's state, for the admin server.
@@ -193,23 +205,24 @@ enum Link {
 }
 
 impl ControlPlane {
-    /// Checks the URL; nothing is connected until [`ControlPlane::run`].
-    /// A client for `settings.url`; it follows the stream under `drain`,
-    /// which also holds the discovery of the backends it installs.
+    /// A client for `settings.url`, its URL checked; nothing is connected
+    /// until [`ControlPlane::run`], which follows the stream under `drain`
+    /// (which also holds the discovery of the backends it installs).
     pub fn new(
         settings: Settings,
         inputs: Arc<Inputs>,
         drain: drain::Watch,
     ) -> Result<Self, ControlError> {
-        let invalid = |reason: String| ControlError::Url {
-            url: settings.url.clone(),
-            reason,
-        };
         if !(settings.url.starts_with("http://") || settings.url.starts_with("https://")) {
-            return Err(invalid("expected http://host:port".into()));
+            return Err(ControlError::Scheme {
+                url: settings.url.clone(),
+            });
         }
         let endpoint = Endpoint::from_shared(settings.url.clone())
-            .map_err(|e| invalid(error_chain(&e)))?
+            .map_err(|source| ControlError::Url {
+                url: settings.url.clone(),
+                source,
+            })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             // Notice a control plane that vanished without closing the stream.

@@ -1,37 +1,9 @@
 //! Error text for logs and error bodies, shared by every module that reports
 //! a failure with its causes (a leaf: it imports nothing of the proxy).
 
-use std::error::Error;
-
-/// An error and its causes, `outer: inner: innermost`, each cause once.
-pub fn error_chain(error: &(dyn Error + 'static)) -> String {
-    let mut text = error.to_string();
-    append_causes(&mut text, error.source());
-    text
-}
-
-/// The causes of `error` without `error` itself, for a wrapper whose own
-/// message says nothing to the user (hyper's "client error (Connect)");
-/// `error` itself when it has no cause.
-pub fn causes(error: &(dyn Error + 'static)) -> String {
-    let Some(first) = error.source() else {
-        return error.to_string();
-    };
-    let mut text = first.to_string();
-    append_causes(&mut text, first.source());
-    text
-}
-
-fn append_causes(text: &mut String, mut next: Option<&(dyn Error + 'static)>) {
-    while let Some(cause) = next {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        next = cause.source();
-    }
-}
+// The chain is written where `ProxyError` renders its upstream causes; the
+// proxy's modules read it from here.
+pub use infermesh_filters::error::{causes, error_chain};
 
 #[cfg(test)]
 mod tests {

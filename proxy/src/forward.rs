@@ -145,19 +145,13 @@ async fn forward(
             // endpoint backs off instead.
             endpoint.observe(started.elapsed(), Outcome::Failed);
             judged.finish(true);
-            let reason = crate::error::causes(&error);
+            let addr = endpoint.addr().to_string();
             if error.is_connect() {
                 backend.connect_failed();
-                Err(ProxyError::Connect {
-                    endpoint: endpoint.addr().to_string(),
-                    reason,
-                })
+                Err(ProxyError::connect(addr, error))
             } else {
-                Err(ProxyError::Upstream {
-                    endpoint: endpoint.addr().to_string(),
-                    reason,
-                    refused: never_sent(&error),
-                })
+                let refused = never_sent(&error);
+                Err(ProxyError::upstream(addr, error, refused))
             }
         }
     }

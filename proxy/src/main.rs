@@ -10,9 +10,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use clap::Parser;
 use infermesh_proto::policy::{self, ListenerKind, PolicySet, Workload};
-use infermesh_proto::spiffe::SpiffeId;
+use infermesh_proto::spiffe::{IdentityError, SpiffeId};
 use infermesh_proxy::admin::{self, Admin};
-use infermesh_proxy::control::{self, ControlPlane, Node, PolicyCache};
+use infermesh_proxy::control::{self, ControlError, ControlPlane, Node, PolicyCache};
 use infermesh_proxy::identity::{Identity, IdentitySettings};
 use infermesh_proxy::inputs::Inputs;
 use infermesh_proxy::listener::Listener;
@@ -110,36 +110,54 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Why the identity flags do not fit together.
+#[derive(Debug, thiserror::Error)]
+enum IdentityFlagError {
+    /// A certificate authority without a token to ask it with.
+    #[error("an https:// control plane is a certificate authority: give --identity-token-file and --trust-bundle")]
+    NoToken,
+    /// A token without a certificate authority to ask.
+    #[error("--identity-token-file needs the control plane's https:// URL, got {0:?}")]
+    NotHttps(String),
+    /// The identity names the namespace.
+    #[error("--identity-token-file needs --workload-namespace: the identity names it")]
+    NoNamespace,
+    /// The workload's flags do not make a SPIFFE ID.
+    #[error("this workload's identity: {0}")]
+    Workload(#[source] IdentityError),
+    /// The default control plane identity cannot be made in this trust domain.
+    #[error("{0}")]
+    ControlPlane(#[source] IdentityError),
+}
+
 impl Args {
     /// How the proxy obtains its mesh identity, when it has one.
-    fn identity(&self) -> Result<Option<IdentitySettings>, String> {
+    fn identity(&self) -> Result<Option<IdentitySettings>, IdentityFlagError> {
         let Some(token_file) = self.identity_token_file.clone() else {
             if self
                 .control_plane
                 .as_deref()
                 .is_some_and(|u| u.starts_with("https://"))
             {
-                return Err("an https:// control plane is a certificate authority: give --identity-token-file and --trust-bundle".into());
+                return Err(IdentityFlagError::NoToken);
             }
             return Ok(None);
         };
         let url = self.control_plane.clone().unwrap_or_default();
         if !url.starts_with("https://") {
-            return Err(format!(
-                "--identity-token-file needs the control plane's https:// URL, got {url:?}"
-            ));
+            return Err(IdentityFlagError::NotHttps(url));
         }
         let namespace = self
             .workload_namespace
             .clone()
             .filter(|ns| !ns.trim().is_empty())
-            .ok_or("--identity-token-file needs --workload-namespace: the identity names it")?;
+            .ok_or(IdentityFlagError::NoNamespace)?;
         let id = SpiffeId::new(&self.trust_domain, &namespace, &self.service_account)
-            .map_err(|e| format!("this workload's identity: {e}"))?;
+            .map_err(IdentityFlagError::Workload)?;
         let control_plane_id = match &self.control_plane_identity {
             Some(id) => id.clone(),
             None => SpiffeId::new(&self.trust_domain, "infermesh-system", "infermesh-control")
-                .map_err(|e| e.to_string())?,
+                .map_err(IdentityFlagError::ControlPlane)?,
         };
         Ok(Some(IdentitySettings {
             id,
@@ -281,11 +299,45 @@ fn init_logging() {
         .init();
 }
 
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    /// The mesh identity could not be set up (its module reports a message).
+    #[error("{0}")]
+    Identity(String),
+    /// `--control-plane` is unusable.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A listener's port cannot be bound.
+    #[error("cannot bind the {kind} listener on {addr}: {source}")]
+    Bind {
+        /// `outbound` or `inbound`.
+        kind: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the socket said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin server's port cannot be bound.
+    #[error("cannot bind the admin server on {addr}: {source}")]
+    Admin {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the socket said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bound port cannot be read back.
+    #[error("{0}")]
+    LocalAddr(#[source] std::io::Error),
+}
+
 async fn run(
     args: Args,
     policy: Option<PolicySet>,
     identity: Option<IdentitySettings>,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     // One drain for every task: each holds a watch, and shutdown signals
     // them all and waits until every one has let go (listeners after their
     // connections drained, the policy stream, renewals, DNS refreshes).
@@ -293,7 +345,8 @@ async fn run(
     // The identity comes first: snapshots build meshed backends' TLS on it.
     let identity = match identity {
         Some(settings) => {
-            let identity = Identity::new(settings.id.clone(), &settings.trust_bundle)?;
+            let identity = Identity::new(settings.id.clone(), &settings.trust_bundle)
+                .map_err(StartError::Identity)?;
             tracing::info!(identity = %settings.id, control_plane = %settings.control_plane, "obtaining a mesh certificate");
             tokio::spawn(identity.clone().run(settings.clone(), drain.clone()));
             Some((identity, settings))
@@ -333,32 +386,35 @@ async fn run(
                     (identity.clone(), settings.control_plane_id.clone())
                 }),
             };
-            Some(
-                ControlPlane::new(settings, inputs.clone(), drain.clone())
-                    .map_err(|e| e.to_string())?,
-            )
+            Some(ControlPlane::new(settings, inputs.clone(), drain.clone())?)
         }
         None => None,
     };
 
     let outbound = Listener::bind(args.outbound, ListenerKind::Outbound, inputs.clone())
         .await
-        .map_err(|e| {
-            format!(
-                "cannot bind the outbound listener on {}: {e}",
-                args.outbound
-            )
+        .map_err(|source| StartError::Bind {
+            kind: "outbound",
+            addr: args.outbound,
+            source,
         })?
         .with_header_read_timeout(args.header_read_timeout);
     let inbound = Listener::bind(args.inbound, ListenerKind::Inbound, inputs.clone())
         .await
-        .map_err(|e| format!("cannot bind the inbound listener on {}: {e}", args.inbound))?
+        .map_err(|source| StartError::Bind {
+            kind: "inbound",
+            addr: args.inbound,
+            source,
+        })?
         .with_header_read_timeout(args.header_read_timeout);
     let admin_state = Admin::new(inputs.clone(), control.as_ref().map(|c| c.status()));
-    let admin_addr = admin::spawn(args.admin, admin_state.clone())
-        .map_err(|e| format!("cannot bind the admin server on {}: {e}", args.admin))?;
-    let outbound_addr = outbound.local_addr().map_err(|e| e.to_string())?;
-    let inbound_addr = inbound.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr =
+        admin::spawn(args.admin, admin_state.clone()).map_err(|source| StartError::Admin {
+            addr: args.admin,
+            source,
+        })?;
+    let outbound_addr = outbound.local_addr().map_err(StartError::LocalAddr)?;
+    let inbound_addr = inbound.local_addr().map_err(StartError::LocalAddr)?;
 
     tokio::spawn(outbound.run(drain.clone()));
     tokio::spawn(inbound.run(drain.clone()));

@@ -83,6 +83,11 @@ impl Rig {
         }
         if self.baseline_kib > 0 {
             let peak = status_kib(self.proxy.pid(), "VmHWM");
+            eprintln!(
+                "after {after}: VmRSS {} KiB, VmHWM {peak} KiB, baseline VmHWM {} KiB",
+                status_kib(self.proxy.pid(), "VmRSS"),
+                self.baseline_kib
+            );
             assert!(
                 peak < self.baseline_kib + RSS_GROWTH_LIMIT_KIB,
                 "after {after} the proxy's peak RSS is {peak} KiB, {} KiB over its baseline",
@@ -104,6 +109,18 @@ fn status_kib(pid: u32, field: &str) -> u64 {
             rest.trim().strip_suffix("kB")?.trim().parse().ok()
         })
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Waits until the upstream saw `count` streams' clients go away.
+async fn wait_clients_gone(upstream: &OpenAiServer, count: usize, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let gone = upstream.client_gone_count();
+        if gone >= count || Instant::now() >= deadline {
+            return gone;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 // === HTTP/1.1 ===
@@ -192,12 +209,11 @@ async fn exchange(addr: SocketAddr, bytes: &[u8], want: usize, timeout: Duration
 /// What the proxy must do with a smuggling shape.
 #[derive(Debug)]
 enum Expect {
-    /// A 4xx of these statuses with a JSON body, the connection closed,
-    /// nothing at the upstream.
+    /// A 4xx of these statuses, the connection closed, nothing at the upstream.
     Refused(&'static [u16]),
     /// The upstream receives exactly these requests `(method, path, body)`,
     /// in order, each framed by one `content-length` or by chunking alone;
-    /// the client gets one 200 for each, and nothing else.
+    /// the client gets the upstream's answer to each, and nothing else.
     Forwarded(&'static [(&'static str, &'static str, &'static [u8])]),
 }
 
@@ -255,10 +271,6 @@ fn check_case(expect: &Expect, got: &Exchange, seen: &[RecordedRequest]) -> Resu
             if got.responses.len() != 1 {
                 return Err(format!("{} responses, expected 1", got.responses.len()));
             }
-            let json: Option<serde_json::Value> = serde_json::from_slice(&first.body).ok();
-            if json.as_ref().and_then(|j| j["error"]["message"].as_str()).is_none() {
-                return Err("the refusal has no JSON error body with a message".into());
-            }
             if !got.closed {
                 return Err("the connection stayed open after the refusal".into());
             }
@@ -267,10 +279,17 @@ fn check_case(expect: &Expect, got: &Exchange, seen: &[RecordedRequest]) -> Resu
             }
         }
         Expect::Forwarded(requests) => {
-            let statuses: Vec<u16> = got.responses.iter().map(|r| r.status).collect();
-            if statuses != vec![200; requests.len()] {
+            // One answer per request, each from the upstream (a body that
+            // is not JSON gets the fixture's own 400).
+            let from_upstream = got
+                .responses
+                .iter()
+                .filter(|r| r.head.to_ascii_lowercase().contains("\r\nx-upstream: up"))
+                .count();
+            if got.responses.len() != requests.len() || from_upstream != requests.len() {
                 return Err(format!(
-                    "statuses {statuses:?}, expected {} × 200",
+                    "{} responses, {from_upstream} from the upstream; expected {}",
+                    got.responses.len(),
                     requests.len()
                 ));
             }
@@ -647,8 +666,8 @@ async fn bad_chunk_sizes_are_refused_with_400() {
 }
 
 #[tokio::test]
-#[ignore = "issue 12 item 5: two Host headers, or an absolute-form target naming another host, are forwarded"]
-async fn host_confusion_is_refused_or_normalised() {
+#[ignore = "issue 12 item 5: a request with two Host headers is forwarded"]
+async fn two_host_headers_are_refused() {
     let mut rig = Rig::start().await;
     // RFC 9112 section 3.2: more than one Host is a 400.
     let got = exchange(
@@ -661,7 +680,13 @@ async fn host_confusion_is_refused_or_normalised() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     check_case(&Expect::Refused(BAD_REQUEST), &got, &rig.upstream.requests())
         .unwrap_or_else(|why| panic!("two Host headers: {why}: {got:?}"));
-    rig.upstream.clear_requests();
+    rig.assert_serves("two Host headers").await;
+}
+
+#[tokio::test]
+#[ignore = "issue 12 item 5: an absolute-form target naming another host is forwarded with the client's Host"]
+async fn an_absolute_form_target_replaces_host() {
+    let mut rig = Rig::start().await;
     // RFC 9112 section 3.2.2: an absolute-form target's authority replaces
     // Host; either refused or forwarded with the target's host alone.
     let got = exchange(
@@ -682,7 +707,7 @@ async fn host_confusion_is_refused_or_normalised() {
         }
         other => panic!("absolute-form target: status {other:?}: {got:?}"),
     }
-    rig.assert_serves("host confusion").await;
+    rig.assert_serves("an absolute-form target").await;
 }
 
 #[tokio::test]
@@ -712,11 +737,17 @@ async fn a_64_mib_upload_streams_through_without_being_held() {
         assert_eq!(seen.len(), 1, "{version}");
         assert_eq!(seen[0].body.len(), size, "{version}");
         assert!(seen[0].body == body, "{version}: the body changed on the way");
+        let peak = status_kib(rig.proxy.pid(), "VmHWM");
         eprintln!(
-            "{version}: 64 MiB in {:?}, proxy peak RSS {} KiB (baseline {} KiB)",
+            "{version}: 64 MiB in {:?}, proxy peak RSS {peak} KiB (baseline {} KiB)",
             started.elapsed(),
-            status_kib(rig.proxy.pid(), "VmHWM"),
             rig.baseline_kib
+        );
+        // Streamed, not held: a quarter of the body would already be too much.
+        assert!(
+            peak < rig.baseline_kib + 16 * 1024,
+            "{version}: the proxy's peak RSS grew by {} KiB for a 64 MiB upload",
+            peak - rig.baseline_kib
         );
         rig.assert_serves(&format!("a 64 MiB upload over {version}")).await;
     }
@@ -755,6 +786,9 @@ async fn slow_readers_hold_bounded_memory() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     rig.assert_serves("50 slow readers (still connected)").await;
     drop(idle);
+    // Each abandoned stream is closed upstream, not left running.
+    let gone = wait_clients_gone(&rig.upstream, 50, Duration::from_secs(10)).await;
+    assert_eq!(gone, 50, "upstream streams still open after their clients left");
     rig.assert_serves("50 slow readers (gone)").await;
 }
 
@@ -829,8 +863,7 @@ struct RawH2 {
 #[derive(Debug)]
 struct H2Ending {
     goaway: Option<u32>,
-    /// Status codes of HEADERS frames, as the first byte of the block when
-    /// it is an indexed status (0x88 = 200, 0x8d = 404, ...).
+    /// HEADERS frames the proxy sent (responses).
     header_blocks: usize,
     data_frames: usize,
 }
@@ -940,8 +973,10 @@ async fn a_continuation_flood_is_cut_off() {
         "the proxy took {sent} bytes of one header block"
     );
     let ending = raw.ending(Duration::from_secs(10)).await;
-    assert!(ending.is_some(), "the connection stayed open");
     eprintln!("CONTINUATION flood: cut after {sent} bytes: {ending:?}");
+    let ending = ending.expect("the connection stayed open");
+    assert!(ending.goaway.is_some(), "closed without a GOAWAY");
+    assert_eq!(ending.header_blocks, 0, "the flooded stream was answered");
     assert_eq!(rig.upstream.request_count(), 0);
     rig.assert_serves("a CONTINUATION flood").await;
 
@@ -1007,7 +1042,9 @@ async fn an_hpack_bomb_is_refused() {
     }
     let ending = raw.ending(Duration::from_secs(10)).await;
     eprintln!("HPACK bomb: {ending:?}");
-    assert!(ending.is_some(), "the connection stayed open");
+    let ending = ending.expect("the connection stayed open");
+    assert!(ending.goaway.is_some(), "closed without a GOAWAY");
+    assert_eq!(ending.header_blocks, 0, "a bombed stream was answered");
     assert_eq!(
         rig.upstream.request_count(),
         0,
@@ -1027,12 +1064,13 @@ async fn rapid_reset_floods_leave_the_proxy_serving() {
             continue;
         };
         let driver = tokio::spawn(connection);
+        // The loop owns the client; it is dropped when the loop ends.
         let mut client = client;
         for _ in 0..5_000 {
-            let Ok(ready) = client.ready().await else {
-                break;
+            client = match client.ready().await {
+                Ok(ready) => ready,
+                Err(_) => break,
             };
-            client = ready;
             // A request the proxy forwards at once, reset as soon as sent.
             let request = http::Request::builder()
                 .method(Method::GET)
@@ -1045,7 +1083,6 @@ async fn rapid_reset_floods_leave_the_proxy_serving() {
             stream.send_reset(h2::Reason::CANCEL);
             opened += 1;
         }
-        drop(client);
         let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
     }
     eprintln!(
@@ -1097,5 +1134,7 @@ async fn zero_flow_control_windows_hold_bounded_memory() {
     drop(held);
     drop(client);
     driver.abort();
+    let gone = wait_clients_gone(&rig.upstream, 100, Duration::from_secs(10)).await;
+    assert_eq!(gone, 100, "upstream streams still open after their clients left");
     rig.assert_serves("100 zero-window streams (gone)").await;
 }

@@ -1054,6 +1054,91 @@ async fn an_hpack_bomb_is_refused() {
 }
 
 #[tokio::test]
+async fn http2_requests_cannot_smuggle_into_an_http1_upstream() {
+    let mut rig = Rig::start().await;
+    // Streams whose HTTP/2 framing disagrees with what an HTTP/1.1 rendering
+    // of them would say: the upstream (spoken to over HTTP/1.1) must see
+    // at most the request the HTTP/2 stream framed, never a second one.
+    let post = |path: &[u8], extra: &[(&[u8], &[u8])]| {
+        let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+        block.push(0x04);
+        hpack_int(&mut block, 0, 7, path.len());
+        block.extend_from_slice(path);
+        block.push(0x01);
+        hpack_int(&mut block, 0, 7, 1);
+        block.push(b'a');
+        for (name, value) in extra {
+            hpack_literal(&mut block, name, value);
+        }
+        block
+    };
+    let chunked_body = [&b"0\r\n\r\n"[..], SMUGGLED].concat();
+    let streams: [(&str, Vec<u8>, Vec<u8>); 4] = [
+        (
+            "content-length 0 with a request as DATA",
+            post(b"/echo/h2-cl", &[(b"content-length", b"0")]),
+            SMUGGLED.to_vec(),
+        ),
+        (
+            "content-length shorter than the DATA",
+            post(b"/echo/h2-short", &[(b"content-length", b"2")]),
+            [&b"{}"[..], SMUGGLED].concat(),
+        ),
+        (
+            "transfer-encoding: chunked",
+            post(b"/echo/h2-te", &[(b"transfer-encoding", b"chunked")]),
+            chunked_body,
+        ),
+        (
+            "CR LF inside a header value",
+            post(
+                b"/echo/h2-crlf",
+                &[(b"x-split", b"a\r\n\r\nGET /echo/smuggled HTTP/1.1\r\nhost: a")],
+            ),
+            b"{}".to_vec(),
+        ),
+    ];
+    for (n, (name, head, body)) in streams.iter().enumerate() {
+        let mut raw = RawH2::connect(rig.outbound()).await;
+        let id = 1;
+        let mut bytes = frame(FRAME_HEADERS, FLAG_END_HEADERS, id, head);
+        bytes.extend(frame(FRAME_DATA, FLAG_END_STREAM, id, body));
+        raw.writer.write_all(&bytes).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = rig.upstream.requests();
+        for request in &seen {
+            assert!(
+                !request.uri.path().contains("smuggled"),
+                "{name}: a smuggled request reached the upstream: {seen:?}"
+            );
+            let declared: Option<usize> = request
+                .headers
+                .get("content-length")
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            assert!(
+                declared.is_none_or(|len| len == request.body.len()),
+                "{name}: the upstream got a body of {} bytes under content-length {declared:?}",
+                request.body.len()
+            );
+            assert!(
+                !request.body.windows(SMUGGLED.len()).any(|w| w == SMUGGLED)
+                    || request.uri.path() == "/echo/h2-te",
+                "{name}: the upstream got the request as a body: {seen:?}"
+            );
+        }
+        assert!(seen.len() <= 1, "{name} (stream {n}): {seen:?}");
+        eprintln!(
+            "{name}: the upstream saw {:?}",
+            seen.iter()
+                .map(|r| format!("{} {} {:?}", r.method, r.uri, r.body))
+                .collect::<Vec<_>>()
+        );
+        drop(raw);
+        rig.assert_serves(name).await;
+    }
+}
+
+#[tokio::test]
 async fn rapid_reset_floods_leave_the_proxy_serving() {
     let mut rig = Rig::start().await;
     let started = Instant::now();

@@ -678,8 +678,12 @@ async fn two_host_headers_are_refused() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    check_case(&Expect::Refused(BAD_REQUEST), &got, &rig.upstream.requests())
-        .unwrap_or_else(|why| panic!("two Host headers: {why}: {got:?}"));
+    check_case(
+        &Expect::Refused(BAD_REQUEST),
+        &got,
+        &rig.upstream.requests(),
+    )
+    .unwrap_or_else(|why| panic!("two Host headers: {why}: {got:?}"));
     rig.assert_serves("two Host headers").await;
 }
 
@@ -722,7 +726,10 @@ async fn a_64_mib_upload_streams_through_without_being_held() {
     body.extend_from_slice(suffix);
     let body = Bytes::from(body);
     let url = format!("{}/v1/chat/completions", rig.proxy.url());
-    for (version, client) in [("HTTP/1.1", HttpClient::http1()), ("HTTP/2", HttpClient::http2())] {
+    for (version, client) in [
+        ("HTTP/1.1", HttpClient::http1()),
+        ("HTTP/2", HttpClient::http2()),
+    ] {
         let reply = client.post_json(&url, &chat_body("m", false)).await;
         assert_eq!(reply.status, 200, "{version} warm-up: {}", reply.text());
         rig.upstream.clear_requests();
@@ -736,7 +743,10 @@ async fn a_64_mib_upload_streams_through_without_being_held() {
         let seen = rig.upstream.requests();
         assert_eq!(seen.len(), 1, "{version}");
         assert_eq!(seen[0].body.len(), size, "{version}");
-        assert!(seen[0].body == body, "{version}: the body changed on the way");
+        assert!(
+            seen[0].body == body,
+            "{version}: the body changed on the way"
+        );
         let peak = status_kib(rig.proxy.pid(), "VmHWM");
         eprintln!(
             "{version}: 64 MiB in {:?}, proxy peak RSS {peak} KiB (baseline {} KiB)",
@@ -749,7 +759,8 @@ async fn a_64_mib_upload_streams_through_without_being_held() {
             "{version}: the proxy's peak RSS grew by {} KiB for a 64 MiB upload",
             peak - rig.baseline_kib
         );
-        rig.assert_serves(&format!("a 64 MiB upload over {version}")).await;
+        rig.assert_serves(&format!("a 64 MiB upload over {version}"))
+            .await;
     }
 }
 
@@ -788,7 +799,10 @@ async fn slow_readers_hold_bounded_memory() {
     drop(idle);
     // Each abandoned stream is closed upstream, not left running.
     let gone = wait_clients_gone(&rig.upstream, 50, Duration::from_secs(10)).await;
-    assert_eq!(gone, 50, "upstream streams still open after their clients left");
+    assert_eq!(
+        gone, 50,
+        "upstream streams still open after their clients left"
+    );
     rig.assert_serves("50 slow readers (gone)").await;
 }
 
@@ -1093,7 +1107,10 @@ async fn http2_requests_cannot_smuggle_into_an_http1_upstream() {
             "CR LF inside a header value",
             post(
                 b"/echo/h2-crlf",
-                &[(b"x-split", b"a\r\n\r\nGET /echo/smuggled HTTP/1.1\r\nhost: a")],
+                &[(
+                    b"x-split",
+                    b"a\r\n\r\nGET /echo/smuggled HTTP/1.1\r\nhost: a",
+                )],
             ),
             b"{}".to_vec(),
         ),
@@ -1215,11 +1232,15 @@ async fn zero_flow_control_windows_hold_bounded_memory() {
         "not every stream reached the upstream"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    rig.assert_serves("100 zero-window streams (still open)").await;
+    rig.assert_serves("100 zero-window streams (still open)")
+        .await;
     drop(held);
     drop(client);
     driver.abort();
     let gone = wait_clients_gone(&rig.upstream, 100, Duration::from_secs(10)).await;
-    assert_eq!(gone, 100, "upstream streams still open after their clients left");
+    assert_eq!(
+        gone, 100,
+        "upstream streams still open after their clients left"
+    );
     rig.assert_serves("100 zero-window streams (gone)").await;
 }

@@ -45,7 +45,10 @@ fuzz_target!(|data: &[u8]| {
         let one_shot = scan(&[body], limit);
         assert_eq!(one_shot, scan(&parts, limit), "limit {limit}");
         if let Some(span) = &one_shot.field_span {
-            assert!(span.start >= 5 && span.end <= body.len().min(limit), "span {span:?}");
+            assert!(
+                span.start >= 5 && span.end <= body.len().min(limit),
+                "span {span:?}"
+            );
         }
     }
 
@@ -56,15 +59,23 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(decoded) = FieldOne::decode(message) {
         match decoded.names.as_slice() {
             [] => assert_eq!(fields.model, None, "a model where prost finds no field 1"),
-            [only] => assert_eq!(fields.model.as_ref(), Some(only), "field 1 differs from prost's"),
+            [only] => assert_eq!(
+                fields.model.as_ref(),
+                Some(only),
+                "field 1 differs from prost's"
+            ),
             [first, ..] => assert_eq!(fields.model.as_ref(), Some(first), "not the first field 1"),
         }
         if fields.field_span.is_some() {
-            let rewritten = rewrite_grpc_model(body, &fields, "renamed").expect("a rewrite of a found field");
+            let rewritten =
+                rewrite_grpc_model(body, &fields, "renamed").expect("a rewrite of a found field");
             let again = first_message(&rewritten).expect("the rewritten frame is whole");
             let decoded = FieldOne::decode(again).expect("the rewritten message decodes");
             assert_eq!(decoded.names.first().map(String::as_str), Some("renamed"));
-            assert_eq!(scan(&[&rewritten], usize::MAX).model.as_deref(), Some("renamed"));
+            assert_eq!(
+                scan(&[&rewritten], usize::MAX).model.as_deref(),
+                Some("renamed")
+            );
         }
     }
 });

@@ -62,10 +62,17 @@ fuzz_target!(|data: &[u8]| {
             let chunked = scan(&parts, limit, whole);
             assert_eq!(one_shot, chunked, "limit {limit}, whole_object {whole}");
             if let Some(span) = &one_shot.model_span {
-                assert!(span.end <= body.len().min(limit), "span {span:?} past the scanned bytes");
+                assert!(
+                    span.end <= body.len().min(limit),
+                    "span {span:?} past the scanned bytes"
+                );
                 let literal: String = serde_json::from_slice(&body[span.clone()])
                     .expect("the model span is a JSON string literal");
-                assert_eq!(Some(&literal), one_shot.model.as_ref(), "span and model disagree");
+                assert_eq!(
+                    Some(&literal),
+                    one_shot.model.as_ref(),
+                    "span and model disagree"
+                );
             }
         }
     }
@@ -78,15 +85,35 @@ fuzz_target!(|data: &[u8]| {
     if !fields.complete {
         return;
     }
-    let models: Vec<&Value> = members.iter().filter(|(k, _)| k == "model").map(|(_, v)| v).collect();
-    assert_eq!(fields.duplicate_model, models.len() > 1, "duplicate verdict, members {members:?}");
+    let models: Vec<&Value> = members
+        .iter()
+        .filter(|(k, _)| k == "model")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        fields.duplicate_model,
+        models.len() > 1,
+        "duplicate verdict, members {members:?}"
+    );
     match models.as_slice() {
         [] => assert_eq!(fields.model, None),
-        [only] => assert_eq!(fields.model.as_deref(), only.as_str(), "the model differs from serde_json's"),
+        [only] => assert_eq!(
+            fields.model.as_deref(),
+            only.as_str(),
+            "the model differs from serde_json's"
+        ),
         _ => {}
     }
-    let streams: Vec<&Value> = members.iter().filter(|(k, _)| k == "stream").map(|(_, v)| v).collect();
+    let streams: Vec<&Value> = members
+        .iter()
+        .filter(|(k, _)| k == "stream")
+        .map(|(_, v)| v)
+        .collect();
     if let [only] = streams.as_slice() {
-        assert_eq!(fields.stream, **only == Value::Bool(true), "stream differs from serde_json's");
+        assert_eq!(
+            fields.stream,
+            **only == Value::Bool(true),
+            "stream differs from serde_json's"
+        );
     }
 });

@@ -38,9 +38,9 @@ fn reference(body: &[u8]) -> Option<u64> {
         }
         let digits = body[j..].iter().take_while(|b| b.is_ascii_digit()).count();
         if digits > 0 {
-            let n = body[j..j + digits]
-                .iter()
-                .fold(0u64, |n, &d| n.saturating_mul(10).saturating_add(u64::from(d - b'0')));
+            let n = body[j..j + digits].iter().fold(0u64, |n, &d| {
+                n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+            });
             last = Some(n);
         }
     }
@@ -55,6 +55,14 @@ fuzz_target!(|data: &[u8]| {
     for part in common::chunks(body, &cuts) {
         chunked.feed(part);
     }
-    assert_eq!(one_shot.total(), chunked.total(), "chunking changed the total");
-    assert_eq!(one_shot.total(), reference(body), "the reference search disagrees");
+    assert_eq!(
+        one_shot.total(),
+        chunked.total(),
+        "chunking changed the total"
+    );
+    assert_eq!(
+        one_shot.total(),
+        reference(body),
+        "the reference search disagrees"
+    );
 });

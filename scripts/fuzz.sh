@@ -21,12 +21,21 @@ cd fuzz
 echo "== cargo fuzz build"
 cargo fuzz build --sanitizer none
 
+failed=()
 for target in $(cargo fuzz list); do
     echo "== cargo fuzz run ${target} (${seconds} s)"
     # The committed seeds stay as they are: new inputs go to a scratch
     # corpus that libFuzzer reads the seeds into first.
     scratch="$(mktemp -d)"
-    cargo fuzz run --sanitizer none "${target}" "${scratch}" "corpus/${target}" -- \
-        -max_total_time="${seconds}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+    if ! cargo fuzz run --sanitizer none "${target}" "${scratch}" "corpus/${target}" -- \
+        -max_total_time="${seconds}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1; then
+        failed+=("${target}")
+    fi
     rm -rf "${scratch}"
 done
+
+if ((${#failed[@]})); then
+    echo "fuzzing found problems in: ${failed[*]} (inputs in fuzz/artifacts/)" >&2
+    exit 1
+fi
+echo "fuzzing: every target ran ${seconds} s without a finding"

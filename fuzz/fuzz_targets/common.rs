@@ -3,6 +3,7 @@
 //! the body. A seed with a leading `\0` is just its body.
 
 /// Splits the fuzzer's input into the cut points and the body.
+#[allow(dead_code)]
 pub fn split_input(data: &[u8]) -> (Vec<usize>, &[u8]) {
     let Some((&count, rest)) = data.split_first() else {
         return (Vec::new(), data);
@@ -17,6 +18,7 @@ pub fn split_input(data: &[u8]) -> (Vec<usize>, &[u8]) {
 }
 
 /// `body` split at `cuts` (taken modulo the body length, sorted); empty chunks kept.
+#[allow(dead_code)]
 pub fn chunks<'a>(body: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
     let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
     cuts.sort_unstable();
@@ -27,4 +29,12 @@ pub fn chunks<'a>(body: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
         start = cut;
     }
     out
+}
+
+/// `INFERMESH_FUZZ_STRICT=1`: also fail on the known findings listed in
+/// docs/fuzzing.md, which the default run tolerates until they are fixed.
+#[allow(dead_code)]
+pub fn strict() -> bool {
+    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STRICT.get_or_init(|| std::env::var_os("INFERMESH_FUZZ_STRICT").is_some_and(|v| v == "1"))
 }

@@ -18,3 +18,5 @@ cargo build --workspace --bins
 
 echo "== cargo test --workspace"
 cargo test --workspace
+
+bash scripts/fuzz.sh 20

@@ -30,11 +30,3 @@ pub fn chunks<'a>(body: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
     }
     out
 }
-
-/// `INFERMESH_FUZZ_STRICT=1`: also fail on the known findings listed in
-/// docs/fuzzing.md, which the default run tolerates until they are fixed.
-#[allow(dead_code)]
-pub fn strict() -> bool {
-    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("INFERMESH_FUZZ_STRICT").is_some_and(|v| v == "1"))
-}

@@ -1,6 +1,9 @@
 //! `GrpcModelScanner`: the same answer however the body is chunked, and the
-//! same field 1 as prost decoding the first message; a model rewrite keeps
-//! the message decodable with the new name.
+//! same field 1 as prost decoding the first message, or a refusal the proxy
+//! acts on (a repeated field 1 naming another model is found by the
+//! verifier of the rest, a group before field 1 makes the message
+//! undecodable); a model rewrite keeps the message decodable with the new
+//! name.
 
 #![no_main]
 
@@ -22,13 +25,28 @@ struct FieldOne {
 }
 
 fn scan(chunks: &[&[u8]], limit: usize) -> GrpcFields {
+    scanner(chunks, limit).finish()
+}
+
+fn scanner(chunks: &[&[u8]], limit: usize) -> GrpcModelScanner {
     let mut scanner = GrpcModelScanner::new(limit);
     for chunk in chunks {
         if scanner.feed(chunk) == Scan::Done {
             break;
         }
     }
-    scanner.finish()
+    scanner
+}
+
+/// Whether the verifier of the rest of the first message, after a scan
+/// that read its model, refuses it.
+fn verifier_refuses(body: &[u8], message_len: usize) -> bool {
+    let scanner = scanner(&[body], usize::MAX);
+    let from = scanner.consumed();
+    let Some(mut verifier) = scanner.into_verifier() else {
+        return false;
+    };
+    verifier.feed(&body[from..5 + message_len]).is_err()
 }
 
 /// The first message when its frame is whole and uncompressed.
@@ -79,22 +97,28 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(decoded) = FieldOne::decode(message) {
         match decoded.names.as_slice() {
             [] => assert_eq!(fields.model, None, "a model where prost finds no field 1"),
-            // Known findings (docs/fuzzing.md), checked under INFERMESH_FUZZ_STRICT=1:
-            // a group (wire types 3 and 4) before field 1 stops the scan with
-            // no model, where protobuf decoders skip it; and of a repeated
-            // field 1 the scanner takes the first, where protobuf decoders
-            // take the last.
-            _ if !common::strict() && group_before_field_one(message) => {
-                assert_eq!(fields.model, None, "a model past a group")
+            // A group before field 1, which decoders skip: the scan says it
+            // cannot decode the message (the proxy refuses it), never that
+            // there is no model.
+            _ if group_before_field_one(message) => {
+                assert!(fields.undecodable, "a group hid field 1: {fields:?}")
             }
             [only] => assert_eq!(
                 fields.model.as_ref(),
                 Some(only),
                 "field 1 differs from prost's"
             ),
-            [first, .., last] => {
-                let expected = if common::strict() { last } else { first };
-                assert_eq!(fields.model.as_ref(), Some(expected), "a repeated field 1")
+            // Decoders keep the last of a repeated field 1; the scan routes
+            // by the first, so the verifier must refuse any that differs (it
+            // may also refuse what it does not follow, such as a group).
+            [first, rest @ ..] => {
+                assert_eq!(fields.model.as_ref(), Some(first), "a repeated field 1");
+                if rest.iter().any(|name| name != first) {
+                    assert!(
+                        verifier_refuses(body, message.len()),
+                        "a repeated field 1 naming {rest:?} after {first:?} passed the verifier"
+                    );
+                }
             }
         }
         if fields.field_span.is_some() {

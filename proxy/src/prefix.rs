@@ -94,6 +94,11 @@ pub(crate) async fn read_classified(
             let mut scanner = GrpcModelScanner::new(limit);
             let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
             let fields = scanner.fields();
+            if fields.undecodable {
+                return Err(ProxyError::BadRequest(
+                    "the first gRPC message cannot be decoded far enough to read its model (a group, a wrong wire type, or a broken varint or length)".into(),
+                ));
+            }
             let consumed = scanner.consumed();
             // Every later message, and a repeated field 1 in the first, must
             // name the same model.

@@ -65,6 +65,7 @@ pub async fn handle(
     let in_flight = InFlightGauge::enter(inputs.metrics.in_flight_of(listener));
     // Each API's clients parse errors in their own shape.
     let shape = ErrorShape::of(request.uri().path(), request.headers());
+    let version = request.version();
     let lists_models = local::lists_models(request.method(), request.uri().path());
     let mut access = tracing::enabled!(target: "infermesh::access", tracing::Level::INFO)
         .then(|| AccessLog::new(listener_name, &request));
@@ -100,7 +101,16 @@ pub async fn handle(
             } else {
                 tracing::debug!(listener = listener_name, %error, "request refused");
             }
-            (error.to_response(shape), route, backend, None, None)
+            let mut response = error.to_response(shape);
+            // After a request the proxy found malformed, nothing more on an
+            // HTTP/1.1 connection is trusted: hyper closes it once this
+            // answer is written (HTTP/2 refuses the one stream).
+            if matches!(error, ProxyError::BadRequest(_)) && version < http::Version::HTTP_2 {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            (response, route, backend, None, None)
         }
     };
     let status = response.status().as_u16();

@@ -128,7 +128,7 @@ async fn wait_clients_gone(upstream: &OpenAiServer, count: usize, timeout: Durat
 // === HTTP/1.1 ===
 
 /// One HTTP/1.x response as it came off the wire.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct RawResponse {
     status: u16,
     head: String,
@@ -573,17 +573,10 @@ async fn pipelined_requests_after_a_body_reach_the_upstream_as_framed() {
                 &chunked_smuggled,
                 b"GET /echo/two HTTP/1.1\r\nhost: a\r\n\r\n",
             ]),
-            Expect::Forwarded(
-                Box::leak(Box::new([
-                    (
-                        "POST",
-                        "/v1/chat/completions",
-                        &*Box::leak([chat, SMUGGLED].concat().into_boxed_slice()),
-                    ),
-                    ("GET", "/echo/two", b"" as &[u8]),
-                ]))
-                .as_slice(),
-            ),
+            // The body is a JSON object followed by more: refused (the
+            // model it names may not be the one an upstream parser sees),
+            // the connection closed, the smuggled text never a request.
+            Expect::Refused(BAD_REQUEST),
         ),
         (
             "twenty pipelined requests",
@@ -636,7 +629,6 @@ async fn oversized_heads_are_refused() {
 }
 
 #[tokio::test]
-#[ignore = "issue 12 item 2: a client's broken chunked body is answered 502"]
 async fn bad_chunk_sizes_are_refused_with_400() {
     let mut rig = Rig::start().await;
     let cases: Vec<(&str, Vec<u8>, Expect)> = [
@@ -668,7 +660,6 @@ async fn bad_chunk_sizes_are_refused_with_400() {
 }
 
 #[tokio::test]
-#[ignore = "issue 12 item 5: a request with two Host headers is forwarded"]
 async fn two_host_headers_are_refused() {
     let mut rig = Rig::start().await;
     // RFC 9112 section 3.2: more than one Host is a 400.
@@ -690,7 +681,6 @@ async fn two_host_headers_are_refused() {
 }
 
 #[tokio::test]
-#[ignore = "issue 12 item 5: an absolute-form target naming another host is forwarded with the client's Host"]
 async fn an_absolute_form_target_replaces_host() {
     let mut rig = Rig::start().await;
     // RFC 9112 section 3.2.2: an absolute-form target's authority replaces
@@ -759,7 +749,6 @@ async fn refused_heads_say_why_in_json() {
 }
 
 #[tokio::test]
-#[ignore = "issue 12 finding (the gRPC form of item 11): of a repeated model_name the proxy routes by the first, the upstream reads the last; the fix belongs to classify/grpc.rs"]
 async fn a_repeated_grpc_model_name_reaches_no_backend_of_another_model() {
     let resnet = KServeGrpcServer::start("grpc-resnet");
     let bert = KServeGrpcServer::start("grpc-bert");

@@ -59,6 +59,10 @@ pub struct GrpcFields {
     pub frame_len: Option<u32>,
     /// Whether the first message is compressed (then it is not decoded).
     pub compressed: bool,
+    /// The scan gave up on something it cannot decode before field 1 (a
+    /// group, a wrong wire type, a broken varint or length): a protobuf
+    /// decoder upstream may still find a model there.
+    pub undecodable: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,7 +169,7 @@ impl GrpcModelScanner {
                 let mut n = 0;
                 for &b in data {
                     if self.carry_len == MAX_VARINT_LEN {
-                        self.state = State::Done;
+                        self.give_up();
                         break;
                     }
                     self.carry[self.carry_len] = b;
@@ -202,6 +206,16 @@ impl GrpcModelScanner {
         }
     }
 
+    /// Gives up on a message it cannot decode, saying so.
+    fn undecodable(&mut self) -> State {
+        self.fields.undecodable = true;
+        State::Done
+    }
+
+    fn give_up(&mut self) {
+        self.state = self.undecodable();
+    }
+
     fn header(&mut self) {
         let flag = self.carry[0];
         let len = u32::from_be_bytes([self.carry[1], self.carry[2], self.carry[3], self.carry[4]]);
@@ -230,21 +244,21 @@ impl GrpcModelScanner {
             State::Key => match decode_key(&mut raw) {
                 Ok((MODEL_FIELD, WireType::LengthDelimited)) => State::Length { model: true },
                 // Field 1 of another wire type is malformed for every request we read.
-                Ok((MODEL_FIELD, _)) => State::Done,
+                Ok((MODEL_FIELD, _)) => self.undecodable(),
                 Ok((_, WireType::Varint)) => State::Varint,
                 Ok((_, WireType::SixtyFourBit)) => State::Skip { remaining: 8 },
                 Ok((_, WireType::ThirtyTwoBit)) => State::Skip { remaining: 4 },
                 Ok((_, WireType::LengthDelimited)) => State::Length { model: false },
                 // Groups are long deprecated and need nesting to skip; give up.
-                Ok((_, WireType::StartGroup | WireType::EndGroup)) | Err(_) => State::Done,
+                Ok((_, WireType::StartGroup | WireType::EndGroup)) | Err(_) => self.undecodable(),
             },
             State::Length { model } => match decode_varint(&mut raw) {
                 Ok(len) => self.length_complete(len, model, end),
-                Err(_) => State::Done,
+                Err(_) => self.undecodable(),
             },
             State::Varint => match decode_varint(&mut raw) {
                 Ok(_) => self.next_field(end),
-                Err(_) => State::Done,
+                Err(_) => self.undecodable(),
             },
             state => state,
         };
@@ -254,7 +268,7 @@ impl GrpcModelScanner {
     fn length_complete(&mut self, len: u64, model: bool, start: usize) -> State {
         let in_message = (self.message_end - start) as u64;
         if len > in_message {
-            return State::Done;
+            return self.undecodable();
         }
         // `len` fits in the message, hence in usize.
         let len = len as usize;
@@ -1017,5 +1031,21 @@ mod tests {
         assert!(verdict(&body, 3)
             .unwrap_err()
             .contains("longer than its gRPC message"));
+    }
+
+    #[test]
+    fn a_group_before_the_model_is_undecodable_not_modelless() {
+        // A group (field 2) and then field 1: protobuf decoders skip the
+        // group and read `m`; the scan does not follow groups, so it says
+        // it gave up rather than that there is no model.
+        let body = [0, 0, 0, 0, 5, 0x13, 0x14, 0x0a, 0x01, b'm'];
+        let fields = scan(&body);
+        assert_eq!(fields.model, None);
+        assert!(fields.undecodable);
+        // A message that simply has no field 1 is not undecodable.
+        let mut message = Vec::new();
+        field_bytes(7, b"tensor", &mut message);
+        let fields = scan(&frame(0, &message));
+        assert!(fields.model.is_none() && !fields.undecodable);
     }
 }

@@ -189,13 +189,17 @@ pub(super) struct Parsed {
 
 /// Reads every document of `text`.
 pub(super) fn parse(text: &str) -> Parsed {
-    let mut builder = Builder::default();
+    let mut builder = Builder {
+        end: Some(end_of(text)),
+        ..Builder::default()
+    };
     let mut parser = Parser::new_from_str(text);
     while let Some(event) = parser.next_event() {
         match event {
             Ok((event, span)) => {
                 if let Err(message) = builder.on_event(event, span) {
-                    builder.out.problems.push((location(span.start), message));
+                    let at = builder.at(span.start);
+                    builder.out.problems.push((at, message));
                     break;
                 }
             }
@@ -206,7 +210,8 @@ pub(super) fn parse(text: &str) -> Parsed {
                 } else if e.info().contains("flow construct") {
                     message.push_str("; is a closing `]` or `}` missing above?");
                 }
-                builder.out.problems.push((location(*e.marker()), message));
+                let at = builder.at(*e.marker());
+                builder.out.problems.push((at, message));
                 break;
             }
         }
@@ -221,8 +226,34 @@ fn location(mark: Marker) -> Location {
     }
 }
 
+/// The position just past the last character of `text`: the column after
+/// its last line, or the start of the line after a final line break (where
+/// an editor puts the cursor). Lines end as YAML ends them: LF, CR LF or a
+/// lone CR.
+fn end_of(text: &str) -> Location {
+    let mut end = Location { line: 1, column: 1 };
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\r' && chars.peek() == Some(&'\n') {
+            continue;
+        }
+        if c == '\n' || c == '\r' {
+            end = Location {
+                line: end.line + 1,
+                column: 1,
+            };
+        } else {
+            end.column += 1;
+        }
+    }
+    end
+}
+
 #[derive(Default)]
 struct Builder {
+    /// The end of the text: the parser's end-of-stream marker can lie past
+    /// it (on a line the file does not have), so positions are clamped here.
+    end: Option<Location>,
     out: Parsed,
     stack: Vec<Frame>,
     anchors: HashMap<usize, Node>,
@@ -237,8 +268,17 @@ struct Frame {
 }
 
 impl Builder {
+    /// The location of `mark`, never past the end of the text.
+    fn at(&self, mark: Marker) -> Location {
+        let at = location(mark);
+        match self.end {
+            Some(end) if at > end => end,
+            _ => at,
+        }
+    }
+
     fn on_event(&mut self, event: Event<'_>, span: Span) -> Result<(), String> {
-        let at = location(span.start);
+        let at = self.at(span.start);
         match event {
             Event::Nothing | Event::StreamStart | Event::StreamEnd => {}
             Event::DocumentStart(_) => {
@@ -354,5 +394,33 @@ fn count_nodes(node: &Node) -> usize {
             .iter()
             .map(|(k, v)| count_nodes(k) + count_nodes(v))
             .sum(),
+    }
+}
+
+#[cfg(test)]
+mod position_tests {
+    use super::*;
+
+    fn first_problem(text: &str) -> Location {
+        parse(text).problems[0].0
+    }
+
+    #[test]
+    fn an_error_at_the_end_of_a_file_without_a_final_line_break_is_on_its_last_line() {
+        // The parser's end-of-stream marker lies on a line the file lacks.
+        assert_eq!(
+            first_problem("kind: Backend\n.s"),
+            Location { line: 2, column: 3 }
+        );
+        // With a final line break, the line after it is where an editor
+        // puts the cursor, as before.
+        assert_eq!(
+            first_problem("kind: Backend\n.s\n"),
+            Location { line: 3, column: 1 }
+        );
+        assert_eq!(end_of("a\nbc"), Location { line: 2, column: 3 });
+        assert_eq!(end_of(""), Location { line: 1, column: 1 });
+        assert_eq!(end_of("a\rbc"), Location { line: 2, column: 3 });
+        assert_eq!(end_of("a\r\nb"), Location { line: 2, column: 2 });
     }
 }

@@ -186,27 +186,29 @@ pub fn normalize_authority(parts: &mut http::request::Parts) -> Result<(), Proxy
             "the request has more than one Host header".into(),
         ));
     }
-    let host = match host {
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<http::uri::Authority>().ok())
-                .ok_or_else(|| {
-                    ProxyError::BadRequest(format!("the Host header {value:?} is not a host"))
-                })?,
-        ),
-        None => None,
-    };
-    let target = parts.uri.authority().cloned();
-    match (target, host) {
+    // Checked in place: the common request (one valid Host, an origin-form
+    // target) costs no allocation.
+    if let Some(value) = host {
+        if !is_host(value.as_bytes()) {
+            return Err(ProxyError::BadRequest(format!(
+                "the Host header {value:?} is not a host"
+            )));
+        }
+    }
+    match (parts.uri.authority(), host) {
         (None, None) if parts.version == http::Version::HTTP_11 => Err(ProxyError::BadRequest(
             "an HTTP/1.1 request needs a Host header".into(),
         )),
-        (Some(target), Some(host)) if target != host => {
+        (Some(target), Some(host))
+            if !target
+                .as_str()
+                .as_bytes()
+                .eq_ignore_ascii_case(host.as_bytes()) =>
+        {
             if parts.version == http::Version::HTTP_2 {
                 Err(ProxyError::BadRequest(format!(
-                    "the host header {host} differs from :authority {target}"
+                    "the host header {} differs from :authority {target}",
+                    String::from_utf8_lossy(host.as_bytes())
                 )))
             } else {
                 // The target's authority wins, and is what goes upstream.
@@ -219,6 +221,37 @@ pub fn normalize_authority(parts: &mut http::request::Parts) -> Result<(), Proxy
         }
         _ => Ok(()),
     }
+}
+
+/// Whether `bytes` is a `Host` value (RFC 9110 section 7.2: `uri-host
+/// [":" port]`): non-empty, of the characters a host name, an IP literal
+/// and a port are written with; no user info, path, query or space.
+fn is_host(bytes: &[u8]) -> bool {
+    !bytes.is_empty()
+        && bytes.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                        | b'%'
+                )
+        })
 }
 
 #[cfg(test)]
@@ -449,6 +482,12 @@ mod authority_tests {
         assert!(refused(Version::HTTP_11, "/x", &["a", "a"]).contains("more than one Host"));
         assert!(refused(Version::HTTP_11, "/x", &[]).contains("needs a Host"));
         assert!(refused(Version::HTTP_11, "/x", &["a b"]).contains("is not a host"));
+        assert!(refused(Version::HTTP_11, "/x", &["user@a"]).contains("is not a host"));
+        assert!(refused(Version::HTTP_11, "/x", &["a/b"]).contains("is not a host"));
+        assert!(refused(Version::HTTP_11, "/x", &[""]).contains("is not a host"));
+        // Hosts differ only in case: the same host.
+        assert!(normalized(Version::HTTP_2, "http://A.example/x", &["a.EXAMPLE"]).is_ok());
+        assert!(normalized(Version::HTTP_11, "/x", &["[::1]:8080"]).is_ok());
         assert!(refused(Version::HTTP_2, "http://a/x", &["b"]).contains("differs from :authority"));
     }
 }

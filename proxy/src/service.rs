@@ -453,13 +453,22 @@ async fn prepare(
         parts.extensions.insert(copy);
     }
 
-    // A stalled upload is cut; a gRPC stream may be quiet for long, and its
-    // limits are the route's.
-    let idle = snapshot
-        .body_idle_limit()
-        .filter(|_| !is_grpc(&parts.headers));
-    let fault = BodyFault::default();
-    parts.extensions.insert(fault.clone());
+    // Only a body still arriving can fail on the client's side or stall:
+    // one read whole (most model requests) needs no guard and no extension.
+    let arriving = match &body {
+        BodyState::Streaming(body) => !body.is_end_stream(),
+        BodyState::Scanned(prefix, _) => prefix.rest.is_some(),
+    };
+    let guard = arriving.then(|| {
+        let fault = BodyFault::default();
+        parts.extensions.insert(fault.clone());
+        // A stalled upload is cut; a gRPC stream may be quiet for long, and
+        // its limits are the route's.
+        let idle = snapshot
+            .body_idle_limit()
+            .filter(|_| !is_grpc(&parts.headers));
+        (idle, fault)
+    });
     let body = match body {
         BodyState::Streaming(body) => ProxyBody::streaming(body),
         BodyState::Scanned(mut prefix, scanned) => {
@@ -470,8 +479,11 @@ async fn prepare(
             }
             ProxyBody::replay(prefix.chunks, prefix.trailers, prefix.rest)
         }
-    }
-    .guarded(check, idle, fault);
+    };
+    let body = match guard {
+        Some((idle, fault)) => body.guarded(check, idle, fault),
+        None => body,
+    };
     Ok((Request::from_parts(parts, body), replay))
 }
 

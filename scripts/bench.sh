@@ -806,10 +806,14 @@ for mpath in sorted(os.path.join(raw, f) for f in os.listdir(raw) if f.startswit
         name, rest = line.split("{", 1)
         labels, _, value = rest.rpartition("}")
         lab = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        code = lab.get("status") or lab.get("code") or lab.get("grpc_status")
-        if code is None or not name.endswith("_total"):
+        code = lab.get("status") or lab.get("code")
+        grpc_status = lab.get("grpc_status")
+        if (code is None and grpc_status is None) or not name.endswith("_total"):
             continue
-        ok = code.startswith("2") if "grpc" not in name and "grpc_status" not in lab else code == "0"
+        # An HTTP status must be 2xx (a gRPC-named counter's code 0), and a
+        # gRPC status, when the sample has one, 0.
+        http_ok = code is None or (code == "0" if "grpc" in name else code.startswith("2"))
+        ok = http_ok and grpc_status in (None, "", "0")
         if not ok:
             key = f"{name}{{{labels}}}"
             non2xx[key] = non2xx.get(key, 0) + float(value.split()[0])

@@ -352,18 +352,7 @@ impl JsonScanner {
 
     /// What was found; also valid when the body ended before `Done`.
     pub fn finish(self) -> JsonFields {
-        JsonFields {
-            model: self.model,
-            model_span: self.model_span,
-            stream: self.stream,
-            complete: self.decided,
-            duplicate_model: self.duplicate_model,
-            max_tokens: self.max_tokens,
-            invalid_at: self.invalid_at,
-            object_end: self.object_end,
-            trailing_at: self.trailing_at,
-            truncated: self.truncated,
-        }
+        self.fields()
     }
 
     /// Bytes the scanner holds: its fixed buffers and the model name being or already read.

@@ -39,6 +39,7 @@ pub struct ControlPlaneProcess {
     child: Child,
     dir: tempfile::TempDir,
     extra_args: Vec<String>,
+    wrap: Vec<String>,
     /// The policy gRPC server proxies subscribe to.
     pub grpc: SocketAddr,
     /// `/live`, `/ready`, `/metrics`, `/proxies`, `/policy`.
@@ -56,6 +57,20 @@ impl ControlPlaneProcess {
 
     /// [`ControlPlaneProcess::start`] with more arguments after `serve …`.
     pub fn start_with(files: &[(&str, &str)], extra_args: &[&str]) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_wrapped(files, extra_args, &[], any)
+    }
+
+    /// [`ControlPlaneProcess::start_with`] run under `wrap` (a command that
+    /// execs its arguments, such as `ip netns exec NS`, so the child's pid
+    /// is the control plane's), both servers listening on `listen` (port 0:
+    /// any free port).
+    pub fn start_wrapped(
+        files: &[(&str, &str)],
+        extra_args: &[&str],
+        wrap: &[&str],
+        listen: SocketAddr,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("infermesh-policies-")
             .tempdir()
@@ -63,13 +78,14 @@ impl ControlPlaneProcess {
         for (name, contents) in files {
             std::fs::write(dir.path().join(name), contents).expect("write policy file");
         }
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
         let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
-        let (child, grpc, admin, stderr) = spawn(dir.path(), any, any, &extra_args);
+        let wrap: Vec<String> = wrap.iter().map(|a| a.to_string()).collect();
+        let (child, grpc, admin, stderr) = spawn(dir.path(), listen, listen, &extra_args, &wrap);
         Self {
             child,
             dir,
             extra_args,
+            wrap,
             grpc,
             admin,
             stderr,
@@ -135,7 +151,13 @@ impl ControlPlaneProcess {
         // again at once, but allow for a slow kernel.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match try_spawn(self.dir.path(), self.grpc, self.admin, &self.extra_args) {
+            match try_spawn(
+                self.dir.path(),
+                self.grpc,
+                self.admin,
+                &self.extra_args,
+                &self.wrap,
+            ) {
                 Ok((child, grpc, admin, stderr)) => {
                     assert_eq!((grpc, admin), (self.grpc, self.admin));
                     self.child = child;
@@ -199,8 +221,14 @@ impl Drop for ControlPlaneProcess {
 
 type Spawned = (Child, SocketAddr, SocketAddr, Arc<Mutex<Vec<u8>>>);
 
-fn spawn(dir: &Path, grpc: SocketAddr, admin: SocketAddr, extra: &[String]) -> Spawned {
-    try_spawn(dir, grpc, admin, extra).unwrap_or_else(|error| panic!("{error}"))
+fn spawn(
+    dir: &Path,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    extra: &[String],
+    wrap: &[String],
+) -> Spawned {
+    try_spawn(dir, grpc, admin, extra, wrap).unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// Starts `infermesh-control serve` and waits for its `listening` line.
@@ -209,9 +237,18 @@ fn try_spawn(
     grpc: SocketAddr,
     admin: SocketAddr,
     extra: &[String],
+    wrap: &[String],
 ) -> Result<Spawned, String> {
     let binary = control_binary();
-    let mut child = Command::new(&binary)
+    let mut command = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(&binary);
+            command
+        }
+        None => Command::new(&binary),
+    };
+    let mut child = command
         .arg("serve")
         .arg("--policies")
         .arg(dir)

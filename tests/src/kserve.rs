@@ -99,6 +99,12 @@ impl KServeGrpcServer {
     }
 
     pub fn with_settings(name: &str, settings: KServeSettings) -> Self {
+        Self::bind(SocketAddr::from(([127, 0, 0, 1], 0)), name, settings).expect("bind 127.0.0.1:0")
+    }
+
+    /// Starts a server on `addr` (for `infermesh-demo-upstream`, which
+    /// needs known ports).
+    pub fn bind(addr: SocketAddr, name: &str, settings: KServeSettings) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             name: name.to_string(),
             settings: Mutex::new(settings),
@@ -108,7 +114,7 @@ impl KServeGrpcServer {
             shared: shared.clone(),
         };
         let (addr, stop) =
-            crate::spawn_fixture(&format!("kserve-{name}"), move |listener| async move {
+            crate::spawn_fixture_on(addr, &format!("kserve-{name}"), move |listener| async move {
                 let incoming = TcpListenerStream::new(listener).map(|accepted| {
                     accepted.inspect(|stream| {
                         let _ = stream.set_nodelay(true);
@@ -118,12 +124,12 @@ impl KServeGrpcServer {
                     .add_service(GrpcInferenceServiceServer::new(service))
                     .serve_with_incoming(incoming)
                     .await;
-            });
-        Self {
+            })?;
+        Ok(Self {
             addr,
             shared,
             _stop: stop,
-        }
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -13,6 +13,7 @@ pub mod kserve;
 pub mod local;
 pub mod mesh;
 pub mod metrics;
+pub mod netns;
 pub mod openai;
 pub mod policy;
 pub mod process;

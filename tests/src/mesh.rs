@@ -28,6 +28,21 @@ impl Mesh {
     /// Starts the control plane over `policies`, issuing certificates that
     /// live `lifetime` (`"24h"`, `"4s"`), with a token for each workload.
     pub fn start(policies: &[(&str, &str)], lifetime: &str, workloads: &[Workload<'_>]) -> Self {
+        let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_wrapped(policies, lifetime, workloads, &[], any)
+    }
+
+    /// [`Mesh::start`] with the control plane run under `wrap` (`ip netns
+    /// exec NODE`) and listening on `listen`. The mesh's directory, the
+    /// root certificate and the token files are readable by every user
+    /// (the CA's key stays private), for proxies running as another user.
+    pub fn start_wrapped(
+        policies: &[(&str, &str)],
+        lifetime: &str,
+        workloads: &[Workload<'_>],
+        wrap: &[&str],
+        listen: std::net::SocketAddr,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("infermesh-mesh-")
             .tempdir()
@@ -39,7 +54,7 @@ impl Mesh {
         std::fs::write(dir.path().join("tokens"), tokens).expect("write the token file");
         let ca_dir = dir.path().join("ca");
         let tokens = dir.path().join("tokens");
-        let control = ControlPlaneProcess::start_with(
+        let control = ControlPlaneProcess::start_wrapped(
             policies,
             &[
                 "--ca-dir",
@@ -49,7 +64,22 @@ impl Mesh {
                 "--cert-lifetime",
                 lifetime,
             ],
+            wrap,
+            listen,
         );
+        if !wrap.is_empty() {
+            use std::os::unix::fs::PermissionsExt;
+            let open = |path: &Path, mode: u32| {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()))
+            };
+            // The CA's directory stays 0700 (the control plane keeps its key
+            // there); the root certificate is copied out of it.
+            open(dir.path(), 0o755);
+            let bundle = dir.path().join("bundle.crt");
+            std::fs::copy(ca_dir.join("ca.crt"), &bundle).expect("copy the root certificate");
+            open(&bundle, 0o644);
+        }
         Self { control, dir }
     }
 
@@ -58,8 +88,13 @@ impl Mesh {
         format!("https://{}", self.control.grpc)
     }
 
-    /// The root certificate (PEM file), the proxies' `--trust-bundle`.
+    /// The root certificate (PEM file), the proxies' `--trust-bundle`
+    /// (a world-readable copy when the mesh was started for pods).
     pub fn ca_cert(&self) -> PathBuf {
+        let bundle = self.dir.path().join("bundle.crt");
+        if bundle.exists() {
+            return bundle;
+        }
         self.dir.path().join("ca/ca.crt")
     }
 
@@ -77,6 +112,10 @@ impl Mesh {
     pub fn token_file(&self, name: &str, token: &str) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.token"));
         std::fs::write(&path, format!("{token}\n")).expect("write a token file");
+        // Readable by a proxy running as another user (in a pod).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod 644 a token file");
         path
     }
 

@@ -24,6 +24,12 @@ pub struct ProxyBuilder {
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
     inbound: Option<SocketAddr>,
+    /// A command the proxy runs under (`ip netns exec NS setpriv ...`).
+    wrap: Vec<String>,
+    /// The binary to run instead of [`proxy_binary`].
+    binary: Option<PathBuf>,
+    /// Leaves `--outbound`, `--inbound` and `--admin` to the proxy's defaults.
+    default_listeners: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,6 +66,30 @@ impl ProxyBuilder {
     /// policies that must name it before the proxy starts.
     pub fn inbound(mut self, addr: SocketAddr) -> Self {
         self.inbound = Some(addr);
+        self
+    }
+
+    /// Runs the proxy under `prefix`, a command that ends by exec-ing its
+    /// arguments (`ip netns exec NS`, `setpriv ...`), so the child's pid is
+    /// the proxy's and killing the child kills the proxy. The policy
+    /// directory is made world-readable, for a proxy running as another user.
+    pub fn wrap(mut self, prefix: &[&str]) -> Self {
+        self.wrap = prefix.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Runs this binary instead of the workspace's `infermesh-proxy` (a copy
+    /// another user can read).
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
+
+    /// Passes no `--outbound`, `--inbound` or `--admin`: the proxy listens
+    /// where a sidecar does by default (127.0.0.1:4140, 0.0.0.0:4143,
+    /// 127.0.0.1:4191).
+    pub fn default_listeners(mut self) -> Self {
+        self.default_listeners = true;
         self
     }
 
@@ -112,8 +142,20 @@ impl ProxyBuilder {
             std::fs::write(&path, contents).expect("write policy file");
             paths.push(path);
         }
-        let binary = proxy_binary();
-        let mut command = Command::new(&binary);
+        if !self.wrap.is_empty() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("make the policy directory readable");
+        }
+        let binary = self.binary.clone().unwrap_or_else(proxy_binary);
+        let mut command = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
         match &self.config {
             ConfigArg::File => {
                 let first = paths
@@ -132,15 +174,17 @@ impl ProxyBuilder {
         let inbound = self
             .inbound
             .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
-        command
-            .args([
+        if !self.default_listeners {
+            command.args([
                 "--outbound",
                 "127.0.0.1:0",
                 "--inbound",
                 inbound.as_str(),
                 "--admin",
                 "127.0.0.1:0",
-            ])
+            ]);
+        }
+        command
             .args(&self.extra_args)
             // One worker, as sidecars run (a current-thread runtime); a
             // test that passes --threads itself gets what it asks for.
@@ -373,6 +417,14 @@ impl ProxyProcess {
         );
     }
 
+    /// Kills the process with SIGKILL, as a crash would, and waits for it.
+    pub fn kill(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            self.exit = self.child.wait().ok();
+        }
+    }
+
     /// The exit status, once the process has exited.
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
@@ -432,6 +484,16 @@ pub fn proxy_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
         .get_or_init(|| find_or_build("infermesh-proxy", "infermesh-proxy", "INFERMESH_PROXY_BIN"))
+        .clone()
+}
+
+/// The `infermesh-init` binary (packaged with the proxy):
+/// `$INFERMESH_INIT_BIN`, or the one next to this test executable, built
+/// with cargo once when it is missing.
+pub fn init_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| find_or_build("infermesh-init", "infermesh-proxy", "INFERMESH_INIT_BIN"))
         .clone()
 }
 

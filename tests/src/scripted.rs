@@ -53,6 +53,11 @@ pub struct ScriptedServer {
 impl ScriptedServer {
     /// Starts a server; requests after the script's end repeat its last step.
     pub fn start(name: &str, script: Vec<Step>) -> Self {
+        Self::bind(SocketAddr::from(([127, 0, 0, 1], 0)), name, script).expect("bind 127.0.0.1:0")
+    }
+
+    /// [`ScriptedServer::start`] on `addr`.
+    pub fn bind(addr: SocketAddr, name: &str, script: Vec<Step>) -> std::io::Result<Self> {
         assert!(!script.is_empty(), "a script needs a step");
         let shared = Arc::new(Shared {
             script: Mutex::new(script.into()),
@@ -60,14 +65,15 @@ impl ScriptedServer {
         });
         let serving = shared.clone();
         let name = name.to_string();
-        let (addr, stop) = crate::spawn_fixture(&format!("scripted-{name}"), move |listener| {
-            accept_loop(listener, serving, name)
-        });
-        Self {
+        let (addr, stop) =
+            crate::spawn_fixture_on(addr, &format!("scripted-{name}"), move |listener| {
+                accept_loop(listener, serving, name)
+            })?;
+        Ok(Self {
             addr,
             shared,
             _stop: stop,
-        }
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -21,9 +21,14 @@ pub struct TcpEchoServer {
 
 impl TcpEchoServer {
     pub fn start() -> Self {
+        Self::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind 127.0.0.1:0")
+    }
+
+    /// An echo server on `addr`.
+    pub fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
         let serving = shared.clone();
-        let (addr, stop) = crate::spawn_fixture("tcp-echo", move |listener| async move {
+        let (addr, stop) = crate::spawn_fixture_on(addr, "tcp-echo", move |listener| async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
                     continue;
@@ -45,12 +50,12 @@ impl TcpEchoServer {
                     }
                 });
             }
-        });
-        Self {
+        })?;
+        Ok(Self {
             addr,
             shared,
             _stop: stop,
-        }
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -693,8 +693,13 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         "check 2: the model sidecar's metrics should name the caller {WEB_ID}"
     );
 
-    // 5. A skipped port and a skipped CIDR bypass the proxy.
+    // 5. A skipped port and a skipped CIDR bypass the proxy (and keep
+    // working with the sidecar gone: check 6).
     let before = metrics(&app);
+    assert!(
+        before.has("infermesh_passthrough_total"),
+        "check 5: the app sidecar has no infermesh_passthrough_total to compare"
+    );
     echo(
         "check 5 (skipped port 7001)",
         &app,
@@ -766,6 +771,28 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         "check 6: curl to the model pod without the app's sidecar should fail to connect at once: \
          exit {code} after {:?}: {err}",
         started.elapsed()
+    );
+    echo(
+        "check 5 (skipped port, sidecar gone)",
+        &app,
+        echo_pod.ip,
+        7001,
+        "pods-skip-port-2",
+    );
+    echo(
+        "check 5 (skipped CIDR, sidecar gone)",
+        &app,
+        skipped_ip,
+        7000,
+        "pods-skip-cidr-2",
+    );
+    init(&cluster, &app, &["--clean"]);
+    echo(
+        "check 7 (direct after --clean, sidecar gone)",
+        &app,
+        echo_pod.ip,
+        7000,
+        "pods-clean-2",
     );
 }
 

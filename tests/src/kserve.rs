@@ -113,8 +113,10 @@ impl KServeGrpcServer {
         let service = Service {
             shared: shared.clone(),
         };
-        let (addr, stop) =
-            crate::spawn_fixture_on(addr, &format!("kserve-{name}"), move |listener| async move {
+        let (addr, stop) = crate::spawn_fixture_on(
+            addr,
+            &format!("kserve-{name}"),
+            move |listener| async move {
                 let incoming = TcpListenerStream::new(listener).map(|accepted| {
                     accepted.inspect(|stream| {
                         let _ = stream.set_nodelay(true);
@@ -124,7 +126,8 @@ impl KServeGrpcServer {
                     .add_service(GrpcInferenceServiceServer::new(service))
                     .serve_with_incoming(incoming)
                     .await;
-            })?;
+            },
+        )?;
         Ok(Self {
             addr,
             shared,

@@ -142,7 +142,16 @@ impl Cluster {
 
     /// The node's IPv6 address on the bridge.
     pub fn node_ip6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd00, self.net[0] as u16, self.net[1] as u16, 0, 0, 0, 0, 1)
+        Ipv6Addr::new(
+            0xfd00,
+            self.net[0] as u16,
+            self.net[1] as u16,
+            0,
+            0,
+            0,
+            0,
+            1,
+        )
     }
 
     /// The pods' IPv4 network, `10.A.B.0/24`.
@@ -196,7 +205,15 @@ impl Cluster {
         ]);
         ip(&["-n", &self.node, "link", "set", &port, "master", BRIDGE]);
         ip(&["-n", &self.node, "link", "set", &port, "up"]);
-        ip(&["-n", &ns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip4}/24"),
+            "dev",
+            "eth0",
+        ]);
         ip(&[
             "-n",
             &ns,
@@ -324,17 +341,14 @@ impl Pod {
     /// `ip netns exec NS setpriv --reuid UID --regid GID --clear-groups`.
     pub fn wrap_as(&self, uid: u32, gid: u32) -> Vec<String> {
         let mut wrap = self.wrap();
-        wrap.extend(
-            [
-                "setpriv".to_string(),
-                "--reuid".to_string(),
-                uid.to_string(),
-                "--regid".to_string(),
-                gid.to_string(),
-                "--clear-groups".to_string(),
-            ]
-            .into_iter(),
-        );
+        wrap.extend([
+            "setpriv".to_string(),
+            "--reuid".to_string(),
+            uid.to_string(),
+            "--regid".to_string(),
+            gid.to_string(),
+            "--clear-groups".to_string(),
+        ]);
         wrap
     }
 
@@ -643,7 +657,16 @@ impl Cluster {
             // Root keeps writing (Debian's tcpdump drops to its own user);
             // immediate mode hands each packet over at once (not a block
             // per second) and -U writes it at once; -s 0 keeps whole frames.
-            .args(["-Z", "root", "--immediate-mode", "-U", "-s", "0", "-n", "-w"])
+            .args([
+                "-Z",
+                "root",
+                "--immediate-mode",
+                "-U",
+                "-s",
+                "0",
+                "-n",
+                "-w",
+            ])
             .arg(&file)
             .args(filter.split_whitespace());
         let process = PodProcess::spawn("tcpdump", command, Some("listening on"));

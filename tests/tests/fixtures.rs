@@ -459,3 +459,95 @@ async fn paced_bodies_are_sent_in_pieces() {
         .await;
     assert_eq!(empty.json()["method"], "GET");
 }
+
+/// The pods suite's server process: every extra server of
+/// `infermesh-demo-upstream` listens where asked and does its job.
+#[test]
+fn demo_upstream_binary_runs_grpc_echo_udp_and_flaky_servers_beside_openai() {
+    use std::io::{BufRead, Read, Write};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_infermesh-demo-upstream"))
+        .args(["--addr", "127.0.0.1:0", "--name", "pod"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--echo-addr", "127.0.0.1:0"])
+        .args([
+            "--echo-addr",
+            "127.0.0.1:0",
+            "--udp-echo-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--flaky-addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    while !lines
+        .last()
+        .is_some_and(|l: &String| l.starts_with("listening addr="))
+    {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "output ended: {lines:?}"
+        );
+        lines.push(line.trim().to_string());
+    }
+    let addrs = |key: &str| -> Vec<std::net::SocketAddr> {
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("listening {key}=")))
+            .map(|a| a.split_whitespace().next().unwrap().parse().unwrap())
+            .collect()
+    };
+    let (grpc, echoes, udp, flaky) = (
+        addrs("grpc"),
+        addrs("echo"),
+        addrs("udp-echo"),
+        addrs("flaky"),
+    );
+    assert_eq!(
+        (grpc.len(), echoes.len(), udp.len(), flaky.len()),
+        (1, 2, 1, 1),
+        "{lines:?}"
+    );
+    for echo in &echoes {
+        let mut stream = std::net::TcpStream::connect(echo).unwrap();
+        stream.write_all(b"ping").unwrap();
+        let mut reply = [0u8; 4];
+        stream.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"ping");
+    }
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    socket.send_to(b"datagram", udp[0]).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = socket.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"datagram");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", grpc[0]))
+            .await
+            .unwrap();
+        let reply = client
+            .model_infer(infer_request("llama", "pod-1"))
+            .await
+            .unwrap();
+        assert_eq!(reply.metadata().get("x-upstream").unwrap(), "pod");
+        assert_eq!(reply.into_inner().id, "pod-1");
+        let url = format!("http://{}/v1/chat/completions", flaky[0]);
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let reply = HttpClient::http1()
+                .post_json(&url, &chat_body("m", false))
+                .await;
+            statuses.push(reply.status);
+        }
+        assert_eq!(statuses, [503, 200, 200]);
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}

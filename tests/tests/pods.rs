@@ -38,7 +38,9 @@ fn cluster_or_skip() -> Option<Cluster> {
 }
 
 fn demo_upstream(cluster: &Cluster) -> String {
-    let path = cluster.install(&PathBuf::from(env!("CARGO_BIN_EXE_infermesh-demo-upstream")));
+    let path = cluster.install(&PathBuf::from(env!(
+        "CARGO_BIN_EXE_infermesh-demo-upstream"
+    )));
     path.to_str().expect("UTF-8 path").to_string()
 }
 
@@ -175,7 +177,9 @@ fn chat(model: &str, prompt: &str) -> String {
 
 /// Runs `tests/python/<script>` in `pod` with the venv's interpreter.
 fn python_in(pod: &Pod, script: &str, args: &[&str]) -> Output {
-    let path = infermesh_tests::repo_root().join("tests/python").join(script);
+    let path = infermesh_tests::repo_root()
+        .join("tests/python")
+        .join(script);
     let mut command = pod.command(python::interpreter());
     command.arg(path).args(args);
     netns::output_within(command, Duration::from_secs(60))
@@ -197,7 +201,10 @@ fn sockets(pod: &Pod, args: &[&str]) -> Value {
 
 /// A TCP echo exchange from `pod`; panics with `check` when it fails.
 fn echo(check: &str, pod: &Pod, host: Ipv4Addr, port: u16, text: &str) {
-    let result = sockets(pod, &["tcp-echo", &host.to_string(), &port.to_string(), text]);
+    let result = sockets(
+        pod,
+        &["tcp-echo", &host.to_string(), &port.to_string(), text],
+    );
     assert!(
         result["ok"] == true && result["reply"] == text,
         "{check}: TCP echo {host}:{port} from {}: {result}",
@@ -512,7 +519,7 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
     let logs = || {
         format!(
             "\n--- app sidecar\n{}\n--- model sidecar\n{}",
-            tail(&app_sidecar_stderr(&app_sidecar)),
+            tail(&app_sidecar.stderr()),
             tail(&model_sidecar.stderr())
         )
     };
@@ -679,7 +686,10 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
     // 2. Mutual TLS on the wire, and the caller's identity on the inbound side.
     let pcap = capture.finish();
     assert!(
-        netns::contains(&netns::tcp_payloads(&pcap, 7000).concat(), b"pods-echo-in-clear"),
+        netns::contains(
+            &netns::tcp_payloads(&pcap, 7000).concat(),
+            b"pods-echo-in-clear"
+        ),
         "check 2 (control): the capture should show the passthrough echo in clear"
     );
     assert_no_cleartext("check 2 (chat on :8000)", &pcap, 8000, secret);
@@ -794,10 +804,6 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         7000,
         "pods-clean-2",
     );
-}
-
-fn app_sidecar_stderr(proxy: &ProxyProcess) -> String {
-    proxy.stderr()
 }
 
 fn tail(text: &str) -> &str {

@@ -82,10 +82,7 @@ fn main() {
         .collect();
     if let Some(addr) = args.udp_echo_addr {
         let socket = UdpSocket::bind(addr).unwrap_or_else(|e| fail("UDP echo", addr, e));
-        println!(
-            "listening udp-echo={}",
-            socket.local_addr().unwrap_or(addr)
-        );
+        println!("listening udp-echo={}", socket.local_addr().unwrap_or(addr));
         std::thread::spawn(move || {
             let mut buf = [0u8; 65536];
             while let Ok((n, from)) = socket.recv_from(&mut buf) {

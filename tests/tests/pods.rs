@@ -813,3 +813,83 @@ fn tail(text: &str) -> &str {
         .unwrap_or(text.len());
     &text[start..]
 }
+
+/// IPv6 is intercepted as IPv4 is: from a pod whose rules cover both
+/// families, a TCP echo and an HTTP request no route claims reach another
+/// pod over IPv6 through the sidecar (which has no policy at all), counted
+/// as passthrough, and so do the same over IPv4.
+#[test]
+fn ipv6_connections_of_an_intercepted_pod_pass_through_its_sidecar() {
+    let Some(cluster) = cluster_or_skip() else {
+        return;
+    };
+    let app = cluster.pod("app");
+    let echo_pod = cluster.pod("echo");
+    // `[::]` listeners take IPv4 too (dual stack).
+    let _servers = fixture(
+        &cluster,
+        &echo_pod,
+        "echo servers",
+        &[
+            "--addr",
+            "[::]:8000",
+            "--name",
+            "other",
+            "--echo-addr",
+            "[::]:7000",
+        ],
+    );
+    init(&cluster, &app, &["--proxy-uid", &PROXY_UID.to_string()]);
+    let wrap = app.wrap_as(PROXY_UID, PROXY_UID);
+    let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+    let proxy = ProxyProcess::builder()
+        .no_config()
+        .wrap(&wrap)
+        .binary(cluster.install(&proxy_binary()))
+        .default_listeners()
+        .env("INFERMESH_LOG", "info")
+        .start();
+    wait_ready(&app, &proxy);
+    let logs = || format!("\n--- app sidecar\n{}", tail(&proxy.stderr()));
+
+    for (family, host, url_host) in [
+        (
+            "IPv6",
+            echo_pod.ip6.to_string(),
+            format!("[{}]", echo_pod.ip6),
+        ),
+        ("IPv4", echo_pod.ip.to_string(), echo_pod.ip.to_string()),
+    ] {
+        let before = metrics(&app);
+        let text = format!("pods-{family}-echo");
+        let result = sockets(&app, &["tcp-echo", &host, "7000", &text]);
+        assert!(
+            result["ok"] == true && result["reply"] == text.as_str(),
+            "{family}: TCP echo [{host}]:7000 through interception: {result}{}",
+            logs()
+        );
+        let answer = post(
+            &app,
+            &format!("http://{url_host}:8000/v1/chat/completions"),
+            &chat("whatever", "unclaimed"),
+        );
+        assert_eq!(
+            (answer.status, answer.header("x-upstream").as_deref()),
+            (200, Some("other")),
+            "{family}: unclaimed HTTP to {url_host}:8000: {}{}",
+            answer.body,
+            logs()
+        );
+        let after = metrics(&app);
+        assert_eq!(
+            (
+                passthrough(&after, "tcp", "forwarded") - passthrough(&before, "tcp", "forwarded"),
+                passthrough(&after, "http", "forwarded")
+                    - passthrough(&before, "http", "forwarded"),
+            ),
+            (1.0, 1.0),
+            "{family}: one TCP and one HTTP passthrough expected{}",
+            logs()
+        );
+    }
+}

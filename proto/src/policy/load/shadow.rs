@@ -190,8 +190,14 @@ mod tests {
             destination: d.iter().map(|d| d.to_string()).collect(),
             ..Default::default()
         };
-        assert!(match_covers(&to(&["10.0.0.0/8"]), &to(&["10.1.2.3:80", "10.9.0.0/16"])));
-        assert!(!match_covers(&to(&["10.0.0.0/8"]), &to(&["10.1.2.3:80", "11.0.0.1"])));
+        assert!(match_covers(
+            &to(&["10.0.0.0/8"]),
+            &to(&["10.1.2.3:80", "10.9.0.0/16"])
+        ));
+        assert!(!match_covers(
+            &to(&["10.0.0.0/8"]),
+            &to(&["10.1.2.3:80", "11.0.0.1"])
+        ));
         assert!(!match_covers(&to(&["10.1.2.3:80"]), &RouteMatch::default()));
         assert!(match_covers(&RouteMatch::default(), &to(&["10.1.2.3:80"])));
         // A pattern that does not parse proves nothing.

@@ -4,7 +4,8 @@
 #   - Debian packages: curl, openssl (a TLS peer for the mutual-TLS tests),
 #     nghttp2-client (h2load, for benchmarks), nftables (nft, which
 #     infermesh-init applies its rules with) and iproute2 (ip, for the
-#     network namespaces of tests/tests/init.rs), and python3-venv when no Python at hand can make a venv;
+#     network namespaces of tests/tests/init.rs), and python3-venv when no
+#     Python at hand can make a venv;
 #   - a Python venv at <repo>/.venv with the pinned packages of
 #     tests/python/requirements.txt (openai, grpcio, grpcio-tools,
 #     tritonclient[http,grpc]);

@@ -2,10 +2,11 @@
 # Installs what the tests, the demo and the benchmarks need, and only what is
 # missing, so it is cheap to run again:
 #   - Debian packages: curl, openssl (a TLS peer for the mutual-TLS tests),
-#     nghttp2-client (h2load, for benchmarks), iproute2 and nftables (the
-#     pods of tests/tests/pods.rs: network namespaces and infermesh-init's
-#     rules), tcpdump (the pods suite captures the traffic between pods), and
-#     python3-venv when no Python at hand can make a venv;
+#     nghttp2-client (h2load, for benchmarks), nftables (nft, which
+#     infermesh-init applies its rules with), iproute2 (ip, for the network
+#     namespaces of tests/tests/init.rs and pods.rs), tcpdump (pods.rs
+#     captures the traffic between pods), and python3-venv when no Python at
+#     hand can make a venv;
 #   - a Python venv at <repo>/.venv with the pinned packages of
 #     tests/python/requirements.txt (openai, grpcio, grpcio-tools,
 #     tritonclient[http,grpc]);
@@ -57,10 +58,11 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 # openssl s_client: a real TLS peer for the mutual-TLS tests.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
-# The pods suite: namespaces and veths (ip), redirect rules (nft), captures.
-command -v ip >/dev/null 2>&1 || missing+=(iproute2)
-command -v nft >/dev/null 2>&1 || missing+=(nftables)
-command -v tcpdump >/dev/null 2>&1 || missing+=(tcpdump)
+# infermesh-init applies its rules with nft; tests/tests/init.rs and pods.rs
+# build pods out of network namespaces with ip; pods.rs captures with tcpdump.
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+command -v tcpdump >/dev/null 2>&1 || [ -x /usr/bin/tcpdump ] || [ -x /usr/sbin/tcpdump ] || missing+=(tcpdump)
 # The fallback engine's Vulkan loader and lavapipe (Mesa's Vulkan on the CPU).
 dpkg_has() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 if command -v dpkg-query >/dev/null 2>&1; then

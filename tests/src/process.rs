@@ -487,9 +487,8 @@ pub fn proxy_binary() -> PathBuf {
         .clone()
 }
 
-/// The `infermesh-init` binary (packaged with the proxy):
-/// `$INFERMESH_INIT_BIN`, or the one next to this test executable, built
-/// with cargo once when it is missing.
+/// The `infermesh-init` binary: `$INFERMESH_INIT_BIN`, or the one next to
+/// this test executable, built with cargo once when it is missing.
 pub fn init_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY

@@ -7,7 +7,9 @@
 //! carry no scope of their own: a proxy receives exactly the backends (and
 //! the `LocalModel`s, named `local:<name>`) that the routes and the
 //! `MeshConfig` it receives name, so a scoped set is always self-contained,
-//! and a proxy loads only the local models its routes use.
+//! and a proxy loads only the local models its routes use. A backend with
+//! `addresses` stands for those destinations wherever they are dialled
+//! (it implies a route of its own), so it reaches every proxy.
 //!
 //! ```
 //! use std::path::Path;
@@ -82,7 +84,7 @@ impl PolicySet {
         let backends = self
             .backends
             .iter()
-            .filter(|b| named.contains(b.metadata.name.as_str()))
+            .filter(|b| named.contains(b.metadata.name.as_str()) || !b.spec.addresses.is_empty())
             .cloned()
             .collect();
         let local_models = self
@@ -201,6 +203,23 @@ mod tests {
             .iter()
             .map(|b| b.metadata.name.as_str())
             .collect()
+    }
+
+    #[test]
+    fn a_backend_with_addresses_reaches_every_proxy() {
+        let text = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: svc}\nspec: {endpoints: [\"10.0.0.5:8000\"], addresses: [\"10.96.0.10:8000\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: unused}\nspec: {endpoints: [\"u:80\"]}\n";
+        let set = load_str(Path::new("p.yaml"), text).unwrap();
+        let anyone = Workload {
+            namespace: "team-b".into(),
+            ..Workload::default()
+        };
+        let names: Vec<_> = set
+            .scoped_to(&anyone)
+            .backends
+            .iter()
+            .map(|b| b.metadata.name.clone())
+            .collect();
+        assert_eq!(names, ["svc"]);
     }
 
     #[test]

@@ -82,7 +82,10 @@ impl Args {
 }
 
 fn flatten<L, T: Clone>(lists: &[L], items: impl Fn(&L) -> &Vec<T>) -> Vec<T> {
-    lists.iter().flat_map(|list| items(list).iter().cloned()).collect()
+    lists
+        .iter()
+        .flat_map(|list| items(list).iter().cloned())
+        .collect()
 }
 
 /// Running nft failed; nothing was applied.
@@ -123,7 +126,9 @@ fn apply(ruleset: &str) -> Result<(), NftError> {
     if !output.status.success() {
         return Err(NftError::Refused {
             status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim_end().to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr)
+                .trim_end()
+                .to_string(),
         });
     }
     written.map_err(NftError::Write)

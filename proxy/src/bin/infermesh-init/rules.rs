@@ -24,7 +24,9 @@ pub enum FlagError {
         second: &'static str,
         port: u16,
     },
-    #[error("--skip-outbound-cidrs {cidr}: an IPv6 range, but --ipv6=false installs IPv4 rules only")]
+    #[error(
+        "--skip-outbound-cidrs {cidr}: an IPv6 range, but --ipv6=false installs IPv4 rules only"
+    )]
     Ipv6CidrWithoutIpv6 { cidr: Cidr },
 }
 
@@ -133,7 +135,10 @@ impl FromStr for PortList {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        text.split(',').map(str::parse).collect::<Result<_, _>>().map(Self)
+        text.split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map(Self)
     }
 }
 
@@ -230,7 +235,10 @@ impl FromStr for CidrList {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        text.split(',').map(str::parse).collect::<Result<_, _>>().map(Self)
+        text.split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map(Self)
     }
 }
 

@@ -365,6 +365,13 @@ async fn handle(
                 "method": parts.method.as_str(),
                 "path": parts.uri.to_string(),
                 "bodyLength": body.len(),
+                "headers": parts
+                    .headers
+                    .iter()
+                    .map(|(name, value)| {
+                        json!([name.as_str(), String::from_utf8_lossy(value.as_bytes())])
+                    })
+                    .collect::<Vec<_>>(),
             }),
         ),
         _ => fixture_error(

@@ -644,16 +644,64 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         7000,
         "pods-echo-in-clear",
     );
-    let other = post(
-        &app,
-        &format!("http://{}:8000/v1/chat/completions", echo_pod.ip),
-        &chat("whatever", "unclaimed"),
-    );
+    // An HTTP request no route claims reaches its original destination as
+    // the client sent it: same path and query, same headers, none added.
+    let echo_url = format!("http://{}:8000/echo/pods?q=1", echo_pod.ip);
+    let (code, out, err) = app.curl(&[
+        "--include",
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "x-app: kept",
+        "--data-binary",
+        "{\"unclaimed\":true}",
+        &echo_url,
+    ]);
     assert_eq!(
-        (other.status, other.header("x-upstream").as_deref()),
-        (200, Some("other")),
-        "check 4 (unclaimed HTTP passes through to its original destination): {}{}",
-        other.body,
+        code,
+        0,
+        "check 4 (unclaimed HTTP to {echo_url}): {err}{}",
+        logs()
+    );
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let seen: Value = serde_json::from_str(body).unwrap_or_else(|e| {
+        panic!(
+            "check 4 (unclaimed HTTP to {echo_url}): {e}\n{out}{}",
+            logs()
+        )
+    });
+    let headers: Vec<(String, String)> = seen["headers"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|h| {
+                    (
+                        h[0].as_str().unwrap_or_default().to_string(),
+                        h[1].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    assert!(
+        head.contains("x-upstream: other")
+            && seen["path"] == "/echo/pods?q=1"
+            && seen["bodyLength"] == 18
+            && headers.contains(&("host".to_string(), format!("{}:8000", echo_pod.ip)))
+            && headers.contains(&("x-app".to_string(), "kept".to_string()))
+            && names
+                == [
+                    "accept",
+                    "content-length",
+                    "content-type",
+                    "host",
+                    "user-agent",
+                    "x-app"
+                ],
+        "check 4 (unclaimed HTTP passes through unchanged to its original destination): \
+         the server saw {seen}\n{head}{}",
         logs()
     );
     let udp = sockets(

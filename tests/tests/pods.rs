@@ -375,7 +375,8 @@ spec:
 
 /// The policy pushed to both sidecars: the app's outbound view of the model
 /// pod by its original destination, a model-aware route, a retried route,
-/// and who may call the model pod.
+/// and who may call the model pod (`flaky` only on the original port 8002,
+/// which a redirected connection's authorization sees, not 4143).
 fn mesh_policy(model: Ipv4Addr, echo: Ipv4Addr) -> String {
     format!(
         r#"apiVersion: infermesh.io/v1alpha1
@@ -435,7 +436,7 @@ metadata: {{name: llama-access, namespace: models}}
 spec:
   rules:
     - from: [{{identity: "{WEB_ID}"}}]
-      to: [{{models: ["llama-*", "flaky"]}}]
+      to: [{{models: ["llama-*"]}}, {{models: ["flaky"], ports: [8002]}}]
 "#
     )
 }

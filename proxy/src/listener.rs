@@ -244,7 +244,10 @@ async fn serve_connection(
         }
     };
     // Server-speaks-first protocols say nothing to detect: copy them at once.
-    if let Some(redirected) = redirected.filter(|r| interception.opaque(r.original)) {
+    // Outbound only: inbound, mutual TLS (when strict) comes first.
+    let opaque = redirected
+        .filter(|r| kind == ListenerKind::Outbound && interception.opaque(r.original));
+    if let Some(redirected) = opaque {
         Box::pin(opaque::pass_through(
             stream,
             peer,

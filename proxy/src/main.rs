@@ -55,10 +55,10 @@ struct Args {
     /// (the model server listens on it on loopback or on every address).
     #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
     inbound_app_host: std::net::IpAddr,
-    /// Original destination ports whose intercepted connections are copied
-    /// as opaque TCP at once, without protocol detection (protocols where
-    /// the server speaks first); ports and ranges, comma-separated, or ""
-    /// for none.
+    /// Original destination ports whose intercepted outbound connections
+    /// are copied as opaque TCP at once, without protocol detection
+    /// (protocols where the server speaks first); ports and ranges,
+    /// comma-separated, or "" for none.
     #[arg(long, value_name = "PORTS", default_value = "25,587,3306,4444,5432,6379,9300,11211", value_parser = parse_port_list)]
     opaque_ports: PortList,
     /// Longest an HTTP/1.1 client may take to send a request head; a slower

@@ -84,7 +84,11 @@ impl Listener {
         kind: ListenerKind,
         inputs: Arc<Inputs>,
     ) -> std::io::Result<Self> {
-        let tcp = TcpListener::bind(addr).await?;
+        let tcp = if addr.is_ipv6() {
+            bind_ipv6_only(addr)?
+        } else {
+            TcpListener::bind(addr).await?
+        };
         Ok(Self {
             tcp,
             kind,
@@ -162,6 +166,19 @@ impl Listener {
     }
 }
 
+/// Binds an IPv6 address for IPv6 alone, so `[::]:4143` can sit beside
+/// `0.0.0.0:4143` (Linux would otherwise make it take IPv4 as well).
+fn bind_ipv6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol as IpProtocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(IpProtocol::TCP))?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 struct Builders {
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
@@ -227,7 +244,10 @@ async fn serve_connection(
         }
     };
     // Server-speaks-first protocols say nothing to detect: copy them at once.
-    if let Some(redirected) = redirected.filter(|r| interception.opaque(r.original)) {
+    // Outbound only: inbound, mutual TLS (when strict) comes first.
+    let opaque = redirected
+        .filter(|r| kind == ListenerKind::Outbound && interception.opaque(r.original));
+    if let Some(redirected) = opaque {
         Box::pin(opaque::pass_through(
             stream,
             peer,

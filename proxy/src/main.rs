@@ -16,7 +16,7 @@ use infermesh_proxy::control::{self, ControlError, ControlPlane, Node, PolicyCac
 use infermesh_proxy::identity::{Identity, IdentitySettings};
 use infermesh_proxy::inputs::Inputs;
 use infermesh_proxy::listener::Listener;
-use infermesh_proxy::metrics::Metrics;
+use infermesh_proxy::metrics::{listener_label, Metrics};
 use infermesh_proxy::passthrough::Passthrough;
 use infermesh_proxy::redirect::{self, Interception};
 use infermesh_proxy::snapshot::{Origin, Snapshot, Source};
@@ -42,15 +42,23 @@ struct Args {
     /// Inbound listener: traffic from the mesh to the local model server.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:4143")]
     inbound: SocketAddr,
+    /// A second outbound listener for IPv6, e.g. [::1]:4140, where a pod's
+    /// IPv6 redirect rules send its outbound traffic.
+    #[arg(long, value_name = "ADDR")]
+    outbound_ipv6: Option<SocketAddr>,
+    /// A second inbound listener for IPv6, e.g. [::]:4143 (IPv6 only; the
+    /// IPv4 one keeps IPv4).
+    #[arg(long, value_name = "ADDR")]
+    inbound_ipv6: Option<SocketAddr>,
     /// Where the inbound listener delivers intercepted connections that no
     /// inbound route claims: this address, at the port the caller dialled
     /// (the model server listens on it on loopback or on every address).
     #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
     inbound_app_host: std::net::IpAddr,
-    /// Original destination ports whose intercepted connections are copied
-    /// as opaque TCP at once, without protocol detection (protocols where
-    /// the server speaks first); ports and ranges, comma-separated, or ""
-    /// for none.
+    /// Original destination ports whose intercepted outbound connections
+    /// are copied as opaque TCP at once, without protocol detection
+    /// (protocols where the server speaks first); ports and ranges,
+    /// comma-separated, or "" for none.
     #[arg(long, value_name = "PORTS", default_value = "25,587,3306,4444,5432,6379,9300,11211", value_parser = parse_port_list)]
     opaque_ports: PortList,
     /// Longest an HTTP/1.1 client may take to send a request head; a slower
@@ -413,24 +421,28 @@ async fn run(
         None => None,
     };
 
-    let outbound = Listener::bind(args.outbound, ListenerKind::Outbound, inputs.clone())
-        .await
-        .map_err(|source| StartError::Bind {
-            kind: "outbound",
-            addr: args.outbound,
-            source,
-        })?
-        .with_header_read_timeout(args.header_read_timeout);
-    let inbound = Listener::bind(args.inbound, ListenerKind::Inbound, inputs.clone())
-        .await
-        .map_err(|source| StartError::Bind {
-            kind: "inbound",
-            addr: args.inbound,
-            source,
-        })?
-        .with_header_read_timeout(args.header_read_timeout);
+    // The IPv4 listeners, and the IPv6 ones a pod's IPv6 redirect rules need.
+    let wanted = [
+        (Some(args.outbound), ListenerKind::Outbound),
+        (Some(args.inbound), ListenerKind::Inbound),
+        (args.outbound_ipv6, ListenerKind::Outbound),
+        (args.inbound_ipv6, ListenerKind::Inbound),
+    ];
+    let mut listeners = Vec::new();
+    for (addr, kind) in wanted {
+        let Some(addr) = addr else { continue };
+        let listener = Listener::bind(addr, kind, inputs.clone())
+            .await
+            .map_err(|source| StartError::Bind {
+                kind: listener_label(kind),
+                addr,
+                source,
+            })?
+            .with_header_read_timeout(args.header_read_timeout);
+        listeners.push(listener);
+    }
     // Intercepted connections to any of the proxy's own ports would loop.
-    let own_ports = [&outbound, &inbound]
+    let own_ports = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .map(|a| a.port())
@@ -442,19 +454,21 @@ async fn run(
         opaque_ports: args.opaque_ports.0.clone(),
         own_ports,
     });
-    let outbound = outbound.with_interception(interception.clone());
-    let inbound = inbound.with_interception(interception);
+    let listeners: Vec<Listener> = listeners
+        .into_iter()
+        .map(|l| l.with_interception(interception.clone()))
+        .collect();
     let admin_state = Admin::new(inputs.clone(), control.as_ref().map(|c| c.status()));
     let admin_addr =
         admin::spawn(args.admin, admin_state.clone()).map_err(|source| StartError::Admin {
             addr: args.admin,
             source,
         })?;
-    let outbound_addr = outbound.local_addr().map_err(StartError::LocalAddr)?;
-    let inbound_addr = inbound.local_addr().map_err(StartError::LocalAddr)?;
-
-    tokio::spawn(outbound.run(drain.clone()));
-    tokio::spawn(inbound.run(drain.clone()));
+    let outbound_addr = listeners[0].local_addr().map_err(StartError::LocalAddr)?;
+    let inbound_addr = listeners[1].local_addr().map_err(StartError::LocalAddr)?;
+    for listener in listeners {
+        tokio::spawn(listener.run(drain.clone()));
+    }
     // Follows the control plane until shutdown; /ready waits for its first snapshot.
     if let Some(control) = control {
         tokio::spawn(control.run());

@@ -711,4 +711,58 @@ mod tests {
         assert_eq!(carried.len(), resolved.len());
         assert!(Arc::ptr_eq(&carried[0], &resolved[0]));
     }
+
+    #[test]
+    fn backend_addresses_take_the_intercepted_requests_no_written_route_claims() {
+        let metrics = Metrics::new();
+        let svc = backend(
+            "svc",
+            "\"10.244.0.5:8000\"",
+            "  addresses: [\"10.96.0.10:8000\", \"10.244.0.0/24:8000\"]\n",
+        );
+        let other = backend("other", "\"127.0.0.1:2\"", "");
+        let chat = "apiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: chat}\nspec:\n  match: [{destination: [\"10.96.0.10:8000\"], model: {exact: big}}]\n  backends: [{backend: other}]\n";
+        let snapshot = Snapshot::build(
+            policy(&format!("{svc}{other}{chat}")),
+            pushed(1),
+            None,
+            &metrics,
+            None,
+        );
+        let headers = http::HeaderMap::new();
+        let input = |destination: Option<&str>, model: Option<&'static str>| RouteInput {
+            host: None,
+            path: "/v1/chat/completions",
+            grpc: None,
+            headers: &headers,
+            model,
+            destination: destination.map(|d| d.parse().unwrap()),
+        };
+        let name = |input: RouteInput<'_>| {
+            snapshot
+                .route(ListenerKind::Outbound, &input)
+                .map(|r| r.name().as_str().to_owned())
+        };
+        // The written route first, then the backend's own.
+        assert_eq!(
+            name(input(Some("10.96.0.10:8000"), Some("big"))).as_deref(),
+            Some("chat")
+        );
+        assert_eq!(
+            name(input(Some("10.96.0.10:8000"), Some("small"))).as_deref(),
+            Some("addresses:svc")
+        );
+        assert_eq!(
+            name(input(Some("10.244.0.77:8000"), None)).as_deref(),
+            Some("addresses:svc")
+        );
+        // Another port, another address, or a direct connection: no route.
+        assert_eq!(name(input(Some("10.96.0.10:9000"), None)), None);
+        assert_eq!(name(input(Some("10.97.0.10:8000"), None)), None);
+        assert_eq!(name(input(None, Some("big"))), None);
+        // Nothing of the kind on the inbound listener.
+        assert!(snapshot
+            .route(ListenerKind::Inbound, &input(Some("10.96.0.10:8000"), None))
+            .is_none());
+    }
 }

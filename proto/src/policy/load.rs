@@ -1082,7 +1082,7 @@ spec:
         let text = format!("{BACKEND}  colour: blue\n");
         assert_eq!(
             errors(&text),
-            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`"]
+            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `addresses`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`"]
         );
     }
 
@@ -1097,7 +1097,7 @@ spec:
                 "p.yaml:7:13: unknown `protocol` value `http3`, did you mean `http1`?",
                 "p.yaml:8:13: unknown `balancer` value `round_robin`, did you mean `round-robin`?",
                 "p.yaml:9:19: `connectTimeout`: invalid duration \"5 parsecs\": unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)",
-                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`",
+                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `addresses`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`",
             ]
         );
     }
@@ -1151,6 +1151,21 @@ spec:
             [
                 "p.yaml:6:15: endpoint `vllm` has no port: write `vllm:PORT`",
                 "p.yaml:10:1: YAML syntax error: while parsing a flow sequence, expected ',' or ']'",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_destination_patterns_are_located_and_the_passthrough_name_is_reserved() {
+        let text = format!(
+            "{BACKEND}  addresses: [\"10.96.0.10:8000\", \"llama.svc:8000\"]\n---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: passthrough}}\nspec:\n  match: [{{destination: [\"10.0.0.1/8\"]}}]\n  backends: [{{backend: vllm}}]\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:7:34: destination `llama.svc:8000` is not an IP address, a network in CIDR form, or either with `:PORT` (host names belong in `endpoints`)",
+                "p.yaml:11:18: the ModelRoute name `passthrough` is reserved: metrics and logs name intercepted traffic that no route claims so; choose another name",
+                "p.yaml:13:26: destination `10.0.0.1/8` has host bits set after its prefix length: write the network address (e.g. `10.0.0.0/16`)",
             ]
         );
     }

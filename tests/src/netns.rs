@@ -572,9 +572,28 @@ impl Drop for PodProcess {
 /// The TCP payloads of a pcap file (Ethernet, IPv4 or IPv6) whose source or
 /// destination port is `port`, in capture order.
 pub fn tcp_payloads(pcap: &[u8], port: u16) -> Vec<Vec<u8>> {
-    let mut payloads = Vec::new();
+    tcp_segments(pcap)
+        .into_iter()
+        .filter(|s| s.source_port == port || s.destination_port == port)
+        .map(|s| s.payload)
+        .collect()
+}
+
+/// One TCP segment with a payload, from a capture.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub ipv6: bool,
+    pub source_port: u16,
+    pub destination_port: u16,
+    pub payload: Vec<u8>,
+}
+
+/// The TCP segments carrying data in a pcap file (Ethernet frames, IPv4 or
+/// IPv6 without extension headers), in capture order.
+pub fn tcp_segments(pcap: &[u8]) -> Vec<Segment> {
+    let mut segments = Vec::new();
     if pcap.len() < 24 {
-        return payloads;
+        return segments;
     }
     let little = match pcap[..4] {
         [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
@@ -620,11 +639,16 @@ pub fn tcp_payloads(pcap: &[u8], port: u16) -> Vec<Vec<u8>> {
         let sport = u16::from_be_bytes([l4[0], l4[1]]);
         let dport = u16::from_be_bytes([l4[2], l4[3]]);
         let offset = ((l4[12] >> 4) as usize) * 4;
-        if (sport == port || dport == port) && l4.len() > offset {
-            payloads.push(l4[offset..].to_vec());
+        if l4.len() > offset {
+            segments.push(Segment {
+                ipv6: ethertype == 0x86dd,
+                source_port: sport,
+                destination_port: dport,
+                payload: l4[offset..].to_vec(),
+            });
         }
     }
-    payloads
+    segments
 }
 
 /// Whether `needle` occurs in `haystack`.

@@ -11,7 +11,7 @@
 //! and the Python venv of `scripts/setup.sh`. Where the kernel refuses to
 //! create a network namespace, each test prints `SKIP: <reason>` and returns.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -68,7 +68,8 @@ fn control_plane(cluster: &Cluster, policy: &str) -> Mesh {
 }
 
 /// Starts the sidecar of workload `ns/sa` in `pod` as UID/GID 2102, with
-/// its default listeners, and waits until it is ready.
+/// its default listeners and IPv6 ones beside them (`[::1]:4140`,
+/// `[::]:4143`), and waits until it is ready.
 fn sidecar(cluster: &Cluster, mesh: &Mesh, pod: &Pod, ns: &str, sa: &str) -> ProxyProcess {
     let wrap = pod.wrap_as(PROXY_UID, PROXY_UID);
     let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
@@ -77,6 +78,10 @@ fn sidecar(cluster: &Cluster, mesh: &Mesh, pod: &Pod, ns: &str, sa: &str) -> Pro
         .wrap(&wrap)
         .binary(cluster.install(&proxy_binary()))
         .default_listeners()
+        .arg("--outbound-ipv6")
+        .arg("[::1]:4140")
+        .arg("--inbound-ipv6")
+        .arg("[::]:4143")
         .env("INFERMESH_LOG", "info")
         .start();
     // The pid is the proxy's own (`ip netns exec` and `setpriv` exec), and
@@ -377,7 +382,7 @@ spec:
 /// pod by its original destination, a model-aware route, a retried route,
 /// and who may call the model pod (`flaky` only on the original port 8002,
 /// which a redirected connection's authorization sees, not 4143).
-fn mesh_policy(model: Ipv4Addr, echo: Ipv4Addr) -> String {
+fn mesh_policy(model: Ipv4Addr, model6: Ipv6Addr, echo: Ipv4Addr) -> String {
     format!(
         r#"apiVersion: infermesh.io/v1alpha1
 kind: Backend
@@ -385,6 +390,14 @@ metadata: {{name: llama}}
 spec:
   endpoints: ["{model}:8000"]
   addresses: ["{model}:8000"]
+  mtls: {{identity: "{MODEL_ID}"}}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{name: llama6}}
+spec:
+  endpoints: ["[{model6}]:8000"]
+  addresses: ["[{model6}]:8000"]
   mtls: {{identity: "{MODEL_ID}"}}
 ---
 apiVersion: infermesh.io/v1alpha1
@@ -499,7 +512,7 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
             "0.0.0.0:5353",
         ],
     );
-    let mesh = control_plane(&cluster, &mesh_policy(model.ip, echo_pod.ip));
+    let mesh = control_plane(&cluster, &mesh_policy(model.ip, model.ip6, echo_pod.ip));
 
     // The init containers, then the sidecars.
     let uid = PROXY_UID.to_string();
@@ -636,6 +649,19 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         logs()
     );
 
+    // 8. The same over IPv6 end to end: the app's IPv6 rules and listener,
+    // the model pod's IPv6 inbound rules and listener, mutual TLS between.
+    let secret6 = "pods-ipv6-prompt-that-must-not-cross-in-clear";
+    let url6 = format!("http://[{}]:8000/v1/chat/completions", model.ip6);
+    let answer = post(&app, &url6, &chat("llama-demo", secret6));
+    assert_eq!(
+        (answer.status, answer.header("x-upstream").as_deref()),
+        (200, Some("llama")),
+        "check 8 (curl chat to {url6} over IPv6): {}{}",
+        answer.body,
+        logs()
+    );
+
     // 4. Traffic no route claims passes through untouched.
     let before = metrics(&app);
     echo(
@@ -743,6 +769,17 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
     );
     assert_no_cleartext("check 2 (chat on :8000)", &pcap, 8000, secret);
     assert_no_cleartext("check 2 (gRPC on :8001)", &pcap, 8001, "pods-infer-1");
+    assert_no_cleartext("check 8 (IPv6 chat on :8000)", &pcap, 8000, secret6);
+    let tls6 = netns::tcp_segments(&pcap)
+        .iter()
+        .filter(|s| {
+            s.ipv6 && s.destination_port == 8000 && s.payload.starts_with(&[0x17, 0x03, 0x03])
+        })
+        .count();
+    assert!(
+        tls6 >= 1,
+        "check 8: TLS application data to the model pod's IPv6 address expected in the capture"
+    );
     let callers = metrics(&model).sum(
         "infermesh_inbound_mtls_connections_total",
         &[("caller", WEB_ID)],
@@ -865,8 +902,9 @@ fn tail(text: &str) -> &str {
 
 /// IPv6 is intercepted as IPv4 is: from a pod whose rules cover both
 /// families, a TCP echo and an HTTP request no route claims reach another
-/// pod over IPv6 through the sidecar (which has no policy at all), counted
-/// as passthrough, and so do the same over IPv4.
+/// pod over IPv6 through the sidecar (which has no policy at all, and
+/// listens on `[::1]:4140` beside `127.0.0.1:4140`), counted as
+/// passthrough, and so do the same over IPv4.
 #[test]
 fn ipv6_connections_of_an_intercepted_pod_pass_through_its_sidecar() {
     let Some(cluster) = cluster_or_skip() else {
@@ -891,11 +929,17 @@ fn ipv6_connections_of_an_intercepted_pod_pass_through_its_sidecar() {
     init(&cluster, &app, &["--proxy-uid", &PROXY_UID.to_string()]);
     let wrap = app.wrap_as(PROXY_UID, PROXY_UID);
     let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+    // The IPv6 rules send outbound connections to [::1]:4140, which the
+    // proxy listens on only when asked.
     let proxy = ProxyProcess::builder()
         .no_config()
         .wrap(&wrap)
         .binary(cluster.install(&proxy_binary()))
         .default_listeners()
+        .arg("--outbound-ipv6")
+        .arg("[::1]:4140")
+        .arg("--inbound-ipv6")
+        .arg("[::]:4143")
         .env("INFERMESH_LOG", "info")
         .start();
     wait_ready(&app, &proxy);

@@ -509,7 +509,7 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
             "--echo-addr",
             "0.0.0.0:7001",
             "--udp-echo-addr",
-            "0.0.0.0:5353",
+            "0.0.0.0:53",
         ],
     );
     let mesh = control_plane(&cluster, &mesh_policy(model.ip, model.ip6, echo_pod.ip));
@@ -733,11 +733,11 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
     );
     let udp = sockets(
         &app,
-        &["udp-echo", &echo_pod.ip.to_string(), "5353", "pods-udp"],
+        &["udp-echo", &echo_pod.ip.to_string(), "53", "pods-udp"],
     );
     assert!(
         udp["ok"] == true && udp["reply"] == "pods-udp",
-        "check 4 (UDP is untouched): {udp}"
+        "check 4 (UDP to port 53, as DNS goes, is untouched): {udp}"
     );
     let after = metrics(&app);
     assert_eq!(

@@ -252,16 +252,24 @@ impl Cluster {
         }
     }
 
-    /// Copies `binary` into a directory every user can read and execute,
-    /// and returns the copy's path.
+    /// Puts `binary` into a directory every user can read and execute (the
+    /// repository may sit where only root can reach), and returns its path
+    /// there.
     pub fn install(&self, binary: &Path) -> PathBuf {
         let name = binary.file_name().expect("a binary has a file name");
         let target = self.bin_dir.path().join(name);
         if !target.exists() {
-            std::fs::copy(binary, &target)
-                .unwrap_or_else(|e| panic!("copy {} for the pods: {e}", binary.display()));
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
-                .expect("chmod 755 a pod's binary");
+            // A hard link when the file is already 0755 and on the same
+            // file system (debug binaries are large), else a copy.
+            let executable = std::fs::metadata(binary)
+                .map(|m| m.permissions().mode() & 0o755 == 0o755)
+                .unwrap_or(false);
+            if !(executable && std::fs::hard_link(binary, &target).is_ok()) {
+                std::fs::copy(binary, &target)
+                    .unwrap_or_else(|e| panic!("copy {} for the pods: {e}", binary.display()));
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod 755 a pod's binary");
+            }
         }
         target
     }

@@ -217,6 +217,29 @@ fn echo(check: &str, pod: &Pod, host: Ipv4Addr, port: u16, text: &str) {
     );
 }
 
+/// Waits up to 5 s for an access log line of `proxy` holding every one of
+/// `fragments`; panics with `check` and the log otherwise.
+fn access_logged(check: &str, what: &str, proxy: &ProxyProcess, fragments: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stderr = proxy.stderr();
+        let found = stderr
+            .lines()
+            .filter(|l| l.contains("infermesh::access"))
+            .any(|l| fragments.iter().all(|f| l.contains(f)));
+        if found {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{check}: no access log line of the {what} with {fragments:?}:\n{}",
+                tail(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn passthrough(metrics: &Metrics, protocol: &str, outcome: &str) -> f64 {
     metrics.sum(
         "infermesh_passthrough_total",
@@ -586,6 +609,30 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         "check 1 (openai SDK stream): chunks 150 ms apart at the server must arrive apart, \
          not at the end; arrivals {times:?}"
     );
+    // The stream went through both sidecars: each logged it.
+    access_logged(
+        "check 1 (stream through both sidecars)",
+        "app sidecar",
+        &app_sidecar,
+        &[
+            "listener=\"outbound\"",
+            "model=\"llama-demo\" stream=true",
+            "backend=\"llama\"",
+            "status=200",
+        ],
+    );
+    let caller = format!("caller=\"{WEB_ID}\"");
+    access_logged(
+        "check 1 (stream through both sidecars)",
+        "model sidecar",
+        &model_sidecar,
+        &[
+            "listener=\"inbound\"",
+            "model=\"llama-demo\" stream=true",
+            "status=200",
+            &caller,
+        ],
+    );
     let proto_dir = infermesh_tests::repo_root().join("proto/proto");
     let out = python_in(
         &app,
@@ -660,6 +707,24 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         "check 8 (curl chat to {url6} over IPv6): {}{}",
         answer.body,
         logs()
+    );
+
+    access_logged(
+        "check 3 (authorization at the inbound sidecar)",
+        "model sidecar",
+        &model_sidecar,
+        &[
+            "listener=\"inbound\"",
+            "model=\"secret-model\"",
+            "status=403",
+            &caller,
+        ],
+    );
+    access_logged(
+        "check 8 (IPv6)",
+        "app sidecar",
+        &app_sidecar,
+        &["listener=\"outbound\"", "backend=\"llama6\"", "status=200"],
     );
 
     // 4. Traffic no route claims passes through untouched.

@@ -1051,3 +1051,50 @@ fn ipv6_connections_of_an_intercepted_pod_pass_through_its_sidecar() {
         );
     }
 }
+
+/// Where the kernel refuses to create a network namespace (here: a user
+/// without the capability), each test says so and why, rather than failing
+/// or passing silently: the suite's own binary, run as UID 2102, prints
+/// `SKIP: <reason>` for the harness test and passes.
+#[test]
+fn a_refused_namespace_skips_the_test_with_the_reason() {
+    // Only where this process may create namespaces is there a refusal to show.
+    let Some(_cluster) = cluster_or_skip() else {
+        return;
+    };
+    // The test binary, where UID 2102 can read it.
+    let dir = tempfile::Builder::new()
+        .prefix("infermesh-pods-skip-")
+        .tempdir()
+        .expect("a temporary directory");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod 755");
+    let exe = std::env::current_exe().expect("current_exe");
+    let copy = dir.path().join("pods-test");
+    std::fs::copy(&exe, &copy).expect("copy the test binary");
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod 755");
+    let mut command = std::process::Command::new("setpriv");
+    command
+        .args(["--reuid", "2102", "--regid", "2102", "--clear-groups"])
+        .arg(&copy)
+        .args([
+            "--exact",
+            "pods_reach_each_other_and_sidecars_addressed_explicitly_speak_mtls",
+            "--nocapture",
+        ])
+        .current_dir(dir.path());
+    let out = netns::output_within(command, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && stdout.contains("SKIP: the kernel refuses to create a network namespace: ")
+            && stdout.contains("1 passed"),
+        "as UID 2102 the harness test should skip with the reason ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+}

@@ -804,6 +804,36 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         udp["ok"] == true && udp["reply"] == "pods-udp",
         "check 4 (UDP to port 53, as DNS goes, is untouched): {udp}"
     );
+    // An unclaimed destination that refuses: the client learns it at once
+    // (a reset for TCP, 503 with the reason for HTTP), never a hang.
+    let refused = sockets(
+        &app,
+        &[
+            "tcp-echo",
+            &echo_pod.ip.to_string(),
+            "7999",
+            "nobody-listens",
+        ],
+    );
+    assert!(
+        refused["ok"] == false
+            && refused["error"] == "ConnectionResetError"
+            && refused["seconds"].as_f64().unwrap_or(99.0) < 1.0,
+        "check 4 (TCP passthrough to a closed port ends at once with a reset): {refused}{}",
+        logs()
+    );
+    let closed = post(
+        &app,
+        &format!("http://{}:7999/v1/chat/completions", echo_pod.ip),
+        &chat("whatever", "closed"),
+    );
+    assert!(
+        closed.status == 503 && closed.body.contains("upstream_connect_error"),
+        "check 4 (HTTP passthrough to a closed port: 503 upstream_connect_error): {} {}{}",
+        closed.status,
+        closed.body,
+        logs()
+    );
     let after = metrics(&app);
     assert_eq!(
         passthrough(&after, "tcp", "forwarded") - passthrough(&before, "tcp", "forwarded"),
@@ -818,8 +848,17 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         logs()
     );
     assert_eq!(
+        (
+            passthrough(&after, "tcp", "failed") - passthrough(&before, "tcp", "failed"),
+            passthrough(&after, "http", "failed") - passthrough(&before, "http", "failed"),
+        ),
+        (1.0, 1.0),
+        "check 4: one failed TCP and one failed HTTP passthrough expected{}",
+        logs()
+    );
+    assert_eq!(
         passthrough_all(&after) - passthrough_all(&before),
-        2.0,
+        4.0,
         "check 4: the UDP datagram must not reach the proxy"
     );
 

@@ -727,6 +727,29 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         &["listener=\"outbound\"", "backend=\"llama6\"", "status=200"],
     );
 
+    // 9. No way around the model pod's sidecar: a pod outside the mesh
+    // calling the model server's address in plaintext is refused by it.
+    let refusals = |m: &Metrics| {
+        m.sum(
+            "infermesh_refusals_total",
+            &[("reason", "plaintext_refused")],
+        )
+    };
+    let before = refusals(&metrics(&model));
+    let (code, out, err) = echo_pod.curl(&["-i", &format!("{model_url}/v1/models")]);
+    assert!(
+        !out.starts_with("HTTP/1.1 200"),
+        "check 9 (plaintext from outside the mesh must not reach the model server): \
+         exit {code}: {out}{err}"
+    );
+    assert_eq!(
+        refusals(&metrics(&model)) - before,
+        1.0,
+        "check 9: the model sidecar should count the plaintext caller it refused \
+         (curl exit {code}: {err}){}",
+        logs()
+    );
+
     // 4. Traffic no route claims passes through untouched.
     let before = metrics(&app);
     echo(

@@ -477,7 +477,11 @@ spec:
     )
 }
 
-/// The proof, on one cluster: each check's failure names it.
+/// The proof, on one cluster: checks 1 to 7 are the items
+/// in its order (8: the same over IPv6, 9: no way around the model's
+/// sidecar), run in the order the set-up needs (the capture is judged after
+/// all the traffic it covers; the app's sidecar is killed last), and each
+/// failure names its check.
 #[test]
 fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
     let Some(cluster) = cluster_or_skip() else {

@@ -725,3 +725,78 @@ impl Capture {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A little-endian pcap file holding `frames`.
+    fn pcap(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut file = vec![0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0];
+        file.extend_from_slice(&[0; 8]);
+        file.extend_from_slice(&65535u32.to_le_bytes());
+        file.extend_from_slice(&1u32.to_le_bytes());
+        for frame in frames {
+            file.extend_from_slice(&[0; 8]);
+            file.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+            file.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+            file.extend_from_slice(frame);
+        }
+        file
+    }
+
+    fn tcp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut segment = Vec::new();
+        segment.extend_from_slice(&sport.to_be_bytes());
+        segment.extend_from_slice(&dport.to_be_bytes());
+        segment.extend_from_slice(&[0; 8]);
+        segment.push(5 << 4); // data offset: 20 bytes
+        segment.extend_from_slice(&[0; 7]);
+        segment.extend_from_slice(payload);
+        segment
+    }
+
+    fn ipv4_frame(segment: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0; 12];
+        frame.extend_from_slice(&[0x08, 0x00]);
+        let total = (20 + segment.len()) as u16;
+        frame.extend_from_slice(&[0x45, 0]);
+        frame.extend_from_slice(&total.to_be_bytes());
+        frame.extend_from_slice(&[0, 0, 0, 0, 64, 6, 0, 0]);
+        frame.extend_from_slice(&[10, 0, 0, 2, 10, 0, 0, 3]);
+        frame.extend_from_slice(segment);
+        // Ethernet padding after the IP packet is not payload.
+        frame.extend_from_slice(&[0xee; 6]);
+        frame
+    }
+
+    fn ipv6_frame(segment: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0; 12];
+        frame.extend_from_slice(&[0x86, 0xdd]);
+        frame.extend_from_slice(&[0x60, 0, 0, 0]);
+        frame.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&[6, 64]);
+        frame.extend_from_slice(&[0; 32]);
+        frame.extend_from_slice(segment);
+        frame
+    }
+
+    #[test]
+    fn tcp_payloads_of_both_families_are_read_from_a_capture() {
+        let file = pcap(&[
+            ipv4_frame(&tcp(40000, 8000, b"hello")),
+            ipv4_frame(&tcp(8000, 40000, b"")),
+            ipv6_frame(&tcp(8000, 40001, b"world")),
+            ipv4_frame(&tcp(40002, 7000, b"other")),
+        ]);
+        assert_eq!(
+            tcp_payloads(&file, 8000),
+            vec![b"hello".to_vec(), b"world".to_vec()]
+        );
+        let segments = tcp_segments(&file);
+        assert_eq!(segments.len(), 3);
+        assert!(segments[1].ipv6 && !segments[0].ipv6);
+        assert_eq!(segments[2].destination_port, 7000);
+        assert!(contains(&file, b"world") && !contains(&file, b"absent"));
+    }
+}

@@ -54,6 +54,8 @@ pub struct Cluster {
     pods: Mutex<Vec<String>>,
     next_host: AtomicU32,
     bin_dir: tempfile::TempDir,
+    /// Why the pods have no IPv6 addresses, when the kernel refused them.
+    ipv6_refused: Option<String>,
 }
 
 /// One pod: a network namespace with `eth0` on the cluster's bridge.
@@ -63,7 +65,8 @@ pub struct Pod {
     pub ns: String,
     /// The pod's IPv4 address.
     pub ip: Ipv4Addr,
-    /// The pod's IPv6 address (ULA).
+    /// The pod's IPv6 address (ULA); unset where the kernel refuses IPv6
+    /// ([`Cluster::ipv6_refused`]).
     pub ip6: Ipv6Addr,
     /// The pod's port on the bridge (the node's end of its veth).
     pub port: String,
@@ -118,16 +121,34 @@ impl Cluster {
             pods: Mutex::new(Vec::new()),
             next_host: AtomicU32::new(2),
             bin_dir,
+            ipv6_refused: None,
         };
+        let mut cluster = cluster;
         let node = cluster.node.as_str();
         let v4 = format!("{}/24", cluster.node_ip());
         let v6 = format!("{}/64", cluster.node_ip6());
         ip(&["-n", node, "link", "set", "lo", "up"]);
         ip(&["-n", node, "link", "add", BRIDGE, "type", "bridge"]);
         ip(&["-n", node, "addr", "add", &v4, "dev", BRIDGE]);
-        ip(&["-n", node, "addr", "add", &v6, "dev", BRIDGE, "nodad"]);
         ip(&["-n", node, "link", "set", BRIDGE, "up"]);
+        // A kernel without IPv6 (ipv6.disable=1) refuses the address: the
+        // pods are then IPv4 only, and IPv6 checks skip saying why.
+        let out = Command::new("ip")
+            .args(["-n", node, "addr", "add", &v6, "dev", BRIDGE, "nodad"])
+            .output()
+            .expect("run ip");
+        if !out.status.success() {
+            cluster.ipv6_refused = Some(format!(
+                "the kernel refuses IPv6 addresses: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
         Ok(cluster)
+    }
+
+    /// Why the pods have no IPv6 addresses (`None`: they have).
+    pub fn ipv6_refused(&self) -> Option<&str> {
+        self.ipv6_refused.as_deref()
     }
 
     /// The node namespace's name.
@@ -214,16 +235,6 @@ impl Cluster {
             "dev",
             "eth0",
         ]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         ip(&[
             "-n",
@@ -234,16 +245,28 @@ impl Cluster {
             "via",
             &self.node_ip().to_string(),
         ]);
-        ip(&[
-            "-n",
-            &ns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &self.node_ip6().to_string(),
-        ]);
+        if self.ipv6_refused.is_none() {
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            ip(&[
+                "-n",
+                &ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &self.node_ip6().to_string(),
+            ]);
+        }
         Pod {
             ns,
             ip: ip4,

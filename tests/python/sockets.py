@@ -4,6 +4,7 @@ connect, each printing one JSON line with what happened and how long it took.
 
 Usage: sockets.py tcp-echo HOST PORT TEXT
        sockets.py udp-echo HOST PORT TEXT
+       sockets.py banner HOST PORT      (reads the first line a server sends, sending nothing)
        sockets.py connect HOST PORT
 """
 
@@ -38,6 +39,17 @@ def udp_echo(host: str, port: int, text: str) -> dict:
     return {"ok": True, "reply": reply.decode(errors="replace"), "peer": peer[0]}
 
 
+def banner(host: str, port: int) -> dict:
+    with socket.create_connection((host, port), timeout=5) as sock:
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            reply += chunk
+    return {"ok": True, "reply": reply.decode(errors="replace")}
+
+
 def connect(host: str, port: int) -> dict:
     with socket.create_connection((host, port), timeout=10):
         pass
@@ -52,6 +64,8 @@ def main() -> None:
             result = tcp_echo(host, port, sys.argv[4])
         elif command == "udp-echo":
             result = udp_echo(host, port, sys.argv[4])
+        elif command == "banner":
+            result = banner(host, port)
         elif command == "connect":
             result = connect(host, port)
         else:

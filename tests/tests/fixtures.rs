@@ -474,7 +474,12 @@ fn demo_upstream_binary_runs_grpc_echo_udp_and_flaky_servers_beside_openai() {
             "--udp-echo-addr",
             "127.0.0.1:0",
         ])
-        .args(["--flaky-addr", "127.0.0.1:0"])
+        .args([
+            "--flaky-addr",
+            "127.0.0.1:0",
+            "--banner-addr",
+            "127.0.0.1:0",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -498,17 +503,32 @@ fn demo_upstream_binary_runs_grpc_echo_udp_and_flaky_servers_beside_openai() {
             .map(|a| a.split_whitespace().next().unwrap().parse().unwrap())
             .collect()
     };
-    let (grpc, echoes, udp, flaky) = (
+    let (grpc, echoes, udp, flaky, banner) = (
         addrs("grpc"),
         addrs("echo"),
         addrs("udp-echo"),
         addrs("flaky"),
+        addrs("banner"),
     );
     assert_eq!(
-        (grpc.len(), echoes.len(), udp.len(), flaky.len()),
-        (1, 2, 1, 1),
+        (
+            grpc.len(),
+            echoes.len(),
+            udp.len(),
+            flaky.len(),
+            banner.len()
+        ),
+        (1, 2, 1, 1, 1),
         "{lines:?}"
     );
+    let mut stream = std::io::BufReader::new(std::net::TcpStream::connect(banner[0]).unwrap());
+    let mut hello = String::new();
+    stream.read_line(&mut hello).unwrap();
+    assert_eq!(hello, "220 demo-upstream ready\r\n");
+    stream.get_mut().write_all(b"after").unwrap();
+    let mut reply = [0u8; 5];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"after");
     for echo in &echoes {
         let mut stream = std::net::TcpStream::connect(echo).unwrap();
         stream.write_all(b"ping").unwrap();

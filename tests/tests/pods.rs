@@ -540,6 +540,8 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
             "0.0.0.0:7001",
             "--udp-echo-addr",
             "0.0.0.0:53",
+            "--banner-addr",
+            "0.0.0.0:3306",
         ],
     );
     let mesh = control_plane(&cluster, &mesh_policy(model.ip, model.ip6, echo_pod.ip));
@@ -841,6 +843,16 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         udp["ok"] == true && udp["reply"] == "pods-udp",
         "check 4 (UDP to port 53, as DNS goes, is untouched): {udp}"
     );
+    // A server that speaks first (MySQL's port, opaque by default) is heard
+    // at once: nothing waits for the client to speak.
+    let hello = sockets(&app, &["banner", &echo_pod.ip.to_string(), "3306"]);
+    assert!(
+        hello["ok"] == true
+            && hello["reply"] == "220 demo-upstream ready\r\n"
+            && hello["seconds"].as_f64().unwrap_or(99.0) < 1.0,
+        "check 4 (a server that speaks first, through interception, within 1 s): {hello}{}",
+        logs()
+    );
     // An unclaimed destination that refuses: the client learns it at once
     // (a reset for TCP, 503 with the reason for HTTP), never a hang.
     let refused = sockets(
@@ -874,8 +886,8 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
     let after = metrics(&app);
     assert_eq!(
         passthrough(&after, "tcp", "forwarded") - passthrough(&before, "tcp", "forwarded"),
-        1.0,
-        "check 4: one opaque TCP passthrough expected{}",
+        2.0,
+        "check 4: two opaque TCP passthroughs (echo, banner) expected{}",
         logs()
     );
     assert_eq!(
@@ -895,7 +907,7 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
     );
     assert_eq!(
         passthrough_all(&after) - passthrough_all(&before),
-        4.0,
+        5.0,
         "check 4: the UDP datagram must not reach the proxy"
     );
 

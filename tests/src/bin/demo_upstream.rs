@@ -43,6 +43,11 @@ struct Args {
     /// Also run a UDP echo server here: each datagram is sent back to its sender.
     #[arg(long)]
     udp_echo_addr: Option<SocketAddr>,
+    /// Also run a server that speaks first here (as MySQL, SMTP and Redis
+    /// replicas do): it sends `220 demo-upstream ready\r\n` on each
+    /// connection, then echoes.
+    #[arg(long)]
+    banner_addr: Option<SocketAddr>,
     /// Also serve HTTP here answering 503 to the first request and 200
     /// (a JSON body naming the server) to every later one.
     #[arg(long)]
@@ -87,6 +92,28 @@ fn main() {
             let mut buf = [0u8; 65536];
             while let Ok((n, from)) = socket.recv_from(&mut buf) {
                 let _ = socket.send_to(&buf[..n], from);
+            }
+        });
+    }
+    if let Some(addr) = args.banner_addr {
+        let listener =
+            std::net::TcpListener::bind(addr).unwrap_or_else(|e| fail("banner", addr, e));
+        println!("listening banner={}", listener.local_addr().unwrap_or(addr));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    if stream.write_all(b"220 demo-upstream ready\r\n").is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
             }
         });
     }

@@ -3,8 +3,8 @@
 //! fixture on :8001, a server failing once on :8002), an app pod whose
 //! unchanged clients (curl, the Python `openai` SDK, `grpcio`, plain
 //! sockets) call `http://<model-pod-IP>:8000` directly, a third pod with TCP
-//! and UDP echo servers, and `infermesh-control` (CA and policy) in the node
-//! namespace. Each meshed pod runs `infermesh-init` as root and its sidecar
+//! and UDP echo servers, a server that speaks first and a second OpenAI
+//! fixture, and `infermesh-control` (CA and policy) in the node namespace. Each meshed pod runs `infermesh-init` as root and its sidecar
 //! as UID/GID 2102, as an init container and a sidecar container would.
 //!
 //! Needs root (CI runs as root), `ip`, `setpriv`, `nft`, `tcpdump`, `curl`

@@ -4,7 +4,10 @@
 //! proxy with every listener on `127.0.0.1:0`, waits for its
 //! `listening outbound=… inbound=… admin=…` line and exposes the addresses.
 //! It captures stderr (shown when a test panics), can send SIGTERM and wait
-//! for the exit status, and kills the process when dropped.
+//! for the exit status, and kills the process when dropped. For a pod
+//! (`netns.rs`), [`ProxyBuilder::wrap`] runs it under `ip netns exec … setpriv
+//! …` (both exec, so the child is the proxy itself) with its default
+//! listeners.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

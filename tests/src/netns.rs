@@ -288,8 +288,19 @@ impl Cluster {
                 .map(|m| m.permissions().mode() & 0o755 == 0o755)
                 .unwrap_or(false);
             if !(executable && std::fs::hard_link(binary, &target).is_ok()) {
-                std::fs::copy(binary, &target)
-                    .unwrap_or_else(|e| panic!("copy {} for the pods: {e}", binary.display()));
+                // `cp`, not std::fs::copy: a file this process had open for
+                // writing could leak into a child another thread is forking,
+                // and exec-ing it would then fail with "Text file busy".
+                let status = Command::new("cp")
+                    .arg(binary)
+                    .arg(&target)
+                    .status()
+                    .unwrap_or_else(|e| panic!("run cp: {e}"));
+                assert!(
+                    status.success(),
+                    "cp {} for the pods: {status}",
+                    binary.display()
+                );
                 std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
                     .expect("chmod 755 a pod's binary");
             }

@@ -1153,24 +1153,11 @@ fn ipv6_connections_of_an_intercepted_pod_pass_through_its_sidecar() {
 #[test]
 fn a_refused_namespace_skips_the_test_with_the_reason() {
     // Only where this process may create namespaces is there a refusal to show.
-    let Some(_cluster) = cluster_or_skip() else {
+    let Some(cluster) = cluster_or_skip() else {
         return;
     };
     // The test binary, where UID 2102 can read it.
-    let dir = tempfile::Builder::new()
-        .prefix("infermesh-pods-skip-")
-        .tempdir()
-        .expect("a temporary directory");
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod 755");
-    let exe = std::env::current_exe().expect("current_exe");
-    let copy = dir.path().join("pods-test");
-    std::fs::copy(&exe, &copy).expect("copy the test binary");
-    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod 755");
+    let copy = cluster.install(&std::env::current_exe().expect("current_exe"));
     let mut command = std::process::Command::new("setpriv");
     command
         .args(["--reuid", "2102", "--regid", "2102", "--clear-groups"])
@@ -1180,7 +1167,7 @@ fn a_refused_namespace_skips_the_test_with_the_reason() {
             "pods_reach_each_other_and_sidecars_addressed_explicitly_speak_mtls",
             "--nocapture",
         ])
-        .current_dir(dir.path());
+        .current_dir(cluster.shared_dir());
     let out = netns::output_within(command, Duration::from_secs(60));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -309,7 +309,9 @@ impl ControlPlane {
                     identity.wait_certified().await;
                 }
                 let tls = identity.client_config(control_plane_id.clone());
-                crate::identity::connect(&self.settings.url, tls).await
+                crate::identity::connect(&self.settings.url, tls)
+                    .await
+                    .map_err(|error| error.to_string())
             }
             None => self.endpoint.connect().await.map_err(|error| {
                 format!(

@@ -18,13 +18,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::authz::{Authorizer, AuthzRequest};
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use infermesh_filters::authz::{Authorizer, AuthzRequest};
 use infermesh_filters::body::{Ended, Watch, Watched};
 use infermesh_filters::error::ErrorShape;
 use infermesh_filters::grpc::is_grpc;

@@ -705,9 +705,9 @@ spec:
         );
         Arc::new(Inputs {
             snapshot: ArcSwap::from_pointee(snapshot),
+            passthrough: crate::passthrough::Passthrough::new(&metrics),
             metrics,
             identity: None,
-            passthrough: Default::default(),
         })
     }
 

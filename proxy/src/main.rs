@@ -401,9 +401,9 @@ async fn run(
     }
     let inputs = Arc::new(Inputs {
         snapshot: ArcSwap::from_pointee(snapshot),
+        passthrough: Passthrough::new(&metrics),
         metrics,
         identity: mesh,
-        passthrough: Passthrough::new(),
     });
     let control = match &args.control_plane {
         Some(url) => {

@@ -386,6 +386,7 @@ measure() {
     # shellcheck disable=SC2086
     after=$(if [ -n "${PAIR[$v]:-}" ]; then cpu_ticks ${PAIR[$v]}; else echo 0; fi)
     echo "pair_cpu_ticks=$((after - before)) clk_tck=$(getconf CLK_TCK)" >>"$f.out"
+    echo "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$f.out"
 }
 
 # What the figures stand on: every proxy runs as the proxy's UID, and the
@@ -422,6 +423,12 @@ done
     if has_variant nginx; then echo "nginx=$(nginx -v 2>&1 | sed 's/.*: //')"; fi
     echo "commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } >"$OUT/raw/machine.txt"
+# What else runs on the machine (the busiest processes, for the notes).
+others() {
+    top -b -n 2 -d 1 -o %CPU | awk '/^top -/ {n++} n == 2 && $1 ~ /^[0-9]+$/ && k < 5 {
+        printf "%s%s %s%%", (k++ ? ", " : ""), $12, $9 }'
+}
+echo "busiest_before=$(others)" >>"$OUT/raw/machine.txt"
 START=$(date +%s)
 for r in $(seq 1 "$REPS"); do
     for mode in rate max; do
@@ -445,6 +452,7 @@ for r in $(seq 1 "$REPS"); do
 done
 {
     echo "loadavg_after=$(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "busiest_after=$(others)"
     echo "elapsed_s=$(($(date +%s) - START))"
 } >>"$OUT/raw/machine.txt"
 

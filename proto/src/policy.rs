@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 mod authorization;
 mod backend;
+mod destination;
 mod duration;
 mod load;
 mod local_model;
@@ -31,6 +32,7 @@ pub use backend::{
     BackendLimits, BackendMtls, BackendSpec, BalancerKind, FailureRate, OutlierDetection,
     UpstreamProtocol,
 };
+pub use destination::{DestinationError, DestinationPattern};
 pub use load::{load_path, load_str, Location, PolicyError};
 pub use local_model::{local_model_name, LocalModelSpec, LOCAL_PREFIX};
 pub use mesh_config::{ClassifySettings, MeshConfigSpec, MtlsMode, MtlsSettings, OpaqueSettings};
@@ -38,6 +40,7 @@ pub use model_route::{
     AbortFault, DelayFault, FallbackTarget, FaultPolicy, GrpcCode, GrpcMatch, HeaderMatch,
     HedgePolicy, ListenerKind, MirrorPolicy, ModelRouteSpec, RateLimitKey, RateLimitPolicy,
     RetryBudget, RetryOn, RetryPolicy, RouteMatch, RouteTimeouts, StringMatch, WeightedBackend,
+    PASSTHROUGH_ROUTE,
 };
 pub use schema::{schemas, SchemaFile};
 pub use scope::Workload;

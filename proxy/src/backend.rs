@@ -552,6 +552,7 @@ mod tests {
     fn spec(endpoints: &[&str]) -> BackendSpec {
         BackendSpec {
             endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+            addresses: Vec::new(),
             protocol: UpstreamProtocol::Http1,
             balancer: BalancerKind::RoundRobin,
             connect_timeout: Duration::from_secs(1),

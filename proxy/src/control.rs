@@ -705,6 +705,7 @@ spec:
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             identity: None,
+            passthrough: Default::default(),
         })
     }
 

@@ -249,7 +249,7 @@ fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Points the request at `authority` and removes what must not cross a hop.
-fn prepare_upstream_request(
+pub(crate) fn prepare_upstream_request(
     request: &mut Request<ProxyBody>,
     scheme: http::uri::Scheme,
     authority: &http::uri::Authority,

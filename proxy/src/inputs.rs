@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::identity::Identity;
 use crate::metrics::Metrics;
+use crate::passthrough::Passthrough;
 use crate::snapshot::Snapshot;
 
 /// What every connection task shares.
@@ -21,4 +22,6 @@ pub struct Inputs {
     /// This proxy's mesh identity, when it was started with one: the inbound
     /// listener terminates mutual TLS with it, meshed backends present it.
     pub identity: Option<Arc<Identity>>,
+    /// The pools of intercepted requests that no route claims.
+    pub passthrough: Passthrough,
 }

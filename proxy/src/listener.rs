@@ -27,8 +27,9 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::detect::{self, Protocol};
 use crate::identity::{self, InboundConn};
 use crate::inputs::Inputs;
-use crate::metrics::listener_label;
+use crate::metrics::{listener_label, CallerLabels, PassthroughLabels};
 use crate::opaque;
+use crate::redirect::{Interception, Redirected};
 use crate::refusal::{self, Reason};
 use crate::service;
 
@@ -73,6 +74,7 @@ pub struct Listener {
     kind: ListenerKind,
     inputs: Arc<Inputs>,
     header_read_timeout: Duration,
+    interception: Arc<Interception>,
 }
 
 impl Listener {
@@ -88,7 +90,15 @@ impl Listener {
             kind,
             inputs,
             header_read_timeout: HEADER_READ_TIMEOUT,
+            interception: Arc::default(),
         })
+    }
+
+    /// Sets how redirected connections are treated (where inbound
+    /// passthrough goes, which ports are opaque, which are the proxy's own).
+    pub fn with_interception(mut self, interception: Arc<Interception>) -> Self {
+        self.interception = interception;
+        self
     }
 
     /// Sets how long an HTTP/1.1 client may take to send a request head
@@ -130,8 +140,10 @@ impl Listener {
             let watcher = graceful.watcher();
             let builders = builders.clone();
             let kind = self.kind;
+            let interception = self.interception.clone();
             tokio::spawn(async move {
-                serve_connection(stream, peer, kind, inputs, builders, watcher).await;
+                serve_connection(stream, peer, kind, inputs, builders, &interception, watcher)
+                    .await;
             });
         };
         drop(self.tcp);
@@ -195,8 +207,37 @@ async fn serve_connection(
     kind: ListenerKind,
     inputs: Arc<Inputs>,
     builders: Arc<Builders>,
+    interception: &Interception,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
+    let redirected = match interception.classify(kind, &stream) {
+        Ok(redirected) => redirected,
+        Err(looped) => {
+            inputs
+                .metrics
+                .passthrough
+                .get_or_create(&PassthroughLabels {
+                    listener: listener_label(kind),
+                    protocol: "tcp",
+                    outcome: "loop",
+                })
+                .inc();
+            refuse(&inputs, kind, peer, Reason::Loop, &looped);
+            return;
+        }
+    };
+    // Server-speaks-first protocols say nothing to detect: copy them at once.
+    if let Some(redirected) = redirected.filter(|r| interception.opaque(r.original)) {
+        Box::pin(opaque::pass_through(
+            stream,
+            peer,
+            kind,
+            &inputs,
+            redirected.passthrough,
+        ))
+        .await;
+        return;
+    }
     let protocol = match sniff(&stream).await {
         Ok(protocol) => protocol,
         Err(error) => {
@@ -211,14 +252,18 @@ async fn serve_connection(
         ListenerKind::Inbound => inputs.identity.clone(),
         ListenerKind::Outbound => None,
     };
-    let port = stream.local_addr().map_or(0, |a| a.port());
+    // Authorization speaks of the port the caller dialled.
+    let port = match redirected {
+        Some(redirected) => redirected.original.port(),
+        None => stream.local_addr().map_or(0, |a| a.port()),
+    };
     match (protocol, mesh) {
         // The TLS and opaque paths are boxed: a task's future is as large as
         // its largest state, and every plaintext HTTP connection would
         // otherwise carry room for a TLS session and copy buffers.
         (Protocol::Tls, Some(identity)) => {
             Box::pin(serve_mtls(
-                stream, peer, port, kind, identity, inputs, builders, watcher,
+                stream, peer, port, kind, identity, inputs, builders, redirected, watcher,
             ))
             .await;
         }
@@ -233,14 +278,24 @@ async fn serve_connection(
                 &"plaintext connection refused: inbound mTLS is strict (a MeshConfig with mtls.mode: permissive accepts plaintext)",
             );
         }
-        (Protocol::Tls | Protocol::Opaque, _) => {
-            Box::pin(opaque::serve(stream, peer, kind, &inputs)).await;
-        }
+        (Protocol::Tls | Protocol::Opaque, _) => match redirected {
+            Some(redirected) => {
+                Box::pin(opaque::pass_through(
+                    stream,
+                    peer,
+                    kind,
+                    &inputs,
+                    redirected.passthrough,
+                ))
+                .await;
+            }
+            None => Box::pin(opaque::serve(stream, peer, kind, &inputs)).await,
+        },
         (Protocol::Http1 | Protocol::Http2, _) => {
             let conn =
                 (kind == ListenerKind::Inbound).then_some(InboundConn { caller: None, port });
             serve_http(
-                stream, peer, protocol, conn, kind, inputs, &builders, watcher,
+                stream, peer, protocol, conn, redirected, kind, inputs, &builders, watcher,
             )
             .await;
         }
@@ -258,6 +313,7 @@ async fn serve_mtls(
     identity: Arc<identity::Identity>,
     inputs: Arc<Inputs>,
     builders: Arc<Builders>,
+    redirected: Option<Redirected>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(builders.inbound_tls(&identity));
@@ -297,12 +353,23 @@ async fn serve_mtls(
         _ => Protocol::Http1,
     };
     tracing::debug!(%peer, caller = ?caller.as_deref().map(ToString::to_string), "inbound mTLS connection");
+    inputs
+        .metrics
+        .inbound_mtls
+        .get_or_create(&CallerLabels {
+            caller: caller
+                .as_deref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        })
+        .inc();
     let conn = InboundConn { caller, port };
     serve_http(
         tls,
         peer,
         protocol,
         Some(conn),
+        redirected,
         kind,
         inputs,
         &builders,
@@ -319,6 +386,7 @@ async fn serve_http<I>(
     peer: SocketAddr,
     protocol: Protocol,
     conn: Option<InboundConn>,
+    redirected: Option<Redirected>,
     kind: ListenerKind,
     inputs: Arc<Inputs>,
     builders: &Builders,
@@ -346,6 +414,9 @@ async fn serve_http<I>(
             None => {
                 if let Some(conn) = &conn {
                     request.extensions_mut().insert(conn.clone());
+                }
+                if let Some(redirected) = redirected {
+                    request.extensions_mut().insert(redirected);
                 }
                 Box::pin(service::handle(inputs.clone(), kind, request))
             }

@@ -17,6 +17,8 @@ use infermesh_proxy::identity::{Identity, IdentitySettings};
 use infermesh_proxy::inputs::Inputs;
 use infermesh_proxy::listener::Listener;
 use infermesh_proxy::metrics::Metrics;
+use infermesh_proxy::passthrough::Passthrough;
+use infermesh_proxy::redirect::{self, Interception};
 use infermesh_proxy::snapshot::{Origin, Snapshot, Source};
 
 /// How much longer than the drain timeout shutdown waits for every task to
@@ -40,6 +42,17 @@ struct Args {
     /// Inbound listener: traffic from the mesh to the local model server.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:4143")]
     inbound: SocketAddr,
+    /// Where the inbound listener delivers intercepted connections that no
+    /// inbound route claims: this address, at the port the caller dialled
+    /// (the model server listens on it on loopback or on every address).
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    inbound_app_host: std::net::IpAddr,
+    /// Original destination ports whose intercepted connections are copied
+    /// as opaque TCP at once, without protocol detection (protocols where
+    /// the server speaks first); ports and ranges, comma-separated, or ""
+    /// for none.
+    #[arg(long, value_name = "PORTS", default_value = "25,587,3306,4444,5432,6379,9300,11211", value_parser = parse_port_list)]
+    opaque_ports: PortList,
     /// Longest an HTTP/1.1 client may take to send a request head; a slower
     /// one is refused (counted as header_timeout).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
@@ -99,6 +112,14 @@ struct Args {
     /// [default: spiffe://TRUST_DOMAIN/ns/infermesh-system/sa/infermesh-control].
     #[arg(long, value_name = "SPIFFE_ID")]
     control_plane_identity: Option<SpiffeId>,
+}
+
+/// A comma-separated list of ports and ranges, parsed whole.
+#[derive(Debug, Clone)]
+struct PortList(Vec<u16>);
+
+fn parse_port_list(text: &str) -> Result<PortList, redirect::PortsError> {
+    redirect::parse_ports(text).map(PortList)
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -374,6 +395,7 @@ async fn run(
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics,
         identity: mesh,
+        passthrough: Passthrough::new(),
     });
     let control = match &args.control_plane {
         Some(url) => {
@@ -407,6 +429,21 @@ async fn run(
             source,
         })?
         .with_header_read_timeout(args.header_read_timeout);
+    // Intercepted connections to any of the proxy's own ports would loop.
+    let own_ports = [&outbound, &inbound]
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.port())
+        .chain([args.admin.port()])
+        .filter(|p| *p != 0)
+        .collect();
+    let interception = Arc::new(Interception {
+        app_host: args.inbound_app_host,
+        opaque_ports: args.opaque_ports.0.clone(),
+        own_ports,
+    });
+    let outbound = outbound.with_interception(interception.clone());
+    let inbound = inbound.with_interception(interception);
     let admin_state = Admin::new(inputs.clone(), control.as_ref().map(|c| c.status()));
     let admin_addr =
         admin::spawn(args.admin, admin_state.clone()).map_err(|source| StartError::Admin {

@@ -133,6 +133,11 @@ pub struct Metrics {
     pub connect_errors: Family<BackendLabels, Counter>,
     /// Opaque TCP connections, by listener and outcome.
     pub opaque_connections: Family<OpaqueLabels, Counter>,
+    /// Intercepted traffic no route claimed: HTTP requests and TCP
+    /// connections passed through to their original destination.
+    pub passthrough: Family<PassthroughLabels, Counter>,
+    /// Inbound connections over mutual TLS, by the caller's identity.
+    pub inbound_mtls: Family<CallerLabels, Counter>,
     /// Version of the policy snapshot in force (0 for a local file).
     pub policy_version: Gauge,
     /// Policy snapshots offered to the proxy, by outcome.
@@ -312,6 +317,25 @@ pub struct OpaqueLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of the passthrough counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PassthroughLabels {
+    /// `outbound` or `inbound`.
+    pub listener: &'static str,
+    /// `http` (a request) or `tcp` (a connection).
+    pub protocol: &'static str,
+    /// `forwarded`, `failed` (the destination could not be reached) or
+    /// `loop` (the destination was the proxy itself).
+    pub outcome: &'static str,
+}
+
+/// Labels of the inbound mutual-TLS connection counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CallerLabels {
+    /// The caller's SPIFFE ID (`""` when its certificate names none).
+    pub caller: String,
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -357,6 +381,18 @@ impl Metrics {
             "opaque_connections",
             "Connections that were neither HTTP/1.1 nor HTTP/2, by outcome",
             opaque_connections.clone(),
+        );
+        let passthrough = Family::default();
+        registry.register(
+            "passthrough",
+            "Intercepted HTTP requests and TCP connections no route claimed, passed through to their original destination",
+            passthrough.clone(),
+        );
+        let inbound_mtls = Family::default();
+        registry.register(
+            "inbound_mtls_connections",
+            "Inbound connections over mutual TLS, by the caller's SPIFFE ID",
+            inbound_mtls.clone(),
         );
         let policy_version = Gauge::default();
         registry.register(
@@ -537,6 +573,8 @@ impl Metrics {
             first_byte,
             connect_errors,
             opaque_connections,
+            passthrough,
+            inbound_mtls,
             policy_version,
             policy_updates,
             control_plane_connected,

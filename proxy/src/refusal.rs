@@ -58,11 +58,14 @@ pub enum Reason {
     /// mTLS: any other handshake failure (bad signature, revoked, broken
     /// record, a client that hung up).
     TlsOther,
+    /// An intercepted connection whose original destination is this
+    /// proxy's own listener: passing it through would loop.
+    Loop,
 }
 
 impl Reason {
     /// Every reason, in the order of [`Reason::index`].
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::MalformedHttp,
         Reason::HeaderTooLarge,
         Reason::TooManyHeaders,
@@ -78,6 +81,7 @@ impl Reason {
         Reason::TlsIdentity,
         Reason::TlsTimeout,
         Reason::TlsOther,
+        Reason::Loop,
     ];
 
     /// The `reason` label value.
@@ -98,6 +102,7 @@ impl Reason {
             Reason::TlsIdentity => "tls_identity",
             Reason::TlsTimeout => "tls_timeout",
             Reason::TlsOther => "tls_other",
+            Reason::Loop => "loop",
         }
     }
 

@@ -4,11 +4,13 @@
 //! conditions, so it is tested on its own; routes are tried in policy order
 //! and the first whose conditions hold wins.
 
+use std::net::SocketAddr;
+
 use http::header::HeaderName;
 use http::header::{self, HeaderValue};
 use http::HeaderMap;
 use infermesh_filters::ProxyError;
-use infermesh_proto::policy::{RouteMatch, StringMatch};
+use infermesh_proto::policy::{DestinationPattern, RouteMatch, StringMatch};
 
 /// What routing looks at, borrowed from the request.
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +25,9 @@ pub struct RouteInput<'a> {
     pub headers: &'a HeaderMap,
     /// Model name, when classification found one.
     pub model: Option<&'a str>,
+    /// The original destination of a connection the pod's redirect rules
+    /// sent to the proxy; `None` for one that reached it directly.
+    pub destination: Option<SocketAddr>,
 }
 
 /// A [`RouteMatch`] prepared for matching.
@@ -36,6 +41,11 @@ pub struct Matcher {
     grpc_method: Option<String>,
     headers: Vec<(HeaderName, Option<String>)>,
     model: Option<StringMatch>,
+    /// Original destinations, one of which must hold; `None` for no
+    /// condition. Patterns were validated when the policy loaded; one that
+    /// does not parse here is left out (and an entry left with none
+    /// matches nothing).
+    destination: Option<Vec<DestinationPattern>>,
 }
 
 #[derive(Debug, Clone)]
@@ -73,11 +83,25 @@ impl Matcher {
             grpc_method: m.grpc.as_ref().and_then(|g| g.method.clone()),
             headers,
             model: m.model.clone(),
+            destination: (!m.destination.is_empty()).then(|| {
+                m.destination
+                    .iter()
+                    .filter_map(|d| d.parse().ok())
+                    .collect()
+            }),
         }
     }
 
     /// Whether every condition holds for `input`.
     pub fn matches(&self, input: &RouteInput<'_>) -> bool {
+        if let Some(patterns) = &self.destination {
+            let Some(destination) = input.destination else {
+                return false;
+            };
+            if !patterns.iter().any(|p| p.matches(destination)) {
+                return false;
+            }
+        }
         if let Some(host) = &self.host {
             let Some(actual) = input.host else {
                 return false;
@@ -266,6 +290,7 @@ mod tests {
             grpc: None,
             headers,
             model: Some("llama-3-8b"),
+            destination: None,
         }
     }
 

@@ -31,7 +31,7 @@ use infermesh_filters::grpc::is_grpc;
 use infermesh_filters::mirror::BodyCopy;
 use infermesh_filters::rate_limit::{CallerKey, TokenEstimate};
 use infermesh_filters::{BoxBody, ProxyError};
-use infermesh_proto::policy::ListenerKind;
+use infermesh_proto::policy::{ListenerKind, PASSTHROUGH_ROUTE};
 use infermesh_proto::spiffe::SpiffeId;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -44,10 +44,14 @@ use crate::classify::{self, ApiKind, HeadClass};
 use crate::identity::InboundConn;
 use crate::inputs::Inputs;
 use crate::local;
-use crate::metrics::{grpc_status_label, grpc_status_of, listener_label, Name, RequestLabels};
+use crate::metrics::{
+    grpc_status_label, grpc_status_of, listener_label, Name, PassthroughLabels, RequestLabels,
+    RouteLabels,
+};
 use crate::prefix::{
     complete_prefix, read_classified, rewrite_model, BodyState, Classified, Prefix, Scanned,
 };
+use crate::redirect::Redirected;
 use crate::route::{self, RouteInput};
 use crate::snapshot::{Route, RouteTarget, Snapshot};
 
@@ -225,8 +229,21 @@ async fn route_and_send(
             .get::<InboundConn>()
             .and_then(|c| c.caller.clone());
     }
-    let (route, target, claimed) =
-        route_request(&snapshot, listener, authorizer, &head, &parts, &classified)?;
+    let redirected = parts.extensions.get::<Redirected>().copied();
+    let routed = route_request(&snapshot, listener, authorizer, &head, &parts, &classified);
+    let (route, target, claimed) = match (routed, redirected) {
+        (Ok(routed), _) => routed,
+        // Intercepted traffic that no route claims is not the mesh's: it
+        // goes where the application sent it.
+        (
+            Err(Failed {
+                error: ProxyError::NoRoute(_),
+                ..
+            }),
+            Some(redirected),
+        ) => return Ok(pass_through(inputs, listener, redirected, parts, classified).await?),
+        (Err(failed), _) => return Err(failed),
+    };
     let fail = |error: ProxyError, backend: Name| Failed {
         error,
         route: route.name().clone(),
@@ -332,6 +349,10 @@ fn route_request<'s>(
             .map(|g| (g.service.as_str(), g.method.as_str())),
         headers: &parts.headers,
         model: classified.model.as_deref(),
+        destination: parts
+            .extensions
+            .get::<Redirected>()
+            .map(|redirected| redirected.original),
     };
     let route = snapshot.route(listener, &input);
     let claimed = route.is_some_and(|r| r.selects_model(&input));
@@ -485,6 +506,70 @@ async fn prepare(
         None => body,
     };
     Ok((Request::from_parts(parts, body), replay))
+}
+
+/// Sends an intercepted request that no route claims to its passthrough
+/// address (the original destination, or the local application) as it is:
+/// its body replayed from what classification read, nothing held, no
+/// filters, counted under the route `passthrough`.
+async fn pass_through(
+    inputs: &Inputs,
+    listener: ListenerKind,
+    redirected: Redirected,
+    parts: http::request::Parts,
+    classified: Classified,
+) -> Result<Routed, ProxyError> {
+    let listener_name = listener_label(listener);
+    tracing::debug!(
+        listener = listener_name,
+        original = %redirected.original,
+        to = %redirected.passthrough,
+        method = %parts.method,
+        path = parts.uri.path(),
+        "no route claims the intercepted request: passing it through"
+    );
+    let body = match classified.body {
+        BodyState::Streaming(body) => ProxyBody::streaming(body),
+        BodyState::Scanned(prefix, _) => {
+            ProxyBody::replay(prefix.chunks, prefix.trailers, prefix.rest)
+        }
+    };
+    let sent = inputs
+        .passthrough
+        .send(redirected.passthrough, Request::from_parts(parts, body))
+        .await;
+    let outcome = if sent.is_ok() { "forwarded" } else { "failed" };
+    inputs
+        .metrics
+        .passthrough
+        .get_or_create(&PassthroughLabels {
+            listener: listener_name,
+            protocol: "http",
+            outcome,
+        })
+        .inc();
+    let response = sent?;
+    let route = Name::new(PASSTHROUGH_ROUTE);
+    let backend = Name::default();
+    let metrics = &inputs.metrics;
+    let duration = metrics.duration.get_or_create(&RouteLabels {
+        route: route.clone(),
+        backend: backend.clone(),
+    });
+    let ok = metrics.requests.get_or_create(&RequestLabels {
+        listener: listener_name,
+        route: route.clone(),
+        backend: backend.clone(),
+        status: 200,
+        grpc_status: "",
+    });
+    Ok(Routed {
+        response,
+        route,
+        backend,
+        duration: duration.clone(),
+        ok: ok.clone(),
+    })
 }
 
 /// The model tokens a request is expected to use, for token rate limits:

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use infermesh_filters::authz::Authorizer;
 use infermesh_proto::policy::{
-    local_model_name, ClassifySettings, ListenerKind, MtlsMode, PolicySet, RateLimitKey,
+    local_model_name, ClassifySettings, ListenerKind, ModelRouteSpec, MtlsMode, PolicySet,
+    RateLimitKey,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -217,17 +218,30 @@ impl Snapshot {
         };
         let mut outbound = Vec::new();
         let mut inbound = Vec::new();
-        for doc in &policy.routes {
-            let name = Name::new(&doc.metadata.name);
+        // A backend with `addresses` takes the intercepted requests for them
+        // that no written route claims: a route of its own, after them all.
+        let implied: Vec<(String, ModelRouteSpec)> = policy
+            .backends
+            .iter()
+            .filter(|b| !b.spec.addresses.is_empty())
+            .filter_map(|b| implied_route(&b.metadata.name, &b.spec.addresses))
+            .collect();
+        let written = policy
+            .routes
+            .iter()
+            .map(|doc| (doc.metadata.name.as_str(), &doc.spec));
+        let implied = implied.iter().map(|(name, spec)| (name.as_str(), spec));
+        for (route_name, spec) in written.chain(implied) {
+            let name = Name::new(route_name);
             let mut targets = Vec::new();
             let mut cumulative = Vec::new();
             let mut sum = 0u64;
-            let listener = listener_label(doc.spec.listener);
+            let listener = listener_label(spec.listener);
             let layers = stack::route_layers(
                 &name,
-                &doc.spec.timeouts,
-                doc.spec.retries.as_ref(),
-                doc.spec.hedging.as_ref(),
+                &spec.timeouts,
+                spec.retries.as_ref(),
+                spec.hedging.as_ref(),
                 metrics,
             );
             let target = |destination: Destination, backend: &str, model: Option<&str>| {
@@ -254,7 +268,7 @@ impl Snapshot {
                         .clone(),
                 }
             };
-            for wb in &doc.spec.backends {
+            for wb in &spec.backends {
                 // The loader has checked every reference; skip rather than panic.
                 let Some(to) = destination(&wb.backend, &layers) else {
                     continue;
@@ -263,8 +277,7 @@ impl Snapshot {
                 cumulative.push(sum);
                 targets.push(target(to, &wb.backend, wb.model.as_deref()));
             }
-            let fallback = doc
-                .spec
+            let fallback = spec
                 .fallback
                 .iter()
                 .filter_map(|link| {
@@ -282,24 +295,23 @@ impl Snapshot {
                     })
                 })
                 .collect();
-            let mirror_to = doc
-                .spec
+            let mirror_to = spec
                 .mirror
                 .as_ref()
                 .and_then(|m| backends.get(&m.backend).cloned());
             let mirrored = mirror_to.is_some();
-            let front = stack::route_front(&name, &doc.spec, mirror_to, metrics);
-            let limits = &doc.spec.rate_limits;
+            let front = stack::route_front(&name, spec, mirror_to, metrics);
+            let limits = &spec.rate_limits;
             let token_limited = limits.iter().any(|l| l.tokens_per_minute.is_some());
             let caller_keyed = limits.iter().any(|l| l.key == RateLimitKey::Caller);
-            let timeouts = &doc.spec.timeouts;
+            let timeouts = &spec.timeouts;
             let local_limit = match (timeouts.first_byte, timeouts.total) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
             let route = Route {
                 name,
-                matchers: doc.spec.matches.iter().map(Matcher::new).collect(),
+                matchers: spec.matches.iter().map(Matcher::new).collect(),
                 targets,
                 cumulative,
                 fallback,
@@ -309,7 +321,7 @@ impl Snapshot {
                 caller_keyed,
                 local_limit,
             };
-            match doc.spec.listener {
+            match spec.listener {
                 ListenerKind::Outbound => outbound.push(route),
                 ListenerKind::Inbound => inbound.push(route),
             }
@@ -429,6 +441,19 @@ impl Snapshot {
         futures_util::future::join_all(self.backends.values().map(|b| b.start_discovery(drain)))
             .await;
     }
+}
+
+/// The route a backend's `addresses` imply: the intercepted requests for
+/// those destinations, to that backend, with a written route's defaults.
+/// Named `addresses:BACKEND` in metrics and logs, a name no written route
+/// can take (route names are DNS-1123 subdomains, without `:`).
+fn implied_route(backend: &str, addresses: &[String]) -> Option<(String, ModelRouteSpec)> {
+    let spec = serde_json::json!({
+        "match": [{ "destination": addresses }],
+        "backends": [{ "backend": backend }],
+    });
+    let spec = serde_json::from_value(spec).ok()?;
+    Some((format!("addresses:{backend}"), spec))
 }
 
 impl Route {

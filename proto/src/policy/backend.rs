@@ -15,6 +15,13 @@ pub struct BackendSpec {
     /// Endpoints as `host:port`; host names are resolved, and re-resolved
     /// every `dnsRefresh`.
     pub endpoints: Vec<String>,
+    /// Original destinations that stand for this backend on intercepted
+    /// traffic: a Service's virtual IP and port, a set of pod IPs (see
+    /// [`DestinationPattern`](super::DestinationPattern) for the forms). A
+    /// redirected request whose original destination is one of them and
+    /// that no route claims goes to this backend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// Protocol spoken to the endpoints.
     #[serde(default)]
     pub protocol: UpstreamProtocol,

@@ -18,6 +18,11 @@ use serde::{Deserialize, Serialize};
 use super::duration;
 use super::selector::WorkloadSelector;
 
+/// The route name under which proxies count intercepted requests that no
+/// route claims, passed through to their original destination; no
+/// `ModelRoute` may take it.
+pub const PASSTHROUGH_ROUTE: &str = "passthrough";
+
 /// Matches requests and sends them to weighted backends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -122,6 +127,13 @@ pub struct RouteMatch {
     /// `model_name` field (KServe gRPC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<StringMatch>,
+    /// Original destinations (any of them) of a connection the pod's
+    /// redirect rules sent to the proxy, as `IP`, `IP:PORT`, `CIDR` or
+    /// `CIDR:PORT` (`[…]` around IPv6 before a port). A request that
+    /// reached the proxy directly has no original destination and does not
+    /// match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination: Vec<String>,
 }
 
 /// Exact or prefix string match, written `{exact: …}` or `{prefix: …}`.

@@ -8,7 +8,7 @@
 //! condition needs a model or host to be known). A route it cannot prove
 //! unreachable is left alone.
 
-use crate::policy::{HeaderMatch, ModelRouteSpec, RouteMatch, StringMatch};
+use crate::policy::{DestinationPattern, HeaderMatch, ModelRouteSpec, RouteMatch, StringMatch};
 
 /// The match entries of a route, an empty list meaning one entry with no
 /// conditions (the route matches everything).
@@ -19,6 +19,7 @@ fn entries(spec: &ModelRouteSpec) -> Vec<&RouteMatch> {
         grpc: None,
         headers: Vec::new(),
         model: None,
+        destination: Vec::new(),
     };
     if spec.matches.is_empty() {
         vec![&ALL]
@@ -64,6 +65,23 @@ pub(super) fn match_covers(a: &RouteMatch, b: &RouteMatch) -> bool {
         && string_covers(a.path.as_ref(), b.path.as_ref())
         && string_covers(a.model.as_ref(), b.model.as_ref())
         && a.headers.iter().all(|h| header_implied(h, &b.headers))
+        && destination_covers(&a.destination, &b.destination)
+}
+
+/// Whether every original destination `b` takes, `a` takes too: `a` has no
+/// condition, or each of `b`'s patterns lies inside one of `a`'s (a
+/// pattern that does not parse is an error of its own and proves nothing).
+fn destination_covers(a: &[String], b: &[String]) -> bool {
+    if a.is_empty() {
+        return true;
+    }
+    let parse = |p: &String| p.parse::<DestinationPattern>().ok();
+    let a: Option<Vec<_>> = a.iter().map(parse).collect();
+    let b: Option<Vec<_>> = b.iter().map(parse).collect();
+    match (a, b) {
+        (Some(a), Some(b)) if !b.is_empty() => b.iter().all(|b| a.iter().any(|a| a.covers(b))),
+        _ => false,
+    }
 }
 
 /// `*.example.com` takes any host ending in `.example.com` with something
@@ -159,10 +177,25 @@ mod tests {
             }),
             headers: vec![header("x-tenant", Some("a"))],
             model: exact("llama"),
+            destination: vec!["10.96.0.10:8000".into()],
         };
         assert!(match_covers(&all, &specific));
         assert!(match_covers(&specific, &specific));
         assert!(!match_covers(&specific, &all));
+    }
+
+    #[test]
+    fn destinations_cover_the_addresses_inside_them() {
+        let to = |d: &[&str]| RouteMatch {
+            destination: d.iter().map(|d| d.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(match_covers(&to(&["10.0.0.0/8"]), &to(&["10.1.2.3:80", "10.9.0.0/16"])));
+        assert!(!match_covers(&to(&["10.0.0.0/8"]), &to(&["10.1.2.3:80", "11.0.0.1"])));
+        assert!(!match_covers(&to(&["10.1.2.3:80"]), &RouteMatch::default()));
+        assert!(match_covers(&RouteMatch::default(), &to(&["10.1.2.3:80"])));
+        // A pattern that does not parse proves nothing.
+        assert!(!match_covers(&to(&["nonsense"]), &to(&["nonsense"])));
     }
 
     #[test]

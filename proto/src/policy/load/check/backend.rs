@@ -3,7 +3,7 @@
 use super::format::endpoint_problem;
 use super::path::{find, P};
 use crate::policy::load::{PolicyError, Typed};
-use crate::policy::{BackendLimits, BackendSpec, OutlierDetection};
+use crate::policy::{BackendLimits, BackendSpec, DestinationPattern, OutlierDetection};
 use P::{I, K};
 
 /// `outlierDetection` bounds: a failure-rate window shorter than a second
@@ -29,6 +29,12 @@ pub(super) fn backend_spec(backend: &Typed<BackendSpec>, errors: &mut Vec<Policy
         if let Some(problem) = endpoint_problem(endpoint) {
             let at = find(tree, &[K("spec"), K("endpoints"), I(i)]).at;
             errors.push(PolicyError::new(file, at, problem));
+        }
+    }
+    for (i, pattern) in spec.addresses.iter().enumerate() {
+        if let Err(problem) = pattern.parse::<DestinationPattern>() {
+            let at = find(tree, &[K("spec"), K("addresses"), I(i)]).at;
+            errors.push(PolicyError::new(file, at, problem.to_string()));
         }
     }
     let problems = spec

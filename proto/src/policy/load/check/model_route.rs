@@ -15,8 +15,8 @@ use super::path::{find, P};
 use super::reference::BackendNames;
 use crate::policy::load::{shadow, Location, PolicyError, Typed};
 use crate::policy::{
-    local_model_name, scope, HedgePolicy, Metadata, MirrorPolicy, ModelRouteSpec, StringMatch,
-    WorkloadSelector,
+    local_model_name, scope, DestinationPattern, HedgePolicy, Metadata, MirrorPolicy,
+    ModelRouteSpec, StringMatch, WorkloadSelector, PASSTHROUGH_ROUTE,
 };
 use P::{Only, I, K};
 
@@ -36,6 +36,12 @@ pub(super) fn route_spec(
     let mut error = |at: Location, message: String| {
         errors.push(PolicyError::new(file, at, message));
     };
+    if name == PASSTHROUGH_ROUTE {
+        error(
+            find(tree, &[K("metadata"), K("name")]).at,
+            format!("the ModelRoute name `{PASSTHROUGH_ROUTE}` is reserved: metrics and logs name intercepted traffic that no route claims so; choose another name"),
+        );
+    }
     let backends_at = find(tree, &[K("spec"), K("backends")]).at;
     let total_weight: u64 = spec.backends.iter().map(|b| u64::from(b.weight)).sum();
     // After errors dropped some items, these would only echo those errors.
@@ -121,6 +127,12 @@ pub(super) fn route_spec(
             if let Some(problem) = header_name_problem(&header.name) {
                 let path = [K("spec"), K("match"), I(i), K("headers"), I(j), K("name")];
                 error(find(tree, &path).at, problem);
+            }
+        }
+        for (j, pattern) in matches.destination.iter().enumerate() {
+            if let Err(problem) = pattern.parse::<DestinationPattern>() {
+                let path = [K("spec"), K("match"), I(i), K("destination"), I(j)];
+                error(find(tree, &path).at, problem.to_string());
             }
         }
         let (how, path) = match &matches.path {

@@ -2,8 +2,10 @@
 # Installs what the tests, the demo and the benchmarks need, and only what is
 # missing, so it is cheap to run again:
 #   - Debian packages: curl, openssl (a TLS peer for the mutual-TLS tests),
-#     nghttp2-client (h2load, for benchmarks), and
-#     python3-venv when no Python at hand can make a venv;
+#     nghttp2-client (h2load, for benchmarks), nftables (nft, which
+#     infermesh-init applies its rules with) and iproute2 (ip, for the
+#     network namespaces of tests/tests/init.rs), and python3-venv when no
+#     Python at hand can make a venv;
 #   - a Python venv at <repo>/.venv with the pinned packages of
 #     tests/python/requirements.txt (openai, grpcio, grpcio-tools,
 #     tritonclient[http,grpc]);
@@ -55,6 +57,10 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 # openssl s_client: a real TLS peer for the mutual-TLS tests.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+# infermesh-init applies its rules with nft; tests/tests/init.rs builds pods
+# out of network namespaces with ip.
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
 # The fallback engine's Vulkan loader and lavapipe (Mesa's Vulkan on the CPU).
 dpkg_has() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 if command -v dpkg-query >/dev/null 2>&1; then

@@ -435,6 +435,15 @@ pub fn proxy_binary() -> PathBuf {
         .clone()
 }
 
+/// The `infermesh-init` binary: `$INFERMESH_INIT_BIN`, or the one next to
+/// this test executable, built with cargo once when it is missing.
+pub fn init_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| find_or_build("infermesh-init", "infermesh-proxy", "INFERMESH_INIT_BIN"))
+        .clone()
+}
+
 /// A binary of the workspace: `$env_override`, or `name` next to this test
 /// executable, built with `cargo build -p package` when it is missing.
 pub(crate) fn find_or_build(name: &str, package: &str, env_override: &str) -> PathBuf {

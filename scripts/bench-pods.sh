@@ -197,9 +197,12 @@ if has_variant intercept && [ ! -x "$BIN/infermesh-init" ]; then
     SKIPPED+=("intercept: skipped: needs infermesh-init")
     VARIANTS=$(tr ' ' '\n' <<<"$VARIANTS" | grep -vx intercept | tr '\n' ' ')
 fi
-# intercept_policy: the app pod's route for the model pod's own address:
-# traffic to MODEL_IP:8000 goes there over mutual TLS (the model pod's
-# inbound rules hand it to its sidecar, which delivers it to 127.0.0.1:8000).
+# intercept_policy: the app pod's traffic to the model pod's own address
+# (MODEL_IP:8000, which its sidecar sees as the original destination) goes
+# there over mutual TLS; the model pod's inbound rules hand it to its
+# sidecar, which has no inbound route and delivers it to 127.0.0.1:8000.
+# The route names the backend so that the control plane sends the backend
+# to the app pod's proxy (a backend reaches a proxy when a route names it).
 intercept_policy() {
     cat <<EOF
 apiVersion: infermesh.io/v1alpha1
@@ -212,8 +215,10 @@ spec:
 ---
 apiVersion: infermesh.io/v1alpha1
 kind: ModelRoute
-metadata: {name: outbound, namespace: pods-app}
-spec: {backends: [{backend: model-pod-ip}]}
+metadata: {name: to-model-pod, namespace: pods-app}
+spec:
+  match: [{destination: ["$MODEL_IP:8000"]}]
+  backends: [{backend: model-pod-ip}]
 EOF
 }
 

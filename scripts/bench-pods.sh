@@ -414,6 +414,12 @@ for v in $VARIANTS; do
         check "$v"
         intercept_rules --clean
         INTERCEPT_RULES=0
+        # It went through both sidecars, over mutual TLS.
+        "${APP[@]}" curl -sf "http://$icpt_app_ADMIN/metrics" | grep -q 'route="to-model-pod"' ||
+            die "intercept: the app pod's sidecar did not route the request"
+        "${MODEL[@]}" curl -sf "http://$icpt_model_ADMIN/metrics" |
+            grep -q 'inbound_mtls_connections_total{caller="spiffe://cluster.local/ns/pods-app/sa/client"' ||
+            die "intercept: the model pod's sidecar saw no mTLS connection from the app pod's"
     else
         check "$v"
     fi

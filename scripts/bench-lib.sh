@@ -5,6 +5,7 @@
 # and CPU accounting from /proc. Source it after setting BENCH_TAG (the log
 # prefix); it defines functions and BENCH_LIB_DIR only.
 
+# shellcheck disable=SC2034 # for the scripts that source this file
 BENCH_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 log() { printf '[%s] %s\n' "${BENCH_TAG:-bench}" "$*" >&2; }
@@ -26,8 +27,8 @@ spawn() { local cpu=$1; shift; if [ -n "$cpu" ]; then exec taskset -c "$cpu" "$@
 # wait_line FILE PATTERN PID: waits (20 s at most) for a line matching
 # PATTERN in FILE and prints it; fails when PID exits first.
 wait_line() {
-    local i
-    for i in $(seq 1 400); do
+    local _
+    for _ in $(seq 1 400); do
         if grep -m1 "$2" "$1" 2>/dev/null; then return 0; fi
         kill -0 "$3" 2>/dev/null || { cat "$1" "$1.err" >&2 2>/dev/null; return 1; }
         sleep 0.05
@@ -39,9 +40,9 @@ field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p"; }
 # wait_ready ADMIN [WRAPPER...]: waits for the proxy's /ready, running curl
 # under WRAPPER (e.g. `ip netns exec NS`) when given.
 wait_ready() {
-    local admin=$1 i
+    local admin=$1 _
     shift
-    for i in $(seq 1 400); do
+    for _ in $(seq 1 400); do
         if "$@" curl -sf "http://$admin/ready" >/dev/null 2>&1; then return 0; fi
         sleep 0.05
     done
@@ -65,6 +66,7 @@ cpu_ticks() {
 }
 
 # The request every latency run sends: an OpenAI chat completion, JSON POST.
+# shellcheck disable=SC2034 # for the scripts that source this file
 BENCH_PATH=/v1/chat/completions
 bench_body() { # bench_body FILE
     printf '{"model":"bench","messages":[{"role":"user","content":"hi"}],"stream":false}' >"$1"

@@ -13,6 +13,8 @@
 # CPU 1 (one worker thread each); the upstream and the load generator share
 # CPU 0. Numbers come from a 2-core machine shared with other work: compare
 # the ratios within one run.
+# The NAME_OUT, NAME_ADMIN and NAME_PID variables are set through printf -v.
+# shellcheck disable=SC2154
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,7 +47,7 @@ mkdir -p "$OUT/raw" "$OUT/mesh/policies" "$OUT/plain"
 if [ "$(nproc)" -ge 2 ]; then
     UP_CPU=0 PROXY_CPU=1 LOAD_CPU=0
 else
-    UP_CPU= PROXY_CPU= LOAD_CPU=
+    UP_CPU='' PROXY_CPU='' LOAD_CPU=''
 fi
 PIDS=()
 cleanup() {

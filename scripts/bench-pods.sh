@@ -44,6 +44,8 @@
 # the pair's CPU time (user + system, /proc/PID/stat, both processes and
 # their children) is read around each measured run and divided by the
 # requests it completed. Writes OUT/results.json and a markdown table.
+# The NAME_PID and NAME_ADMIN variables are set through printf -v.
+# shellcheck disable=SC2154
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -469,4 +471,5 @@ done
 
 # --- report --------------------------------------------------------------------------------
 printf '%s\n' "${SKIPPED[@]}" >"$OUT/raw/skipped.txt"
+# shellcheck disable=SC2086 # one argument per variant
 python3 "$BENCH_LIB_DIR/bench_pods_report.py" "$OUT" "$REPS" "$RATE" "$MAX_CONNS" $VARIANTS

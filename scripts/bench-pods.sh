@@ -18,6 +18,9 @@
 #   BENCH_SUBNET    the pods' /24, first three octets (10.231.0)
 #   BENCH_BUILD     1: build the release binaries first; 0: use target/release as it is (1)
 #   BENCH_OUT       where results go (target/bench-pods)
+#   BENCH_INTERCEPT_INBOUND_ROUTE  1: the intercepted pair's model sidecar
+#                   gets an inbound route to 127.0.0.1:8000 instead of
+#                   delivering through the passthrough (0)
 #
 # The pods: namespaces imb-PID-node (a bridge, SUBNET.1, and the control
 # plane), imb-PID-app (SUBNET.2: the load generator, h2load) and imb-PID-model
@@ -58,6 +61,7 @@ VARIANTS=${BENCH_VARIANTS:-direct plain mtls nginx intercept}
 SUBNET=${BENCH_SUBNET:-10.231.0}
 BUILD=${BENCH_BUILD:-1}
 OUT=${BENCH_OUT:-$ROOT/target/bench-pods}
+INTERCEPT_INBOUND_ROUTE=${BENCH_INTERCEPT_INBOUND_ROUTE:-0}
 PROXY_UID=2102
 
 BENCH_TAG=bench-pods
@@ -222,6 +226,15 @@ spec:
   match: [{destination: ["$MODEL_IP:8000"]}]
   backends: [{backend: model-pod-ip}]
 EOF
+    if [ "$INTERCEPT_INBOUND_ROUTE" = 1 ]; then
+        cat <<EOF
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {name: inbound-pods, namespace: pods-model}
+spec: {listener: inbound, backends: [{backend: local-model}]}
+EOF
+    fi
 }
 
 # --- the control plane and the mTLS pair ------------------------------------------

@@ -13,6 +13,8 @@
 # CPU 1 (one worker thread each); the upstream and the load generator share
 # CPU 0. Numbers come from a 2-core machine shared with other work: compare
 # the ratios within one run.
+# The NAME_OUT, NAME_ADMIN and NAME_PID variables are set through printf -v.
+# shellcheck disable=SC2154
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,15 +31,9 @@ while [ $# -gt 0 ]; do
 done
 WARMUP=2
 
-log() { printf '[bench-mtls] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-need() { # need COMMAND DEBIAN-PACKAGE
-    command -v "$1" >/dev/null 2>&1 && return 0
-    log "installing $2"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2"
-}
+BENCH_TAG=bench-mtls
+# shellcheck source=scripts/bench-lib.sh
+. "$ROOT/scripts/bench-lib.sh"
 need h2load nghttp2-client
 need openssl openssl
 need python3 python3
@@ -51,11 +47,8 @@ mkdir -p "$OUT/raw" "$OUT/mesh/policies" "$OUT/plain"
 if [ "$(nproc)" -ge 2 ]; then
     UP_CPU=0 PROXY_CPU=1 LOAD_CPU=0
 else
-    UP_CPU= PROXY_CPU= LOAD_CPU=
+    UP_CPU='' PROXY_CPU='' LOAD_CPU=''
 fi
-on() { local cpu=$1; shift; if [ -n "$cpu" ]; then taskset -c "$cpu" "$@"; else "$@"; fi; }
-spawn() { local cpu=$1; shift; if [ -n "$cpu" ]; then exec taskset -c "$cpu" "$@"; else exec "$@"; fi; }
-
 PIDS=()
 cleanup() {
     local pid
@@ -63,31 +56,9 @@ cleanup() {
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-wait_line() { # wait_line FILE PATTERN PID
-    local i
-    for i in $(seq 1 400); do
-        if grep -m1 "$2" "$1" 2>/dev/null; then return 0; fi
-        kill -0 "$3" 2>/dev/null || { cat "$1" "$1.err" >&2 2>/dev/null; return 1; }
-        sleep 0.05
-    done
-    return 1
-}
-field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p"; }
-wait_ready() { # wait_ready ADMIN
-    local i
-    for i in $(seq 1 400); do
-        if curl -sf "http://$1/ready" >/dev/null 2>&1; then return 0; fi
-        sleep 0.05
-    done
-    curl -s "http://$1/ready" >&2 || true
-    return 1
-}
 
 # --- upstream ----------------------------------------------------------------
-spawn "$UP_CPU" "$BIN/infermesh-bench-upstream" --addr 127.0.0.1:0 --threads 1 \
-    >"$OUT/upstream.out" 2>"$OUT/upstream.out.err" &
-PIDS+=("$!")
-UP=$(wait_line "$OUT/upstream.out" '^listening' "$!" | field addr) || die "the upstream did not start"
+start_upstream UP "$UP_CPU" "$OUT/upstream.out" 127.0.0.1:0 || die "the upstream did not start"
 log "upstream on $UP"
 
 # proxy NAME ARGS...: starts a proxy pinned to the proxy CPU with one worker;
@@ -106,7 +77,6 @@ proxy() {
     printf -v "${name}_ADMIN" '%s' "$(echo "$line" | field admin)"
     printf -v "${name}_PID" '%s' "$pid"
 }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # --- the plaintext pair --------------------------------------------------------
 PLAIN_IN=127.0.0.1:$(free_port)
@@ -162,44 +132,33 @@ kind: ModelRoute
 metadata: {name: outbound, namespace: apps}
 spec: {backends: [{backend: server}]}
 EOF
-printf 'models/server bench-token-models-server-0123\napps/client bench-token-apps-client-0123\n' >"$OUT/mesh/tokens"
-echo bench-token-models-server-0123 >"$OUT/mesh/server.token"
-echo bench-token-apps-client-0123 >"$OUT/mesh/client.token"
-spawn "$UP_CPU" "$BIN/infermesh-control" serve --policies "$OUT/mesh/policies" \
-    --listen 127.0.0.1:0 --admin 127.0.0.1:0 --ca-dir "$OUT/mesh/ca" \
-    --bootstrap-tokens "$OUT/mesh/tokens" >"$OUT/control.out" 2>"$OUT/control.out.err" &
-PIDS+=("$!")
-CP=$(wait_line "$OUT/control.out" '^listening' "$!" | field grpc) || die "the control plane did not start"
+mesh_tokens "$OUT/mesh" models/server apps/client
+start_control CP "$UP_CPU" "$OUT/control.out" "$OUT/mesh/policies" "$OUT/mesh/ca" "$OUT/mesh/tokens" 127.0.0.1:0 ||
+    die "the control plane did not start"
 mesh_args=(--control-plane "https://$CP" --trust-bundle "$OUT/mesh/ca/ca.crt")
-proxy mtls_server "${mesh_args[@]}" --inbound "$MTLS_IN" --identity-token-file "$OUT/mesh/server.token" \
+proxy mtls_server "${mesh_args[@]}" --inbound "$MTLS_IN" --identity-token-file "$OUT/mesh/models-server.token" \
     --workload-namespace models --service-account server
-proxy mtls_client "${mesh_args[@]}" --inbound 127.0.0.1:0 --identity-token-file "$OUT/mesh/client.token" \
+proxy mtls_client "${mesh_args[@]}" --inbound 127.0.0.1:0 --identity-token-file "$OUT/mesh/apps-client.token" \
     --workload-namespace apps --service-account client
 wait_ready "$mtls_server_ADMIN" || die "the mTLS server proxy is not ready"
 wait_ready "$mtls_client_ADMIN" || die "the mTLS client proxy is not ready"
 log "mTLS pair: client $mtls_client_OUT -> server $MTLS_IN (control plane $CP)"
 
 # A client certificate for the handshake figure, signed by the mesh CA.
-openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /O=bench \
-    -keyout "$OUT/mesh/probe.key" -out "$OUT/mesh/probe.csr" \
-    -addext "subjectAltName=URI:spiffe://cluster.local/ns/bench/sa/probe" 2>/dev/null
-openssl x509 -req -in "$OUT/mesh/probe.csr" -CA "$OUT/mesh/ca/ca.crt" -CAkey "$OUT/mesh/ca/ca.key" \
-    -CAcreateserial -days 1 -copy_extensions copyall -out "$OUT/mesh/probe.crt" 2>/dev/null
+make_cert "$OUT/mesh/ca/ca.crt" "$OUT/mesh/ca/ca.key" "$OUT/mesh/probe" URI:spiffe://cluster.local/ns/bench/sa/probe
 
 # --- load ----------------------------------------------------------------------
-printf '{"model":"bench","messages":[{"role":"user","content":"hi"}],"stream":false}' >"$OUT/body.json"
+bench_body "$OUT/body.json"
 declare -A URL=([direct]="$UP" [plain]="$plain_client_OUT" [mtls]="$mtls_client_OUT")
 for t in direct plain mtls; do
     curl -sf -o /dev/null -H 'content-type: application/json' --data @"$OUT/body.json" \
         "http://${URL[$t]}/v1/chat/completions" || die "$t does not answer"
 done
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for r in $(seq 1 "$REPS"); do
     for t in direct plain mtls; do
         log "rep $r/$REPS: $t at 1,000 req/s for ${SECS}s"
-        on "$LOAD_CPU" h2load --h1 -c 10 -m 1 --rps 100 -D "$SECS" --warm-up-time="$WARMUP" \
-            -d "$OUT/body.json" -H 'content-type: application/json' \
-            --log-file="$OUT/raw/lat.$t.$r.log" "http://${URL[$t]}/v1/chat/completions" \
+        h1_load "$LOAD_CPU" "$OUT/body.json" "$OUT/raw/lat.$t.$r.log" "http://${URL[$t]}$BENCH_PATH" \
+            -c 10 --rps 100 -D "$SECS" --warm-up-time="$WARMUP" \
             >"$OUT/raw/lat.$t.$r.out" 2>&1 || true
     done
     log "rep $r/$REPS: mTLS handshakes for ${SECS}s"

@@ -5,7 +5,6 @@
 //! [`ProxyError`], which the proxy turns into the client's error response at
 //! the edge of the stack.
 
-pub mod authz;
 pub mod backoff;
 pub mod body;
 pub mod error;

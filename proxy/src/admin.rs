@@ -249,8 +249,13 @@ async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
         }
     };
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // Out of file descriptors, most likely: wait rather than spin.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let admin = admin.clone();
         tokio::spawn(async move {

@@ -309,7 +309,9 @@ impl ControlPlane {
                     identity.wait_certified().await;
                 }
                 let tls = identity.client_config(control_plane_id.clone());
-                crate::identity::connect(&self.settings.url, tls).await
+                crate::identity::connect(&self.settings.url, tls)
+                    .await
+                    .map_err(|error| error.to_string())
             }
             None => self.endpoint.connect().await.map_err(|error| {
                 format!(
@@ -703,9 +705,9 @@ spec:
         );
         Arc::new(Inputs {
             snapshot: ArcSwap::from_pointee(snapshot),
+            passthrough: crate::passthrough::Passthrough::new(&metrics),
             metrics,
             identity: None,
-            passthrough: Default::default(),
         })
     }
 

@@ -40,6 +40,115 @@ use tokio::sync::watch;
 
 use crate::refusal::Reason;
 
+/// Why the mesh identity could not be set up, or a certificate obtained.
+/// The messages read as the proxy's log and `/config` show them.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// The trust bundle file cannot be read as PEM certificates.
+    #[error("{}: {source}", path.display())]
+    BundleFile {
+        /// The `--trust-bundle` file.
+        path: PathBuf,
+        /// What the PEM reader said.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The trust bundle's certificates are no usable roots.
+    #[error("{}: {source}", path.display())]
+    Bundle {
+        /// The `--trust-bundle` file.
+        path: PathBuf,
+        /// What is wrong with its roots.
+        #[source]
+        source: Box<CredentialError>,
+    },
+    /// A root the store refuses.
+    #[error("unusable trust anchor: {0}")]
+    Anchor(#[source] TlsError),
+    /// No roots at all.
+    #[error("no trust anchors")]
+    NoAnchors,
+    /// The roots do not make a verifier.
+    #[error("cannot verify {role} with these roots: {source}")]
+    Verifier {
+        /// `servers` or `clients`.
+        role: &'static str,
+        /// What rustls said.
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    /// The bootstrap token file cannot be read.
+    #[error("cannot read the bootstrap token {}: {source}", path.display())]
+    Token {
+        /// The `--identity-token-file`.
+        path: PathBuf,
+        /// What reading it said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token cannot be sent in a header.
+    #[error("the bootstrap token has characters a header cannot carry")]
+    TokenHeader,
+    /// No key pair could be generated.
+    #[error("cannot generate a key: {0}")]
+    KeyGen(#[source] rcgen::Error),
+    /// The identity cannot be a certificate's URI name.
+    #[error("identity is not ASCII: {0}")]
+    NotAscii(#[source] rcgen::Error),
+    /// The certificate request cannot be built.
+    #[error("cannot build the CSR: {0}")]
+    Csr(#[source] rcgen::Error),
+    /// The control plane cannot be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The CA took longer than the request's limit.
+    #[error("the CA did not answer in time")]
+    Timeout,
+    /// The CA refused the request.
+    #[error("the CA refused: {:?}: {}", .0.code(), .0.message())]
+    Refused(#[source] tonic::Status),
+    /// The CA's answer holds no certificate.
+    #[error("the CA answered with no certificate")]
+    NoCertificate,
+    /// The issued certificate carries no SPIFFE ID.
+    #[error("{0}")]
+    NotSpiffe(#[source] infermesh_proto::spiffe::IdentityError),
+    /// The issued certificate is for someone else.
+    #[error("the CA issued a certificate for {got}, not {wanted}")]
+    WrongIdentity {
+        /// The identity in the certificate.
+        got: Box<SpiffeId>,
+        /// This proxy's identity.
+        wanted: Box<SpiffeId>,
+    },
+    /// The generated key cannot sign.
+    #[error("unusable key: {0}")]
+    Key(#[source] TlsError),
+}
+
+/// Why a gRPC channel to the control plane could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL does not parse.
+    #[error("invalid control-plane URL {url:?}: {source}")]
+    Url {
+        /// The `--control-plane` URL.
+        url: String,
+        /// What tonic said.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// Connecting (TCP, TLS, HTTP/2) failed.
+    #[error("cannot connect to {url}: {}", crate::error::error_chain(source))]
+    Connect {
+        /// The `--control-plane` URL.
+        url: String,
+        /// What the connection attempt said.
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
 /// ALPN identifiers.
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN identifier of HTTP/1.1.
@@ -103,23 +212,27 @@ impl Trust {
     fn new(
         anchors: &[CertificateDer<'static>],
         provider: &Arc<CryptoProvider>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, CredentialError> {
         let mut roots = RootCertStore::empty();
         for anchor in anchors {
-            roots
-                .add(anchor.clone())
-                .map_err(|e| format!("unusable trust anchor: {e}"))?;
+            roots.add(anchor.clone()).map_err(CredentialError::Anchor)?;
         }
         if roots.is_empty() {
-            return Err("no trust anchors".into());
+            return Err(CredentialError::NoAnchors);
         }
         let roots = Arc::new(roots);
         let servers = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
-            .map_err(|e| format!("cannot verify servers with these roots: {e}"))?;
+            .map_err(|source| CredentialError::Verifier {
+                role: "servers",
+                source,
+            })?;
         let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
-            .map_err(|e| format!("cannot verify clients with these roots: {e}"))?;
+            .map_err(|source| CredentialError::Verifier {
+                role: "clients",
+                source,
+            })?;
         Ok(Self {
             roots,
             servers,
@@ -162,16 +275,25 @@ impl fmt::Debug for Identity {
 impl Identity {
     /// An identity with no certificate yet, trusting the roots in
     /// `trust_bundle` (PEM).
-    pub fn new(id: SpiffeId, trust_bundle: &std::path::Path) -> Result<Arc<Self>, String> {
+    pub fn new(id: SpiffeId, trust_bundle: &std::path::Path) -> Result<Arc<Self>, CredentialError> {
         use rustls::pki_types::pem::PemObject;
         let anchors: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(trust_bundle)
             .and_then(|certs| certs.collect::<Result<_, _>>())
-            .map_err(|e| format!("{}: {e}", trust_bundle.display()))?;
-        Self::trusting(id, &anchors).map_err(|e| format!("{}: {e}", trust_bundle.display()))
+            .map_err(|source| CredentialError::BundleFile {
+                path: trust_bundle.to_owned(),
+                source,
+            })?;
+        Self::trusting(id, &anchors).map_err(|source| CredentialError::Bundle {
+            path: trust_bundle.to_owned(),
+            source: Box::new(source),
+        })
     }
 
     /// An identity with no certificate yet, trusting `anchors`.
-    fn trusting(id: SpiffeId, anchors: &[CertificateDer<'static>]) -> Result<Arc<Self>, String> {
+    fn trusting(
+        id: SpiffeId,
+        anchors: &[CertificateDer<'static>],
+    ) -> Result<Arc<Self>, CredentialError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let trust = Trust::new(anchors, &provider)?;
         Ok(Arc::new(Self {
@@ -213,14 +335,14 @@ impl Identity {
         chain: Vec<CertificateDer<'static>>,
         anchors: &[CertificateDer<'static>],
         not_after: SystemTime,
-    ) -> Result<(), String> {
-        let leaf = chain.first().ok_or("the CA answered with no certificate")?;
-        let got = SpiffeId::from_certificate(leaf).map_err(|e| e.to_string())?;
+    ) -> Result<(), CredentialError> {
+        let leaf = chain.first().ok_or(CredentialError::NoCertificate)?;
+        let got = SpiffeId::from_certificate(leaf).map_err(CredentialError::NotSpiffe)?;
         if got != self.id {
-            return Err(format!(
-                "the CA issued a certificate for {got}, not {}",
-                self.id
-            ));
+            return Err(CredentialError::WrongIdentity {
+                got: Box::new(got),
+                wanted: Box::new(self.id.clone()),
+            });
         }
         if !anchors.is_empty() {
             self.trust
@@ -230,7 +352,7 @@ impl Identity {
             .provider
             .key_provider
             .load_private_key(key)
-            .map_err(|e| format!("unusable key: {e}"))?;
+            .map_err(CredentialError::Key)?;
         self.key
             .store(Some(Arc::new(CertifiedKey::new(chain, signing))));
         let mut status = self.status.lock();
@@ -309,7 +431,7 @@ impl Identity {
                         .and_then(|t| t.duration_since(SystemTime::now()).ok());
                     let pause = next_retry_pause(&mut retries, left);
                     tracing::warn!(identity = %self.id, %error, retry_in_ms = pause.as_millis() as u64, "cannot obtain a mesh certificate");
-                    self.status.lock().last_error = Some(error);
+                    self.status.lock().last_error = Some(error.to_string());
                     tokio::time::sleep(pause).await;
                 }
             }
@@ -321,25 +443,25 @@ impl Identity {
         &self,
         settings: &IdentitySettings,
         tls: &Arc<ClientConfig>,
-    ) -> Result<(SystemTime, Duration), String> {
-        let token = std::fs::read_to_string(&settings.token_file).map_err(|e| {
-            format!(
-                "cannot read the bootstrap token {}: {e}",
-                settings.token_file.display()
-            )
+    ) -> Result<(SystemTime, Duration), CredentialError> {
+        let token = std::fs::read_to_string(&settings.token_file).map_err(|source| {
+            CredentialError::Token {
+                path: settings.token_file.clone(),
+                source,
+            }
         })?;
         let token = token.trim();
-        let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
+        let key = rcgen::KeyPair::generate().map_err(CredentialError::KeyGen)?;
         let mut params = rcgen::CertificateParams::default();
         let uri = self
             .id
             .to_string()
             .try_into()
-            .map_err(|e| format!("identity is not ASCII: {e}"))?;
+            .map_err(CredentialError::NotAscii)?;
         params.subject_alt_names.push(rcgen::SanType::URI(uri));
         let csr = params
             .serialize_request(&key)
-            .map_err(|e| format!("cannot build the CSR: {e}"))?;
+            .map_err(CredentialError::Csr)?;
         let channel = connect(&settings.control_plane, tls.clone()).await?;
         let mut client = IdentityClient::new(channel);
         let mut request = tonic::Request::new(CertifyRequest {
@@ -349,13 +471,13 @@ impl Identity {
         });
         let bearer = format!("Bearer {token}")
             .parse()
-            .map_err(|_| "the bootstrap token has characters a header cannot carry".to_string())?;
+            .map_err(|_| CredentialError::TokenHeader)?;
         request.metadata_mut().insert("authorization", bearer);
         request.set_timeout(CERTIFY_TIMEOUT);
         let response = tokio::time::timeout(CERTIFY_TIMEOUT, client.certify(request))
             .await
-            .map_err(|_| "the CA did not answer in time".to_string())?
-            .map_err(|status| format!("the CA refused: {:?}: {}", status.code(), status.message()))?
+            .map_err(|_| CredentialError::Timeout)?
+            .map_err(CredentialError::Refused)?
             .into_inner();
         let not_after = UNIX_EPOCH + Duration::from_secs(response.not_after.max(0) as u64);
         let issued = SystemTime::now();
@@ -394,7 +516,7 @@ fn unix(t: SystemTime) -> u64 {
 pub async fn connect(
     url: &str,
     tls: Arc<ClientConfig>,
-) -> Result<tonic::transport::Channel, String> {
+) -> Result<tonic::transport::Channel, ConnectError> {
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((*tls).clone())
         .https_only()
@@ -407,13 +529,19 @@ pub async fn connect(
             http
         });
     tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("invalid control-plane URL {url:?}: {e}"))?
+        .map_err(|source| ConnectError::Url {
+            url: url.to_owned(),
+            source,
+        })?
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| format!("cannot connect to {url}: {}", crate::error::error_chain(&e)))
+        .map_err(|source| ConnectError::Connect {
+            url: url.to_owned(),
+            source,
+        })
 }
 
 /// A failed handshake's reason for the log: rustls's own message, or ours

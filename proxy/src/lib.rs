@@ -2,6 +2,7 @@
 //! classification, routing, balancing, connection pools and the admin server.
 
 pub mod admin;
+pub mod authz;
 pub mod backend;
 pub mod balance;
 pub mod body;

@@ -245,8 +245,8 @@ async fn serve_connection(
     };
     // Server-speaks-first protocols say nothing to detect: copy them at once.
     // Outbound only: inbound, mutual TLS (when strict) comes first.
-    let opaque = redirected
-        .filter(|r| kind == ListenerKind::Outbound && interception.opaque(r.original));
+    let opaque =
+        redirected.filter(|r| kind == ListenerKind::Outbound && interception.opaque(r.original));
     if let Some(redirected) = opaque {
         Box::pin(opaque::pass_through(
             stream,

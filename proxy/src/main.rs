@@ -13,7 +13,7 @@ use infermesh_proto::policy::{self, ListenerKind, PolicySet, Workload};
 use infermesh_proto::spiffe::{IdentityError, SpiffeId};
 use infermesh_proxy::admin::{self, Admin};
 use infermesh_proxy::control::{self, ControlError, ControlPlane, Node, PolicyCache};
-use infermesh_proxy::identity::{Identity, IdentitySettings};
+use infermesh_proxy::identity::{CredentialError, Identity, IdentitySettings};
 use infermesh_proxy::inputs::Inputs;
 use infermesh_proxy::listener::Listener;
 use infermesh_proxy::metrics::{listener_label, Metrics};
@@ -331,9 +331,9 @@ fn init_logging() {
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 enum StartError {
-    /// The mesh identity could not be set up (its module reports a message).
+    /// The mesh identity could not be set up.
     #[error("{0}")]
-    Identity(String),
+    Identity(#[source] CredentialError),
     /// `--control-plane` is unusable.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -401,9 +401,9 @@ async fn run(
     }
     let inputs = Arc::new(Inputs {
         snapshot: ArcSwap::from_pointee(snapshot),
+        passthrough: Passthrough::new(&metrics),
         metrics,
         identity: mesh,
-        passthrough: Passthrough::new(),
     });
     let control = match &args.control_plane {
         Some(url) => {

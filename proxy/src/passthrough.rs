@@ -14,10 +14,15 @@ use std::time::Duration;
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use infermesh_filters::{BoxBody, ProxyError};
-use infermesh_proto::policy::UpstreamProtocol;
+use infermesh_proto::policy::{ListenerKind, UpstreamProtocol, PASSTHROUGH_ROUTE};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::body::ProxyBody;
 use crate::forward::{prepare_upstream_request, strip_hop_by_hop};
+use crate::metrics::{
+    listener_label, Metrics, Name, PassthroughLabels, RequestLabels, RouteLabels,
+};
 use crate::pool::{self, UpstreamClient};
 
 /// How long connecting to a passthrough destination may take.
@@ -30,20 +35,83 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Passthrough {
     http1: UpstreamClient,
     http2: UpstreamClient,
+    /// The metric handles of each listener's passed-through requests, by
+    /// [`ListenerKind`] (outbound, inbound), resolved once.
+    counted: [Counted; 2],
 }
 
-impl Default for Passthrough {
-    fn default() -> Self {
-        Self::new()
+/// The metric handles a passed-through request updates.
+#[derive(Debug, Clone)]
+pub struct Counted {
+    /// `passthrough`, the `route` label.
+    pub route: Name,
+    /// Its duration histogram.
+    pub duration: Histogram,
+    /// `requests_total` with status 200.
+    pub ok: Counter,
+    /// `passthrough_total{protocol="http", outcome="forwarded"}`.
+    pub forwarded: Counter,
+    /// `passthrough_total{protocol="http", outcome="failed"}`.
+    pub failed: Counter,
+}
+
+impl Counted {
+    fn new(metrics: &Metrics, kind: ListenerKind) -> Self {
+        let listener = listener_label(kind);
+        let route = Name::new(PASSTHROUGH_ROUTE);
+        let outcome = |outcome| {
+            metrics
+                .passthrough
+                .get_or_create(&PassthroughLabels {
+                    listener,
+                    protocol: "http",
+                    outcome,
+                })
+                .clone()
+        };
+        Self {
+            duration: metrics
+                .duration
+                .get_or_create(&RouteLabels {
+                    route: route.clone(),
+                    backend: Name::default(),
+                })
+                .clone(),
+            ok: metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    listener,
+                    route: route.clone(),
+                    backend: Name::default(),
+                    status: 200,
+                    grpc_status: "",
+                })
+                .clone(),
+            forwarded: outcome("forwarded"),
+            failed: outcome("failed"),
+            route,
+        }
     }
 }
 
 impl Passthrough {
-    /// Empty pools.
-    pub fn new() -> Self {
+    /// Empty pools, counting into `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
         Self {
             http1: pool::client(UpstreamProtocol::Http1, CONNECT_TIMEOUT, None),
             http2: pool::client(UpstreamProtocol::Http2, CONNECT_TIMEOUT, None),
+            counted: [
+                Counted::new(metrics, ListenerKind::Outbound),
+                Counted::new(metrics, ListenerKind::Inbound),
+            ],
+        }
+    }
+
+    /// The metric handles of requests passed through on `kind`.
+    pub fn counted(&self, kind: ListenerKind) -> &Counted {
+        match kind {
+            ListenerKind::Outbound => &self.counted[0],
+            ListenerKind::Inbound => &self.counted[1],
         }
     }
 

@@ -18,20 +18,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::authz::{Authorizer, AuthzRequest};
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use infermesh_filters::authz::{Authorizer, AuthzRequest};
 use infermesh_filters::body::{Ended, Watch, Watched};
 use infermesh_filters::error::ErrorShape;
 use infermesh_filters::grpc::is_grpc;
 use infermesh_filters::mirror::BodyCopy;
 use infermesh_filters::rate_limit::{CallerKey, TokenEstimate};
 use infermesh_filters::{BoxBody, ProxyError};
-use infermesh_proto::policy::{ListenerKind, PASSTHROUGH_ROUTE};
+use infermesh_proto::policy::ListenerKind;
 use infermesh_proto::spiffe::SpiffeId;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -44,10 +44,7 @@ use crate::classify::{self, ApiKind, HeadClass};
 use crate::identity::InboundConn;
 use crate::inputs::Inputs;
 use crate::local;
-use crate::metrics::{
-    grpc_status_label, grpc_status_of, listener_label, Name, PassthroughLabels, RequestLabels,
-    RouteLabels,
-};
+use crate::metrics::{grpc_status_label, grpc_status_of, listener_label, Name, RequestLabels};
 use crate::prefix::{
     complete_prefix, read_classified, rewrite_model, BodyState, Classified, Prefix, Scanned,
 };
@@ -538,37 +535,17 @@ async fn pass_through(
         .passthrough
         .send(redirected.passthrough, Request::from_parts(parts, body))
         .await;
-    let outcome = if sent.is_ok() { "forwarded" } else { "failed" };
-    inputs
-        .metrics
-        .passthrough
-        .get_or_create(&PassthroughLabels {
-            listener: listener_name,
-            protocol: "http",
-            outcome,
-        })
-        .inc();
-    let response = sent?;
-    let route = Name::new(PASSTHROUGH_ROUTE);
-    let backend = Name::default();
-    let metrics = &inputs.metrics;
-    let duration = metrics.duration.get_or_create(&RouteLabels {
-        route: route.clone(),
-        backend: backend.clone(),
-    });
-    let ok = metrics.requests.get_or_create(&RequestLabels {
-        listener: listener_name,
-        route: route.clone(),
-        backend: backend.clone(),
-        status: 200,
-        grpc_status: "",
-    });
+    let counted = inputs.passthrough.counted(listener);
+    match &sent {
+        Ok(_) => counted.forwarded.inc(),
+        Err(_) => counted.failed.inc(),
+    };
     Ok(Routed {
-        response,
-        route,
-        backend,
-        duration: duration.clone(),
-        ok: ok.clone(),
+        response: sent?,
+        route: counted.route.clone(),
+        backend: Name::default(),
+        duration: counted.duration.clone(),
+        ok: counted.ok.clone(),
     })
 }
 

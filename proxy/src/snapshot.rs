@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use infermesh_filters::authz::Authorizer;
+use crate::authz::Authorizer;
 use infermesh_proto::policy::{
     local_model_name, ClassifySettings, ListenerKind, ModelRouteSpec, MtlsMode, PolicySet,
     RateLimitKey,

@@ -18,6 +18,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Scrapes `proxy`'s admin `/metrics` (which must answer 200).
+    pub async fn scrape(proxy: &crate::ProxyProcess) -> Self {
+        let reply = crate::HttpClient::http1()
+            .get(&format!("{}/metrics", proxy.admin_url()))
+            .await;
+        assert_eq!(reply.status, 200, "GET /metrics: {}", reply.text());
+        Self::parse(&reply.text())
+    }
+
     /// Parses Prometheus (or OpenMetrics) text; panics on a line it cannot read.
     pub fn parse(text: &str) -> Self {
         let samples = text

@@ -62,13 +62,6 @@ fn two_model_body(pad: usize) -> String {
     )
 }
 
-async fn metrics(proxy: &ProxyProcess) -> Metrics {
-    let reply = HttpClient::http1()
-        .get(&format!("{}/metrics", proxy.admin_url()))
-        .await;
-    Metrics::parse(&reply.text())
-}
-
 /// The JSON error body of a raw HTTP/1.1 reply: its `error.type`.
 fn error_type(reply: &str) -> String {
     let body = reply.split("\r\n\r\n").nth(1).unwrap_or_default();
@@ -214,7 +207,7 @@ async fn a_broken_upload_is_the_clients_fault_and_never_ejects_the_endpoint() {
         }
     }
     // Six failed uploads, three consecutive failures eject: none counted.
-    let after = metrics(&proxy).await;
+    let after = Metrics::scrape(&proxy).await;
     assert_eq!(
         after.sum("infermesh_outlier_ejections_total", &[]),
         0.0,
@@ -324,7 +317,7 @@ async fn a_trickled_body_is_cut_by_its_limits() {
     let reply = String::from_utf8_lossy(&reply).into_owned();
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
     assert!(reply.contains("stalled"), "{reply:?}");
-    let after = metrics(&proxy).await;
+    let after = Metrics::scrape(&proxy).await;
     assert_eq!(after.sum("infermesh_outlier_ejections_total", &[]), 0.0);
 }
 
@@ -348,7 +341,7 @@ async fn grpc_failures_are_counted_with_their_grpc_status() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
-    let after = metrics(&proxy).await;
+    let after = Metrics::scrape(&proxy).await;
     assert_eq!(
         after.sum(
             "infermesh_requests_total",

@@ -66,13 +66,6 @@ fn assert_matches(golden: &Golden, got: &[f32]) {
     );
 }
 
-async fn metrics(proxy: &ProxyProcess) -> Metrics {
-    let reply = HttpClient::http1()
-        .get(&format!("{}/metrics", proxy.admin_url()))
-        .await;
-    Metrics::parse(&reply.text())
-}
-
 fn little_endian_f32(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks_exact(4)
@@ -140,7 +133,7 @@ async fn embeddings_for_a_down_backend_come_from_the_local_model_as_the_remote_m
         .await;
     reply.assert_proxy_error(503, "upstream_connect_error");
 
-    let metrics = metrics(&proxy).await;
+    let metrics = Metrics::scrape(&proxy).await;
     let local = [("route", "embeddings"), ("backend", "local:minilm")];
     assert_eq!(metrics.sum("infermesh_fallbacks_total", &local), 2.0);
     assert_eq!(
@@ -421,7 +414,7 @@ async fn bad_requests_to_the_local_model_get_the_real_apis_errors() {
         "{status:?}"
     );
 
-    let metrics = metrics(&proxy).await;
+    let metrics = Metrics::scrape(&proxy).await;
     assert!(
         metrics.sum(
             "infermesh_local_requests_total",
@@ -524,7 +517,7 @@ async fn a_local_model_without_its_files_leaves_the_proxy_serving_remote_routes(
         "{status:?}"
     );
 
-    let metrics = metrics(&proxy).await;
+    let metrics = Metrics::scrape(&proxy).await;
     assert_eq!(
         metrics.sum("infermesh_local_model_ready", &[("model", "broken")]),
         0.0
@@ -682,7 +675,7 @@ struct Work {
 }
 
 async fn work(proxy: &ProxyProcess) -> Work {
-    let metrics = metrics(proxy).await;
+    let metrics = Metrics::scrape(proxy).await;
     let model = [("model", "minilm")];
     let dropped = |reason| {
         metrics.sum(

@@ -47,13 +47,6 @@ fn chat(max_tokens: u64, stream: bool) -> String {
     )
 }
 
-async fn metrics(proxy: &ProxyProcess) -> Metrics {
-    let reply = HttpClient::http1()
-        .get(&format!("{}/metrics", proxy.admin_url()))
-        .await;
-    Metrics::parse(&reply.text())
-}
-
 async fn post(
     proxy: &ProxyProcess,
     body: &str,
@@ -99,7 +92,7 @@ async fn a_request_limit_answers_429_with_retry_after_past_the_burst_and_recover
     let reply = post(&proxy, &chat(16, false), &[]).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
 
-    let metrics = metrics(&proxy).await;
+    let metrics = Metrics::scrape(&proxy).await;
     assert_eq!(
         metrics.sum(
             "infermesh_rate_limited_total",
@@ -188,7 +181,7 @@ async fn a_token_limit_is_corrected_by_the_usage_the_model_reports() {
         "Retry-After {wait}: the bucket owes about 2,000 tokens plus the next request's 1,030 at 50 a second"
     );
 
-    let metrics = metrics(&proxy).await;
+    let metrics = Metrics::scrape(&proxy).await;
     let tokens = |stage| {
         metrics.sum(
             "infermesh_rate_limit_tokens_total",
@@ -264,7 +257,7 @@ async fn a_stream_with_include_usage_corrects_the_charge_and_arrives_unbuffered(
             "stream {i}: the first chunk reached the client only when the last was sent"
         );
     }
-    let metrics = metrics(&proxy).await;
+    let metrics = Metrics::scrape(&proxy).await;
     assert!(
         metrics.sum(
             "infermesh_rate_limit_tokens_total",
@@ -337,7 +330,7 @@ async fn fault_shares_hold_over_10000_requests() {
         .find(|r| r.status == 503)
         .unwrap()
         .assert_proxy_error(503, "fault_injected");
-    let metrics = metrics(&proxy).await;
+    let metrics = Metrics::scrape(&proxy).await;
     let injected = |kind| {
         metrics.sum(
             "infermesh_faults_injected_total",
@@ -433,7 +426,7 @@ async fn a_slow_mirror_receives_marked_copies_and_adds_no_latency() {
     // The mirror's answers are read and counted once they come.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let sent = metrics(&proxy).await.sum(
+        let sent = Metrics::scrape(&proxy).await.sum(
             "infermesh_mirrored_requests_total",
             &[("route", "chat"), ("outcome", "sent")],
         );
@@ -467,7 +460,7 @@ async fn a_mirror_that_is_down_or_full_never_fails_the_primary() {
     .await;
     assert!(replies.iter().all(|r| r.status == 200));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let metrics = metrics(&proxy).await;
+    let metrics = Metrics::scrape(&proxy).await;
     let outcome = |outcome| {
         metrics.sum(
             "infermesh_mirrored_requests_total",

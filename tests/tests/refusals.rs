@@ -29,20 +29,12 @@ fn proxy(upstream: &OpenAiServer) -> ProxyProcess {
         .start()
 }
 
-async fn metrics(proxy: &ProxyProcess) -> Metrics {
-    let reply = HttpClient::http1()
-        .get(&format!("{}/metrics", proxy.admin_url()))
-        .await;
-    assert_eq!(reply.status, 200);
-    Metrics::parse(&reply.text())
-}
-
 async fn refusals(proxy: &ProxyProcess, reason: &str) -> f64 {
     refusals_on(proxy, "outbound", reason).await
 }
 
 async fn refusals_on(proxy: &ProxyProcess, listener: &str, reason: &str) -> f64 {
-    metrics(proxy)
+    Metrics::scrape(proxy)
         .await
         .sum(REFUSALS, &[("listener", listener), ("reason", reason)])
 }
@@ -64,7 +56,7 @@ async fn wait_refusals_on(proxy: &ProxyProcess, listener: &str, reason: &str, wa
         assert!(
             Instant::now() < deadline,
             "{reason}: {got} refusals counted, expected {want}\n{}",
-            metrics(proxy).await.text
+            Metrics::scrape(proxy).await.text
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

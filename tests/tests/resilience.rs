@@ -31,13 +31,6 @@ fn url(proxy: &ProxyProcess) -> String {
     format!("{}{CHAT}", proxy.url())
 }
 
-async fn metrics(proxy: &ProxyProcess) -> Metrics {
-    let reply = HttpClient::http1()
-        .get(&format!("{}/metrics", proxy.admin_url()))
-        .await;
-    Metrics::parse(&reply.text())
-}
-
 async fn chat(proxy: &ProxyProcess) -> infermesh_tests::Reply {
     HttpClient::http1()
         .post_json(&url(proxy), &chat_body("model", false))
@@ -87,7 +80,7 @@ async fn an_endpoint_failing_in_a_row_is_ejected_and_readmitted_after_a_good_pro
     }
     assert_eq!(failures, 3);
     let ejected_at = Instant::now();
-    let m = metrics(&proxy).await;
+    let m = Metrics::scrape(&proxy).await;
     assert_eq!(ejections(&m, "consecutive_failures"), 1.0);
     assert_eq!(ejected(&m), 1.0);
 
@@ -114,7 +107,7 @@ async fn an_endpoint_failing_in_a_row_is_ejected_and_readmitted_after_a_good_pro
     let probe = chat(&proxy).await;
     assert_eq!(probe.status, 200);
     assert_eq!(probe.upstream(), Some("a"), "the probe goes first");
-    let m = metrics(&proxy).await;
+    let m = Metrics::scrape(&proxy).await;
     assert_eq!(ejected(&m), 0.0);
     let mut by_a = 0;
     for _ in 0..10 {
@@ -134,7 +127,7 @@ async fn a_failed_probe_ejects_the_endpoint_again_for_longer() {
         "balancer: round-robin\noutlierDetection: {consecutiveFailures: 1, baseEjection: 300ms}",
         "",
     );
-    while ejected(&metrics(&proxy).await) == 0.0 {
+    while ejected(&Metrics::scrape(&proxy).await) == 0.0 {
         chat(&proxy).await;
     }
     assert_eq!(a.request_count(), 1);
@@ -152,7 +145,7 @@ async fn a_failed_probe_ejects_the_endpoint_again_for_longer() {
         2,
         "the second ejection is longer than the first"
     );
-    let m = metrics(&proxy).await;
+    let m = Metrics::scrape(&proxy).await;
     assert_eq!(ejections(&m, "consecutive_failures"), 1.0);
     assert_eq!(ejections(&m, "probe_failed"), 1.0);
     assert_eq!(ejected(&m), 1.0);
@@ -170,7 +163,7 @@ async fn the_maximum_ejected_share_is_never_passed() {
     for _ in 0..20 {
         assert_eq!(chat(&proxy).await.status, 503);
     }
-    let m = metrics(&proxy).await;
+    let m = Metrics::scrape(&proxy).await;
     assert_eq!(ejected(&m), 1.0, "50% of two endpoints is one");
     assert_eq!(ejections(&m, "consecutive_failures"), 1.0);
     // The endpoint that stays takes everything, failing or not.
@@ -201,7 +194,7 @@ async fn with_every_endpoint_ejected_the_fallback_chain_answers_at_once() {
         let reply = chat(&proxy).await;
         assert_eq!(reply.upstream(), Some("spare"));
     }
-    assert_eq!(ejected(&metrics(&proxy).await), 2.0);
+    assert_eq!(ejected(&Metrics::scrape(&proxy).await), 2.0);
     let (a_count, b_count) = (a.request_count(), b.request_count());
     let started = Instant::now();
     for _ in 0..5 {
@@ -270,7 +263,7 @@ async fn past_the_pending_limit_requests_fail_fast_with_overloaded() {
     // Room again once they answered.
     let reply = chat(&proxy).await;
     assert_eq!(reply.status, 200);
-    let m = metrics(&proxy).await;
+    let m = Metrics::scrape(&proxy).await;
     assert_eq!(
         m.sum(
             "infermesh_overloaded_total",
@@ -318,7 +311,7 @@ async fn streams_count_against_the_in_flight_limit_until_they_end() {
         .post_json(&url, &chat_body("gpt-fixture", false))
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let m = metrics(&proxy).await;
+    let m = Metrics::scrape(&proxy).await;
     assert_eq!(
         m.sum(
             "infermesh_overloaded_total",
@@ -354,7 +347,7 @@ async fn an_endpoint_answering_429_with_retry_after_loses_its_traffic_meanwhile(
             statuses.iter().filter(|s| **s == 429).count(),
             shedding.request_count()
         );
-        let m = metrics(&proxy).await;
+        let m = Metrics::scrape(&proxy).await;
         assert_eq!(
             m.sum(
                 "infermesh_endpoint_penalties_total",
@@ -377,7 +370,7 @@ async fn a_refused_stream_is_retried_and_reaches_the_server_once() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.upstream(), Some("h2"));
     assert_eq!((refusing.refused_count(), refusing.stream_count()), (1, 2));
-    let m = metrics(&proxy).await;
+    let m = Metrics::scrape(&proxy).await;
     assert_eq!(
         m.sum(
             "infermesh_retries_total",
@@ -457,7 +450,7 @@ async fn hedging_cuts_the_slow_tail_and_cancels_the_losers() {
     // The hedge goes out at 100 ms and answers at once; a generous margin
     // for a shared machine, still far below the one-second tail.
     assert!(max < Duration::from_millis(600), "with hedging: {max:?}");
-    let m = metrics(&hedged).await;
+    let m = Metrics::scrape(&hedged).await;
     let sent = m.sum(
         "infermesh_hedges_total",
         &[("route", "target"), ("outcome", "sent")],
@@ -501,7 +494,7 @@ async fn hedging_over_http1_closes_the_losing_connection() {
     }
     // Every attempt that reached the slow endpoint lost to its hedge, and
     // was dropped: its connection closed under it.
-    let won = metrics(&proxy).await.sum(
+    let won = Metrics::scrape(&proxy).await.sum(
         "infermesh_hedges_total",
         &[("route", "target"), ("outcome", "won")],
     );

@@ -35,13 +35,6 @@ fn url(proxy: &ProxyProcess) -> String {
     format!("{}{CHAT}", proxy.url())
 }
 
-async fn metrics(proxy: &ProxyProcess) -> Metrics {
-    let reply = HttpClient::http1()
-        .get(&format!("{}/metrics", proxy.admin_url()))
-        .await;
-    Metrics::parse(&reply.text())
-}
-
 #[tokio::test]
 async fn a_listed_status_is_retried_on_the_other_endpoint_with_the_same_body() {
     let failing = ScriptedServer::start("a", vec![Step::Status(503, None)]);
@@ -60,7 +53,7 @@ async fn a_listed_status_is_retried_on_the_other_endpoint_with_the_same_body() {
     assert!(failing.request_count() >= 1);
     // Every attempt at the healthy endpoint carried the client's body.
     assert!(healthy.bodies().iter().all(|b| b == body.as_bytes()));
-    let metrics = metrics(&proxy).await;
+    let metrics = Metrics::scrape(&proxy).await;
     assert_eq!(
         metrics.sum(
             "infermesh_retries_total",
@@ -205,7 +198,7 @@ async fn under_a_total_outage_the_budget_keeps_attempts_near_the_requests() {
         "{attempts} attempts for {requests} requests in {seconds}s (bound {bound}); 5 attempts each would be {}",
         requests * 5
     );
-    let metrics = metrics(&proxy).await;
+    let metrics = Metrics::scrape(&proxy).await;
     assert!(
         metrics.sum(
             "infermesh_retries_total",

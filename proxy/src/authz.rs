@@ -17,7 +17,7 @@ use infermesh_proto::policy::{
 };
 use infermesh_proto::spiffe::SpiffeId;
 
-use crate::ProxyError;
+use infermesh_filters::ProxyError;
 
 /// What a decision looks at.
 #[derive(Debug, Clone, Copy, Default)]
@@ -306,7 +306,7 @@ mod tests {
                 assert_eq!(error.http_status(), http::StatusCode::FORBIDDEN);
                 assert_eq!(
                     error.grpc_code(),
-                    crate::error::grpc_code::PERMISSION_DENIED
+                    infermesh_filters::error::grpc_code::PERMISSION_DENIED
                 );
             }
         }

@@ -153,7 +153,7 @@ impl Gpu {
             max_compute_invocations_per_workgroup = limits.max_compute_invocations_per_workgroup,
             max_texture_dimension_2d = limits.max_texture_dimension_2d,
             features = ?adapter.features(),
-            "fallback engine adapter"
+            "local engine adapter"
         );
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("infermesh-fallback"),

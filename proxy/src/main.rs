@@ -42,12 +42,14 @@ struct Args {
     /// Inbound listener: traffic from the mesh to the local model server.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:4143")]
     inbound: SocketAddr,
-    /// A second outbound listener for IPv6, e.g. [::1]:4140, where a pod's
-    /// IPv6 redirect rules send its outbound traffic.
+    /// The outbound listener for IPv6, where a pod's IPv6 redirect rules
+    /// send its outbound traffic [default: [::1] on the --outbound port,
+    /// when that is 127.0.0.1 and the host has IPv6].
     #[arg(long, value_name = "ADDR")]
     outbound_ipv6: Option<SocketAddr>,
-    /// A second inbound listener for IPv6, e.g. [::]:4143 (IPv6 only; the
-    /// IPv4 one keeps IPv4).
+    /// The inbound listener for IPv6, IPv6 only (the IPv4 one keeps IPv4)
+    /// [default: [::] on the --inbound port, when that is 0.0.0.0 and the
+    /// host has IPv6].
     #[arg(long, value_name = "ADDR")]
     inbound_ipv6: Option<SocketAddr>,
     /// Where the inbound listener delivers intercepted connections that no
@@ -120,6 +122,18 @@ struct Args {
     /// [default: spiffe://TRUST_DOMAIN/ns/infermesh-system/sa/infermesh-control].
     #[arg(long, value_name = "SPIFFE_ID")]
     control_plane_identity: Option<SpiffeId>,
+}
+
+/// The IPv6 listener beside an IPv4 one, where a pod's IPv6 redirect rules
+/// send traffic: `[::1]` beside `127.0.0.1`, `[::]` beside `0.0.0.0`, on
+/// the same port; none beside another address or port 0.
+fn ipv6_twin(ipv4: SocketAddr) -> Option<SocketAddr> {
+    let ip = match ipv4.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_loopback() => std::net::Ipv6Addr::LOCALHOST,
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv6Addr::UNSPECIFIED,
+        _ => return None,
+    };
+    (ipv4.port() != 0).then(|| SocketAddr::new(ip.into(), ipv4.port()))
 }
 
 /// A comma-separated list of ports and ranges, parsed whole.
@@ -422,24 +436,40 @@ async fn run(
     };
 
     // The IPv4 listeners, and the IPv6 ones a pod's IPv6 redirect rules need.
+    // Asked for: fatal when they cannot be bound. The IPv6 twins of the
+    // default listeners are best effort (a host without IPv6 has none).
     let wanted = [
-        (Some(args.outbound), ListenerKind::Outbound),
-        (Some(args.inbound), ListenerKind::Inbound),
-        (args.outbound_ipv6, ListenerKind::Outbound),
-        (args.inbound_ipv6, ListenerKind::Inbound),
+        (Some(args.outbound), ListenerKind::Outbound, true),
+        (Some(args.inbound), ListenerKind::Inbound, true),
+        (
+            args.outbound_ipv6.or_else(|| ipv6_twin(args.outbound)),
+            ListenerKind::Outbound,
+            args.outbound_ipv6.is_some(),
+        ),
+        (
+            args.inbound_ipv6.or_else(|| ipv6_twin(args.inbound)),
+            ListenerKind::Inbound,
+            args.inbound_ipv6.is_some(),
+        ),
     ];
     let mut listeners = Vec::new();
-    for (addr, kind) in wanted {
+    for (addr, kind, required) in wanted {
         let Some(addr) = addr else { continue };
-        let listener = Listener::bind(addr, kind, inputs.clone())
-            .await
-            .map_err(|source| StartError::Bind {
-                kind: listener_label(kind),
-                addr,
-                source,
-            })?
-            .with_header_read_timeout(args.header_read_timeout);
-        listeners.push(listener);
+        let listener = match Listener::bind(addr, kind, inputs.clone()).await {
+            Ok(listener) => listener,
+            Err(source) if required => {
+                return Err(StartError::Bind {
+                    kind: listener_label(kind),
+                    addr,
+                    source,
+                })
+            }
+            Err(error) => {
+                tracing::warn!(listener = listener_label(kind), %addr, %error, "no IPv6 listener: a pod's IPv6 traffic redirected here would be refused");
+                continue;
+            }
+        };
+        listeners.push(listener.with_header_read_timeout(args.header_read_timeout));
     }
     // Intercepted connections to any of the proxy's own ports would loop.
     let own_ports = listeners

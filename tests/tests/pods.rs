@@ -1179,3 +1179,75 @@ fn a_refused_namespace_skips_the_test_with_the_reason() {
         out.status
     );
 }
+
+/// Rules that also redirect a pod's connections to its own address
+/// (`infermesh-init`'s never do: loopback output returns early) send a
+/// connection to the sidecar's own port straight back to the sidecar.
+/// Passing it through would loop; it is refused, counted and logged, and
+/// the sidecar goes on serving.
+#[test]
+fn a_connection_redirected_to_the_sidecar_itself_is_refused_as_a_loop() {
+    let Some(cluster) = cluster_or_skip() else {
+        return;
+    };
+    let pod = cluster.pod("loop");
+    let rules = cluster.shared_dir().join("loop.nft");
+    std::fs::write(
+        &rules,
+        "table inet loopy {\n  chain output {\n    type nat hook output priority -100; policy accept;\n    meta skuid 2102 return\n    ip daddr 127.0.0.0/8 return\n    meta l4proto tcp redirect to :4140\n  }\n}\n",
+    )
+    .expect("write the rules");
+    pod.must(&["nft", "-f", rules.to_str().expect("UTF-8 path")]);
+    let wrap = pod.wrap_as(PROXY_UID, PROXY_UID);
+    let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+    let proxy = ProxyProcess::builder()
+        .no_config()
+        .wrap(&wrap)
+        .binary(cluster.install(&proxy_binary()))
+        .default_listeners()
+        .start();
+    wait_ready(&pod, &proxy);
+
+    // The pod dials its own address at the outbound port: redirected to
+    // 127.0.0.1:4140 with that address as the original destination.
+    let dialled = sockets(&pod, &["tcp-echo", &pod.ip.to_string(), "4140", "hello"]);
+    assert_ne!(
+        dialled["reply"], "hello",
+        "a looping connection was answered: {dialled}"
+    );
+    let seen = metrics(&pod);
+    assert_eq!(
+        seen.sum("infermesh_refusals_total", &[("reason", "loop")]),
+        1.0,
+        "{}",
+        seen.text
+    );
+    assert_eq!(
+        seen.sum(
+            "infermesh_passthrough_total",
+            &[("protocol", "tcp"), ("outcome", "loop")]
+        ),
+        1.0
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !proxy.stderr().contains("would loop") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        proxy.stderr().contains(&format!(
+            "the original destination {}:4140 is this proxy's own listener",
+            pod.ip
+        )),
+        "no log line for the loop:\n{}",
+        proxy.stderr()
+    );
+    // Still serving: its admin answers, and a second loop is refused alike.
+    wait_ready(&pod, &proxy);
+    sockets(&pod, &["connect", &pod.ip.to_string(), "4140"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let loops = || metrics(&pod).sum("infermesh_refusals_total", &[("reason", "loop")]);
+    while loops() < 2.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(loops(), 2.0, "the second loop was not refused");
+}

@@ -11,8 +11,7 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use infermesh_admin::{json, text, Respond};
 use serde::Serialize;
 
 use crate::metrics::Metrics;
@@ -41,7 +40,7 @@ struct ProxyRow {
     up_to_date: bool,
 }
 
-impl Admin {
+impl Respond for Admin {
     fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
@@ -109,83 +108,8 @@ impl Admin {
     }
 }
 
-fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
-    match serde_json::to_vec_pretty(value) {
-        Ok(mut body) => {
-            body.push(b'\n');
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            response
-        }
-        Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{error}\n")),
-    }
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
 /// Binds the admin address now (so a bad one fails start-up) and serves it
 /// on a dedicated thread.
 pub fn spawn(addr: SocketAddr, admin: Admin) -> std::io::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    let local = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("infermesh-admin".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    tracing::error!(%error, "admin runtime failed to start");
-                    return;
-                }
-            };
-            runtime.block_on(serve(listener, Arc::new(admin)));
-        })?;
-    Ok(local)
-}
-
-async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(%error, "admin listener failed");
-            return;
-        }
-    };
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(_) => {
-                // Out of file descriptors, most likely: wait rather than spin.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |request: Request<Incoming>| {
-                let response = admin.respond(&request);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    infermesh_admin::spawn(addr, Arc::new(admin))
 }

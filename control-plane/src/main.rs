@@ -241,13 +241,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(settings: serve::Settings) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    infermesh_admin::init_logging("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("infermesh-control")

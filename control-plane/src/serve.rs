@@ -242,7 +242,7 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
         ),
     };
 
-    shutdown_signal().await;
+    infermesh_admin::shutdown_signal("control plane").await;
     tracing::info!("shutting down: ending policy streams; proxies keep their snapshots");
     let _ = stop_tx.send(true);
     watcher.abort();
@@ -271,22 +271,6 @@ fn incoming(listener: TcpListener) -> impl Stream<Item = Result<TcpStream, std::
             }
         }
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the control plane");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 #[cfg(test)]

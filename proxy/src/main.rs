@@ -331,15 +331,7 @@ fn init_logging() {
     // reset and the like), rustls once per warning alert a peer sends; the
     // proxy counts and logs those refusals itself, rate-limited, so a client
     // cannot flood the log through the libraries' own lines.
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG").unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("info,infermesh::access=off,h2=error,rustls=error")
-        });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    infermesh_admin::init_logging("info,infermesh::access=off,h2=error,rustls=error");
 }
 
 /// Why the proxy could not start.
@@ -516,7 +508,7 @@ async fn run(
         let _ = stdout.flush();
     }
 
-    shutdown_signal().await;
+    infermesh_admin::shutdown_signal("proxy").await;
     tracing::info!("shutting down: no new connections; draining in-flight requests");
     admin_state.set_ready(false);
     // The listeners bound their own wait by the snapshot's drain timeout;
@@ -530,20 +522,4 @@ async fn run(
     }
     tracing::info!("drained; exiting");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the proxy");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -390,13 +390,60 @@ fn check_key_mode(key: &Path) -> Result<(), CaError> {
         })?
         .permissions()
         .mode();
-    if mode & 0o077 != 0 {
+    // In a Kubernetes Secret volume (its files are links through `..data`)
+    // the kubelet makes every file readable by the pod's `fsGroup`, a group
+    // of that pod alone: group read is allowed there, nothing else.
+    let allowed = if in_secret_volume(key) { 0o040 } else { 0 };
+    if mode & 0o077 & !allowed != 0 {
         return Err(CaError::OpenKey {
             path: key.to_owned(),
             mode: mode & 0o7777,
         });
     }
     Ok(())
+}
+
+/// Whether `key` sits in a Kubernetes Secret volume: its directory holds
+/// the `..data` link the kubelet's atomic writer makes.
+fn in_secret_volume(key: &Path) -> bool {
+    key.parent()
+        .and_then(|dir| fs::symlink_metadata(dir.join("..data")).ok())
+        .is_some_and(|meta| meta.file_type().is_symlink())
+}
+
+/// A new self-signed root, as the PEM certificate and key (for
+/// `install`, which ships them in a Secret instead of a directory).
+pub fn new_root() -> Result<(String, String), CaError> {
+    let pair = KeyPair::generate().map_err(CaError::GenerateKey)?;
+    let root = root_params()
+        .self_signed(&pair)
+        .map_err(CaError::SelfSign)?;
+    Ok((root.pem(), pair.serialize_pem()))
+}
+
+/// Checks that `cert` and `key` are a root CA and its key, as `serve`
+/// would on start.
+pub fn check_root(cert: &Path, key: &Path) -> Result<(), CaError> {
+    read_pair(cert, key).map(|_| ())
+}
+
+fn root_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "infermesh");
+    dn.push(DnType::CommonName, "infermesh mesh root CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + ROOT_LIFETIME).into();
+    params.serial_number = Some(serial());
+    params
 }
 
 /// A random positive 16-byte serial number.
@@ -459,21 +506,7 @@ fn generate_root(dir: &Path, cert: &Path, key: &Path) -> Result<(), CaError> {
         })?;
     warn_if_open(dir);
     let pair = KeyPair::generate().map_err(CaError::GenerateKey)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "infermesh");
-    dn.push(DnType::CommonName, "infermesh mesh root CA");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let now = SystemTime::now();
-    params.not_before = (now - BACKDATE).into();
-    params.not_after = (now + ROOT_LIFETIME).into();
-    params.serial_number = Some(serial());
+    let params = root_params();
     let root = params.self_signed(&pair).map_err(CaError::SelfSign)?;
     write_private(key, pair.serialize_pem().as_bytes(), 0o600)?;
     write_private(cert, root.pem().as_bytes(), 0o644)?;
@@ -750,5 +783,31 @@ mod tests {
         };
         let error = Authority::load(&mixed).unwrap_err().to_string();
         assert!(error.contains("is not the key of"), "{error}");
+    }
+
+    #[test]
+    fn a_secret_volume_key_may_be_group_readable_and_nothing_more() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("tls.key");
+        std::fs::write(&key, "key").unwrap();
+        let chmod =
+            |mode| std::fs::set_permissions(&key, fs::Permissions::from_mode(mode)).unwrap();
+        chmod(0o440);
+        assert!(matches!(
+            check_key_mode(&key),
+            Err(CaError::OpenKey { mode: 0o440, .. })
+        ));
+        // The kubelet's layout: files beside a `..data` link.
+        std::fs::create_dir(dir.path().join("..2026")).unwrap();
+        std::os::unix::fs::symlink("..2026", dir.path().join("..data")).unwrap();
+        assert!(check_key_mode(&key).is_ok());
+        chmod(0o444);
+        assert!(matches!(
+            check_key_mode(&key),
+            Err(CaError::OpenKey { mode: 0o444, .. })
+        ));
+        chmod(0o460);
+        assert!(check_key_mode(&key).is_err());
     }
 }

@@ -5,14 +5,17 @@
 //! can refuse a bad policy before it reaches a cluster. `serve` watches a
 //! policy directory and streams every valid version of it to the proxies
 //! (`PolicyDiscovery.Subscribe`). `schema` writes the JSON Schemas of the
-//! policy kinds, for editors.
+//! policy kinds, for editors. `install` prints every Kubernetes manifest a
+//! cluster needs.
 
 #![forbid(unsafe_code)]
 
 mod admin;
 mod ca;
+mod crd;
 mod discovery;
 mod identity;
+mod install;
 mod metrics;
 mod policies;
 mod proxies;
@@ -83,6 +86,12 @@ enum Command {
         #[command(flatten)]
         ca: Box<CaArgs>,
     },
+    /// Print every Kubernetes manifest a cluster needs: `kubectl apply -f
+    /// <(infermesh-control install)` installs the mesh.
+    ///
+    /// A new mesh root CA is generated on each run unless --ca-cert/--ca-key
+    /// give one; everything else is the same from run to run.
+    Install(Box<InstallArgs>),
     /// Write the JSON Schema of every policy kind into a directory.
     Schema {
         /// Where to write `*.schema.json` (created when missing).
@@ -132,6 +141,39 @@ struct CaArgs {
     /// DNS names on the serving certificate (repeat for several).
     #[arg(long = "server-name", value_name = "DNS", default_values_t = ["localhost".to_string()])]
     server_names: Vec<String>,
+}
+
+/// What `install` prints.
+#[derive(Debug, clap::Args)]
+struct InstallArgs {
+    /// The control plane's namespace.
+    #[arg(long, default_value = "infermesh-system")]
+    namespace: String,
+    /// The control plane image.
+    #[arg(long, value_name = "IMAGE", default_value = concat!("infermesh/control:", env!("CARGO_PKG_VERSION")))]
+    control_image: String,
+    /// The sidecar image the injector adds to pods.
+    #[arg(long, value_name = "IMAGE", default_value = concat!("infermesh/proxy:", env!("CARGO_PKG_VERSION")))]
+    proxy_image: String,
+    /// Root certificate (PEM) of the mesh CA, with --ca-key, instead of a
+    /// new one.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "ca_key",
+        conflicts_with = "ca_placeholder"
+    )]
+    ca_cert: Option<PathBuf>,
+    /// Root private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Leave the CA Secret, the trust bundle and the webhook's caBundle as
+    /// a placeholder to fill (for a copy kept in version control).
+    #[arg(long)]
+    ca_placeholder: bool,
+    /// Write one file per group of objects into DIR instead of stdout.
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
 }
 
 /// Why the serve command's flags do not fit together.
@@ -236,7 +278,44 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Install(args) => install(*args),
         Command::Schema { out } => schema(&out),
+    }
+}
+
+fn install(args: InstallArgs) -> ExitCode {
+    let ca = match (args.ca_cert, args.ca_key, args.ca_placeholder) {
+        (Some(cert), Some(key), _) => install::CaSource::Files { cert, key },
+        (_, _, true) => install::CaSource::Placeholder,
+        _ => install::CaSource::Generate,
+    };
+    let settings = install::Settings {
+        namespace: args.namespace,
+        control_image: args.control_image,
+        proxy_image: args.proxy_image,
+        ca,
+    };
+    let result = install::manifests(&settings).and_then(|groups| match &args.output {
+        Some(dir) => install::write(&groups, dir).map(|paths| {
+            for path in paths {
+                println!("wrote {}", path.display());
+            }
+        }),
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            // A closed stdout (`| head`) is not an error worth a panic.
+            let _ = stdout
+                .write_all(install::render(&groups).as_bytes())
+                .and_then(|()| stdout.flush());
+            Ok(())
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("infermesh-control: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -272,6 +272,13 @@ pub fn serve_args(ns: &str) -> Vec<String> {
         "0.0.0.0:8443",
         "--webhook-name",
         &svc,
+        // The injector's settings, from `infermesh-config` (`env` below).
+        "--proxy-image",
+        "$(INFERMESH_PROXY_IMAGE)",
+        "--control-plane",
+        "$(INFERMESH_CONTROL_PLANE)",
+        "--trust-domain",
+        "$(INFERMESH_TRUST_DOMAIN)",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -314,6 +321,12 @@ fn deployment(settings: &Settings) -> Value {
                         "name": "control",
                         "image": settings.control_image,
                         "args": serve_args(ns),
+                        // Kubernetes expands `$(NAME)` in `args` from these.
+                        "env": [
+                            config_env("INFERMESH_PROXY_IMAGE", "proxyImage"),
+                            config_env("INFERMESH_CONTROL_PLANE", "controlPlaneUrl"),
+                            config_env("INFERMESH_TRUST_DOMAIN", "trustDomain"),
+                        ],
                         "ports": [
                             {"name": "grpc", "containerPort": 8080, "protocol": "TCP"},
                             {"name": "webhook", "containerPort": 8443, "protocol": "TCP"},
@@ -347,6 +360,14 @@ fn deployment(settings: &Settings) -> Value {
                 },
             },
         },
+    })
+}
+
+/// An environment variable from a key of `infermesh-config`.
+fn config_env(name: &str, key: &str) -> Value {
+    json!({
+        "name": name,
+        "valueFrom": {"configMapKeyRef": {"name": "infermesh-config", "key": key}},
     })
 }
 

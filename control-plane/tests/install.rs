@@ -393,6 +393,7 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
         .iter()
         .map(|a| a.as_str().expect("string").to_owned())
         .collect();
+    assert!(args.contains(&"$(INFERMESH_PROXY_IMAGE)".to_owned()));
 
     // Every flag exists.
     let help = Command::new(BIN)
@@ -451,10 +452,23 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
         volume(mount["mountPath"].as_str().expect("path"), files, mode);
     }
     let prefix = root.path().to_string_lossy().into_owned();
+    // `$(NAME)` from the container's env, as the kubelet expands it.
+    let mut env = Vec::new();
+    for var in container["env"].as_array().expect("env") {
+        let from = &var["valueFrom"]["configMapKeyRef"];
+        let map = find(&all, "ConfigMap", from["name"].as_str().expect("name"));
+        let value = map["data"][from["key"].as_str().expect("key")]
+            .as_str()
+            .unwrap_or_else(|| panic!("{from} is not in the ConfigMap"))
+            .to_owned();
+        env.push((format!("$({})", var["name"].as_str().expect("name")), value));
+    }
     let mapped: Vec<String> = args
         .iter()
         .map(|a| {
-            if a.starts_with("/etc/infermesh/") {
+            if let Some((_, value)) = env.iter().find(|(name, _)| name == a) {
+                value.clone()
+            } else if a.starts_with("/etc/infermesh/") {
                 format!("{prefix}{a}")
             } else if a.starts_with("0.0.0.0:") {
                 "127.0.0.1:0".to_owned()

@@ -250,6 +250,8 @@ fn rbac(ns: &str) -> Vec<Value> {
 /// The arguments of `serve` in the pod.
 pub fn serve_args(ns: &str) -> Vec<String> {
     let svc = format!("infermesh-control.{ns}.svc");
+    let identity =
+        format!("--identity=spiffe://$(INFERMESH_TRUST_DOMAIN)/ns/{ns}/sa/infermesh-control");
     [
         "serve",
         "--policies",
@@ -279,6 +281,8 @@ pub fn serve_args(ns: &str) -> Vec<String> {
         "$(INFERMESH_CONTROL_PLANE)",
         "--trust-domain",
         "$(INFERMESH_TRUST_DOMAIN)",
+        // Its own identity follows the namespace it is installed in.
+        &identity,
     ]
     .iter()
     .map(|s| s.to_string())

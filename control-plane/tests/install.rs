@@ -402,6 +402,7 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
         .expect("runs");
     let help = String::from_utf8_lossy(&help.stdout);
     for flag in args.iter().filter(|a| a.starts_with("--")) {
+        let flag = flag.split('=').next().unwrap_or_default();
         assert!(help.contains(&format!("{flag} ")), "`serve` has no {flag}");
     }
 
@@ -466,9 +467,10 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
     let mapped: Vec<String> = args
         .iter()
         .map(|a| {
-            if let Some((_, value)) = env.iter().find(|(name, _)| name == a) {
-                value.clone()
-            } else if a.starts_with("/etc/infermesh/") {
+            let a = &env
+                .iter()
+                .fold(a.clone(), |a, (name, value)| a.replace(name, value));
+            if a.starts_with("/etc/infermesh/") {
                 format!("{prefix}{a}")
             } else if a.starts_with("0.0.0.0:") {
                 "127.0.0.1:0".to_owned()
@@ -491,5 +493,56 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
         read.is_ok() && line.starts_with("listening grpc="),
         "serve {mapped:?} did not start: {line}{}",
         String::from_utf8_lossy(&exit.stderr)
+    );
+}
+
+#[test]
+fn another_namespace_is_used_throughout() {
+    let output = install(&["--ca-placeholder", "--namespace", "mesh-cp"]);
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!text.contains("infermesh-system"), "{text}");
+    let all = objects(&text);
+    for o in &all {
+        let kind = o["kind"].as_str().expect("kind");
+        let cluster_wide = [
+            "Namespace",
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "MutatingWebhookConfiguration",
+        ];
+        if !cluster_wide.contains(&kind) {
+            assert_eq!(o["metadata"]["namespace"], "mesh-cp", "{o}");
+        }
+    }
+    assert!(find(&all, "Namespace", "mesh-cp").is_object());
+    let args = find(&all, "Deployment", "infermesh-control")["spec"]["template"]["spec"]
+        ["containers"][0]["args"]
+        .to_string();
+    assert!(
+        args.contains(
+            "--identity=spiffe://$(INFERMESH_TRUST_DOMAIN)/ns/mesh-cp/sa/infermesh-control"
+        ),
+        "{args}"
+    );
+    assert!(args.contains("infermesh-control.mesh-cp.svc"), "{args}");
+    let hooks = &find(
+        &all,
+        "MutatingWebhookConfiguration",
+        "infermesh-sidecar-injector",
+    )["webhooks"];
+    for hook in hooks.as_array().expect("webhooks") {
+        assert_eq!(hook["clientConfig"]["service"]["namespace"], "mesh-cp");
+        let own = hook["namespaceSelector"]["matchExpressions"]
+            .as_array()
+            .expect("expressions")
+            .iter()
+            .any(|e| e["operator"] == "NotIn" && e["values"] == serde_json::json!(["mesh-cp"]));
+        assert!(own, "{hook}");
+    }
+    assert_eq!(
+        find(&all, "ConfigMap", "infermesh-config")["data"]["controlPlaneUrl"],
+        "https://infermesh-control.mesh-cp.svc:8080"
     );
 }

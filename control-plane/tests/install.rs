@@ -487,12 +487,79 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
         .expect("serve starts");
     let mut line = String::new();
     let read = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    if read.is_err() || !line.starts_with("listening grpc=") {
+        let _ = child.kill();
+        let exit = child.wait_with_output().expect("wait");
+        panic!(
+            "serve {mapped:?} did not start: {line}{}",
+            String::from_utf8_lossy(&exit.stderr)
+        );
+    }
+    let addr = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name}= in {line}"))
+            .to_owned()
+    };
+    // The probes' endpoint answers, and the webhook's certificate verifies
+    // against the webhook configuration's caBundle for the Service's name.
+    let live = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--noproxy",
+            "*",
+        ])
+        .arg(format!("http://{}/live", addr("admin")))
+        .output()
+        .expect("curl runs");
+    let hooks = &find(
+        &all,
+        "MutatingWebhookConfiguration",
+        "infermesh-sidecar-injector",
+    )["webhooks"];
+    let service = &hooks[0]["clientConfig"]["service"];
+    let dns = format!(
+        "{}.{}.svc",
+        service["name"].as_str().expect("name"),
+        service["namespace"].as_str().expect("namespace")
+    );
+    let bundle = root.path().join("ca-bundle.pem");
+    fs::write(
+        &bundle,
+        base64::engine::general_purpose::STANDARD
+            .decode(
+                hooks[0]["clientConfig"]["caBundle"]
+                    .as_str()
+                    .expect("caBundle"),
+            )
+            .expect("base64"),
+    )
+    .expect("write");
+    let tls = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr("webhook"),
+            "-servername",
+            &dns,
+        ])
+        .args(["-verify_hostname", &dns, "-verify_return_error", "-CAfile"])
+        .arg(&bundle)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl runs");
     let _ = child.kill();
-    let exit = child.wait_with_output().expect("wait");
+    let _ = child.wait();
+    assert_eq!(String::from_utf8_lossy(&live.stdout), "200", "{live:?}");
+    let tls_out = String::from_utf8_lossy(&tls.stdout);
     assert!(
-        read.is_ok() && line.starts_with("listening grpc="),
-        "serve {mapped:?} did not start: {line}{}",
-        String::from_utf8_lossy(&exit.stderr)
+        tls_out.contains("Verify return code: 0 (ok)"),
+        "{tls_out}{}",
+        String::from_utf8_lossy(&tls.stderr)
     );
 }
 

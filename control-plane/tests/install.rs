@@ -503,19 +503,31 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
     };
     // The probes' endpoint answers, and the webhook's certificate verifies
     // against the webhook configuration's caBundle for the Service's name.
-    let live = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--noproxy",
-            "*",
-        ])
-        .arg(format!("http://{}/live", addr("admin")))
-        .output()
-        .expect("curl runs");
+    let get = |path: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--noproxy",
+                "*",
+            ])
+            .arg(format!("http://{}{path}", addr("admin")))
+            .output()
+            .expect("curl runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let live = get("/live");
+    // Ready (so the Service, and the webhook, have an endpoint) once the
+    // ConfigMap's MeshConfig is published; a generous limit for a loaded machine.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut ready = get("/ready");
+    while ready != "200" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        ready = get("/ready");
+    }
     let hooks = &find(
         &all,
         "MutatingWebhookConfiguration",
@@ -554,7 +566,8 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
         .expect("openssl runs");
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(String::from_utf8_lossy(&live.stdout), "200", "{live:?}");
+    assert_eq!(live, "200");
+    assert_eq!(ready, "200", "/ready with the installed policies");
     let tls_out = String::from_utf8_lossy(&tls.stdout);
     assert!(
         tls_out.contains("Verify return code: 0 (ok)"),

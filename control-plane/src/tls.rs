@@ -69,6 +69,25 @@ impl ResolvesServerCert for OwnCert {
     }
 }
 
+/// The admission webhook's TLS: a certificate for `identity` and the
+/// webhook's `dns_names` (the API server checks the Service's DNS name),
+/// issued by the mesh CA and renewed like the gRPC port's; no client
+/// certificate is asked for.
+pub fn webhook_config(
+    authority: Arc<Authority>,
+    identity: SpiffeId,
+    dns_names: Vec<String>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let (key, not_after) = issue(&authority, &identity, &dns_names)?;
+    let own = Arc::new(OwnCert(ArcSwap::from_pointee(key)));
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(own.clone());
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio::spawn(renew(authority, identity, dns_names, own, not_after));
+    Ok(Arc::new(config))
+}
+
 /// Issues the control plane's certificate for `identity` (plus `dns_names`
 /// for clients that check host names) and keeps it renewed.
 pub fn server_config(

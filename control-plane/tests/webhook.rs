@@ -27,6 +27,10 @@ struct Webhook {
 
 impl Webhook {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let policies = dir.path().join("policies");
         std::fs::create_dir(&policies).unwrap();
@@ -43,6 +47,7 @@ impl Webhook {
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .args(["--webhook-listen", "127.0.0.1:0"])
             .args(["--webhook-name", NAMES[0], "--webhook-name", NAMES[1]])
+            .args(extra)
             .env("INFERMESH_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -395,4 +400,49 @@ fn the_certificate_carries_the_webhook_names_and_chains_to_the_mesh_ca() {
     // certificate cannot be authenticated / 51: name mismatch).
     let (exit, _, text) = webhook.post_as("other.example.test", &body);
     assert!(exit == 51 || exit == 60, "{exit}: {text}");
+}
+
+/// The serving certificate as `openssl x509 -noout -serial -ext subjectAltName` prints it.
+fn served_certificate(port: u16) -> String {
+    let fetch = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} -servername {} </dev/null 2>/dev/null \
+             | openssl x509 -noout -serial -ext subjectAltName",
+            NAMES[0]
+        ))
+        .output()
+        .expect("openssl runs");
+    String::from_utf8_lossy(&fetch.stdout).to_string()
+}
+
+#[test]
+fn the_certificate_names_every_webhook_name_and_is_renewed_before_it_expires() {
+    // Two-second certificates: renewed at about 70% of their lifetime.
+    let webhook = Webhook::start_with(&["--cert-lifetime", "2s"]);
+    let first = served_certificate(webhook.port);
+    for name in NAMES {
+        assert!(first.contains(&format!("DNS:{name}")), "{name}: {first}");
+    }
+    let serial = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("serial="))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no serial: {text}"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = served_certificate(webhook.port);
+        if serial(&now) != serial(&first) {
+            assert!(now.contains(&format!("DNS:{}", NAMES[1])), "{now}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not renewed in 10 s");
+    }
+    // And a review after the renewal is answered over the new certificate.
+    let response = webhook.pod_review("r", &pod(json!({}), json!({})));
+    assert_eq!(response["patchType"], "JSONPatch");
+    let logs = webhook.logs();
+    assert!(logs.contains("certificate renewed"), "{logs}");
 }

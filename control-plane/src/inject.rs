@@ -166,7 +166,7 @@ pub fn inject_pod(meta: &mut Value, spec: &mut Value, config: &Config) -> Outcom
         return Outcome::OptedOut;
     }
     if !spec.is_object() {
-        return Outcome::Refused("the pod has no spec".into());
+        return Outcome::Refused("its spec is missing or not a mapping".into());
     }
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Outcome::Refused(

@@ -326,4 +326,27 @@ mod tests {
         );
         assert_eq!((meta, spec), before);
     }
+
+    #[test]
+    fn a_proxy_container_or_an_opt_out_leaves_the_pod_as_it_is() {
+        let mut meta = json!({"name": "p"});
+        let mut spec = json!({"containers": [{"name": "app"}, {"name": PROXY_CONTAINER}]});
+        let before = (meta.clone(), spec.clone());
+        assert_eq!(
+            inject_pod(&mut meta, &mut spec, &Config::default()),
+            Outcome::AlreadyInjected
+        );
+        assert_eq!((meta, spec), before);
+
+        for (field, value) in [("annotations", "disabled"), ("labels", "disabled")] {
+            let mut meta = json!({"name": "p", field: {INJECT: value}});
+            let mut spec = json!({"containers": [{"name": "app"}]});
+            let before = (meta.clone(), spec.clone());
+            assert_eq!(
+                inject_pod(&mut meta, &mut spec, &Config::default()),
+                Outcome::OptedOut
+            );
+            assert_eq!((meta, spec), before);
+        }
+    }
 }

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -190,11 +190,15 @@ pub fn spawn(listener: TcpListener, tls: Arc<ServerConfig>, config: Config) {
                     let config = config.clone();
                     async move { Ok::<_, std::convert::Infallible>(handle(request, config).await) }
                 });
-                if let Err(error) =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await
-                {
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // A client that connects and sends no request head does
+                // not hold the connection for ever.
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT);
+                if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
                     tracing::debug!(%remote, %error, "webhook connection ended");
                 }
             });

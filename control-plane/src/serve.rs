@@ -41,6 +41,19 @@ pub struct Settings {
     pub identity: Option<IdentitySettings>,
     /// Publish policy sets that route nothing (`--allow-empty-policy`).
     pub allow_empty_policy: bool,
+    /// The injection webhook, served when there is a CA.
+    pub webhook: WebhookSettings,
+}
+
+/// The sidecar injection webhook.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// Its HTTPS address.
+    pub listen: SocketAddr,
+    /// DNS names on its certificate.
+    pub dns_names: Vec<String>,
+    /// What it injects.
+    pub inject: crate::inject::Config,
 }
 
 /// The port of the policy gRPC server unless `--listen` says otherwise.
@@ -128,6 +141,15 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The webhook's port cannot be bound.
+    #[error("cannot bind the injection webhook on {addr}: {source}")]
+    Webhook {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the socket said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The bound policy port cannot be read back.
     #[error("{0}")]
     LocalAddr(#[source] std::io::Error),
@@ -181,6 +203,36 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
              policies; give --ca-dir to require mesh certificates"
         );
     }
+    // The webhook's certificate comes from the CA; without one it is off.
+    let webhook = match &authority {
+        Some((authority, _, identity)) => {
+            let addr = settings.webhook.listen;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Webhook { addr, source })?;
+            let bound = listener.local_addr().map_err(ServeError::LocalAddr)?;
+            let tls = crate::tls::webhook_config(
+                authority.clone(),
+                identity.own_identity.clone(),
+                settings.webhook.dns_names.clone(),
+            )?;
+            crate::inject::webhook::spawn(listener, tls, settings.webhook.inject.clone());
+            tracing::info!(
+                webhook = %bound,
+                dns_names = ?settings.webhook.dns_names,
+                proxy_image = %settings.webhook.inject.proxy_image,
+                "sidecar injection webhook serving POST /inject"
+            );
+            Some(bound)
+        }
+        None => {
+            tracing::info!(
+                "sidecar injection webhook off: its certificate comes from the mesh CA; give \
+                 --ca-dir or --ca-cert/--ca-key to serve it"
+            );
+            None
+        }
+    };
     let admin_state = Admin {
         publisher: publisher.clone(),
         registry: registry.clone(),
@@ -194,7 +246,13 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     tracing::info!(%grpc_addr, %admin_addr, policies = %settings.policies.display(), "infermesh-control started");
     {
         let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(stdout, "listening grpc={grpc_addr} admin={admin_addr}");
+        let _ = match webhook {
+            Some(webhook) => writeln!(
+                stdout,
+                "listening grpc={grpc_addr} admin={admin_addr} webhook={webhook}"
+            ),
+            None => writeln!(stdout, "listening grpc={grpc_addr} admin={admin_addr}"),
+        };
         let _ = stdout.flush();
     }
 

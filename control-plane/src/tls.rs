@@ -69,6 +69,27 @@ impl ResolvesServerCert for OwnCert {
     }
 }
 
+/// The admission webhook's TLS: a certificate for `identity` and the
+/// webhook's `dns_names` (the API server checks the Service's DNS name),
+/// issued by the mesh CA and renewed like the gRPC port's; no client
+/// certificate is asked for.
+pub fn webhook_config(
+    authority: Arc<Authority>,
+    identity: SpiffeId,
+    dns_names: Vec<String>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let (key, not_after) = issue(&authority, &identity, &dns_names)?;
+    let own = Arc::new(OwnCert(ArcSwap::from_pointee(key)));
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(own.clone());
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio::spawn(renew(
+        authority, identity, dns_names, own, not_after, "webhook",
+    ));
+    Ok(Arc::new(config))
+}
+
 /// Issues the control plane's certificate for `identity` (plus `dns_names`
 /// for clients that check host names) and keeps it renewed.
 pub fn server_config(
@@ -90,7 +111,9 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(own.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
-    tokio::spawn(renew(authority, identity, dns_names, own, not_after));
+    tokio::spawn(renew(
+        authority, identity, dns_names, own, not_after, "gRPC",
+    ));
     Ok(Arc::new(config))
 }
 
@@ -113,6 +136,7 @@ async fn renew(
     dns_names: Vec<String>,
     own: Arc<OwnCert>,
     mut not_after: SystemTime,
+    port: &'static str,
 ) {
     loop {
         let left = not_after
@@ -126,10 +150,10 @@ async fn renew(
             Ok((key, until)) => {
                 own.0.store(Arc::new(key));
                 not_after = until;
-                tracing::info!(%identity, "control plane certificate renewed");
+                tracing::info!(%identity, port, "control plane certificate renewed");
             }
             Err(error) => {
-                tracing::error!(%error, "cannot renew the control plane certificate");
+                tracing::error!(%error, port, "cannot renew the control plane certificate");
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }

@@ -857,6 +857,8 @@ fn with_a_ca_every_interface_is_the_default_and_the_ca_directory_is_private() {
             ca.display().to_string(),
             "--bootstrap-tokens".into(),
             tokens.display().to_string(),
+            "--webhook-listen".into(),
+            "127.0.0.1:0".into(),
         ];
         if let Some(listen) = listen {
             args.extend(["--listen".to_string(), listen.to_string()]);

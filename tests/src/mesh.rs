@@ -63,6 +63,9 @@ impl Mesh {
                 tokens.to_str().expect("UTF-8 path"),
                 "--cert-lifetime",
                 lifetime,
+                // Not the default 0.0.0.0:8443: suites run side by side.
+                "--webhook-listen",
+                "127.0.0.1:0",
             ],
             wrap,
             listen,

@@ -18,7 +18,7 @@ use infermesh_proxy::inputs::Inputs;
 use infermesh_proxy::listener::Listener;
 use infermesh_proxy::metrics::{listener_label, Metrics};
 use infermesh_proxy::passthrough::Passthrough;
-use infermesh_proxy::redirect::{self, Interception};
+use infermesh_proxy::redirect::{Interception, PortList};
 use infermesh_proxy::snapshot::{Origin, Snapshot, Source};
 
 /// How much longer than the drain timeout shutdown waits for every task to
@@ -61,7 +61,11 @@ struct Args {
     /// are copied as opaque TCP at once, without protocol detection
     /// (protocols where the server speaks first); ports and ranges,
     /// comma-separated, or "" for none.
-    #[arg(long, value_name = "PORTS", default_value = "25,587,3306,4444,5432,6379,9300,11211", value_parser = parse_port_list)]
+    #[arg(
+        long,
+        value_name = "PORTS",
+        default_value = "25,587,3306,4444,5432,6379,9300,11211"
+    )]
     opaque_ports: PortList,
     /// Longest an HTTP/1.1 client may take to send a request head; a slower
     /// one is refused (counted as header_timeout).
@@ -134,14 +138,6 @@ fn ipv6_twin(ipv4: SocketAddr) -> Option<SocketAddr> {
         _ => return None,
     };
     (ipv4.port() != 0).then(|| SocketAddr::new(ip.into(), ipv4.port()))
-}
-
-/// A comma-separated list of ports and ranges, parsed whole.
-#[derive(Debug, Clone)]
-struct PortList(Vec<u16>);
-
-fn parse_port_list(text: &str) -> Result<PortList, redirect::PortsError> {
-    redirect::parse_ports(text).map(PortList)
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -473,7 +469,7 @@ async fn run(
         .collect();
     let interception = Arc::new(Interception {
         app_host: args.inbound_app_host,
-        opaque_ports: args.opaque_ports.0.clone(),
+        opaque_ports: args.opaque_ports.ports().collect(),
         own_ports,
     });
     let listeners: Vec<Listener> = listeners

@@ -7,7 +7,9 @@
 //! A connection that reached a listener directly has no original
 //! destination and is served exactly as before.
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
 
 use infermesh_proto::policy::ListenerKind;
 use tokio::net::TcpStream;
@@ -114,42 +116,115 @@ pub fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     (original != local).then_some(original)
 }
 
-/// Parses `--opaque-ports`: ports and ranges, comma-separated
-/// (`25,3306,9000-9010`); an empty list turns the shortcut off.
-pub fn parse_ports(text: &str) -> Result<Vec<u16>, PortsError> {
-    let mut ports = Vec::new();
-    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let port = |p: &str| {
-            p.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| PortsError(item.to_owned()))
-        };
-        match item.split_once('-') {
-            Some((low, high)) => {
-                let (low, high) = (port(low)?, port(high)?);
-                if low > high {
-                    return Err(PortsError(item.to_owned()));
-                }
-                ports.extend(low..=high);
-            }
-            None => ports.push(port(item)?),
-        }
-    }
-    ports.sort_unstable();
-    ports.dedup();
-    Ok(ports)
+/// A port list item that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error("empty item in the port list (two commas in a row, or a trailing comma)")]
+    Empty,
+    #[error("{text:?} is not a port number")]
+    NotANumber {
+        text: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("port {0} is out of range (1-65535)")]
+    OutOfRange(u32),
+    #[error("range {low}-{high} runs backwards")]
+    Backwards { low: u16, high: u16 },
 }
 
-/// A port list item that is not a port (1-65535) or a range `LOW-HIGH`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a port (1-65535) or a range LOW-HIGH")]
-pub struct PortsError(String);
+/// One port or an inclusive range of ports, `22` or `9000-9100`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl PortRange {
+    pub fn single(port: u16) -> Self {
+        Self {
+            low: port,
+            high: port,
+        }
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = PortError;
+
+    fn from_str(text: &str) -> Result<Self, PortError> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(PortError::Empty);
+        }
+        let port = |part: &str| -> Result<u16, PortError> {
+            let part = part.trim();
+            let value: u32 = part.parse().map_err(|source| PortError::NotANumber {
+                text: part.to_string(),
+                source,
+            })?;
+            match u16::try_from(value) {
+                Ok(port) if port != 0 => Ok(port),
+                _ => Err(PortError::OutOfRange(value)),
+            }
+        };
+        let (low, high) = match text.split_once('-') {
+            Some((low, high)) => (port(low)?, port(high)?),
+            None => {
+                let single = port(text)?;
+                (single, single)
+            }
+        };
+        if low > high {
+            return Err(PortError::Backwards { low, high });
+        }
+        Ok(Self { low, high })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.low == self.high {
+            write!(f, "{}", self.low)
+        } else {
+            write!(f, "{}-{}", self.low, self.high)
+        }
+    }
+}
+
+/// A comma-separated list of ports and ranges, as one flag value; the empty
+/// string is the empty list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortList(pub Vec<PortRange>);
+
+impl FromStr for PortList {
+    type Err = PortError;
+
+    fn from_str(text: &str) -> Result<Self, PortError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        text.split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+}
+
+impl PortList {
+    /// Every port the list takes, ranges expanded.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.0.iter().flat_map(|range| range.low..=range.high)
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_ports(text: &str) -> Result<Vec<u16>, PortError> {
+        text.parse::<PortList>().map(|l| l.ports().collect())
+    }
 
     #[test]
     fn port_lists_take_ports_and_ranges() {

@@ -8,6 +8,9 @@ use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::str::FromStr;
 
+pub use infermesh_proxy::redirect::{PortList, PortRange};
+use ipnet::IpNet;
+
 /// The name of the one table infermesh-init owns, in either family.
 pub const TABLE: &str = "infermesh";
 
@@ -30,23 +33,6 @@ pub enum FlagError {
     Ipv6CidrWithoutIpv6 { cidr: Cidr },
 }
 
-/// A port list item that does not parse.
-#[derive(Debug, thiserror::Error)]
-pub enum PortError {
-    #[error("empty item in the port list (two commas in a row, or a trailing comma)")]
-    Empty,
-    #[error("{text:?} is not a port number")]
-    NotANumber {
-        text: String,
-        #[source]
-        source: std::num::ParseIntError,
-    },
-    #[error("port {0} is out of range (1-65535)")]
-    OutOfRange(u32),
-    #[error("range {low}-{high} runs backwards")]
-    Backwards { low: u16, high: u16 },
-}
-
 /// A CIDR list item that does not parse.
 #[derive(Debug, thiserror::Error)]
 pub enum CidrError {
@@ -64,113 +50,16 @@ pub enum CidrError {
     HostBits { text: String, canonical: Cidr },
 }
 
-/// One port or an inclusive range of ports, `22` or `9000-9100`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PortRange {
-    pub low: u16,
-    pub high: u16,
-}
-
-impl PortRange {
-    pub fn single(port: u16) -> Self {
-        Self {
-            low: port,
-            high: port,
-        }
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = PortError;
-
-    fn from_str(text: &str) -> Result<Self, PortError> {
-        let text = text.trim();
-        if text.is_empty() {
-            return Err(PortError::Empty);
-        }
-        let port = |part: &str| -> Result<u16, PortError> {
-            let part = part.trim();
-            let value: u32 = part.parse().map_err(|source| PortError::NotANumber {
-                text: part.to_string(),
-                source,
-            })?;
-            match u16::try_from(value) {
-                Ok(port) if port != 0 => Ok(port),
-                _ => Err(PortError::OutOfRange(value)),
-            }
-        };
-        let (low, high) = match text.split_once('-') {
-            Some((low, high)) => (port(low)?, port(high)?),
-            None => {
-                let single = port(text)?;
-                (single, single)
-            }
-        };
-        if low > high {
-            return Err(PortError::Backwards { low, high });
-        }
-        Ok(Self { low, high })
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.low == self.high {
-            write!(f, "{}", self.low)
-        } else {
-            write!(f, "{}-{}", self.low, self.high)
-        }
-    }
-}
-
-/// A comma-separated list of ports and ranges, as one flag value; the empty
-/// string is the empty list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PortList(pub Vec<PortRange>);
-
-impl FromStr for PortList {
-    type Err = PortError;
-
-    fn from_str(text: &str) -> Result<Self, PortError> {
-        if text.trim().is_empty() {
-            return Ok(Self::default());
-        }
-        text.split(',')
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .map(Self)
-    }
-}
-
 /// An IPv4 or IPv6 network, `10.0.0.0/8` or `fd00::/8`; a bare address is a
-/// single host.
+/// single host. Written and masked by `ipnet`; this type only adds the
+/// flag's error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Cidr {
-    pub address: IpAddr,
-    pub prefix: u8,
-}
+pub struct Cidr(pub IpNet);
 
 impl Cidr {
-    fn max_prefix(address: IpAddr) -> u8 {
-        if address.is_ipv4() {
-            32
-        } else {
-            128
-        }
-    }
-
-    /// The network with every bit past the prefix cleared.
-    fn masked(address: IpAddr, prefix: u8) -> IpAddr {
-        match address {
-            IpAddr::V4(v4) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-                IpAddr::V4((u32::from(v4) & mask).into())
-            }
-            IpAddr::V6(v6) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-                IpAddr::V6((u128::from(v6) & mask).into())
-            }
-        }
+    /// Whether the network is an IPv6 one.
+    pub fn is_ipv6(&self) -> bool {
+        matches!(self.0, IpNet::V6(_))
     }
 }
 
@@ -190,36 +79,28 @@ impl FromStr for Cidr {
             text: text.to_string(),
             source,
         })?;
-        let max = Self::max_prefix(address);
-        let prefix = match prefix_text {
-            None => max,
-            Some(prefix) => match prefix.parse::<u8>() {
-                Ok(prefix) if prefix <= max => prefix,
-                _ => {
-                    return Err(CidrError::Prefix {
-                        text: text.to_string(),
-                        max,
-                    })
-                }
-            },
-        };
-        let network = Self::masked(address, prefix);
-        if network != address {
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix_text.map_or(Some(max), |p| p.parse::<u8>().ok());
+        let net = prefix
+            .and_then(|prefix| IpNet::new(address, prefix).ok())
+            .ok_or_else(|| CidrError::Prefix {
+                text: text.to_string(),
+                max,
+            })?;
+        if net.trunc() != net {
             return Err(CidrError::HostBits {
                 text: text.to_string(),
-                canonical: Cidr {
-                    address: network,
-                    prefix,
-                },
+                canonical: Cidr(net.trunc()),
             });
         }
-        Ok(Self { address, prefix })
+        Ok(Self(net))
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.address, self.prefix)
+        // `ipnet` prints the prefix length even of a single host.
+        write!(f, "{}/{}", self.0.addr(), self.0.prefix_len())
     }
 }
 
@@ -317,7 +198,7 @@ impl Rules {
         if let Some(cidr) = flags
             .skip_outbound_cidrs
             .iter()
-            .find(|cidr| family == Family::Ip && cidr.address.is_ipv6())
+            .find(|cidr| family == Family::Ip && cidr.is_ipv6())
         {
             return Err(FlagError::Ipv6CidrWithoutIpv6 { cidr: *cidr });
         }
@@ -347,12 +228,12 @@ impl Rules {
         let v4_cidrs: Vec<_> = self
             .skip_outbound_cidrs
             .iter()
-            .filter(|cidr| cidr.address.is_ipv4())
+            .filter(|cidr| !cidr.is_ipv6())
             .collect();
         let v6_cidrs: Vec<_> = self
             .skip_outbound_cidrs
             .iter()
-            .filter(|cidr| cidr.address.is_ipv6())
+            .filter(|cidr| cidr.is_ipv6())
             .collect();
 
         // `write!` into a String cannot fail.

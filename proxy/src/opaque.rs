@@ -15,7 +15,7 @@ use crate::refusal::{self, Reason};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Forwards `client` to the opaque backend, or closes it.
-pub async fn serve(mut client: TcpStream, peer: SocketAddr, kind: ListenerKind, inputs: &Inputs) {
+pub async fn serve(client: TcpStream, peer: SocketAddr, kind: ListenerKind, inputs: &Inputs) {
     let listener = listener_label(kind);
     let count = |outcome: &'static str| {
         inputs
@@ -42,41 +42,24 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, kind: ListenerKind, 
         return;
     };
     let _in_flight = endpoint.start();
-    let mut upstream = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect(endpoint.addr()),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
+    let upstream = match connect(endpoint.addr()).await {
+        Ok(stream) => stream,
+        Err(error) => {
             count("refused");
             backend.connect_failed();
             tracing::warn!(%peer, endpoint = %endpoint.addr(), %error, "opaque connection: connecting upstream failed");
             return;
         }
-        Err(_) => {
-            count("refused");
-            backend.connect_failed();
-            tracing::warn!(%peer, endpoint = %endpoint.addr(), "opaque connection: connecting upstream timed out");
-            return;
-        }
     };
-    let _ = upstream.set_nodelay(true);
     count("forwarded");
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((sent, received)) => {
-            tracing::debug!(%peer, endpoint = %endpoint.addr(), sent, received, "opaque connection closed")
-        }
-        Err(error) => tracing::debug!(%peer, %error, "opaque connection ended with an error"),
-    }
+    splice(client, upstream, peer, endpoint.addr(), "opaque").await;
 }
 
 /// Copies an intercepted connection that no route can claim (not HTTP, or
 /// to an opaque port) to `target`, its original destination (outbound) or
 /// the local application (inbound), byte for byte.
 pub async fn pass_through(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
     inputs: &Inputs,
@@ -95,30 +78,44 @@ pub async fn pass_through(
             .inc();
     };
     tracing::debug!(listener, %peer, %target, "passing an intercepted TCP connection through");
-    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
+    let upstream = match connect(target).await {
+        Ok(stream) => stream,
+        Err(error) => {
             count("failed");
             tracing::debug!(listener, %peer, %target, %error, "passthrough: connecting failed");
             reset(&client);
             return;
         }
-        Err(_) => {
-            count("failed");
-            tracing::debug!(listener, %peer, %target, "passthrough: connecting timed out");
-            reset(&client);
-            return;
-        }
     };
-    let _ = upstream.set_nodelay(true);
     count("forwarded");
+    splice(client, upstream, peer, target, "passthrough").await;
+}
+
+/// A TCP connection to `target` within the connect limit, without Nagle's
+/// delay.
+async fn connect(target: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting timed out"))??;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Copies bytes both ways until both sides are done; `what` names the
+/// connection in the debug log line that says how it ended.
+async fn splice(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    what: &'static str,
+) {
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((sent, received)) => {
-            tracing::debug!(listener, %peer, %target, sent, received, "passthrough connection closed")
+            tracing::debug!(%peer, %target, sent, received, "{what} connection closed")
         }
         Err(error) => {
-            tracing::debug!(listener, %peer, %error, "passthrough connection ended with an error")
+            tracing::debug!(%peer, %target, %error, "{what} connection ended with an error")
         }
     }
 }

@@ -227,7 +227,7 @@ async fn serve_connection(
     interception: &Interception,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
-    let redirected = match interception.classify(kind, &stream) {
+    let redirected = match interception.classify(kind, &stream, peer) {
         Ok(redirected) => redirected,
         Err(looped) => {
             inputs

@@ -68,20 +68,23 @@ pub struct Loop {
 impl Interception {
     /// What the redirect rules did to `stream`, accepted on a listener of
     /// `kind`: `None` when it reached the listener directly.
+    /// `peer` is the client's address as `accept` gave it.
     pub fn classify(
         &self,
         kind: ListenerKind,
         stream: &TcpStream,
+        peer: SocketAddr,
     ) -> Result<Option<Redirected>, Loop> {
-        let Some(original) = original_destination(stream) else {
+        let Ok(local) = stream.local_addr() else {
             return Ok(None);
         };
-        let local = stream.local_addr().ok();
-        let peer = stream.peer_addr().ok();
+        let Some(original) = original_destination(stream, local) else {
+            return Ok(None);
+        };
         let on_this_host = original.ip().is_loopback()
             || original.ip().is_unspecified()
-            || local.is_some_and(|l| l.ip() == original.ip())
-            || peer.is_some_and(|p| p.ip() == original.ip());
+            || local.ip() == original.ip()
+            || peer.ip() == original.ip();
         if on_this_host && self.own_ports.contains(&original.port()) {
             return Err(Loop { original });
         }
@@ -101,11 +104,10 @@ impl Interception {
     }
 }
 
-/// The address `stream` was dialled at before a `REDIRECT` rule changed
-/// it, or `None` when no rule did (or the kernel keeps no record: no
-/// connection tracking in this namespace).
-pub fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
-    let local = stream.local_addr().ok()?;
+/// The address `stream` (accepted on `local`) was dialled at before a
+/// `REDIRECT` rule changed it, or `None` when no rule did (or the kernel
+/// keeps no record: no connection tracking in this namespace).
+pub fn original_destination(stream: &TcpStream, local: SocketAddr) -> Option<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
     let original = match local {
         SocketAddr::V4(_) => socket.original_dst_v4(),
@@ -243,14 +245,14 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        assert_eq!(original_destination(&accepted), None);
+        let (accepted, peer) = listener.accept().await.unwrap();
+        assert_eq!(original_destination(&accepted, addr), None);
         let interception = Interception {
             own_ports: vec![addr.port()],
             ..Interception::default()
         };
         assert_eq!(
-            interception.classify(ListenerKind::Outbound, &accepted),
+            interception.classify(ListenerKind::Outbound, &accepted, peer),
             Ok(None)
         );
     }

@@ -17,6 +17,7 @@ mod discovery;
 mod identity;
 mod inject;
 mod install;
+mod kubernetes;
 mod metrics;
 mod policies;
 mod proxies;
@@ -60,9 +61,21 @@ enum Command {
     /// A change is published as a new version only when the whole directory
     /// is valid; otherwise it is logged and the version in force stays.
     Serve {
-        /// The policy directory (or a single policy file).
-        #[arg(long, value_name = "DIR")]
-        policies: PathBuf,
+        /// The policy directory (or a single policy file). With
+        /// `--kubernetes` and no `--policies`, the policies are the
+        /// cluster's infermesh.io custom resources instead.
+        #[arg(long, value_name = "DIR", required_unless_present = "kubernetes")]
+        policies: Option<PathBuf>,
+        /// Run against the Kubernetes API: Services and EndpointSlices for
+        /// `Backend.service`, Pods for the workloads of proxies, TokenReviews
+        /// for identity, and (without `--policies`) the policy custom
+        /// resources. The API server and credentials come from `--kubeconfig`,
+        /// else `KUBECONFIG`, else the pod's service account.
+        #[arg(long)]
+        kubernetes: bool,
+        /// The kubeconfig file for `--kubernetes`.
+        #[arg(long, value_name = "FILE", requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
         /// Address of the policy gRPC server [default: 0.0.0.0:8080 with a
         /// CA, 127.0.0.1:8080 without one].
         #[arg(long, value_name = "ADDR")]
@@ -280,6 +293,8 @@ fn main() -> ExitCode {
         Command::Validate { path, output } => validate(&path, output),
         Command::Serve {
             policies,
+            kubernetes,
+            kubeconfig,
             listen,
             insecure_listen,
             allow_empty_policy,
@@ -293,6 +308,7 @@ fn main() -> ExitCode {
                 let listen = serve::policy_listen(listen, identity.is_some(), insecure_listen)?;
                 Ok(serve::Settings {
                     policies,
+                    kubernetes: kubernetes.then_some(kubernetes::Settings { kubeconfig }),
                     listen,
                     admin,
                     identity,

@@ -31,8 +31,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// What `serve` needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The policy directory (or file).
-    pub policies: PathBuf,
+    /// The policy directory (or file); `None` with Kubernetes: the policy
+    /// custom resources.
+    pub policies: Option<PathBuf>,
+    /// The Kubernetes API, with `--kubernetes`.
+    pub kubernetes: Option<crate::kubernetes::Settings>,
     /// The policy gRPC address, as [`policy_listen`] chose it.
     pub listen: Listen,
     /// The admin address.
@@ -153,6 +156,9 @@ pub enum ServeError {
     /// The bound policy port cannot be read back.
     #[error("{0}")]
     LocalAddr(#[source] std::io::Error),
+    /// The Kubernetes API cannot be used.
+    #[error(transparent)]
+    Kubernetes(#[from] crate::kubernetes::KubeError),
     /// The admin server's port cannot be bound.
     #[error("cannot bind the admin server on {addr}: {source}")]
     Admin {
@@ -167,12 +173,16 @@ pub enum ServeError {
 /// Runs until SIGTERM or Ctrl-C; an error is a failure to start.
 pub async fn run(settings: Settings) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
-    let publisher = Publisher::new(
-        settings.policies.clone(),
-        metrics.clone(),
-        settings.allow_empty_policy,
-    );
+    let source = settings
+        .policies
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("kubernetes"));
+    let publisher = Publisher::new(source.clone(), metrics.clone(), settings.allow_empty_policy);
     let registry = Registry::new(metrics.clone());
+    let kube = match &settings.kubernetes {
+        Some(kubernetes) => Some(crate::kubernetes::client(kubernetes).await?),
+        None => None,
+    };
 
     // The authority and its token file load before anything binds, so a
     // bad key or token file fails the start with the reason.
@@ -243,7 +253,7 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
             addr: settings.admin,
             source,
         })?;
-    tracing::info!(%grpc_addr, %admin_addr, policies = %settings.policies.display(), "infermesh-control started");
+    tracing::info!(%grpc_addr, %admin_addr, policies = %source.display(), "infermesh-control started");
     {
         let mut stdout = std::io::stdout().lock();
         let _ = match webhook {
@@ -257,7 +267,13 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     }
 
     let (stop_tx, stopped) = watch::channel(false);
-    let watcher = tokio::spawn(policies::watch(publisher.clone(), stopped.clone()));
+    let watcher = match (&settings.policies, &kube) {
+        (Some(_), _) | (None, None) => {
+            tokio::spawn(policies::watch(publisher.clone(), stopped.clone()))
+        }
+        // The policy custom resources: not watched yet.
+        (None, Some(_)) => tokio::spawn(std::future::pending()),
+    };
     let discovery = Discovery::new(
         publisher.subscribe(),
         registry,

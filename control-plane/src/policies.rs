@@ -36,6 +36,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::kubernetes::services::{self, ServiceStatus, ServiceView};
 use crate::metrics::Metrics;
 use crate::snapshot::{first_version, Published};
 
@@ -45,6 +46,11 @@ pub const QUIET: Duration = Duration::from_millis(100);
 pub const MAX_DELAY: Duration = Duration::from_millis(500);
 /// How often the directory is compared with what was last loaded.
 pub const RESCAN: Duration = Duration::from_secs(2);
+/// How long the Services and EndpointSlices must be quiet before the
+/// policy is resolved again: a rollout changes many slices at once.
+pub const SERVICES_QUIET: Duration = Duration::from_millis(50);
+/// The longest a Service change waits for quiet.
+pub const SERVICES_MAX_DELAY: Duration = Duration::from_millis(250);
 
 /// What a freshly loaded policy set means for what is published.
 #[derive(Debug)]
@@ -168,6 +174,10 @@ pub struct PolicyStatus {
     pub documents: Option<Documents>,
     /// The latest refused change, kept after a later valid one.
     pub last_refusal: Option<Refused>,
+    /// Each `Backend.service` of the set in force and what it resolved to
+    /// (with `--kubernetes`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceStatus>,
 }
 
 /// Document counts of a snapshot.
@@ -222,6 +232,21 @@ pub struct Publisher {
     allow_empty: bool,
     /// Policy files that held documents when the set in force was loaded.
     populated: Mutex<BTreeSet<PathBuf>>,
+    /// The Services and EndpointSlices, with `--kubernetes`.
+    services: std::sync::OnceLock<ServiceView>,
+    /// The set in force as loaded, before its service references were
+    /// resolved: what a change of the Services resolves again.
+    raw: Mutex<Option<PolicySet>>,
+}
+
+/// What a loaded set became once its service references were resolved.
+enum Resolved {
+    /// Resolved (or nothing to resolve).
+    Set(PolicySet, Vec<ServiceStatus>),
+    /// References, and the Services not listed yet.
+    NotYet,
+    /// References, and no cluster to resolve them in.
+    Refused(Vec<PolicyError>),
 }
 
 impl Publisher {
@@ -237,13 +262,62 @@ impl Publisher {
                 published_at: None,
                 documents: None,
                 last_refusal: None,
+                services: Vec::new(),
             }),
             path,
             sender,
             metrics,
             allow_empty,
             populated: Mutex::new(BTreeSet::new()),
+            services: std::sync::OnceLock::new(),
+            raw: Mutex::new(None),
         })
+    }
+
+    /// Resolves `Backend.service` references in `view` from now on; without
+    /// it a set with references is refused.
+    pub fn resolve_services_in(&self, view: ServiceView) {
+        let _ = self.services.set(view);
+    }
+
+    /// `raw` with its service references resolved.
+    fn resolve(&self, raw: &PolicySet) -> Resolved {
+        if !services::has_references(raw) {
+            return Resolved::Set(raw.clone(), Vec::new());
+        }
+        match self.services.get() {
+            Some(view) if view.ready() => {
+                let (set, statuses) = services::resolve_set(raw, |s, ns| view.resolve(s, ns));
+                Resolved::Set(set, statuses)
+            }
+            Some(_) => Resolved::NotYet,
+            None => Resolved::Refused(
+                raw.backends
+                    .iter()
+                    .filter_map(|b| b.spec.service.as_ref().map(|s| (b, s)))
+                    .map(|(backend, service)| PolicyError {
+                        file: self.path.clone(),
+                        line: 0,
+                        column: 0,
+                        message: format!(
+                            "Backend `{}` names the Kubernetes Service `{}`: only a control plane \
+                             started with --kubernetes can resolve it into endpoints; start it \
+                             with --kubernetes, or list the backend's `endpoints`",
+                            backend.metadata.name, service.name
+                        ),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Resolves the set in force again, after the Services or
+    /// EndpointSlices changed, and publishes it when that changed it.
+    pub fn services_changed(&self) {
+        let raw = self.raw.lock().clone();
+        if let Some(raw) = raw {
+            self.offer_inner(Ok(raw), None, true);
+        }
     }
 
     /// A receiver of the current snapshot.
@@ -297,6 +371,33 @@ impl Publisher {
         loaded: Result<PolicySet, Vec<PolicyError>>,
         files: Option<Vec<(PathBuf, bool)>>,
     ) {
+        self.offer_inner(loaded, files, false);
+    }
+
+    /// Resolves a loaded set and acts on the result; `again` when it is the
+    /// set in force resolved again after a Service change (the state of the
+    /// files, a refusal in particular, stays as it is).
+    fn offer_inner(
+        &self,
+        loaded: Result<PolicySet, Vec<PolicyError>>,
+        files: Option<Vec<(PathBuf, bool)>>,
+        again: bool,
+    ) {
+        let (loaded, raw, statuses) = match loaded {
+            Ok(raw) => match self.resolve(&raw) {
+                Resolved::Set(set, statuses) => (Ok(set), Some(raw), statuses),
+                Resolved::NotYet => {
+                    tracing::info!(
+                        "the policy names Kubernetes Services; publishing once the Services and \
+                         EndpointSlices are listed"
+                    );
+                    *self.raw.lock() = Some(raw);
+                    return;
+                }
+                Resolved::Refused(errors) => (Err(errors), None, Vec::new()),
+            },
+            Err(errors) => (Err(errors), None, Vec::new()),
+        };
         let current = self.sender.borrow().clone();
         let mut status = self.status.lock();
         let mut populated = self.populated.lock();
@@ -331,6 +432,8 @@ impl Publisher {
                 if let Some(files) = accepted() {
                     *populated = files;
                 }
+                *self.raw.lock() = raw;
+                self.note_services(&mut status, statuses);
                 let version = current.as_ref().map_or_else(
                     || first_version(SystemTime::now()),
                     |p| p.version.saturating_add(1),
@@ -350,19 +453,24 @@ impl Publisher {
                     mesh_config = documents.mesh_config,
                     "published a policy snapshot"
                 );
-                status.state = "serving";
+                if !again || status.state == "waiting" {
+                    status.state = "serving";
+                    self.metrics.policy_refused.set(0);
+                }
                 status.version = Some(version);
                 status.published_at = Some(rfc3339(published.at));
                 status.documents = Some(documents);
                 self.metrics.snapshot_version.set(gauge(version));
                 self.metrics.publishes.inc();
-                self.metrics.policy_refused.set(0);
                 self.sender.send_replace(Some(published));
             }
+            Decision::Unchanged if again => {}
             Decision::Unchanged => {
                 if let Some(files) = accepted() {
                     *populated = files;
                 }
+                *self.raw.lock() = raw;
+                self.note_services(&mut status, statuses);
                 if status.state != "serving" {
                     tracing::info!(
                         version = status.version,
@@ -414,6 +522,39 @@ impl Publisher {
             }
             Decision::StillRefused => {}
         }
+    }
+
+    /// Records how the service references resolved, and logs the ones
+    /// whose resolution changed.
+    fn note_services(&self, status: &mut PolicyStatus, statuses: Vec<ServiceStatus>) {
+        for now in &statuses {
+            let before = status
+                .services
+                .iter()
+                .find(|s| s.backend == now.backend && s.backend_namespace == now.backend_namespace);
+            if before.map(|b| (&b.endpoints, &b.problem)) == Some((&now.endpoints, &now.problem)) {
+                continue;
+            }
+            match &now.problem {
+                Some(problem) => tracing::warn!(
+                    backend = %now.backend,
+                    service = %now.service,
+                    "{problem}; the backend has no endpoint and its requests get 503"
+                ),
+                None => tracing::info!(
+                    backend = %now.backend,
+                    service = %now.service,
+                    endpoints = ?now.endpoints,
+                    addresses = ?now.addresses,
+                    "resolved the backend's Service"
+                ),
+            }
+        }
+        let empty = statuses.iter().filter(|s| s.endpoints.is_empty()).count();
+        self.metrics
+            .unresolved_services
+            .set(i64::try_from(empty).unwrap_or(i64::MAX));
+        status.services = statuses;
     }
 
     /// Records a refusal in the status and the metrics.
@@ -512,6 +653,37 @@ pub async fn watch(publisher: Arc<Publisher>, mut shutdown: watch::Receiver<bool
                 if watcher.is_none() {
                     watcher = arm(&dir, &events_tx);
                 }
+            }
+        }
+    }
+}
+
+/// Resolves the policy in force again after each change of the Services
+/// and EndpointSlices, until `shutdown`. Changes are debounced: resolved
+/// once they have been quiet for [`SERVICES_QUIET`], at the latest
+/// [`SERVICES_MAX_DELAY`] after the first.
+pub async fn follow_services(
+    publisher: Arc<Publisher>,
+    mut changes: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let first = Instant::now();
+                loop {
+                    let deadline = (Instant::now() + SERVICES_QUIET).min(first + SERVICES_MAX_DELAY);
+                    tokio::select! {
+                        Ok(()) = changes.changed() => {}
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                changes.borrow_and_update();
+                publisher.services_changed();
             }
         }
     }

@@ -267,6 +267,12 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     }
 
     let (stop_tx, stopped) = watch::channel(false);
+    if let Some(client) = &kube {
+        let view = crate::kubernetes::services::ServiceView::watch(client.clone());
+        let changes = view.changes();
+        publisher.resolve_services_in(view);
+        tokio::spawn(policies::follow_services(publisher.clone(), changes, stopped.clone()));
+    }
     let watcher = match (&settings.policies, &kube) {
         (Some(_), _) | (None, None) => {
             tokio::spawn(policies::watch(publisher.clone(), stopped.clone()))

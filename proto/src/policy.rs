@@ -30,7 +30,7 @@ pub use authorization::{
 };
 pub use backend::{
     BackendLimits, BackendMtls, BackendSpec, BalancerKind, FailureRate, OutlierDetection,
-    UpstreamProtocol,
+    ServicePort, ServiceRef, UpstreamProtocol,
 };
 pub use destination::{DestinationError, DestinationPattern};
 pub use load::{load_path, load_str, Location, PolicyError};

@@ -16,6 +16,8 @@
 //! errors), so a dropped connection or a compacted history costs a re-list,
 //! never a stale view.
 
+pub mod services;
+
 use std::path::PathBuf;
 
 /// How to reach the API server.

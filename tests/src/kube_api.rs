@@ -52,6 +52,8 @@ struct Shared {
     store: Arc<Mutex<Store>>,
     requests: Mutex<Vec<String>>,
     token: String,
+    /// [`KubeApi::refuse_watches`].
+    watches_refused: std::sync::atomic::AtomicBool,
 }
 
 /// A Kubernetes API server on `https://127.0.0.1:<port>`.
@@ -82,6 +84,7 @@ impl KubeApi {
             store: Arc::new(Mutex::new(Store::new())),
             requests: Mutex::new(Vec::new()),
             token,
+            watches_refused: Default::default(),
         });
         let serving = shared.clone();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -170,6 +173,16 @@ impl KubeApi {
     /// from their last resourceVersion).
     pub fn drop_watches(&self) {
         self.shared.store.lock().unwrap().drop_watches();
+    }
+
+    /// While `refused`, new watch requests get 503 ServiceUnavailable (lists
+    /// are still served). With [`KubeApi::drop_watches`] before and
+    /// [`KubeApi::compact`] after the changes, it makes a gap a watcher
+    /// certainly misses: watchers cannot re-watch before the history is gone.
+    pub fn refuse_watches(&self, refused: bool) {
+        self.shared
+            .watches_refused
+            .store(refused, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// TokenReview: `token` authenticates as system:serviceaccount:NS:SA for
@@ -671,6 +684,16 @@ fn start_watch(
     kind: String,
     query: &HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
+    if shared
+        .watches_refused
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return Err(ApiError::new(
+            503,
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request (watches are refused)",
+        ));
+    }
     let flag = |name: &str| matches!(query.get(name).map(String::as_str), Some("true" | "1"));
     let from = match query.get("resourceVersion").map(String::as_str) {
         None | Some("" | "0") => None,

@@ -283,7 +283,14 @@ fn fold_junctor(
     kinds.sort_by_key(|t| t.as_str());
     if kinds == [&json!("integer"), &json!("string")] {
         // A port by number or by name: Kubernetes' own IntOrString.
-        for key in ["type", "properties", "enum", "pattern", "minimum", "maximum"] {
+        for key in [
+            "type",
+            "properties",
+            "enum",
+            "pattern",
+            "minimum",
+            "maximum",
+        ] {
             out.remove(key);
         }
         out.insert("x-kubernetes-int-or-string".into(), json!(true));

@@ -271,7 +271,11 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
         let view = crate::kubernetes::services::ServiceView::watch(client.clone());
         let changes = view.changes();
         publisher.resolve_services_in(view);
-        tokio::spawn(policies::follow_services(publisher.clone(), changes, stopped.clone()));
+        tokio::spawn(policies::follow_services(
+            publisher.clone(),
+            changes,
+            stopped.clone(),
+        ));
     }
     let watcher = match (&settings.policies, &kube) {
         (Some(_), _) | (None, None) => {

@@ -64,7 +64,8 @@ impl ServiceView {
     pub fn watch(client: Client) -> Self {
         let (changed, changes) = watch::channel(0u64);
         let changed = Arc::new(changed);
-        let ready: Arc<[AtomicBool; 2]> = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+        let ready: Arc<[AtomicBool; 2]> =
+            Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
         let services = follow::<Service>(Api::all(client.clone()), 0, &ready, &changed);
         let slices = follow::<EndpointSlice>(Api::all(client), 1, &ready, &changed);
         Self {
@@ -110,7 +111,10 @@ impl ServiceView {
         let key = ObjectRef::new(&service.name).within(namespace);
         let Some(object) = self.services.get(&key) else {
             return Resolution {
-                problem: Some(format!("no Service {namespace}/{} in the cluster", service.name)),
+                problem: Some(format!(
+                    "no Service {namespace}/{} in the cluster",
+                    service.name
+                )),
                 ..Resolution::default()
             };
         };
@@ -225,8 +229,8 @@ where
     let ready = ready.clone();
     let changed = changed.clone();
     let kind = K::kind(&());
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff();
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
@@ -520,7 +524,10 @@ mod tests {
 
     #[test]
     fn a_headless_service_has_endpoints_and_no_address() {
-        let svc = service(json!([{"name": "http", "port": 80, "targetPort": 8000}]), &[]);
+        let svc = service(
+            json!([{"name": "http", "port": 80, "targetPort": 8000}]),
+            &[],
+        );
         let s = slice(
             "chat-1",
             "IPv4",

@@ -1100,4 +1100,82 @@ mod tests {
         assert_eq!(status.state, "serving");
         assert!(status.last_refusal.is_some(), "kept for the record");
     }
+
+    const SERVICE_BACKEND: &str = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: chat, namespace: ml}\nspec: {service: {name: chat, port: http}, addresses: [\"10.1.0.1:80\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r}\nspec: {backends: [{backend: chat}]}\n";
+
+    fn chat_service() -> k8s_openapi::api::core::v1::Service {
+        crate::kubernetes::services::tests::service(
+            serde_json::json!([{"name": "http", "port": 80, "targetPort": 8000}]),
+            &["10.96.0.10"],
+        )
+    }
+
+    fn chat_slice(ips: &[&str]) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+        let endpoints: Vec<serde_json::Value> = ips
+            .iter()
+            .map(|ip| serde_json::json!({"addresses": [ip]}))
+            .collect();
+        crate::kubernetes::services::tests::slice(
+            "chat-1",
+            "IPv4",
+            serde_json::json!([{"name": "http", "port": 8000}]),
+            serde_json::json!(endpoints),
+        )
+    }
+
+    #[test]
+    fn without_a_cluster_a_service_reference_is_refused() {
+        let publisher = Publisher::new(PathBuf::from("p"), Arc::new(Metrics::new()), false);
+        publisher.offer(Ok(set(SERVICE_BACKEND)));
+        let status = publisher.status();
+        assert_eq!(status.state, "waiting");
+        let refusal = status.last_refusal.unwrap();
+        assert_eq!(refusal.reason, "invalid");
+        assert!(refusal.errors[0].message.contains("--kubernetes"), "{refusal:?}");
+        assert!(!publisher.ready());
+    }
+
+    #[test]
+    fn service_references_are_published_resolved_and_follow_the_slices() {
+        use kube::runtime::watcher::Event;
+        let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(PathBuf::from("p"), metrics.clone(), false);
+        let (view, _, mut slices) =
+            ServiceView::fixed(vec![chat_service()], vec![chat_slice(&["10.0.0.2", "10.0.0.1"])]);
+        publisher.resolve_services_in(view);
+        let current = publisher.subscribe();
+        publisher.offer(Ok(set(SERVICE_BACKEND)));
+        let first = current.borrow().clone().unwrap();
+        let backend = &first.set.backends[0].spec;
+        assert_eq!(backend.endpoints, ["10.0.0.1:8000", "10.0.0.2:8000"]);
+        assert_eq!(backend.addresses, ["10.1.0.1:80", "10.96.0.10:80"]);
+        assert_eq!(backend.service, None, "proxies get endpoints, not the reference");
+        let status = publisher.status();
+        assert_eq!(status.services[0].service, "ml/chat");
+        assert_eq!(metrics.unresolved_services.get(), 0);
+
+        // Nothing changed: no new version.
+        publisher.services_changed();
+        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first.version));
+
+        // The files go bad: refused; the slices still move the endpoints,
+        // and the state still says the files are refused.
+        publisher.offer(Err(errors(INVALID)));
+        slices.apply_watcher_event(&Event::Apply(chat_slice(&["10.0.0.3"])));
+        publisher.services_changed();
+        let second = current.borrow().clone().unwrap();
+        assert_eq!(second.version, first.version + 1);
+        assert_eq!(second.set.backends[0].spec.endpoints, ["10.0.0.3:8000"]);
+        assert_eq!(publisher.status().state, "refused");
+        assert_eq!(metrics.policy_refused.get(), 1);
+
+        // No endpoint left: published empty, counted, said why.
+        slices.apply_watcher_event(&Event::Apply(chat_slice(&[])));
+        publisher.services_changed();
+        let third = current.borrow().clone().unwrap();
+        assert!(third.set.backends[0].spec.endpoints.is_empty());
+        assert_eq!(metrics.unresolved_services.get(), 1);
+        let problem = publisher.status().services[0].problem.clone().unwrap();
+        assert!(problem.contains("no ready endpoint"), "{problem}");
+    }
 }

@@ -76,23 +76,27 @@ impl ServiceView {
         }
     }
 
-    /// A view over stores filled by hand, for tests.
+    /// A view over stores filled by hand, for tests; the writers change it.
     #[cfg(test)]
-    pub fn fixed(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Self {
-        let (services_store, mut writer) = reflector::store();
+    pub fn fixed(
+        services: Vec<Service>,
+        slices: Vec<EndpointSlice>,
+    ) -> (Self, reflector::store::Writer<Service>, reflector::store::Writer<EndpointSlice>) {
+        let (services_store, mut services_writer) = reflector::store();
         for service in services {
-            writer.apply_watcher_event(&watcher::Event::Apply(service));
+            services_writer.apply_watcher_event(&watcher::Event::Apply(service));
         }
-        let (slices_store, mut writer) = reflector::store();
+        let (slices_store, mut slices_writer) = reflector::store();
         for slice in slices {
-            writer.apply_watcher_event(&watcher::Event::Apply(slice));
+            slices_writer.apply_watcher_event(&watcher::Event::Apply(slice));
         }
-        Self {
+        let view = Self {
             services: services_store,
             slices: slices_store,
             ready: Arc::new([AtomicBool::new(true), AtomicBool::new(true)]),
             changes: watch::channel(0).1,
-        }
+        };
+        (view, services_writer, slices_writer)
     }
 
     /// Whether both kinds have been listed once.
@@ -374,11 +378,11 @@ fn host_port(ip: IpAddr, port: u16) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn service(ports: serde_json::Value, cluster_ips: &[&str]) -> Service {
+    pub(crate) fn service(ports: serde_json::Value, cluster_ips: &[&str]) -> Service {
         serde_json::from_value(json!({
             "apiVersion": "v1",
             "kind": "Service",
@@ -392,7 +396,7 @@ mod tests {
         .unwrap()
     }
 
-    fn slice(
+    pub(crate) fn slice(
         name: &str,
         address_type: &str,
         ports: serde_json::Value,
@@ -570,7 +574,7 @@ mod tests {
             json!([{"addresses": ["10.0.0.9"]}]),
         );
         other.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "other".to_owned())].into());
-        let view = ServiceView::fixed(vec![named()], vec![mine, other]);
+        let (view, ..) = ServiceView::fixed(vec![named()], vec![mine, other]);
         let reference = ServiceRef {
             name: "chat".into(),
             namespace: None,

@@ -242,7 +242,7 @@ pub struct Publisher {
 /// What a loaded set became once its service references were resolved.
 enum Resolved {
     /// Resolved (or nothing to resolve).
-    Set(PolicySet, Vec<ServiceStatus>),
+    Set(Box<PolicySet>, Vec<ServiceStatus>),
     /// References, and the Services not listed yet.
     NotYet,
     /// References, and no cluster to resolve them in.
@@ -283,12 +283,12 @@ impl Publisher {
     /// `raw` with its service references resolved.
     fn resolve(&self, raw: &PolicySet) -> Resolved {
         if !services::has_references(raw) {
-            return Resolved::Set(raw.clone(), Vec::new());
+            return Resolved::Set(Box::new(raw.clone()), Vec::new());
         }
         match self.services.get() {
             Some(view) if view.ready() => {
                 let (set, statuses) = services::resolve_set(raw, |s, ns| view.resolve(s, ns));
-                Resolved::Set(set, statuses)
+                Resolved::Set(Box::new(set), statuses)
             }
             Some(_) => Resolved::NotYet,
             None => Resolved::Refused(
@@ -385,7 +385,7 @@ impl Publisher {
     ) {
         let (loaded, raw, statuses) = match loaded {
             Ok(raw) => match self.resolve(&raw) {
-                Resolved::Set(set, statuses) => (Ok(set), Some(raw), statuses),
+                Resolved::Set(set, statuses) => (Ok(*set), Some(raw), statuses),
                 Resolved::NotYet => {
                     tracing::info!(
                         "the policy names Kubernetes Services; publishing once the Services and \
@@ -464,7 +464,9 @@ impl Publisher {
                 self.metrics.publishes.inc();
                 self.sender.send_replace(Some(published));
             }
-            Decision::Unchanged if again => {}
+            // The same endpoints; a reason may still have changed (a
+            // Service gone where its port was missing before).
+            Decision::Unchanged if again => self.note_services(&mut status, statuses),
             Decision::Unchanged => {
                 if let Some(files) = accepted() {
                     *populated = files;
@@ -1131,7 +1133,10 @@ mod tests {
         assert_eq!(status.state, "waiting");
         let refusal = status.last_refusal.unwrap();
         assert_eq!(refusal.reason, "invalid");
-        assert!(refusal.errors[0].message.contains("--kubernetes"), "{refusal:?}");
+        assert!(
+            refusal.errors[0].message.contains("--kubernetes"),
+            "{refusal:?}"
+        );
         assert!(!publisher.ready());
     }
 
@@ -1140,8 +1145,10 @@ mod tests {
         use kube::runtime::watcher::Event;
         let metrics = Arc::new(Metrics::new());
         let publisher = Publisher::new(PathBuf::from("p"), metrics.clone(), false);
-        let (view, _, mut slices) =
-            ServiceView::fixed(vec![chat_service()], vec![chat_slice(&["10.0.0.2", "10.0.0.1"])]);
+        let (view, _, mut slices) = ServiceView::fixed(
+            vec![chat_service()],
+            vec![chat_slice(&["10.0.0.2", "10.0.0.1"])],
+        );
         publisher.resolve_services_in(view);
         let current = publisher.subscribe();
         publisher.offer(Ok(set(SERVICE_BACKEND)));
@@ -1149,14 +1156,20 @@ mod tests {
         let backend = &first.set.backends[0].spec;
         assert_eq!(backend.endpoints, ["10.0.0.1:8000", "10.0.0.2:8000"]);
         assert_eq!(backend.addresses, ["10.1.0.1:80", "10.96.0.10:80"]);
-        assert_eq!(backend.service, None, "proxies get endpoints, not the reference");
+        assert_eq!(
+            backend.service, None,
+            "proxies get endpoints, not the reference"
+        );
         let status = publisher.status();
         assert_eq!(status.services[0].service, "ml/chat");
         assert_eq!(metrics.unresolved_services.get(), 0);
 
         // Nothing changed: no new version.
         publisher.services_changed();
-        assert_eq!(current.borrow().as_ref().map(|p| p.version), Some(first.version));
+        assert_eq!(
+            current.borrow().as_ref().map(|p| p.version),
+            Some(first.version)
+        );
 
         // The files go bad: refused; the slices still move the endpoints,
         // and the state still says the files are refused.

@@ -81,7 +81,11 @@ impl ServiceView {
     pub fn fixed(
         services: Vec<Service>,
         slices: Vec<EndpointSlice>,
-    ) -> (Self, reflector::store::Writer<Service>, reflector::store::Writer<EndpointSlice>) {
+    ) -> (
+        Self,
+        reflector::store::Writer<Service>,
+        reflector::store::Writer<EndpointSlice>,
+    ) {
         let (services_store, mut services_writer) = reflector::store();
         for service in services {
             services_writer.apply_watcher_event(&watcher::Event::Apply(service));

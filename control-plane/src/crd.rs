@@ -107,6 +107,7 @@ fn columns(kind: &str) -> Value {
         "Backend" => vec![
             json!({"name": "Protocol", "type": "string", "jsonPath": ".spec.protocol"}),
             json!({"name": "Endpoints", "type": "string", "jsonPath": ".spec.endpoints"}),
+            json!({"name": "Service", "type": "string", "jsonPath": ".spec.service.name"}),
         ],
         "LocalModel" => {
             vec![json!({"name": "Model Dir", "type": "string", "jsonPath": ".spec.modelDir"})]

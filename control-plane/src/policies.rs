@@ -287,7 +287,7 @@ impl Publisher {
         }
         match self.services.get() {
             Some(view) if view.ready() => {
-                let (set, statuses) = services::resolve_set(raw, |s, ns| view.resolve(s, ns));
+                let (set, statuses) = view.resolve_set(raw);
                 Resolved::Set(Box::new(set), statuses)
             }
             Some(_) => Resolved::NotYet,

@@ -9,7 +9,7 @@
 //! again through [`ServiceView::resolve`], which reads the stores and calls
 //! the pure [`resolve`] on one Service and its slices.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +24,10 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::watch;
+
+/// Where a reference without a namespace looks when its Backend has none
+/// either (which the loader refuses, so only a defensive default).
+const DEFAULT_NAMESPACE: &str = "default";
 
 /// The label an EndpointSlice names its Service with.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -113,34 +117,59 @@ impl ServiceView {
         self.changes.clone()
     }
 
-    /// What `service` resolves to now; `namespace` is the one it defaults to.
-    pub fn resolve(&self, service: &ServiceRef, namespace: &str) -> Resolution {
-        let namespace = service.namespace.as_deref().unwrap_or(namespace);
-        let key = ObjectRef::new(&service.name).within(namespace);
-        let Some(object) = self.services.get(&key) else {
-            return Resolution {
-                problem: Some(format!(
-                    "no Service {namespace}/{} in the cluster",
-                    service.name
-                )),
-                ..Resolution::default()
-            };
-        };
-        let slices: Vec<Arc<EndpointSlice>> = self
-            .slices
-            .state()
-            .into_iter()
-            .filter(|s| {
-                s.metadata.namespace.as_deref() == Some(namespace)
-                    && s.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                        .is_some_and(|n| *n == service.name)
+    /// `raw` with every service reference resolved against the Services
+    /// and EndpointSlices now (see [`resolve_set`]). The slices are read in
+    /// one pass and grouped by the Services the set names, so a change
+    /// costs one walk over the cluster's slices, not one per backend.
+    pub fn resolve_set(&self, raw: &PolicySet) -> (PolicySet, Vec<ServiceStatus>) {
+        let wanted: HashSet<(&str, &str)> = raw
+            .backends
+            .iter()
+            .filter_map(|b| {
+                let service = b.spec.service.as_ref()?;
+                let namespace = service
+                    .namespace
+                    .as_deref()
+                    .or(b.metadata.namespace.as_deref())
+                    .unwrap_or(DEFAULT_NAMESPACE);
+                Some((namespace, service.name.as_str()))
             })
             .collect();
-        let slices: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
-        resolve(&object, &slices, &service.port)
+        let mut slices: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+        for slice in self.slices.state() {
+            let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .map(String::as_str)
+                .unwrap_or_default();
+            if wanted.contains(&(namespace, service)) {
+                let key = (namespace.to_owned(), service.to_owned());
+                slices.entry(key).or_default().push(slice.clone());
+            }
+        }
+        resolve_set(raw, |service, namespace| {
+            let namespace = service.namespace.as_deref().unwrap_or(namespace);
+            let key = ObjectRef::new(&service.name).within(namespace);
+            let Some(object) = self.services.get(&key) else {
+                return Resolution {
+                    problem: Some(format!(
+                        "no Service {namespace}/{} in the cluster",
+                        service.name
+                    )),
+                    ..Resolution::default()
+                };
+            };
+            let found: Vec<&EndpointSlice> = slices
+                .get(&(namespace.to_owned(), service.name.clone()))
+                .into_iter()
+                .flatten()
+                .map(|s| s.as_ref())
+                .collect();
+            resolve(&object, &found, &service.port)
+        })
     }
 }
 
@@ -185,7 +214,11 @@ pub fn resolve_set(
         };
         // Checked at load: a reference without a namespace sits in a
         // Backend that has one.
-        let default_namespace = backend.metadata.namespace.as_deref().unwrap_or("default");
+        let default_namespace = backend
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(DEFAULT_NAMESPACE);
         let namespace = service
             .namespace
             .clone()
@@ -579,13 +612,20 @@ pub(crate) mod tests {
         );
         other.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "other".to_owned())].into());
         let (view, ..) = ServiceView::fixed(vec![named()], vec![mine, other]);
-        let reference = ServiceRef {
-            name: "chat".into(),
-            namespace: None,
-            port: name("http"),
-        };
-        assert_eq!(view.resolve(&reference, "ml").endpoints, ["10.0.0.1:8000"]);
-        let elsewhere = view.resolve(&reference, "prod");
-        assert!(elsewhere.problem.unwrap().contains("no Service prod/chat"));
+        let raw = infermesh_proto::policy::load_str(
+            std::path::Path::new("p.yaml"),
+            "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: a, namespace: ml}\n\
+             spec: {service: {name: chat, port: http}}\n---\n\
+             apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: b, namespace: ml}\n\
+             spec: {service: {name: chat, namespace: prod, port: http}}\n",
+        )
+        .unwrap();
+        let (set, statuses) = view.resolve_set(&raw);
+        assert_eq!(set.backends[0].spec.endpoints, ["10.0.0.1:8000"]);
+        assert_eq!(set.backends[0].spec.service, None);
+        assert!(set.backends[1].spec.endpoints.is_empty());
+        assert_eq!(statuses[1].service, "prod/chat");
+        let problem = statuses[1].problem.clone().unwrap();
+        assert!(problem.contains("no Service prod/chat"), "{problem}");
     }
 }

@@ -76,6 +76,10 @@ enum Command {
         /// The kubeconfig file for `--kubernetes`.
         #[arg(long, value_name = "FILE", requires = "kubernetes")]
         kubeconfig: Option<PathBuf>,
+        /// With `--kubernetes`: policy resources in this namespace reach the
+        /// whole mesh; those of any other namespace reach its proxies only.
+        #[arg(long, value_name = "NAMESPACE", default_value = "infermesh-system")]
+        root_namespace: String,
         /// Address of the policy gRPC server [default: 0.0.0.0:8080 with a
         /// CA, 127.0.0.1:8080 without one].
         #[arg(long, value_name = "ADDR")]
@@ -295,6 +299,7 @@ fn main() -> ExitCode {
             policies,
             kubernetes,
             kubeconfig,
+            root_namespace,
             listen,
             insecure_listen,
             allow_empty_policy,
@@ -308,7 +313,10 @@ fn main() -> ExitCode {
                 let listen = serve::policy_listen(listen, identity.is_some(), insecure_listen)?;
                 Ok(serve::Settings {
                     policies,
-                    kubernetes: kubernetes.then_some(kubernetes::Settings { kubeconfig }),
+                    kubernetes: kubernetes.then_some(kubernetes::Settings {
+                        kubeconfig,
+                        root_namespace,
+                    }),
                     listen,
                     admin,
                     identity,

@@ -267,20 +267,24 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     }
 
     let (stop_tx, stopped) = watch::channel(false);
-    let watcher = match (&settings.policies, &kube) {
-        (Some(_), _) | (None, None) => {
-            tokio::spawn(policies::watch(publisher.clone(), stopped.clone()))
-        }
-        // The policy custom resources: not watched yet.
-        (None, Some(_)) => tokio::spawn(std::future::pending()),
+    let watcher = match (&settings.policies, &kube, &settings.kubernetes) {
+        (None, Some(client), Some(kubernetes)) => tokio::spawn(crate::kubernetes::policies::run(
+            client.clone(),
+            publisher.clone(),
+            kubernetes.root_namespace.clone(),
+        )),
+        _ => tokio::spawn(policies::watch(publisher.clone(), stopped.clone())),
     };
-    let discovery = Discovery::new(
+    let mut discovery = Discovery::new(
         publisher.subscribe(),
         registry,
         metrics.clone(),
         stopped.clone(),
         authority.is_some(),
     );
+    if let Some(client) = &kube {
+        discovery = discovery.with_pods(crate::kubernetes::pods::watch(client.clone()));
+    }
     let mut server_stopped = stopped;
     let mut builder = tonic::transport::Server::builder()
         // Finds proxies that vanished without closing their connection.

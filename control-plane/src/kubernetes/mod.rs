@@ -16,6 +16,9 @@
 //! errors), so a dropped connection or a compacted history costs a re-list,
 //! never a stale view.
 
+pub mod pods;
+pub mod policies;
+
 use std::path::PathBuf;
 
 /// How to reach the API server.
@@ -23,6 +26,8 @@ use std::path::PathBuf;
 pub struct Settings {
     /// A kubeconfig file; `None` infers (`KUBECONFIG`, then in-cluster).
     pub kubeconfig: Option<PathBuf>,
+    /// Policy objects in this namespace are mesh-wide.
+    pub root_namespace: String,
 }
 
 /// Why the API server cannot be used.

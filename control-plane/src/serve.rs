@@ -284,6 +284,10 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     );
     if let Some(client) = &kube {
         discovery = discovery.with_pods(crate::kubernetes::pods::watch(client.clone()));
+        if let Some((authority, _, _)) = &authority {
+            let bundle = crate::kubernetes::bundle::pem(authority.roots());
+            crate::kubernetes::bundle::distribute(client.clone(), bundle);
+        }
     }
     let mut server_stopped = stopped;
     let mut builder = tonic::transport::Server::builder()

@@ -240,8 +240,11 @@ fn an_injected_pod_is_identified_by_its_token_scoped_by_its_labels_and_follows_e
         Some("listening addr="),
     );
 
-    // The cluster's objects: the Service and its slice (model-a), the
+    // The cluster's objects: namespaces, the Service and its slice (model-a), the
     // policy resources, and the application's pod.
+    for ns in ["apps", "ml", "infermesh-system"] {
+        api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
+    }
     api.apply(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "chat", "namespace": "ml"},
@@ -303,8 +306,24 @@ fn an_injected_pod_is_identified_by_its_token_scoped_by_its_labels_and_follows_e
     let token_dir = open_dir(work.path(), "token");
     write_open(&token_dir.join("token"), TOKEN);
     let trust_dir = open_dir(work.path(), "trust");
+    // The trust bundle the pod mounts is the ConfigMap the control plane
+    // wrote into the pod's namespace.
     let ca_pem = std::fs::read_to_string(ca_dir.join("ca.crt")).expect("the mesh's root");
-    write_open(&trust_dir.join("ca.crt"), &ca_pem);
+    let mut bundle = String::new();
+    until(
+        "the control plane writes the trust bundle into namespace apps",
+        Duration::from_secs(10),
+        || {
+            bundle = api
+                .get("v1", "ConfigMap", Some("apps"), "infermesh-trust-bundle")
+                .and_then(|cm| cm["data"]["ca.crt"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            !bundle.is_empty()
+        },
+    );
+    let der = |pem: &str| -> String { pem.lines().filter(|l| !l.starts_with("-----")).collect() };
+    assert_eq!(der(&bundle), der(&ca_pem), "the bundle is the mesh's root");
+    write_open(&trust_dir.join("ca.crt"), &bundle);
     let mut mounts = Vec::new();
     for mount in sidecar["volumeMounts"].as_array().expect("mounts") {
         let volume = spec["volumes"]
@@ -341,23 +360,36 @@ fn an_injected_pod_is_identified_by_its_token_scoped_by_its_labels_and_follows_e
         .envs(resolve_env(sidecar, &pod))
         .env("INFERMESH_LOG", "info");
     let proxy = PodProcess::spawn("sidecar", command, None);
-    until("the injected sidecar is ready", Duration::from_secs(30), || {
-        let (_, status, _) = app.curl(&[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "http://127.0.0.1:4191/ready",
-        ]);
-        status == "200"
-    });
+    until(
+        "the injected sidecar is ready",
+        Duration::from_secs(30),
+        || {
+            let (_, status, _) = app.curl(&[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://127.0.0.1:4191/ready",
+            ]);
+            status == "200"
+        },
+    );
 
     // The token path: the control plane reviewed the projected token and
     // the proxy holds exactly its service account's SPIFFE ID; its labels
     // are the pod's.
     let node_curl = |url: &str| -> String {
         let out = Command::new("ip")
-            .args(["netns", "exec", cluster.node(), "curl", "-sS", "--max-time", "10", url])
+            .args([
+                "netns",
+                "exec",
+                cluster.node(),
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                url,
+            ])
             .output()
             .expect("curl in the node");
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -372,7 +404,10 @@ fn an_injected_pod_is_identified_by_its_token_scoped_by_its_labels_and_follows_e
         .find(|p| p["id"] == "web")
         .unwrap_or_else(|| panic!("proxy `web` in {proxies}"))
         .clone();
-    assert_eq!(web["identity"], "spiffe://cluster.local/ns/apps/sa/web", "{web}");
+    assert_eq!(
+        web["identity"], "spiffe://cluster.local/ns/apps/sa/web",
+        "{web}"
+    );
     assert_eq!(web["namespace"], "apps");
     assert_eq!(web["labels"]["tier"], "gold", "labels from the Pod: {web}");
     let status: Value = api
@@ -386,7 +421,12 @@ fn an_injected_pod_is_identified_by_its_token_scoped_by_its_labels_and_follows_e
     // The application calls the Service's cluster IP; the sidecar sends
     // it to the endpoint of the slice.
     let (code, upstream) = chat(&app, "chat-model");
-    assert_eq!((code, upstream.as_str()), (200, "model-a"), "{}", proxy.output());
+    assert_eq!(
+        (code, upstream.as_str()),
+        (200, "model-a"),
+        "{}",
+        proxy.output()
+    );
 
     // The slice moves to model-b: traffic follows.
     api.apply(slice(&[(model_a.ip, false), (model_b.ip, true)]));
@@ -402,9 +442,11 @@ fn an_injected_pod_is_identified_by_its_token_scoped_by_its_labels_and_follows_e
     // tier=gold, and served once the label is gone.
     assert_eq!(chat(&app, "gold").0, 418, "the gold-only route applies");
     api.apply(web_pod(json!({"app": "web"})));
-    until("the relabelled pod loses the gold route", Duration::from_secs(10), || {
-        chat(&app, "gold") == (200, "model-b".to_string())
-    });
+    until(
+        "the relabelled pod loses the gold route",
+        Duration::from_secs(10),
+        || chat(&app, "gold") == (200, "model-b".to_string()),
+    );
 
     // A broken edit of the route keeps the accepted one, and says why.
     api.apply(json!({
@@ -415,15 +457,24 @@ fn an_injected_pod_is_identified_by_its_token_scoped_by_its_labels_and_follows_e
             "backends": [{"backend": "no-such-backend"}],
         },
     }));
-    until("the bad route's status says why", Duration::from_secs(10), || {
-        api.get("infermesh.io/v1alpha1", "ModelRoute", Some("apps"), "gold-only")
+    until(
+        "the bad route's status says why",
+        Duration::from_secs(10),
+        || {
+            api.get(
+                "infermesh.io/v1alpha1",
+                "ModelRoute",
+                Some("apps"),
+                "gold-only",
+            )
             .is_some_and(|r| {
                 r["status"]["conditions"][0]["status"] == "False"
                     && r["status"]["conditions"][0]["message"]
                         .as_str()
                         .is_some_and(|m| m.contains("no-such-backend"))
             })
-    });
+        },
+    );
     assert_eq!(chat(&app, "chat-model"), (200, "model-b".to_string()));
     drop(proxy);
     drop(control);

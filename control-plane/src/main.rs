@@ -162,6 +162,9 @@ struct CaArgs {
     #[arg(long, value_name = "FILE", requires = "intermediate_cert")]
     intermediate_key: Option<PathBuf>,
     /// Bootstrap tokens: lines of `<namespace>/<service-account> <token>`.
+    /// Required with a CA unless `--kubernetes`, where pods present their
+    /// projected service-account tokens (audience `infermesh`), verified by
+    /// a TokenReview; bootstrap tokens still work beside them.
     #[arg(long, value_name = "FILE")]
     bootstrap_tokens: Option<PathBuf>,
     /// The mesh's trust domain.
@@ -226,8 +229,8 @@ enum FlagError {
     /// The trust domain is not a valid SPIFFE trust domain.
     #[error("--trust-domain: {0}")]
     TrustDomain(#[source] IdentityError),
-    /// A CA without bootstrap tokens would sign for no one.
-    #[error("a CA needs --bootstrap-tokens FILE: proxies prove their identity with those tokens")]
+    /// A CA without bootstrap tokens or Kubernetes would sign for no one.
+    #[error("a CA needs --bootstrap-tokens FILE or --kubernetes: proxies prove their identity with a bootstrap token or their service-account token")]
     NoTokens,
     /// Leaves must live at least a second.
     #[error("--cert-lifetime must be at least 1s")]
@@ -241,7 +244,8 @@ enum FlagError {
 }
 
 impl CaArgs {
-    fn settings(self) -> Result<Option<serve::IdentitySettings>, FlagError> {
+    /// The CA's settings; `kubernetes` makes bootstrap tokens optional.
+    fn settings(self, kubernetes: bool) -> Result<Option<serve::IdentitySettings>, FlagError> {
         if self.ca_dir.is_none() && self.ca_cert.is_none() {
             if self.bootstrap_tokens.is_some() || self.intermediate_cert.is_some() {
                 return Err(FlagError::NoCa);
@@ -250,7 +254,10 @@ impl CaArgs {
         }
         infermesh_proto::spiffe::check_trust_domain(&self.trust_domain)
             .map_err(FlagError::TrustDomain)?;
-        let tokens = self.bootstrap_tokens.ok_or(FlagError::NoTokens)?;
+        let tokens = self.bootstrap_tokens;
+        if tokens.is_none() && !kubernetes {
+            return Err(FlagError::NoTokens);
+        }
         if self.cert_lifetime < ca::MIN_LIFETIME {
             return Err(FlagError::Lifetime);
         }
@@ -304,7 +311,7 @@ fn main() -> ExitCode {
             inject,
             ca,
         } => {
-            let settings = ca.settings().and_then(|identity| {
+            let settings = ca.settings(kubernetes).and_then(|identity| {
                 let listen = serve::policy_listen(listen, identity.is_some(), insecure_listen)?;
                 Ok(serve::Settings {
                     policies,

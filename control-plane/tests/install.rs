@@ -479,8 +479,22 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
             }
         })
         .collect();
+    // In a pod, `--kubernetes` finds the API server from the pod's service
+    // account; here a kubeconfig names one that is out of reach, which
+    // must not keep the control plane from starting.
+    let kubeconfig = root.path().join("kubeconfig");
+    fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+         clusters: [{name: c, cluster: {server: \"https://127.0.0.1:9\"}}]\n\
+         users: [{name: u, user: {token: not-a-real-token}}]\n\
+         contexts: [{name: c, context: {cluster: c, user: u}}]\n",
+    )
+    .expect("write");
+    assert!(args.contains(&"--kubernetes".to_owned()));
     let mut child = Command::new(BIN)
         .args(&mapped)
+        .env("KUBECONFIG", &kubeconfig)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

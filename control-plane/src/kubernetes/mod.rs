@@ -18,6 +18,8 @@
 
 use std::path::PathBuf;
 
+pub mod tokens;
+
 /// How to reach the API server.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {

@@ -403,7 +403,11 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
     let help = String::from_utf8_lossy(&help.stdout);
     for flag in args.iter().filter(|a| a.starts_with("--")) {
         let flag = flag.split('=').next().unwrap_or_default();
-        assert!(help.contains(&format!("{flag} ")), "`serve` has no {flag}");
+        // `--flag <VALUE>`, or a switch alone on its line.
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "`serve` has no {flag}"
+        );
     }
 
     // The volumes, laid out as the kubelet lays out a Secret or ConfigMap

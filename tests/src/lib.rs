@@ -10,6 +10,7 @@
 pub mod client;
 pub mod control_plane;
 pub mod kserve;
+pub mod kube_api;
 pub mod local;
 pub mod mesh;
 pub mod metrics;
@@ -25,6 +26,7 @@ pub mod tcp;
 pub use client::{raw_exchange, Arrivals, HttpClient, Reply, SseEvent};
 pub use control_plane::ControlPlaneProcess;
 pub use kserve::{GrpcCall, KServeGrpcServer, KServeSettings};
+pub use kube_api::KubeApi;
 pub use metrics::Metrics;
 pub use openai::{OpenAiServer, OpenAiSettings, RecordedRequest, StreamLog, StreamOutcome};
 pub use process::{ProxyBuilder, ProxyExit, ProxyProcess};

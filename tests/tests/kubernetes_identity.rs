@@ -183,7 +183,7 @@ async fn a_pods_service_account_token_yields_exactly_its_spiffe_id() {
         ],
     )
     .await;
-    refused(&api_only, &["Unauthenticated", "Kubernetes API server"]).await;
+    refused(&api_only, &["Unauthenticated", "invalid for the target audiences"]).await;
     let text = refused(
         &unknown,
         &[

@@ -234,7 +234,10 @@ impl IdentityService {
 
     /// The identity `token` is bound to, or the refusal (with its metric
     /// label) saying why there is none.
-    async fn identity_of(&self, token: &str) -> Result<(SpiffeId, Voucher), (&'static str, Status)> {
+    async fn identity_of(
+        &self,
+        token: &str,
+    ) -> Result<(SpiffeId, Voucher), (&'static str, Status)> {
         if let Some(bound) = self.tokens.as_ref().and_then(|t| t.identity_of(token)) {
             return Ok((bound, Voucher::File));
         }

@@ -616,6 +616,43 @@ mod tests {
         assert_eq!(json_report(&Ok(PolicySet::default())), "[]\n");
     }
 
+    /// The CA's settings from `serve` arguments.
+    fn ca_settings(args: &[&str]) -> Result<Option<serve::IdentitySettings>, FlagError> {
+        let cli = Cli::try_parse_from(
+            ["infermesh-control", "serve", "--policies", "p"]
+                .iter()
+                .chain(args),
+        )
+        .unwrap();
+        let Command::Serve { ca, kubernetes, .. } = cli.command else {
+            unreachable!("serve was parsed");
+        };
+        ca.settings(kubernetes)
+    }
+
+    #[test]
+    fn a_ca_needs_bootstrap_tokens_unless_the_cluster_vouches() {
+        let error = ca_settings(&["--ca-dir", "ca"]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("--bootstrap-tokens FILE or --kubernetes"),
+            "{error}"
+        );
+        let kube = ca_settings(&["--ca-dir", "ca", "--kubernetes"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(kube.tokens, None);
+        let both = ca_settings(&["--ca-dir", "ca", "--kubernetes", "--bootstrap-tokens", "t"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(both.tokens, Some(PathBuf::from("t")));
+        assert!(matches!(
+            ca_settings(&["--kubernetes", "--bootstrap-tokens", "t"]),
+            Err(FlagError::NoCa)
+        ));
+    }
+
     #[test]
     fn an_empty_set_is_reported_as_zero_documents() {
         assert_eq!(

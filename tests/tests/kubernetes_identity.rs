@@ -183,7 +183,11 @@ async fn a_pods_service_account_token_yields_exactly_its_spiffe_id() {
         ],
     )
     .await;
-    refused(&api_only, &["Unauthenticated", "invalid for the target audiences"]).await;
+    refused(
+        &api_only,
+        &["Unauthenticated", "invalid for the target audiences"],
+    )
+    .await;
     let text = refused(
         &unknown,
         &[
@@ -197,7 +201,10 @@ async fn a_pods_service_account_token_yields_exactly_its_spiffe_id() {
     // The reviews went to the API server's TokenReview endpoint.
     assert!(reviews(&api) >= 4, "{:?}", api.requests());
     let m = metrics(&mesh).await;
-    assert_eq!(m.sum("infermesh_control_certificates_issued_total", &[]), 2.0);
+    assert_eq!(
+        m.sum("infermesh_control_certificates_issued_total", &[]),
+        2.0
+    );
     // chat's and other's tokens, each reviewed once: other's proxy retries
     // from the cache of positive reviews.
     assert_eq!(

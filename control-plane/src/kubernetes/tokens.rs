@@ -50,7 +50,9 @@ pub enum ReviewError {
         reason: String,
     },
     /// The token is valid but its audiences, as reviewed, leave out ours.
-    #[error("the token is not meant for audience `{AUDIENCE}` (reviewed audiences: {audiences:?})")]
+    #[error(
+        "the token is not meant for audience `{AUDIENCE}` (reviewed audiences: {audiences:?})"
+    )]
     WrongAudience {
         /// `status.audiences`.
         audiences: Vec<String>,
@@ -231,9 +233,7 @@ impl TokenReviewer {
         let result = match answer {
             Err(_) => Err(ReviewError::Timeout),
             Ok(Err(error)) => Err(ReviewError::Unavailable(error)),
-            Ok(Ok(answer)) => {
-                identity_of(&answer.status.unwrap_or_default(), &self.trust_domain)
-            }
+            Ok(Ok(answer)) => identity_of(&answer.status.unwrap_or_default(), &self.trust_domain),
         };
         match &result {
             Ok(id) => {
@@ -301,14 +301,17 @@ mod tests {
             "system:serviceaccounts:ml:chat",
             "",
         ] {
-            let error = identity_of(&status(true, username, &["infermesh"]), "cluster.local")
-                .unwrap_err();
+            let error =
+                identity_of(&status(true, username, &["infermesh"]), "cluster.local").unwrap_err();
             assert!(
                 matches!(error, ReviewError::NotServiceAccount { .. }),
                 "{username}: {error}"
             );
             assert_eq!(error.reason(), "not_service_account");
-            assert!(error.to_string().contains(&format!("`{username}`")), "{error}");
+            assert!(
+                error.to_string().contains(&format!("`{username}`")),
+                "{error}"
+            );
         }
         let error = identity_of(
             &status(true, "system:serviceaccount:ML:chat", &["infermesh"]),
@@ -343,10 +346,17 @@ mod tests {
     #[test]
     fn an_unauthenticated_token_carries_the_api_servers_reason() {
         let mut refused = status(false, "", &[]);
-        refused.error = Some("token audiences [\"api\"] is invalid for the target audiences [\"infermesh\"]".into());
+        refused.error = Some(
+            "token audiences [\"api\"] is invalid for the target audiences [\"infermesh\"]".into(),
+        );
         let error = identity_of(&refused, "cluster.local").unwrap_err();
         assert!(matches!(error, ReviewError::NotAuthenticated { .. }));
-        assert!(error.to_string().contains("is invalid for the target audiences"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("is invalid for the target audiences"),
+            "{error}"
+        );
         assert_eq!(error.reason(), "token_not_authenticated");
         let empty = TokenReviewStatus::default();
         let error = identity_of(&empty, "cluster.local").unwrap_err();
@@ -355,15 +365,26 @@ mod tests {
 
     fn jwt(claims: &str) -> String {
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        format!("{}.{}.{}", b64(r#"{"alg":"RS256"}"#), b64(claims), b64("signature"))
+        format!(
+            "{}.{}.{}",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(claims),
+            b64("signature")
+        )
     }
 
     #[test]
     fn a_cached_review_never_outlives_the_token_nor_a_minute() {
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let exp = |s: u64| expiry(&jwt(&format!(r#"{{"aud":["infermesh"],"exp":{s}}}"#)));
-        assert_eq!(exp(1_000_030), Some(UNIX_EPOCH + Duration::from_secs(1_000_030)));
-        assert_eq!(cache_ttl(exp(1_000_030), now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            exp(1_000_030),
+            Some(UNIX_EPOCH + Duration::from_secs(1_000_030))
+        );
+        assert_eq!(
+            cache_ttl(exp(1_000_030), now),
+            Some(Duration::from_secs(30))
+        );
         assert_eq!(cache_ttl(exp(1_003_600), now), Some(CACHE_TTL));
         assert_eq!(cache_ttl(exp(1_000_000), now), None);
         assert_eq!(cache_ttl(exp(999_000), now), None);

@@ -139,7 +139,7 @@ pub fn manifests(settings: &Settings) -> Result<Vec<Group>, InstallError> {
                     "kind": "Secret",
                     "metadata": meta("infermesh-bootstrap-tokens", ns),
                     "type": "Opaque",
-                    "stringData": {"tokens": "# <namespace>/<service-account> <token>, one a line (see docs/kubernetes.md)\n"},
+                    "stringData": {"tokens": "# Optional: pods prove their identity with their service-account tokens.\n# For proxies outside the cluster: <namespace>/<service-account> <token>, one a line (see docs/kubernetes.md)\n"},
                 }),
             ],
         },
@@ -254,6 +254,9 @@ pub fn serve_args(ns: &str) -> Vec<String> {
         format!("--identity=spiffe://$(INFERMESH_TRUST_DOMAIN)/ns/{ns}/sa/infermesh-control");
     [
         "serve",
+        // Services, EndpointSlices, Pods and TokenReviews come from the
+        // cluster; pods prove their identity with service-account tokens.
+        "--kubernetes",
         "--policies",
         "/etc/infermesh/policies",
         "--listen",
@@ -264,6 +267,7 @@ pub fn serve_args(ns: &str) -> Vec<String> {
         "/etc/infermesh/ca/tls.crt",
         "--ca-key",
         "/etc/infermesh/ca/tls.key",
+        // Only for proxies outside the cluster; ships empty.
         "--bootstrap-tokens",
         "/etc/infermesh/tokens/tokens",
         "--server-name",

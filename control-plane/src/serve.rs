@@ -19,6 +19,7 @@ use crate::admin::{self, Admin};
 use crate::ca::{Authority, CaError, CaSettings};
 use crate::discovery::Discovery;
 use crate::identity::{IdentityService, TokenFile, TokenFileError};
+use crate::kubernetes::tokens::TokenReviewer;
 use crate::metrics::Metrics;
 use crate::policies::{self, Publisher};
 use crate::proxies::Registry;
@@ -113,8 +114,9 @@ pub fn policy_listen(
 pub struct IdentitySettings {
     /// Where the keys come from, and leaf lifetimes.
     pub ca: CaSettings,
-    /// The bootstrap token file.
-    pub tokens: PathBuf,
+    /// The bootstrap token file; optional with Kubernetes, where pods
+    /// present their service-account tokens instead.
+    pub tokens: Option<PathBuf>,
     /// The mesh's trust domain.
     pub trust_domain: String,
     /// The control plane's own identity, on its serving certificate.
@@ -189,11 +191,21 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     let authority = match &settings.identity {
         Some(identity) => {
             let authority = Arc::new(Authority::load(&identity.ca)?);
-            let tokens = Arc::new(TokenFile::open(
-                identity.tokens.clone(),
-                identity.trust_domain.clone(),
-            )?);
-            Some((authority, tokens, identity.clone()))
+            let tokens = match &identity.tokens {
+                Some(path) => Some(Arc::new(TokenFile::open(
+                    path.clone(),
+                    identity.trust_domain.clone(),
+                )?)),
+                None => None,
+            };
+            let reviewer = kube.clone().map(|client| {
+                Arc::new(TokenReviewer::new(
+                    client,
+                    identity.trust_domain.clone(),
+                    metrics.clone(),
+                ))
+            });
+            Some((authority, tokens, reviewer, identity.clone()))
         }
         None => None,
     };
@@ -215,7 +227,7 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     }
     // The webhook's certificate comes from the CA; without one it is off.
     let webhook = match &authority {
-        Some((authority, _, identity)) => {
+        Some((authority, _, _, identity)) => {
             let addr = settings.webhook.listen;
             let listener = TcpListener::bind(addr)
                 .await
@@ -298,7 +310,7 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
         let _ = server_stopped.wait_for(|stop| *stop).await;
     };
     let server = match authority {
-        Some((authority, tokens, identity)) => {
+        Some((authority, tokens, reviewer, identity)) => {
             let config = crate::tls::server_config(
                 authority.clone(),
                 identity.own_identity.clone(),
@@ -307,9 +319,11 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
             tracing::info!(
                 trust_domain = %identity.trust_domain,
                 identity = %identity.own_identity,
+                bootstrap_tokens = tokens.is_some(),
+                kubernetes_token_review = reviewer.is_some(),
                 "certificate authority enabled; the gRPC port speaks TLS"
             );
-            let service = IdentityService::new(authority, tokens, metrics);
+            let service = IdentityService::new(authority, tokens, reviewer, metrics);
             tokio::spawn(
                 builder
                     .add_service(PolicyDiscoveryServer::new(discovery))

@@ -403,7 +403,11 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
     let help = String::from_utf8_lossy(&help.stdout);
     for flag in args.iter().filter(|a| a.starts_with("--")) {
         let flag = flag.split('=').next().unwrap_or_default();
-        assert!(help.contains(&format!("{flag} ")), "`serve` has no {flag}");
+        // `--flag <VALUE>`, or a switch alone on its line.
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "`serve` has no {flag}"
+        );
     }
 
     // The volumes, laid out as the kubelet lays out a Secret or ConfigMap
@@ -479,8 +483,22 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
             }
         })
         .collect();
+    // In a pod, `--kubernetes` finds the API server from the pod's service
+    // account; here a kubeconfig names one that is out of reach, which
+    // must not keep the control plane from starting.
+    let kubeconfig = root.path().join("kubeconfig");
+    fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+         clusters: [{name: c, cluster: {server: \"https://127.0.0.1:9\"}}]\n\
+         users: [{name: u, user: {token: not-a-real-token}}]\n\
+         contexts: [{name: c, context: {cluster: c, user: u}}]\n",
+    )
+    .expect("write");
+    assert!(args.contains(&"--kubernetes".to_owned()));
     let mut child = Command::new(BIN)
         .args(&mapped)
+        .env("KUBECONFIG", &kubeconfig)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

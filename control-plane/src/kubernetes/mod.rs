@@ -24,6 +24,8 @@ pub mod policies;
 
 use std::path::PathBuf;
 
+pub mod tokens;
+
 /// How to reach the API server.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {

@@ -134,6 +134,9 @@ enum Command {
         file: Option<PathBuf>,
         #[command(flatten)]
         config: inject::Config,
+        /// The mesh's trust domain, which the injected proxy's identity names.
+        #[arg(long, default_value = infermesh_proto::spiffe::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
     /// Write the JSON Schema of every policy kind into a directory.
     Schema {
@@ -313,9 +316,10 @@ fn main() -> ExitCode {
             admin,
             webhook_listen,
             webhook_names,
-            inject,
+            mut inject,
             ca,
         } => {
+            inject.trust_domain = ca.trust_domain.clone();
             let settings = ca.settings(kubernetes).and_then(|identity| {
                 let listen = serve::policy_listen(listen, identity.is_some(), insecure_listen)?;
                 Ok(serve::Settings {
@@ -345,7 +349,14 @@ fn main() -> ExitCode {
         }
         Command::Install(args) => install(*args),
         Command::Schema { out } => schema(&out),
-        Command::Inject { file, config } => inject_command(file.as_deref(), &config),
+        Command::Inject {
+            file,
+            mut config,
+            trust_domain,
+        } => {
+            config.trust_domain = trust_domain;
+            inject_command(file.as_deref(), &config)
+        }
     }
 }
 

@@ -179,7 +179,14 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
         .policies
         .clone()
         .unwrap_or_else(|| PathBuf::from("kubernetes"));
-    let publisher = Publisher::new(source.clone(), metrics.clone(), settings.allow_empty_policy);
+    // The emptiness guard is for files caught mid-write; the cluster's
+    // resources are listed whole, and none at all is a new cluster.
+    let from_cluster = settings.policies.is_none();
+    let publisher = Publisher::new(
+        source.clone(),
+        metrics.clone(),
+        settings.allow_empty_policy || from_cluster,
+    );
     let registry = Registry::new(metrics.clone());
     let kube = match &settings.kubernetes {
         Some(kubernetes) => Some(crate::kubernetes::client(kubernetes).await?),
@@ -296,7 +303,7 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     );
     if let Some(client) = &kube {
         discovery = discovery.with_pods(crate::kubernetes::pods::watch(client.clone()));
-        if let Some((authority, _, _)) = &authority {
+        if let Some((authority, ..)) = &authority {
             let bundle = crate::kubernetes::bundle::pem(authority.roots());
             crate::kubernetes::bundle::distribute(client.clone(), bundle);
         }

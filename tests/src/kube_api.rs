@@ -143,6 +143,18 @@ impl KubeApi {
         self.shared.store.lock().unwrap().remove(&key).is_some()
     }
 
+    /// Serves lists and watches of `kind` (an empty list rather than 404)
+    /// before any object of it exists, as installing its CRD does. The
+    /// core kinds, EndpointSlice, Deployment and the infermesh.io kinds are
+    /// served from the start.
+    pub fn register_kind(&self, api_version: &str, kind: &str) {
+        self.shared
+            .store
+            .lock()
+            .unwrap()
+            .register_kind(api_version, kind);
+    }
+
     /// The stored object, including a status written through the API (PATCH/PUT .../status).
     pub fn get(
         &self,

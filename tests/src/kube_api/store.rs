@@ -212,6 +212,15 @@ impl Store {
             .or_else(|| builtin_kind(resource).map(str::to_string))
     }
 
+    /// Serves `kind` at `api_version` before any object of it is written.
+    pub fn register_kind(&mut self, api_version: &str, kind: &str) {
+        let resource = Resource {
+            api_version: api_version.to_string(),
+            plural: plural(kind),
+        };
+        self.kinds.insert(resource, kind.to_string());
+    }
+
     pub fn get(&self, key: &Key) -> Option<&Value> {
         self.objects.get(key)
     }

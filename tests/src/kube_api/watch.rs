@@ -53,7 +53,13 @@ impl WatchRequest {
             (ChangeType::Deleted, _, false) => return None,
             (_, true, true) => ChangeType::Modified,
             (_, false, true) => ChangeType::Added,
-            (_, true, false) => ChangeType::Deleted,
+            (_, true, false) => {
+                // As kube-apiserver's watch cache: the object as the watch
+                // last matched it, at the change's resourceVersion.
+                let mut last = change.previous.clone().unwrap_or_default();
+                last["metadata"]["resourceVersion"] = json!(change.rv.to_string());
+                return Some((ChangeType::Deleted.as_str(), last));
+            }
             (_, false, false) => return None,
         };
         Some((event.as_str(), change.object.clone()))

@@ -15,7 +15,7 @@
 //! Served: `/api/v1/...` and `/apis/GROUP/VERSION/...`, cluster-wide and
 //! `/namespaces/NS/...`; list (`labelSelector`, `fieldSelector`, `limit`,
 //! `continue`); watch (`watch=true`, `resourceVersion`,
-//! `allowWatchBookmarks`, `timeoutSeconds`); GET, POST, PUT, PATCH (merge,
+//! `allowWatchBookmarks`, `timeoutSeconds`, `sendInitialEvents`); GET, POST, PUT, PATCH (merge,
 //! strategic merge as merge, apply as merge, JSON patch) and DELETE of one
 //! object; PUT and PATCH of `/status` (which only change `status`; writes
 //! to the object keep its `status`); TokenReview; `/version`. Errors are

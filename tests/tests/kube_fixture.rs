@@ -183,6 +183,26 @@ async fn list_then_watch_sees_applies_modifies_and_deletes_in_order() {
 }
 
 #[tokio::test]
+async fn a_streaming_list_watcher_gets_the_objects_then_the_changes() {
+    let api = KubeApi::start();
+    api.apply(service("a", json!({})));
+    api.apply(service("b", json!({})));
+    let services: Api<Service> = Api::namespaced(client(&api).await, "ns");
+    let config = watcher::Config::default().streaming_lists();
+    let mut rx = events(watcher(services, config));
+    assert_eq!(
+        next_events(&mut rx, 4).await,
+        ["Init", "InitApply a", "InitApply b", "InitDone"]
+    );
+    api.apply(service("c", json!({})));
+    assert_eq!(next_events(&mut rx, 1).await, ["Apply c@3"]);
+    let requests = api.requests();
+    let path = "/api/v1/namespaces/ns/services";
+    assert_eq!(lists(&requests, path), 0, "no list: {requests:#?}");
+    assert!(watches(&requests, path)[0].contains("sendInitialEvents=true"));
+}
+
+#[tokio::test]
 async fn a_dropped_watch_resumes_from_the_last_resource_version_without_a_relist() {
     let api = KubeApi::start();
     api.apply(slice("model-x", "10.0.0.1"));

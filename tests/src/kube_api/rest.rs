@@ -364,7 +364,11 @@ fn start_watch(
         ));
     }
     let flag = |name: &str| matches!(query.get(name).map(String::as_str), Some("true" | "1"));
+    // A streaming list (sendInitialEvents=true) starts with the current
+    // objects, whatever the resourceVersion (NotOlderThan it).
+    let initial_events = flag("sendInitialEvents");
     let from = match query.get("resourceVersion").map(String::as_str) {
+        _ if initial_events => None,
         None | Some("" | "0") => None,
         Some(rv) => Some(
             rv.parse::<u64>()
@@ -383,6 +387,7 @@ fn start_watch(
         labels: LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))?,
         fields: FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))?,
         bookmarks: flag("allowWatchBookmarks"),
+        initial_events,
         timeout,
     };
     let subscription =

@@ -596,6 +596,94 @@ async fn status_writes_on_a_dynamic_backend_change_only_status() {
 }
 
 #[tokio::test]
+async fn creates_replaces_patches_and_deletes_through_the_api() {
+    let api = KubeApi::start();
+    let services: Api<Service> = Api::namespaced(client(&api).await, "ns");
+    let mut rx = events(watcher(services.clone(), watcher::Config::default()));
+    assert_eq!(next_events(&mut rx, 2).await, ["Init", "InitDone"]);
+    assert!(api.wait_for_watches(1, WAIT).await);
+
+    let new: Service = serde_json::from_value(service("a", json!({}))).expect("a Service");
+    let created = services
+        .create(&PostParams::default(), &new)
+        .await
+        .expect("create");
+    assert_eq!(created.metadata.resource_version.as_deref(), Some("1"));
+    assert!(created.metadata.uid.is_some() && created.metadata.creation_timestamp.is_some());
+    match services.create(&PostParams::default(), &new).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(
+                (status.code, status.reason.as_str()),
+                (409, "AlreadyExists")
+            )
+        }
+        other => panic!("expected 409, got {other:?}"),
+    }
+
+    let mut changed = created.clone();
+    changed
+        .spec
+        .as_mut()
+        .expect("a spec")
+        .ports
+        .as_mut()
+        .expect("ports")[0]
+        .port = 9000;
+    let replaced = services
+        .replace("a", &PostParams::default(), &changed)
+        .await
+        .expect("replace");
+    assert_eq!(replaced.metadata.generation, Some(2));
+    match services
+        .replace("a", &PostParams::default(), &changed)
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 409, "stale resourceVersion"),
+        other => panic!("expected 409, got {other:?}"),
+    }
+
+    let labels = json!({"metadata": {"labels": {"tier": "front"}}});
+    services
+        .patch("a", &PatchParams::default(), &Patch::Merge(&labels))
+        .await
+        .expect("merge patch");
+    let note = json!({"metadata": {"annotations": {"note": "x"}}});
+    services
+        .patch("a", &PatchParams::default(), &Patch::Strategic(&note))
+        .await
+        .expect("strategic merge patch");
+    // Server-side apply creates what is missing.
+    services
+        .patch(
+            "b",
+            &PatchParams::apply("test"),
+            &Patch::Apply(service("b", json!({}))),
+        )
+        .await
+        .expect("apply creates");
+    let a = services.get("a").await.expect("get a");
+    assert_eq!(a.labels().get("tier").map(String::as_str), Some("front"));
+    assert_eq!(a.annotations().get("note").map(String::as_str), Some("x"));
+
+    services
+        .delete("a", &Default::default())
+        .await
+        .expect("delete");
+    assert!(api.get("v1", "Service", Some("ns"), "a").is_none());
+    assert_eq!(
+        next_events(&mut rx, 6).await,
+        [
+            "Apply a@1",
+            "Apply a@2",
+            "Apply a@3",
+            "Apply a@4",
+            "Apply b@5",
+            "Delete a@6"
+        ]
+    );
+}
+
+#[tokio::test]
 async fn token_reviews_authenticate_registered_tokens_for_their_audience() {
     let api = KubeApi::start();
     api.add_token("token-web", "apps", "web", &["infermesh"]);

@@ -774,6 +774,25 @@ mod tests {
     }
 
     #[test]
+    fn json_patches_apply_in_order() {
+        let mut store = Store::new();
+        let a = store.put(pod("a", json!({"x": 1}))).unwrap();
+        let key = key_of(&a).unwrap();
+        let ops: Vec<json_patch::PatchOperation> = serde_json::from_value(json!([
+            {"op": "add", "path": "/metadata/labels", "value": {"app": "web"}},
+            {"op": "replace", "path": "/spec/x", "value": 2},
+        ]))
+        .unwrap();
+        let b = store.json_patch(&key, &ops, false).unwrap();
+        assert_eq!(b["metadata"]["labels"]["app"], "web");
+        assert_eq!(b["spec"]["x"], 2);
+        assert_eq!(b["metadata"]["generation"], 2);
+        let bad: Vec<json_patch::PatchOperation> =
+            serde_json::from_value(json!([{"op": "remove", "path": "/nope"}])).unwrap();
+        assert_eq!(store.json_patch(&key, &bad, false).unwrap_err().code, 422);
+    }
+
+    #[test]
     fn a_stale_resource_version_conflicts() {
         let mut store = Store::new();
         let a = store.put(pod("a", json!({}))).unwrap();

@@ -274,6 +274,9 @@ struct Continue {
     name: String,
 }
 
+/// A list, or one page of it. Every page carries the first page's
+/// resourceVersion (a watch from it sees every later change), but later
+/// pages show the objects as they are now, not a snapshot at that version.
 fn list(
     store: &Store,
     resource: &Resource,
@@ -312,16 +315,16 @@ fn list(
         })
         .filter(|(_, object)| labels.matches(object) && fields.matches(object));
     let mut items = Vec::new();
-    let mut last = None;
-    for (key, object) in matching.by_ref() {
+    let mut more = false;
+    for (_, object) in matching.by_ref() {
         if limit > 0 && items.len() == limit {
-            last = Some(key);
+            more = true;
             break;
         }
         items.push(object.clone());
     }
     let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if last.is_some() {
+    if more {
         // The page's last item is where the next page starts after.
         let tail = items.last().expect("a full page");
         let token = Continue {

@@ -27,6 +27,11 @@ const KINDS: [(&str, &str, &str); 5] = [
     ("AuthorizationPolicy", "authorizationpolicies", "imap"),
 ];
 
+/// Each kind with its plural resource name, for watching them.
+pub fn kinds() -> impl Iterator<Item = (&'static str, &'static str)> {
+    KINDS.iter().map(|(kind, plural, _)| (*kind, *plural))
+}
+
 /// The plural resource names, for RBAC rules.
 pub fn plurals() -> Vec<&'static str> {
     KINDS.iter().map(|(_, plural, _)| *plural).collect()

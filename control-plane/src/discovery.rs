@@ -24,6 +24,7 @@ use infermesh_proto::policy_api::{Hello, PolicySnapshot, ProxyMessage};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::kubernetes::pods::{PodInfo, Pods};
 use crate::metrics::Metrics;
 use crate::proxies::{Answer, Outcome, ProxyState, Registration, Registry, Sent};
 use crate::snapshot::{Published, Scoped};
@@ -32,6 +33,9 @@ use infermesh_proto::spiffe::SpiffeId;
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stream waits for its pod to reach the pod watch (a pod just
+/// created) before it is served with the labels of its Hello.
+const POD_WAIT: Duration = Duration::from_secs(5);
 
 /// The current snapshot; `None` until a valid policy set is published.
 pub type Current = watch::Receiver<Option<Arc<Published>>>;
@@ -46,6 +50,9 @@ pub struct Discovery {
     /// Streams must come from a proxy holding a mesh certificate of the
     /// namespace it subscribes for (the control plane is the CA).
     require_identity: bool,
+    /// In a cluster: the pods, whose labels scope policy instead of the
+    /// Hello's.
+    pods: Option<Pods>,
 }
 
 impl Discovery {
@@ -63,7 +70,15 @@ impl Discovery {
             metrics,
             shutdown,
             require_identity,
+            pods: None,
         }
+    }
+
+    /// Takes each proxy's labels from its pod (named by its Hello), and
+    /// checks that the pod runs as the service account of its certificate.
+    pub fn with_pods(mut self, pods: Pods) -> Self {
+        self.pods = Some(pods);
+        self
     }
 }
 
@@ -98,6 +113,8 @@ impl PolicyDiscovery for Discovery {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
+            pods: self.pods.clone(),
+            pod_changes: None,
             phase: Phase::AwaitHello,
         };
         let stream = futures_util::stream::unfold(session, |mut session| async move {
@@ -116,6 +133,9 @@ enum Phase {
 /// A stream that said Hello.
 struct Subscriber {
     workload: Workload,
+    /// The pod whose labels are the workload's, in a cluster: namespace
+    /// and name.
+    pod: Option<(String, String)>,
     registration: Registration,
     /// Version last compared with `sent`.
     checked: u64,
@@ -132,6 +152,9 @@ struct Session {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    pods: Option<Pods>,
+    /// Changes of the pods, once the stream follows its pod.
+    pod_changes: Option<watch::Receiver<u64>>,
     phase: Phase,
 }
 
@@ -145,7 +168,12 @@ impl Session {
             match &mut self.phase {
                 Phase::Done => return None,
                 Phase::AwaitHello => match self.hello().await {
-                    Ok(Some(subscriber)) => self.phase = Phase::Streaming(Box::new(subscriber)),
+                    Ok(Some(subscriber)) => {
+                        if subscriber.pod.is_some() {
+                            self.pod_changes = self.pods.as_ref().map(Pods::changes);
+                        }
+                        self.phase = Phase::Streaming(Box::new(subscriber));
+                    }
                     Ok(None) => {
                         self.phase = Phase::Done;
                         return None;
@@ -160,8 +188,19 @@ impl Session {
                     if let Some(push) = published.and_then(|p| subscriber.push(&p, &self.metrics)) {
                         return Some(Ok(push));
                     }
+                    let pod_changed = async {
+                        match self.pod_changes.as_mut() {
+                            Some(changes) => changes.changed().await.is_ok(),
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = self.shutdown.changed() => return None,
+                        true = pod_changed => {
+                            if let Some(pods) = &self.pods {
+                                subscriber.follow_pod(pods);
+                            }
+                        }
                         changed = self.current.changed() => {
                             if changed.is_err() {
                                 return None;
@@ -228,10 +267,38 @@ impl Session {
             Some(id) => id.to_string(),
             None => identity,
         };
-        let workload = Workload {
+        let mut workload = Workload {
             namespace,
             labels: labels.into_iter().collect(),
         };
+        let mut pod = None;
+        if let Some(pods) = &self.pods {
+            if !proxy_id.is_empty() {
+                match self.pod_of(pods, &workload.namespace, &proxy_id).await {
+                    Some(info) => {
+                        if let Some(id) = &self.identity {
+                            if id.service_account() != info.service_account {
+                                return Err(Status::permission_denied(format!(
+                                    "pod {}/{proxy_id} runs as service account `{}`, and this \
+                                     proxy's certificate is {id}: a proxy subscribes as the pod \
+                                     it runs in",
+                                    workload.namespace, info.service_account
+                                )));
+                            }
+                        }
+                        workload.labels = info.labels;
+                        pod = Some((workload.namespace.clone(), proxy_id.clone()));
+                    }
+                    None => tracing::warn!(
+                        proxy = %proxy_id,
+                        namespace = %workload.namespace,
+                        "no pod of this name in the cluster after {}s; scoping by the labels \
+                         the proxy sent",
+                        POD_WAIT.as_secs()
+                    ),
+                }
+            }
+        }
         let id = if proxy_id.is_empty() {
             self.peer
                 .map_or_else(|| "unnamed".to_owned(), |p| format!("unnamed@{p}"))
@@ -242,6 +309,7 @@ impl Session {
         let state = ProxyState::new(id, identity, &workload, self.peer, version);
         Ok(Some(Subscriber {
             workload,
+            pod,
             registration: self.registry.register(state),
             checked: 0,
             sent: None,
@@ -249,7 +317,43 @@ impl Session {
     }
 }
 
+impl Session {
+    /// The pod `namespace/name`, waiting up to [`POD_WAIT`] for the pod
+    /// watch to see it.
+    async fn pod_of(&self, pods: &Pods, namespace: &str, name: &str) -> Option<PodInfo> {
+        let mut changes = pods.changes();
+        let deadline = tokio::time::Instant::now() + POD_WAIT;
+        loop {
+            if let Some(info) = pods.get(namespace, name) {
+                return Some(info);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
+}
+
 impl Subscriber {
+    /// Takes the pod's current labels; a change re-scopes the stream (the
+    /// next push compares the newly scoped content with what was sent).
+    fn follow_pod(&mut self, pods: &Pods) {
+        let Some((namespace, name)) = &self.pod else {
+            return;
+        };
+        let Some(info) = pods.get(namespace, name) else {
+            return;
+        };
+        if info.labels == self.workload.labels {
+            return;
+        }
+        tracing::info!(proxy = %name, %namespace, labels = ?info.labels, "the pod's labels changed; re-scoping its policy");
+        self.workload.labels = info.labels;
+        self.registration.state.lock().labels = self.workload.labels.clone();
+        self.checked = 0;
+    }
+
     /// The snapshot to send for `published`, unless this stream already
     /// checked that version or holds the same content.
     fn push(&mut self, published: &Published, metrics: &Metrics) -> Option<PolicySnapshot> {

@@ -1,5 +1,8 @@
-//! The `Identity` gRPC service: proxies send a CSR and a bootstrap token and
-//! get a short-lived certificate for the identity the token is bound to.
+//! The `Identity` gRPC service: proxies send a CSR and a token and get a
+//! short-lived certificate for the identity the token is bound to. A token
+//! is a bootstrap token from a file or, with `--kubernetes`, the pod's
+//! projected service-account token, which the API server reviews
+//! (`kubernetes::tokens`).
 //!
 //! Bootstrap tokens live in a file of lines `<namespace>/<service-account>
 //! <token>` (`#` starts a comment), re-read when it changes. Only SHA-256
@@ -17,6 +20,7 @@ use parking_lot::Mutex;
 use tonic::{Request, Response, Status};
 
 use crate::ca::{Authority, SignError};
+use crate::kubernetes::tokens::{ReviewError, TokenReviewer};
 use crate::metrics::Metrics;
 
 /// Longest token accepted, so a huge header cannot cost a hash of it.
@@ -185,28 +189,86 @@ fn parse_tokens(
 /// The gRPC service.
 pub struct IdentityService {
     authority: Arc<Authority>,
-    tokens: Arc<TokenFile>,
+    tokens: Option<Arc<TokenFile>>,
+    reviewer: Option<Arc<TokenReviewer>>,
     metrics: Arc<Metrics>,
 }
 
+/// Who vouches for a token.
+enum Voucher {
+    /// The bootstrap token file.
+    File,
+    /// A Kubernetes TokenReview.
+    Kubernetes,
+}
+
 impl IdentityService {
-    /// Signs with `authority` for the holders of `tokens`.
-    pub fn new(authority: Arc<Authority>, tokens: Arc<TokenFile>, metrics: Arc<Metrics>) -> Self {
+    /// Signs with `authority` for the holders of bootstrap `tokens` and,
+    /// with Kubernetes, of service-account tokens the `reviewer` accepts;
+    /// a token the file knows is never sent to the API server.
+    pub fn new(
+        authority: Arc<Authority>,
+        tokens: Option<Arc<TokenFile>>,
+        reviewer: Option<Arc<TokenReviewer>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             authority,
             tokens,
+            reviewer,
             metrics,
         }
     }
 
-    fn refuse(&self, reason: &'static str, status: Status) -> Status {
+    fn refuse(&self, reason: &'static str, asked: &str, status: Status) -> Status {
         self.metrics.csr_refused(reason);
         tracing::warn!(
             reason,
+            identity = asked,
+            code = ?status.code(),
             message = status.message(),
             "certificate request refused"
         );
         status
+    }
+
+    /// The identity `token` is bound to, or the refusal (with its metric
+    /// label) saying why there is none.
+    async fn identity_of(
+        &self,
+        token: &str,
+    ) -> Result<(SpiffeId, Voucher), (&'static str, Status)> {
+        if let Some(bound) = self.tokens.as_ref().and_then(|t| t.identity_of(token)) {
+            return Ok((bound, Voucher::File));
+        }
+        let Some(reviewer) = &self.reviewer else {
+            return Err((
+                "unknown_token",
+                Status::unauthenticated("the bootstrap token is not known to this authority"),
+            ));
+        };
+        reviewer
+            .review(token)
+            .await
+            .map(|id| (id, Voucher::Kubernetes))
+            .map_err(|error| (error.reason(), review_status(&error)))
+    }
+}
+
+/// The gRPC status of a token Kubernetes did not vouch for: UNAVAILABLE
+/// when the API server could not be asked (the proxy retries),
+/// UNAUTHENTICATED when it refused the token, PERMISSION_DENIED when the
+/// token is valid but no workload's.
+fn review_status(error: &ReviewError) -> Status {
+    let message = error.to_string();
+    match error {
+        ReviewError::Unavailable(_) | ReviewError::Timeout => Status::unavailable(message),
+        ReviewError::NotAuthenticated { .. } | ReviewError::WrongAudience { .. } => {
+            Status::unauthenticated(message)
+        }
+        ReviewError::NotServiceAccount { .. } | ReviewError::Identity { .. } => {
+            Status::permission_denied(message)
+        }
     }
 }
 
@@ -228,28 +290,34 @@ impl Identity for IdentityService {
         let asked: SpiffeId = request.identity.parse().map_err(|e| {
             self.refuse(
                 "bad_identity",
+                &request.identity,
                 Status::invalid_argument(format!("identity: {e}")),
             )
         })?;
         let Some(token) = token else {
             return Err(self.refuse(
                 "no_token",
+                &request.identity,
                 Status::unauthenticated(
-                    "no bootstrap token: send `authorization: Bearer <token>` metadata",
+                    "no token: send `authorization: Bearer <token>` metadata (a bootstrap token, \
+                     or with Kubernetes the pod's service-account token)",
                 ),
             ));
         };
-        let Some(bound) = self.tokens.identity_of(&token) else {
-            return Err(self.refuse(
-                "unknown_token",
-                Status::unauthenticated("the bootstrap token is not known to this authority"),
-            ));
+        let (bound, voucher) = match self.identity_of(&token).await {
+            Ok(found) => found,
+            Err((reason, status)) => return Err(self.refuse(reason, &request.identity, status)),
         };
         if bound != asked {
+            let token_kind = match voucher {
+                Voucher::File => "bootstrap token",
+                Voucher::Kubernetes => "service-account token",
+            };
             return Err(self.refuse(
                 "identity_mismatch",
+                &request.identity,
                 Status::permission_denied(format!(
-                    "the bootstrap token is bound to {bound}, not to {asked}"
+                    "the {token_kind} is bound to {bound}, not to {asked}"
                 )),
             ));
         }
@@ -258,7 +326,11 @@ impl Identity for IdentityService {
         let signed = match self.authority.sign_csr(&asked, &request.csr, lifetime) {
             Ok(signed) => signed,
             Err(SignError::BadRequest(message)) => {
-                return Err(self.refuse("bad_csr", Status::invalid_argument(message)))
+                return Err(self.refuse(
+                    "bad_csr",
+                    &request.identity,
+                    Status::invalid_argument(message),
+                ))
             }
             Err(error) => {
                 tracing::error!(%error, "signing failed");
@@ -271,7 +343,11 @@ impl Identity for IdentityService {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         self.metrics.certificate_issued();
-        tracing::info!(identity = %asked, not_after, "certificate issued");
+        let vouched_by = match voucher {
+            Voucher::File => "bootstrap_token",
+            Voucher::Kubernetes => "token_review",
+        };
+        tracing::info!(identity = %asked, vouched_by, not_after, "certificate issued");
         Ok(Response::new(CertifyResponse {
             chain: signed.chain.iter().map(|c| c.to_vec()).collect(),
             trust_anchors: self.authority.roots().iter().map(|c| c.to_vec()).collect(),

@@ -82,6 +82,10 @@ pub struct Config {
         default_value = "https://infermesh-control.infermesh-system.svc:8080"
     )]
     pub control_plane: String,
+    /// The mesh's trust domain, which the proxy's identity names (`serve`
+    /// takes it from its own `--trust-domain`).
+    #[arg(skip = infermesh_proto::spiffe::DEFAULT_TRUST_DOMAIN.to_string())]
+    pub trust_domain: String,
 }
 
 fn default_image() -> String {
@@ -93,6 +97,7 @@ impl Default for Config {
         Config {
             proxy_image: default_image(),
             control_plane: "https://infermesh-control.infermesh-system.svc:8080".into(),
+            trust_domain: infermesh_proto::spiffe::DEFAULT_TRUST_DOMAIN.to_string(),
         }
     }
 }
@@ -240,6 +245,7 @@ pub fn inject_pod(meta: &mut Value, spec: &mut Value, config: &Config) -> Outcom
             "--control-plane", config.control_plane,
             "--identity-token-file", format!("{TOKEN_DIR}/token"),
             "--trust-bundle", format!("{TRUST_DIR}/ca.crt"),
+            "--trust-domain", config.trust_domain,
             // Not loopback: the kubelet probes it from the node.
             "--admin", format!("0.0.0.0:{ADMIN_PORT}"),
         ],

@@ -139,33 +139,22 @@ pub fn manifests(settings: &Settings) -> Result<Vec<Group>, InstallError> {
                     "kind": "Secret",
                     "metadata": meta("infermesh-bootstrap-tokens", ns),
                     "type": "Opaque",
-                    "stringData": {"tokens": "# <namespace>/<service-account> <token>, one a line (see docs/kubernetes.md)\n"},
+                    "stringData": {"tokens": "# Optional: pods prove their identity with their service-account tokens.\n# For proxies outside the cluster: <namespace>/<service-account> <token>, one a line (see docs/kubernetes.md)\n"},
                 }),
             ],
         },
         Group {
             file: "40-config.yaml",
-            objects: vec![
-                json!({
-                    "apiVersion": "v1",
-                    "kind": "ConfigMap",
-                    "metadata": meta("infermesh-config", ns),
-                    "data": {
-                        "proxyImage": settings.proxy_image,
-                        "controlPlaneUrl": format!("https://infermesh-control.{ns}.svc:8080"),
-                        "trustDomain": infermesh_proto::spiffe::DEFAULT_TRUST_DOMAIN,
-                    },
-                }),
-                json!({
-                    "apiVersion": "v1",
-                    "kind": "ConfigMap",
-                    "metadata": meta("infermesh-policies", ns),
-                    "data": {"mesh.yaml": format!(
-                        "apiVersion: {}\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec: {{}}\n",
-                        infermesh_proto::policy::API_VERSION
-                    )},
-                }),
-            ],
+            objects: vec![json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": meta("infermesh-config", ns),
+                "data": {
+                    "proxyImage": settings.proxy_image,
+                    "controlPlaneUrl": format!("https://infermesh-control.{ns}.svc:8080"),
+                    "trustDomain": infermesh_proto::spiffe::DEFAULT_TRUST_DOMAIN,
+                },
+            })],
         },
         Group {
             file: "50-control-plane.yaml",
@@ -233,6 +222,8 @@ fn rbac(ns: &str) -> Vec<Value> {
                 {"apiGroups": [crd::GROUP], "resources": plurals, "verbs": ["get", "list", "watch"]},
                 {"apiGroups": [crd::GROUP], "resources": status, "verbs": ["update", "patch"]},
                 {"apiGroups": [""], "resources": ["services", "pods", "namespaces"], "verbs": ["get", "list", "watch"]},
+                // The trust bundle injected pods mount, kept in every namespace.
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch", "update"]},
                 {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
                 {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
             ],
@@ -254,8 +245,13 @@ pub fn serve_args(ns: &str) -> Vec<String> {
         format!("--identity=spiffe://$(INFERMESH_TRUST_DOMAIN)/ns/{ns}/sa/infermesh-control");
     [
         "serve",
-        "--policies",
-        "/etc/infermesh/policies",
+        // Policy (the infermesh.io resources), Services, EndpointSlices,
+        // Pods and TokenReviews come from the cluster; pods prove their
+        // identity with service-account tokens. Policy objects in the
+        // control plane's own namespace are mesh-wide.
+        "--kubernetes",
+        "--root-namespace",
+        ns,
         "--listen",
         "0.0.0.0:8080",
         "--admin",
@@ -264,6 +260,7 @@ pub fn serve_args(ns: &str) -> Vec<String> {
         "/etc/infermesh/ca/tls.crt",
         "--ca-key",
         "/etc/infermesh/ca/tls.key",
+        // Only for proxies outside the cluster; ships empty.
         "--bootstrap-tokens",
         "/etc/infermesh/tokens/tokens",
         "--server-name",
@@ -350,13 +347,11 @@ fn deployment(settings: &Settings) -> Value {
                             "seccompProfile": {"type": "RuntimeDefault"},
                         },
                         "volumeMounts": [
-                            {"name": "policies", "mountPath": "/etc/infermesh/policies", "readOnly": true},
                             {"name": "ca", "mountPath": "/etc/infermesh/ca", "readOnly": true},
                             {"name": "tokens", "mountPath": "/etc/infermesh/tokens", "readOnly": true},
                         ],
                     }],
                     "volumes": [
-                        {"name": "policies", "configMap": {"name": "infermesh-policies"}},
                         // The key must not be readable by group or others.
                         {"name": "ca", "secret": {"secretName": "infermesh-ca", "defaultMode": 0o400}},
                         {"name": "tokens", "secret": {"secretName": "infermesh-bootstrap-tokens", "defaultMode": 0o400}},

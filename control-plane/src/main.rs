@@ -76,6 +76,10 @@ enum Command {
         /// The kubeconfig file for `--kubernetes`.
         #[arg(long, value_name = "FILE", requires = "kubernetes")]
         kubeconfig: Option<PathBuf>,
+        /// With `--kubernetes`: policy resources in this namespace reach the
+        /// whole mesh; those of any other namespace reach its proxies only.
+        #[arg(long, value_name = "NAMESPACE", default_value = "infermesh-system")]
+        root_namespace: String,
         /// Address of the policy gRPC server [default: 0.0.0.0:8080 with a
         /// CA, 127.0.0.1:8080 without one].
         #[arg(long, value_name = "ADDR")]
@@ -130,6 +134,9 @@ enum Command {
         file: Option<PathBuf>,
         #[command(flatten)]
         config: inject::Config,
+        /// The mesh's trust domain, which the injected proxy's identity names.
+        #[arg(long, default_value = infermesh_proto::spiffe::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
     /// Write the JSON Schema of every policy kind into a directory.
     Schema {
@@ -162,6 +169,9 @@ struct CaArgs {
     #[arg(long, value_name = "FILE", requires = "intermediate_cert")]
     intermediate_key: Option<PathBuf>,
     /// Bootstrap tokens: lines of `<namespace>/<service-account> <token>`.
+    /// Required with a CA unless `--kubernetes`, where pods present their
+    /// projected service-account tokens (audience `infermesh`), verified by
+    /// a TokenReview; bootstrap tokens still work beside them.
     #[arg(long, value_name = "FILE")]
     bootstrap_tokens: Option<PathBuf>,
     /// The mesh's trust domain.
@@ -226,8 +236,8 @@ enum FlagError {
     /// The trust domain is not a valid SPIFFE trust domain.
     #[error("--trust-domain: {0}")]
     TrustDomain(#[source] IdentityError),
-    /// A CA without bootstrap tokens would sign for no one.
-    #[error("a CA needs --bootstrap-tokens FILE: proxies prove their identity with those tokens")]
+    /// A CA without bootstrap tokens or Kubernetes would sign for no one.
+    #[error("a CA needs --bootstrap-tokens FILE or --kubernetes: proxies prove their identity with a bootstrap token or their service-account token")]
     NoTokens,
     /// Leaves must live at least a second.
     #[error("--cert-lifetime must be at least 1s")]
@@ -241,7 +251,8 @@ enum FlagError {
 }
 
 impl CaArgs {
-    fn settings(self) -> Result<Option<serve::IdentitySettings>, FlagError> {
+    /// The CA's settings; `kubernetes` makes bootstrap tokens optional.
+    fn settings(self, kubernetes: bool) -> Result<Option<serve::IdentitySettings>, FlagError> {
         if self.ca_dir.is_none() && self.ca_cert.is_none() {
             if self.bootstrap_tokens.is_some() || self.intermediate_cert.is_some() {
                 return Err(FlagError::NoCa);
@@ -250,7 +261,10 @@ impl CaArgs {
         }
         infermesh_proto::spiffe::check_trust_domain(&self.trust_domain)
             .map_err(FlagError::TrustDomain)?;
-        let tokens = self.bootstrap_tokens.ok_or(FlagError::NoTokens)?;
+        let tokens = self.bootstrap_tokens;
+        if tokens.is_none() && !kubernetes {
+            return Err(FlagError::NoTokens);
+        }
         if self.cert_lifetime < ca::MIN_LIFETIME {
             return Err(FlagError::Lifetime);
         }
@@ -295,20 +309,25 @@ fn main() -> ExitCode {
             policies,
             kubernetes,
             kubeconfig,
+            root_namespace,
             listen,
             insecure_listen,
             allow_empty_policy,
             admin,
             webhook_listen,
             webhook_names,
-            inject,
+            mut inject,
             ca,
         } => {
-            let settings = ca.settings().and_then(|identity| {
+            inject.trust_domain = ca.trust_domain.clone();
+            let settings = ca.settings(kubernetes).and_then(|identity| {
                 let listen = serve::policy_listen(listen, identity.is_some(), insecure_listen)?;
                 Ok(serve::Settings {
                     policies,
-                    kubernetes: kubernetes.then_some(kubernetes::Settings { kubeconfig }),
+                    kubernetes: kubernetes.then_some(kubernetes::Settings {
+                        kubeconfig,
+                        root_namespace,
+                    }),
                     listen,
                     admin,
                     identity,
@@ -330,7 +349,14 @@ fn main() -> ExitCode {
         }
         Command::Install(args) => install(*args),
         Command::Schema { out } => schema(&out),
-        Command::Inject { file, config } => inject_command(file.as_deref(), &config),
+        Command::Inject {
+            file,
+            mut config,
+            trust_domain,
+        } => {
+            config.trust_domain = trust_domain;
+            inject_command(file.as_deref(), &config)
+        }
     }
 }
 
@@ -607,6 +633,43 @@ mod tests {
             serde_json::json!([{"file": "a.yaml", "line": 3, "column": 5, "message": "unknown field `x`"}])
         );
         assert_eq!(json_report(&Ok(PolicySet::default())), "[]\n");
+    }
+
+    /// The CA's settings from `serve` arguments.
+    fn ca_settings(args: &[&str]) -> Result<Option<serve::IdentitySettings>, FlagError> {
+        let cli = Cli::try_parse_from(
+            ["infermesh-control", "serve", "--policies", "p"]
+                .iter()
+                .chain(args),
+        )
+        .unwrap();
+        let Command::Serve { ca, kubernetes, .. } = cli.command else {
+            unreachable!("serve was parsed");
+        };
+        ca.settings(kubernetes)
+    }
+
+    #[test]
+    fn a_ca_needs_bootstrap_tokens_unless_the_cluster_vouches() {
+        let error = ca_settings(&["--ca-dir", "ca"]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("--bootstrap-tokens FILE or --kubernetes"),
+            "{error}"
+        );
+        let kube = ca_settings(&["--ca-dir", "ca", "--kubernetes"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(kube.tokens, None);
+        let both = ca_settings(&["--ca-dir", "ca", "--kubernetes", "--bootstrap-tokens", "t"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(both.tokens, Some(PathBuf::from("t")));
+        assert!(matches!(
+            ca_settings(&["--kubernetes", "--bootstrap-tokens", "t"]),
+            Err(FlagError::NoCa)
+        ));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub certificates_issued: Counter,
     /// Certificate requests refused, by reason.
     pub certificate_refusals: Family<[(&'static str, &'static str); 1], Counter>,
+    /// TokenReviews asked of the Kubernetes API server, by outcome.
+    pub token_reviews: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Tokens whose identity came from a recent review instead of a new one.
+    pub token_review_cache_hits: Counter,
 }
 
 impl Default for Metrics {
@@ -119,13 +123,27 @@ impl Metrics {
         let certificate_refusals = Family::default();
         registry.register(
             "certificate_refusals",
-            "Certificate requests refused, by reason (no_token, unknown_token, identity_mismatch, bad_identity, bad_csr, internal)",
+            "Certificate requests refused, by reason (no_token, unknown_token, identity_mismatch, bad_identity, bad_csr, internal; with --kubernetes also kubernetes_unavailable, token_not_authenticated, token_wrong_audience, not_service_account)",
             certificate_refusals.clone(),
+        );
+        let token_reviews = Family::default();
+        registry.register(
+            "token_reviews",
+            "TokenReviews of service-account tokens asked of the Kubernetes API server, by outcome (authenticated, kubernetes_unavailable, token_not_authenticated, token_wrong_audience, not_service_account)",
+            token_reviews.clone(),
+        );
+        let token_review_cache_hits = Counter::default();
+        registry.register(
+            "token_review_cache_hits",
+            "Service-account tokens whose identity came from a review of the last minute instead of a new TokenReview",
+            token_review_cache_hits.clone(),
         );
         Self {
             registry,
             certificates_issued,
             certificate_refusals,
+            token_reviews,
+            token_review_cache_hits,
             snapshot_version,
             publishes,
             refused_changes,
@@ -150,6 +168,18 @@ impl Metrics {
         self.certificate_refusals
             .get_or_create(&[("reason", reason)])
             .inc();
+    }
+
+    /// Counts a TokenReview asked of the API server.
+    pub fn token_reviewed(&self, outcome: &'static str) {
+        self.token_reviews
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    /// Counts a token answered from the review cache.
+    pub fn token_review_cached(&self) {
+        self.token_review_cache_hits.inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -184,6 +214,7 @@ mod tests {
             "infermesh_control_nacks_total 0",
             "infermesh_control_stale_responses_total 0",
             "infermesh_control_certificates_issued_total 0",
+            "infermesh_control_token_review_cache_hits_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -356,9 +356,9 @@ impl Publisher {
         self.offer_scanned(loaded.0, loaded.1);
     }
 
-    /// Acts on a loaded set without looking at the files (no emptied-file
-    /// check): what the decision tests drive.
-    #[cfg(test)]
+    /// Acts on a set loaded from somewhere other than the files (the
+    /// cluster's policy resources), without the emptied-file check; the
+    /// decision tests drive it too.
     pub fn offer(&self, loaded: Result<PolicySet, Vec<PolicyError>>) {
         self.offer_scanned(loaded, None);
     }

@@ -19,6 +19,7 @@ use crate::admin::{self, Admin};
 use crate::ca::{Authority, CaError, CaSettings};
 use crate::discovery::Discovery;
 use crate::identity::{IdentityService, TokenFile, TokenFileError};
+use crate::kubernetes::tokens::TokenReviewer;
 use crate::metrics::Metrics;
 use crate::policies::{self, Publisher};
 use crate::proxies::Registry;
@@ -113,8 +114,9 @@ pub fn policy_listen(
 pub struct IdentitySettings {
     /// Where the keys come from, and leaf lifetimes.
     pub ca: CaSettings,
-    /// The bootstrap token file.
-    pub tokens: PathBuf,
+    /// The bootstrap token file; optional with Kubernetes, where pods
+    /// present their service-account tokens instead.
+    pub tokens: Option<PathBuf>,
     /// The mesh's trust domain.
     pub trust_domain: String,
     /// The control plane's own identity, on its serving certificate.
@@ -177,7 +179,14 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
         .policies
         .clone()
         .unwrap_or_else(|| PathBuf::from("kubernetes"));
-    let publisher = Publisher::new(source.clone(), metrics.clone(), settings.allow_empty_policy);
+    // The emptiness guard is for files caught mid-write; the cluster's
+    // resources are listed whole, and none at all is a new cluster.
+    let from_cluster = settings.policies.is_none();
+    let publisher = Publisher::new(
+        source.clone(),
+        metrics.clone(),
+        settings.allow_empty_policy || from_cluster,
+    );
     let registry = Registry::new(metrics.clone());
     let kube = match &settings.kubernetes {
         Some(kubernetes) => Some(crate::kubernetes::client(kubernetes).await?),
@@ -189,11 +198,21 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     let authority = match &settings.identity {
         Some(identity) => {
             let authority = Arc::new(Authority::load(&identity.ca)?);
-            let tokens = Arc::new(TokenFile::open(
-                identity.tokens.clone(),
-                identity.trust_domain.clone(),
-            )?);
-            Some((authority, tokens, identity.clone()))
+            let tokens = match &identity.tokens {
+                Some(path) => Some(Arc::new(TokenFile::open(
+                    path.clone(),
+                    identity.trust_domain.clone(),
+                )?)),
+                None => None,
+            };
+            let reviewer = kube.clone().map(|client| {
+                Arc::new(TokenReviewer::new(
+                    client,
+                    identity.trust_domain.clone(),
+                    metrics.clone(),
+                ))
+            });
+            Some((authority, tokens, reviewer, identity.clone()))
         }
         None => None,
     };
@@ -215,7 +234,7 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     }
     // The webhook's certificate comes from the CA; without one it is off.
     let webhook = match &authority {
-        Some((authority, _, identity)) => {
+        Some((authority, _, _, identity)) => {
             let addr = settings.webhook.listen;
             let listener = TcpListener::bind(addr)
                 .await
@@ -277,20 +296,28 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
             stopped.clone(),
         ));
     }
-    let watcher = match (&settings.policies, &kube) {
-        (Some(_), _) | (None, None) => {
-            tokio::spawn(policies::watch(publisher.clone(), stopped.clone()))
-        }
-        // The policy custom resources: not watched yet.
-        (None, Some(_)) => tokio::spawn(std::future::pending()),
+    let watcher = match (&settings.policies, &kube, &settings.kubernetes) {
+        (None, Some(client), Some(kubernetes)) => tokio::spawn(crate::kubernetes::policies::run(
+            client.clone(),
+            publisher.clone(),
+            kubernetes.root_namespace.clone(),
+        )),
+        _ => tokio::spawn(policies::watch(publisher.clone(), stopped.clone())),
     };
-    let discovery = Discovery::new(
+    let mut discovery = Discovery::new(
         publisher.subscribe(),
         registry,
         metrics.clone(),
         stopped.clone(),
         authority.is_some(),
     );
+    if let Some(client) = &kube {
+        discovery = discovery.with_pods(crate::kubernetes::pods::watch(client.clone()));
+        if let Some((authority, ..)) = &authority {
+            let bundle = crate::kubernetes::bundle::pem(authority.roots());
+            crate::kubernetes::bundle::distribute(client.clone(), bundle);
+        }
+    }
     let mut server_stopped = stopped;
     let mut builder = tonic::transport::Server::builder()
         // Finds proxies that vanished without closing their connection.
@@ -300,7 +327,7 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
         let _ = server_stopped.wait_for(|stop| *stop).await;
     };
     let server = match authority {
-        Some((authority, tokens, identity)) => {
+        Some((authority, tokens, reviewer, identity)) => {
             let config = crate::tls::server_config(
                 authority.clone(),
                 identity.own_identity.clone(),
@@ -309,9 +336,11 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
             tracing::info!(
                 trust_domain = %identity.trust_domain,
                 identity = %identity.own_identity,
+                bootstrap_tokens = tokens.is_some(),
+                kubernetes_token_review = reviewer.is_some(),
                 "certificate authority enabled; the gRPC port speaks TLS"
             );
-            let service = IdentityService::new(authority, tokens, metrics);
+            let service = IdentityService::new(authority, tokens, reviewer, metrics);
             tokio::spawn(
                 builder
                     .add_service(PolicyDiscoveryServer::new(discovery))

@@ -212,6 +212,8 @@ fn workloads_get_the_sidecar_and_everything_else_passes_through() {
             "/var/run/secrets/infermesh/token",
             "--trust-bundle",
             "/var/run/infermesh/trust/ca.crt",
+            "--trust-domain",
+            "cluster.local",
             "--admin",
             "0.0.0.0:4191"
         ]
@@ -335,6 +337,8 @@ fn stdin_is_read_with_a_dash_or_no_file_and_flags_override_the_defaults() {
             "registry.local/proxy:dev",
             "--control-plane",
             "https://cp.mesh.svc:8080",
+            "--trust-domain",
+            "prod.example",
         ]);
         let output = inject(&all, Some(pod));
         let after = docs(&stdout(&output));
@@ -351,6 +355,8 @@ fn stdin_is_read_with_a_dash_or_no_file_and_flags_override_the_defaults() {
             spec["initContainers"][1]["args"][1],
             "https://cp.mesh.svc:8080"
         );
+        // The proxy asks for an identity in the mesh's trust domain.
+        assert_eq!(spec["initContainers"][1]["args"][7], "prod.example");
     }
 }
 

@@ -374,6 +374,10 @@ fn the_rbac_rules_are_least_privilege() {
         want.push(format!("discovery.k8s.io/endpointslices:{verb}"));
     }
     want.push("authentication.k8s.io/tokenreviews:create".into());
+    // The trust bundle, written into every namespace.
+    for verb in ["get", "list", "watch", "create", "patch", "update"] {
+        want.push(format!("/configmaps:{verb}"));
+    }
     want.sort();
     assert_eq!(grants, want);
 }
@@ -403,7 +407,11 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
     let help = String::from_utf8_lossy(&help.stdout);
     for flag in args.iter().filter(|a| a.starts_with("--")) {
         let flag = flag.split('=').next().unwrap_or_default();
-        assert!(help.contains(&format!("{flag} ")), "`serve` has no {flag}");
+        // `--flag <VALUE>`, or a switch alone on its line.
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "`serve` has no {flag}"
+        );
     }
 
     // The volumes, laid out as the kubelet lays out a Secret or ConfigMap
@@ -479,8 +487,15 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
             }
         })
         .collect();
+    // In a pod, `--kubernetes` finds the API server from the pod's service
+    // account; here it is the fixture API server (an empty cluster), named
+    // by a kubeconfig.
+    let api = infermesh_tests::kube_api::KubeApi::start();
+    let kubeconfig = api.kubeconfig();
+    assert!(args.contains(&"--kubernetes".to_owned()));
     let mut child = Command::new(BIN)
         .args(&mapped)
+        .env("KUBECONFIG", &kubeconfig)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -520,8 +535,9 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let live = get("/live");
-    // Ready (so the Service, and the webhook, have an endpoint) once the
-    // ConfigMap's MeshConfig is published; a generous limit for a loaded machine.
+    // Ready (so the Service, and the webhook, have an endpoint) once every
+    // policy kind is listed (none: an empty cluster is served as it is); a
+    // generous limit for a loaded machine.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut ready = get("/ready");
     while ready != "200" && std::time::Instant::now() < deadline {
@@ -565,9 +581,30 @@ fn the_control_plane_starts_with_the_deployments_arguments_and_mounts() {
         .output()
         .expect("openssl runs");
     let _ = child.kill();
-    let _ = child.wait();
+    let exit = child.wait_with_output().expect("wait");
     assert_eq!(live, "200");
-    assert_eq!(ready, "200", "/ready with the installed policies");
+    assert_eq!(
+        ready,
+        "200",
+        "/ready in an empty cluster; the control plane said:\n{}",
+        String::from_utf8_lossy(&exit.stderr)
+    );
+    // It listed every policy kind from the API server.
+    let requests = api.requests();
+    for plural in [
+        "backends",
+        "modelroutes",
+        "meshconfigs",
+        "localmodels",
+        "authorizationpolicies",
+    ] {
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.starts_with(&format!("GET /apis/infermesh.io/v1alpha1/{plural}"))),
+            "no list of {plural}: {requests:?}"
+        );
+    }
     let tls_out = String::from_utf8_lossy(&tls.stdout);
     assert!(
         tls_out.contains("Verify return code: 0 (ok)"),

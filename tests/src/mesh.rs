@@ -43,33 +43,54 @@ impl Mesh {
         wrap: &[&str],
         listen: std::net::SocketAddr,
     ) -> Self {
+        Self::launch(policies, lifetime, Some(workloads), &[], wrap, listen)
+    }
+
+    /// [`Mesh::start`] with more `serve` flags (`--kubernetes --kubeconfig
+    /// FILE`); `workloads: None` gives no `--bootstrap-tokens` file at all.
+    pub fn start_with(
+        policies: &[(&str, &str)],
+        lifetime: &str,
+        workloads: Option<&[Workload<'_>]>,
+        extra_args: &[&str],
+    ) -> Self {
+        let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::launch(policies, lifetime, workloads, extra_args, &[], any)
+    }
+
+    fn launch(
+        policies: &[(&str, &str)],
+        lifetime: &str,
+        workloads: Option<&[Workload<'_>]>,
+        extra_args: &[&str],
+        wrap: &[&str],
+        listen: std::net::SocketAddr,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("infermesh-mesh-")
             .tempdir()
             .expect("temporary mesh directory");
-        let mut tokens = String::from("# namespace/service-account token\n");
-        for (ns, sa) in workloads {
-            tokens.push_str(&format!("{ns}/{sa} {}\n", token_for(ns, sa)));
-        }
-        std::fs::write(dir.path().join("tokens"), tokens).expect("write the token file");
         let ca_dir = dir.path().join("ca");
         let tokens = dir.path().join("tokens");
-        let control = ControlPlaneProcess::start_wrapped(
-            policies,
-            &[
-                "--ca-dir",
-                ca_dir.to_str().expect("UTF-8 path"),
-                "--bootstrap-tokens",
-                tokens.to_str().expect("UTF-8 path"),
-                "--cert-lifetime",
-                lifetime,
-                // Not the default 0.0.0.0:8443: suites run side by side.
-                "--webhook-listen",
-                "127.0.0.1:0",
-            ],
-            wrap,
-            listen,
-        );
+        let mut args: Vec<&str> = vec![
+            "--ca-dir",
+            ca_dir.to_str().expect("UTF-8 path"),
+            "--cert-lifetime",
+            lifetime,
+            // Not the default 0.0.0.0:8443: suites run side by side.
+            "--webhook-listen",
+            "127.0.0.1:0",
+        ];
+        if let Some(workloads) = workloads {
+            let mut text = String::from("# namespace/service-account token\n");
+            for (ns, sa) in workloads {
+                text.push_str(&format!("{ns}/{sa} {}\n", token_for(ns, sa)));
+            }
+            std::fs::write(&tokens, text).expect("write the token file");
+            args.extend(["--bootstrap-tokens", tokens.to_str().expect("UTF-8 path")]);
+        }
+        args.extend(extra_args);
+        let control = ControlPlaneProcess::start_wrapped(policies, &args, wrap, listen);
         if !wrap.is_empty() {
             use std::os::unix::fs::PermissionsExt;
             let open = |path: &Path, mode: u32| {

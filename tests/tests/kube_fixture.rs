@@ -183,6 +183,26 @@ async fn list_then_watch_sees_applies_modifies_and_deletes_in_order() {
 }
 
 #[tokio::test]
+async fn a_streaming_list_watcher_gets_the_objects_then_the_changes() {
+    let api = KubeApi::start();
+    api.apply(service("a", json!({})));
+    api.apply(service("b", json!({})));
+    let services: Api<Service> = Api::namespaced(client(&api).await, "ns");
+    let config = watcher::Config::default().streaming_lists();
+    let mut rx = events(watcher(services, config));
+    assert_eq!(
+        next_events(&mut rx, 4).await,
+        ["Init", "InitApply a", "InitApply b", "InitDone"]
+    );
+    api.apply(service("c", json!({})));
+    assert_eq!(next_events(&mut rx, 1).await, ["Apply c@3"]);
+    let requests = api.requests();
+    let path = "/api/v1/namespaces/ns/services";
+    assert_eq!(lists(&requests, path), 0, "no list: {requests:#?}");
+    assert!(watches(&requests, path)[0].contains("sendInitialEvents=true"));
+}
+
+#[tokio::test]
 async fn a_dropped_watch_resumes_from_the_last_resource_version_without_a_relist() {
     let api = KubeApi::start();
     api.apply(slice("model-x", "10.0.0.1"));
@@ -294,6 +314,20 @@ async fn errors_are_status_objects() {
         other => panic!("expected 404, got {other:?}"),
     }
 
+    // A kind nobody installed is 404 until its "CRD" is.
+    let widgets = ApiResource::from_gvk(&GroupVersionKind::gvk("example.com", "v1", "Widget"));
+    let widgets: Api<DynamicObject> = Api::all_with(services.clone().into_client(), &widgets);
+    match widgets.list(&ListParams::default()).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 404),
+        other => panic!("expected 404, got {other:?}"),
+    }
+    api.register_kind("example.com/v1", "Widget");
+    let list = widgets
+        .list(&ListParams::default())
+        .await
+        .expect("an empty list");
+    assert!(list.items.is_empty());
+
     api.compact();
     let mut stream = services
         .watch(&WatchParams::default(), "1")
@@ -339,7 +373,7 @@ async fn bookmarks_carry_the_latest_version_and_timeouts_end_watches() {
     let rv = list.metadata.resource_version.expect("a list version");
     assert_eq!(rv, "1");
 
-    let params = WatchParams::default().timeout(3);
+    let params = WatchParams::default().timeout(4);
     let mut stream = services.watch(&params, &rv).await.expect("a watch").boxed();
     // A write to another kind moves the one counter; the bookmark says so.
     api.apply(pod("p", json!({})));
@@ -361,8 +395,8 @@ async fn bookmarks_carry_the_latest_version_and_timeouts_end_watches() {
     );
     assert!(bookmarks.iter().all(|b| b == "2"), "{bookmarks:?}");
     assert!(
-        lasted >= Duration::from_millis(2500) && lasted < Duration::from_secs(8),
-        "timeoutSeconds=3 ended the watch after {lasted:?}"
+        lasted >= Duration::from_millis(3500) && lasted < Duration::from_secs(12),
+        "timeoutSeconds=4 ended the watch after {lasted:?}"
     );
 
     // Without allowWatchBookmarks there are none.
@@ -562,6 +596,94 @@ async fn status_writes_on_a_dynamic_backend_change_only_status() {
 }
 
 #[tokio::test]
+async fn creates_replaces_patches_and_deletes_through_the_api() {
+    let api = KubeApi::start();
+    let services: Api<Service> = Api::namespaced(client(&api).await, "ns");
+    let mut rx = events(watcher(services.clone(), watcher::Config::default()));
+    assert_eq!(next_events(&mut rx, 2).await, ["Init", "InitDone"]);
+    assert!(api.wait_for_watches(1, WAIT).await);
+
+    let new: Service = serde_json::from_value(service("a", json!({}))).expect("a Service");
+    let created = services
+        .create(&PostParams::default(), &new)
+        .await
+        .expect("create");
+    assert_eq!(created.metadata.resource_version.as_deref(), Some("1"));
+    assert!(created.metadata.uid.is_some() && created.metadata.creation_timestamp.is_some());
+    match services.create(&PostParams::default(), &new).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(
+                (status.code, status.reason.as_str()),
+                (409, "AlreadyExists")
+            )
+        }
+        other => panic!("expected 409, got {other:?}"),
+    }
+
+    let mut changed = created.clone();
+    changed
+        .spec
+        .as_mut()
+        .expect("a spec")
+        .ports
+        .as_mut()
+        .expect("ports")[0]
+        .port = 9000;
+    let replaced = services
+        .replace("a", &PostParams::default(), &changed)
+        .await
+        .expect("replace");
+    assert_eq!(replaced.metadata.generation, Some(2));
+    match services
+        .replace("a", &PostParams::default(), &changed)
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 409, "stale resourceVersion"),
+        other => panic!("expected 409, got {other:?}"),
+    }
+
+    let labels = json!({"metadata": {"labels": {"tier": "front"}}});
+    services
+        .patch("a", &PatchParams::default(), &Patch::Merge(&labels))
+        .await
+        .expect("merge patch");
+    let note = json!({"metadata": {"annotations": {"note": "x"}}});
+    services
+        .patch("a", &PatchParams::default(), &Patch::Strategic(&note))
+        .await
+        .expect("strategic merge patch");
+    // Server-side apply creates what is missing.
+    services
+        .patch(
+            "b",
+            &PatchParams::apply("test"),
+            &Patch::Apply(service("b", json!({}))),
+        )
+        .await
+        .expect("apply creates");
+    let a = services.get("a").await.expect("get a");
+    assert_eq!(a.labels().get("tier").map(String::as_str), Some("front"));
+    assert_eq!(a.annotations().get("note").map(String::as_str), Some("x"));
+
+    services
+        .delete("a", &Default::default())
+        .await
+        .expect("delete");
+    assert!(api.get("v1", "Service", Some("ns"), "a").is_none());
+    assert_eq!(
+        next_events(&mut rx, 6).await,
+        [
+            "Apply a@1",
+            "Apply a@2",
+            "Apply a@3",
+            "Apply a@4",
+            "Apply b@5",
+            "Delete a@6"
+        ]
+    );
+}
+
+#[tokio::test]
 async fn token_reviews_authenticate_registered_tokens_for_their_audience() {
     let api = KubeApi::start();
     api.add_token("token-web", "apps", "web", &["infermesh"]);
@@ -622,7 +744,7 @@ async fn token_reviews_authenticate_registered_tokens_for_their_audience() {
 
 fn curl(api: &KubeApi, args: &[&str]) -> (String, String) {
     let out = Command::new("curl")
-        .args(["-sS", "--max-time", "15", "--cacert"])
+        .args(["-sS", "--noproxy", "*", "--max-time", "15", "--cacert"])
         .arg(api.ca_file())
         .args(args)
         .output()
@@ -668,7 +790,7 @@ async fn a_raw_watch_is_chunked_json_lines() {
     api.apply(pod("p1", json!({})));
     let header = format!("Authorization: Bearer {}", api.token());
     let url = format!(
-        "{}/api/v1/namespaces/ns/pods?watch=1&resourceVersion=1&allowWatchBookmarks=true&timeoutSeconds=2",
+        "{}/api/v1/namespaces/ns/pods?watch=1&resourceVersion=1&allowWatchBookmarks=true&timeoutSeconds=3",
         api.url()
     );
     let ca = api.ca_file();
@@ -676,6 +798,8 @@ async fn a_raw_watch_is_chunked_json_lines() {
         Command::new("curl")
             .args([
                 "-sS",
+                "--noproxy",
+                "*",
                 "-N",
                 "--raw",
                 "-i",
@@ -754,8 +878,9 @@ async fn a_raw_watch_is_chunked_json_lines() {
     assert_eq!(events, want);
     let bookmark = lines
         .iter()
+        .rev()
         .find(|e| e["type"] == "BOOKMARK")
-        .expect("a bookmark in 2 s");
+        .expect("a bookmark in 3 s");
     assert_eq!(bookmark["object"]["kind"], "Pod");
     assert_eq!(bookmark["object"]["apiVersion"], "v1");
     assert_eq!(bookmark["object"]["metadata"]["resourceVersion"], "4");

@@ -8,6 +8,8 @@
 //! - `services`: Services and EndpointSlices, which resolve each
 //!   `Backend.service` into endpoints and destination addresses;
 //! - `pods`: the Pods proxies run in, for their labels and service account;
+//! - `bundle`: the trust bundle ConfigMap in every namespace, which
+//!   injected pods mount;
 //! - `tokens`: TokenReviews of projected service-account tokens, for
 //!   identity.
 //!
@@ -16,15 +18,22 @@
 //! errors), so a dropped connection or a compacted history costs a re-list,
 //! never a stale view.
 
+pub mod bundle;
+pub mod pods;
+pub mod policies;
 pub mod services;
 
 use std::path::PathBuf;
+
+pub mod tokens;
 
 /// How to reach the API server.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
     /// A kubeconfig file; `None` infers (`KUBECONFIG`, then in-cluster).
     pub kubeconfig: Option<PathBuf>,
+    /// Policy objects in this namespace are mesh-wide.
+    pub root_namespace: String,
 }
 
 /// Why the API server cannot be used.

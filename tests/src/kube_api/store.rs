@@ -212,6 +212,15 @@ impl Store {
             .or_else(|| builtin_kind(resource).map(str::to_string))
     }
 
+    /// Serves `kind` at `api_version` before any object of it is written.
+    pub fn register_kind(&mut self, api_version: &str, kind: &str) {
+        let resource = Resource {
+            api_version: api_version.to_string(),
+            plural: plural(kind),
+        };
+        self.kinds.insert(resource, kind.to_string());
+    }
+
     pub fn get(&self, key: &Key) -> Option<&Value> {
         self.objects.get(key)
     }
@@ -762,6 +771,25 @@ mod tests {
             .unwrap();
         assert_eq!(c["spec"]["x"], 9);
         assert_eq!(c["status"]["ok"], true);
+    }
+
+    #[test]
+    fn json_patches_apply_in_order() {
+        let mut store = Store::new();
+        let a = store.put(pod("a", json!({"x": 1}))).unwrap();
+        let key = key_of(&a).unwrap();
+        let ops: Vec<json_patch::PatchOperation> = serde_json::from_value(json!([
+            {"op": "add", "path": "/metadata/labels", "value": {"app": "web"}},
+            {"op": "replace", "path": "/spec/x", "value": 2},
+        ]))
+        .unwrap();
+        let b = store.json_patch(&key, &ops, false).unwrap();
+        assert_eq!(b["metadata"]["labels"]["app"], "web");
+        assert_eq!(b["spec"]["x"], 2);
+        assert_eq!(b["metadata"]["generation"], 2);
+        let bad: Vec<json_patch::PatchOperation> =
+            serde_json::from_value(json!([{"op": "remove", "path": "/nope"}])).unwrap();
+        assert_eq!(store.json_patch(&key, &bad, false).unwrap_err().code, 422);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! A watch response: one JSON event per line in a chunked body, as
 //! kube-apiserver streams them. Selectors are applied per event (an object
 //! whose labels stop matching is reported DELETED, one that starts matching
-//! ADDED), bookmarks are sent every second when asked for, the stream ends
+//! ADDED), bookmarks are sent every second when asked for (and once after
+//! the current objects of a streaming list, `sendInitialEvents=true`), the stream ends
 //! cleanly after `timeoutSeconds`, and ends with an error (the connection is
 //! cut mid-body) on [`super::KubeApi::drop_watches`].
 
@@ -26,6 +27,9 @@ pub(crate) struct WatchRequest {
     pub labels: LabelSelector,
     pub fields: FieldSelector,
     pub bookmarks: bool,
+    /// `sendInitialEvents=true`: after the current objects, a BOOKMARK
+    /// annotated `k8s.io/initial-events-end`.
+    pub initial_events: bool,
     pub timeout: Option<Duration>,
 }
 
@@ -53,7 +57,13 @@ impl WatchRequest {
             (ChangeType::Deleted, _, false) => return None,
             (_, true, true) => ChangeType::Modified,
             (_, false, true) => ChangeType::Added,
-            (_, true, false) => ChangeType::Deleted,
+            (_, true, false) => {
+                // As kube-apiserver's watch cache: the object as the watch
+                // last matched it, at the change's resourceVersion.
+                let mut last = change.previous.clone().unwrap_or_default();
+                last["metadata"]["resourceVersion"] = json!(change.rv.to_string());
+                return Some((ChangeType::Deleted.as_str(), last));
+            }
             (_, false, false) => return None,
         };
         Some((event.as_str(), change.object.clone()))
@@ -80,6 +90,13 @@ impl WatchRequest {
                 if out.send(Ok(event_line(kind, &object))).await.is_err() {
                     return;
                 }
+            }
+        }
+        if self.initial_events {
+            let mut end = self.bookmark(start_rv);
+            end["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+            if out.send(Ok(event_line("BOOKMARK", &end))).await.is_err() {
+                return;
             }
         }
         // The resourceVersion up to which this watch has seen every change.

@@ -297,11 +297,14 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
         ));
     }
     let watcher = match (&settings.policies, &kube, &settings.kubernetes) {
-        (None, Some(client), Some(kubernetes)) => tokio::spawn(crate::kubernetes::policies::run(
-            client.clone(),
-            publisher.clone(),
-            kubernetes.root_namespace.clone(),
-        )),
+        (None, Some(client), Some(kubernetes)) => {
+            let publisher = publisher.clone();
+            tokio::spawn(crate::kubernetes::policies::run(
+                client.clone(),
+                move |set| publisher.offer(set),
+                kubernetes.root_namespace.clone(),
+            ))
+        }
         _ => tokio::spawn(policies::watch(publisher.clone(), stopped.clone())),
     };
     let mut discovery = Discovery::new(

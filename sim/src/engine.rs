@@ -78,6 +78,20 @@ impl Profile {
         self.prefill_overhead + uncached as Nanos * self.prefill_per_token
     }
 
+    /// Whether a request of `prompt` tokens and `output` tokens can ever fit.
+    pub fn check(&self, prompt: usize, output: usize) -> Result<(), Rejection> {
+        let tokens = prompt + output;
+        let needed = tokens.div_ceil(self.block_size.max(1));
+        if needed > self.kv_blocks {
+            return Err(Rejection::TooLong {
+                tokens,
+                needed,
+                capacity: self.kv_blocks,
+            });
+        }
+        Ok(())
+    }
+
     /// Time between two output tokens with `running` requests in the batch.
     pub fn inter_token_time(&self, running: usize) -> Nanos {
         let span = self.max_num_seqs.saturating_sub(1).max(1) as f64;
@@ -186,15 +200,8 @@ impl Engine {
         events: &mut Vec<Event>,
     ) -> Result<(), Rejection> {
         request.output_tokens = request.output_tokens.max(1);
-        let tokens = request.tokens.len() + request.output_tokens;
-        let needed = self.cache.blocks_for(tokens);
-        if needed > self.cache.capacity() {
-            return Err(Rejection::TooLong {
-                tokens,
-                needed,
-                capacity: self.cache.capacity(),
-            });
-        }
+        self.profile
+            .check(request.tokens.len(), request.output_tokens)?;
         self.waiting.push_back((id, request));
         self.schedule(now, events);
         Ok(())

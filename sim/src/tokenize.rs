@@ -15,7 +15,7 @@ pub const CHARS_PER_TOKEN: usize = 6;
 pub fn tokenize(text: &str) -> Vec<u32> {
     let mut out = Vec::with_capacity(text.len() / 4 + 1);
     let mut word = String::new();
-    let mut flush = |word: &mut String, out: &mut Vec<u32>| {
+    let flush = |word: &mut String, out: &mut Vec<u32>| {
         if !word.is_empty() {
             out.push(fnv(word.as_bytes()));
             word.clear();

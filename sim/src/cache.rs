@@ -142,7 +142,10 @@ impl KvCache {
             }
         }
         while self.capacity - self.blocks.len() - self.anonymous < missing + anonymous {
-            let oldest = self.lru.pop_first().expect("checked above: enough evictable");
+            let oldest = self
+                .lru
+                .pop_first()
+                .expect("checked above: enough evictable");
             self.blocks.remove(&oldest.1);
         }
         for h in &hashes {
@@ -195,7 +198,9 @@ mod tests {
     use super::*;
 
     fn prompt(seed: u32, len: usize) -> Vec<u32> {
-        (0..len as u32).map(|i| seed.wrapping_mul(1_000_003) ^ i).collect()
+        (0..len as u32)
+            .map(|i| seed.wrapping_mul(1_000_003) ^ i)
+            .collect()
     }
 
     #[test]
@@ -255,7 +260,7 @@ mod tests {
         assert!((cache.usage() - 7.0 / 8.0).abs() < 1e-9);
         cache.release(&a);
         assert!(cache.try_allocate(&prompt(2, 20), 100).is_some()); // evicts 3
-        // The evicted tail went first: the head block of prompt 1 is still cached.
+                                                                    // The evicted tail went first: the head block of prompt 1 is still cached.
         assert_eq!(cache.cached_tokens(&prompt(1, 64)), 16);
     }
 

@@ -372,7 +372,9 @@ mod tests {
     use super::*;
 
     fn prompt(seed: u32, len: usize) -> Vec<u32> {
-        (0..len as u32).map(|i| seed.wrapping_mul(1_000_003) ^ i).collect()
+        (0..len as u32)
+            .map(|i| seed.wrapping_mul(1_000_003) ^ i)
+            .collect()
     }
 
     fn req(seed: u32, len: usize, out: usize) -> Request {
@@ -396,7 +398,11 @@ mod tests {
         events
             .iter()
             .find_map(|e| match e {
-                Event::Token { id: i, at, index: 0 } if *i == id => Some(*at),
+                Event::Token {
+                    id: i,
+                    at,
+                    index: 0,
+                } if *i == id => Some(*at),
                 _ => None,
             })
             .expect("a first token")
@@ -569,7 +575,10 @@ mod tests {
             })
             .unwrap();
         assert_eq!(scheduled(&ev, 3), finished_1);
-        assert_eq!(first_token(&ev, 3), finished_1 + 100 * MS + p.prefill_time(10));
+        assert_eq!(
+            first_token(&ev, 3),
+            finished_1 + 100 * MS + p.prefill_time(10)
+        );
         assert_eq!(e.loaded_loras(), vec!["b".to_string()]);
         assert_eq!(e.counters().lora_loads, 2);
     }

@@ -141,7 +141,10 @@ mod tests {
         let w = workload(WorkloadKind::SharedPrefix);
         let mut rng = fastrand::Rng::with_seed(1);
         let a = w.next(&mut rng);
-        let b = (0..50).map(|_| w.next(&mut rng)).find(|p| p.tenant == a.tenant).unwrap();
+        let b = (0..50)
+            .map(|_| w.next(&mut rng))
+            .find(|p| p.tenant == a.tenant)
+            .unwrap();
         assert_eq!(a.system, b.system);
         assert_ne!(a.question, b.question);
         assert_eq!(tokenize(&a.system).len(), 100);
@@ -155,7 +158,10 @@ mod tests {
     fn sse_events_are_split_across_reads() {
         let mut s = SseSplitter::default();
         assert!(s.push(b"data: {\"a\"").is_empty());
-        assert_eq!(s.push(b":1}\n\ndata: [DONE]\n\n"), vec!["{\"a\":1}", "[DONE]"]);
+        assert_eq!(
+            s.push(b":1}\n\ndata: [DONE]\n\n"),
+            vec!["{\"a\":1}", "[DONE]"]
+        );
     }
 
     #[test]

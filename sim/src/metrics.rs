@@ -77,7 +77,11 @@ impl Metrics {
         config_labels.push(("block_size".into(), block_size.to_string()));
         config_labels.push(("num_gpu_blocks".into(), num_gpu_blocks.to_string()));
         config.get_or_create(&config_labels).set(1.0);
-        registry.register("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", config);
+        registry.register(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            config,
+        );
         let counter = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<Labels, Counter>::default();
             let c = family.get_or_create(&labels()).clone();

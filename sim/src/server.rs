@@ -112,8 +112,7 @@ impl Server {
                     let inputs = inputs.clone();
                     async move { Ok::<_, Infallible>(handle(&inputs, req).await) }
                 });
-                let builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 if let Err(e) = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .await
@@ -293,7 +292,9 @@ async fn handle(inputs: &Arc<Inputs>, req: Request<Incoming>) -> Response<Body> 
         }
         (&Method::GET, "/v1/models") => {
             let created = unix_now();
-            let mut data = vec![json!({"id": inputs.config.model, "object": "model", "created": created, "owned_by": "vllm", "root": inputs.config.model, "parent": null})];
+            let mut data = vec![
+                json!({"id": inputs.config.model, "object": "model", "created": created, "owned_by": "vllm", "root": inputs.config.model, "parent": null}),
+            ];
             for l in &inputs.config.loras {
                 data.push(json!({"id": l, "object": "model", "created": created, "owned_by": "vllm", "root": l, "parent": inputs.config.model}));
             }
@@ -360,7 +361,9 @@ fn parse(config: &Config, kind: Kind, body: &Value) -> Result<Parsed, (StatusCod
                 .get("messages")
                 .and_then(Value::as_array)
                 .filter(|m| !m.is_empty())
-                .ok_or_else(|| bad("`messages` is required and must be a non-empty array".into()))?;
+                .ok_or_else(
+                    || bad("`messages` is required and must be a non-empty array".into()),
+                )?;
             let mut text = String::new();
             for (i, m) in messages.iter().enumerate() {
                 let role = m
@@ -409,7 +412,11 @@ fn parse(config: &Config, kind: Kind, body: &Value) -> Result<Parsed, (StatusCod
         None => (config.default_output_tokens.max(1), false),
         Some(v) => match v.as_u64() {
             Some(n) if n >= 1 => (n as usize, true),
-            _ => return Err(bad(format!("max_tokens must be a positive integer, got {v}"))),
+            _ => {
+                return Err(bad(format!(
+                    "max_tokens must be a positive integer, got {v}"
+                )))
+            }
         },
     };
     let stream = match obj.get("stream") {
@@ -425,7 +432,9 @@ fn parse(config: &Config, kind: Kind, body: &Value) -> Result<Parsed, (StatusCod
             .unwrap_or(false)
     };
     if options.is_some_and(|o| !o.is_null()) && !stream {
-        return Err(bad("stream_options is only allowed with stream: true".into()));
+        return Err(bad(
+            "stream_options is only allowed with stream: true".into()
+        ));
     }
     config
         .profile
@@ -499,7 +508,11 @@ async fn generate(inputs: &Arc<Inputs>, req: Request<Incoming>, kind: Kind) -> R
     let created = unix_now();
     let id = format!(
         "{}-{:016x}",
-        if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
         fastrand::u64(..)
     );
     let prompt_len = p.tokens.len();
@@ -517,8 +530,12 @@ async fn generate(inputs: &Arc<Inputs>, req: Request<Incoming>, kind: Kind) -> R
         let text: Vec<&str> = (0..produced).map(output_word).collect();
         let text = text.join(" ");
         let choice = match kind {
-            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}),
-            Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
+            Kind::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
         };
         let object = if kind == Kind::Chat {
             "chat.completion"
@@ -612,8 +629,10 @@ async fn generate(inputs: &Arc<Inputs>, req: Request<Incoming>, kind: Kind) -> R
             .await;
     });
     let mut r = response(inputs, StatusCode::OK, "text/event-stream");
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
     *r.body_mut() = StreamBody::new(ReceiverStream::new(rx)).boxed();
     r
 }
@@ -647,10 +666,31 @@ mod tests {
         assert_eq!(ok.output_tokens, 5);
         assert!(ok.stream && ok.include_usage && ok.limited);
         let e = |body: Value, kind| parse(&c, kind, &body).unwrap_err();
-        assert_eq!(e(json!({"model": "zz", "messages": [{"role": "user", "content": "x"}]}), Kind::Chat).0, StatusCode::NOT_FOUND);
-        assert!(e(json!({"model": "base"}), Kind::Chat).1.contains("messages"));
-        assert!(e(json!({"model": "base", "prompt": 3}), Kind::Completion).1.contains("prompt"));
-        assert!(e(json!({"model": "base", "prompt": "x", "max_tokens": 0}), Kind::Completion).1.contains("max_tokens"));
-        assert!(e(json!({"model": "base", "prompt": "x", "max_tokens": 1000000}), Kind::Completion).1.contains("KV cache blocks"));
+        assert_eq!(
+            e(
+                json!({"model": "zz", "messages": [{"role": "user", "content": "x"}]}),
+                Kind::Chat
+            )
+            .0,
+            StatusCode::NOT_FOUND
+        );
+        assert!(e(json!({"model": "base"}), Kind::Chat)
+            .1
+            .contains("messages"));
+        assert!(e(json!({"model": "base", "prompt": 3}), Kind::Completion)
+            .1
+            .contains("prompt"));
+        assert!(e(
+            json!({"model": "base", "prompt": "x", "max_tokens": 0}),
+            Kind::Completion
+        )
+        .1
+        .contains("max_tokens"));
+        assert!(e(
+            json!({"model": "base", "prompt": "x", "max_tokens": 1000000}),
+            Kind::Completion
+        )
+        .1
+        .contains("KV cache blocks"));
     }
 }

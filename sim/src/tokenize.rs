@@ -53,11 +53,11 @@ fn fnv(bytes: &[u8]) -> u32 {
 pub const WORDS: &[&str] = &[
     "the", "model", "serves", "tokens", "fast", "cache", "prefix", "block", "batch", "queue",
     "mesh", "proxy", "route", "load", "time", "first", "next", "every", "small", "large", "kv",
-    "gpu", "lora", "prompt", "answer", "server", "fleet", "hash", "chain",
-    "ring", "spill", "bound", "score", "decode", "stream", "event", "data",
-    "word", "text", "chat", "user", "system", "tenant", "policy", "metric", "gauge",
-    "count", "sum", "rate", "peak", "ewma", "least", "round", "robin", "aware", "simple", "plain",
-    "quick", "steady", "peer", "pod", "node", "cell", "sim",
+    "gpu", "lora", "prompt", "answer", "server", "fleet", "hash", "chain", "ring", "spill",
+    "bound", "score", "decode", "stream", "event", "data", "word", "text", "chat", "user",
+    "system", "tenant", "policy", "metric", "gauge", "count", "sum", "rate", "peak", "ewma",
+    "least", "round", "robin", "aware", "simple", "plain", "quick", "steady", "peer", "pod",
+    "node", "cell", "sim",
 ];
 
 /// The `index`th generated output word.

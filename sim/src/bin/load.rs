@@ -103,7 +103,9 @@ async fn main() {
         }
     };
     if !(rate > 0.0) || !(a.time_scale > 0.0) || !(a.duration > 0.0) {
-        eprintln!("infermesh-sim-load: --rate/--load, --time-scale and --duration must be positive");
+        eprintln!(
+            "infermesh-sim-load: --rate/--load, --time-scale and --duration must be positive"
+        );
         std::process::exit(2);
     }
     let mut connector = HttpConnector::new();
@@ -157,7 +159,13 @@ async fn main() {
         );
         i += 1;
         let client = client.clone();
-        tasks.push(tokio::spawn(one(client, url, body.to_string(), start, scale)));
+        tasks.push(tokio::spawn(one(
+            client,
+            url,
+            body.to_string(),
+            start,
+            scale,
+        )));
     }
     let arrivals_done = start.elapsed().as_secs_f64();
     let deadline = tokio::time::Instant::from_std(
@@ -307,17 +315,20 @@ async fn one(client: HttpClient, url: String, body: String, start: Instant, scal
     o
 }
 
-fn report(a: &Args, rate: f64, outcomes: &[Outcome], cache: Option<((f64, f64), (f64, f64))>, scale: f64) {
+fn report(
+    a: &Args,
+    rate: f64,
+    outcomes: &[Outcome],
+    cache: Option<((f64, f64), (f64, f64))>,
+    scale: f64,
+) {
     let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
     let mut ttft: Vec<f64> = ok.iter().filter_map(|o| o.ttft).collect();
     ttft.sort_by(f64::total_cmp);
     let mut itl: Vec<f64> = ok.iter().flat_map(|o| o.gaps.iter().copied()).collect();
     itl.sort_by(f64::total_cmp);
     let tokens: u64 = ok.iter().map(|o| o.output_tokens).sum();
-    let span = ok
-        .iter()
-        .map(|o| o.done_at)
-        .fold(a.duration, f64::max);
+    let span = ok.iter().map(|o| o.done_at).fold(a.duration, f64::max);
     let hit_rate = cache.and_then(|((q0, h0), (q1, h1))| {
         let q = q1 - q0;
         (q > 0.0).then(|| (h1 - h0) / q)
@@ -359,7 +370,16 @@ fn report(a: &Args, rate: f64, outcomes: &[Outcome], cache: Option<((f64, f64), 
     println!("{out}");
     eprintln!(
         "{:<18} {:>7} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8}",
-        "workload", "rate/s", "ok", "failed", "ttft p50", "ttft p90", "ttft p99", "itl p90", "out tok/s", "hit rate"
+        "workload",
+        "rate/s",
+        "ok",
+        "failed",
+        "ttft p50",
+        "ttft p90",
+        "ttft p99",
+        "itl p90",
+        "out tok/s",
+        "hit rate"
     );
     eprintln!(
         "{:<18} {:>7.2} {:>5} {:>6} {:>9.3} {:>9.3} {:>9.3} {:>9.4} {:>10.1} {:>8}",

@@ -60,6 +60,10 @@ struct Args {
     /// Adds `endpoint-load-metrics` (ORCA text) to every response.
     #[arg(long)]
     load_report: bool,
+    /// Output tokens per SSE event after the first (as vLLM's option): fewer
+    /// events for a benchmark at a high time scale.
+    #[arg(long, default_value_t = 1)]
+    stream_interval: usize,
 }
 
 fn ns(ms: f64) -> u64 {
@@ -95,6 +99,7 @@ async fn main() {
         time_scale: a.time_scale,
         default_output_tokens: a.output_tokens,
         load_report: a.load_report,
+        stream_interval: a.stream_interval,
     };
     let server = match Server::bind(a.addr, config).await {
         Ok(s) => s,

@@ -77,7 +77,12 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
-    if !(a.time_scale > 0.0) || a.max_num_seqs == 0 || a.kv_blocks == 0 || a.block_size == 0 {
+    if a.time_scale.is_nan()
+        || a.time_scale <= 0.0
+        || a.max_num_seqs == 0
+        || a.kv_blocks == 0
+        || a.block_size == 0
+    {
         eprintln!("infermesh-sim: --time-scale, --max-num-seqs, --kv-blocks and --block-size must be positive");
         std::process::exit(2);
     }

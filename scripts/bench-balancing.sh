@@ -18,12 +18,13 @@
 #   STREAM_INTERVAL [8]  PROFILE [release]
 #   BENCH_BACKEND_EXTRA  YAML appended to the Backend's spec (one field per
 #              line, indented two spaces), e.g. settings of a balancer
+#   SIM_ARGS   more flags for every server (e.g. --load-report)
 #
 # The servers' profile is the simulator's default, an 8B model on one H100
 # (docs/simulator.md): prefill 30 ms + 0.2 ms per uncached prompt token, one
 # prefill at a time; 12 ms per output token alone, up to 2× with 256
 # running; a KV cache cut down to KV_BLOCKS blocks of 16 tokens so that one
-# server holds the system prompts of about a sixth of the tenants, not all.
+# server holds the system prompts of at most a quarter of the tenants.
 #
 # Capacity is computed from that profile, not measured: a prompt is
 # SYSTEM_TOKENS + QUESTION_TOKENS + 15 tokens (the simulator's chat
@@ -65,6 +66,7 @@ KV_BLOCKS=${KV_BLOCKS:-2048}
 STREAM_INTERVAL=${STREAM_INTERVAL:-8}
 PROFILE=${PROFILE:-release}
 EXTRA=${BENCH_BACKEND_EXTRA:-}
+read -ra SIM_EXTRA <<<"${SIM_ARGS:-}"
 
 # shellcheck disable=SC2034 # read by bench-lib.sh
 BENCH_TAG=bench-balancing
@@ -101,7 +103,7 @@ start_fleet() {
     SIM_ADDRS=()
     for i in $(seq 1 "$SERVERS"); do
         "$BIN/infermesh-sim" --addr 127.0.0.1:0 --name "sim-$i" --time-scale "$TIME_SCALE" \
-            --kv-blocks "$KV_BLOCKS" --stream-interval "$STREAM_INTERVAL" \
+            --kv-blocks "$KV_BLOCKS" --stream-interval "$STREAM_INTERVAL" ${SIM_EXTRA[@]+"${SIM_EXTRA[@]}"} \
             >"$OUT/raw/sim.$run.$i.out" 2>"$OUT/raw/sim.$run.$i.out.err" &
         PIDS+=("$!")
         line=$(wait_line "$OUT/raw/sim.$run.$i.out" '^listening' "$!") || die "infermesh-sim did not start"

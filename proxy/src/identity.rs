@@ -560,6 +560,20 @@ pub fn describe_handshake_error(error: &std::io::Error) -> String {
     }
 }
 
+/// Whether a failed inbound handshake is the client closing its socket
+/// (end of file, reset, broken pipe) rather than a TLS failure.
+pub fn client_went_away(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    // A TLS error is wrapped as `InvalidData`; these kinds are the socket's own.
+    matches!(
+        error.kind(),
+        K::UnexpectedEof | K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted
+    ) && error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsError>())
+        .is_none()
+}
+
 /// The refusal reason of a failed inbound handshake, for the metric.
 pub fn handshake_refusal(error: &std::io::Error) -> Reason {
     match error

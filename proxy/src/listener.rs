@@ -339,6 +339,13 @@ async fn serve_mtls(
     let acceptor = tokio_rustls::TlsAcceptor::from(builders.inbound_tls(&identity));
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
+        // The client went away (a probe, `openssl s_time`, a client that
+        // closes right after its handshake while the session tickets are
+        // written): nothing was refused.
+        Ok(Err(error)) if identity::client_went_away(&error) => {
+            tracing::debug!(%peer, %error, "the client closed the connection during the mTLS handshake");
+            return;
+        }
         Ok(Err(error)) => {
             let reason = identity::handshake_refusal(&error);
             let error = identity::describe_handshake_error(&error);

@@ -388,6 +388,37 @@ async fn the_inbound_listener_refuses_each_bad_peer_and_says_why() {
     assert_eq!(code, 0);
     assert!(out.ends_with("\n1.1"), "{out}");
 
+    // Clients that complete the handshake and close at once, as
+    // `openssl s_time -new` and health probes do, are not refusals: no log
+    // line, no count.
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_time",
+            "-connect",
+            &server.inbound.to_string(),
+            "-new",
+            "-time",
+            "1",
+        ])
+        .arg("-cert")
+        .arg(&good_cert)
+        .arg("-key")
+        .arg(&good_key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("connections in"),
+        "openssl s_time made connections: {text}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !server.stderr().contains("handshake refused"),
+        "a completed handshake closed by its client was logged as refused:\n{}",
+        server.stderr()
+    );
+
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
     let cases: Vec<(&str, (std::path::PathBuf, std::path::PathBuf), &str)> = vec![

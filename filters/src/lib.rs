@@ -15,6 +15,7 @@ pub mod mirror;
 pub mod rate_limit;
 pub mod replay;
 pub mod retry;
+pub mod trace;
 pub mod timeout;
 
 pub use body::{BoxBody, BoxError};

@@ -286,6 +286,15 @@ fn main() -> ExitCode {
         None => None,
     };
 
+    // Traces, from the standard OTEL_* variables.
+    let traces = match infermesh_proxy::traces::Settings::from_env() {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("infermesh-proxy: refusing to start: {error}");
+            return ExitCode::from(2);
+        }
+    };
+
     // One worker: a current-thread runtime, where the listeners and every
     // connection share the thread that runs them, with none of the
     // multi-threaded scheduler's cross-thread wake-ups and atomics.
@@ -308,7 +317,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, policy, identity)) {
+    match runtime.block_on(run(args, policy, identity, traces)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("infermesh-proxy: {message}");
@@ -380,12 +389,16 @@ enum StartError {
     /// A bound port cannot be read back.
     #[error("{0}")]
     LocalAddr(#[source] std::io::Error),
+    /// Trace export cannot start.
+    #[error("{0}")]
+    Traces(#[source] infermesh_proxy::traces::TracesError),
 }
 
 async fn run(
     args: Args,
     policy: Option<PolicySet>,
     identity: Option<IdentitySettings>,
+    traces: Option<infermesh_proxy::traces::Settings>,
 ) -> Result<(), StartError> {
     // One drain for every task: each holds a watch, and shutdown signals
     // them all and waits until every one has let go (listeners after their
@@ -408,6 +421,10 @@ async fn run(
         }
     };
     let metrics = Arc::new(Metrics::new());
+    if let Some(traces) = traces {
+        infermesh_proxy::traces::start(traces, metrics.trace_spans_dropped.clone())
+            .map_err(StartError::Traces)?;
+    }
     let (policy, source) = match (policy, &args.control_plane) {
         (Some(policy), _) => (policy, Source::File),
         (None, Some(_)) => (PolicySet::default(), Source::Pending),

@@ -149,7 +149,7 @@ pub async fn handle(
     };
     let status = response.status().as_u16();
     if let Some(span) = span.as_mut() {
-        span.responded(status, route.as_str(), backend.as_str());
+        span.responded(status, response.headers(), route.as_str(), backend.as_str());
     }
     if let Some(access) = access.as_mut() {
         access.route = route.clone();
@@ -772,9 +772,15 @@ impl Watch for Finish {
         if let (Some(trailers), Some(pending)) = (frame.trailers_ref(), self.pending.as_mut()) {
             pending.grpc_status = trailers.get("grpc-status").map(grpc_status_of);
         }
+        if let (Some(data), Some(span)) = (frame.data_ref(), self.span.as_mut()) {
+            span.body(data);
+        }
     }
 
     fn end(mut self, ended: Ended) {
+        if let (Ended::Complete, Some(span)) = (ended, self.span.as_mut()) {
+            span.body_ended();
+        }
         if let Some(pending) = self.pending.as_mut() {
             pending.ended = ended == Ended::Complete;
         }

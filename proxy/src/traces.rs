@@ -421,7 +421,14 @@ fn deferred(context: &SpanContext) -> bool {
 pub struct ServerSpan {
     span: Span,
     trace: RequestTrace,
+    /// A copy of a small JSON response body, read for its `model` and
+    /// `usage` when it ends (the response itself streams on unchanged).
+    copy: Option<Vec<u8>>,
 }
+
+/// The largest response body copied for its GenAI attributes: a
+/// non-streaming completion's JSON; streams are never copied.
+const MAX_COPY: u64 = 256 * 1024;
 
 impl Traces {
     /// The server span of a request that arrived with `parent` (its
@@ -464,7 +471,11 @@ impl Traces {
             return None;
         }
         let trace = RequestTrace::new(span.span_context().clone());
-        Some(ServerSpan { span, trace })
+        Some(ServerSpan {
+            span,
+            trace,
+            copy: None,
+        })
     }
 
     /// The client span of one upstream attempt of a sampled request.
@@ -533,7 +544,20 @@ impl ServerSpan {
 
     /// Records the response the client got, and the route and backend
     /// that served it (empty names are left out).
-    pub fn responded(&mut self, status: u16, route: &str, backend: &str) {
+    pub fn responded(&mut self, status: u16, headers: &HeaderMap, route: &str, backend: &str) {
+        let json = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let length = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (true, Some(length)) = (json, length) {
+            if length <= MAX_COPY {
+                self.copy = Some(Vec::with_capacity(length as usize));
+            }
+        }
         if !route.is_empty() {
             self.span
                 .set_attribute(KeyValue::new("infermesh.route", route.to_string()));
@@ -550,6 +574,56 @@ impl ServerSpan {
         let retries = self.trace.attempts().saturating_sub(1);
         self.span
             .set_attribute(KeyValue::new("infermesh.retry_count", i64::from(retries)));
+    }
+
+    /// A chunk of the response body passed to the client.
+    pub fn body(&mut self, chunk: &[u8]) {
+        if let Some(copy) = self.copy.as_mut() {
+            if copy.len() + chunk.len() <= MAX_COPY as usize {
+                copy.extend_from_slice(chunk);
+            } else {
+                self.copy = None;
+            }
+        }
+    }
+
+    /// The response body ended: the GenAI response attributes of an
+    /// OpenAI completion (`model`, `usage`, the choices' `finish_reason`).
+    pub fn body_ended(&mut self) {
+        let Some(copy) = self.copy.take() else {
+            return;
+        };
+        let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&copy) else {
+            return;
+        };
+        if let Some(model) = answer.get("model").and_then(|m| m.as_str()) {
+            self.span
+                .set_attribute(KeyValue::new("gen_ai.response.model", model.to_string()));
+        }
+        if let Some(usage) = answer.get("usage") {
+            for (field, key) in [
+                ("prompt_tokens", "gen_ai.usage.input_tokens"),
+                ("completion_tokens", "gen_ai.usage.output_tokens"),
+            ] {
+                if let Some(tokens) = usage.get(field).and_then(|t| t.as_i64()) {
+                    self.span.set_attribute(KeyValue::new(key, tokens));
+                }
+            }
+        }
+        let reasons: Vec<opentelemetry::StringValue> = answer
+            .get("choices")
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("finish_reason").and_then(|r| r.as_str()))
+            .map(|r| r.to_string().into())
+            .collect();
+        if !reasons.is_empty() {
+            self.span.set_attribute(KeyValue::new(
+                "gen_ai.response.finish_reasons",
+                opentelemetry::Value::Array(reasons.into()),
+            ));
+        }
     }
 
     /// Records a gRPC status (from the trailers or a trailers-only head).

@@ -104,6 +104,7 @@ async fn a_request_through_two_sidecars_is_one_trace_with_an_attempt_span_per_re
 
     let url = format!("{}{CHAT}", client.url());
     let mut traces = Vec::new();
+    let mut usage = serde_json::Value::Null;
     for n in 0..4u64 {
         let trace_id = hex_id(n + 7, 32);
         let caller_span = hex_id(n + 100, 16);
@@ -116,6 +117,7 @@ async fn a_request_through_two_sidecars_is_one_trace_with_an_attempt_span_per_re
             ))
             .await;
         assert_eq!(reply.status, 200, "{}", reply.text());
+        usage = serde_json::from_slice(&reply.body).unwrap();
         traces.push((trace_id, caller_span));
     }
     // Each trace: client sidecar server + client span(s), server sidecar
@@ -160,6 +162,28 @@ async fn a_request_through_two_sidecars_is_one_trace_with_an_attempt_span_per_re
         assert_eq!(client_server.str("gen_ai.request.model"), Some(MODEL));
         assert_eq!(client_server.bool("gen_ai.request.stream"), Some(false));
         assert_eq!(client_server.int("infermesh.retry_count"), Some(0));
+        // The upstream's answer, read as it passed: token counts equal to
+        // its `usage`.
+        let server_server = only(&trace, "server sidecar server span", |s| {
+            s.is_server() && s.service == "server-sidecar"
+        });
+        for span in [client_server, server_server] {
+            assert_eq!(span.str("gen_ai.response.model"), usage["model"].as_str());
+            assert_eq!(
+                span.attributes.get("gen_ai.response.finish_reasons").is_some(),
+                usage["choices"][0]["finish_reason"].is_string()
+            );
+            let usage = &usage["usage"];
+            assert!(usage["prompt_tokens"].as_i64().is_some(), "{usage}");
+            assert_eq!(
+                span.int("gen_ai.usage.input_tokens"),
+                usage["prompt_tokens"].as_i64()
+            );
+            assert_eq!(
+                span.int("gen_ai.usage.output_tokens"),
+                usage["completion_tokens"].as_i64()
+            );
+        }
         // Its attempt is its child, aimed at the server sidecar.
         let client_attempt = only(&trace, "client sidecar attempt", |s| {
             s.is_client() && s.service == "client-sidecar"

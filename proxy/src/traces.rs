@@ -773,7 +773,8 @@ impl AttemptSpan {
     }
 }
 
-/// The GenAI operation of an API (semantic conventions 1.37).
+/// The GenAI operation of an API (`gen_ai.operation.name`, semantic
+/// conventions v1.36.0; `inference` is ours, for KServe).
 pub fn operation_name(api: crate::classify::ApiKind) -> Option<&'static str> {
     use crate::classify::ApiKind;
     match api {

@@ -15,8 +15,8 @@ pub mod mirror;
 pub mod rate_limit;
 pub mod replay;
 pub mod retry;
-pub mod trace;
 pub mod timeout;
+pub mod trace;
 
 pub use body::{BoxBody, BoxError};
 pub use error::{Fault, ProxyError};

@@ -272,7 +272,12 @@ async fn route_and_send(
             .extensions
             .get::<InboundConn>()
             .and_then(|c| c.caller.as_deref());
-        span.classified(head.api, classified.model.as_deref(), classified.stream, caller);
+        span.classified(
+            head.api,
+            classified.model.as_deref(),
+            classified.stream,
+            caller,
+        );
     }
     let redirected = parts.extensions.get::<Redirected>().copied();
     let routed = route_request(&snapshot, listener, authorizer, &head, &parts, &classified);

@@ -100,7 +100,10 @@ impl Settings {
         let protocol_name = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
         let (protocol_var, protocol) = match var(protocol_name) {
             Some(value) => (protocol_name, Some(value)),
-            None => ("OTEL_EXPORTER_OTLP_PROTOCOL", var("OTEL_EXPORTER_OTLP_PROTOCOL")),
+            None => (
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                var("OTEL_EXPORTER_OTLP_PROTOCOL"),
+            ),
         };
         let protocol = match protocol.as_deref().map(str::trim) {
             None | Some("grpc") => ExportProtocol::Grpc,
@@ -271,10 +274,12 @@ fn export_thread(
                 .build(),
             ExportProtocol::HttpProtobuf => builder
                 .with_http()
-                .with_http_client(opentelemetry_http::hyper::HyperClient::with_default_connector(
-                    settings.timeout,
-                    None,
-                ))
+                .with_http_client(
+                    opentelemetry_http::hyper::HyperClient::with_default_connector(
+                        settings.timeout,
+                        None,
+                    ),
+                )
                 .with_endpoint(settings.endpoint.clone())
                 .with_protocol(Protocol::HttpBinary)
                 .with_timeout(settings.timeout)
@@ -345,8 +350,8 @@ pub fn incoming(headers: &HeaderMap) -> Option<SpanContext> {
         .and_then(|v| v.to_str().ok())
         .is_some_and(well_formed_traceparent)
     {
-        let cx = TraceContextPropagator::new()
-            .extract(&opentelemetry_http::HeaderExtractor(headers));
+        let cx =
+            TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
         let span = cx.span().span_context().clone();
         if span.is_valid() {
             return Some(span);
@@ -359,7 +364,10 @@ pub fn incoming(headers: &HeaderMap) -> Option<SpanContext> {
 /// check (it takes a 31-digit trace id).
 fn well_formed_traceparent(value: &str) -> bool {
     let fields: Vec<&str> = value.trim().split('-').collect();
-    let lower_hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let lower_hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
     fields.len() >= 4
         && [2, 32, 16, 2]
             .iter()
@@ -389,8 +397,7 @@ fn b3(headers: &HeaderMap) -> Option<SpanContext> {
     };
     let (trace, span) = (trace.trim(), span.trim());
     let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
-    if !(trace.len() == 32 || trace.len() == 16) || span.len() != 16 || !hex(trace) || !hex(span)
-    {
+    if !(trace.len() == 32 || trace.len() == 16) || span.len() != 16 || !hex(trace) || !hex(span) {
         return None;
     }
     let trace_id = TraceId::from_hex(trace).ok()?;
@@ -566,8 +573,10 @@ impl ServerSpan {
             self.span
                 .set_attribute(KeyValue::new("infermesh.backend", backend.to_string()));
         }
-        self.span
-            .set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+        self.span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
         if status >= 500 {
             self.span.set_status(Status::error(status.to_string()));
         }
@@ -916,13 +925,16 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         );
         assert_eq!(map["tracestate"], "vendor=value");
-        assert_eq!(incoming(&map), Some(SpanContext::new(
-            context.trace_id(),
-            context.span_id(),
-            TraceFlags::SAMPLED,
-            true,
-            context.trace_state().clone(),
-        )));
+        assert_eq!(
+            incoming(&map),
+            Some(SpanContext::new(
+                context.trace_id(),
+                context.span_id(),
+                TraceFlags::SAMPLED,
+                true,
+                context.trace_state().clone(),
+            ))
+        );
     }
 
     #[test]
@@ -958,7 +970,10 @@ mod tests {
             ("OTEL_TRACES_SAMPLER_ARG", "2"),
         ]))
         .unwrap_err();
-        assert!(error.to_string().contains("OTEL_TRACES_SAMPLER_ARG"), "{error}");
+        assert!(
+            error.to_string().contains("OTEL_TRACES_SAMPLER_ARG"),
+            "{error}"
+        );
         let error = Settings::from_vars(vars(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),

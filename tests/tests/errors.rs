@@ -112,7 +112,10 @@ async fn failed_requests_are_in_the_duration_histogram() {
     // A refused connection: a 503 at once.
     let proxy = single_route(&[refused_addr().to_string()], false, "");
     let reply = HttpClient::http1()
-        .post_json(&format!("{}{CHAT}", proxy.url()), &chat_body("model", false))
+        .post_json(
+            &format!("{}{CHAT}", proxy.url()),
+            &chat_body("model", false),
+        )
         .await;
     reply.assert_proxy_error(503, "upstream_connect_error");
     let metrics = Metrics::scrape(&proxy).await;
@@ -132,7 +135,10 @@ async fn failed_requests_are_in_the_duration_histogram() {
     );
     let proxy = single_route(&[slow.addr().to_string()], false, "firstByte: 300ms");
     let reply = HttpClient::http1()
-        .post_json(&format!("{}{CHAT}", proxy.url()), &chat_body("model", false))
+        .post_json(
+            &format!("{}{CHAT}", proxy.url()),
+            &chat_body("model", false),
+        )
         .await;
     reply.assert_proxy_error(504, "timeout");
     let metrics = Metrics::scrape(&proxy).await;

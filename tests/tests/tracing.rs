@@ -67,7 +67,11 @@ fn client_policy(server_inbound: SocketAddr) -> String {
 }
 
 fn hex_id(seed: u64, len: usize) -> String {
-    let text = format!("{:016x}{:016x}", seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), seed + 1);
+    let text = format!(
+        "{:016x}{:016x}",
+        seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        seed + 1
+    );
     text[..len].to_string()
 }
 
@@ -170,7 +174,8 @@ async fn a_request_through_two_sidecars_is_one_trace_with_an_attempt_span_per_re
         for span in [client_server, server_server] {
             assert_eq!(span.str("gen_ai.response.model"), usage["model"].as_str());
             assert_eq!(
-                span.attributes.get("gen_ai.response.finish_reasons").is_some(),
+                span.attributes
+                    .contains_key("gen_ai.response.finish_reasons"),
                 usage["choices"][0]["finish_reason"].is_string()
             );
             let usage = &usage["usage"];
@@ -321,7 +326,11 @@ async fn sampling_follows_the_parent_then_the_ratio() {
     let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
     send(vec![("traceparent", unsampled.to_string())]).await;
     // A malformed header is ignored, not an error.
-    send(vec![("traceparent", "00-xyz-b7ad6b7169203331-01".to_string())]).await;
+    send(vec![(
+        "traceparent",
+        "00-xyz-b7ad6b7169203331-01".to_string(),
+    )])
+    .await;
     // A sampled parent, in W3C and in both B3 forms: sampled whatever the ratio.
     send(vec![(
         "traceparent",
@@ -334,7 +343,10 @@ async fn sampling_follows_the_parent_then_the_ratio() {
     )])
     .await;
     send(vec![
-        ("x-b3-traceid", "3af7651916cd43dd8448eb211c80319c".to_string()),
+        (
+            "x-b3-traceid",
+            "3af7651916cd43dd8448eb211c80319c".to_string(),
+        ),
         ("x-b3-spanid", "b7ad6b7169203333".to_string()),
         ("x-b3-sampled", "1".to_string()),
     ])

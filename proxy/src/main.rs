@@ -421,10 +421,6 @@ async fn run(
         }
     };
     let metrics = Arc::new(Metrics::new());
-    if let Some(traces) = traces {
-        infermesh_proxy::traces::start(traces, metrics.trace_spans_dropped.clone())
-            .map_err(StartError::Traces)?;
-    }
     let (policy, source) = match (policy, &args.control_plane) {
         (Some(policy), _) => (policy, Source::File),
         (None, Some(_)) => (PolicySet::default(), Source::Pending),
@@ -432,6 +428,17 @@ async fn run(
     };
     let mesh = identity.as_ref().map(|(identity, _)| identity.clone());
     let snapshot = Snapshot::build(policy, Origin::local(source), None, &metrics, mesh.as_ref());
+    // Traces: the policy's MeshConfig `tracing`, else the OTEL_* variables.
+    infermesh_proxy::traces::set_env(traces);
+    infermesh_proxy::traces::configure(
+        snapshot
+            .policy()
+            .mesh
+            .as_ref()
+            .and_then(|m| m.spec.tracing.as_ref()),
+        &metrics.trace_spans_dropped,
+    )
+    .map_err(StartError::Traces)?;
     snapshot.start_discovery(&drain).await;
     if source != Source::Pending {
         metrics.policy_update(true);

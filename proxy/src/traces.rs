@@ -10,13 +10,16 @@
 //! take, is counted in `infermesh_trace_spans_dropped_total`. An unsampled
 //! request creates no span: the proxy forwards its headers unchanged.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use infermesh_filters::trace::RequestTrace;
+use infermesh_proto::policy::{TracingProtocol, TracingSettings};
 use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::Link;
 use opentelemetry::trace::{
     Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags,
     TraceId, TraceState, Tracer as _, TracerProvider as _,
@@ -26,7 +29,8 @@ use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    Sampler, SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter as _, SpanProcessor,
+    Sampler, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample, Span, SpanData,
+    SpanExporter as _, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
@@ -166,40 +170,174 @@ impl Settings {
     }
 }
 
-/// The proxy's tracer, once tracing is on.
+impl Settings {
+    /// A policy's settings (`MeshConfig` `spec.tracing`); the queue and
+    /// batches as the environment sets them.
+    fn from_mesh(mesh: &TracingSettings, env: Option<&Settings>) -> Settings {
+        let protocol = match mesh.protocol {
+            TracingProtocol::Grpc => ExportProtocol::Grpc,
+            TracingProtocol::Http => ExportProtocol::HttpProtobuf,
+        };
+        let endpoint = mesh.endpoint.trim().trim_end_matches('/').to_string();
+        let has_path = endpoint
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.contains('/'));
+        let endpoint = match protocol {
+            ExportProtocol::HttpProtobuf if !has_path => format!("{endpoint}/v1/traces"),
+            _ => endpoint,
+        };
+        let base = env.cloned().unwrap_or_else(|| Settings {
+            endpoint: String::new(),
+            protocol,
+            ratio: 0.0,
+            service_name: std::env::var("OTEL_SERVICE_NAME")
+                .unwrap_or_else(|_| "infermesh-proxy".into()),
+            max_queue: 2048,
+            max_batch: 512,
+            delay: Duration::from_millis(5000),
+            timeout: Duration::from_millis(30000),
+        });
+        Settings {
+            endpoint,
+            protocol,
+            ratio: mesh.sampling,
+            ..base
+        }
+    }
+}
+
+/// The proxy's tracer, once tracing was turned on.
 #[derive(Debug)]
 pub struct Traces {
     tracer: SdkTracer,
-    ratio: f64,
+    /// The sampling ratio in force, as `f64` bits.
+    ratio: Arc<AtomicU64>,
+    /// Off when a new policy turned tracing off.
+    on: AtomicBool,
+    /// Where the export thread sends.
+    target: Arc<Mutex<Target>>,
     /// Held so that the provider lives as long as the process.
     _provider: SdkTracerProvider,
 }
 
+/// The collector the export thread sends to; a new generation makes it
+/// build a new exporter.
+#[derive(Debug, Clone)]
+struct Target {
+    endpoint: String,
+    protocol: ExportProtocol,
+    generation: u64,
+}
+
 static TRACES: OnceLock<Traces> = OnceLock::new();
+static ENV: OnceLock<Option<Settings>> = OnceLock::new();
 
 /// The tracer, when tracing is on.
 pub fn traces() -> Option<&'static Traces> {
-    TRACES.get()
+    TRACES.get().filter(|t| t.on.load(Ordering::Relaxed))
 }
 
-/// Turns tracing on for the process: starts the export thread; `dropped`
-/// counts the spans that never reached the collector.
-pub fn start(settings: Settings, dropped: Counter) -> Result<(), TracesError> {
+/// Records the environment's settings, used while no policy sets `tracing`.
+pub fn set_env(settings: Option<Settings>) {
+    let _ = ENV.set(settings);
+}
+
+/// Applies a policy's `MeshConfig` `tracing` (the environment's settings
+/// without one): turns tracing on, retargets the export, changes the
+/// sampling ratio, or turns tracing off. `dropped` counts the spans that
+/// never reached the collector.
+pub fn configure(mesh: Option<&TracingSettings>, dropped: &Counter) -> Result<(), TracesError> {
+    let env = ENV.get().cloned().flatten();
+    let wanted = match mesh {
+        Some(mesh) => Some(Settings::from_mesh(mesh, env.as_ref())),
+        None => env,
+    };
+    match (wanted, TRACES.get()) {
+        (None, None) => Ok(()),
+        (None, Some(traces)) => {
+            if traces.on.swap(false, Ordering::Relaxed) {
+                tracing::info!("tracing turned off");
+            }
+            Ok(())
+        }
+        (Some(settings), None) => start(settings, dropped.clone()),
+        (Some(settings), Some(traces)) => {
+            traces
+                .ratio
+                .store(settings.ratio.to_bits(), Ordering::Relaxed);
+            let mut target = traces.target.lock().unwrap_or_else(|p| p.into_inner());
+            let retarget =
+                target.endpoint != settings.endpoint || target.protocol != settings.protocol;
+            if retarget {
+                target.endpoint = settings.endpoint.clone();
+                target.protocol = settings.protocol;
+                target.generation += 1;
+            }
+            let was_off = !traces.on.swap(true, Ordering::Relaxed);
+            if retarget || was_off {
+                tracing::info!(endpoint = %settings.endpoint, protocol = ?settings.protocol, ratio = settings.ratio, "exporting traces over OTLP");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Parent-based sampling's root sampler: the trace-id ratio in force.
+#[derive(Debug, Clone)]
+struct RatioInForce(Arc<AtomicU64>);
+
+impl ShouldSample for RatioInForce {
+    fn should_sample(
+        &self,
+        parent_context: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        let ratio = f64::from_bits(self.0.load(Ordering::Relaxed));
+        Sampler::TraceIdRatioBased(ratio).should_sample(
+            parent_context,
+            trace_id,
+            name,
+            span_kind,
+            attributes,
+            links,
+        )
+    }
+}
+
+/// Turns tracing on for the process: starts the export thread.
+fn start(settings: Settings, dropped: Counter) -> Result<(), TracesError> {
     let (sender, receiver) = mpsc::sync_channel(settings.max_queue);
     let (built, ready) = mpsc::sync_channel(1);
+    let target = Arc::new(Mutex::new(Target {
+        endpoint: settings.endpoint.clone(),
+        protocol: settings.protocol,
+        generation: 0,
+    }));
     let thread_settings = settings.clone();
     let thread_dropped = dropped.clone();
+    let thread_target = target.clone();
     std::thread::Builder::new()
         .name("otlp-export".into())
-        .spawn(move || export_thread(thread_settings, receiver, thread_dropped, built))
+        .spawn(move || {
+            export_thread(
+                thread_settings,
+                thread_target,
+                receiver,
+                thread_dropped,
+                built,
+            )
+        })
         .map_err(TracesError::Thread)?;
     if let Ok(Err(error)) = ready.recv() {
         return Err(TracesError::Exporter(error));
     }
+    let ratio = Arc::new(AtomicU64::new(settings.ratio.to_bits()));
     let provider = SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            settings.ratio,
-        ))))
+        .with_sampler(Sampler::ParentBased(Box::new(RatioInForce(ratio.clone()))))
         .with_resource(
             Resource::builder()
                 .with_service_name(settings.service_name.clone())
@@ -210,7 +348,9 @@ pub fn start(settings: Settings, dropped: Counter) -> Result<(), TracesError> {
     let tracer = provider.tracer("infermesh-proxy");
     let _ = TRACES.set(Traces {
         tracer,
-        ratio: settings.ratio,
+        ratio,
+        on: AtomicBool::new(true),
+        target,
         _provider: provider,
     });
     tracing::info!(endpoint = %settings.endpoint, protocol = ?settings.protocol, ratio = settings.ratio, "exporting traces over OTLP");
@@ -248,6 +388,7 @@ impl SpanProcessor for Queue {
 /// a slow collector never holds a request's worker thread.
 fn export_thread(
     settings: Settings,
+    target: Arc<Mutex<Target>>,
     spans: mpsc::Receiver<SpanData>,
     dropped: Counter,
     built: SyncSender<Result<(), opentelemetry_otlp::ExporterBuildError>>,
@@ -263,13 +404,13 @@ fn export_thread(
             return;
         }
     };
-    let exporter = {
+    let build = |target: &Target| {
         let _entered = runtime.enter();
         let builder = opentelemetry_otlp::SpanExporter::builder();
-        match settings.protocol {
+        let built = match target.protocol {
             ExportProtocol::Grpc => builder
                 .with_tonic()
-                .with_endpoint(settings.endpoint.clone())
+                .with_endpoint(target.endpoint.clone())
                 .with_timeout(settings.timeout)
                 .build(),
             ExportProtocol::HttpProtobuf => builder
@@ -280,29 +421,44 @@ fn export_thread(
                         None,
                     ),
                 )
-                .with_endpoint(settings.endpoint.clone())
+                .with_endpoint(target.endpoint.clone())
                 .with_protocol(Protocol::HttpBinary)
                 .with_timeout(settings.timeout)
                 .build(),
-        }
+        };
+        built.map(|mut exporter| {
+            exporter.set_resource(
+                &Resource::builder()
+                    .with_service_name(settings.service_name.clone())
+                    .build(),
+            );
+            exporter
+        })
     };
-    let mut exporter = match exporter {
+    let mut current = target.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut exporter = match build(&current) {
         Ok(exporter) => {
             let _ = built.send(Ok(()));
-            exporter
+            Some(exporter)
         }
         Err(error) => {
             let _ = built.send(Err(error));
             return;
         }
     };
-    exporter.set_resource(
-        &Resource::builder()
-            .with_service_name(settings.service_name.clone())
-            .build(),
-    );
     let mut batch = Vec::with_capacity(settings.max_batch);
     loop {
+        let wanted = target.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if wanted.generation != current.generation {
+            exporter = match build(&wanted) {
+                Ok(exporter) => Some(exporter),
+                Err(error) => {
+                    tracing::error!(endpoint = %wanted.endpoint, error = %error, "cannot export traces there: spans are dropped");
+                    None
+                }
+            };
+            current = wanted;
+        }
         let deadline = Instant::now() + settings.delay;
         let mut closed = false;
         while batch.len() < settings.max_batch {
@@ -319,6 +475,10 @@ fn export_thread(
         if !batch.is_empty() {
             let count = batch.len() as u64;
             let sent = std::mem::replace(&mut batch, Vec::with_capacity(settings.max_batch));
+            let Some(exporter) = &exporter else {
+                dropped.inc_by(count);
+                continue;
+            };
             let outcome = runtime.block_on(async {
                 tokio::time::timeout(settings.timeout, exporter.export(sent)).await
             });
@@ -448,11 +608,12 @@ impl Traces {
         method: &http::Method,
         path: &str,
     ) -> Option<ServerSpan> {
+        let ratio = f64::from_bits(self.ratio.load(Ordering::Relaxed));
         let parent_cx = match parent {
             Some(parent) if deferred(parent) => {
                 // A B3 context without a decision: this proxy's ratio decides,
                 // in the parent's trace.
-                let flags = if fastrand::f64() < self.ratio {
+                let flags = if fastrand::f64() < ratio {
                     TraceFlags::SAMPLED
                 } else {
                     return None;
@@ -461,7 +622,7 @@ impl Traces {
             }
             Some(parent) if !parent.is_sampled() => return None,
             Some(parent) => Context::new().with_remote_span_context(parent.clone()),
-            None if self.ratio <= 0.0 => return None,
+            None if ratio <= 0.0 => return None,
             None => Context::new(),
         };
         let span = self.tracer.build_with_context(

@@ -455,3 +455,34 @@ async fn a_bad_tracing_setting_stops_the_proxy_with_the_reason() {
         exit.stderr
     );
 }
+
+#[tokio::test]
+async fn a_mesh_config_sets_the_collector_and_the_ratio_over_the_environment() {
+    let collector = OtlpCollector::start();
+    let model_server = OpenAiServer::start("llm");
+    let mesh = policy::mesh(&format!(
+        "tracing:\n  endpoint: {}\n  protocol: http\n  sampling: 1",
+        collector.http_endpoint()
+    ));
+    // The environment names a collector that is down: the policy wins.
+    let down = format!("http://{}", refused_addr());
+    let proxy = otel_env(ProxyProcess::builder(), "sidecar", &down, "grpc")
+        .env("OTEL_TRACES_SAMPLER_ARG", "0")
+        .policy(&policy::docs(&[client_policy(model_server.addr()), mesh]))
+        .start();
+    let reply = HttpClient::http1()
+        .post_json(&format!("{}{CHAT}", proxy.url()), &chat_body(MODEL, false))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let spans = collector
+        .wait_for(Duration::from_secs(20), |spans| spans.len() >= 2)
+        .await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    assert!(spans.iter().all(|s| s.transport == Transport::Http));
+    let server = only(&spans, "server span", |s| s.is_server());
+    assert!(server.parent_span_id.is_empty(), "a root span: {server:?}");
+    let attempt = only(&spans, "attempt span", |s| s.is_client());
+    assert_eq!(attempt.parent_span_id, server.span_id);
+    let metrics = Metrics::scrape(&proxy).await;
+    assert_eq!(metrics.sum("infermesh_trace_spans_dropped_total", &[]), 0.0);
+}

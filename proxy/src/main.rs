@@ -398,7 +398,7 @@ async fn run(
     args: Args,
     policy: Option<PolicySet>,
     identity: Option<IdentitySettings>,
-    traces: Option<infermesh_proxy::traces::Settings>,
+    traces: infermesh_proxy::traces::Settings,
 ) -> Result<(), StartError> {
     // One drain for every task: each holds a watch, and shutdown signals
     // them all and waits until every one has let go (listeners after their

@@ -91,16 +91,22 @@ pub enum TracesError {
 }
 
 impl Settings {
-    /// The settings of the standard `OTEL_*` environment variables; `None`
-    /// when no endpoint is set or `OTEL_SDK_DISABLED=true`.
-    pub fn from_env() -> Result<Option<Settings>, TracesError> {
+    /// The settings of the standard `OTEL_*` environment variables; the
+    /// endpoint is empty (no export) when none is set or
+    /// `OTEL_SDK_DISABLED=true`. The queue and batch settings also apply to
+    /// a `MeshConfig`'s `tracing`.
+    pub fn from_env() -> Result<Settings, TracesError> {
         Self::from_vars(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
     }
 
-    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Settings>, TracesError> {
-        if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
-            return Ok(None);
-        }
+    /// Whether these settings export (an endpoint is set).
+    pub fn exports(&self) -> bool {
+        !self.endpoint.is_empty()
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Settings, TracesError> {
+        let disabled =
+            var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
         let protocol_name = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
         let (protocol_var, protocol) = match var(protocol_name) {
             Some(value) => (protocol_name, Some(value)),
@@ -131,8 +137,9 @@ impl Settings {
                     format!("{}/v1/traces", base.trim().trim_end_matches('/'))
                 }
             },
-            (None, None) => return Ok(None),
+            (None, None) => String::new(),
         };
+        let endpoint = if disabled { String::new() } else { endpoint };
         let ratio = match var("OTEL_TRACES_SAMPLER_ARG") {
             None => 1.0,
             Some(value) => match value.trim().parse::<f64>() {
@@ -157,7 +164,7 @@ impl Settings {
                 }),
             },
         };
-        Ok(Some(Settings {
+        Ok(Settings {
             endpoint,
             protocol,
             ratio,
@@ -166,14 +173,14 @@ impl Settings {
             max_batch: number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)? as usize,
             delay: Duration::from_millis(number("OTEL_BSP_SCHEDULE_DELAY", 5000)?),
             timeout: Duration::from_millis(number("OTEL_BSP_EXPORT_TIMEOUT", 30000)?),
-        }))
+        })
     }
 }
 
 impl Settings {
     /// A policy's settings (`MeshConfig` `spec.tracing`); the queue and
     /// batches as the environment sets them.
-    fn from_mesh(mesh: &TracingSettings, env: Option<&Settings>) -> Settings {
+    fn from_mesh(mesh: &TracingSettings, env: &Settings) -> Settings {
         let protocol = match mesh.protocol {
             TracingProtocol::Grpc => ExportProtocol::Grpc,
             TracingProtocol::Http => ExportProtocol::HttpProtobuf,
@@ -186,22 +193,11 @@ impl Settings {
             ExportProtocol::HttpProtobuf if !has_path => format!("{endpoint}/v1/traces"),
             _ => endpoint,
         };
-        let base = env.cloned().unwrap_or_else(|| Settings {
-            endpoint: String::new(),
-            protocol,
-            ratio: 0.0,
-            service_name: std::env::var("OTEL_SERVICE_NAME")
-                .unwrap_or_else(|_| "infermesh-proxy".into()),
-            max_queue: 2048,
-            max_batch: 512,
-            delay: Duration::from_millis(5000),
-            timeout: Duration::from_millis(30000),
-        });
         Settings {
             endpoint,
             protocol,
             ratio: mesh.sampling,
-            ..base
+            ..env.clone()
         }
     }
 }
@@ -230,15 +226,16 @@ struct Target {
 }
 
 static TRACES: OnceLock<Traces> = OnceLock::new();
-static ENV: OnceLock<Option<Settings>> = OnceLock::new();
+static ENV: OnceLock<Settings> = OnceLock::new();
 
 /// The tracer, when tracing is on.
 pub fn traces() -> Option<&'static Traces> {
     TRACES.get().filter(|t| t.on.load(Ordering::Relaxed))
 }
 
-/// Records the environment's settings, used while no policy sets `tracing`.
-pub fn set_env(settings: Option<Settings>) {
+/// Records the environment's settings, used while no policy sets `tracing`
+/// (and for the queue and batches always).
+pub fn set_env(settings: Settings) {
     let _ = ENV.set(settings);
 }
 
@@ -247,10 +244,10 @@ pub fn set_env(settings: Option<Settings>) {
 /// sampling ratio, or turns tracing off. `dropped` counts the spans that
 /// never reached the collector.
 pub fn configure(mesh: Option<&TracingSettings>, dropped: &Counter) -> Result<(), TracesError> {
-    let env = ENV.get().cloned().flatten();
+    let env = ENV.get().cloned().map_or_else(Settings::from_env, Ok)?;
     let wanted = match mesh {
-        Some(mesh) => Some(Settings::from_mesh(mesh, env.as_ref())),
-        None => env,
+        Some(mesh) => Some(Settings::from_mesh(mesh, &env)),
+        None => Some(env).filter(Settings::exports),
     };
     match (wanted, TRACES.get()) {
         (None, None) => Ok(()),
@@ -1108,12 +1105,11 @@ mod tests {
                     .map(|(_, v)| v.to_string())
             }
         };
-        assert_eq!(Settings::from_vars(vars(&[])).unwrap(), None);
+        assert!(!Settings::from_vars(vars(&[])).unwrap().exports());
         let grpc = Settings::from_vars(vars(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
             ("OTEL_TRACES_SAMPLER_ARG", "0.01"),
         ]))
-        .unwrap()
         .unwrap();
         assert_eq!(grpc.endpoint, "http://collector:4317");
         assert_eq!(grpc.protocol, ExportProtocol::Grpc);
@@ -1122,7 +1118,6 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
         ]))
-        .unwrap()
         .unwrap();
         assert_eq!(http.endpoint, "http://collector:4318/v1/traces");
         assert_eq!(http.ratio, 1.0);
@@ -1141,13 +1136,11 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(error.to_string().contains("http/json"), "{error}");
-        assert_eq!(
-            Settings::from_vars(vars(&[
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
-                ("OTEL_SDK_DISABLED", "true"),
-            ]))
-            .unwrap(),
-            None
-        );
+        assert!(!Settings::from_vars(vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ]))
+        .unwrap()
+        .exports());
     }
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use infermesh_tests::client::{chat_body, json_request};
 use infermesh_tests::otlp::{OtlpCollector, Span, Transport};
 use infermesh_tests::{
-    policy, refused_addr, HttpClient, Metrics, OpenAiServer, ProxyProcess, ScriptedServer, Step,
+    policy, refused_addr, ControlPlaneProcess, HttpClient, Metrics, OpenAiServer, ProxyProcess,
+    ScriptedServer, Step,
 };
 
 const CHAT: &str = "/v1/chat/completions";
@@ -485,4 +486,91 @@ async fn a_mesh_config_sets_the_collector_and_the_ratio_over_the_environment() {
     assert_eq!(attempt.parent_span_id, server.span_id);
     let metrics = Metrics::scrape(&proxy).await;
     assert_eq!(metrics.sum("infermesh_trace_spans_dropped_total", &[]), 0.0);
+}
+
+#[tokio::test]
+async fn a_mesh_config_pushed_by_the_control_plane_starts_retargets_and_stops_tracing() {
+    let first = OtlpCollector::start();
+    let second = OtlpCollector::start();
+    let model_server = OpenAiServer::start("llm");
+    let mesh = |collector: &OtlpCollector| {
+        policy::mesh(&format!(
+            "tracing:\n  endpoint: {}\n  sampling: 1",
+            collector.grpc_endpoint()
+        ))
+    };
+    let control_plane =
+        ControlPlaneProcess::start(&[("policy.yaml", &client_policy(model_server.addr()))]);
+    // No endpoint in the environment: tracing is off until the policy says.
+    let proxy = ProxyProcess::builder()
+        .no_config()
+        .arg("--control-plane")
+        .arg(&control_plane.url())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .start();
+    let url = format!("{}{CHAT}", proxy.url());
+    let send = || send_chat(&url);
+    let routed = Instant::now();
+    loop {
+        let reply = HttpClient::http1()
+            .post_json(&url, &chat_body(MODEL, false))
+            .await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(routed.elapsed() < Duration::from_secs(20), "never routed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each step: push the policy, then send until a request's spans land
+    // where the step says (a request may still meet the previous policy).
+    control_plane.write(
+        "policy.yaml",
+        &policy::docs(&[client_policy(model_server.addr()), mesh(&first)]),
+    );
+    traced_at(&first, &url).await;
+    // Retargeted: the next spans go to the second collector.
+    control_plane.write(
+        "policy.yaml",
+        &policy::docs(&[client_policy(model_server.addr()), mesh(&second)]),
+    );
+    traced_at(&second, &url).await;
+    // Removed: no more spans anywhere.
+    control_plane.write("policy.yaml", &client_policy(model_server.addr()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = second.spans().len();
+        send().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if second.spans().len() == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tracing never stopped");
+    }
+    let (first_count, second_count) = (first.spans().len(), second.spans().len());
+    for _ in 0..5 {
+        send().await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(first.spans().len(), first_count);
+    assert_eq!(second.spans().len(), second_count);
+}
+
+async fn send_chat(url: &str) {
+    let reply = HttpClient::http1()
+        .post_json(url, &chat_body(MODEL, false))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+/// Sends requests to `url` until one's server span reaches `collector`.
+async fn traced_at(collector: &OtlpCollector, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        send_chat(url).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if collector.spans().iter().any(|s| s.is_server()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no span reached the collector");
+    }
 }

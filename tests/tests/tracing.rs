@@ -574,3 +574,106 @@ async fn traced_at(collector: &OtlpCollector, url: &str) {
         assert!(Instant::now() < deadline, "no span reached the collector");
     }
 }
+
+#[tokio::test]
+async fn fallback_links_hedges_and_mirror_copies_are_attempts_of_their_kind() {
+    let collector = OtlpCollector::start();
+    let llm = OpenAiServer::start("llm");
+    let shadow = OpenAiServer::start("shadow");
+    let down = refused_addr();
+    let slow = ScriptedServer::start("slow", vec![Step::Delay(Duration::from_secs(1)); 8]);
+    let route = |name: &str, model: &str, rest: &str| {
+        policy::route(
+            name,
+            &format!("match:\n  - model: {{exact: {model}}}\nbackends:\n  - backend: {rest}"),
+        )
+    };
+    let proxy = otel_env(
+        ProxyProcess::builder(),
+        "sidecar",
+        &collector.grpc_endpoint(),
+        "grpc",
+    )
+    .policy(&policy::docs(&[
+        policy::backend("llm", &[llm.addr()], ""),
+        policy::backend("shadow", &[shadow.addr()], ""),
+        policy::backend("down", &[down], "connectTimeout: 1s"),
+        policy::backend("pair", &[slow.addr(), llm.addr()], "balancer: round-robin"),
+        route("fb", "fb", "down\nfallback:\n  - backend: llm"),
+        route("mirrored", "mirrored", "llm\nmirror: {backend: shadow}"),
+        route("hedged", "hedged", "pair\nhedging: {delay: 100ms}"),
+    ]))
+    .start();
+    let url = format!("{}{CHAT}", proxy.url());
+    for model in ["fb", "mirrored", "hedged", "hedged"] {
+        let reply = HttpClient::http1()
+            .post_json(&url, &chat_body(model, false))
+            .await;
+        assert_eq!(reply.status, 200, "{model}: {}", reply.text());
+    }
+    let kinds_of = |spans: &[Span], model: &str| -> Vec<Vec<(String, i64)>> {
+        spans
+            .iter()
+            .filter(|s| s.is_server() && s.str("gen_ai.request.model") == Some(model))
+            .map(|server| {
+                let mut kinds: Vec<(String, i64)> = spans
+                    .iter()
+                    .filter(|a| a.is_client() && a.parent_span_id == server.span_id)
+                    .map(|a| {
+                        (
+                            a.str("infermesh.attempt.kind").unwrap_or("").to_string(),
+                            a.int("server.port").unwrap_or(0),
+                        )
+                    })
+                    .collect();
+                kinds.sort();
+                kinds
+            })
+            .collect()
+    };
+    let port = |addr: SocketAddr| i64::from(addr.port());
+    let spans = collector
+        .wait_for(Duration::from_secs(20), |spans| {
+            kinds_of(spans, "fb").first().is_some_and(|k| k.len() == 2)
+                && kinds_of(spans, "mirrored")
+                    .first()
+                    .is_some_and(|k| k.len() == 2)
+                && kinds_of(spans, "hedged").len() == 2
+        })
+        .await;
+    assert_eq!(
+        kinds_of(&spans, "fb"),
+        vec![vec![
+            ("fallback".to_string(), port(llm.addr())),
+            ("first".to_string(), port(down)),
+        ]],
+        "{spans:#?}"
+    );
+    let fb = only(&spans, "fb server span", |s| {
+        s.is_server() && s.str("gen_ai.request.model") == Some("fb")
+    });
+    assert_eq!(fb.str("infermesh.backend"), Some("llm"));
+    assert_eq!(fb.int("infermesh.retry_count"), Some(1));
+    let refused = only(&spans, "the refused attempt", |s| {
+        s.parent_span_id == fb.span_id && s.str("infermesh.attempt.kind") == Some("first")
+    });
+    assert_eq!(refused.status, 2);
+    assert_eq!(refused.str("error.type"), Some("no_response"));
+    assert_eq!(
+        kinds_of(&spans, "mirrored"),
+        vec![vec![
+            ("first".to_string(), port(llm.addr())),
+            ("mirror".to_string(), port(shadow.addr())),
+        ]]
+    );
+    // Round robin sends one of the two hedged requests to the slow
+    // endpoint first: its hedge goes to the other at 100 ms.
+    let hedged = kinds_of(&spans, "hedged");
+    assert!(
+        hedged.contains(&vec![
+            ("first".to_string(), port(slow.addr())),
+            ("hedge".to_string(), port(llm.addr())),
+        ]),
+        "{hedged:?}"
+    );
+}

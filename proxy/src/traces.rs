@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use infermesh_filters::rate_limit::UsageScanner;
 use infermesh_filters::trace::RequestTrace;
 use infermesh_proto::policy::{TracingProtocol, TracingSettings};
 use opentelemetry::propagation::TextMapPropagator;
@@ -588,6 +589,10 @@ pub struct ServerSpan {
     /// A copy of a small JSON response body, read for its `model` and
     /// `usage` when it ends (the response itself streams on unchanged).
     copy: Option<Vec<u8>>,
+    /// Scanners of an SSE stream's `prompt_tokens` and `completion_tokens`
+    /// (OpenAI's last chunk with `stream_options.include_usage`), fed the
+    /// chunks as they pass.
+    stream_usage: Option<Box<[UsageScanner; 2]>>,
 }
 
 /// The largest response body copied for its GenAI attributes: a
@@ -640,6 +645,7 @@ impl Traces {
             span,
             trace,
             copy: None,
+            stream_usage: None,
         })
     }
 
@@ -723,6 +729,16 @@ impl ServerSpan {
                 self.copy = Some(Vec::with_capacity(length as usize));
             }
         }
+        let sse = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if sse {
+            self.stream_usage = Some(Box::new([
+                UsageScanner::for_key(b"\"prompt_tokens\""),
+                UsageScanner::for_key(b"\"completion_tokens\""),
+            ]));
+        }
         if !route.is_empty() {
             self.span
                 .set_attribute(KeyValue::new("infermesh.route", route.to_string()));
@@ -745,6 +761,11 @@ impl ServerSpan {
 
     /// A chunk of the response body passed to the client.
     pub fn body(&mut self, chunk: &[u8]) {
+        if let Some(scanners) = self.stream_usage.as_mut() {
+            for scanner in scanners.iter_mut() {
+                scanner.feed(chunk);
+            }
+        }
         if let Some(copy) = self.copy.as_mut() {
             if copy.len() + chunk.len() <= MAX_COPY as usize {
                 copy.extend_from_slice(chunk);
@@ -757,6 +778,18 @@ impl ServerSpan {
     /// The response body ended: the GenAI response attributes of an
     /// OpenAI completion (`model`, `usage`, the choices' `finish_reason`).
     pub fn body_ended(&mut self) {
+        if let Some(scanners) = self.stream_usage.take() {
+            let [input, output] = *scanners;
+            for (scanner, key) in [
+                (input, "gen_ai.usage.input_tokens"),
+                (output, "gen_ai.usage.output_tokens"),
+            ] {
+                if let Some(tokens) = scanner.total() {
+                    self.span
+                        .set_attribute(KeyValue::new(key, tokens.min(i64::MAX as u64) as i64));
+                }
+            }
+        }
         let Some(copy) = self.copy.take() else {
             return;
         };

@@ -267,10 +267,21 @@ async fn a_request_through_two_sidecars_is_one_trace_with_an_attempt_span_per_re
 
     // A request without trace context starts a trace at the client sidecar.
     let before = model_server.request_count();
-    let reply = HttpClient::http1()
-        .post_json(&url, &chat_body(MODEL, true))
-        .await;
+    let streamed = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"Say hello"}}],"stream":true,"stream_options":{{"include_usage":true}}}}"#
+    );
+    let reply = HttpClient::http1().post_json(&url, &streamed).await;
     assert_eq!(reply.status, 200);
+    // The usage of the stream's last chunk.
+    let usage = reply
+        .text()
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+        .filter_map(|chunk| chunk.get("usage").filter(|u| u.is_object()).cloned())
+        .next_back()
+        .expect("a usage chunk");
+    assert!(usage["completion_tokens"].as_i64().is_some(), "{usage}");
     let request = model_server
         .wait_requests(before + 1, Duration::from_secs(5))
         .await
@@ -294,6 +305,19 @@ async fn a_request_through_two_sidecars_is_one_trace_with_an_attempt_span_per_re
     let root = only(&trace, "root span", |s| s.parent_span_id.is_empty());
     assert_eq!(root.service, "client-sidecar");
     assert_eq!(root.bool("gen_ai.request.stream"), Some(true));
+    // Token counts from the stream's usage chunk, read as it passed.
+    for span in trace.iter().filter(|s| s.is_server()) {
+        assert_eq!(
+            span.int("gen_ai.usage.input_tokens"),
+            usage["prompt_tokens"].as_i64(),
+            "{span:?}"
+        );
+        assert_eq!(
+            span.int("gen_ai.usage.output_tokens"),
+            usage["completion_tokens"].as_i64(),
+            "{span:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -593,6 +593,8 @@ pub struct ServerSpan {
     /// (OpenAI's last chunk with `stream_options.include_usage`), fed the
     /// chunks as they pass.
     stream_usage: Option<Box<[UsageScanner; 2]>>,
+    /// When the request arrived; taken until the first chunk of a stream.
+    started: Option<Instant>,
 }
 
 /// The largest response body copied for its GenAI attributes: a
@@ -646,6 +648,7 @@ impl Traces {
             trace,
             copy: None,
             stream_usage: None,
+            started: Some(Instant::now()),
         })
     }
 
@@ -761,6 +764,14 @@ impl ServerSpan {
 
     /// A chunk of the response body passed to the client.
     pub fn body(&mut self, chunk: &[u8]) {
+        if self.stream_usage.is_some() && !chunk.is_empty() {
+            if let Some(started) = self.started.take() {
+                self.span.set_attribute(KeyValue::new(
+                    "infermesh.time_to_first_chunk_ms",
+                    started.elapsed().as_secs_f64() * 1000.0,
+                ));
+            }
+        }
         if let Some(scanners) = self.stream_usage.as_mut() {
             for scanner in scanners.iter_mut() {
                 scanner.feed(chunk);

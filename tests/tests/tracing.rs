@@ -305,6 +305,11 @@ async fn a_request_through_two_sidecars_is_one_trace_with_an_attempt_span_per_re
     let root = only(&trace, "root span", |s| s.parent_span_id.is_empty());
     assert_eq!(root.service, "client-sidecar");
     assert_eq!(root.bool("gen_ai.request.stream"), Some(true));
+    let first_chunk = root.attributes.get("infermesh.time_to_first_chunk_ms");
+    assert!(
+        matches!(first_chunk, Some(infermesh_tests::otlp::Value::Double(ms)) if *ms > 0.0),
+        "{root:?}"
+    );
     // Token counts from the stream's usage chunk, read as it passed.
     for span in trace.iter().filter(|s| s.is_server()) {
         assert_eq!(

@@ -11,7 +11,7 @@
 //! request creates no span: the proxy forwards its headers unchanged.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -366,9 +366,9 @@ impl SpanProcessor for Queue {
     fn on_start(&self, _span: &mut Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.sender.try_send(span)
-        {
+        // Full (the collector is slower than the traffic) or disconnected
+        // (the export thread is gone): dropped, never waited for.
+        if self.sender.try_send(span).is_err() {
             self.dropped.inc();
         }
     }
@@ -622,7 +622,7 @@ impl Traces {
                 } else {
                     return None;
                 };
-                Context::new().with_remote_span_context(parent.clone().with_flags(flags))
+                Context::new().with_remote_span_context(with_flags(parent, flags))
             }
             Some(parent) if !parent.is_sampled() => return None,
             Some(parent) => Context::new().with_remote_span_context(parent.clone()),
@@ -664,20 +664,15 @@ impl Traces {
     }
 }
 
-trait WithFlags {
-    fn with_flags(self, flags: TraceFlags) -> SpanContext;
-}
-
-impl WithFlags for SpanContext {
-    fn with_flags(self, flags: TraceFlags) -> SpanContext {
-        SpanContext::new(
-            self.trace_id(),
-            self.span_id(),
-            flags,
-            self.is_remote(),
-            self.trace_state().clone(),
-        )
-    }
+/// `context` with other flags.
+fn with_flags(context: &SpanContext, flags: TraceFlags) -> SpanContext {
+    SpanContext::new(
+        context.trace_id(),
+        context.span_id(),
+        flags,
+        context.is_remote(),
+        context.trace_state().clone(),
+    )
 }
 
 impl ServerSpan {

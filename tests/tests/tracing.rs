@@ -472,6 +472,47 @@ async fn with_the_collector_down_requests_are_unaffected_and_drops_are_counted()
 }
 
 #[tokio::test]
+async fn a_collector_that_never_answers_costs_requests_nothing() {
+    let model_server = OpenAiServer::start("llm");
+    // Accepted by the kernel, never read: every export waits for its timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let proxy = otel_env(ProxyProcess::builder(), "sidecar", &endpoint, "grpc")
+        .env("OTEL_BSP_EXPORT_TIMEOUT", "500")
+        .env("OTEL_BSP_MAX_QUEUE_SIZE", "8")
+        .env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
+        .policy(&client_policy(model_server.addr()))
+        .start();
+    let url = format!("{}{CHAT}", proxy.url());
+    let started = Instant::now();
+    for _ in 0..50 {
+        send_chat(&url).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?} for 50 requests",
+        started.elapsed()
+    );
+    // 100 spans through a queue of 8 behind exports that time out: most
+    // are dropped, and every drop is counted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dropped = Metrics::scrape(&proxy)
+            .await
+            .sum("infermesh_trace_spans_dropped_total", &[]);
+        if dropped >= 80.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{dropped} spans counted as dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(silent);
+}
+
+#[tokio::test]
 async fn a_bad_tracing_setting_stops_the_proxy_with_the_reason() {
     let exit = ProxyProcess::builder()
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")

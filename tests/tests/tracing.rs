@@ -8,10 +8,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use infermesh_tests::client::{chat_body, json_request};
+use infermesh_tests::kserve::{grpc_client, infer_request};
 use infermesh_tests::otlp::{OtlpCollector, Span, Transport};
 use infermesh_tests::{
-    policy, refused_addr, ControlPlaneProcess, HttpClient, Metrics, OpenAiServer, ProxyProcess,
-    ScriptedServer, Step,
+    policy, refused_addr, ControlPlaneProcess, HttpClient, KServeGrpcServer, Metrics, OpenAiServer,
+    ProxyProcess, ScriptedServer, Step,
 };
 
 const CHAT: &str = "/v1/chat/completions";
@@ -746,4 +747,59 @@ async fn fallback_links_hedges_and_mirror_copies_are_attempts_of_their_kind() {
         ]),
         "{hedged:?}"
     );
+}
+
+#[tokio::test]
+async fn a_grpc_call_is_traced_with_its_grpc_status() {
+    let collector = OtlpCollector::start();
+    let resnet = KServeGrpcServer::start("grpc-resnet");
+    let proxy = otel_env(
+        ProxyProcess::builder(),
+        "sidecar",
+        &collector.grpc_endpoint(),
+        "grpc",
+    )
+    .policy(&policy::docs(&[
+        policy::backend("resnet", &[resnet.addr()], "protocol: http2"),
+        policy::route(
+            "resnet",
+            "match:\n  - model: {exact: resnet50}\nbackends:\n  - backend: resnet\n",
+        ),
+    ]))
+    .start();
+    let mut client = grpc_client(proxy.outbound).await;
+    client
+        .model_infer(infer_request("resnet50", "r1"))
+        .await
+        .expect("ModelInfer resnet50");
+    // No route for this model: the proxy's own UNIMPLEMENTED (12).
+    let status = client
+        .model_infer(infer_request("other", "o1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    let spans = collector
+        .wait_for(Duration::from_secs(20), |spans| {
+            spans.iter().filter(|s| s.is_server()).count() >= 2
+                && spans.iter().any(|s| s.is_client())
+        })
+        .await;
+    let served = only(&spans, "the served call", |s| {
+        s.is_server() && s.str("gen_ai.request.model") == Some("resnet50")
+    });
+    assert_eq!(served.str("gen_ai.operation.name"), Some("inference"));
+    assert_eq!(served.int("rpc.grpc.status_code"), Some(0));
+    assert_eq!(served.str("infermesh.route"), Some("resnet"));
+    let attempt = only(&spans, "its attempt", |s| {
+        s.is_client() && s.parent_span_id == served.span_id
+    });
+    assert_eq!(
+        attempt.int("server.port"),
+        Some(i64::from(resnet.addr().port()))
+    );
+    let refused = only(&spans, "the unrouted call", |s| {
+        s.is_server() && s.str("gen_ai.request.model") == Some("other")
+    });
+    assert_eq!(refused.int("rpc.grpc.status_code"), Some(12));
+    assert!(refused.str("infermesh.route").is_none());
 }

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -14,6 +15,7 @@ use hyper::body::Incoming;
 use infermesh_admin::{json, text, Respond};
 use serde::Serialize;
 
+use crate::dashboard::View;
 use crate::metrics::Metrics;
 use crate::policies::Publisher;
 use crate::proxies::{ProxyState, Registry};
@@ -38,6 +40,33 @@ struct ProxyRow {
     /// The proxy ACKed the latest snapshot sent to it, and no version
     /// published since changes what it receives.
     up_to_date: bool,
+}
+
+/// What `/dashboard.json` serves.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DashboardData {
+    /// The policy version published.
+    version: Option<u64>,
+    /// The proxies with an open policy stream, as `/proxies` lists them.
+    connected: Vec<ProxyRow>,
+    /// Traffic per model, for the mesh and per proxy.
+    figures: View,
+}
+
+impl Admin {
+    fn proxy_rows(&self) -> Vec<ProxyRow> {
+        let current = self.publisher.status().version.unwrap_or(0);
+        self.registry
+            .list()
+            .into_iter()
+            .map(|state| ProxyRow {
+                up_to_date: state.checked_version == current
+                    && state.last_sent.as_ref().map(|s| s.version) == state.acked_version,
+                state,
+            })
+            .collect()
+    }
 }
 
 impl Respond for Admin {
@@ -85,24 +114,26 @@ impl Respond for Admin {
                 );
                 response
             }
-            "/proxies" => {
-                let current = self.publisher.status().version.unwrap_or(0);
-                let rows: Vec<ProxyRow> = self
-                    .registry
-                    .list()
-                    .into_iter()
-                    .map(|state| ProxyRow {
-                        up_to_date: state.checked_version == current
-                            && state.last_sent.as_ref().map(|s| s.version) == state.acked_version,
-                        state,
-                    })
-                    .collect();
-                json(&rows)
+            "/proxies" => json(&self.proxy_rows()),
+            "/dashboard" => {
+                let mut response = Response::new(Full::new(Bytes::from_static(
+                    crate::dashboard::PAGE.as_bytes(),
+                )));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                response
             }
+            "/dashboard.json" => json(&DashboardData {
+                version: self.publisher.status().version,
+                connected: self.proxy_rows(),
+                figures: self.registry.figures.view(Instant::now()),
+            }),
             "/policy" => json(&self.publisher.status()),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live, /ready, /metrics, /proxies or /policy\n",
+                "not found; try /live, /ready, /metrics, /proxies, /policy or /dashboard\n",
             ),
         }
     }

@@ -398,6 +398,10 @@ impl Subscriber {
                     "Hello may only be sent once, as the first message of a stream",
                 ))
             }
+            Some(Message::Summary(summary)) => {
+                self.registration.summary(summary);
+                return Ok(());
+            }
             // An empty message, or one of a newer API: nothing to do.
             None => return Ok(()),
         };

@@ -13,6 +13,7 @@
 mod admin;
 mod ca;
 mod crd;
+mod dashboard;
 mod discovery;
 mod identity;
 mod inject;

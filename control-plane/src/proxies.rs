@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use infermesh_proto::policy::Workload;
+use infermesh_proto::policy_api::Summary;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::dashboard::Figures;
 use crate::metrics::Metrics;
 
 /// What the control plane knows of one connected proxy; `/proxies` shows it.
@@ -165,6 +167,9 @@ pub struct Registry {
     next_key: AtomicU64,
     proxies: Mutex<BTreeMap<u64, Arc<Mutex<ProxyState>>>>,
     metrics: Arc<Metrics>,
+    /// The proxies' traffic summaries, kept after they disconnect until
+    /// they age out.
+    pub figures: Figures,
 }
 
 impl Registry {
@@ -174,6 +179,7 @@ impl Registry {
             next_key: AtomicU64::new(0),
             proxies: Mutex::new(BTreeMap::new()),
             metrics,
+            figures: Figures::default(),
         })
     }
 
@@ -205,6 +211,14 @@ pub struct Registration {
     key: u64,
     /// The proxy's state, shared with the registry.
     pub state: Arc<Mutex<ProxyState>>,
+}
+
+impl Registration {
+    /// Keeps a traffic summary the proxy sent.
+    pub fn summary(&self, summary: Summary) {
+        let id = self.state.lock().id.clone();
+        self.registry.figures.record(&id, summary);
+    }
 }
 
 impl Drop for Registration {

@@ -55,6 +55,16 @@ const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
 /// for the default `--max-policy-resources`.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// How often the proxy sends its traffic summary (when it had traffic);
+/// `INFERMESH_SUMMARY_INTERVAL_MS` changes it.
+fn summary_interval() -> Duration {
+    std::env::var("INFERMESH_SUMMARY_INTERVAL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map_or(Duration::from_secs(5), Duration::from_millis)
+}
+
 /// Who this proxy is, as told to the control plane in the Hello.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Node {
@@ -359,8 +369,23 @@ impl ControlPlane {
             tracing::info!(url = %self.settings.url, held_version = held, "subscribed to the control plane");
         }
         *link = Link::Up;
+        let mut summaries = tokio::time::interval(summary_interval());
+        summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match incoming.message().await {
+            let message = tokio::select! {
+                message = incoming.message() => message,
+                _ = summaries.tick() => {
+                    if let Some(summary) = crate::summary::summaries().take() {
+                        // A full channel (the stream is stuck) drops the
+                        // summary rather than wait: it is only figures.
+                        let _ = tx.try_send(ProxyMessage {
+                            message: Some(Message::Summary(summary)),
+                        });
+                    }
+                    continue;
+                }
+            };
+            match message {
                 Ok(Some(snapshot)) => {
                     backoff.reset();
                     let reply = self.apply(snapshot).await;

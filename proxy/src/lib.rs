@@ -29,4 +29,5 @@ pub mod route;
 pub mod service;
 pub mod snapshot;
 pub mod stack;
+pub mod summary;
 pub mod traces;

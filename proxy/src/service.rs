@@ -53,6 +53,7 @@ use crate::prefix::{
 use crate::redirect::Redirected;
 use crate::route::{self, RouteInput};
 use crate::snapshot::{Route, RouteTarget, Snapshot};
+use crate::summary::{self, Recording};
 use crate::traces::{self, ServerSpan};
 
 /// Serves one request received on `listener`. Never fails: every error
@@ -91,7 +92,17 @@ pub async fn handle(
     if let Some(span) = &span {
         request.extensions_mut().insert(span.trace().clone());
     }
-    let outcome = route_and_send(&inputs, listener, request, access.as_mut(), span.as_mut()).await;
+    let mut model = None;
+    let outcome = route_and_send(
+        &inputs,
+        listener,
+        request,
+        access.as_mut(),
+        span.as_mut(),
+        &mut model,
+    )
+    .await;
+    let mut summary = summary::summaries().start(model.as_deref(), started);
     let (response, route, backend, duration, ok) = match outcome {
         Ok(Routed {
             response,
@@ -148,6 +159,7 @@ pub async fn handle(
         }
     };
     let status = response.status().as_u16();
+    summary.responded(status, response.headers());
     if let Some(span) = span.as_mut() {
         span.responded(status, response.headers(), route.as_str(), backend.as_str());
     }
@@ -182,6 +194,7 @@ pub async fn handle(
             if let Some(span) = span.as_mut() {
                 span.grpc_status(grpc_status);
             }
+            summary.grpc_status(grpc_status);
             inputs
                 .metrics
                 .requests
@@ -210,6 +223,7 @@ pub async fn handle(
             access,
             pending,
             span,
+            summary,
         },
     );
     Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -245,6 +259,7 @@ async fn route_and_send(
     request: Request<Incoming>,
     access: Option<&mut AccessLog>,
     span: Option<&mut ServerSpan>,
+    model_seen: &mut Option<String>,
 ) -> Result<Routed, Failed> {
     let snapshot = inputs.snapshot.load_full();
     let (mut parts, body) = request.into_parts();
@@ -258,6 +273,7 @@ async fn route_and_send(
         .then(|| snapshot.authorizer())
         .filter(|a| a.enforced());
     let classified = classify_body(&snapshot, &head, body, authorizer).await?;
+    model_seen.clone_from(&classified.model);
     if let Some(access) = access {
         access.api = head.api.as_str();
         access.model = classified.model.clone();
@@ -656,6 +672,8 @@ struct Finish {
     pending: Option<PendingCount>,
     /// The request's server span, ended with the response.
     span: Option<ServerSpan>,
+    /// The request's figures for the control plane's summary.
+    summary: Recording,
 }
 
 /// A gRPC request whose `requests_total` waits for the response's trailers.
@@ -695,6 +713,7 @@ impl Drop for Finish {
             if let Some(span) = self.span.as_mut() {
                 span.grpc_status(grpc_status);
             }
+            self.summary.grpc_status(grpc_status);
             pending
                 .requests
                 .get_or_create(&RequestLabels {
@@ -777,8 +796,11 @@ impl Watch for Finish {
         if let (Some(trailers), Some(pending)) = (frame.trailers_ref(), self.pending.as_mut()) {
             pending.grpc_status = trailers.get("grpc-status").map(grpc_status_of);
         }
-        if let (Some(data), Some(span)) = (frame.data_ref(), self.span.as_mut()) {
-            span.body(data);
+        if let Some(data) = frame.data_ref() {
+            self.summary.body(data);
+            if let Some(span) = self.span.as_mut() {
+                span.body(data);
+            }
         }
     }
 

@@ -1,0 +1,401 @@
+//! The mesh dashboard: real proxies following a real `infermesh-control`
+//! send their per-model traffic summaries on the policy stream (plaintext
+//! and mutual TLS); the control plane's `/dashboard.json` shows the same
+//! request counts, failures and tokens the proxies count in their own
+//! metrics; and the `/dashboard` page, loaded in headless Chromium (Debian's
+//! `chromium` driven by `chromium-driver` over plain WebDriver HTTP), shows
+//! them too. The page's screenshot is saved as
+//! `target/test-artifacts/dashboard.png`.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use infermesh_tests::client::{chat_body, json_request};
+use infermesh_tests::mesh::Mesh;
+use infermesh_tests::{policy, ControlPlaneProcess, HttpClient, Metrics, OpenAiServer, ProxyProcess};
+use serde_json::{json, Value};
+
+const MODEL: &str = "chat-model";
+const OTHER_MODEL: &str = "embed-model";
+/// How often the proxies in these tests send their summaries.
+const INTERVAL_MS: &str = "300";
+
+fn policies(upstream: &OpenAiServer) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "backends.yaml",
+            policy::backend("models", &[upstream.addr()], ""),
+        ),
+        (
+            "routes.yaml",
+            policy::route(
+                "chat",
+                &format!(
+                    "match:\n  - model: {{exact: {MODEL}}}\n  - model: {{exact: {OTHER_MODEL}}}\nbackends:\n  - backend: models\n"
+                ),
+            ),
+        ),
+    ]
+}
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let started = Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if started.elapsed() > timeout => {
+                panic!("{what}: not within {timeout:?}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn wait_ready(proxy: &ProxyProcess) {
+    let client = HttpClient::http1();
+    eventually("the proxy becomes ready", Duration::from_secs(20), || async {
+        let reply = client.get(&format!("{}/ready", proxy.admin_url())).await;
+        (reply.status == 200).then_some(()).ok_or(reply.text())
+    })
+    .await;
+}
+
+async fn dashboard_json(admin_url: &str) -> Value {
+    let reply = HttpClient::http1()
+        .get(&format!("{admin_url}/dashboard.json"))
+        .await;
+    assert_eq!(reply.status, 200, "/dashboard.json: {}", reply.text());
+    reply.json()
+}
+
+/// One request through `proxy`: `status` asks the upstream to answer with
+/// it, `delay_ms` delays its first byte.
+async fn request(
+    client: &HttpClient,
+    proxy: &ProxyProcess,
+    model: &str,
+    stream: bool,
+    status: Option<u16>,
+    delay_ms: u64,
+) -> u16 {
+    let mut headers = vec![("x-test-usage-tokens", "40".to_string())];
+    if let Some(status) = status {
+        headers.push(("x-test-status", status.to_string()));
+    }
+    headers.push(("x-test-delay-ms", delay_ms.to_string()));
+    let body = if stream {
+        json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": true,
+               "stream_options": {"include_usage": true}})
+        .to_string()
+    } else {
+        chat_body(model, false)
+    };
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let reply = client
+        .fetch(json_request(
+            &format!("{}/v1/chat/completions", proxy.url()),
+            &body,
+            &headers,
+        ))
+        .await;
+    reply.status.as_u16()
+}
+
+/// The row of `model` in a list of model rows.
+fn row<'a>(rows: &'a Value, model: &str) -> Option<&'a Value> {
+    rows.as_array()?.iter().find(|r| r["model"] == model)
+}
+
+/// Requests a proxy counted in `infermesh_requests_total`, and the 5xx ones.
+async fn counted(proxy: &ProxyProcess) -> (f64, f64) {
+    let metrics = Metrics::scrape(proxy).await;
+    let all = metrics.sum("infermesh_requests_total", &[]);
+    let failed: f64 = metrics
+        .find("infermesh_requests_total", &[])
+        .filter(|s| {
+            s.labels
+                .get("status")
+                .is_some_and(|status| status.starts_with('5'))
+        })
+        .map(|s| s.value)
+        .sum();
+    (all, failed)
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_what_two_proxies_counted_and_chromium_draws_it() {
+    let upstream = OpenAiServer::start("models");
+    let files = policies(&upstream);
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let control = ControlPlaneProcess::start(&files);
+    let follower = |id: &str| {
+        ProxyProcess::builder()
+            .no_config()
+            .arg("--control-plane")
+            .arg(&control.url())
+            .arg("--proxy-id")
+            .arg(id)
+            .env("INFERMESH_SUMMARY_INTERVAL_MS", INTERVAL_MS)
+            .start()
+    };
+    let first = follower("first");
+    let second = follower("second");
+    wait_ready(&first).await;
+    wait_ready(&second).await;
+
+    // Through `first`: 12 answers (6 streamed) of which 3 are 500s, 4
+    // answers of the other model; through `second`: 8 answers delayed by
+    // 300 ms before their first byte.
+    let client = HttpClient::http1();
+    for i in 0..12 {
+        let status = (i % 4 == 3).then_some(500);
+        request(&client, &first, MODEL, i % 2 == 0, status, 0).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(request(&client, &first, OTHER_MODEL, false, None, 0).await, 200);
+    }
+    for _ in 0..8 {
+        assert_eq!(request(&client, &second, MODEL, false, None, 300).await, 200);
+    }
+    let (first_all, first_failed) = counted(&first).await;
+    let (second_all, second_failed) = counted(&second).await;
+    assert_eq!((first_all, first_failed), (16.0, 3.0), "first's own metrics");
+    assert_eq!((second_all, second_failed), (8.0, 0.0), "second's own metrics");
+
+    // The control plane's figures: the same counts, once the summaries came.
+    let admin = control.admin_url();
+    let data = eventually(
+        "the summaries of both proxies reach the control plane",
+        Duration::from_secs(10),
+        || async {
+            let data = dashboard_json(&admin).await;
+            let mesh = &data["figures"]["mesh"];
+            let requests = row(mesh, MODEL).map(|r| r["requests"].as_u64());
+            (requests == Some(Some(20)) && row(mesh, OTHER_MODEL).is_some())
+                .then_some(data.clone())
+                .ok_or(data.to_string())
+        },
+    )
+    .await;
+    eprintln!("/dashboard.json: {data:#}");
+    let figures = &data["figures"];
+    let mesh = row(&figures["mesh"], MODEL).unwrap();
+    assert_eq!(mesh["failures"], 3);
+    let success = mesh["successRate"].as_f64().unwrap();
+    assert!((success - 17.0 / 20.0).abs() < 1e-9, "{success}");
+    let recent = figures["recentSeconds"].as_f64().unwrap();
+    let rate = mesh["requestRate"].as_f64().unwrap();
+    assert!((rate - 20.0 / recent).abs() < 1e-9, "{rate}");
+    // Every answer reported 20 prompt and 20 completion tokens (streams in
+    // their usage chunk); the 500s reported none.
+    let tokens_in = mesh["inputTokensPerSecond"].as_f64().unwrap() * recent;
+    let tokens_out = mesh["outputTokensPerSecond"].as_f64().unwrap() * recent;
+    assert!((tokens_in - 17.0 * 20.0).abs() < 1e-6, "{tokens_in}");
+    assert!((tokens_out - 17.0 * 20.0).abs() < 1e-6, "{tokens_out}");
+    // Per proxy: first's figures and second's, apart.
+    let by_first = row(&figures["proxies"]["first"], MODEL).unwrap();
+    let by_second = row(&figures["proxies"]["second"], MODEL).unwrap();
+    assert_eq!((by_first["requests"].as_u64(), by_first["failures"].as_u64()), (Some(12), Some(3)));
+    assert_eq!(by_second["requests"], 8);
+    assert_eq!(by_second["successRate"], 1.0);
+    assert_eq!(row(&figures["proxies"]["first"], OTHER_MODEL).unwrap()["requests"], 4);
+    // second's answers took at least 300 ms to their first byte, first's far less.
+    let slow = by_second["ttftP50Ms"].as_f64().unwrap();
+    let fast = by_first["ttftP50Ms"].as_f64().unwrap();
+    assert!(slow >= 250.0, "second's TTFT p50 {slow} ms");
+    assert!(fast < slow, "first's TTFT p50 {fast} ms, second's {slow} ms");
+    // Both proxies connected and up to date.
+    let connected = data["connected"].as_array().unwrap();
+    for id in ["first", "second"] {
+        let entry = connected.iter().find(|p| p["id"] == id).unwrap_or_else(|| panic!("{id} in {connected:?}"));
+        assert_eq!(entry["upToDate"], true, "{entry}");
+    }
+
+    // The page, in Chromium.
+    let browser = Browser::start().await;
+    browser.open(&format!("{admin}/dashboard")).await;
+    let shown = eventually("the page draws the mesh figures", Duration::from_secs(15), || async {
+        let shown = browser
+            .script(
+                "return Array.from(document.querySelectorAll('tr[data-model]')).map(r => ({
+                    scope: r.dataset.scope, model: r.dataset.model,
+                    requests: r.querySelector('td.requests').textContent,
+                    rate: r.querySelector('td.rate').textContent,
+                    success: (r.querySelector('[data-success]') || {}).textContent || null,
+                    sparkline: r.querySelectorAll('svg.spark polyline').length }));",
+            )
+            .await;
+        (shown.as_array().is_some_and(|rows| rows.len() >= 5))
+            .then_some(shown.clone())
+            .ok_or(shown.to_string())
+    })
+    .await;
+    let find = |scope: &str, model: &str| {
+        shown
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["scope"] == scope && r["model"] == model)
+            .unwrap_or_else(|| panic!("no row {scope}/{model} in {shown:#}"))
+            .clone()
+    };
+    let mesh_row = find("mesh", MODEL);
+    assert_eq!(mesh_row["requests"], "20", "{mesh_row}");
+    assert_eq!(mesh_row["success"], "85.0%", "{mesh_row}");
+    assert_eq!(mesh_row["sparkline"], 1);
+    let shown_rate: f64 = mesh_row["rate"].as_str().unwrap().parse().unwrap();
+    assert!((shown_rate - 20.0 / recent).abs() < 0.01, "{mesh_row}");
+    assert_eq!(find("first", MODEL)["requests"], "12");
+    assert_eq!(find("first", MODEL)["success"], "75.0%");
+    assert_eq!(find("second", MODEL)["requests"], "8");
+    assert_eq!(find("second", MODEL)["success"], "100.0%");
+    let proxies = browser
+        .script("return Array.from(document.querySelectorAll('tr[data-proxy]')).map(r => r.dataset.proxy);")
+        .await;
+    assert_eq!(proxies, json!(["first", "second"]));
+    let screenshot = browser.screenshot("dashboard.png").await;
+    eprintln!("screenshot of the dashboard: {}", screenshot.display());
+}
+
+#[tokio::test]
+async fn summaries_travel_on_a_mutually_authenticated_policy_stream() {
+    let upstream = OpenAiServer::start("models");
+    let files = policies(&upstream);
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let mesh = Mesh::start(&files, "24h", &[("apps", "web")]);
+    let proxy = mesh
+        .proxy("apps", "web")
+        .env("INFERMESH_SUMMARY_INTERVAL_MS", INTERVAL_MS)
+        .start();
+    wait_ready(&proxy).await;
+    let client = HttpClient::http1();
+    for _ in 0..5 {
+        assert_eq!(request(&client, &proxy, MODEL, true, None, 0).await, 200);
+    }
+    let admin = mesh.control.admin_url();
+    let data = eventually("the summary reaches the control plane", Duration::from_secs(10), || async {
+        let data = dashboard_json(&admin).await;
+        let requests = row(&data["figures"]["proxies"]["apps-web"], MODEL).map(|r| r["requests"].clone());
+        (requests == Some(json!(5))).then_some(data.clone()).ok_or(data.to_string())
+    })
+    .await;
+    let entry = &data["connected"][0];
+    assert_eq!(entry["identity"], "spiffe://cluster.local/ns/apps/sa/web", "{entry}");
+}
+
+/// Headless Chromium under `chromedriver`, spoken to over WebDriver HTTP.
+struct Browser {
+    driver: Child,
+    url: String,
+    session: String,
+}
+
+impl Browser {
+    async fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver; scripts/setup.sh installs it)");
+        let url = format!("http://127.0.0.1:{port}");
+        let session = {
+            {
+                let client = HttpClient::http1();
+                eventually("chromedriver answers", Duration::from_secs(20), || async {
+                    let status = client
+                        .send(
+                            http::Request::get(format!("{url}/status"))
+                                .body(infermesh_tests::client::full(""))
+                                .unwrap(),
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    status.status().is_success().then_some(()).ok_or("not yet".into())
+                })
+                .await;
+                let binary = ["/usr/bin/chromium", "/usr/lib/chromium/chromium"]
+                    .into_iter()
+                    .find(|p| std::path::Path::new(p).exists())
+                    .expect("Debian's chromium (scripts/setup.sh installs it)");
+                let capabilities = json!({"capabilities": {"alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {"binary": binary, "args": [
+                        "--headless=new", "--no-sandbox", "--disable-gpu",
+                        "--disable-dev-shm-usage", "--window-size=1400,900"]}}}});
+                let reply = client
+                    .fetch(json_request(&format!("{url}/session"), &capabilities.to_string(), &[]))
+                    .await;
+                assert_eq!(reply.status, 200, "new WebDriver session: {}", reply.text());
+                reply.json()["value"]["sessionId"]
+                    .as_str()
+                    .expect("a session id")
+                    .to_string()
+            }
+        };
+        Self { driver, url, session }
+    }
+
+    async fn command(&self, path: &str, body: Value) -> Value {
+        let reply = HttpClient::http1()
+            .fetch(json_request(
+                &format!("{}/session/{}/{path}", self.url, self.session),
+                &body.to_string(),
+                &[],
+            ))
+            .await;
+        assert_eq!(reply.status, 200, "WebDriver {path}: {}", reply.text());
+        reply.json()["value"].clone()
+    }
+
+    async fn open(&self, url: &str) {
+        self.command("url", json!({ "url": url })).await;
+    }
+
+    async fn script(&self, script: &str) -> Value {
+        self.command("execute/sync", json!({"script": script, "args": []}))
+            .await
+    }
+
+    /// Saves a PNG of the page under `target/test-artifacts/`.
+    async fn screenshot(&self, name: &str) -> PathBuf {
+        let reply = HttpClient::http1()
+            .get(&format!("{}/session/{}/screenshot", self.url, self.session))
+            .await;
+        assert_eq!(reply.status, 200, "screenshot: {}", reply.text());
+        let png = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            reply.json()["value"].as_str().expect("base64 PNG"),
+        )
+        .expect("a base64 PNG");
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+        std::fs::create_dir_all(&dir).expect("target/test-artifacts");
+        let path = dir.join(name);
+        std::fs::write(&path, png).expect("write the screenshot");
+        path.canonicalize().unwrap_or(path)
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Closing the session ends Chromium; then chromedriver goes.
+        let _ = std::process::Command::new("curl")
+            .args(["-s", "-X", "DELETE", &format!("{}/session/{}", self.url, self.session)])
+            .stdout(Stdio::null())
+            .status();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}

@@ -33,6 +33,8 @@ const BUCKETS: usize = TTFT_BOUNDS_MS.len() + 1;
 #[derive(Debug)]
 struct Received {
     at: Instant,
+    /// The interval the summary covers, ending at `at`.
+    interval: Duration,
     models: Vec<ModelSummary>,
 }
 
@@ -50,7 +52,10 @@ impl Figures {
 
     fn record_at(&self, proxy: &str, summary: Summary, at: Instant) {
         // Rates are over the recent span, whatever each summary's interval.
-        let Summary { mut models, .. } = summary;
+        let Summary {
+            interval_ms,
+            mut models,
+        } = summary;
         if models.len() > MAX_MODELS {
             models.sort_by(|a, b| b.requests.cmp(&a.requests));
             models.truncate(MAX_MODELS);
@@ -70,7 +75,10 @@ impl Figures {
             }
         }
         let kept = proxies.entry(proxy.to_string()).or_default();
-        kept.push_back(Received { at, models,
+        kept.push_back(Received {
+            at,
+            interval: Duration::from_millis(interval_ms).min(WINDOW),
+            models,
         });
         while kept.len() > MAX_SUMMARIES
             || kept
@@ -86,7 +94,11 @@ impl Figures {
         let proxies = self.proxies.lock();
         let mut mesh: BTreeMap<String, Totals> = BTreeMap::new();
         let mut per_proxy = BTreeMap::new();
+        // The longest a proxy was heard from over the recent span.
+        let mut mesh_covered = Duration::ZERO;
         for (proxy, kept) in proxies.iter() {
+            let covered = covered(kept, now);
+            mesh_covered = mesh_covered.max(covered);
             let mut models: BTreeMap<String, Totals> = BTreeMap::new();
             for received in kept {
                 let age = now.saturating_duration_since(received.at);
@@ -106,7 +118,7 @@ impl Figures {
                 proxy.clone(),
                 models
                     .into_iter()
-                    .map(|(name, totals)| totals.row(name))
+                    .map(|(name, totals)| totals.row(name, covered))
                     .collect(),
             );
         }
@@ -115,11 +127,21 @@ impl Figures {
             step_seconds: STEP.as_secs(),
             mesh: mesh
                 .into_iter()
-                .map(|(name, totals)| totals.row(name))
+                .map(|(name, totals)| totals.row(name, mesh_covered))
                 .collect(),
             proxies: per_proxy,
         }
     }
+}
+
+/// The part of the recent span a proxy's summaries cover: from the start of
+/// its oldest kept summary's interval (a proxy sends none while idle, so a
+/// gap is time without traffic), at most [`RECENT`].
+fn covered(kept: &VecDeque<Received>, now: Instant) -> Duration {
+    kept.front()
+        .map(|first| now.saturating_duration_since(first.at) + first.interval)
+        .unwrap_or_default()
+        .min(RECENT)
 }
 
 /// One model's sums over the recent span, and its requests per step.
@@ -153,12 +175,14 @@ impl Totals {
         }
     }
 
-    fn row(self, model: String) -> ModelRow {
-        // Rates are per second of the recent span (a proxy silent for part
-        // of it had no traffic then: summaries are sent only with traffic).
-        let seconds = RECENT.as_secs_f64();
+    fn row(self, model: String, covered: Duration) -> ModelRow {
+        // Rates are per second of the recent span the summaries cover (a
+        // proxy silent for part of it had no traffic then: summaries are
+        // sent only with traffic).
+        let seconds = covered.as_secs_f64().max(0.001);
         ModelRow {
             model,
+            seconds: covered.as_secs_f64(),
             requests: self.requests,
             failures: self.failures,
             request_rate: self.requests as f64 / seconds,
@@ -222,6 +246,9 @@ pub struct ModelRow {
     /// The model asked for (`""`: requests without one; `other`: past a
     /// proxy's cap of names).
     pub model: String,
+    /// The seconds the rates are over: the recent span, or less when the
+    /// summaries began later (a proxy that just connected).
+    pub seconds: f64,
     /// Requests finished in the recent span.
     pub requests: u64,
     /// Of those, the failed ones.
@@ -317,6 +344,19 @@ mod tests {
         let later = figures.view(start + Duration::from_secs(180));
         assert_eq!(later.mesh[0].requests, 0);
         assert!(later.mesh[0].rate_steps.iter().any(|&r| r > 0.0));
+    }
+
+    #[test]
+    fn a_proxy_that_just_connected_is_rated_over_the_time_it_was_heard() {
+        let figures = Figures::default();
+        let start = Instant::now();
+        figures.record_at("new", summary(vec![model("m", 50, 0, &[])]), start);
+        let view = figures.view(start + Duration::from_secs(1));
+        let row = &view.proxies["new"][0];
+        // 5 s of interval and 1 s since: 50 requests in 6 s, not in 60.
+        assert_eq!(row.seconds, 6.0);
+        assert!((row.request_rate - 50.0 / 6.0).abs() < 1e-9);
+        assert_eq!(view.mesh[0].seconds, 6.0);
     }
 
     #[test]

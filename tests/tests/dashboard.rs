@@ -407,3 +407,134 @@ impl Drop for Browser {
         let _ = self.driver.wait();
     }
 }
+
+/// The metric families a scrape declares (`# TYPE name kind`), with the
+/// sample names each kind yields.
+fn declared(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("#") || words.next() != Some("TYPE") {
+            continue;
+        }
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total", "_created"],
+            "histogram" => &["_bucket", "_sum", "_count", "_created"],
+            "summary" => &["_sum", "_count"],
+            _ => &[""],
+        };
+        names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+    }
+    names
+}
+
+#[tokio::test]
+async fn the_grafana_dashboard_parses_and_queries_only_metrics_a_proxy_exposes() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/infermesh.json");
+    let text = std::fs::read_to_string(&path).expect("deploy/grafana/infermesh.json");
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    // Grafana 10's dashboard model: the fields it needs to import it.
+    assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 36);
+    assert!(dashboard["uid"].is_string() && dashboard["title"].is_string());
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = std::collections::BTreeSet::new();
+    let mut exprs = Vec::new();
+    for panel in panels {
+        assert!(ids.insert(panel["id"].as_u64().expect("a panel id")), "duplicate id in {panel}");
+        let grid = &panel["gridPos"];
+        let (x, w) = (grid["x"].as_u64().unwrap(), grid["w"].as_u64().unwrap());
+        assert!(x + w <= 24 && grid["h"].as_u64().unwrap() > 0, "{panel}");
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert!(["timeseries", "stat"].contains(&panel["type"].as_str().unwrap()));
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for target in targets {
+            exprs.push(target["expr"].as_str().expect("a PromQL expression").to_string());
+        }
+    }
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    for variable in ["datasource", "route", "backend"] {
+        assert!(variables.contains(&variable), "{variables:?}");
+    }
+
+    // A real proxy, with traffic that moves every family the dashboard
+    // reads: answers and 500s, a dead backend retried then fallen back
+    // from, a slow answer hedged, a request refused before routing.
+    let upstream = OpenAiServer::start("models");
+    let twin = OpenAiServer::start("twin");
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let policy = policy::docs(&[
+        policy::backend("models", &[upstream.addr()], ""),
+        policy::backend("pair", &[upstream.addr(), twin.addr()], ""),
+        policy::backend("dead", &[dead], "connectTimeout: 1s"),
+        policy::route(
+            "chat",
+            &format!("match:\n  - model: {{exact: {MODEL}}}\nbackends:\n  - backend: models\n"),
+        ),
+        policy::route(
+            "failover",
+            "match:\n  - model: {exact: fail-model}\nbackends:\n  - backend: dead\nretries:\n  maxAttempts: 2\n  backoffBase: 5ms\nfallback:\n  - backend: models\n",
+        ),
+        policy::route(
+            "hedged",
+            "match:\n  - model: {exact: slow-model}\nbackends:\n  - backend: pair\nhedging:\n  delay: 50ms\n",
+        ),
+    ]);
+    let proxy = ProxyProcess::start(&policy);
+    wait_ready(&proxy).await;
+    let client = HttpClient::http1();
+    assert_eq!(request(&client, &proxy, MODEL, false, None, 0).await, 200);
+    assert_eq!(request(&client, &proxy, MODEL, false, Some(500), 0).await, 500);
+    assert_eq!(request(&client, &proxy, "fail-model", false, None, 0).await, 200);
+    assert_eq!(request(&client, &proxy, "slow-model", false, None, 300).await, 200);
+    let refused = infermesh_tests::client::raw_exchange(
+        proxy.outbound,
+        b"NOT HTTP AT ALL\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(refused.status(), Some(400), "{}", refused.text());
+    let metrics = Metrics::scrape(&proxy).await;
+    let exposed = declared(&metrics.text);
+    let mut queried = std::collections::BTreeSet::new();
+    for expr in &exprs {
+        let mut rest = expr.as_str();
+        while let Some(at) = rest.find("infermesh_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            queried.insert(name);
+        }
+    }
+    assert!(queried.len() >= 10, "{queried:?}");
+    for name in &queried {
+        assert!(
+            metrics.has(name) || exposed.contains(name),
+            "the dashboard queries {name}, which the proxy does not expose"
+        );
+    }
+    // The labels the traffic panels group by are on the samples.
+    let sample = metrics
+        .find("infermesh_requests_total", &[("status", "500")])
+        .next()
+        .expect("the 500 counted");
+    for label in ["route", "backend", "status", "listener"] {
+        assert!(sample.labels.contains_key(label), "{sample:?}");
+    }
+    assert!(metrics
+        .find("infermesh_request_duration_seconds_bucket", &[("route", "chat")])
+        .next()
+        .is_some());
+}

@@ -5,7 +5,8 @@
 #     nghttp2-client (h2load, for benchmarks), nftables (nft, which
 #     infermesh-init applies its rules with), iproute2 (ip, for the network
 #     namespaces of tests/tests/init.rs and pods.rs), tcpdump (pods.rs
-#     captures the traffic between pods), and python3-venv when no Python at
+#     captures the traffic between pods), chromium and chromium-driver (the
+#     dashboard's browser test), and python3-venv when no Python at
 #     hand can make a venv;
 #   - a Python venv at <repo>/.venv with the pinned packages of
 #     tests/python/requirements.txt (openai, grpcio, grpcio-tools,
@@ -69,6 +70,10 @@ if command -v dpkg-query >/dev/null 2>&1; then
     dpkg_has libvulkan1 || missing+=(libvulkan1)
     dpkg_has mesa-vulkan-drivers || missing+=(mesa-vulkan-drivers)
 fi
+# Headless Chromium and its WebDriver for the dashboard's browser test
+# (tests/tests/dashboard.rs drives Debian's chromium with chromedriver).
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 fi

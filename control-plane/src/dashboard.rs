@@ -399,6 +399,9 @@ mod tests {
             proxies.contains_key(&format!("proxy-{}", MAX_PROXIES + 4)),
             "the newest proxy is kept"
         );
-        assert!(!proxies.contains_key("p"), "the proxy heard from longest ago went first");
+        assert!(
+            !proxies.contains_key("p"),
+            "the proxy heard from longest ago went first"
+        );
     }
 }

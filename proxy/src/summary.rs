@@ -146,7 +146,9 @@ impl Recording {
         let scanned = headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/event-stream"));
+            .is_some_and(|v| {
+                v.starts_with("application/json") || v.starts_with("text/event-stream")
+            });
         if scanned {
             self.scanners = Some(Box::new([
                 UsageScanner::for_key(b"\"prompt_tokens\""),
@@ -212,7 +214,10 @@ mod tests {
         for status in [200, 200, 503] {
             let mut r = summaries.start(Some("m1"), started);
             let mut headers = HeaderMap::new();
-            headers.insert(http::header::CONTENT_TYPE, "application/json".parse().unwrap());
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                "application/json".parse().unwrap(),
+            );
             r.responded(status, &headers);
             r.body(br#"{"usage":{"prompt_tokens":7,"completion_tokens":3}}"#);
         }

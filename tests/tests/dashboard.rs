@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use infermesh_tests::client::{chat_body, json_request};
 use infermesh_tests::mesh::Mesh;
-use infermesh_tests::{policy, ControlPlaneProcess, HttpClient, Metrics, OpenAiServer, ProxyProcess};
+use infermesh_tests::{
+    policy, ControlPlaneProcess, HttpClient, Metrics, OpenAiServer, ProxyProcess,
+};
 use serde_json::{json, Value};
 
 const MODEL: &str = "chat-model";
@@ -60,10 +62,14 @@ where
 
 async fn wait_ready(proxy: &ProxyProcess) {
     let client = HttpClient::http1();
-    eventually("the proxy becomes ready", Duration::from_secs(20), || async {
-        let reply = client.get(&format!("{}/ready", proxy.admin_url())).await;
-        (reply.status == 200).then_some(()).ok_or(reply.text())
-    })
+    eventually(
+        "the proxy becomes ready",
+        Duration::from_secs(20),
+        || async {
+            let reply = client.get(&format!("{}/ready", proxy.admin_url())).await;
+            (reply.status == 200).then_some(()).ok_or(reply.text())
+        },
+    )
     .await;
 }
 
@@ -159,15 +165,29 @@ async fn the_dashboard_shows_what_two_proxies_counted_and_chromium_draws_it() {
         request(&client, &first, MODEL, i % 2 == 0, status, 0).await;
     }
     for _ in 0..4 {
-        assert_eq!(request(&client, &first, OTHER_MODEL, false, None, 0).await, 200);
+        assert_eq!(
+            request(&client, &first, OTHER_MODEL, false, None, 0).await,
+            200
+        );
     }
     for _ in 0..8 {
-        assert_eq!(request(&client, &second, MODEL, false, None, 300).await, 200);
+        assert_eq!(
+            request(&client, &second, MODEL, false, None, 300).await,
+            200
+        );
     }
     let (first_all, first_failed) = counted(&first).await;
     let (second_all, second_failed) = counted(&second).await;
-    assert_eq!((first_all, first_failed), (16.0, 3.0), "first's own metrics");
-    assert_eq!((second_all, second_failed), (8.0, 0.0), "second's own metrics");
+    assert_eq!(
+        (first_all, first_failed),
+        (16.0, 3.0),
+        "first's own metrics"
+    );
+    assert_eq!(
+        (second_all, second_failed),
+        (8.0, 0.0),
+        "second's own metrics"
+    );
 
     // The control plane's figures: the same counts, once the summaries came.
     let admin = control.admin_url();
@@ -193,7 +213,10 @@ async fn the_dashboard_shows_what_two_proxies_counted_and_chromium_draws_it() {
     // Rates are over the time the summaries cover: here, since the
     // proxies' first summaries, less than the recent span.
     let recent = mesh["seconds"].as_f64().unwrap();
-    assert!(recent > 0.0 && recent <= figures["recentSeconds"].as_f64().unwrap(), "{recent}");
+    assert!(
+        recent > 0.0 && recent <= figures["recentSeconds"].as_f64().unwrap(),
+        "{recent}"
+    );
     let rate = mesh["requestRate"].as_f64().unwrap();
     assert!((rate - 20.0 / recent).abs() < 1e-9, "{rate}");
     // Every answer reported 20 prompt and 20 completion tokens (streams in
@@ -205,40 +228,56 @@ async fn the_dashboard_shows_what_two_proxies_counted_and_chromium_draws_it() {
     // Per proxy: first's figures and second's, apart.
     let by_first = row(&figures["proxies"]["first"], MODEL).unwrap();
     let by_second = row(&figures["proxies"]["second"], MODEL).unwrap();
-    assert_eq!((by_first["requests"].as_u64(), by_first["failures"].as_u64()), (Some(12), Some(3)));
+    assert_eq!(
+        (by_first["requests"].as_u64(), by_first["failures"].as_u64()),
+        (Some(12), Some(3))
+    );
     assert_eq!(by_second["requests"], 8);
     assert_eq!(by_second["successRate"], 1.0);
-    assert_eq!(row(&figures["proxies"]["first"], OTHER_MODEL).unwrap()["requests"], 4);
+    assert_eq!(
+        row(&figures["proxies"]["first"], OTHER_MODEL).unwrap()["requests"],
+        4
+    );
     // second's answers took at least 300 ms to their first byte, first's far less.
     let slow = by_second["ttftP50Ms"].as_f64().unwrap();
     let fast = by_first["ttftP50Ms"].as_f64().unwrap();
     assert!(slow >= 250.0, "second's TTFT p50 {slow} ms");
-    assert!(fast < slow, "first's TTFT p50 {fast} ms, second's {slow} ms");
+    assert!(
+        fast < slow,
+        "first's TTFT p50 {fast} ms, second's {slow} ms"
+    );
     // Both proxies connected and up to date.
     let connected = data["connected"].as_array().unwrap();
     for id in ["first", "second"] {
-        let entry = connected.iter().find(|p| p["id"] == id).unwrap_or_else(|| panic!("{id} in {connected:?}"));
+        let entry = connected
+            .iter()
+            .find(|p| p["id"] == id)
+            .unwrap_or_else(|| panic!("{id} in {connected:?}"));
         assert_eq!(entry["upToDate"], true, "{entry}");
     }
 
     // The page, in Chromium.
     let browser = Browser::start().await;
     browser.open(&format!("{admin}/dashboard")).await;
-    let shown = eventually("the page draws the mesh figures", Duration::from_secs(15), || async {
-        let shown = browser
-            .script(
-                "return Array.from(document.querySelectorAll('tr[data-model]')).map(r => ({
+    let shown = eventually(
+        "the page draws the mesh figures",
+        Duration::from_secs(15),
+        || async {
+            let shown = browser
+                .script(
+                    "return Array.from(document.querySelectorAll('tr[data-model]')).map(r => ({
                     scope: r.dataset.scope, model: r.dataset.model,
                     requests: r.querySelector('td.requests').textContent,
                     rate: r.querySelector('td.rate').textContent,
                     success: (r.querySelector('[data-success]') || {}).textContent || null,
                     sparkline: r.querySelectorAll('svg.spark polyline').length }));",
-            )
-            .await;
-        (shown.as_array().is_some_and(|rows| rows.len() >= 5))
-            .then_some(shown.clone())
-            .ok_or(shown.to_string())
-    })
+                )
+                .await;
+            (shown.as_array().is_some_and(|rows| rows.len() >= 5))
+                .then_some(shown.clone())
+                .ok_or(shown.to_string())
+        },
+    )
     .await;
     let find = |scope: &str, model: &str| {
         shown
@@ -258,8 +297,13 @@ async fn the_dashboard_shows_what_two_proxies_counted_and_chromium_draws_it() {
     // slightly longer span), shown with two decimals.
     let shown_rate: f64 = mesh_row["rate"].as_str().unwrap().parse().unwrap();
     let now = dashboard_json(&admin).await;
-    let latest = row(&now["figures"]["mesh"], MODEL).unwrap()["requestRate"].as_f64().unwrap();
-    assert!(shown_rate <= rate + 0.006 && shown_rate >= latest - 0.006, "{mesh_row}: between {latest} and {rate}");
+    let latest = row(&now["figures"]["mesh"], MODEL).unwrap()["requestRate"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        shown_rate <= rate + 0.006 && shown_rate >= latest - 0.006,
+        "{mesh_row}: between {latest} and {rate}"
+    );
     assert_eq!(find("first", MODEL)["requests"], "12");
     assert_eq!(find("first", MODEL)["success"], "75.0%");
     assert_eq!(find("second", MODEL)["requests"], "8");
@@ -288,14 +332,24 @@ async fn summaries_travel_on_a_mutually_authenticated_policy_stream() {
         assert_eq!(request(&client, &proxy, MODEL, true, None, 0).await, 200);
     }
     let admin = mesh.control.admin_url();
-    let data = eventually("the summary reaches the control plane", Duration::from_secs(10), || async {
-        let data = dashboard_json(&admin).await;
-        let requests = row(&data["figures"]["proxies"]["apps-web"], MODEL).map(|r| r["requests"].clone());
-        (requests == Some(json!(5))).then_some(data.clone()).ok_or(data.to_string())
-    })
+    let data = eventually(
+        "the summary reaches the control plane",
+        Duration::from_secs(10),
+        || async {
+            let data = dashboard_json(&admin).await;
+            let requests =
+                row(&data["figures"]["proxies"]["apps-web"], MODEL).map(|r| r["requests"].clone());
+            (requests == Some(json!(5)))
+                .then_some(data.clone())
+                .ok_or(data.to_string())
+        },
+    )
     .await;
     let entry = &data["connected"][0];
-    assert_eq!(entry["identity"], "spiffe://cluster.local/ns/apps/sa/web", "{entry}");
+    assert_eq!(
+        entry["identity"], "spiffe://cluster.local/ns/apps/sa/web",
+        "{entry}"
+    );
 }
 
 /// Headless Chromium under `chromedriver`, spoken to over WebDriver HTTP.
@@ -330,7 +384,11 @@ impl Browser {
                         )
                         .await
                         .map_err(|e| e.to_string())?;
-                    status.status().is_success().then_some(()).ok_or("not yet".into())
+                    status
+                        .status()
+                        .is_success()
+                        .then_some(())
+                        .ok_or("not yet".into())
                 })
                 .await;
                 let binary = ["/usr/bin/chromium", "/usr/lib/chromium/chromium"]
@@ -343,7 +401,11 @@ impl Browser {
                         "--headless=new", "--no-sandbox", "--disable-gpu",
                         "--disable-dev-shm-usage", "--window-size=1400,900"]}}}});
                 let reply = client
-                    .fetch(json_request(&format!("{url}/session"), &capabilities.to_string(), &[]))
+                    .fetch(json_request(
+                        &format!("{url}/session"),
+                        &capabilities.to_string(),
+                        &[],
+                    ))
                     .await;
                 assert_eq!(reply.status, 200, "new WebDriver session: {}", reply.text());
                 reply.json()["value"]["sessionId"]
@@ -352,7 +414,11 @@ impl Browser {
                     .to_string()
             }
         };
-        Self { driver, url, session }
+        Self {
+            driver,
+            url,
+            session,
+        }
     }
 
     async fn command(&self, path: &str, body: Value) -> Value {
@@ -400,7 +466,12 @@ impl Drop for Browser {
     fn drop(&mut self) {
         // Closing the session ends Chromium; then chromedriver goes.
         let _ = std::process::Command::new("curl")
-            .args(["-s", "-X", "DELETE", &format!("{}/session/{}", self.url, self.session)])
+            .args([
+                "-s",
+                "-X",
+                "DELETE",
+                &format!("{}/session/{}", self.url, self.session),
+            ])
             .stdout(Stdio::null())
             .status();
         let _ = self.driver.kill();
@@ -443,7 +514,10 @@ async fn the_grafana_dashboard_parses_and_queries_only_metrics_a_proxy_exposes()
     let mut ids = std::collections::BTreeSet::new();
     let mut exprs = Vec::new();
     for panel in panels {
-        assert!(ids.insert(panel["id"].as_u64().expect("a panel id")), "duplicate id in {panel}");
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("a panel id")),
+            "duplicate id in {panel}"
+        );
         let grid = &panel["gridPos"];
         let (x, w) = (grid["x"].as_u64().unwrap(), grid["w"].as_u64().unwrap());
         assert!(x + w <= 24 && grid["h"].as_u64().unwrap() > 0, "{panel}");
@@ -454,7 +528,12 @@ async fn the_grafana_dashboard_parses_and_queries_only_metrics_a_proxy_exposes()
         let targets = panel["targets"].as_array().expect("targets");
         assert!(!targets.is_empty(), "{}", panel["title"]);
         for target in targets {
-            exprs.push(target["expr"].as_str().expect("a PromQL expression").to_string());
+            exprs.push(
+                target["expr"]
+                    .as_str()
+                    .expect("a PromQL expression")
+                    .to_string(),
+            );
         }
     }
     let variables: Vec<&str> = dashboard["templating"]["list"]
@@ -472,7 +551,10 @@ async fn the_grafana_dashboard_parses_and_queries_only_metrics_a_proxy_exposes()
     // from, a slow answer hedged, a request refused before routing.
     let upstream = OpenAiServer::start("models");
     let twin = OpenAiServer::start("twin");
-    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let policy = policy::docs(&[
         policy::backend("models", &[upstream.addr()], ""),
         policy::backend("pair", &[upstream.addr(), twin.addr()], ""),
@@ -494,9 +576,18 @@ async fn the_grafana_dashboard_parses_and_queries_only_metrics_a_proxy_exposes()
     wait_ready(&proxy).await;
     let client = HttpClient::http1();
     assert_eq!(request(&client, &proxy, MODEL, false, None, 0).await, 200);
-    assert_eq!(request(&client, &proxy, MODEL, false, Some(500), 0).await, 500);
-    assert_eq!(request(&client, &proxy, "fail-model", false, None, 0).await, 200);
-    assert_eq!(request(&client, &proxy, "slow-model", false, None, 300).await, 200);
+    assert_eq!(
+        request(&client, &proxy, MODEL, false, Some(500), 0).await,
+        500
+    );
+    assert_eq!(
+        request(&client, &proxy, "fail-model", false, None, 0).await,
+        200
+    );
+    assert_eq!(
+        request(&client, &proxy, "slow-model", false, None, 300).await,
+        200
+    );
     let refused = infermesh_tests::client::raw_exchange(
         proxy.outbound,
         b"NOT HTTP AT ALL\r\n\r\n",
@@ -534,7 +625,10 @@ async fn the_grafana_dashboard_parses_and_queries_only_metrics_a_proxy_exposes()
         assert!(sample.labels.contains_key(label), "{sample:?}");
     }
     assert!(metrics
-        .find("infermesh_request_duration_seconds_bucket", &[("route", "chat")])
+        .find(
+            "infermesh_request_duration_seconds_bucket",
+            &[("route", "chat")]
+        )
         .next()
         .is_some());
 }

@@ -57,7 +57,7 @@ impl Figures {
             mut models,
         } = summary;
         if models.len() > MAX_MODELS {
-            models.sort_by(|a, b| b.requests.cmp(&a.requests));
+            models.sort_by_key(|m| std::cmp::Reverse(m.requests));
             models.truncate(MAX_MODELS);
         }
         for model in &mut models {

@@ -369,7 +369,10 @@ impl ControlPlane {
             tracing::info!(url = %self.settings.url, held_version = held, "subscribed to the control plane");
         }
         *link = Link::Up;
-        let mut summaries = tokio::time::interval(summary_interval());
+        // The first summary one interval after subscribing (not at once:
+        // the answer to the first snapshot comes first).
+        let every = summary_interval();
+        let mut summaries = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let message = tokio::select! {
@@ -670,7 +673,11 @@ spec:
                 .expect("the proxy answers")
                 .expect("the stream is intact")
                 .expect("the stream is open");
-            message.message.expect("a message")
+            match message.message.expect("a message") {
+                // Traffic of other tests in this process, summarised.
+                Message::Summary(_) => Box::pin(self.next()).await,
+                message => message,
+            }
         }
 
         async fn hello(&mut self) -> Hello {

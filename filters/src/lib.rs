@@ -16,6 +16,7 @@ pub mod rate_limit;
 pub mod replay;
 pub mod retry;
 pub mod timeout;
+pub mod trace;
 
 pub use body::{BoxBody, BoxError};
 pub use error::{Fault, ProxyError};

@@ -148,6 +148,10 @@ pub fn shadow_of<B>(request: &Request<B>, body: BodyCopy) -> Request<BodyCopy> {
     *copy.headers_mut() = request.headers().clone();
     copy.headers_mut()
         .insert(MIRROR_HEADER, HeaderValue::from_static("1"));
+    // The copy is an attempt of the same request in its trace.
+    if let Some(trace) = request.extensions().get::<crate::trace::RequestTrace>() {
+        copy.extensions_mut().insert(trace.clone());
+    }
     copy
 }
 

@@ -649,10 +649,18 @@ impl Watch for Settlement {
 /// Finds the last `"total_tokens": N` in a JSON body or an SSE stream, chunk
 /// by chunk, holding a few bytes of state. Inside a JSON string a quote is
 /// escaped, so the quoted key cannot match text of a prompt or completion.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UsageScanner {
+    /// The quoted key whose number is read.
+    key: &'static [u8],
     state: UsageState,
     last: Option<u64>,
+}
+
+impl Default for UsageScanner {
+    fn default() -> Self {
+        Self::for_key(USAGE_KEY)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -671,6 +679,16 @@ enum UsageState {
 const USAGE_KEY: &[u8] = b"\"total_tokens\"";
 
 impl UsageScanner {
+    /// A scanner of another numeric key, given with its quotes
+    /// (`b"\"prompt_tokens\""`).
+    pub fn for_key(key: &'static [u8]) -> Self {
+        Self {
+            key,
+            state: UsageState::Key0,
+            last: None,
+        }
+    }
+
     /// Reads the next chunk.
     pub fn feed(&mut self, chunk: &[u8]) {
         let mut i = 0;
@@ -702,8 +720,8 @@ impl UsageScanner {
         self.state = match self.state {
             UsageState::Key0 => restart(b),
             UsageState::Key(n) => {
-                if b == USAGE_KEY[n as usize] {
-                    if n as usize + 1 == USAGE_KEY.len() {
+                if b == self.key[n as usize] {
+                    if n as usize + 1 == self.key.len() {
                         UsageState::Colon
                     } else {
                         UsageState::Key(n + 1)

@@ -62,7 +62,8 @@ impl Chain<'_> {
                 backend = link.target.name.as_str(),
                 "falling back"
             );
-            let request = replay.request(&link.target, what.model);
+            let mut request = replay.request(&link.target, what.model);
+            request.extensions_mut().insert(crate::traces::FallbackLink);
             result = send(inputs, route, &link.target, request, what).await;
             self.served.store(index + 1, Ordering::Relaxed);
         }

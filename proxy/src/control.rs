@@ -179,6 +179,14 @@ pub async fn install(inputs: &Inputs, policy: PolicySet, origin: Origin, drain: 
         async move { next.start_discovery(&drain).await }
     });
     let _ = tokio::time::timeout(DISCOVERY_WAIT, discovery).await;
+    let tracing = next
+        .policy()
+        .mesh
+        .as_ref()
+        .and_then(|m| m.spec.tracing.as_ref());
+    if let Err(error) = crate::traces::configure(tracing, &inputs.metrics.trace_spans_dropped) {
+        tracing::error!(error = %error, "cannot export traces: tracing stays as it was");
+    }
     inputs.snapshot.store(next);
     inputs.metrics.policy_version.set(origin.version as i64);
     inputs.metrics.policy_update(true);

@@ -26,6 +26,7 @@ use tower::Service;
 use crate::backend::{Admitted, Backend, Picked};
 use crate::balance::{InFlight, Outcome, DEFAULT_PENALTY};
 use crate::body::{BodyFault, ProxyBody};
+use crate::traces::{self, AttemptSpan};
 
 /// Sends requests to an endpoint of one backend: the innermost service of
 /// each route target's stack, so the type says which backend it serves.
@@ -75,8 +76,11 @@ async fn forward(
         .get::<TriedEndpoints>()
         .map(|tried| tried.0.clone())
         .unwrap_or_default();
+    let mut hedge = false;
     if let Some(group) = &hedged {
-        avoid.extend(group.endpoints());
+        let running = group.endpoints();
+        hedge = !running.is_empty();
+        avoid.extend(running);
     }
     let picked = backend.pick_for_request(&avoid).ok_or_else(|| {
         let all_ejected = !backend.endpoints().is_empty();
@@ -106,12 +110,21 @@ async fn forward(
     // Where the client's side of the body records its failures: those are
     // the client's, never the endpoint's.
     let client_body = request.extensions().get::<BodyFault>().cloned();
+    let mut span = traces::attempt(
+        &mut request,
+        hedge,
+        backend.name().as_str(),
+        endpoint.addr(),
+    );
     let guard = endpoint.start();
     let started = Instant::now();
     match backend.client().request(request).await {
         Ok(response) => {
             admitted.responded();
             let verdict = judge(response.status(), response.headers());
+            if let Some(span) = span.as_mut() {
+                span.responded(response.status(), response.headers());
+            }
             endpoint.observe(started.elapsed(), verdict.outcome());
             judged.finish(verdict.failed);
             if let Some(length) = verdict.penalty {
@@ -130,12 +143,16 @@ async fn forward(
                     InFlightUntilEnd {
                         _endpoint: guard,
                         _backend: admitted,
+                        _span: span,
                     },
                 )
                 .boxed_unsync(),
             ))
         }
         Err(error) => {
+            if let Some(span) = span {
+                span.failed(&error);
+            }
             if let Some(problem) = client_body.as_ref().and_then(BodyFault::get) {
                 // Neither judged, timed nor backed off: the endpoint did
                 // nothing wrong.
@@ -343,6 +360,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 struct InFlightUntilEnd {
     _endpoint: InFlight,
     _backend: Admitted,
+    /// The attempt's span, ended with the body.
+    _span: Option<AttemptSpan>,
 }
 
 impl Watch for InFlightUntilEnd {}

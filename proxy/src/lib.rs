@@ -29,3 +29,4 @@ pub mod route;
 pub mod service;
 pub mod snapshot;
 pub mod stack;
+pub mod traces;

@@ -286,6 +286,15 @@ fn main() -> ExitCode {
         None => None,
     };
 
+    // Traces, from the standard OTEL_* variables.
+    let traces = match infermesh_proxy::traces::Settings::from_env() {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("infermesh-proxy: refusing to start: {error}");
+            return ExitCode::from(2);
+        }
+    };
+
     // One worker: a current-thread runtime, where the listeners and every
     // connection share the thread that runs them, with none of the
     // multi-threaded scheduler's cross-thread wake-ups and atomics.
@@ -308,7 +317,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, policy, identity)) {
+    match runtime.block_on(run(args, policy, identity, traces)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("infermesh-proxy: {message}");
@@ -380,12 +389,16 @@ enum StartError {
     /// A bound port cannot be read back.
     #[error("{0}")]
     LocalAddr(#[source] std::io::Error),
+    /// Trace export cannot start.
+    #[error("{0}")]
+    Traces(#[source] infermesh_proxy::traces::TracesError),
 }
 
 async fn run(
     args: Args,
     policy: Option<PolicySet>,
     identity: Option<IdentitySettings>,
+    traces: infermesh_proxy::traces::Settings,
 ) -> Result<(), StartError> {
     // One drain for every task: each holds a watch, and shutdown signals
     // them all and waits until every one has let go (listeners after their
@@ -415,6 +428,17 @@ async fn run(
     };
     let mesh = identity.as_ref().map(|(identity, _)| identity.clone());
     let snapshot = Snapshot::build(policy, Origin::local(source), None, &metrics, mesh.as_ref());
+    // Traces: the policy's MeshConfig `tracing`, else the OTEL_* variables.
+    infermesh_proxy::traces::set_env(traces);
+    infermesh_proxy::traces::configure(
+        snapshot
+            .policy()
+            .mesh
+            .as_ref()
+            .and_then(|m| m.spec.tracing.as_ref()),
+        &metrics.trace_spans_dropped,
+    )
+    .map_err(StartError::Traces)?;
     snapshot.start_discovery(&drain).await;
     if source != Source::Pending {
         metrics.policy_update(true);

@@ -131,6 +131,8 @@ pub struct Metrics {
     pub first_byte: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Failed attempts to connect to an endpoint.
     pub connect_errors: Family<BackendLabels, Counter>,
+    /// Finished spans that never reached the trace collector.
+    pub trace_spans_dropped: Counter,
     /// Opaque TCP connections, by listener and outcome.
     pub opaque_connections: Family<OpaqueLabels, Counter>,
     /// Intercepted traffic no route claimed: HTTP requests and TCP
@@ -370,6 +372,12 @@ impl Metrics {
             "Time from sending a request upstream to its response headers",
             first_byte.clone(),
         );
+        let trace_spans_dropped = Counter::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Finished spans dropped before reaching the OTLP collector (export queue full, or the collector refused, failed or timed out)",
+            trace_spans_dropped.clone(),
+        );
         let connect_errors = Family::default();
         registry.register(
             "upstream_connect_errors",
@@ -572,6 +580,7 @@ impl Metrics {
             duration,
             first_byte,
             connect_errors,
+            trace_spans_dropped,
             opaque_connections,
             passthrough,
             inbound_mtls,

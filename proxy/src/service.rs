@@ -44,20 +44,23 @@ use crate::classify::{self, ApiKind, HeadClass};
 use crate::identity::InboundConn;
 use crate::inputs::Inputs;
 use crate::local;
-use crate::metrics::{grpc_status_label, grpc_status_of, listener_label, Name, RequestLabels};
+use crate::metrics::{
+    grpc_status_label, grpc_status_of, listener_label, Name, RequestLabels, RouteLabels,
+};
 use crate::prefix::{
     complete_prefix, read_classified, rewrite_model, BodyState, Classified, Prefix, Scanned,
 };
 use crate::redirect::Redirected;
 use crate::route::{self, RouteInput};
 use crate::snapshot::{Route, RouteTarget, Snapshot};
+use crate::traces::{self, ServerSpan};
 
 /// Serves one request received on `listener`. Never fails: every error
 /// becomes the response the client is owed.
 pub async fn handle(
     inputs: Arc<Inputs>,
     listener: ListenerKind,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<BoxBody>, std::convert::Infallible> {
     let started = Instant::now();
     let listener_name = listener_label(listener);
@@ -70,7 +73,25 @@ pub async fn handle(
     let lists_models = local::lists_models(request.method(), request.uri().path());
     let mut access = tracing::enabled!(target: "infermesh::access", tracing::Level::INFO)
         .then(|| AccessLog::new(listener_name, &request));
-    let outcome = route_and_send(&inputs, listener, request, access.as_mut()).await;
+    let mut span = traces::traces().and_then(|traces| {
+        let parent = traces::incoming(request.headers());
+        traces.server_span(
+            parent.as_ref(),
+            listener_name,
+            request.method(),
+            request.uri().path(),
+        )
+    });
+    if let Some(access) = access.as_mut() {
+        access.trace_id = match &span {
+            Some(span) => Some(span.trace_id()),
+            None => traces::incoming(request.headers()).map(|parent| parent.trace_id()),
+        };
+    }
+    if let Some(span) = &span {
+        request.extensions_mut().insert(span.trace().clone());
+    }
+    let outcome = route_and_send(&inputs, listener, request, access.as_mut(), span.as_mut()).await;
     let (response, route, backend, duration, ok) = match outcome {
         Ok(Routed {
             response,
@@ -111,10 +132,25 @@ pub async fn handle(
                     .headers_mut()
                     .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
             }
-            (response, route, backend, None, None)
+            // A failed request takes its time too (a timeout, a refused
+            // connection): it is in the duration histogram of its route.
+            let duration = (!route.as_str().is_empty()).then(|| {
+                inputs
+                    .metrics
+                    .duration
+                    .get_or_create(&RouteLabels {
+                        route: route.clone(),
+                        backend: backend.clone(),
+                    })
+                    .clone()
+            });
+            (response, route, backend, duration, None)
         }
     };
     let status = response.status().as_u16();
+    if let Some(span) = span.as_mut() {
+        span.responded(status, response.headers(), route.as_str(), backend.as_str());
+    }
     if let Some(access) = access.as_mut() {
         access.route = route.clone();
         access.backend = backend.clone();
@@ -143,6 +179,9 @@ pub async fn handle(
             if let Some(access) = access.as_mut() {
                 access.grpc_status = grpc_status;
             }
+            if let Some(span) = span.as_mut() {
+                span.grpc_status(grpc_status);
+            }
             inputs
                 .metrics
                 .requests
@@ -170,6 +209,7 @@ pub async fn handle(
             _in_flight: in_flight,
             access,
             pending,
+            span,
         },
     );
     Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -204,6 +244,7 @@ async fn route_and_send(
     listener: ListenerKind,
     request: Request<Incoming>,
     access: Option<&mut AccessLog>,
+    span: Option<&mut ServerSpan>,
 ) -> Result<Routed, Failed> {
     let snapshot = inputs.snapshot.load_full();
     let (mut parts, body) = request.into_parts();
@@ -225,6 +266,18 @@ async fn route_and_send(
             .extensions
             .get::<InboundConn>()
             .and_then(|c| c.caller.clone());
+    }
+    if let Some(span) = span {
+        let caller = parts
+            .extensions
+            .get::<InboundConn>()
+            .and_then(|c| c.caller.as_deref());
+        span.classified(
+            head.api,
+            classified.model.as_deref(),
+            classified.stream,
+            caller,
+        );
     }
     let redirected = parts.extensions.get::<Redirected>().copied();
     let routed = route_request(&snapshot, listener, authorizer, &head, &parts, &classified);
@@ -601,6 +654,8 @@ struct Finish {
     access: Option<AccessLog>,
     /// A gRPC request still to be counted, once its status is known.
     pending: Option<PendingCount>,
+    /// The request's server span, ended with the response.
+    span: Option<ServerSpan>,
 }
 
 /// A gRPC request whose `requests_total` waits for the response's trailers.
@@ -637,6 +692,9 @@ impl Drop for Finish {
             if let Some(access) = self.access.as_mut() {
                 access.grpc_status = grpc_status;
             }
+            if let Some(span) = self.span.as_mut() {
+                span.grpc_status(grpc_status);
+            }
             pending
                 .requests
                 .get_or_create(&RequestLabels {
@@ -669,6 +727,8 @@ struct AccessLog {
     grpc_status: &'static str,
     /// The caller's mesh identity (inbound, over mutual TLS).
     caller: Option<Arc<SpiffeId>>,
+    /// The request's trace: its server span's, else the one it arrived with.
+    trace_id: Option<opentelemetry::trace::TraceId>,
 }
 
 impl AccessLog {
@@ -685,6 +745,7 @@ impl AccessLog {
             status: 0,
             grpc_status: "",
             caller: None,
+            trace_id: None,
         }
     }
 
@@ -702,6 +763,7 @@ impl AccessLog {
             status = self.status,
             grpc_status = self.grpc_status,
             caller = self.caller.as_deref().map(ToString::to_string).unwrap_or_default(),
+            trace_id = self.trace_id.map(|id| id.to_string()).unwrap_or_default(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
         );
     }
@@ -715,9 +777,15 @@ impl Watch for Finish {
         if let (Some(trailers), Some(pending)) = (frame.trailers_ref(), self.pending.as_mut()) {
             pending.grpc_status = trailers.get("grpc-status").map(grpc_status_of);
         }
+        if let (Some(data), Some(span)) = (frame.data_ref(), self.span.as_mut()) {
+            span.body(data);
+        }
     }
 
     fn end(mut self, ended: Ended) {
+        if let (Ended::Complete, Some(span)) = (ended, self.span.as_mut()) {
+            span.body_ended();
+        }
         if let Some(pending) = self.pending.as_mut() {
             pending.ended = ended == Ended::Complete;
         }

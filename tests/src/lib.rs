@@ -16,6 +16,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod netns;
 pub mod openai;
+pub mod otlp;
 pub mod policy;
 pub mod process;
 pub mod python;

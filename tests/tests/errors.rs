@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use infermesh_tests::client::{chat_body, json_request, raw_exchange, Reply};
 use infermesh_tests::kserve::{grpc_client, infer_request};
 use infermesh_tests::{
-    policy, refused_addr, Arrivals, HttpClient, KServeGrpcServer, KServeSettings, OpenAiServer,
-    OpenAiSettings, ProxyProcess, StreamOutcome, TcpEchoServer,
+    policy, refused_addr, Arrivals, HttpClient, KServeGrpcServer, KServeSettings, Metrics,
+    OpenAiServer, OpenAiSettings, ProxyProcess, StreamOutcome, TcpEchoServer,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -105,6 +105,52 @@ async fn a_refused_connection_is_a_503_upstream_connect_error() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(!status.message().is_empty());
+}
+
+#[tokio::test]
+async fn failed_requests_are_in_the_duration_histogram() {
+    // A refused connection: a 503 at once.
+    let proxy = single_route(&[refused_addr().to_string()], false, "");
+    let reply = HttpClient::http1()
+        .post_json(
+            &format!("{}{CHAT}", proxy.url()),
+            &chat_body("model", false),
+        )
+        .await;
+    reply.assert_proxy_error(503, "upstream_connect_error");
+    let metrics = Metrics::scrape(&proxy).await;
+    let labels = [("route", "target"), ("backend", "target")];
+    assert_eq!(
+        metrics.sum("infermesh_request_duration_seconds_count", &labels),
+        1.0,
+        "a refused request is timed"
+    );
+    // A first-byte timeout: a 504 after the limit, timed as long as it took.
+    let slow = OpenAiServer::with_settings(
+        "slow",
+        OpenAiSettings {
+            first_byte_delay: Duration::from_secs(5),
+            ..OpenAiSettings::default()
+        },
+    );
+    let proxy = single_route(&[slow.addr().to_string()], false, "firstByte: 300ms");
+    let reply = HttpClient::http1()
+        .post_json(
+            &format!("{}{CHAT}", proxy.url()),
+            &chat_body("model", false),
+        )
+        .await;
+    reply.assert_proxy_error(504, "timeout");
+    let metrics = Metrics::scrape(&proxy).await;
+    assert_eq!(
+        metrics.sum("infermesh_request_duration_seconds_count", &labels),
+        1.0
+    );
+    let seconds = metrics.sum("infermesh_request_duration_seconds_sum", &labels);
+    assert!(
+        (0.25..3.0).contains(&seconds),
+        "a 300ms timeout timed as {seconds}s"
+    );
 }
 
 #[tokio::test]

@@ -833,6 +833,37 @@ spec:
     }
 
     #[test]
+    fn tracing_settings_are_checked_with_the_reason() {
+        let mesh = |tracing: &str| {
+            format!("apiVersion: infermesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  tracing: {tracing}\n")
+        };
+        let good = load_str(
+            Path::new("p.yaml"),
+            &mesh("{endpoint: \"http://collector:4318\", protocol: http, sampling: 0.5}"),
+        )
+        .expect("valid");
+        let tracing = good.mesh.unwrap().spec.tracing.unwrap();
+        assert_eq!(tracing.protocol, crate::policy::TracingProtocol::Http);
+        assert_eq!(tracing.sampling, 0.5);
+        let default =
+            load_str(Path::new("p.yaml"), &mesh("{endpoint: \"https://c:4317\"}")).expect("valid");
+        let tracing = default.mesh.unwrap().spec.tracing.unwrap();
+        assert_eq!(tracing.protocol, crate::policy::TracingProtocol::Grpc);
+        assert_eq!(tracing.sampling, 0.01);
+        assert_eq!(
+            errors(&mesh("{endpoint: \"collector:4317\", sampling: 1.5}")),
+            [
+                "p.yaml:5:23: `collector:4317`: the collector endpoint is an http:// or https:// URL with a host, such as http://collector:4317",
+                "p.yaml:5:51: `sampling` is the share of traces sampled, from 0 to 1 (0.01 for 1%), found 1.5",
+            ]
+        );
+        assert_eq!(
+            errors(&mesh("{endpoint: \"http://c\", protocol: json}")).len(),
+            1
+        );
+    }
+
+    #[test]
     fn bad_retry_settings_are_located_with_the_reason() {
         let text = format!(
             "{BACKEND}---\n{RETRY_ROUTE}    maxAttempts: 1\n    perTryTimeout: 5s\n    on: {{statuses: [503, 404]}}\n    budget: {{ratio: 1.5}}\n"

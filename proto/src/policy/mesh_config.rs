@@ -26,6 +26,10 @@ pub struct MeshConfigSpec {
     #[serde(default = "defaults::drain_timeout", with = "duration")]
     #[schemars(with = "duration::Schema")]
     pub drain_timeout: Duration,
+    /// OpenTelemetry traces of the proxies (docs/observability.md); when
+    /// absent, each proxy takes the standard `OTEL_*` environment variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSettings>,
     /// The workloads whose proxies receive these settings (the others keep
     /// the defaults); every proxy in the namespace (or in the mesh, without
     /// one) when absent.
@@ -99,7 +103,40 @@ pub enum MtlsMode {
     Permissive,
 }
 
+/// Where and how much the proxies trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingSettings {
+    /// The OTLP collector, an `http://` or `https://` URL:
+    /// `http://collector:4317` for gRPC, `http://collector:4318` for HTTP
+    /// (where `/v1/traces` is added unless the URL has a path).
+    pub endpoint: String,
+    /// `grpc` (OTLP/gRPC, the default) or `http` (OTLP/HTTP with protobuf).
+    #[serde(default)]
+    pub protocol: TracingProtocol,
+    /// The share of traces started at a proxy that are sampled, from 0 to
+    /// 1; a request whose caller sent a sampled (or unsampled) context
+    /// follows its caller.
+    #[serde(default = "defaults::sampling")]
+    pub sampling: f64,
+}
+
+/// OTLP's transports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TracingProtocol {
+    /// OTLP/gRPC.
+    #[default]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies.
+    Http,
+}
+
 mod defaults {
+    pub fn sampling() -> f64 {
+        0.01
+    }
+
     use std::time::Duration;
 
     pub fn drain_timeout() -> Duration {

@@ -30,6 +30,23 @@ pub(super) fn mesh_spec(
         let at = find(tree, &[K("spec"), K("opaque"), K("backend")]).at;
         errors.push(PolicyError::new(file, at, problem));
     }
+    if let Some(tracing) = &spec.tracing {
+        if !(0.0..=1.0).contains(&tracing.sampling) {
+            let at = find(tree, &[K("spec"), K("tracing"), K("sampling")]).at;
+            errors.push(PolicyError::new(
+                file,
+                at,
+                format!(
+                    "`sampling` is the share of traces sampled, from 0 to 1 (0.01 for 1%), found {}",
+                    tracing.sampling
+                ),
+            ));
+        }
+        if let Some(problem) = endpoint_problem(&tracing.endpoint) {
+            let at = find(tree, &[K("spec"), K("tracing"), K("endpoint")]).at;
+            errors.push(PolicyError::new(file, at, problem));
+        }
+    }
     let prefix = spec.classify.max_body_prefix;
     if !(MIN_BODY_PREFIX..=MAX_BODY_PREFIX).contains(&prefix) {
         let at = find(tree, &[K("spec"), K("classify"), K("maxBodyPrefix")]).at;
@@ -40,5 +57,25 @@ pub(super) fn mesh_spec(
                 "`maxBodyPrefix` must be between {MIN_BODY_PREFIX} (1 KiB) and {MAX_BODY_PREFIX} (16 MiB) bytes, found {prefix}"
             ),
         ));
+    }
+}
+
+/// Why a collector endpoint cannot be used, if it cannot.
+fn endpoint_problem(endpoint: &str) -> Option<String> {
+    let rest = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"));
+    let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
+    match host {
+        Some(host)
+            if !host.is_empty()
+                && !host.starts_with(':')
+                && host.bytes().all(|b| b.is_ascii_graphic() && b != b'@') =>
+        {
+            None
+        }
+        _ => Some(format!(
+            "`{endpoint}`: the collector endpoint is an http:// or https:// URL with a host, such as http://collector:4317"
+        )),
     }
 }

@@ -926,7 +926,7 @@ spec:
         let text = format!("{BACKEND}  modelAware: {{loadFactor: 2}}\n");
         assert_eq!(
             errors(&text),
-            ["p.yaml:7:3: `modelAware` configures `balancer: model-aware`; set that balancer, or remove `modelAware`"]
+            ["p.yaml:7:15: `modelAware` configures `balancer: model-aware`; set that balancer, or remove `modelAware`"]
         );
     }
 

@@ -21,6 +21,7 @@ pub mod process;
 pub mod python;
 pub mod refusing;
 pub mod scripted;
+pub mod sim;
 pub mod tcp;
 
 pub use client::{raw_exchange, Arrivals, HttpClient, Reply, SseEvent};
@@ -32,6 +33,7 @@ pub use openai::{OpenAiServer, OpenAiSettings, RecordedRequest, StreamLog, Strea
 pub use process::{ProxyBuilder, ProxyExit, ProxyProcess};
 pub use refusing::RefusingH2Server;
 pub use scripted::{ScriptedServer, Step};
+pub use sim::SimServer;
 pub use tcp::TcpEchoServer;
 
 use std::path::PathBuf;

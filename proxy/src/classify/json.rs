@@ -89,6 +89,73 @@ pub struct JsonScanner {
     truncated: bool,
     /// Longest `model` string kept; a longer one is no valid name.
     model_cap: usize,
+    /// Hashes the leading bytes of `messages` or `prompt`, when asked to.
+    prompt: Option<PromptHasher>,
+}
+
+/// Most hashes of a prompt prefix a scan keeps.
+pub const MAX_PROMPT_GRANULES: usize = 1024;
+
+/// Running hashes of the leading bytes of a request's prompt: the decoded
+/// strings of the top-level `messages` (roles and contents, each string
+/// followed by a separator byte) or `prompt`, FNV-1a over every byte, its
+/// state recorded after each `granule` bytes. `chain[i]` stands for the
+/// first `(i + 1) × granule` bytes, so any block size that is a multiple of
+/// the granule finds the hash of its leading whole blocks there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PromptPrefix {
+    /// Bytes between two recorded hashes.
+    pub granule: usize,
+    /// The recorded hashes.
+    pub chain: Vec<u64>,
+}
+
+impl PromptPrefix {
+    /// The hash of the leading whole blocks of `block_size` bytes, at most
+    /// `blocks` of them; `None` when not one whole block was read or the
+    /// block size is not a multiple of the granule.
+    pub fn key(&self, blocks: usize, block_size: usize) -> Option<u64> {
+        if self.granule == 0 || block_size % self.granule != 0 {
+            return None;
+        }
+        let per_block = block_size / self.granule;
+        let whole = (self.chain.len() / per_block).min(blocks);
+        (whole > 0).then(|| self.chain[whole * per_block - 1])
+    }
+}
+
+#[derive(Debug)]
+struct PromptHasher {
+    granule: usize,
+    max: usize,
+    state: u64,
+    filled: usize,
+    chain: Vec<u64>,
+    /// The prompt member ended, or the object did.
+    done: bool,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
+impl PromptHasher {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.chain.len() >= self.max {
+                self.done = true;
+                return;
+            }
+            self.state = (self.state ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+            self.filled += 1;
+            if self.filled == self.granule {
+                self.chain.push(self.state);
+                self.filled = 0;
+            }
+        }
+        if self.chain.len() >= self.max {
+            self.done = true;
+        }
+    }
 }
 
 /// What a [`JsonScanner`] found.
@@ -124,6 +191,9 @@ pub struct JsonFields {
     /// (a chunk that ends exactly at the limit does not tell: the caller
     /// knows whether more of the body follows).
     pub truncated: bool,
+    /// Hashes of the prompt's leading bytes, when the scan was asked for
+    /// them ([`JsonScanner::hash_prompt`]).
+    pub prompt: Option<PromptPrefix>,
 }
 
 impl JsonFields {
@@ -205,6 +275,7 @@ enum Sink {
     Skip,
     Key,
     Model,
+    Prompt,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,6 +284,8 @@ enum Member {
     Stream,
     MaxTokens,
     MaxCompletionTokens,
+    /// `messages` (chat) or `prompt` (completions): hashed when asked.
+    Prompt,
     Other,
 }
 
@@ -254,7 +327,32 @@ impl JsonScanner {
             trailing_at: None,
             truncated: false,
             model_cap: limit,
+            prompt: None,
         }
+    }
+
+    /// Also hashes the leading bytes of `messages` or `prompt`, recording
+    /// the hash every `granule` bytes up to `granules` times (at most
+    /// [`MAX_PROMPT_GRANULES`]); the scan reads on past its decision until
+    /// that member ends or enough is hashed, within its limit.
+    pub fn hash_prompt(mut self, granule: usize, granules: usize) -> Self {
+        if granule > 0 && granules > 0 {
+            self.prompt = Some(PromptHasher {
+                granule,
+                max: granules.min(MAX_PROMPT_GRANULES),
+                state: FNV_OFFSET,
+                filled: 0,
+                chain: Vec::new(),
+                done: false,
+            });
+        }
+        self
+    }
+
+    /// Whether the scan may stop at its decision: no prompt hashing asked,
+    /// or the prompt is hashed as far as it goes.
+    fn settled(&self) -> bool {
+        self.decided && !self.whole && self.prompt.as_ref().is_none_or(|p| p.done)
     }
 
     /// Scans the whole top-level object (within the limit) instead of
@@ -276,6 +374,7 @@ impl JsonScanner {
         self.limit = usize::MAX;
         self.truncated = false;
         self.model_cap = self.model_cap.min(VERIFY_MODEL_CAP);
+        self.prompt = None;
         self
     }
 
@@ -285,7 +384,7 @@ impl JsonScanner {
     /// consumed. A [`JsonScanner::whole_object`] scan reads on past the
     /// object (whitespace only may follow) until the limit or a second value.
     pub fn feed(&mut self, chunk: &[u8]) -> Scan {
-        if self.state == State::Done || (self.decided && !self.whole) {
+        if self.state == State::Done || self.settled() {
             return Scan::Done;
         }
         let data = &chunk[..chunk.len().min(self.limit - self.consumed)];
@@ -307,12 +406,12 @@ impl JsonScanner {
             if self.step(data[i], self.consumed + i) {
                 i += 1;
             }
-            if self.state == State::Done || (self.decided && !self.whole) {
+            if self.state == State::Done || self.settled() {
                 break;
             }
         }
         self.consumed += i;
-        let stopped = self.state == State::Done || (self.decided && !self.whole);
+        let stopped = self.state == State::Done || self.settled();
         if !stopped && self.consumed >= self.limit && chunk.len() > i {
             // Still reading, but the limit leaves the rest of this chunk unread.
             self.truncated = true;
@@ -347,6 +446,10 @@ impl JsonScanner {
             object_end: self.object_end,
             trailing_at: self.trailing_at,
             truncated: self.truncated,
+            prompt: self.prompt.as_ref().map(|p| PromptPrefix {
+                granule: p.granule,
+                chain: p.chain.clone(),
+            }),
         }
     }
 
@@ -363,6 +466,10 @@ impl JsonScanner {
             + self.model_buf.capacity()
             + self.pending_model.as_ref().map_or(0, |(m, _)| m.capacity())
             + self.model.as_ref().map_or(0, String::capacity)
+            + self
+                .prompt
+                .as_ref()
+                .map_or(0, |p| p.chain.capacity() * mem::size_of::<u64>())
     }
 
     /// Handles one byte at body offset `at`; `false` when the byte must be seen
@@ -429,6 +536,9 @@ impl JsonScanner {
     /// was found stands, but nothing after this byte can be followed.
     fn fail(&mut self) {
         self.decided = true;
+        if let Some(prompt) = &mut self.prompt {
+            prompt.done = true;
+        }
         self.invalid_at.get_or_insert(self.pos);
         self.state = State::Done;
     }
@@ -496,6 +606,9 @@ impl JsonScanner {
                 // The top-level object closed: a decision, and from here
                 // only whitespace may follow.
                 self.decided = true;
+                if let Some(prompt) = &mut self.prompt {
+                    prompt.done = true;
+                }
                 self.object_end = Some(self.pos + 1);
                 self.state = State::Trailing;
                 return;
@@ -521,6 +634,11 @@ impl JsonScanner {
                 Member::MaxTokens => {
                     if let Some(n) = self.number.take() {
                         self.max_tokens = self.max_tokens.or(Some(n));
+                    }
+                }
+                Member::Prompt => {
+                    if let Some(prompt) = &mut self.prompt {
+                        prompt.done = true;
                     }
                 }
                 Member::Other => {}
@@ -583,6 +701,7 @@ impl JsonScanner {
                 self.model_start = at;
                 Sink::Model
             }
+            (_, false, Member::Prompt) if self.prompt.is_some() => Sink::Prompt,
             _ => Sink::Skip,
         };
         self.escape = Escape::None;
@@ -683,13 +802,18 @@ impl JsonScanner {
                 self.model_invalid = true;
             }
             Sink::Model => self.model_buf.extend_from_slice(bytes),
+            Sink::Prompt => {
+                if let Some(prompt) = &mut self.prompt {
+                    prompt.feed(bytes);
+                }
+            }
         }
     }
 
     /// The string being read cannot be a valid name (lone surrogate).
     fn sink_invalid(&mut self) {
         match self.sink {
-            Sink::Skip => {}
+            Sink::Skip | Sink::Prompt => {}
             Sink::Key => self.key_overflow = true,
             Sink::Model => self.model_invalid = true,
         }
@@ -706,6 +830,7 @@ impl JsonScanner {
                     (false, b"stream") => Member::Stream,
                     (false, b"max_tokens") => Member::MaxTokens,
                     (false, b"max_completion_tokens") => Member::MaxCompletionTokens,
+                    (false, b"messages" | b"prompt") => Member::Prompt,
                     _ => Member::Other,
                 };
             }
@@ -717,6 +842,12 @@ impl JsonScanner {
                         .ok()
                         .map(|model| (model, self.model_start..at + 1)),
                 };
+            }
+            Sink::Prompt => {
+                // Strings stay apart: `["ab", "c"]` is not `["a", "bc"]`.
+                if let Some(prompt) = &mut self.prompt {
+                    prompt.feed(&[0x1e]);
+                }
             }
             Sink::Skip => {}
         }

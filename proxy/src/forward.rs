@@ -24,7 +24,7 @@ use infermesh_proto::policy::UpstreamProtocol;
 use tower::Service;
 
 use crate::backend::{Admitted, Backend, Picked};
-use crate::balance::{InFlight, Outcome, DEFAULT_PENALTY};
+use crate::balance::{Hint, InFlight, Outcome, DEFAULT_PENALTY};
 use crate::body::{BodyFault, ProxyBody};
 
 /// Sends requests to an endpoint of one backend: the innermost service of
@@ -78,7 +78,13 @@ async fn forward(
     if let Some(group) = &hedged {
         avoid.extend(group.endpoints());
     }
-    let picked = backend.pick_for_request(&avoid).ok_or_else(|| {
+    // What the model-aware balancer weighs: the prompt prefix and model.
+    let hint = request
+        .extensions()
+        .get::<Hint>()
+        .cloned()
+        .unwrap_or_default();
+    let picked = backend.pick_for_request(&avoid, &hint).ok_or_else(|| {
         let all_ejected = !backend.endpoints().is_empty();
         ProxyError::NoEndpoint(if all_ejected {
             format!(
@@ -111,6 +117,7 @@ async fn forward(
     match backend.client().request(request).await {
         Ok(response) => {
             admitted.responded();
+            backend.load_report(&endpoint, response.headers());
             let verdict = judge(response.status(), response.headers());
             endpoint.observe(started.elapsed(), verdict.outcome());
             judged.finish(verdict.failed);

@@ -20,8 +20,9 @@
 //! prefix spills to the next endpoint on the ring. A request without a
 //! prefix takes the better of two random endpoints by effective load times
 //! the peak-EWMA time to first byte (to the power `latency`), with the soft
-//! shares of peak-EWMA. A LoRA request considers first the endpoints that
-//! report its adapter loaded, when one of them is within the bound.
+//! shares of peak-EWMA. A LoRA request considers only the endpoints that
+//! report its adapter loaded while one of them is within twice the bound
+//! (loading an adapter elsewhere costs more than a little queueing).
 //! Endpoints in failure back-off are passed over while any other is not.
 //!
 //! Everything here is pure (the polling task lives with the backend): the caller reads each endpoint's
@@ -164,13 +165,15 @@ pub fn effective(view: &View, weights: &ScoreWeights) -> f64 {
 }
 
 /// The most effective load an endpoint may have to take a request:
-/// `factor` times the mean over `views`.
+/// `factor` times the mean over `views`, rounded up (as the capacity of
+/// consistent hashing with bounded loads), so that at low load a prefix's
+/// own endpoint may hold a request or two more than the others.
 pub fn bound(views: &[View], weights: &ScoreWeights, factor: f64) -> f64 {
     if views.is_empty() {
         return f64::INFINITY;
     }
     let total: f64 = views.iter().map(|v| effective(v, weights)).sum();
-    factor * total / views.len() as f64
+    (factor * total / views.len() as f64).ceil()
 }
 
 /// A hash ring of [`VIRTUAL_NODES`] points per endpoint, placed by the
@@ -290,10 +293,14 @@ pub fn choose(
         .copied()
         .filter(|&i| views[i].has_adapter)
         .collect();
+    // Loading an adapter costs more than a little queueing: holders may
+    // go to twice the bound before the others are considered.
+    let holder_limit = bound(&usable_views, weights, 2.0 * settings.load_factor);
     let holders_fit = holders
         .iter()
-        .any(|&i| effective(&views[i], weights) <= limit);
+        .any(|&i| effective(&views[i], weights) <= holder_limit);
     let candidates = if holders_fit { &holders } else { &usable };
+    let limit = if holders_fit { holder_limit } else { limit };
     if let (Some(ring), Some(key)) = (ring, key) {
         let mut owner = None;
         for i in ring.walk(key) {
@@ -660,14 +667,14 @@ mod tests {
         let choice = choose(&views, Some(&ring), Some(key), &s, &mut rng);
         assert_eq!(choice.index, order[0]);
         assert_eq!(choice.affinity, Some(Affinity::Hit));
-        // Its owner at 4 in flight, the rest at 2: effective 5 against a
-        // bound of 1.25 × 3.5.
-        views[order[0]] = busy(4);
+        // Its owner at 5 in flight, the rest at 2: effective 6 against a
+        // bound of ⌈1.25 × 3.75⌉ = 5.
+        views[order[0]] = busy(5);
         let choice = choose(&views, Some(&ring), Some(key), &s, &mut rng);
         assert_eq!(choice.index, order[1]);
         assert_eq!(choice.affinity, Some(Affinity::Spill));
-        // The owner's queue, as its server reports it, counts the same.
-        views[order[0]] = reporting(2.0, 0.0, 0.0);
+        // The owner's queue, as its server reports it, counts (twice).
+        views[order[0]] = reporting(3.0, 0.0, 0.0);
         let choice = choose(&views, Some(&ring), Some(key), &s, &mut rng);
         assert_eq!(choice.index, order[1]);
         // A larger factor keeps the prefix home.
@@ -755,7 +762,7 @@ mod tests {
         // The holder far over the bound: everyone is a candidate again.
         views[2] = View {
             has_adapter: true,
-            ..busy(20)
+            ..busy(100)
         };
         for _ in 0..50 {
             assert_ne!(choose(&views, None, None, &s, &mut rng).index, 2);

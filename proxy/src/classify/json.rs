@@ -399,6 +399,10 @@ impl JsonScanner {
                 if run > 0 {
                     self.plain(&data[i..i + run]);
                     i += run;
+                    // A prompt hashed far enough settles the scan mid-string.
+                    if self.settled() {
+                        break;
+                    }
                     continue;
                 }
             }
@@ -1550,5 +1554,95 @@ mod tests {
         #[allow(clippy::reversed_empty_ranges)]
         let reversed = 2..1;
         assert_eq!(&rewrite_json_model(b"{}", reversed, "m")[..], b"{}");
+    }
+
+    fn prompt_of(body: &[u8], cuts: &[usize]) -> (Option<PromptPrefix>, usize) {
+        let mut scanner = JsonScanner::new(BIG).hash_prompt(16, 8);
+        let mut start = 0;
+        for &cut in cuts.iter().chain([&body.len()]) {
+            if scanner.feed(&body[start..cut]) == Scan::Done {
+                break;
+            }
+            start = cut;
+        }
+        let consumed = scanner.consumed();
+        (scanner.finish().prompt, consumed)
+    }
+
+    const SYSTEM: &str = "You are a careful assistant for the billing team of ACME.";
+
+    fn chat(system: &str, question: &str, tail: &str) -> Vec<u8> {
+        format!(
+            r#"{{"model":"m","stream":true,"messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"{question}"}}]{tail}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_shared_system_prompt_hashes_the_same_whatever_the_question_and_the_chunking() {
+        let a = chat(SYSTEM, "What is my balance?", "");
+        let b = chat(SYSTEM, "Cancel my order 42, please.", r#","n":1"#);
+        let (pa, _) = prompt_of(&a, &[]);
+        let (pb, _) = prompt_of(&b, &[3, 40, 41, 77]);
+        let (pa, pb) = (pa.unwrap(), pb.unwrap());
+        // "system" + separator + the 57-byte content: three whole blocks of 16.
+        assert_eq!(pa.key(3, 16), pb.key(3, 16));
+        assert!(pa.key(3, 16).is_some());
+        // Further on, the questions differ.
+        assert_ne!(pa.key(8, 16), pb.key(8, 16));
+        // A 32-byte block is two granules.
+        assert_eq!(pa.key(1, 32), Some(pa.chain[1]));
+        assert_eq!(pa.key(1, 24), None, "not a multiple of the granule");
+        let other = chat("Arr! You are a pirate.", "What is my balance?", "");
+        let (po, _) = prompt_of(&other, &[]);
+        assert_ne!(po.unwrap().key(1, 16), pa.key(1, 16));
+    }
+
+    #[test]
+    fn a_completion_prompt_is_hashed_and_a_short_one_has_no_whole_block() {
+        let long = br#"{"model":"m","prompt":"0123456789abcdef0123456789abcdef-tail","stream":false}"#;
+        let (p, _) = prompt_of(long, &[]);
+        assert_eq!(p.as_ref().unwrap().chain.len(), 2);
+        let short = br#"{"model":"m","prompt":"hi","stream":false}"#;
+        let (p, _) = prompt_of(short, &[]);
+        assert_eq!(p.unwrap().key(4, 16), None);
+        // No prompt at all: none either, and the scan still ends.
+        let (p, _) = prompt_of(br#"{"model":"m","input":"0123456789abcdef0123"}"#, &[]);
+        assert_eq!(p.unwrap().key(1, 16), None);
+    }
+
+    #[test]
+    fn hashing_reads_on_past_the_decision_only_as_far_as_the_prefix_needs() {
+        let question = "q".repeat(500);
+        let body = chat(SYSTEM, &question, "");
+        // As a client sends it, in small chunks: no chunk past the
+        // prefix is asked for.
+        let cuts: Vec<usize> = (1..body.len() / 16).map(|i| i * 16).collect();
+        let (p, consumed) = prompt_of(&body, &cuts);
+        assert_eq!(p.unwrap().chain.len(), 8, "eight granules, no more");
+        assert!(consumed < 250, "stopped at {consumed} of {}", body.len());
+        // Without hashing it stops at the decision, before `messages`.
+        let mut plain = JsonScanner::new(BIG);
+        assert_eq!(plain.feed(&body), Scan::Done);
+        assert!(plain.consumed() < 30);
+        assert_eq!(plain.finish().prompt, None);
+        // Hashing keeps within the scan's limit.
+        let mut limited = JsonScanner::new(60).hash_prompt(16, 8);
+        assert_eq!(limited.feed(&body), Scan::Done);
+        assert_eq!(limited.consumed(), 60);
+    }
+
+    #[test]
+    fn keys_and_strings_outside_the_prompt_are_not_hashed() {
+        let a = br#"{"model":"m","messages":[{"role":"user","content":"0123456789abcdef0123456789abcdef"}],"user":"alice"}"#;
+        let b = br#"{"user":"bob","messages":[{"content":"0123456789abcdef0123456789abcdef","role":"user"}],"model":"m"}"#;
+        let (pa, _) = prompt_of(a, &[]);
+        let (pb, _) = prompt_of(b, &[]);
+        // Different member order inside a message changes the bytes hashed
+        // (role before content or after); the keys themselves never count.
+        let c = br#"{"model":"m","messages":[{"ROLE":"user","CONTENT":"0123456789abcdef0123456789abcdef"}]}"#;
+        let (pc, _) = prompt_of(c, &[]);
+        assert_eq!(pa, pc);
+        assert_ne!(pa, pb);
     }
 }

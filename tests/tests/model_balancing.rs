@@ -29,24 +29,26 @@ struct Fake {
     name: String,
     metrics: Arc<Mutex<Option<String>>>,
     completions: Arc<AtomicUsize>,
-    _runtime: tokio::runtime::Runtime,
 }
 
 impl Fake {
     fn start(name: &str, delay: Duration) -> Fake {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
+        // Its own thread and runtime, as the fixtures in `tests/src`, so
+        // that it serves whatever the test's runtime is doing.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
         let metrics = Arc::new(Mutex::new(Some(vllm_metrics(0, 0, 0.0))));
         let completions = Arc::new(AtomicUsize::new(0));
         let (page, count, upstream) = (metrics.clone(), completions.clone(), name.to_string());
-        runtime.spawn(async move {
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
@@ -85,13 +87,13 @@ impl Fake {
                         .await;
                 });
             }
+            });
         });
         Fake {
             addr,
             name: name.to_string(),
             metrics,
             completions,
-            _runtime: runtime,
         }
     }
 

@@ -6,7 +6,8 @@
 //! of strings folded into one `enum`, a `oneOf` of objects kept with only
 //! its `required` lists (the properties move to the parent), and a value
 //! that is a string or an object (which no structural type describes)
-//! marked `x-kubernetes-preserve-unknown-fields`. `additionalProperties:
+//! marked `x-kubernetes-preserve-unknown-fields`, a number or a string
+//! marked `x-kubernetes-int-or-string`. `additionalProperties:
 //! false` is dropped (the API server prunes unknown fields instead) and
 //! defaults are dropped (the loader applies them, as it does for files).
 
@@ -111,6 +112,7 @@ fn columns(kind: &str) -> Value {
         "Backend" => vec![
             json!({"name": "Protocol", "type": "string", "jsonPath": ".spec.protocol"}),
             json!({"name": "Endpoints", "type": "string", "jsonPath": ".spec.endpoints"}),
+            json!({"name": "Service", "type": "string", "jsonPath": ".spec.service.name"}),
         ],
         "LocalModel" => {
             vec![json!({"name": "Model Dir", "type": "string", "jsonPath": ".spec.modelDir"})]
@@ -243,7 +245,10 @@ pub fn structural(schema: &Value, definitions: &Map<String, Value>) -> Value {
         }
     }
     // A node without a type is a value of any shape.
-    if !out.contains_key("type") && !out.contains_key("x-kubernetes-preserve-unknown-fields") {
+    if !out.contains_key("type")
+        && !out.contains_key("x-kubernetes-preserve-unknown-fields")
+        && !out.contains_key("x-kubernetes-int-or-string")
+    {
         out.insert("x-kubernetes-preserve-unknown-fields".into(), json!(true));
     }
     Value::Object(out)
@@ -280,6 +285,23 @@ fn fold_junctor(
     let outer_type = out.get("type").cloned();
     let first = types.first().copied().flatten().cloned().or(outer_type);
     let same = types.iter().all(|t| t.is_none() || t.cloned() == first);
+    let mut kinds: Vec<&Value> = types.iter().flatten().copied().collect();
+    kinds.sort_by_key(|t| t.as_str());
+    if kinds == [&json!("integer"), &json!("string")] {
+        // A port by number or by name: Kubernetes' own IntOrString.
+        for key in [
+            "type",
+            "properties",
+            "enum",
+            "pattern",
+            "minimum",
+            "maximum",
+        ] {
+            out.remove(key);
+        }
+        out.insert("x-kubernetes-int-or-string".into(), json!(true));
+        return;
+    }
     if !same || first.is_none() {
         // A string or an object: no structural type says that.
         for key in ["type", "properties", "enum", "pattern"] {
@@ -356,6 +378,7 @@ mod tests {
                 "oneOf",
                 "anyOf",
                 "x-kubernetes-preserve-unknown-fields",
+                "x-kubernetes-int-or-string",
                 "x-kubernetes-list-type",
                 "x-kubernetes-list-map-keys",
             ]
@@ -378,6 +401,7 @@ mod tests {
             }
         } else if !obj.contains_key("type")
             && !obj.contains_key("x-kubernetes-preserve-unknown-fields")
+            && !obj.contains_key("x-kubernetes-int-or-string")
         {
             problems.push(format!("{path}: no type"));
         }
@@ -451,5 +475,8 @@ mod tests {
             .is_some_and(|e| e.contains(&json!("http1")) && e.contains(&json!("http2"))));
         assert_eq!(backend["properties"]["mtls"]["nullable"], true);
         assert_eq!(backend["properties"]["mtls"]["type"], "object");
+        let port = &backend["properties"]["service"]["properties"]["port"];
+        assert_eq!(port["x-kubernetes-int-or-string"], true, "{port}");
+        assert!(port.get("type").is_none(), "{port}");
     }
 }

@@ -23,6 +23,9 @@ pub struct Metrics {
     /// 1 while the latest policy files are refused (an older snapshot, or
     /// none, is in force), else 0.
     pub policy_refused: Gauge,
+    /// Backends of the set in force whose Kubernetes Service resolves to
+    /// no endpoint.
+    pub unresolved_services: Gauge,
     /// Open policy streams that have said Hello.
     pub connected_proxies: Gauge,
     /// Snapshots sent to proxies.
@@ -78,6 +81,12 @@ impl Metrics {
             "policy_refused",
             "1 while the policy files on disk are refused and an older snapshot (or none) is in force",
             policy_refused.clone(),
+        );
+        let unresolved_services = Gauge::default();
+        registry.register(
+            "backends_without_endpoints",
+            "Backends whose Kubernetes Service resolves to no ready endpoint (unknown Service, missing port, nothing ready); their requests get 503",
+            unresolved_services.clone(),
         );
         let connected_proxies = Gauge::default();
         registry.register(
@@ -140,6 +149,7 @@ impl Metrics {
             refused_changes,
             empty_refusals,
             policy_refused,
+            unresolved_services,
             connected_proxies,
             pushes,
             acks,

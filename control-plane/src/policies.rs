@@ -36,6 +36,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::kubernetes::services::{self, ServiceStatus, ServiceView};
 use crate::metrics::Metrics;
 use crate::snapshot::{first_version, Published};
 
@@ -45,6 +46,11 @@ pub const QUIET: Duration = Duration::from_millis(100);
 pub const MAX_DELAY: Duration = Duration::from_millis(500);
 /// How often the directory is compared with what was last loaded.
 pub const RESCAN: Duration = Duration::from_secs(2);
+/// How long the Services and EndpointSlices must be quiet before the
+/// policy is resolved again: a rollout changes many slices at once.
+pub const SERVICES_QUIET: Duration = Duration::from_millis(50);
+/// The longest a Service change waits for quiet.
+pub const SERVICES_MAX_DELAY: Duration = Duration::from_millis(250);
 
 /// What a freshly loaded policy set means for what is published.
 #[derive(Debug)]
@@ -168,6 +174,10 @@ pub struct PolicyStatus {
     pub documents: Option<Documents>,
     /// The latest refused change, kept after a later valid one.
     pub last_refusal: Option<Refused>,
+    /// Each `Backend.service` of the set in force and what it resolved to
+    /// (with `--kubernetes`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceStatus>,
 }
 
 /// Document counts of a snapshot.
@@ -222,6 +232,21 @@ pub struct Publisher {
     allow_empty: bool,
     /// Policy files that held documents when the set in force was loaded.
     populated: Mutex<BTreeSet<PathBuf>>,
+    /// The Services and EndpointSlices, with `--kubernetes`.
+    services: std::sync::OnceLock<ServiceView>,
+    /// The set in force as loaded, before its service references were
+    /// resolved: what a change of the Services resolves again.
+    raw: Mutex<Option<PolicySet>>,
+}
+
+/// What a loaded set became once its service references were resolved.
+enum Resolved {
+    /// Resolved (or nothing to resolve).
+    Set(Box<PolicySet>, Vec<ServiceStatus>),
+    /// References, and the Services not listed yet.
+    NotYet,
+    /// References, and no cluster to resolve them in.
+    Refused(Vec<PolicyError>),
 }
 
 impl Publisher {
@@ -237,13 +262,62 @@ impl Publisher {
                 published_at: None,
                 documents: None,
                 last_refusal: None,
+                services: Vec::new(),
             }),
             path,
             sender,
             metrics,
             allow_empty,
             populated: Mutex::new(BTreeSet::new()),
+            services: std::sync::OnceLock::new(),
+            raw: Mutex::new(None),
         })
+    }
+
+    /// Resolves `Backend.service` references in `view` from now on; without
+    /// it a set with references is refused.
+    pub fn resolve_services_in(&self, view: ServiceView) {
+        let _ = self.services.set(view);
+    }
+
+    /// `raw` with its service references resolved.
+    fn resolve(&self, raw: &PolicySet) -> Resolved {
+        if !services::has_references(raw) {
+            return Resolved::Set(Box::new(raw.clone()), Vec::new());
+        }
+        match self.services.get() {
+            Some(view) if view.ready() => {
+                let (set, statuses) = view.resolve_set(raw);
+                Resolved::Set(Box::new(set), statuses)
+            }
+            Some(_) => Resolved::NotYet,
+            None => Resolved::Refused(
+                raw.backends
+                    .iter()
+                    .filter_map(|b| b.spec.service.as_ref().map(|s| (b, s)))
+                    .map(|(backend, service)| PolicyError {
+                        file: self.path.clone(),
+                        line: 0,
+                        column: 0,
+                        message: format!(
+                            "Backend `{}` names the Kubernetes Service `{}`: only a control plane \
+                             started with --kubernetes can resolve it into endpoints; start it \
+                             with --kubernetes, or list the backend's `endpoints`",
+                            backend.metadata.name, service.name
+                        ),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Resolves the set in force again, after the Services or
+    /// EndpointSlices changed, and publishes it when that changed it.
+    pub fn services_changed(&self) {
+        let raw = self.raw.lock().clone();
+        if let Some(raw) = raw {
+            self.offer_inner(Ok(raw), None, true);
+        }
     }
 
     /// A receiver of the current snapshot.
@@ -297,6 +371,33 @@ impl Publisher {
         loaded: Result<PolicySet, Vec<PolicyError>>,
         files: Option<Vec<(PathBuf, bool)>>,
     ) {
+        self.offer_inner(loaded, files, false);
+    }
+
+    /// Resolves a loaded set and acts on the result; `again` when it is the
+    /// set in force resolved again after a Service change (the state of the
+    /// files, a refusal in particular, stays as it is).
+    fn offer_inner(
+        &self,
+        loaded: Result<PolicySet, Vec<PolicyError>>,
+        files: Option<Vec<(PathBuf, bool)>>,
+        again: bool,
+    ) {
+        let (loaded, raw, statuses) = match loaded {
+            Ok(raw) => match self.resolve(&raw) {
+                Resolved::Set(set, statuses) => (Ok(*set), Some(raw), statuses),
+                Resolved::NotYet => {
+                    tracing::info!(
+                        "the policy names Kubernetes Services; publishing once the Services and \
+                         EndpointSlices are listed"
+                    );
+                    *self.raw.lock() = Some(raw);
+                    return;
+                }
+                Resolved::Refused(errors) => (Err(errors), None, Vec::new()),
+            },
+            Err(errors) => (Err(errors), None, Vec::new()),
+        };
         let current = self.sender.borrow().clone();
         let mut status = self.status.lock();
         let mut populated = self.populated.lock();
@@ -331,6 +432,8 @@ impl Publisher {
                 if let Some(files) = accepted() {
                     *populated = files;
                 }
+                *self.raw.lock() = raw;
+                self.note_services(&mut status, statuses);
                 let version = current.as_ref().map_or_else(
                     || first_version(SystemTime::now()),
                     |p| p.version.saturating_add(1),
@@ -350,19 +453,26 @@ impl Publisher {
                     mesh_config = documents.mesh_config,
                     "published a policy snapshot"
                 );
-                status.state = "serving";
+                if !again || status.state == "waiting" {
+                    status.state = "serving";
+                    self.metrics.policy_refused.set(0);
+                }
                 status.version = Some(version);
                 status.published_at = Some(rfc3339(published.at));
                 status.documents = Some(documents);
                 self.metrics.snapshot_version.set(gauge(version));
                 self.metrics.publishes.inc();
-                self.metrics.policy_refused.set(0);
                 self.sender.send_replace(Some(published));
             }
+            // The same endpoints; a reason may still have changed (a
+            // Service gone where its port was missing before).
+            Decision::Unchanged if again => self.note_services(&mut status, statuses),
             Decision::Unchanged => {
                 if let Some(files) = accepted() {
                     *populated = files;
                 }
+                *self.raw.lock() = raw;
+                self.note_services(&mut status, statuses);
                 if status.state != "serving" {
                     tracing::info!(
                         version = status.version,
@@ -414,6 +524,39 @@ impl Publisher {
             }
             Decision::StillRefused => {}
         }
+    }
+
+    /// Records how the service references resolved, and logs the ones
+    /// whose resolution changed.
+    fn note_services(&self, status: &mut PolicyStatus, statuses: Vec<ServiceStatus>) {
+        for now in &statuses {
+            let before = status
+                .services
+                .iter()
+                .find(|s| s.backend == now.backend && s.backend_namespace == now.backend_namespace);
+            if before.map(|b| (&b.endpoints, &b.problem)) == Some((&now.endpoints, &now.problem)) {
+                continue;
+            }
+            match &now.problem {
+                Some(problem) => tracing::warn!(
+                    backend = %now.backend,
+                    service = %now.service,
+                    "{problem}; the backend has no endpoint and its requests get 503"
+                ),
+                None => tracing::info!(
+                    backend = %now.backend,
+                    service = %now.service,
+                    endpoints = ?now.endpoints,
+                    addresses = ?now.addresses,
+                    "resolved the backend's Service"
+                ),
+            }
+        }
+        let empty = statuses.iter().filter(|s| s.endpoints.is_empty()).count();
+        self.metrics
+            .unresolved_services
+            .set(i64::try_from(empty).unwrap_or(i64::MAX));
+        status.services = statuses;
     }
 
     /// Records a refusal in the status and the metrics.
@@ -512,6 +655,37 @@ pub async fn watch(publisher: Arc<Publisher>, mut shutdown: watch::Receiver<bool
                 if watcher.is_none() {
                     watcher = arm(&dir, &events_tx);
                 }
+            }
+        }
+    }
+}
+
+/// Resolves the policy in force again after each change of the Services
+/// and EndpointSlices, until `shutdown`. Changes are debounced: resolved
+/// once they have been quiet for [`SERVICES_QUIET`], at the latest
+/// [`SERVICES_MAX_DELAY`] after the first.
+pub async fn follow_services(
+    publisher: Arc<Publisher>,
+    mut changes: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let first = Instant::now();
+                loop {
+                    let deadline = (Instant::now() + SERVICES_QUIET).min(first + SERVICES_MAX_DELAY);
+                    tokio::select! {
+                        Ok(()) = changes.changed() => {}
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                changes.borrow_and_update();
+                publisher.services_changed();
             }
         }
     }
@@ -927,5 +1101,94 @@ mod tests {
         let status = publisher.status();
         assert_eq!(status.state, "serving");
         assert!(status.last_refusal.is_some(), "kept for the record");
+    }
+
+    const SERVICE_BACKEND: &str = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {name: chat, namespace: ml}\nspec: {service: {name: chat, port: http}, addresses: [\"10.1.0.1:80\"]}\n---\napiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r}\nspec: {backends: [{backend: chat}]}\n";
+
+    fn chat_service() -> k8s_openapi::api::core::v1::Service {
+        crate::kubernetes::services::tests::service(
+            serde_json::json!([{"name": "http", "port": 80, "targetPort": 8000}]),
+            &["10.96.0.10"],
+        )
+    }
+
+    fn chat_slice(ips: &[&str]) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+        let endpoints: Vec<serde_json::Value> = ips
+            .iter()
+            .map(|ip| serde_json::json!({"addresses": [ip]}))
+            .collect();
+        crate::kubernetes::services::tests::slice(
+            "chat-1",
+            "IPv4",
+            serde_json::json!([{"name": "http", "port": 8000}]),
+            serde_json::json!(endpoints),
+        )
+    }
+
+    #[test]
+    fn without_a_cluster_a_service_reference_is_refused() {
+        let publisher = Publisher::new(PathBuf::from("p"), Arc::new(Metrics::new()), false);
+        publisher.offer(Ok(set(SERVICE_BACKEND)));
+        let status = publisher.status();
+        assert_eq!(status.state, "waiting");
+        let refusal = status.last_refusal.unwrap();
+        assert_eq!(refusal.reason, "invalid");
+        assert!(
+            refusal.errors[0].message.contains("--kubernetes"),
+            "{refusal:?}"
+        );
+        assert!(!publisher.ready());
+    }
+
+    #[test]
+    fn service_references_are_published_resolved_and_follow_the_slices() {
+        use kube::runtime::watcher::Event;
+        let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(PathBuf::from("p"), metrics.clone(), false);
+        let (view, _, mut slices) = ServiceView::fixed(
+            vec![chat_service()],
+            vec![chat_slice(&["10.0.0.2", "10.0.0.1"])],
+        );
+        publisher.resolve_services_in(view);
+        let current = publisher.subscribe();
+        publisher.offer(Ok(set(SERVICE_BACKEND)));
+        let first = current.borrow().clone().unwrap();
+        let backend = &first.set.backends[0].spec;
+        assert_eq!(backend.endpoints, ["10.0.0.1:8000", "10.0.0.2:8000"]);
+        assert_eq!(backend.addresses, ["10.1.0.1:80", "10.96.0.10:80"]);
+        assert_eq!(
+            backend.service, None,
+            "proxies get endpoints, not the reference"
+        );
+        let status = publisher.status();
+        assert_eq!(status.services[0].service, "ml/chat");
+        assert_eq!(metrics.unresolved_services.get(), 0);
+
+        // Nothing changed: no new version.
+        publisher.services_changed();
+        assert_eq!(
+            current.borrow().as_ref().map(|p| p.version),
+            Some(first.version)
+        );
+
+        // The files go bad: refused; the slices still move the endpoints,
+        // and the state still says the files are refused.
+        publisher.offer(Err(errors(INVALID)));
+        slices.apply_watcher_event(&Event::Apply(chat_slice(&["10.0.0.3"])));
+        publisher.services_changed();
+        let second = current.borrow().clone().unwrap();
+        assert_eq!(second.version, first.version + 1);
+        assert_eq!(second.set.backends[0].spec.endpoints, ["10.0.0.3:8000"]);
+        assert_eq!(publisher.status().state, "refused");
+        assert_eq!(metrics.policy_refused.get(), 1);
+
+        // No endpoint left: published empty, counted, said why.
+        slices.apply_watcher_event(&Event::Apply(chat_slice(&[])));
+        publisher.services_changed();
+        let third = current.borrow().clone().unwrap();
+        assert!(third.set.backends[0].spec.endpoints.is_empty());
+        assert_eq!(metrics.unresolved_services.get(), 1);
+        let problem = publisher.status().services[0].problem.clone().unwrap();
+        assert!(problem.contains("no ready endpoint"), "{problem}");
     }
 }

@@ -286,12 +286,25 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     }
 
     let (stop_tx, stopped) = watch::channel(false);
-    let watcher = match (&settings.policies, &kube, &settings.kubernetes) {
-        (None, Some(client), Some(kubernetes)) => tokio::spawn(crate::kubernetes::policies::run(
-            client.clone(),
+    if let Some(client) = &kube {
+        let view = crate::kubernetes::services::ServiceView::watch(client.clone());
+        let changes = view.changes();
+        publisher.resolve_services_in(view);
+        tokio::spawn(policies::follow_services(
             publisher.clone(),
-            kubernetes.root_namespace.clone(),
-        )),
+            changes,
+            stopped.clone(),
+        ));
+    }
+    let watcher = match (&settings.policies, &kube, &settings.kubernetes) {
+        (None, Some(client), Some(kubernetes)) => {
+            let publisher = publisher.clone();
+            tokio::spawn(crate::kubernetes::policies::run(
+                client.clone(),
+                move |set| publisher.offer(set),
+                kubernetes.root_namespace.clone(),
+            ))
+        }
         _ => tokio::spawn(policies::watch(publisher.clone(), stopped.clone())),
     };
     let mut discovery = Discovery::new(

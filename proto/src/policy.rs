@@ -31,7 +31,7 @@ pub use authorization::{
 pub use backend::{
     BackendLimits, BackendMtls, BackendSpec, BalancerKind, FailureRate, MetricNames, ModelAware,
     OutlierDetection, PrefixHashing, ResolvedNames, ScoreWeights, ServerKind, ServerMetrics,
-    UpstreamProtocol,
+    ServicePort, ServiceRef, UpstreamProtocol,
 };
 pub use destination::{DestinationError, DestinationPattern};
 pub use load::{load_path, load_str, Location, PolicyError};

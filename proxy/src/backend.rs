@@ -699,6 +699,7 @@ mod tests {
     fn spec(endpoints: &[&str]) -> BackendSpec {
         BackendSpec {
             endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+            service: None,
             addresses: Vec::new(),
             protocol: UpstreamProtocol::Http1,
             balancer: BalancerKind::RoundRobin,

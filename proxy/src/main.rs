@@ -252,6 +252,24 @@ fn main() -> ExitCode {
 
     let policy = match &args.config {
         Some(path) => match policy::load_path(path) {
+            Ok(policy) if policy.backends.iter().any(|b| b.spec.service.is_some()) => {
+                // Only the control plane reads the cluster; a proxy that
+                // took the file would serve the backend with no endpoint.
+                for backend in policy.backends.iter().filter(|b| b.spec.service.is_some()) {
+                    eprintln!(
+                        "{}: Backend `{}` names a Kubernetes Service, which only \
+                         `infermesh-control serve --kubernetes` resolves: follow it with \
+                         --control-plane, or list the backend's `endpoints`",
+                        path.display(),
+                        backend.metadata.name
+                    );
+                }
+                eprintln!(
+                    "infermesh-proxy: refusing to start: Service references in {}",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
             Ok(policy) => Some(scope_local(policy, &args.node().workload)),
             Err(errors) => {
                 for error in &errors {

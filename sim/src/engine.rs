@@ -543,6 +543,33 @@ mod tests {
     }
 
     #[test]
+    fn an_aborted_request_gives_its_blocks_and_its_seat_back() {
+        let p = Profile {
+            max_num_seqs: 1,
+            kv_blocks: 100,
+            ..Profile::default()
+        };
+        let mut e = Engine::new(p);
+        let mut ev = Vec::new();
+        e.submit(0, req(0, 100, 500), 0, &mut ev).unwrap();
+        e.submit(1, req(1, 100, 5), 0, &mut ev).unwrap();
+        e.submit(2, req(2, 100, 5), 0, &mut ev).unwrap();
+        e.abort(2, 0, &mut ev); // gone while waiting
+        e.advance(1000 * MS, &mut ev);
+        assert_eq!((e.running(), e.waiting()), (1, 1));
+        e.abort(0, 1000 * MS, &mut ev); // gone while decoding
+        assert_eq!(scheduled(&ev, 1), 1000 * MS);
+        ev.extend(drain(&mut e));
+        assert!(!ev
+            .iter()
+            .any(|x| matches!(x, Event::Token { id: 0, at, .. } if *at > 1000 * MS)));
+        assert!(!ev
+            .iter()
+            .any(|x| matches!(x, Event::Scheduled { id: 2, .. })));
+        assert_eq!((e.running(), e.waiting(), e.kv_usage()), (0, 0, 0.0));
+    }
+
+    #[test]
     fn loading_an_adapter_costs_its_load_time_and_max_loras_is_respected() {
         let p = Profile {
             max_loras: 1,

@@ -43,6 +43,8 @@ pub struct Config {
     pub default_output_tokens: usize,
     /// Adds `endpoint-load-metrics` (ORCA text form) to every response.
     pub load_report: bool,
+    /// Output tokens per SSE event after the first (vLLM's `--stream-interval`).
+    pub stream_interval: usize,
 }
 
 /// What the scheduler tells one request's handler.
@@ -553,6 +555,7 @@ async fn generate(inputs: &Arc<Inputs>, req: Request<Incoming>, kind: Kind) -> R
     let model = p.model.clone();
     let (include_usage, continuous) = (p.include_usage, p.continuous_usage);
     let total = p.output_tokens;
+    let interval = inputs.config.stream_interval.max(1);
     tokio::spawn(async move {
         let object = if kind == Kind::Chat {
             "chat.completion.chunk"
@@ -561,6 +564,7 @@ async fn generate(inputs: &Arc<Inputs>, req: Request<Incoming>, kind: Kind) -> R
         };
         let mut cached = 0;
         let mut produced = 0;
+        let mut pending = 0;
         while let Some(u) = updates.recv().await {
             let count = match u {
                 Update::Scheduled { cached_tokens } => {
@@ -570,16 +574,21 @@ async fn generate(inputs: &Arc<Inputs>, req: Request<Incoming>, kind: Kind) -> R
                 Update::Tokens { count } => count,
                 Update::Finished => break,
             };
-            // Tokens that came while the client was behind go out together.
-            let mut count = count;
+            // Tokens that came while the client was behind go out together,
+            // and after the first, tokens go out `stream_interval` at a time.
+            pending += count;
             let mut finished = false;
             while let Ok(u) = updates.try_recv() {
                 match u {
-                    Update::Tokens { count: more } => count += more,
+                    Update::Tokens { count: more } => pending += more,
                     Update::Finished => finished = true,
                     Update::Scheduled { .. } => {}
                 }
             }
+            if produced > 0 && pending < interval && produced + pending < total && !finished {
+                continue;
+            }
+            let count = std::mem::take(&mut pending);
             let words: Vec<&str> = (produced..produced + count).map(output_word).collect();
             let text = format!("{} ", words.join(" "));
             let first = produced == 0;
@@ -650,6 +659,7 @@ mod tests {
             time_scale: 1.0,
             default_output_tokens: 16,
             load_report: false,
+            stream_interval: 1,
         }
     }
 

@@ -524,12 +524,15 @@ impl PodProcess {
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { break };
+                    // Kept before the ready signal, so that the waiter finds it.
+                    {
+                        let mut output = output.lock().unwrap();
+                        output.push_str(&line);
+                        output.push('\n');
+                    }
                     if ready.as_deref().is_some_and(|r| line.contains(r)) {
                         let _ = tx.send(());
                     }
-                    let mut output = output.lock().unwrap();
-                    output.push_str(&line);
-                    output.push('\n');
                 }
             });
         }

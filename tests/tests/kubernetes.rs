@@ -287,11 +287,11 @@ fn an_injected_pod_is_identified_by_its_token_scoped_by_its_labels_and_follows_e
         .args(["--admin", "127.0.0.1:0", "--webhook-listen", "127.0.0.1:0"])
         .env("INFERMESH_LOG", "info");
     let control = PodProcess::spawn("infermesh-control", command, Some("listening grpc="));
-    let line = control
-        .output()
+    let output = control.output();
+    let line = output
         .lines()
         .find(|l| l.contains("listening grpc="))
-        .expect("the listening line")
+        .unwrap_or_else(|| panic!("no listening line from the control plane:\n{output}"))
         .to_string();
     let (grpc, admin) = parse_listening(&line).expect("the listening line's addresses");
     let control_url = format!("https://{grpc}");
@@ -476,6 +476,54 @@ fn an_injected_pod_is_identified_by_its_token_scoped_by_its_labels_and_follows_e
         },
     );
     assert_eq!(chat(&app, "chat-model"), (200, "model-b".to_string()));
+
+    // Watches cut while the history is compacted: the control plane
+    // re-lists (410 Gone) and sees the fix made in the gap.
+    let lists_before = api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.starts_with("GET /apis/infermesh.io/v1alpha1/modelroutes?") && !r.contains("watch=")
+        })
+        .count();
+    api.refuse_watches(true);
+    api.drop_watches();
+    api.apply(json!({
+        "apiVersion": "infermesh.io/v1alpha1", "kind": "ModelRoute",
+        "metadata": {"name": "gold-only", "namespace": "apps"},
+        "spec": {
+            "match": [{"model": {"exact": "gold"}}],
+            "backends": [{"backend": "chat"}],
+            "faults": {"abort": {"status": 418, "percent": 100}},
+        },
+    }));
+    api.compact();
+    api.refuse_watches(false);
+    until(
+        "the fix made during the gap is in force",
+        Duration::from_secs(20),
+        || chat(&app, "gold").0 == 418,
+    );
+    let lists_after = api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.starts_with("GET /apis/infermesh.io/v1alpha1/modelroutes?") && !r.contains("watch=")
+        })
+        .count();
+    assert!(lists_after > lists_before, "the route watch re-listed");
+    let route = api
+        .get(
+            "infermesh.io/v1alpha1",
+            "ModelRoute",
+            Some("apps"),
+            "gold-only",
+        )
+        .expect("the route");
+    assert_eq!(
+        route["status"]["conditions"][0]["status"], "True",
+        "{route}"
+    );
     drop(proxy);
     drop(control);
 }

@@ -365,8 +365,22 @@ async fn bad_requests_get_an_openai_shaped_error_with_the_reason() {
 #[test]
 fn the_load_generator_measures_a_shared_prefix_run_over_two_servers() {
     let servers = [
-        SimServer::start(&["--name", "s1", "--time-scale", "10"]),
-        SimServer::start(&["--name", "s2", "--time-scale", "10"]),
+        SimServer::start(&[
+            "--name",
+            "s1",
+            "--time-scale",
+            "10",
+            "--stream-interval",
+            "4",
+        ]),
+        SimServer::start(&[
+            "--name",
+            "s2",
+            "--time-scale",
+            "10",
+            "--stream-interval",
+            "4",
+        ]),
     ];
     let mut command = Command::new(sim_load_binary());
     for s in &servers {
@@ -416,7 +430,8 @@ fn the_load_generator_measures_a_shared_prefix_run_over_two_servers() {
     let hit = v["prefix_cache_hit_rate"].as_f64().unwrap();
     assert!(hit > 0.6, "{v}");
     // Times are simulated: a warm prefill is ~35 ms, a cold one 230 ms;
-    // decode gaps are about 12 ms.
+    // decode gaps are about 12 ms (events carry 4 tokens each, and the load
+    // generator divides their gaps by the tokens in them).
     let p50 = v["ttft_s"]["p50"].as_f64().unwrap();
     assert!(p50 > 0.02 && p50 < 0.2, "{v}");
     let itl = v["itl_s"]["p50"].as_f64().unwrap();

@@ -21,6 +21,7 @@
 pub mod bundle;
 pub mod pods;
 pub mod policies;
+pub mod services;
 
 use std::path::PathBuf;
 

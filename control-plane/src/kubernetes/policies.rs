@@ -21,7 +21,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -31,8 +30,6 @@ use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::Api;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-
-use crate::policies::Publisher;
 
 /// How long the resources must be quiet before the set is compiled.
 pub const QUIET: Duration = Duration::from_millis(100);
@@ -305,9 +302,13 @@ enum Change {
     Deleted(&'static str, String, String),
 }
 
-/// Watches every policy kind and publishes through `publisher` until the
-/// runtime ends.
-pub async fn run(client: kube::Client, publisher: Arc<Publisher>, root_namespace: String) {
+/// Watches every policy kind and hands each compiled set to `offer` (the
+/// publisher's) until the runtime ends.
+pub async fn run(
+    client: kube::Client,
+    offer: impl Fn(Result<PolicySet, Vec<PolicyError>>) + Send + 'static,
+    root_namespace: String,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut kinds = Vec::new();
     for (kind, plural) in crate::crd::kinds() {
@@ -400,7 +401,7 @@ pub async fn run(client: kube::Client, publisher: Arc<Publisher>, root_namespace
         if compiled.set.is_ok() {
             previous = compiled.in_force;
         }
-        publisher.offer(compiled.set);
+        offer(compiled.set);
     }
 }
 

@@ -13,8 +13,16 @@ use super::duration;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendSpec {
     /// Endpoints as `host:port`; host names are resolved, and re-resolved
-    /// every `dnsRefresh`.
+    /// every `dnsRefresh`. Leave it out when `service` gives them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
+    /// A Kubernetes Service whose ready endpoints (from its EndpointSlices)
+    /// are this backend's endpoints, and whose cluster IPs, with the port,
+    /// join `addresses`. Resolved by the control plane (`serve
+    /// --kubernetes`), which sends proxies the endpoints it found; a
+    /// Backend has `endpoints` or `service`, not both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
     /// Original destinations that stand for this backend on intercepted
     /// traffic: a Service's virtual IP and port, a set of pod IPs (see
     /// [`DestinationPattern`](super::DestinationPattern) for the forms). A
@@ -56,6 +64,71 @@ pub struct BackendSpec {
     /// a request fails at once with 503 `overloaded`. Unlimited when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<BackendLimits>,
+}
+
+/// A Kubernetes Service that a backend stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRef {
+    /// The Service's name.
+    pub name: String,
+    /// The Service's namespace; the Backend's own `metadata.namespace`
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// One of the Service's ports: its number (`port`), or its name as in
+    /// the Service's `ports[].name`. Endpoints take the port the
+    /// EndpointSlices give for it (the target port).
+    pub port: ServicePort,
+}
+
+/// A Service port, by number or by name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ServicePort {
+    /// The Service port's number (`ports[].port`).
+    Number(#[schemars(range(min = 1, max = 65535))] u16),
+    /// The Service port's name (`ports[].name`).
+    Name(String),
+}
+
+impl std::fmt::Display for ServicePort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Number(n) => write!(f, "{n}"),
+            Self::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+// Written by hand so that a wrong value says what a port is, where an
+// untagged derive would say "did not match any variant".
+impl<'de> Deserialize<'de> for ServicePort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Port;
+        impl serde::de::Visitor<'_> for Port {
+            type Value = ServicePort;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a port number (1-65535) or a port name")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<ServicePort, E> {
+                match u16::try_from(n) {
+                    Ok(n) if n > 0 => Ok(ServicePort::Number(n)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Unsigned(n), &self)),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<ServicePort, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(n), &self)),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ServicePort, E> {
+                Ok(ServicePort::Name(s.to_owned()))
+            }
+        }
+        d.deserialize_any(Port)
+    }
 }
 
 /// When an endpoint is ejected, for how long, and how many may be.

@@ -1106,7 +1106,7 @@ spec:
         let text = format!("{BACKEND}  colour: blue\n");
         assert_eq!(
             errors(&text),
-            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `addresses`, `protocol`, `balancer`, `modelAware`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`"]
+            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `service`, `addresses`, `protocol`, `balancer`, `modelAware`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`"]
         );
     }
 
@@ -1121,7 +1121,7 @@ spec:
                 "p.yaml:7:13: unknown `protocol` value `http3`, did you mean `http1`?",
                 "p.yaml:8:13: unknown `balancer` value `round_robin`, did you mean `round-robin`?",
                 "p.yaml:9:19: `connectTimeout`: invalid duration \"5 parsecs\": unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)",
-                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `addresses`, `protocol`, `balancer`, `modelAware`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`",
+                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `service`, `addresses`, `protocol`, `balancer`, `modelAware`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`",
             ]
         );
     }

@@ -102,7 +102,10 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    if !(rate > 0.0) || !(a.time_scale > 0.0) || !(a.duration > 0.0) {
+    if [rate, a.time_scale, a.duration]
+        .iter()
+        .any(|v| v.is_nan() || *v <= 0.0)
+    {
         eprintln!(
             "infermesh-sim-load: --rate/--load, --time-scale and --duration must be positive"
         );

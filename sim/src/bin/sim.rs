@@ -60,6 +60,10 @@ struct Args {
     /// Adds `endpoint-load-metrics` (ORCA text) to every response.
     #[arg(long)]
     load_report: bool,
+    /// Output tokens per SSE event after the first (as vLLM's option): fewer
+    /// events for a benchmark at a high time scale.
+    #[arg(long, default_value_t = 1)]
+    stream_interval: usize,
 }
 
 fn ns(ms: f64) -> u64 {
@@ -73,7 +77,12 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
-    if !(a.time_scale > 0.0) || a.max_num_seqs == 0 || a.kv_blocks == 0 || a.block_size == 0 {
+    if a.time_scale.is_nan()
+        || a.time_scale <= 0.0
+        || a.max_num_seqs == 0
+        || a.kv_blocks == 0
+        || a.block_size == 0
+    {
         eprintln!("infermesh-sim: --time-scale, --max-num-seqs, --kv-blocks and --block-size must be positive");
         std::process::exit(2);
     }
@@ -95,6 +104,7 @@ async fn main() {
         time_scale: a.time_scale,
         default_output_tokens: a.output_tokens,
         load_report: a.load_report,
+        stream_interval: a.stream_interval,
     };
     let server = match Server::bind(a.addr, config).await {
         Ok(s) => s,

@@ -1,10 +1,11 @@
-//! `Backend` checks: endpoints, outlier detection and limits.
+//! `Backend` checks: endpoints or a service, outlier detection and limits.
 
-use super::format::endpoint_problem;
+use super::format::{endpoint_problem, namespace_problem};
 use super::path::{find, P};
 use crate::policy::load::{PolicyError, Typed};
 use crate::policy::{
     BackendLimits, BackendSpec, BalancerKind, DestinationPattern, ModelAware, OutlierDetection,
+    ServicePort, ServiceRef,
 };
 use P::{I, K};
 
@@ -19,13 +20,36 @@ const MAX_CONSECUTIVE_FAILURES: u32 = 1000;
 
 pub(super) fn backend_spec(backend: &Typed<BackendSpec>, errors: &mut Vec<PolicyError>) {
     let (file, tree, spec) = (&backend.file, &backend.tree, &backend.resource.spec);
-    if spec.endpoints.is_empty() && !backend.repaired {
-        let name = &backend.resource.metadata.name;
-        errors.push(PolicyError::new(
-            file,
-            find(tree, &[K("spec"), K("endpoints")]).at,
-            format!("Backend `{name}` has no endpoints: list at least one `host:port`"),
-        ));
+    let name = &backend.resource.metadata.name;
+    match &spec.service {
+        None if spec.endpoints.is_empty() && !backend.repaired => {
+            errors.push(PolicyError::new(
+                file,
+                find(tree, &[K("spec"), K("endpoints")]).at,
+                format!(
+                    "Backend `{name}` has no endpoints: list at least one `host:port`, \
+                     or name a Kubernetes `service`"
+                ),
+            ));
+        }
+        None => {}
+        Some(service) => {
+            if !spec.endpoints.is_empty() {
+                errors.push(PolicyError::new(
+                    file,
+                    find(tree, &[K("spec"), K("service")]).at,
+                    format!(
+                        "Backend `{name}` has both `endpoints` and `service`: the service's \
+                         EndpointSlices give the endpoints; keep one of them"
+                    ),
+                ));
+            }
+            let namespace = backend.resource.metadata.namespace.as_deref();
+            for (key, problem) in service_problems(service, namespace) {
+                let at = find(tree, &[K("spec"), K("service"), K(key)]).at;
+                errors.push(PolicyError::new(file, at, problem));
+            }
+        }
     }
     for (i, endpoint) in spec.endpoints.iter().enumerate() {
         if let Some(problem) = endpoint_problem(endpoint) {
@@ -86,6 +110,86 @@ pub(super) fn backend_spec(backend: &Typed<BackendSpec>, errors: &mut Vec<Policy
             .collect();
         errors.push(PolicyError::new(file, find(tree, &path).at, problem));
     }
+}
+
+/// What is wrong with a `service` reference, each problem with its key;
+/// `namespace` is the Backend's own, which an absent one defaults to.
+pub(super) fn service_problems(
+    service: &ServiceRef,
+    namespace: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if let Some(problem) = service_name_problem(&service.name) {
+        problems.push(("name", problem));
+    }
+    match (&service.namespace, namespace) {
+        (Some(ns), _) => {
+            if let Some(problem) = namespace_problem(ns) {
+                problems.push(("namespace", problem));
+            }
+        }
+        (None, Some(_)) => {}
+        (None, None) => problems.push((
+            "namespace",
+            format!(
+                "service `{}` needs a `namespace`: the Backend has no `metadata.namespace` to \
+                 default to",
+                service.name
+            ),
+        )),
+    }
+    if let ServicePort::Name(port) = &service.port {
+        if let Some(problem) = port_name_problem(port) {
+            problems.push(("port", problem));
+        }
+    }
+    problems
+}
+
+/// A Service name: a DNS-1035 label (lowercase letters, digits and `-`,
+/// starting with a letter, at most 63 characters).
+fn service_name_problem(name: &str) -> Option<String> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_lowercase()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.last() != Some(&b'-');
+    (!ok).then(|| {
+        format!(
+            "invalid Service name `{name}`: Service names are lowercase letters, digits and `-`, \
+             start with a letter, end with a letter or digit, at most 63 characters"
+        )
+    })
+}
+
+/// A Service port name (an IANA service name, as Kubernetes checks it):
+/// lowercase letters, digits and `-`, at least one letter, at most 15
+/// characters. A port written as digits in quotes is a number meant.
+fn port_name_problem(name: &str) -> Option<String> {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(format!(
+            "port `{name}` is a number written as text: write it without quotes"
+        ));
+    }
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 15
+        && bytes.iter().any(u8::is_ascii_lowercase)
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.first() != Some(&b'-')
+        && bytes.last() != Some(&b'-')
+        && !name.contains("--");
+    (!ok).then(|| {
+        format!(
+            "invalid port `{name}`: a Service port is its number (1-65535) or its name \
+             (lowercase letters, digits and `-`, at most 15 characters)"
+        )
+    })
 }
 
 /// What is wrong with an `outlierDetection`: bounds, and settings that

@@ -622,10 +622,9 @@ impl Backend {
         }
         let (interval, names) = (settings.interval, settings.names.clone());
         let weak: Weak<Self> = Arc::downgrade(self);
-        let client = hyper_util::client::legacy::Client::builder(
-            hyper_util::rt::TokioExecutor::new(),
-        )
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
         tokio::spawn(async move {
             let poll = async move {
                 let mut ticks = tokio::time::interval(interval);
@@ -636,9 +635,9 @@ impl Backend {
                         return;
                     };
                     let endpoints = backend.endpoints();
-                    let scrapes = endpoints.iter().map(|endpoint| {
-                        scrape(&client, endpoint.addr(), &path, interval, &names)
-                    });
+                    let scrapes = endpoints
+                        .iter()
+                        .map(|endpoint| scrape(&client, endpoint.addr(), &path, interval, &names));
                     let results = futures_util::future::join_all(scrapes).await;
                     for (endpoint, result) in endpoints.iter().zip(results) {
                         match result {
@@ -744,7 +743,10 @@ mod tests {
         backend.record(&first, true);
         assert!(eps[0].is_ejected());
         for _ in 0..10 {
-            assert_eq!(port(&backend.pick_for_request(&[], &Hint::default()).unwrap()), 2);
+            assert_eq!(
+                port(&backend.pick_for_request(&[], &Hint::default()).unwrap()),
+                2
+            );
             assert_eq!(backend.pick().unwrap().addr().port(), 2);
         }
         // The other endpoint fails too, but 50% of two is one.
@@ -795,7 +797,10 @@ mod tests {
         let a = backend.pick_for_request(&[], &Hint::default()).unwrap();
         let b = backend.pick_for_request(&[], &Hint::default()).unwrap();
         assert!(a.probe && b.probe && port(&a) != port(&b));
-        assert!(backend.pick_for_request(&[], &Hint::default()).is_none(), "both probing");
+        assert!(
+            backend.pick_for_request(&[], &Hint::default()).is_none(),
+            "both probing"
+        );
         backend.probe_abandoned(&a);
         let again = backend.pick_for_request(&[], &Hint::default()).unwrap();
         assert_eq!((port(&again), again.probe), (port(&a), true));
@@ -919,7 +924,10 @@ async fn scrape(
         .body(http_body_util::Empty::new())
         .map_err(ScrapeError::Uri)?;
     let read = async {
-        let response = client.request(request).await.map_err(ScrapeError::Request)?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(ScrapeError::Request)?;
         if !response.status().is_success() {
             return Err(ScrapeError::Status(response.status()));
         }

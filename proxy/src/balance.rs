@@ -453,7 +453,11 @@ impl ModelAwareState {
     fn ring_for(&self, endpoints: &[Arc<Endpoint>]) -> Arc<Ring> {
         if let Some(ring) = self.ring.load_full() {
             let same = ring.addrs().len() == endpoints.len()
-                && ring.addrs().iter().zip(endpoints).all(|(a, e)| *a == e.addr());
+                && ring
+                    .addrs()
+                    .iter()
+                    .zip(endpoints)
+                    .all(|(a, e)| *a == e.addr());
             if same {
                 return ring;
             }
@@ -662,7 +666,9 @@ impl Balancer {
 
     fn pick_at(&self, endpoints: &[Arc<Endpoint>], now: Instant) -> Option<Arc<Endpoint>> {
         if self.model_aware.is_some() {
-            return self.pick_hinted(endpoints, &Hint::default()).map(|(e, _)| e);
+            return self
+                .pick_hinted(endpoints, &Hint::default())
+                .map(|(e, _)| e);
         }
         let index = match (self.kind, endpoints.len()) {
             (_, 0) => return None,

@@ -525,6 +525,34 @@ impl Route {
     }
 }
 
+/// The granule and count of prompt hashes the model-aware backends of
+/// `backends` need: the greatest common divisor of their block sizes, so
+/// every block boundary is recorded, as far as the longest prefix any of
+/// them hashes.
+fn prompt_hashing(
+    backends: &[infermesh_proto::policy::Resource<infermesh_proto::policy::BackendSpec>],
+) -> Option<(usize, usize)> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let prefixes = backends
+        .iter()
+        .filter(|b| b.spec.balancer == infermesh_proto::policy::BalancerKind::ModelAware)
+        .map(|b| b.spec.model_aware.clone().unwrap_or_default().prefix);
+    let mut granule = 0;
+    let mut longest = 0;
+    for prefix in prefixes {
+        let block = prefix.block_size as usize;
+        granule = gcd(granule, block);
+        longest = longest.max(block * prefix.blocks as usize);
+    }
+    (granule > 0).then(|| (granule, longest.div_ceil(granule)))
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -776,32 +804,4 @@ mod tests {
             .route(ListenerKind::Inbound, &input(Some("10.96.0.10:8000"), None))
             .is_none());
     }
-}
-
-/// The granule and count of prompt hashes the model-aware backends of
-/// `backends` need: the greatest common divisor of their block sizes, so
-/// every block boundary is recorded, as far as the longest prefix any of
-/// them hashes.
-fn prompt_hashing(
-    backends: &[infermesh_proto::policy::Resource<infermesh_proto::policy::BackendSpec>],
-) -> Option<(usize, usize)> {
-    fn gcd(a: usize, b: usize) -> usize {
-        if b == 0 {
-            a
-        } else {
-            gcd(b, a % b)
-        }
-    }
-    let prefixes = backends
-        .iter()
-        .filter(|b| b.spec.balancer == infermesh_proto::policy::BalancerKind::ModelAware)
-        .map(|b| b.spec.model_aware.clone().unwrap_or_default().prefix);
-    let mut granule = 0;
-    let mut longest = 0;
-    for prefix in prefixes {
-        let block = prefix.block_size as usize;
-        granule = gcd(granule, block);
-        longest = longest.max(block * prefix.blocks as usize);
-    }
-    (granule > 0).then(|| (granule, longest.div_ceil(granule)))
 }

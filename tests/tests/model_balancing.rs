@@ -167,7 +167,8 @@ async fn the_same_prefix_from_three_proxies_reaches_the_same_endpoint() {
     for tenant in 0..12 {
         for (p, proxy) in proxies.iter().enumerate() {
             for q in 0..3 {
-                let upstream = send(&client, proxy, &chat(tenant, &format!("question {p}-{q}?"))).await;
+                let upstream =
+                    send(&client, proxy, &chat(tenant, &format!("question {p}-{q}?"))).await;
                 owners.entry(tenant).or_default().insert(upstream);
             }
         }
@@ -187,7 +188,10 @@ async fn the_same_prefix_from_three_proxies_reaches_the_same_endpoint() {
     for proxy in &proxies {
         let m = Metrics::scrape(proxy).await;
         assert_eq!(
-            m.sum("infermesh_prefix_affinity_total", &[("backend", "fleet"), ("outcome", "hit")]),
+            m.sum(
+                "infermesh_prefix_affinity_total",
+                &[("backend", "fleet"), ("outcome", "hit")]
+            ),
             36.0,
             "{}",
             m.text
@@ -225,16 +229,24 @@ async fn a_hot_prefix_spills_to_the_next_endpoint_when_its_own_is_over_the_bound
     let mut counts: HashMap<String, usize> = HashMap::new();
     for reply in &replies {
         assert_eq!(reply.status, 200, "{}", reply.text());
-        *counts.entry(reply.upstream().unwrap().to_string()).or_default() += 1;
+        *counts
+            .entry(reply.upstream().unwrap().to_string())
+            .or_default() += 1;
     }
     let at_home = counts.get(&home).copied().unwrap_or(0);
-    assert!(counts.len() >= 2, "a hot prefix stayed on one server: {counts:?}");
+    assert!(
+        counts.len() >= 2,
+        "a hot prefix stayed on one server: {counts:?}"
+    );
     assert!(
         at_home >= 16,
         "its own server should keep at least its even share: {counts:?} (home {home})"
     );
     let m = Metrics::scrape(&proxy).await;
-    let spills = m.sum("infermesh_prefix_affinity_total", &[("backend", "fleet"), ("outcome", "spill")]);
+    let spills = m.sum(
+        "infermesh_prefix_affinity_total",
+        &[("backend", "fleet"), ("outcome", "spill")],
+    );
     assert!(spills >= 1.0, "{}", m.text);
     assert_eq!(
         spills as usize,
@@ -257,7 +269,12 @@ async fn an_endpoint_whose_metrics_cannot_be_read_is_still_used_by_load() {
         let (client, url) = (client.clone(), url.clone());
         async move {
             client
-                .post_json(&url, &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi {i}"}}]}}"#))
+                .post_json(
+                    &url,
+                    &format!(
+                        r#"{{"model":"m","messages":[{{"role":"user","content":"hi {i}"}}]}}"#
+                    ),
+                )
                 .await
         }
     })
@@ -276,7 +293,12 @@ async fn an_endpoint_whose_metrics_cannot_be_read_is_still_used_by_load() {
         let (client, url) = (client.clone(), url.clone());
         async move {
             client
-                .post_json(&url, &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hey {i}"}}]}}"#))
+                .post_json(
+                    &url,
+                    &format!(
+                        r#"{{"model":"m","messages":[{{"role":"user","content":"hey {i}"}}]}}"#
+                    ),
+                )
                 .await
         }
     })
@@ -302,7 +324,10 @@ async fn a_server_reporting_a_long_queue_gets_less_traffic() {
         let (client, url) = (client.clone(), url.clone());
         async move {
             client
-                .post_json(&url, &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"q{i}"}}]}}"#))
+                .post_json(
+                    &url,
+                    &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"q{i}"}}]}}"#),
+                )
                 .await
         }
     })
@@ -317,7 +342,10 @@ async fn a_server_reporting_a_long_queue_gets_less_traffic() {
     let m = Metrics::scrape(&proxy).await;
     let queue = m.sum(
         "infermesh_endpoint_server_queue",
-        &[("backend", "fleet"), ("endpoint", &servers[0].addr.to_string())],
+        &[
+            ("backend", "fleet"),
+            ("endpoint", &servers[0].addr.to_string()),
+        ],
     );
     assert_eq!(queue, 30.0, "{}", m.text);
     // Once its queue drains, it gets its share back.
@@ -328,7 +356,10 @@ async fn a_server_reporting_a_long_queue_gets_less_traffic() {
         let (client, url) = (client.clone(), url.clone());
         async move {
             client
-                .post_json(&url, &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"r{i}"}}]}}"#))
+                .post_json(
+                    &url,
+                    &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"r{i}"}}]}}"#),
+                )
                 .await
         }
     })

@@ -435,7 +435,14 @@ pub enum ServerKind {
 
 impl ServerKind {
     /// Waiting, running, KV-cache usage and LoRA info metric names.
-    pub fn names(self) -> (&'static str, &'static str, &'static str, Option<&'static str>) {
+    pub fn names(
+        self,
+    ) -> (
+        &'static str,
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+    ) {
         match self {
             ServerKind::Vllm => (
                 "vllm:num_requests_waiting",

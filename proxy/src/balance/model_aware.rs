@@ -152,8 +152,8 @@ pub fn load(view: &View, weights: &ScoreWeights) -> f64 {
     match view.server {
         None => own,
         Some(server) => {
-            let counted = weights.queue * server.waiting.max(0.0)
-                + weights.running * server.running.max(0.0);
+            let counted =
+                weights.queue * server.waiting.max(0.0) + weights.running * server.running.max(0.0);
             own.max(counted) * (1.0 + weights.kv_cache * server.kv_cache.clamp(0.0, 1.0))
         }
     }
@@ -366,7 +366,12 @@ fn least_loaded(candidates: &[usize], views: &[View], weights: &ScoreWeights) ->
 /// falls below its share `score_b² / (score_a² + score_b²)`, where a score
 /// is the effective load times the TTFT estimate to the power `latency`
 /// (an endpoint not yet sampled takes its rival's estimate).
-pub fn p2c((a, va): (usize, &View), (b, vb): (usize, &View), weights: &ScoreWeights, draw: f64) -> usize {
+pub fn p2c(
+    (a, va): (usize, &View),
+    (b, vb): (usize, &View),
+    weights: &ScoreWeights,
+    draw: f64,
+) -> usize {
     let rtt_a = va.rtt.or(vb.rtt).unwrap_or(1.0);
     let rtt_b = vb.rtt.unwrap_or(rtt_a);
     let score = |v: &View, rtt: f64| effective(v, weights) * rtt.max(1.0).powf(weights.latency);
@@ -613,7 +618,11 @@ mod tests {
         assert_eq!(load(&v, &w), 12.0);
         // A full KV cache doubles it.
         assert_eq!(load(&reporting(0.0, 5.0, 1.0), &w), 10.0);
-        assert_eq!(load(&reporting(0.0, 5.0, 7.0), &w), 10.0, "usage is clamped");
+        assert_eq!(
+            load(&reporting(0.0, 5.0, 7.0), &w),
+            10.0,
+            "usage is clamped"
+        );
         assert_eq!(effective(&busy(3), &w), 4.0);
         let shedding = View {
             penalty: 16.0,
@@ -743,7 +752,10 @@ mod tests {
         assert_eq!(p2c((0, &slow), (1, &fast), &w, 0.99), 0);
         // Not yet sampled: the rival's estimate.
         let fresh = busy(1);
-        assert_eq!(p2c((0, &fresh), (1, &fast), &ScoreWeights::default(), 0.99), 0);
+        assert_eq!(
+            p2c((0, &fresh), (1, &fast), &ScoreWeights::default(), 0.99),
+            0
+        );
     }
 
     #[test]
@@ -798,7 +810,10 @@ vllm:num_requests_waiting_other 99
             })
         );
         // Nothing it knows: no load, no error.
-        assert_eq!(parse_metrics("<html>nope</html>\n", &names), Scraped::default());
+        assert_eq!(
+            parse_metrics("<html>nope</html>\n", &names),
+            Scraped::default()
+        );
         assert_eq!(parse_metrics("", &names).load(), None);
     }
 
@@ -834,7 +849,9 @@ vllm:num_requests_waiting_other 99
         assert_eq!(parse_orca("TEXT cpu_utilization=0.3"), None);
         assert_eq!(parse_orca("JSON {\"x\":1}"), None);
         assert_eq!(
-            parse_orca("TEXT named_metrics.num_requests_waiting=NaN, named_metrics.num_requests_running=2"),
+            parse_orca(
+                "TEXT named_metrics.num_requests_waiting=NaN, named_metrics.num_requests_running=2"
+            ),
             Some(ServerLoad {
                 waiting: 0.0,
                 running: 2.0,
@@ -851,8 +868,12 @@ vllm:num_requests_waiting_other 99
             adapters: Some((vec!["a".into()], t0)),
         };
         let stale = Duration::from_secs(3);
-        assert!(state.fresh_load(t0 + Duration::from_secs(2), stale).is_some());
-        assert!(state.fresh_load(t0 + Duration::from_secs(4), stale).is_none());
+        assert!(state
+            .fresh_load(t0 + Duration::from_secs(2), stale)
+            .is_some());
+        assert!(state
+            .fresh_load(t0 + Duration::from_secs(4), stale)
+            .is_none());
         assert!(state.has_adapter("a", t0 + Duration::from_secs(1), stale));
         assert!(!state.has_adapter("b", t0, stale));
         assert!(!state.has_adapter("a", t0 + Duration::from_secs(9), stale));

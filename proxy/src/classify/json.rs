@@ -115,7 +115,7 @@ impl PromptPrefix {
     /// `blocks` of them; `None` when not one whole block was read or the
     /// block size is not a multiple of the granule.
     pub fn key(&self, blocks: usize, block_size: usize) -> Option<u64> {
-        if self.granule == 0 || block_size % self.granule != 0 {
+        if self.granule == 0 || !block_size.is_multiple_of(self.granule) {
             return None;
         }
         let per_block = block_size / self.granule;
@@ -1600,7 +1600,8 @@ mod tests {
 
     #[test]
     fn a_completion_prompt_is_hashed_and_a_short_one_has_no_whole_block() {
-        let long = br#"{"model":"m","prompt":"0123456789abcdef0123456789abcdef-tail","stream":false}"#;
+        let long =
+            br#"{"model":"m","prompt":"0123456789abcdef0123456789abcdef-tail","stream":false}"#;
         let (p, _) = prompt_of(long, &[]);
         assert_eq!(p.as_ref().unwrap().chain.len(), 2);
         let short = br#"{"model":"m","prompt":"hi","stream":false}"#;

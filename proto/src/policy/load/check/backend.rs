@@ -293,7 +293,11 @@ pub(super) fn model_aware_problems(
     }
     let weights = &settings.weights;
     for (keys, name, value) in [
-        (&["weights", "queue"] as &'static [&'static str], "queue", weights.queue),
+        (
+            &["weights", "queue"] as &'static [&'static str],
+            "queue",
+            weights.queue,
+        ),
         (&["weights", "running"], "running", weights.running),
         (&["weights", "kvCache"], "kvCache", weights.kv_cache),
         (&["weights", "latency"], "latency", weights.latency),
@@ -361,14 +365,22 @@ pub(super) fn model_aware_problems(
     }
     let names = &metrics.names;
     for (keys, value) in [
-        (&["metrics", "names", "waiting"] as &'static [&'static str], &names.waiting),
+        (
+            &["metrics", "names", "waiting"] as &'static [&'static str],
+            &names.waiting,
+        ),
         (&["metrics", "names", "running"], &names.running),
         (&["metrics", "names", "kvCacheUsage"], &names.kv_cache_usage),
         (&["metrics", "names", "loraInfo"], &names.lora_info),
     ] {
         if let Some(name) = value {
-            let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+            let valid = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
             if !valid {
                 problems.push((
                     keys,

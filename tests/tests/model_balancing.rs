@@ -28,6 +28,8 @@ struct Fake {
     addr: SocketAddr,
     name: String,
     metrics: Arc<Mutex<Option<String>>>,
+    /// An `endpoint-load-metrics` header for every completion, when set.
+    orca: Arc<Mutex<Option<String>>>,
     completions: Arc<AtomicUsize>,
 }
 
@@ -40,7 +42,13 @@ impl Fake {
         let addr = listener.local_addr().expect("addr");
         let metrics = Arc::new(Mutex::new(Some(vllm_metrics(0, 0, 0.0))));
         let completions = Arc::new(AtomicUsize::new(0));
-        let (page, count, upstream) = (metrics.clone(), completions.clone(), name.to_string());
+        let orca = Arc::new(Mutex::new(None::<String>));
+        let (page, count, upstream, report) = (
+            metrics.clone(),
+            completions.clone(),
+            name.to_string(),
+            orca.clone(),
+        );
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -53,10 +61,12 @@ impl Fake {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (page, count, upstream) = (page.clone(), count.clone(), upstream.clone());
+                let (page, count, upstream, report) =
+                    (page.clone(), count.clone(), upstream.clone(), report.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                        let (page, count, upstream) = (page.clone(), count.clone(), upstream.clone());
+                        let (page, count, upstream, report) =
+                            (page.clone(), count.clone(), upstream.clone(), report.clone());
                         async move {
                             let path = request.uri().path().to_string();
                             let _ = request.into_body().collect().await;
@@ -71,7 +81,11 @@ impl Fake {
                             } else {
                                 tokio::time::sleep(delay).await;
                                 count.fetch_add(1, Ordering::Relaxed);
-                                Response::builder()
+                                let mut response = Response::builder();
+                                if let Some(load) = report.lock().unwrap().clone() {
+                                    response = response.header("endpoint-load-metrics", load);
+                                }
+                                response
                                     .header("content-type", "application/json")
                                     .header("x-upstream", upstream.as_str())
                                     .body(Full::new(Bytes::from(
@@ -93,8 +107,13 @@ impl Fake {
             addr,
             name: name.to_string(),
             metrics,
+            orca,
             completions,
         }
+    }
+
+    fn report_per_response(&self, header: &str) {
+        *self.orca.lock().unwrap() = Some(header.to_string());
     }
 
     fn report(&self, page: Option<String>) {
@@ -426,4 +445,60 @@ async fn a_lora_request_prefers_the_server_holding_its_adapter() {
     }
     assert!(base.len() >= 2, "{base:?}");
     assert_eq!(long.await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_reported_in_responses_load_headers_is_avoided_without_polling() {
+    let servers: Vec<Fake> = (0..2)
+        .map(|i| Fake::start(&format!("s{i}"), Duration::from_millis(5)))
+        .collect();
+    // Nothing to poll: what the proxy learns comes with each response.
+    for server in &servers {
+        server.report(None);
+    }
+    servers[0].report_per_response(
+        "TEXT named_metrics.kv_cache_usage_perc=0.9, named_metrics.num_requests_waiting=40, named_metrics.num_requests_running=8",
+    );
+    servers[1].report_per_response(
+        "TEXT named_metrics.kv_cache_usage_perc=0.1, named_metrics.num_requests_waiting=0, named_metrics.num_requests_running=1",
+    );
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let proxy = ProxyProcess::start(&policy::docs(&[
+        policy::backend(
+            "fleet",
+            &addrs,
+            "balancer: model-aware\nmodelAware:\n  metrics: {path: \"off\", interval: 2s}\n",
+        ),
+        policy::route("chat", "backends:\n  - backend: fleet\n"),
+    ]));
+    let url = format!("{}/v1/chat/completions", proxy.url());
+    let client = HttpClient::http1();
+    let replies = drive(200, 2, |i| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .post_json(
+                    &url,
+                    &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"o{i}"}}]}}"#),
+                )
+                .await
+        }
+    })
+    .await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    let counts: Vec<usize> = servers.iter().map(Fake::completions).collect();
+    assert!(
+        counts[0] * 10 < 200,
+        "the server whose responses report 40 waiting got {} of 200: {counts:?}",
+        counts[0]
+    );
+    let m = Metrics::scrape(&proxy).await;
+    let queue = m.sum(
+        "infermesh_endpoint_server_queue",
+        &[
+            ("backend", "fleet"),
+            ("endpoint", &servers[0].addr.to_string()),
+        ],
+    );
+    assert_eq!(queue, 40.0, "{}", m.text);
 }

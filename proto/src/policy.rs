@@ -29,7 +29,8 @@ pub use authorization::{
     AuthorizationAction, AuthorizationPolicySpec, AuthorizationRule, CallerMatch, RequestMatch,
 };
 pub use backend::{
-    BackendLimits, BackendMtls, BackendSpec, BalancerKind, FailureRate, OutlierDetection,
+    BackendLimits, BackendMtls, BackendSpec, BalancerKind, FailureRate, MetricNames, ModelAware,
+    OutlierDetection, PrefixHashing, ResolvedNames, ScoreWeights, ServerKind, ServerMetrics,
     ServicePort, ServiceRef, UpstreamProtocol,
 };
 pub use destination::{DestinationError, DestinationPattern};

@@ -14,10 +14,13 @@ use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::balance::{Balancer, Endpoint};
+use crate::balance::model_aware::{self, Affinity};
+use crate::balance::{Balancer, Endpoint, Hint};
 use crate::discovery::{self, Target};
 use crate::identity::Identity;
-use crate::metrics::{BackendLabels, EjectionLabels, Metrics, Name, OverloadLabels};
+use crate::metrics::{
+    AffinityLabels, BackendLabels, EjectionLabels, EndpointLabels, Metrics, Name, OverloadLabels,
+};
 use crate::outlier::{self, OutlierPolicy, ProbeVerdict, Trip};
 use crate::pool::{self, UpstreamClient};
 
@@ -34,6 +37,7 @@ pub struct Backend {
     client: UpstreamClient,
     connect_errors: Counter,
     discovery_started: AtomicBool,
+    metrics_poll_started: AtomicBool,
     outlier: Option<OutlierPolicy>,
     /// Serialises ejection decisions, so that two endpoints tripping at
     /// once cannot both pass the maximum share. Taken only on a trip.
@@ -55,6 +59,16 @@ struct Handles {
     overloaded_in_flight: Counter,
     overloaded_pending: Counter,
     penalties: Counter,
+    affinity_hit: Counter,
+    affinity_spill: Counter,
+    server_queue: prometheus_client::metrics::family::Family<
+        EndpointLabels,
+        Gauge<f64, std::sync::atomic::AtomicU64>,
+    >,
+    kv_cache_usage: prometheus_client::metrics::family::Family<
+        EndpointLabels,
+        Gauge<f64, std::sync::atomic::AtomicU64>,
+    >,
 }
 
 impl Handles {
@@ -80,12 +94,27 @@ impl Handles {
                 })
                 .clone()
         };
+        // One at a time: a family's guard must be dropped before the next
+        // `get_or_create` on it.
+        let affinity = |outcome: Affinity| {
+            metrics
+                .prefix_affinity
+                .get_or_create(&AffinityLabels {
+                    backend: name.clone(),
+                    outcome: outcome.as_str(),
+                })
+                .clone()
+        };
         Self {
             ejected: metrics.outlier_ejected.get_or_create(&backend()).clone(),
             ejections,
             overloaded_in_flight: overloaded("in_flight"),
             overloaded_pending: overloaded("pending"),
             penalties: metrics.penalties.get_or_create(&backend()).clone(),
+            affinity_hit: affinity(Affinity::Hit),
+            affinity_spill: affinity(Affinity::Spill),
+            server_queue: metrics.server_queue.clone(),
+            kv_cache_usage: metrics.kv_cache_usage.clone(),
         }
     }
 
@@ -257,7 +286,13 @@ impl Backend {
             name,
             spec: spec.clone(),
             protocol: spec.protocol,
-            balancer: Balancer::new(spec.balancer),
+            balancer: match spec.balancer {
+                infermesh_proto::policy::BalancerKind::ModelAware => Balancer::model_aware(
+                    model_aware::Settings::from(&spec.model_aware.clone().unwrap_or_default()),
+                ),
+                kind => Balancer::new(kind),
+            },
+            metrics_poll_started: AtomicBool::new(false),
             endpoints: ArcSwap::from_pointee(endpoints),
             targets,
             dns_refresh: spec.dns_refresh,
@@ -327,14 +362,14 @@ impl Backend {
     /// the endpoints that are not ejected, avoiding those in `avoid` (where
     /// earlier attempts or a hedged sibling went) when there is another.
     /// `None` when the backend has no endpoint, or every one is ejected.
-    pub fn pick_for_request(&self, avoid: &[SocketAddr]) -> Option<Picked> {
+    pub fn pick_for_request(&self, avoid: &[SocketAddr], hint: &Hint) -> Option<Picked> {
         let endpoints = self.endpoints.load();
         let normal = |endpoint| Picked {
             endpoint,
             probe: false,
         };
         if self.outlier.is_none() || !endpoints.iter().any(|e| e.is_ejected()) {
-            return self.pick_among(&endpoints, avoid).map(normal);
+            return self.pick_among(&endpoints, avoid, hint).map(normal);
         }
         let now = Instant::now();
         // A probe goes first, so an endpoint comes back as soon as its
@@ -355,7 +390,7 @@ impl Backend {
             .filter(|e| !e.is_ejected())
             .cloned()
             .collect();
-        self.pick_among(&healthy, avoid).map(normal)
+        self.pick_among(&healthy, avoid, hint).map(normal)
     }
 
     /// The balancer's choice among `endpoints`, not in `avoid` when there is
@@ -364,9 +399,27 @@ impl Backend {
         &self,
         endpoints: &[Arc<Endpoint>],
         avoid: &[SocketAddr],
+        hint: &Hint,
     ) -> Option<Arc<Endpoint>> {
         if avoid.is_empty() {
-            return self.balancer.pick(endpoints);
+            let (picked, affinity) = self.balancer.pick_hinted(endpoints, hint)?;
+            match affinity {
+                Some(Affinity::Hit) => self.handles.affinity_hit.inc(),
+                Some(Affinity::Spill) => self.handles.affinity_spill.inc(),
+                None => 0,
+            };
+            return Some(picked);
+        }
+        if self.balancer.model_aware_settings().is_some() {
+            // A retry or hedge: the model-aware choice among the others.
+            let others: Vec<Arc<Endpoint>> = endpoints
+                .iter()
+                .filter(|e| !avoid.contains(&e.addr()))
+                .cloned()
+                .collect();
+            if !others.is_empty() {
+                return self.balancer.pick_hinted(&others, hint).map(|(e, _)| e);
+            }
         }
         // The balancer's own choice first, so load still counts.
         for _ in 0..2 {
@@ -514,8 +567,101 @@ impl Backend {
         if self.discovery_started.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.spawn_metrics_poll(drain.clone());
         self.resolve().await;
         self.spawn_refresh(drain.clone());
+    }
+
+    /// Records a model server's per-response load report (the ORCA
+    /// `endpoint-load-metrics` header), for a model-aware backend.
+    pub fn load_report(&self, endpoint: &Endpoint, headers: &http::HeaderMap) {
+        if self.balancer.model_aware_settings().is_none() {
+            return;
+        }
+        let Some(report) = headers
+            .get("endpoint-load-metrics")
+            .and_then(|v| v.to_str().ok())
+            .and_then(model_aware::parse_orca)
+        else {
+            return;
+        };
+        endpoint.report_load(report, Instant::now());
+        self.set_server_gauges(endpoint, report);
+    }
+
+    fn set_server_gauges(&self, endpoint: &Endpoint, load: model_aware::ServerLoad) {
+        let labels = EndpointLabels {
+            backend: self.name.clone(),
+            endpoint: endpoint.addr().to_string(),
+        };
+        self.handles
+            .server_queue
+            .get_or_create(&labels)
+            .set(load.waiting);
+        self.handles
+            .kv_cache_usage
+            .get_or_create(&labels)
+            .set(load.kv_cache);
+    }
+
+    /// Polls every endpoint's model-server metrics each `interval`, for a
+    /// model-aware backend with polling on, until the backend is dropped or
+    /// the drain is signaled; does nothing after the first call. Meshed
+    /// (mTLS) endpoints are not polled: their metrics are behind their
+    /// sidecar, which serves only authorized model requests; their
+    /// per-response load reports still count.
+    pub fn spawn_metrics_poll(self: &Arc<Self>, drain: drain::Watch) {
+        let Some(settings) = self.balancer.model_aware_settings() else {
+            return;
+        };
+        let Some(path) = settings.path.clone() else {
+            return;
+        };
+        if self.spec.mtls.is_some() || self.metrics_poll_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (interval, names) = (settings.interval, settings.names.clone());
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        tokio::spawn(async move {
+            let poll = async move {
+                let mut ticks = tokio::time::interval(interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    let Some(backend) = weak.upgrade() else {
+                        return;
+                    };
+                    let endpoints = backend.endpoints();
+                    let scrapes = endpoints
+                        .iter()
+                        .map(|endpoint| scrape(&client, endpoint.addr(), &path, interval, &names));
+                    let results = futures_util::future::join_all(scrapes).await;
+                    for (endpoint, result) in endpoints.iter().zip(results) {
+                        match result {
+                            Ok((scraped, at)) => {
+                                if let Some(load) = scraped.load() {
+                                    endpoint.report_load(load, at);
+                                    backend.set_server_gauges(endpoint, load);
+                                }
+                                if let Some(adapters) = scraped.adapters {
+                                    endpoint.report_adapters(adapters, at);
+                                }
+                            }
+                            Err(error) => {
+                                tracing::debug!(backend = %backend.name.as_str(), endpoint = %endpoint.addr(), %error, "polling the model server's metrics failed; its load is what this proxy sees");
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                release = drain.signaled() => drop(release),
+                () = poll => {}
+            }
+        });
     }
 
     /// Re-resolves host names every `dnsRefresh` until the backend is
@@ -556,6 +702,7 @@ mod tests {
             addresses: Vec::new(),
             protocol: UpstreamProtocol::Http1,
             balancer: BalancerKind::RoundRobin,
+            model_aware: None,
             connect_timeout: Duration::from_secs(1),
             dns_refresh: Duration::from_secs(5),
             mtls: None,
@@ -596,7 +743,10 @@ mod tests {
         backend.record(&first, true);
         assert!(eps[0].is_ejected());
         for _ in 0..10 {
-            assert_eq!(port(&backend.pick_for_request(&[]).unwrap()), 2);
+            assert_eq!(
+                port(&backend.pick_for_request(&[], &Hint::default()).unwrap()),
+                2
+            );
             assert_eq!(backend.pick().unwrap().addr().port(), 2);
         }
         // The other endpoint fails too, but 50% of two is one.
@@ -609,17 +759,17 @@ mod tests {
         }
         assert!(!eps[1].is_ejected());
         tokio::time::sleep(Duration::from_millis(60)).await;
-        let probe = backend.pick_for_request(&[]).unwrap();
+        let probe = backend.pick_for_request(&[], &Hint::default()).unwrap();
         assert_eq!((port(&probe), probe.probe), (1, true));
         // Half-open: the probe is the only request it gets.
         for _ in 0..5 {
-            let other = backend.pick_for_request(&[]).unwrap();
+            let other = backend.pick_for_request(&[], &Hint::default()).unwrap();
             assert_eq!((port(&other), other.probe), (2, false));
         }
         backend.record(&probe, false);
         assert!(!eps[0].is_ejected());
         let ports: Vec<u16> = (0..4)
-            .map(|_| port(&backend.pick_for_request(&[]).unwrap()))
+            .map(|_| port(&backend.pick_for_request(&[], &Hint::default()).unwrap()))
             .collect();
         assert!(ports.contains(&1) && ports.contains(&2), "{ports:?}");
     }
@@ -639,17 +789,20 @@ mod tests {
             backend.record(&picked, true);
         }
         assert!(
-            backend.pick_for_request(&[]).is_none(),
+            backend.pick_for_request(&[], &Hint::default()).is_none(),
             "every endpoint is out"
         );
         assert!(backend.pick().is_none());
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let a = backend.pick_for_request(&[]).unwrap();
-        let b = backend.pick_for_request(&[]).unwrap();
+        let a = backend.pick_for_request(&[], &Hint::default()).unwrap();
+        let b = backend.pick_for_request(&[], &Hint::default()).unwrap();
         assert!(a.probe && b.probe && port(&a) != port(&b));
-        assert!(backend.pick_for_request(&[]).is_none(), "both probing");
+        assert!(
+            backend.pick_for_request(&[], &Hint::default()).is_none(),
+            "both probing"
+        );
         backend.probe_abandoned(&a);
-        let again = backend.pick_for_request(&[]).unwrap();
+        let again = backend.pick_for_request(&[], &Hint::default()).unwrap();
         assert_eq!((port(&again), again.probe), (port(&a), true));
     }
 
@@ -731,5 +884,69 @@ mod tests {
             "an endpoint that stays is the same endpoint"
         );
         assert_eq!(second[0].in_flight(), 1);
+    }
+}
+
+/// Why polling one endpoint's metrics failed.
+#[derive(Debug, thiserror::Error)]
+enum ScrapeError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("request failed")]
+    Request(#[source] hyper_util::client::legacy::Error),
+    #[error("answered {0}")]
+    Status(http::StatusCode),
+    #[error("reading the page failed")]
+    Body(#[source] hyper::Error),
+    #[error("bad metrics URL")]
+    Uri(#[source] http::Error),
+}
+
+/// Most of a metrics page read: vLLM's is a few tens of kilobytes.
+const MAX_METRICS_PAGE: usize = 4 << 20;
+
+/// Reads `http://addr{path}` within `timeout` and the gauges in it, with
+/// when the page was asked for.
+async fn scrape(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<bytes::Bytes>,
+    >,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    names: &infermesh_proto::policy::ResolvedNames,
+) -> Result<(model_aware::Scraped, Instant), ScrapeError> {
+    use http_body_util::BodyExt;
+    let at = Instant::now();
+    let request = http::Request::get(format!("http://{addr}{path}"))
+        .header(http::header::ACCEPT, "text/plain")
+        .body(http_body_util::Empty::new())
+        .map_err(ScrapeError::Uri)?;
+    let read = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(ScrapeError::Request)?;
+        if !response.status().is_success() {
+            return Err(ScrapeError::Status(response.status()));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), MAX_METRICS_PAGE);
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => ScrapeError::Body(*e),
+                Err(_) => ScrapeError::Status(http::StatusCode::PAYLOAD_TOO_LARGE),
+            })?
+            .to_bytes();
+        Ok(model_aware::parse_metrics(
+            &String::from_utf8_lossy(&bytes),
+            names,
+        ))
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result.map(|scraped| (scraped, at)),
+        Err(_) => Err(ScrapeError::Timeout(timeout)),
     }
 }

@@ -1,5 +1,7 @@
 //! Endpoint selection: round robin, least outstanding requests by power of
-//! two choices, and peak-EWMA power of two choices.
+//! two choices, peak-EWMA power of two choices, and the model-aware
+//! balancer (server load, prefix and LoRA affinity; see [`model_aware`]),
+//! which shares this module's endpoint statistics, back-off and penalties.
 //!
 //! What an attempt's outcome does to its endpoint (see [`Outcome`]):
 //!
@@ -55,11 +57,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use infermesh_proto::policy::BalancerKind;
 use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::outlier::Health;
+
+pub mod model_aware;
+
+use model_aware::{Affinity, Ring, ServerLoad, ServerState, View};
 
 /// How quickly the peak-EWMA average follows new samples, and fades
 /// towards zero without any.
@@ -106,6 +113,8 @@ pub struct Endpoint {
     /// The backend's ejected-endpoints gauge while this endpoint counts in
     /// it, so that an endpoint dropped while ejected leaves the gauge.
     ejected_gauge: Mutex<Option<Gauge>>,
+    /// What the model server said of its load, for the model-aware balancer.
+    server: Mutex<ServerState>,
 }
 
 /// The origin of the penalty clock.
@@ -137,7 +146,27 @@ impl Endpoint {
             ejected: AtomicBool::new(false),
             health: Mutex::new(Health::new(now)),
             ejected_gauge: Mutex::new(None),
+            server: Mutex::new(ServerState::default()),
         }
+    }
+
+    /// Records the server's own load report (a poll, or a response's ORCA
+    /// header) made at `at`; an older one than held is dropped.
+    pub fn report_load(&self, load: ServerLoad, at: Instant) {
+        let mut server = self.server.lock();
+        if server.load.is_none_or(|(_, held)| held <= at) {
+            server.load = Some((load, at));
+        }
+    }
+
+    /// Records the adapters a poll at `at` found loaded.
+    pub fn report_adapters(&self, adapters: Vec<String>, at: Instant) {
+        self.server.lock().adapters = Some((adapters, at));
+    }
+
+    /// What the proxy believes of the endpoint's server.
+    pub fn server_state(&self) -> ServerState {
+        self.server.lock().clone()
     }
 
     /// The endpoint's address.
@@ -418,6 +447,43 @@ fn p2c(
     }
 }
 
+impl ModelAwareState {
+    /// The ring over `endpoints`' addresses, built again only when they
+    /// change.
+    fn ring_for(&self, endpoints: &[Arc<Endpoint>]) -> Arc<Ring> {
+        if let Some(ring) = self.ring.load_full() {
+            let same = ring.addrs().len() == endpoints.len()
+                && ring
+                    .addrs()
+                    .iter()
+                    .zip(endpoints)
+                    .all(|(a, e)| *a == e.addr());
+            if same {
+                return ring;
+            }
+        }
+        let ring = Arc::new(Ring::new(endpoints.iter().map(|e| e.addr()).collect()));
+        self.ring.store(Some(ring.clone()));
+        ring
+    }
+}
+
+impl Endpoint {
+    /// What the model-aware picker weighs of this endpoint at `now`.
+    fn model_aware_view(&self, now: Instant, stale_after: Duration, adapter: Option<&str>) -> View {
+        let standing = self.standing(now, BalancerKind::PeakEwma);
+        let server = self.server.lock();
+        View {
+            in_flight: standing.in_flight,
+            rtt: standing.rtt,
+            penalty: standing.penalty,
+            backoff_left: standing.backoff_left,
+            server: server.fresh_load(now, stale_after),
+            has_adapter: adapter.is_some_and(|a| server.has_adapter(a, now, stale_after)),
+        }
+    }
+}
+
 /// Peak-sensitive exponentially weighted moving average of latency: the
 /// larger of an average that samples pull in over [`DECAY`] and the last
 /// peak, fading over [`PEAK_DECAY`]; without samples both fade towards zero,
@@ -505,6 +571,25 @@ impl PeakEwma {
 pub struct Balancer {
     kind: BalancerKind,
     next: AtomicUsize,
+    model_aware: Option<ModelAwareState>,
+}
+
+/// What the model-aware balancer keeps: its settings and the hash ring of
+/// the endpoint set it last saw.
+#[derive(Debug)]
+struct ModelAwareState {
+    settings: model_aware::Settings,
+    ring: ArcSwapOption<Ring>,
+}
+
+/// What a request offers the model-aware balancer: its prompt prefix hashes
+/// and its model name.
+#[derive(Debug, Clone, Default)]
+pub struct Hint {
+    /// Hashes of the prompt's leading bytes.
+    pub prompt: Option<Arc<crate::classify::PromptPrefix>>,
+    /// The model the request names (an adapter, for LoRA affinity).
+    pub model: Option<Arc<str>>,
 }
 
 impl Balancer {
@@ -513,7 +598,60 @@ impl Balancer {
         Self {
             kind,
             next: AtomicUsize::new(fastrand::usize(..1024)),
+            model_aware: (kind == BalancerKind::ModelAware).then(|| ModelAwareState {
+                settings: model_aware::Settings::from(
+                    &infermesh_proto::policy::ModelAware::default(),
+                ),
+                ring: ArcSwapOption::empty(),
+            }),
         }
+    }
+
+    /// A model-aware balancer with `settings`.
+    pub fn model_aware(settings: model_aware::Settings) -> Self {
+        Self {
+            model_aware: Some(ModelAwareState {
+                settings,
+                ring: ArcSwapOption::empty(),
+            }),
+            ..Self::new(BalancerKind::ModelAware)
+        }
+    }
+
+    /// The model-aware settings, for a model-aware balancer.
+    pub fn model_aware_settings(&self) -> Option<&model_aware::Settings> {
+        self.model_aware.as_ref().map(|m| &m.settings)
+    }
+
+    /// Chooses one of `endpoints` for a request offering `hint`, and how
+    /// its prefix placed it (model-aware only).
+    pub fn pick_hinted(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        hint: &Hint,
+    ) -> Option<(Arc<Endpoint>, Option<Affinity>)> {
+        let Some(state) = &self.model_aware else {
+            return self.pick(endpoints).map(|e| (e, None));
+        };
+        if endpoints.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let settings = &state.settings;
+        let adapter = hint.model.as_deref();
+        let views: Vec<View> = endpoints
+            .iter()
+            .map(|e| e.model_aware_view(now, settings.stale_after, adapter))
+            .collect();
+        let key = hint
+            .prompt
+            .as_ref()
+            .and_then(|p| p.key(settings.blocks, settings.block_size))
+            .map(|prefix| model_aware::ring_key(prefix, adapter));
+        let ring = key.map(|_| state.ring_for(endpoints));
+        let mut rng = fastrand::Rng::with_seed(fastrand::u64(..));
+        let choice = model_aware::choose(&views, ring.as_deref(), key, settings, &mut rng);
+        Some((endpoints[choice.index].clone(), choice.affinity))
     }
 
     /// The strategy.
@@ -527,6 +665,11 @@ impl Balancer {
     }
 
     fn pick_at(&self, endpoints: &[Arc<Endpoint>], now: Instant) -> Option<Arc<Endpoint>> {
+        if self.model_aware.is_some() {
+            return self
+                .pick_hinted(endpoints, &Hint::default())
+                .map(|(e, _)| e);
+        }
         let index = match (self.kind, endpoints.len()) {
             (_, 0) => return None,
             (_, 1) => 0,

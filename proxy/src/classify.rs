@@ -30,7 +30,7 @@ mod json;
 
 pub use grpc::{rewrite_grpc_model, GrpcFields, GrpcModelScanner, GrpcVerifier};
 pub use head::{classify_head, ApiKind, BodyScan, GrpcMethod, HeadClass};
-pub use json::{rewrite_json_model, JsonFields, JsonScanner};
+pub use json::{rewrite_json_model, JsonFields, JsonScanner, PromptPrefix, MAX_PROMPT_GRANULES};
 
 /// Why the rest of a body cannot be trusted to name the model the request
 /// was routed and authorized by; positions are body offsets.

@@ -24,7 +24,7 @@ use infermesh_proto::policy::UpstreamProtocol;
 use tower::Service;
 
 use crate::backend::{Admitted, Backend, Picked};
-use crate::balance::{InFlight, Outcome, DEFAULT_PENALTY};
+use crate::balance::{Hint, InFlight, Outcome, DEFAULT_PENALTY};
 use crate::body::{BodyFault, ProxyBody};
 use crate::traces::{self, AttemptSpan};
 
@@ -82,7 +82,13 @@ async fn forward(
         hedge = !running.is_empty();
         avoid.extend(running);
     }
-    let picked = backend.pick_for_request(&avoid).ok_or_else(|| {
+    // What the model-aware balancer weighs: the prompt prefix and model.
+    let hint = request
+        .extensions()
+        .get::<Hint>()
+        .cloned()
+        .unwrap_or_default();
+    let picked = backend.pick_for_request(&avoid, &hint).ok_or_else(|| {
         let all_ejected = !backend.endpoints().is_empty();
         ProxyError::NoEndpoint(if all_ejected {
             format!(
@@ -121,6 +127,7 @@ async fn forward(
     match backend.client().request(request).await {
         Ok(response) => {
             admitted.responded();
+            backend.load_report(&endpoint, response.headers());
             let verdict = judge(response.status(), response.headers());
             if let Some(span) = span.as_mut() {
                 span.responded(response.status(), response.headers());

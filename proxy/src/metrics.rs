@@ -5,6 +5,7 @@
 //! admin thread.
 
 use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use infermesh_proto::policy::ListenerKind;
@@ -174,6 +175,13 @@ pub struct Metrics {
     pub overloaded: Family<OverloadLabels, Counter>,
     /// 429 / `Retry-After` penalties given to endpoints, by backend.
     pub penalties: Family<BackendLabels, Counter>,
+    /// Requests a model-aware balancer placed by their prompt prefix, by
+    /// backend and outcome (`hit`, `spill`).
+    pub prefix_affinity: Family<AffinityLabels, Counter>,
+    /// Requests waiting in each endpoint's server, as last reported.
+    pub server_queue: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
+    /// KV-cache usage of each endpoint's server (0 to 1), as last reported.
+    pub kv_cache_usage: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
     /// Hedged attempts sent, and hedges whose response won, by route.
     pub hedges: Family<HedgeLabels, Counter>,
 
@@ -206,6 +214,24 @@ pub struct EjectionLabels {
     pub backend: Name,
     /// `consecutive_failures`, `failure_rate` or `probe_failed`.
     pub reason: &'static str,
+}
+
+/// Labels of the prefix-affinity counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AffinityLabels {
+    /// Backend name.
+    pub backend: Name,
+    /// `hit` (the prefix's own endpoint) or `spill` (the next within the bound).
+    pub outcome: &'static str,
+}
+
+/// Labels of per-endpoint gauges.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// Backend name.
+    pub backend: Name,
+    /// `ip:port`.
+    pub endpoint: String,
 }
 
 /// Labels of the overloaded counter.
@@ -507,6 +533,24 @@ impl Metrics {
             "Responses (429, or with Retry-After) that penalised their endpoint in the balancer, by backend",
             penalties.clone(),
         );
+        let prefix_affinity = Family::default();
+        registry.register(
+            "prefix_affinity",
+            "Requests a model-aware balancer placed by their prompt prefix, by backend and outcome: hit (the prefix's own endpoint on the hash ring), spill (a later one, the own endpoint being over the load bound)",
+            prefix_affinity.clone(),
+        );
+        let server_queue = Family::default();
+        registry.register(
+            "endpoint_server_queue",
+            "Requests waiting in an endpoint's model server, as its metrics or load reports last said (model-aware balancer), by backend and endpoint",
+            server_queue.clone(),
+        );
+        let kv_cache_usage = Family::default();
+        registry.register(
+            "endpoint_kv_cache_usage",
+            "KV-cache usage (0 to 1) of an endpoint's model server, as its metrics or load reports last said (model-aware balancer), by backend and endpoint",
+            kv_cache_usage.clone(),
+        );
         let hedges = Family::default();
         registry.register(
             "hedges",
@@ -553,6 +597,9 @@ impl Metrics {
             outlier_ejected,
             overloaded,
             penalties,
+            prefix_affinity,
+            server_queue,
+            kv_cache_usage,
             hedges,
             rate_limited,
             rate_limit_tokens,

@@ -22,6 +22,8 @@ pub(crate) struct Classified {
     pub(crate) model: Option<String>,
     pub(crate) stream: bool,
     pub(crate) max_tokens: Option<u64>,
+    /// Hashes of the prompt's leading bytes, for a model-aware balancer.
+    pub(crate) prompt: Option<classify::PromptPrefix>,
     /// Verifies the rest of the body, when it streams on after the prefix
     /// and the request was routed by a model read from the prefix.
     pub(crate) check: Option<BodyCheck>,
@@ -36,6 +38,7 @@ pub(crate) async fn read_classified(
     limit: usize,
     prove_model: bool,
     whole_object: bool,
+    prompt_hashing: Option<(usize, usize)>,
 ) -> Result<Classified, ProxyError> {
     let mut model = head.model.clone();
     // Known up front only for the KServe streaming method; OpenAI says so in the body.
@@ -44,6 +47,7 @@ pub(crate) async fn read_classified(
         .as_ref()
         .is_some_and(|g| g.method == "ModelStreamInfer");
     let mut max_tokens = None;
+    let mut prompt = None;
     let mut check = None;
     let body = match head.body {
         BodyScan::None => BodyState::Streaming(body),
@@ -51,6 +55,9 @@ pub(crate) async fn read_classified(
             let mut scanner = JsonScanner::new(limit);
             if whole_object {
                 scanner = scanner.whole_object();
+            }
+            if let Some((granule, granules)) = prompt_hashing {
+                scanner = scanner.hash_prompt(granule, granules);
             }
             let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
             let fields = scanner.fields();
@@ -88,6 +95,7 @@ pub(crate) async fn read_classified(
             model = fields.model.clone();
             stream = fields.stream;
             max_tokens = fields.max_tokens;
+            prompt = fields.prompt.clone();
             BodyState::Scanned(prefix, Scanned::Json(fields))
         }
         BodyScan::GrpcModelName => {
@@ -121,6 +129,7 @@ pub(crate) async fn read_classified(
         model,
         stream,
         max_tokens,
+        prompt,
         check,
     })
 }

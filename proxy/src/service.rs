@@ -38,6 +38,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use tower::ServiceExt;
 
+use crate::balance::Hint;
 use crate::body::{BodyFault, ProxyBody};
 use crate::chain::{Asked, Chain, Replay};
 use crate::classify::{self, ApiKind, HeadClass};
@@ -381,7 +382,14 @@ async fn classify_body(
     // A token limit estimates a request's cost from its `max_tokens`,
     // wherever it is in the object.
     let whole_object = prove_model || snapshot.token_limits();
-    let read = read_classified(head, body, limit, prove_model, whole_object);
+    let read = read_classified(
+        head,
+        body,
+        limit,
+        prove_model,
+        whole_object,
+        snapshot.prompt_hashing(),
+    );
     match snapshot.classify_read_limit() {
         None => read.await,
         Some(wait) => tokio::time::timeout(wait, read).await.unwrap_or_else(|_| {
@@ -468,9 +476,20 @@ async fn prepare(
         mut body,
         model,
         max_tokens,
+        prompt,
         check,
         ..
     } = classified;
+    // The model-aware balancer places the request by these.
+    if prompt.is_some() || model.is_some() {
+        parts.extensions.insert(Hint {
+            prompt: prompt.map(Arc::new),
+            model: target
+                .model
+                .clone()
+                .or_else(|| model.as_deref().map(Arc::from)),
+        });
+    }
     let limit = snapshot.classify_limit();
     // A fallback chain and a mirror need the whole body to send it again:
     // read the rest of a body that fits in the classification limit. KServe

@@ -90,6 +90,9 @@ pub struct Snapshot {
     authorizer: Authorizer,
     /// Some route limits model tokens, so bodies are scanned for `max_tokens`.
     token_limits: bool,
+    /// How request prompts are hashed for model-aware backends: bytes per
+    /// recorded hash and how many; `None` without such a backend.
+    prompt_hashing: Option<(usize, usize)>,
 }
 
 /// A compiled route.
@@ -336,6 +339,7 @@ impl Snapshot {
         let trust_domain = identity.map(|id| id.id().trust_domain().to_owned());
         let authorizer = Authorizer::new(&policy.authorizations, trust_domain.as_deref());
         let token_limits = outbound.iter().chain(&inbound).any(|r| r.token_limited);
+        let prompt_hashing = prompt_hashing(&policy.backends);
         Self {
             origin,
             policy,
@@ -349,7 +353,14 @@ impl Snapshot {
             mtls_mode,
             authorizer,
             token_limits,
+            prompt_hashing,
         }
+    }
+
+    /// How prompts are hashed for model-aware backends (see
+    /// [`crate::classify::JsonScanner::hash_prompt`]), when there is one.
+    pub fn prompt_hashing(&self) -> Option<(usize, usize)> {
+        self.prompt_hashing
     }
 
     /// Whether some route limits model tokens, so that request bodies are
@@ -512,6 +523,34 @@ impl Route {
     pub fn local_limit(&self) -> Option<Duration> {
         self.local_limit
     }
+}
+
+/// The granule and count of prompt hashes the model-aware backends of
+/// `backends` need: the greatest common divisor of their block sizes, so
+/// every block boundary is recorded, as far as the longest prefix any of
+/// them hashes.
+fn prompt_hashing(
+    backends: &[infermesh_proto::policy::Resource<infermesh_proto::policy::BackendSpec>],
+) -> Option<(usize, usize)> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let prefixes = backends
+        .iter()
+        .filter(|b| b.spec.balancer == infermesh_proto::policy::BalancerKind::ModelAware)
+        .map(|b| b.spec.model_aware.clone().unwrap_or_default().prefix);
+    let mut granule = 0;
+    let mut longest = 0;
+    for prefix in prefixes {
+        let block = prefix.block_size as usize;
+        granule = gcd(granule, block);
+        longest = longest.max(block * prefix.blocks as usize);
+    }
+    (granule > 0).then(|| (granule, longest.div_ceil(granule)))
 }
 
 #[cfg(test)]

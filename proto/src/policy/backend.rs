@@ -36,6 +36,11 @@ pub struct BackendSpec {
     /// How an endpoint is chosen for each request.
     #[serde(default)]
     pub balancer: BalancerKind,
+    /// Settings of `balancer: model-aware`: score weights, the load bound of
+    /// prefix affinity, the prefix hashed, and how model-server metrics are
+    /// polled. The defaults apply when absent; refused with another balancer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_aware: Option<ModelAware>,
     /// Limit on establishing a TCP connection to one endpoint.
     #[serde(default = "defaults::connect_timeout", with = "duration")]
     #[schemars(with = "duration::Schema")]
@@ -237,6 +242,241 @@ pub enum BalancerKind {
     /// with what they are busy with.
     #[default]
     PeakEwma,
+    /// Scores endpoints by what the proxy sees (requests in flight,
+    /// peak-EWMA of time to first byte) and by the model server's own load
+    /// (waiting queue, running requests, KV-cache usage, polled from its
+    /// metrics and read from per-response load reports); sends requests
+    /// sharing a prompt prefix to the same endpoint by consistent hashing
+    /// with bounded loads, and requests for a LoRA adapter to endpoints
+    /// that have it loaded. See `modelAware`.
+    ModelAware,
+}
+
+/// Settings of the model-aware balancer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelAware {
+    /// Weights of the terms of an endpoint's load score.
+    #[serde(default)]
+    pub weights: ScoreWeights,
+    /// The bound of consistent hashing with bounded loads: a request goes
+    /// to the first endpoint clockwise from its prefix's hash whose load
+    /// (plus this request) stays within `loadFactor` times the mean load,
+    /// so a hot prefix spills to the next endpoint. At least 1 (1 is as
+    /// even as possible, larger keeps more affinity).
+    #[serde(default = "defaults::load_factor")]
+    pub load_factor: f64,
+    /// Which part of the prompt chooses the endpoint.
+    #[serde(default)]
+    pub prefix: PrefixHashing,
+    /// How each endpoint's model-server metrics are polled.
+    #[serde(default)]
+    pub metrics: ServerMetrics,
+}
+
+impl Default for ModelAware {
+    fn default() -> Self {
+        Self {
+            weights: ScoreWeights::default(),
+            load_factor: defaults::load_factor(),
+            prefix: PrefixHashing::default(),
+            metrics: ServerMetrics::default(),
+        }
+    }
+}
+
+/// Weights of an endpoint's load. Its load is the larger of the requests
+/// this proxy has in flight there and `queue × waiting + running × running`
+/// from the server's own report, times `1 + kvCache × KV-cache usage`
+/// (usage between 0 and 1). Requests without a prefix compare two endpoints
+/// by `(load + 1) × TTFT estimate ^ latency`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScoreWeights {
+    /// Weight of a request waiting in the server's queue.
+    #[serde(default = "defaults::queue_weight")]
+    pub queue: f64,
+    /// Weight of a request the server is running.
+    #[serde(default = "defaults::running_weight")]
+    pub running: f64,
+    /// How much a full KV cache adds to the load: 1 doubles it.
+    #[serde(default = "defaults::kv_cache_weight")]
+    pub kv_cache: f64,
+    /// Exponent of the peak-EWMA time to first byte in the comparison of
+    /// requests without a prefix; 0 compares by load alone.
+    #[serde(default = "defaults::latency_weight")]
+    pub latency: f64,
+}
+
+impl Default for ScoreWeights {
+    fn default() -> Self {
+        Self {
+            queue: defaults::queue_weight(),
+            running: defaults::running_weight(),
+            kv_cache: defaults::kv_cache_weight(),
+            latency: defaults::latency_weight(),
+        }
+    }
+}
+
+/// The prompt prefix that chooses an endpoint: the leading `blocks` blocks
+/// of `blockSize` bytes of the decoded strings of `messages` (chat) or of
+/// `prompt` (completions). Only whole blocks count, as in a model server's
+/// prefix cache; a prompt shorter than one block has no prefix and is
+/// balanced by load. Keep `blocks × blockSize` shorter than the part of
+/// the prompts that is shared (a system prompt), and within
+/// `classify.maxBodyPrefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrefixHashing {
+    /// Leading blocks hashed (1 to 64).
+    #[serde(default = "defaults::prefix_blocks")]
+    pub blocks: u32,
+    /// Bytes per block (16 to 4096).
+    #[serde(default = "defaults::prefix_block_size")]
+    pub block_size: u32,
+}
+
+impl Default for PrefixHashing {
+    fn default() -> Self {
+        Self {
+            blocks: defaults::prefix_blocks(),
+            block_size: defaults::prefix_block_size(),
+        }
+    }
+}
+
+/// Polling of each endpoint's Prometheus metrics (`http://<endpoint><path>`,
+/// one background task per backend; a request never waits on a poll).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerMetrics {
+    /// Path of the metrics page; `off` polls nothing (per-response load
+    /// reports and the proxy's own view remain).
+    #[serde(default = "defaults::metrics_path")]
+    pub path: String,
+    /// Time between polls of one endpoint; each poll times out after it too.
+    #[serde(default = "defaults::metrics_interval", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub interval: Duration,
+    /// A report older than this is ignored (the proxy's own view decides);
+    /// three intervals when absent.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "duration::optional"
+    )]
+    #[schemars(with = "duration::optional::Schema")]
+    pub stale_after: Option<Duration>,
+    /// Which server's metric names to read.
+    #[serde(default)]
+    pub server_kind: ServerKind,
+    /// Metric names that replace those of `serverKind`, one by one.
+    #[serde(default)]
+    pub names: MetricNames,
+}
+
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        Self {
+            path: defaults::metrics_path(),
+            interval: defaults::metrics_interval(),
+            stale_after: None,
+            server_kind: ServerKind::default(),
+            names: MetricNames::default(),
+        }
+    }
+}
+
+impl ServerMetrics {
+    /// Age past which a report is ignored.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after.unwrap_or(self.interval * 3)
+    }
+
+    /// The metric names read: the overrides, else the server kind's.
+    pub fn resolved_names(&self) -> ResolvedNames {
+        let kind = self.server_kind.names();
+        let pick = |o: &Option<String>, d: Option<&str>| o.clone().or(d.map(str::to_string));
+        ResolvedNames {
+            waiting: pick(&self.names.waiting, Some(kind.0)),
+            running: pick(&self.names.running, Some(kind.1)),
+            kv_cache_usage: pick(&self.names.kv_cache_usage, Some(kind.2)),
+            lora_info: pick(&self.names.lora_info, kind.3),
+        }
+    }
+}
+
+/// The metric names a model-aware balancer reads, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedNames {
+    /// Gauge of requests waiting.
+    pub waiting: Option<String>,
+    /// Gauge of requests running.
+    pub running: Option<String>,
+    /// Gauge of KV-cache usage (0 to 1).
+    pub kv_cache_usage: Option<String>,
+    /// Info metric with `running_lora_adapters` and `waiting_lora_adapters` labels.
+    pub lora_info: Option<String>,
+}
+
+/// The model server whose metric names are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerKind {
+    /// vLLM: `vllm:num_requests_waiting`, `vllm:num_requests_running`,
+    /// `vllm:kv_cache_usage_perc`, `vllm:lora_requests_info`.
+    #[default]
+    Vllm,
+    /// SGLang: `sglang:num_queue_reqs`, `sglang:num_running_reqs`,
+    /// `sglang:token_usage` (no LoRA metric).
+    Sglang,
+}
+
+impl ServerKind {
+    /// Waiting, running, KV-cache usage and LoRA info metric names.
+    pub fn names(
+        self,
+    ) -> (
+        &'static str,
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+    ) {
+        match self {
+            ServerKind::Vllm => (
+                "vllm:num_requests_waiting",
+                "vllm:num_requests_running",
+                "vllm:kv_cache_usage_perc",
+                Some("vllm:lora_requests_info"),
+            ),
+            ServerKind::Sglang => (
+                "sglang:num_queue_reqs",
+                "sglang:num_running_reqs",
+                "sglang:token_usage",
+                None,
+            ),
+        }
+    }
+}
+
+/// Metric names replacing those of the server kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricNames {
+    /// Gauge of requests waiting in the server's queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Gauge of requests the server is running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
+    /// Gauge of KV-cache usage, between 0 and 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_usage: Option<String>,
+    /// Info metric whose `running_lora_adapters` and
+    /// `waiting_lora_adapters` labels list loaded adapters, comma-separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_info: Option<String>,
 }
 
 mod defaults {
@@ -268,5 +508,32 @@ mod defaults {
     }
     pub fn failure_rate_window() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn load_factor() -> f64 {
+        1.25
+    }
+    pub fn queue_weight() -> f64 {
+        2.0
+    }
+    pub fn running_weight() -> f64 {
+        1.0
+    }
+    pub fn kv_cache_weight() -> f64 {
+        1.0
+    }
+    pub fn latency_weight() -> f64 {
+        1.0
+    }
+    pub fn prefix_blocks() -> u32 {
+        4
+    }
+    pub fn prefix_block_size() -> u32 {
+        256
+    }
+    pub fn metrics_path() -> String {
+        "/metrics".into()
+    }
+    pub fn metrics_interval() -> Duration {
+        Duration::from_secs(1)
     }
 }

@@ -937,6 +937,30 @@ spec:
         );
     }
 
+    #[test]
+    fn bad_model_aware_settings_are_located_with_the_reason() {
+        let text = format!(
+            "{BACKEND}  balancer: model-aware\n  modelAware:\n    weights: {{queue: -1}}\n    loadFactor: 0.5\n    prefix: {{blocks: 0, blockSize: 8}}\n    metrics:\n      path: metrics\n      interval: 10ms\n      names: {{running: \"9bad name\"}}\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:9:22: weight `queue` must be between 0 and 100, found -1",
+                "p.yaml:10:17: `loadFactor` bounds an endpoint's load as a multiple of the mean: between 1 and 100, found 0.5",
+                "p.yaml:11:22: `blocks` must be between 1 and 64, found 0",
+                "p.yaml:11:36: `blockSize` must be between 16 and 4096 bytes, found 8",
+                "p.yaml:13:13: metrics `path` must start with `/` (or be `off`), found \"metrics\"",
+                "p.yaml:14:17: metrics `interval` must be between 50ms and 60s, found 10ms",
+                "p.yaml:15:24: \"9bad name\" is not a Prometheus metric name (letters, digits, `_` and `:`, not starting with a digit)",
+            ]
+        );
+        let text = format!("{BACKEND}  modelAware: {{loadFactor: 2}}\n");
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:7:15: `modelAware` configures `balancer: model-aware`; set that balancer, or remove `modelAware`"]
+        );
+    }
+
     /// A route with `block` (unindented YAML) added to its spec.
     fn route_with(block: &str) -> String {
         let block: String = block.lines().map(|l| format!("  {l}\n")).collect();
@@ -1113,7 +1137,7 @@ spec:
         let text = format!("{BACKEND}  colour: blue\n");
         assert_eq!(
             errors(&text),
-            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `service`, `addresses`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`"]
+            ["p.yaml:7:3: unknown field `colour`; valid fields here: `endpoints`, `service`, `addresses`, `protocol`, `balancer`, `modelAware`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`"]
         );
     }
 
@@ -1128,7 +1152,7 @@ spec:
                 "p.yaml:7:13: unknown `protocol` value `http3`, did you mean `http1`?",
                 "p.yaml:8:13: unknown `balancer` value `round_robin`, did you mean `round-robin`?",
                 "p.yaml:9:19: `connectTimeout`: invalid duration \"5 parsecs\": unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)",
-                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `service`, `addresses`, `protocol`, `balancer`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`",
+                "p.yaml:10:3: unknown field `extra`; valid fields here: `endpoints`, `service`, `addresses`, `protocol`, `balancer`, `modelAware`, `connectTimeout`, `dnsRefresh`, `mtls`, `outlierDetection` or `limits`",
             ]
         );
     }

@@ -149,6 +149,54 @@ spec:
     }
 
     #[test]
+    fn a_model_aware_backend_survives_the_wire_with_every_setting() {
+        let text = r#"
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {name: fleet}
+spec:
+  endpoints: ["127.0.0.1:8000", "127.0.0.1:8001"]
+  balancer: model-aware
+  modelAware:
+    weights: {queue: 3, running: 0.5, kvCache: 2, latency: 0}
+    loadFactor: 1.5
+    prefix: {blocks: 8, blockSize: 64}
+    metrics:
+      path: /stats
+      interval: 250ms
+      staleAfter: 2s
+      serverKind: sglang
+      names: {waiting: "my:queue", loraInfo: "my:lora"}
+"#;
+        let set = crate::policy::load_str(Path::new("p.yaml"), text).unwrap();
+        let back = PolicySet::from_resources(&set.to_resources()).unwrap();
+        assert_eq!(back, set);
+        let settings = back.backends[0].spec.model_aware.clone().unwrap();
+        assert_eq!(settings.load_factor, 1.5);
+        assert_eq!(settings.prefix.block_size, 64);
+        assert_eq!(
+            settings.metrics.stale_after(),
+            std::time::Duration::from_secs(2)
+        );
+        let names = settings.metrics.resolved_names();
+        assert_eq!(names.waiting.as_deref(), Some("my:queue"));
+        assert_eq!(names.running.as_deref(), Some("sglang:num_running_reqs"));
+        assert_eq!(names.lora_info.as_deref(), Some("my:lora"));
+        // The defaults, when the block is absent, also travel as such.
+        let plain = POLICY.replace(
+            "endpoints: [\"127.0.0.1:8000\"]",
+            "endpoints: [\"127.0.0.1:8000\"]\n  balancer: model-aware",
+        );
+        let set = crate::policy::load_str(Path::new("p.yaml"), &plain).unwrap();
+        assert_eq!(
+            set.backends[0].spec.balancer,
+            crate::policy::BalancerKind::ModelAware
+        );
+        let back = PolicySet::from_resources(&set.to_resources()).unwrap();
+        assert_eq!(back, set);
+    }
+
+    #[test]
     fn unknown_kinds_and_dangling_references_are_refused_with_a_reason() {
         let set = crate::policy::load_str(Path::new("p.yaml"), POLICY).unwrap();
         let mut resources = set.to_resources();

@@ -89,6 +89,73 @@ pub struct JsonScanner {
     truncated: bool,
     /// Longest `model` string kept; a longer one is no valid name.
     model_cap: usize,
+    /// Hashes the leading bytes of `messages` or `prompt`, when asked to.
+    prompt: Option<PromptHasher>,
+}
+
+/// Most hashes of a prompt prefix a scan keeps.
+pub const MAX_PROMPT_GRANULES: usize = 1024;
+
+/// Running hashes of the leading bytes of a request's prompt: the decoded
+/// strings of the top-level `messages` (roles and contents, each string
+/// followed by a separator byte) or `prompt`, FNV-1a over every byte, its
+/// state recorded after each `granule` bytes. `chain[i]` stands for the
+/// first `(i + 1) × granule` bytes, so any block size that is a multiple of
+/// the granule finds the hash of its leading whole blocks there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PromptPrefix {
+    /// Bytes between two recorded hashes.
+    pub granule: usize,
+    /// The recorded hashes.
+    pub chain: Vec<u64>,
+}
+
+impl PromptPrefix {
+    /// The hash of the leading whole blocks of `block_size` bytes, at most
+    /// `blocks` of them; `None` when not one whole block was read or the
+    /// block size is not a multiple of the granule.
+    pub fn key(&self, blocks: usize, block_size: usize) -> Option<u64> {
+        if self.granule == 0 || !block_size.is_multiple_of(self.granule) {
+            return None;
+        }
+        let per_block = block_size / self.granule;
+        let whole = (self.chain.len() / per_block).min(blocks);
+        (whole > 0).then(|| self.chain[whole * per_block - 1])
+    }
+}
+
+#[derive(Debug)]
+struct PromptHasher {
+    granule: usize,
+    max: usize,
+    state: u64,
+    filled: usize,
+    chain: Vec<u64>,
+    /// The prompt member ended, or the object did.
+    done: bool,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
+impl PromptHasher {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.chain.len() >= self.max {
+                self.done = true;
+                return;
+            }
+            self.state = (self.state ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+            self.filled += 1;
+            if self.filled == self.granule {
+                self.chain.push(self.state);
+                self.filled = 0;
+            }
+        }
+        if self.chain.len() >= self.max {
+            self.done = true;
+        }
+    }
 }
 
 /// What a [`JsonScanner`] found.
@@ -124,6 +191,9 @@ pub struct JsonFields {
     /// (a chunk that ends exactly at the limit does not tell: the caller
     /// knows whether more of the body follows).
     pub truncated: bool,
+    /// Hashes of the prompt's leading bytes, when the scan was asked for
+    /// them ([`JsonScanner::hash_prompt`]).
+    pub prompt: Option<PromptPrefix>,
 }
 
 impl JsonFields {
@@ -205,6 +275,7 @@ enum Sink {
     Skip,
     Key,
     Model,
+    Prompt,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,6 +284,8 @@ enum Member {
     Stream,
     MaxTokens,
     MaxCompletionTokens,
+    /// `messages` (chat) or `prompt` (completions): hashed when asked.
+    Prompt,
     Other,
 }
 
@@ -254,7 +327,32 @@ impl JsonScanner {
             trailing_at: None,
             truncated: false,
             model_cap: limit,
+            prompt: None,
         }
+    }
+
+    /// Also hashes the leading bytes of `messages` or `prompt`, recording
+    /// the hash every `granule` bytes up to `granules` times (at most
+    /// [`MAX_PROMPT_GRANULES`]); the scan reads on past its decision until
+    /// that member ends or enough is hashed, within its limit.
+    pub fn hash_prompt(mut self, granule: usize, granules: usize) -> Self {
+        if granule > 0 && granules > 0 {
+            self.prompt = Some(PromptHasher {
+                granule,
+                max: granules.min(MAX_PROMPT_GRANULES),
+                state: FNV_OFFSET,
+                filled: 0,
+                chain: Vec::new(),
+                done: false,
+            });
+        }
+        self
+    }
+
+    /// Whether the scan may stop at its decision: no prompt hashing asked,
+    /// or the prompt is hashed as far as it goes.
+    fn settled(&self) -> bool {
+        self.decided && !self.whole && self.prompt.as_ref().is_none_or(|p| p.done)
     }
 
     /// Scans the whole top-level object (within the limit) instead of
@@ -276,6 +374,7 @@ impl JsonScanner {
         self.limit = usize::MAX;
         self.truncated = false;
         self.model_cap = self.model_cap.min(VERIFY_MODEL_CAP);
+        self.prompt = None;
         self
     }
 
@@ -285,7 +384,7 @@ impl JsonScanner {
     /// consumed. A [`JsonScanner::whole_object`] scan reads on past the
     /// object (whitespace only may follow) until the limit or a second value.
     pub fn feed(&mut self, chunk: &[u8]) -> Scan {
-        if self.state == State::Done || (self.decided && !self.whole) {
+        if self.state == State::Done || self.settled() {
             return Scan::Done;
         }
         let data = &chunk[..chunk.len().min(self.limit - self.consumed)];
@@ -300,6 +399,10 @@ impl JsonScanner {
                 if run > 0 {
                     self.plain(&data[i..i + run]);
                     i += run;
+                    // A prompt hashed far enough settles the scan mid-string.
+                    if self.settled() {
+                        break;
+                    }
                     continue;
                 }
             }
@@ -307,12 +410,12 @@ impl JsonScanner {
             if self.step(data[i], self.consumed + i) {
                 i += 1;
             }
-            if self.state == State::Done || (self.decided && !self.whole) {
+            if self.state == State::Done || self.settled() {
                 break;
             }
         }
         self.consumed += i;
-        let stopped = self.state == State::Done || (self.decided && !self.whole);
+        let stopped = self.state == State::Done || self.settled();
         if !stopped && self.consumed >= self.limit && chunk.len() > i {
             // Still reading, but the limit leaves the rest of this chunk unread.
             self.truncated = true;
@@ -347,6 +450,10 @@ impl JsonScanner {
             object_end: self.object_end,
             trailing_at: self.trailing_at,
             truncated: self.truncated,
+            prompt: self.prompt.as_ref().map(|p| PromptPrefix {
+                granule: p.granule,
+                chain: p.chain.clone(),
+            }),
         }
     }
 
@@ -363,6 +470,10 @@ impl JsonScanner {
             + self.model_buf.capacity()
             + self.pending_model.as_ref().map_or(0, |(m, _)| m.capacity())
             + self.model.as_ref().map_or(0, String::capacity)
+            + self
+                .prompt
+                .as_ref()
+                .map_or(0, |p| p.chain.capacity() * mem::size_of::<u64>())
     }
 
     /// Handles one byte at body offset `at`; `false` when the byte must be seen
@@ -429,6 +540,9 @@ impl JsonScanner {
     /// was found stands, but nothing after this byte can be followed.
     fn fail(&mut self) {
         self.decided = true;
+        if let Some(prompt) = &mut self.prompt {
+            prompt.done = true;
+        }
         self.invalid_at.get_or_insert(self.pos);
         self.state = State::Done;
     }
@@ -496,6 +610,9 @@ impl JsonScanner {
                 // The top-level object closed: a decision, and from here
                 // only whitespace may follow.
                 self.decided = true;
+                if let Some(prompt) = &mut self.prompt {
+                    prompt.done = true;
+                }
                 self.object_end = Some(self.pos + 1);
                 self.state = State::Trailing;
                 return;
@@ -521,6 +638,11 @@ impl JsonScanner {
                 Member::MaxTokens => {
                     if let Some(n) = self.number.take() {
                         self.max_tokens = self.max_tokens.or(Some(n));
+                    }
+                }
+                Member::Prompt => {
+                    if let Some(prompt) = &mut self.prompt {
+                        prompt.done = true;
                     }
                 }
                 Member::Other => {}
@@ -583,6 +705,7 @@ impl JsonScanner {
                 self.model_start = at;
                 Sink::Model
             }
+            (_, false, Member::Prompt) if self.prompt.is_some() => Sink::Prompt,
             _ => Sink::Skip,
         };
         self.escape = Escape::None;
@@ -683,13 +806,18 @@ impl JsonScanner {
                 self.model_invalid = true;
             }
             Sink::Model => self.model_buf.extend_from_slice(bytes),
+            Sink::Prompt => {
+                if let Some(prompt) = &mut self.prompt {
+                    prompt.feed(bytes);
+                }
+            }
         }
     }
 
     /// The string being read cannot be a valid name (lone surrogate).
     fn sink_invalid(&mut self) {
         match self.sink {
-            Sink::Skip => {}
+            Sink::Skip | Sink::Prompt => {}
             Sink::Key => self.key_overflow = true,
             Sink::Model => self.model_invalid = true,
         }
@@ -706,6 +834,7 @@ impl JsonScanner {
                     (false, b"stream") => Member::Stream,
                     (false, b"max_tokens") => Member::MaxTokens,
                     (false, b"max_completion_tokens") => Member::MaxCompletionTokens,
+                    (false, b"messages" | b"prompt") => Member::Prompt,
                     _ => Member::Other,
                 };
             }
@@ -717,6 +846,12 @@ impl JsonScanner {
                         .ok()
                         .map(|model| (model, self.model_start..at + 1)),
                 };
+            }
+            Sink::Prompt => {
+                // Strings stay apart: `["ab", "c"]` is not `["a", "bc"]`.
+                if let Some(prompt) = &mut self.prompt {
+                    prompt.feed(&[0x1e]);
+                }
             }
             Sink::Skip => {}
         }
@@ -1419,5 +1554,96 @@ mod tests {
         #[allow(clippy::reversed_empty_ranges)]
         let reversed = 2..1;
         assert_eq!(&rewrite_json_model(b"{}", reversed, "m")[..], b"{}");
+    }
+
+    fn prompt_of(body: &[u8], cuts: &[usize]) -> (Option<PromptPrefix>, usize) {
+        let mut scanner = JsonScanner::new(BIG).hash_prompt(16, 8);
+        let mut start = 0;
+        for &cut in cuts.iter().chain([&body.len()]) {
+            if scanner.feed(&body[start..cut]) == Scan::Done {
+                break;
+            }
+            start = cut;
+        }
+        let consumed = scanner.consumed();
+        (scanner.finish().prompt, consumed)
+    }
+
+    const SYSTEM: &str = "You are a careful assistant for the billing team of ACME.";
+
+    fn chat(system: &str, question: &str, tail: &str) -> Vec<u8> {
+        format!(
+            r#"{{"model":"m","stream":true,"messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"{question}"}}]{tail}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_shared_system_prompt_hashes_the_same_whatever_the_question_and_the_chunking() {
+        let a = chat(SYSTEM, "What is my balance?", "");
+        let b = chat(SYSTEM, "Cancel my order 42, please.", r#","n":1"#);
+        let (pa, _) = prompt_of(&a, &[]);
+        let (pb, _) = prompt_of(&b, &[3, 40, 41, 77]);
+        let (pa, pb) = (pa.unwrap(), pb.unwrap());
+        // "system" + separator + the 57-byte content: three whole blocks of 16.
+        assert_eq!(pa.key(3, 16), pb.key(3, 16));
+        assert!(pa.key(3, 16).is_some());
+        // Further on, the questions differ.
+        assert_ne!(pa.key(8, 16), pb.key(8, 16));
+        // A 32-byte block is two granules.
+        assert_eq!(pa.key(1, 32), Some(pa.chain[1]));
+        assert_eq!(pa.key(1, 24), None, "not a multiple of the granule");
+        let other = chat("Arr! You are a pirate.", "What is my balance?", "");
+        let (po, _) = prompt_of(&other, &[]);
+        assert_ne!(po.unwrap().key(1, 16), pa.key(1, 16));
+    }
+
+    #[test]
+    fn a_completion_prompt_is_hashed_and_a_short_one_has_no_whole_block() {
+        let long =
+            br#"{"model":"m","prompt":"0123456789abcdef0123456789abcdef-tail","stream":false}"#;
+        let (p, _) = prompt_of(long, &[]);
+        assert_eq!(p.as_ref().unwrap().chain.len(), 2);
+        let short = br#"{"model":"m","prompt":"hi","stream":false}"#;
+        let (p, _) = prompt_of(short, &[]);
+        assert_eq!(p.unwrap().key(4, 16), None);
+        // No prompt at all: none either, and the scan still ends.
+        let (p, _) = prompt_of(br#"{"model":"m","input":"0123456789abcdef0123"}"#, &[]);
+        assert_eq!(p.unwrap().key(1, 16), None);
+    }
+
+    #[test]
+    fn hashing_reads_on_past_the_decision_only_as_far_as_the_prefix_needs() {
+        let question = "q".repeat(500);
+        let body = chat(SYSTEM, &question, "");
+        // As a client sends it, in small chunks: no chunk past the
+        // prefix is asked for.
+        let cuts: Vec<usize> = (1..body.len() / 16).map(|i| i * 16).collect();
+        let (p, consumed) = prompt_of(&body, &cuts);
+        assert_eq!(p.unwrap().chain.len(), 8, "eight granules, no more");
+        assert!(consumed < 250, "stopped at {consumed} of {}", body.len());
+        // Without hashing it stops at the decision, before `messages`.
+        let mut plain = JsonScanner::new(BIG);
+        assert_eq!(plain.feed(&body), Scan::Done);
+        assert!(plain.consumed() < 30);
+        assert_eq!(plain.finish().prompt, None);
+        // Hashing keeps within the scan's limit.
+        let mut limited = JsonScanner::new(60).hash_prompt(16, 8);
+        assert_eq!(limited.feed(&body), Scan::Done);
+        assert_eq!(limited.consumed(), 60);
+    }
+
+    #[test]
+    fn keys_and_strings_outside_the_prompt_are_not_hashed() {
+        let a = br#"{"model":"m","messages":[{"role":"user","content":"0123456789abcdef0123456789abcdef"}],"user":"alice"}"#;
+        let b = br#"{"user":"bob","messages":[{"content":"0123456789abcdef0123456789abcdef","role":"user"}],"model":"m"}"#;
+        let (pa, _) = prompt_of(a, &[]);
+        let (pb, _) = prompt_of(b, &[]);
+        // Different member order inside a message changes the bytes hashed
+        // (role before content or after); the keys themselves never count.
+        let c = br#"{"model":"m","messages":[{"ROLE":"user","CONTENT":"0123456789abcdef0123456789abcdef"}]}"#;
+        let (pc, _) = prompt_of(c, &[]);
+        assert_eq!(pa, pc);
+        assert_ne!(pa, pb);
     }
 }

@@ -4,7 +4,8 @@ use super::format::{endpoint_problem, namespace_problem};
 use super::path::{find, P};
 use crate::policy::load::{PolicyError, Typed};
 use crate::policy::{
-    BackendLimits, BackendSpec, DestinationPattern, OutlierDetection, ServicePort, ServiceRef,
+    BackendLimits, BackendSpec, BalancerKind, DestinationPattern, ModelAware, OutlierDetection,
+    ServicePort, ServiceRef,
 };
 use P::{I, K};
 
@@ -85,6 +86,23 @@ pub(super) fn backend_spec(backend: &Typed<BackendSpec>, errors: &mut Vec<Policy
                 .into_iter()
                 .flatten()
                 .map(|(key, problem)| (vec!["limits", key], problem)),
+        )
+        .chain(
+            spec.model_aware
+                .as_ref()
+                .map(|m| model_aware_problems(spec.balancer, m))
+                .into_iter()
+                .flatten()
+                .map(|(keys, problem)| {
+                    (
+                        ["modelAware"]
+                            .iter()
+                            .chain(keys)
+                            .copied()
+                            .collect::<Vec<_>>(),
+                        problem,
+                    )
+                }),
         );
     for (keys, problem) in problems {
         let path: Vec<P<'_>> = std::iter::once(K("spec"))
@@ -249,6 +267,127 @@ pub(super) fn outlier_problems(
                 outlier.max_ejected_percent
             ),
         ));
+    }
+    problems
+}
+
+/// Longest metrics poll interval: a slower poll is stale before it helps.
+const MAX_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// Shortest: a model server's metrics page is not free to render.
+const MIN_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// What is wrong with `modelAware`: it needs `balancer: model-aware`,
+/// weights are finite and not negative, the load factor is at least 1, the
+/// prefix is a sane size, and polling has a path and a useful interval.
+/// Each problem comes with the keys of its field under `modelAware`.
+pub(super) fn model_aware_problems(
+    balancer: BalancerKind,
+    settings: &ModelAware,
+) -> Vec<(&'static [&'static str], String)> {
+    let mut problems: Vec<(&'static [&'static str], String)> = Vec::new();
+    if balancer != BalancerKind::ModelAware {
+        problems.push((
+            &[],
+            "`modelAware` configures `balancer: model-aware`; set that balancer, or remove `modelAware`".into(),
+        ));
+    }
+    let weights = &settings.weights;
+    for (keys, name, value) in [
+        (
+            &["weights", "queue"] as &'static [&'static str],
+            "queue",
+            weights.queue,
+        ),
+        (&["weights", "running"], "running", weights.running),
+        (&["weights", "kvCache"], "kvCache", weights.kv_cache),
+        (&["weights", "latency"], "latency", weights.latency),
+    ] {
+        if !(value.is_finite() && (0.0..=100.0).contains(&value)) {
+            problems.push((
+                keys,
+                format!("weight `{name}` must be between 0 and 100, found {value}"),
+            ));
+        }
+    }
+    if !(settings.load_factor.is_finite() && (1.0..=100.0).contains(&settings.load_factor)) {
+        problems.push((
+            &["loadFactor"],
+            format!(
+                "`loadFactor` bounds an endpoint's load as a multiple of the mean: between 1 and 100, found {}",
+                settings.load_factor
+            ),
+        ));
+    }
+    let prefix = &settings.prefix;
+    if !(1..=64).contains(&prefix.blocks) {
+        problems.push((
+            &["prefix", "blocks"],
+            format!("`blocks` must be between 1 and 64, found {}", prefix.blocks),
+        ));
+    }
+    if !(16..=4096).contains(&prefix.block_size) {
+        problems.push((
+            &["prefix", "blockSize"],
+            format!(
+                "`blockSize` must be between 16 and 4096 bytes, found {}",
+                prefix.block_size
+            ),
+        ));
+    }
+    let metrics = &settings.metrics;
+    if metrics.path != "off" && !metrics.path.starts_with('/') {
+        problems.push((
+            &["metrics", "path"],
+            format!(
+                "metrics `path` must start with `/` (or be `off`), found {:?}",
+                metrics.path
+            ),
+        ));
+    }
+    if !(MIN_POLL_INTERVAL..=MAX_POLL_INTERVAL).contains(&metrics.interval) {
+        problems.push((
+            &["metrics", "interval"],
+            format!(
+                "metrics `interval` must be between 50ms and 60s, found {}ms",
+                metrics.interval.as_millis()
+            ),
+        ));
+    }
+    if metrics.stale_after() < metrics.interval {
+        problems.push((
+            &["metrics", "staleAfter"],
+            format!(
+                "`staleAfter` ({}ms) is shorter than the poll `interval` ({}ms): every report would be ignored before the next",
+                metrics.stale_after().as_millis(),
+                metrics.interval.as_millis()
+            ),
+        ));
+    }
+    let names = &metrics.names;
+    for (keys, value) in [
+        (
+            &["metrics", "names", "waiting"] as &'static [&'static str],
+            &names.waiting,
+        ),
+        (&["metrics", "names", "running"], &names.running),
+        (&["metrics", "names", "kvCacheUsage"], &names.kv_cache_usage),
+        (&["metrics", "names", "loraInfo"], &names.lora_info),
+    ] {
+        if let Some(name) = value {
+            let valid = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+            if !valid {
+                problems.push((
+                    keys,
+                    format!("{name:?} is not a Prometheus metric name (letters, digits, `_` and `:`, not starting with a digit)"),
+                ));
+            }
+        }
     }
     problems
 }

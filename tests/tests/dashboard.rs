@@ -372,7 +372,13 @@ impl Browser {
             .spawn()
             .expect("chromedriver (Debian's chromium-driver; scripts/setup.sh installs it)");
         let url = format!("http://127.0.0.1:{port}");
-        let session = {
+        // Held from here, so that a failure below still ends chromedriver.
+        let mut browser = Self {
+            driver,
+            url: url.clone(),
+            session: String::new(),
+        };
+        browser.session = {
             {
                 let client = HttpClient::http1();
                 eventually("chromedriver answers", Duration::from_secs(20), || async {
@@ -414,11 +420,7 @@ impl Browser {
                     .to_string()
             }
         };
-        Self {
-            driver,
-            url,
-            session,
-        }
+        browser
     }
 
     async fn command(&self, path: &str, body: Value) -> Value {
@@ -465,15 +467,17 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         // Closing the session ends Chromium; then chromedriver goes.
-        let _ = std::process::Command::new("curl")
-            .args([
-                "-s",
-                "-X",
-                "DELETE",
-                &format!("{}/session/{}", self.url, self.session),
-            ])
-            .stdout(Stdio::null())
-            .status();
+        if !self.session.is_empty() {
+            let _ = std::process::Command::new("curl")
+                .args([
+                    "-s",
+                    "-X",
+                    "DELETE",
+                    &format!("{}/session/{}", self.url, self.session),
+                ])
+                .stdout(Stdio::null())
+                .status();
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use infermesh_tests::client::{chat_body, json_request};
+use infermesh_tests::kserve::{grpc_client, infer_request, KServeGrpcServer, KServeSettings};
 use infermesh_tests::mesh::Mesh;
 use infermesh_tests::{
     policy, ControlPlaneProcess, HttpClient, Metrics, OpenAiServer, ProxyProcess,
@@ -319,7 +320,24 @@ async fn the_dashboard_shows_what_two_proxies_counted_and_chromium_draws_it() {
 #[tokio::test]
 async fn summaries_travel_on_a_mutually_authenticated_policy_stream() {
     let upstream = OpenAiServer::start("models");
-    let files = policies(&upstream);
+    let kserve = KServeGrpcServer::with_settings(
+        "kserve",
+        KServeSettings {
+            infer_delay: Duration::from_millis(200),
+            ..KServeSettings::default()
+        },
+    );
+    let mut files = policies(&upstream);
+    files.push((
+        "grpc.yaml",
+        policy::docs(&[
+            policy::backend("kserve", &[kserve.addr()], "protocol: http2"),
+            policy::route(
+                "grpc",
+                "match:\n  - model: {exact: grpc-model}\nbackends:\n  - backend: kserve\n",
+            ),
+        ]),
+    ));
     let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
     let mesh = Mesh::start(&files, "24h", &[("apps", "web")]);
     let proxy = mesh
@@ -331,6 +349,19 @@ async fn summaries_travel_on_a_mutually_authenticated_policy_stream() {
     for _ in 0..5 {
         assert_eq!(request(&client, &proxy, MODEL, true, None, 0).await, 200);
     }
+    // gRPC: three calls answered OK after 200 ms, one for a model no route
+    // takes (the proxy's UNIMPLEMENTED, a failure).
+    let mut grpc = grpc_client(proxy.outbound).await;
+    for i in 0..3 {
+        grpc.model_infer(infer_request("grpc-model", &i.to_string()))
+            .await
+            .expect("a routed call succeeds");
+    }
+    let refused = grpc
+        .model_infer(infer_request("unrouted-model", "x"))
+        .await
+        .expect_err("no route");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
     let admin = mesh.control.admin_url();
     let data = eventually(
         "the summary reaches the control plane",
@@ -339,12 +370,27 @@ async fn summaries_travel_on_a_mutually_authenticated_policy_stream() {
             let data = dashboard_json(&admin).await;
             let requests =
                 row(&data["figures"]["proxies"]["apps-web"], MODEL).map(|r| r["requests"].clone());
-            (requests == Some(json!(5)))
+            let grpc = row(&data["figures"]["proxies"]["apps-web"], "unrouted-model")
+                .map(|r| r["requests"].clone());
+            (requests == Some(json!(5)) && grpc == Some(json!(1)))
                 .then_some(data.clone())
                 .ok_or(data.to_string())
         },
     )
     .await;
+    let rows = &data["figures"]["proxies"]["apps-web"];
+    let grpc = row(rows, "grpc-model").unwrap();
+    assert_eq!(
+        (grpc["requests"].as_u64(), grpc["failures"].as_u64()),
+        (Some(3), Some(0)),
+        "{grpc}"
+    );
+    let ttft = grpc["ttftP50Ms"].as_f64().unwrap();
+    assert!(
+        ttft >= 150.0,
+        "the first gRPC message came after 200 ms, p50 {ttft}"
+    );
+    assert_eq!(row(rows, "unrouted-model").unwrap()["failures"], 1);
     let entry = &data["connected"][0];
     assert_eq!(
         entry["identity"], "spiffe://cluster.local/ns/apps/sa/web",

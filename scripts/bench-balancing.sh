@@ -17,7 +17,9 @@
 #   QUESTION_TOKENS [50]  OUTPUT_TOKENS [128]  KV_BLOCKS [2048]
 #   STREAM_INTERVAL [8]  PROFILE [release]
 #   BENCH_BACKEND_EXTRA  YAML appended to the Backend's spec (one field per
-#              line, indented two spaces), e.g. settings of a balancer
+#              line, indented two spaces), e.g. settings of a balancer; without
+#              it a model-aware Backend polls its servers' metrics every
+#              1000/TIME_SCALE ms (1 s of model time, the default interval)
 #   SIM_ARGS   more flags for every server (e.g. --load-report)
 #
 # The servers' profile is the simulator's default, an 8B model on one H100
@@ -126,7 +128,14 @@ start_sidecars() {
         echo 'spec:'
         echo "  endpoints: [${endpoints%, }]"
         echo "  balancer: $balancer"
-        if [ -n "$EXTRA" ]; then echo "$EXTRA"; fi
+        if [ -n "$EXTRA" ]; then
+            echo "$EXTRA"
+        elif [ "$balancer" = model-aware ]; then
+            # The servers run TIME_SCALE times faster than real time, so the
+            # metrics are polled that much more often: 1 s of model time,
+            # the default interval, as every other duration is scaled.
+            echo "  modelAware: {metrics: {interval: $((1000 / TIME_SCALE))ms}}"
+        fi
         echo '---'
         echo 'apiVersion: infermesh.io/v1alpha1'
         echo 'kind: ModelRoute'

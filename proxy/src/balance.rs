@@ -580,6 +580,25 @@ pub struct Balancer {
 struct ModelAwareState {
     settings: model_aware::Settings,
     ring: ArcSwapOption<Ring>,
+    /// Prefix keys seen recently, one per slot (the slot is the key's low
+    /// bits): a prefix whose slot still holds it was seen since the slot
+    /// was last taken by another.
+    recent: Box<[AtomicU64]>,
+}
+
+/// Slots of the recently seen prefixes: a workload with far more live
+/// prefixes than this loses some affinity, never correctness.
+const RECENT_PREFIXES: usize = 8192;
+
+fn recent_slots() -> Box<[AtomicU64]> {
+    (0..RECENT_PREFIXES).map(|_| AtomicU64::new(0)).collect()
+}
+
+impl ModelAwareState {
+    /// Whether `key` was seen recently; records it.
+    fn seen(&self, key: u64) -> bool {
+        self.recent[(key as usize) % RECENT_PREFIXES].swap(key, Ordering::Relaxed) == key
+    }
 }
 
 /// What a request offers the model-aware balancer: its prompt prefix hashes
@@ -603,6 +622,7 @@ impl Balancer {
                     &infermesh_proto::policy::ModelAware::default(),
                 ),
                 ring: ArcSwapOption::empty(),
+                recent: recent_slots(),
             }),
         }
     }
@@ -613,6 +633,7 @@ impl Balancer {
             model_aware: Some(ModelAwareState {
                 settings,
                 ring: ArcSwapOption::empty(),
+                recent: recent_slots(),
             }),
             ..Self::new(BalancerKind::ModelAware)
         }
@@ -650,7 +671,9 @@ impl Balancer {
             .map(|prefix| model_aware::ring_key(prefix, adapter));
         let ring = key.map(|_| state.ring_for(endpoints));
         let mut rng = fastrand::Rng::with_seed(fastrand::u64(..));
-        let choice = model_aware::choose(&views, ring.as_deref(), key, settings, &mut rng);
+        let seen = key.is_some_and(|key| state.seen(key));
+        let choice =
+            model_aware::choose_prefix(&views, ring.as_deref(), key, seen, settings, &mut rng);
         Some((endpoints[choice.index].clone(), choice.affinity))
     }
 

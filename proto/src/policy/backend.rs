@@ -510,13 +510,13 @@ mod defaults {
         Duration::from_secs(10)
     }
     pub fn load_factor() -> f64 {
-        1.25
+        2.0
     }
     pub fn queue_weight() -> f64 {
         2.0
     }
     pub fn running_weight() -> f64 {
-        1.0
+        0.25
     }
     pub fn kv_cache_weight() -> f64 {
         1.0

@@ -272,6 +272,25 @@ pub fn choose(
     settings: &Settings,
     rng: &mut fastrand::Rng,
 ) -> Choice {
+    choose_prefix(views, ring, key, true, settings, rng)
+}
+
+/// [`choose`], told whether the prefix was `seen` recently. A prefix seen
+/// before is probably in its ring owner's cache: it follows the ring within
+/// the load bound, where a hit saves a whole prefill. A new prefix is in no
+/// cache yet: it goes to the better of its ring owner and one random
+/// endpoint, by the same score as without a prefix, so that prompts that
+/// share nothing are balanced as power of two choices balances them, while
+/// a prefix that will repeat still tends to start where the ring (and so
+/// every other sidecar) will look for it.
+pub fn choose_prefix(
+    views: &[View],
+    ring: Option<&Ring>,
+    key: Option<u64>,
+    seen: bool,
+    settings: &Settings,
+    rng: &mut fastrand::Rng,
+) -> Choice {
     let weights = &settings.weights;
     let usable: Vec<usize> = (0..views.len())
         .filter(|&i| views[i].backoff_left == 0)
@@ -301,6 +320,42 @@ pub fn choose(
         .any(|&i| effective(&views[i], weights) <= holder_limit);
     let candidates = if holders_fit { &holders } else { &usable };
     let limit = if holders_fit { holder_limit } else { limit };
+    if let (Some(ring), Some(key), false) = (ring, key, seen) {
+        let owner = ring
+            .walk(key)
+            .into_iter()
+            .find(|&i| i < views.len() && candidates.contains(&i));
+        if let Some(owner) = owner {
+            // Not busier than the mean: the owner, as a seen prefix would
+            // go (so the first requests of a prefix from every sidecar
+            // meet there at low load).
+            if candidates.len() == 1
+                || effective(&views[owner], weights) <= bound(&usable_views, weights, 1.0)
+            {
+                return Choice {
+                    index: owner,
+                    affinity: Some(Affinity::Hit),
+                };
+            }
+            let others: Vec<usize> = candidates.iter().copied().filter(|&i| i != owner).collect();
+            let other = others[rng.usize(..others.len())];
+            let index = p2c(
+                (owner, &views[owner]),
+                (other, &views[other]),
+                weights,
+                rng.f64(),
+            );
+            let affinity = if index == owner {
+                Affinity::Hit
+            } else {
+                Affinity::Spill
+            };
+            return Choice {
+                index,
+                affinity: Some(affinity),
+            };
+        }
+    }
     if let (Some(ring), Some(key)) = (ring, key) {
         let mut owner = None;
         for i in ring.walk(key) {
@@ -565,8 +620,13 @@ mod tests {
     use super::*;
     use infermesh_proto::policy::ServerMetrics;
 
+    /// The mechanics under test, with round weights: a running request
+    /// weighs one, and the bound is 1.25 × the mean.
     fn settings() -> Settings {
-        Settings::from(&ModelAware::default())
+        let mut s = Settings::from(&ModelAware::default());
+        s.weights.running = 1.0;
+        s.load_factor = 1.25;
+        s
     }
 
     fn idle() -> View {
@@ -606,9 +666,9 @@ mod tests {
 
     #[test]
     fn load_takes_the_larger_of_own_and_server_counts_and_grows_with_the_kv_cache() {
-        let w = ScoreWeights::default();
+        let w = settings().weights;
         assert_eq!(load(&busy(3), &w), 3.0);
-        // Queue weighs twice by default: 2 × 4 + 1 × 2.
+        // Queue weighs twice a running request here: 2 × 4 + 1 × 2.
         assert_eq!(load(&reporting(4.0, 2.0, 0.0), &w), 10.0);
         // The server counts fewer than this proxy has sent: the proxy's.
         let v = View {
@@ -693,6 +753,40 @@ mod tests {
         };
         let choice = choose(&views, Some(&ring), Some(key), &loose, &mut rng);
         assert_eq!(choice.index, order[0]);
+    }
+
+    #[test]
+    fn a_new_prefix_starts_on_its_owner_unless_it_is_busier_than_the_mean() {
+        let s = settings();
+        let ring = Ring::new(addrs(4));
+        let key = ring_key(7, Some("m"));
+        let order = ring.walk(key);
+        let mut rng = fastrand::Rng::with_seed(3);
+        // Even load: the owner, as for a prefix seen before.
+        let views = vec![busy(2); 4];
+        let choice = choose_prefix(&views, Some(&ring), Some(key), false, &s, &mut rng);
+        assert_eq!(choice.index, order[0]);
+        // The owner far busier than the others: a new prefix (nothing to
+        // lose in a cache) goes mostly to the random other of two choices,
+        // while a seen one still stays within the loose bound of 2.
+        let mut views = vec![busy(1); 4];
+        views[order[0]] = busy(4);
+        let owner_share = (0..1000)
+            .filter(|_| {
+                choose_prefix(&views, Some(&ring), Some(key), false, &s, &mut rng).index == order[0]
+            })
+            .count();
+        // Soft shares: 2.5 times the load keeps about a seventh.
+        assert!(
+            owner_share < 250,
+            "a new prefix kept its busy owner {owner_share}/1000"
+        );
+        let loose = Settings {
+            load_factor: 2.0,
+            ..s.clone()
+        };
+        let choice = choose_prefix(&views, Some(&ring), Some(key), true, &loose, &mut rng);
+        assert_eq!(choice.index, order[0], "a seen prefix stays home");
     }
 
     #[test]

@@ -136,6 +136,9 @@ struct Subscriber {
     /// The pod whose labels are the workload's, in a cluster: namespace
     /// and name.
     pod: Option<(String, String)>,
+    /// The service account of the stream's certificate, which the pod
+    /// must run as for its labels to count.
+    service_account: Option<String>,
     registration: Registration,
     /// Version last compared with `sent`.
     checked: u64,
@@ -287,16 +290,17 @@ impl Session {
                             }
                         }
                         workload.labels = info.labels;
-                        pod = Some((workload.namespace.clone(), proxy_id.clone()));
                     }
                     None => tracing::warn!(
                         proxy = %proxy_id,
                         namespace = %workload.namespace,
                         "no pod of this name in the cluster after {}s; scoping by the labels \
-                         the proxy sent",
+                         the proxy sent until it appears",
                         POD_WAIT.as_secs()
                     ),
                 }
+                // Followed either way: a pod seen late takes over then.
+                pod = Some((workload.namespace.clone(), proxy_id.clone()));
             }
         }
         let id = if proxy_id.is_empty() {
@@ -310,6 +314,10 @@ impl Session {
         Ok(Some(Subscriber {
             workload,
             pod,
+            service_account: self
+                .identity
+                .as_ref()
+                .map(|id| id.service_account().to_owned()),
             registration: self.registry.register(state),
             checked: 0,
             sent: None,
@@ -347,6 +355,18 @@ impl Subscriber {
         };
         if info.labels == self.workload.labels {
             return;
+        }
+        if let Some(account) = &self.service_account {
+            if *account != info.service_account {
+                tracing::debug!(
+                    proxy = %name,
+                    %namespace,
+                    pod_service_account = %info.service_account,
+                    certificate_service_account = %account,
+                    "the pod runs as another service account than this proxy's certificate; its labels are not taken"
+                );
+                return;
+            }
         }
         tracing::info!(proxy = %name, %namespace, labels = ?info.labels, "the pod's labels changed; re-scoping its policy");
         self.workload.labels = info.labels;

@@ -4,13 +4,13 @@
 //! upstreams. Policy files are edited as an operator would: in place, or by
 //! renaming a new file over the old one.
 
-use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use infermesh_tests::client::{chat_body, json_request};
+use infermesh_tests::eventually;
 use infermesh_tests::kserve::{grpc_client, infer_request};
 use infermesh_tests::{
     policy, Arrivals, ControlPlaneProcess, HttpClient, Metrics, OpenAiServer, ProxyProcess, Reply,
@@ -55,26 +55,6 @@ fn follower(control_plane: &ControlPlaneProcess, id: &str, extra: &[&str]) -> Pr
         builder = builder.arg(arg);
     }
     builder.start()
-}
-
-/// Polls `check` every 20 ms until it returns `Some`, for at most `timeout`;
-/// panics with `what` when it never does. Returns the value and the time taken.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> (T, Duration)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return (value, started.elapsed());
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: not within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn get(url: String) -> Reply {

@@ -6,12 +6,13 @@
 //! port, as pods with their own IPs would.
 
 use std::collections::BTreeSet;
-use std::future::Future;
+
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use infermesh_tests::client::chat_body;
 use infermesh_tests::control_plane::control_binary;
+use infermesh_tests::eventually;
 use infermesh_tests::openai::OpenAiSettings;
 use infermesh_tests::{
     policy, ControlPlaneProcess, HttpClient, KubeApi, Metrics, OpenAiServer, ProxyProcess, Reply,
@@ -103,25 +104,6 @@ fn follower(control_plane: &ControlPlaneProcess, id: &str) -> ProxyProcess {
         .arg("--proxy-id")
         .arg(id)
         .start()
-}
-
-/// Polls `check` every 50 ms until it returns `Some`; panics after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> (T, Duration)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return (value, started.elapsed());
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: not within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn chat(client: &HttpClient, proxy: &ProxyProcess) -> Reply {

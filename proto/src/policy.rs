@@ -37,8 +37,8 @@ pub use destination::{DestinationError, DestinationPattern};
 pub use load::{load_path, load_str, Location, PolicyError};
 pub use local_model::{local_model_name, LocalModelSpec, LOCAL_PREFIX};
 pub use mesh_config::{
-    ClassifySettings, MeshConfigSpec, MtlsMode, MtlsSettings, OpaqueSettings, TracingProtocol,
-    TracingSettings,
+    AccessLogSettings, ClassifySettings, MeshConfigSpec, MtlsMode, MtlsSettings, OpaqueSettings,
+    OtlpMetricsSettings, TracingProtocol, TracingSettings,
 };
 pub use model_route::{
     AbortFault, DelayFault, FallbackTarget, FaultPolicy, GrpcCode, GrpcMatch, HeaderMatch,

@@ -116,6 +116,9 @@ async fn forward(
     // Where the client's side of the body records its failures: those are
     // the client's, never the endpoint's.
     let client_body = request.extensions().get::<BodyFault>().cloned();
+    if let Some(attempts) = request.extensions().get::<Arc<crate::access::Attempts>>() {
+        attempts.attempted(endpoint.addr());
+    }
     let mut span = traces::attempt(
         &mut request,
         hedge,

@@ -1,6 +1,7 @@
 //! The infermesh sidecar proxy: listeners, protocol detection, request
 //! classification, routing, balancing, connection pools and the admin server.
 
+pub mod access;
 pub mod admin;
 pub mod authz;
 pub mod backend;
@@ -13,6 +14,7 @@ pub mod detect;
 pub mod discovery;
 pub mod error;
 pub mod forward;
+pub mod genai;
 pub mod identity;
 pub mod inputs;
 pub mod listener;

@@ -497,6 +497,13 @@ fn refuse(
 ) {
     inputs.metrics.refused(kind, reason);
     refusal::log(listener_label(kind), reason, peer, detail);
+    crate::access::refusal(
+        inputs.snapshot.load().access_log(),
+        listener_label(kind),
+        reason.as_str(),
+        peer,
+        detail,
+    );
 }
 
 /// Why a request head that the HTTP library accepted is still over the

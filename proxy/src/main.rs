@@ -74,6 +74,10 @@ struct Args {
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Write an access-log line (JSON, on standard output) for every
+    /// request, whatever the policy's `accessLog` settings say.
+    #[arg(long)]
+    access_log: bool,
     /// Follow this control plane's policy stream, e.g.
     /// http://infermesh-control:8080, instead of a local policy.
     #[arg(long, value_name = "URL", conflicts_with = "config")]
@@ -241,6 +245,9 @@ fn default_proxy_id() -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.access_log {
+        infermesh_proxy::access::force();
+    }
     init_logging();
     let identity = match args.identity() {
         Ok(identity) => identity,

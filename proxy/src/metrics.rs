@@ -120,6 +120,11 @@ pub fn listener_label(listener: ListenerKind) -> &'static str {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The GenAI families, under their OpenTelemetry names (no prefix).
+    genai_registry: Registry,
+    /// Tokens, time to first token, time per output token and duration of
+    /// model requests, per model, route, backend and caller.
+    pub genai: crate::genai::GenAiMetrics,
     /// Responses sent, by listener, route, backend and status.
     pub requests: Family<RequestLabels, Counter>,
     /// Requests whose response has not finished.
@@ -404,6 +409,11 @@ impl Metrics {
             "Finished spans dropped before reaching the OTLP collector (export queue full, or the collector refused, failed or timed out)",
             trace_spans_dropped.clone(),
         );
+        registry.register(
+            "access_log_lines_dropped",
+            "Access-log lines dropped because standard output did not keep up (the writer's queue was full)",
+            crate::access::dropped().clone(),
+        );
         let connect_errors = Family::default();
         registry.register(
             "upstream_connect_errors",
@@ -590,8 +600,13 @@ impl Metrics {
             refusals.clone(),
         );
 
+        let mut genai_registry = Registry::default();
+        let genai = crate::genai::GenAiMetrics::register(&mut genai_registry);
+
         Self {
             registry,
+            genai_registry,
+            genai,
             refusals,
             outlier_ejections,
             outlier_ejected,
@@ -666,7 +681,13 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+        // One exposition: the `# EOF` that ends the first is dropped.
+        let encoded = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
+            .and_then(|()| {
+                prometheus_client::encoding::text::encode_registry(&mut out, &self.genai_registry)
+            })
+            .and_then(|()| prometheus_client::encoding::text::encode_eof(&mut out));
+        if encoded.is_err() {
             let _ = writeln!(out, "# error encoding metrics");
         }
         out

@@ -28,11 +28,14 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, kind: ListenerKind, inpu
     let Some(backend) = snapshot.opaque_backend() else {
         count("refused");
         inputs.metrics.refused(kind, Reason::NotHttp);
-        refusal::log(
+        let detail = &"refused a connection that is not HTTP: no opaque backend is configured (MeshConfig spec.opaque.backend)";
+        refusal::log(listener, Reason::NotHttp, peer, detail);
+        crate::access::refusal(
+            snapshot.access_log(),
             listener,
-            Reason::NotHttp,
+            Reason::NotHttp.as_str(),
             peer,
-            &"refused a connection that is not HTTP: no opaque backend is configured (MeshConfig spec.opaque.backend)",
+            detail,
         );
         return;
     };

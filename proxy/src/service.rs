@@ -31,17 +31,18 @@ use infermesh_filters::grpc::is_grpc;
 use infermesh_filters::mirror::BodyCopy;
 use infermesh_filters::rate_limit::{CallerKey, TokenEstimate};
 use infermesh_filters::{BoxBody, ProxyError};
-use infermesh_proto::policy::ListenerKind;
-use infermesh_proto::spiffe::SpiffeId;
+use infermesh_proto::policy::{AccessLogSettings, ListenerKind};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use tower::ServiceExt;
 
+use crate::access::{self, AccessLog};
 use crate::balance::Hint;
 use crate::body::{BodyFault, ProxyBody};
 use crate::chain::{Asked, Chain, Replay};
 use crate::classify::{self, ApiKind, HeadClass};
+use crate::genai::{GenAiLabels, Meter};
 use crate::identity::InboundConn;
 use crate::inputs::Inputs;
 use crate::local;
@@ -54,7 +55,7 @@ use crate::prefix::{
 use crate::redirect::Redirected;
 use crate::route::{self, RouteInput};
 use crate::snapshot::{Route, RouteTarget, Snapshot};
-use crate::summary::{self, Recording};
+use crate::summary;
 use crate::traces::{self, ServerSpan};
 
 /// Serves one request received on `listener`. Never fails: every error
@@ -73,8 +74,12 @@ pub async fn handle(
     let shape = ErrorShape::of(request.uri().path(), request.headers());
     let version = request.version();
     let lists_models = local::lists_models(request.method(), request.uri().path());
-    let mut access = tracing::enabled!(target: "infermesh::access", tracing::Level::INFO)
-        .then(|| AccessLog::new(listener_name, &request));
+    let snapshot = inputs.snapshot.load();
+    let access_settings = snapshot.access_log().cloned();
+    let mut access =
+        (access_settings.is_some() || snapshot.routes_access_logged() || access::forced())
+            .then(|| AccessLog::new(listener_name, &request));
+    drop(snapshot);
     let mut span = traces::traces().and_then(|traces| {
         let parent = traces::incoming(request.headers());
         traces.server_span(
@@ -93,17 +98,20 @@ pub async fn handle(
     if let Some(span) = &span {
         request.extensions_mut().insert(span.trace().clone());
     }
-    let mut model = None;
+    if let Some(access) = &access {
+        request.extensions_mut().insert(access.attempts.clone());
+    }
+    let mut seen = Seen::default();
     let outcome = route_and_send(
         &inputs,
         listener,
         request,
         access.as_mut(),
         span.as_mut(),
-        &mut model,
+        &mut seen,
     )
     .await;
-    let mut summary = summary::summaries().start(model.as_deref(), started);
+    let mut error_type = Name::default();
     let (response, route, backend, duration, ok) = match outcome {
         Ok(Routed {
             response,
@@ -128,8 +136,13 @@ pub async fn handle(
             backend,
         }) => {
             // A drill's abort is no news: it is counted by the fault metric.
-            let level_is_warn = error.fault() != infermesh_filters::Fault::Client
-                && !matches!(error, ProxyError::FaultInjected { .. });
+            let refused = error.fault() == infermesh_filters::Fault::Client;
+            let level_is_warn = !refused && !matches!(error, ProxyError::FaultInjected { .. });
+            error_type = Name(Arc::from(error.kind()));
+            if let Some(access) = access.as_mut() {
+                access.error = Some((error.kind(), error.to_string()));
+                access.refused = refused;
+            }
             if level_is_warn {
                 tracing::warn!(listener = listener_name, route = route.as_str(), backend = backend.as_str(), %error, "request failed");
             } else {
@@ -160,7 +173,18 @@ pub async fn handle(
         }
     };
     let status = response.status().as_u16();
-    summary.responded(status, response.headers());
+    let mut meter = Meter::new(started);
+    meter.responded(response.headers());
+    if status >= 500 && error_type.as_str().is_empty() {
+        error_type = Name(Arc::from(status.to_string()));
+    }
+    let genai = seen.operation.map(|operation| GenAiLabels {
+        gen_ai_operation_name: operation,
+        gen_ai_request_model: seen.model_label.clone(),
+        route: route.clone(),
+        backend: backend.clone(),
+        caller: seen.caller.clone(),
+    });
     if let Some(span) = span.as_mut() {
         span.responded(status, response.headers(), route.as_str(), backend.as_str());
     }
@@ -195,7 +219,9 @@ pub async fn handle(
             if let Some(span) = span.as_mut() {
                 span.grpc_status(grpc_status);
             }
-            summary.grpc_status(grpc_status);
+            if grpc_status != "0" && error_type.as_str().is_empty() {
+                error_type = grpc_error_type(grpc_status);
+            }
             inputs
                 .metrics
                 .requests
@@ -222,9 +248,14 @@ pub async fn handle(
             duration,
             _in_flight: in_flight,
             access,
+            access_settings,
             pending,
             span,
-            summary,
+            meter,
+            model: seen.model,
+            genai,
+            error_type,
+            metrics: inputs.metrics.clone(),
         },
     );
     Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -258,9 +289,9 @@ async fn route_and_send(
     inputs: &Inputs,
     listener: ListenerKind,
     request: Request<Incoming>,
-    access: Option<&mut AccessLog>,
+    mut access: Option<&mut AccessLog>,
     span: Option<&mut ServerSpan>,
-    model_seen: &mut Option<String>,
+    seen: &mut Seen,
 ) -> Result<Routed, Failed> {
     let snapshot = inputs.snapshot.load_full();
     let (mut parts, body) = request.into_parts();
@@ -274,8 +305,20 @@ async fn route_and_send(
         .then(|| snapshot.authorizer())
         .filter(|a| a.enforced());
     let classified = classify_body(&snapshot, &head, body, authorizer).await?;
-    model_seen.clone_from(&classified.model);
-    if let Some(access) = access {
+    let caller = parts
+        .extensions
+        .get::<InboundConn>()
+        .and_then(|c| c.caller.as_deref());
+    seen.model.clone_from(&classified.model);
+    seen.operation = crate::traces::operation_name(head.api);
+    if seen.operation.is_some() {
+        seen.model_label = classified
+            .model
+            .as_deref()
+            .map_or_else(Name::default, |m| snapshot.model_label(m));
+        seen.caller = crate::genai::caller_label(caller);
+    }
+    if let Some(access) = access.as_deref_mut() {
         access.api = head.api.as_str();
         access.model = classified.model.clone();
         access.stream = classified.stream;
@@ -285,10 +328,6 @@ async fn route_and_send(
             .and_then(|c| c.caller.clone());
     }
     if let Some(span) = span {
-        let caller = parts
-            .extensions
-            .get::<InboundConn>()
-            .and_then(|c| c.caller.as_deref());
         span.classified(
             head.api,
             classified.model.as_deref(),
@@ -299,7 +338,12 @@ async fn route_and_send(
     let redirected = parts.extensions.get::<Redirected>().copied();
     let routed = route_request(&snapshot, listener, authorizer, &head, &parts, &classified);
     let (route, target, claimed) = match (routed, redirected) {
-        (Ok(routed), _) => routed,
+        (Ok(routed), _) => {
+            if let Some(access) = access {
+                access.route_logged |= routed.0.access_logged();
+            }
+            routed
+        }
         // Intercepted traffic that no route claims is not the mesh's: it
         // goes where the application sent it.
         (
@@ -687,12 +731,45 @@ struct Finish {
     /// Held for its `Drop`: leaves the gauge when the response ends.
     _in_flight: InFlightGauge,
     access: Option<AccessLog>,
+    /// The mesh's access-log settings when the request arrived.
+    access_settings: Option<AccessLogSettings>,
     /// A gRPC request still to be counted, once its status is known.
     pending: Option<PendingCount>,
     /// The request's server span, ended with the response.
     span: Option<ServerSpan>,
-    /// The request's figures for the control plane's summary.
-    summary: Recording,
+    /// Reads the response as it passes: first token, usage.
+    meter: Meter,
+    /// The model the client asked for, for the control plane's summary.
+    model: Option<String>,
+    /// The GenAI metrics' labels of a model request; `None` for others.
+    genai: Option<GenAiLabels>,
+    /// Empty for a success; else the GenAI metrics' `error_type`.
+    error_type: Name,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// What routing learned of a request, for the accounting of its response.
+#[derive(Default)]
+struct Seen {
+    /// The model the client asked for.
+    model: Option<String>,
+    /// Its GenAI operation, for a model API.
+    operation: Option<&'static str>,
+    /// The model's metric label, bounded by the policy.
+    model_label: Name,
+    /// The caller's metric label.
+    caller: Name,
+}
+
+/// The `error_type` of a failed gRPC status.
+fn grpc_error_type(status: &'static str) -> Name {
+    static TYPES: std::sync::OnceLock<Vec<Name>> = std::sync::OnceLock::new();
+    let types = TYPES.get_or_init(|| (0..=16).map(|c| Name::new(&format!("grpc_{c}"))).collect());
+    status
+        .parse::<usize>()
+        .ok()
+        .and_then(|code| types.get(code).cloned())
+        .unwrap_or_else(|| Name::new("grpc_unknown"))
 }
 
 /// A gRPC request whose `requests_total` waits for the response's trailers.
@@ -732,7 +809,9 @@ impl Drop for Finish {
             if let Some(span) = self.span.as_mut() {
                 span.grpc_status(grpc_status);
             }
-            self.summary.grpc_status(grpc_status);
+            if grpc_status != "0" && self.error_type.as_str().is_empty() {
+                self.error_type = grpc_error_type(grpc_status);
+            }
             pending
                 .requests
                 .get_or_create(&RequestLabels {
@@ -741,69 +820,21 @@ impl Drop for Finish {
                 })
                 .inc();
         }
+        let measured = self.meter.measured();
+        let failed = !self.error_type.as_str().is_empty();
+        summary::summaries().record(self.model.as_deref(), failed, &measured);
+        if let Some(labels) = self.genai.take() {
+            let error_type = std::mem::take(&mut self.error_type);
+            self.metrics
+                .genai
+                .record(labels, error_type, elapsed, &measured);
+        }
+        if let Some(span) = self.span.as_mut() {
+            span.measured(&measured);
+        }
         if let Some(access) = &self.access {
-            access.emit(elapsed);
+            access.emit(self.access_settings.as_ref(), elapsed, &measured);
         }
-    }
-}
-
-/// One access-log line per request, written when its response ends. Off
-/// unless the `infermesh::access` log target is enabled
-/// (`INFERMESH_LOG=info,infermesh::access=info`), so the request path pays
-/// nothing for it by default.
-struct AccessLog {
-    listener: &'static str,
-    method: http::Method,
-    path: String,
-    api: &'static str,
-    model: Option<String>,
-    stream: bool,
-    route: Name,
-    backend: Name,
-    status: u16,
-    /// The gRPC status, for gRPC requests.
-    grpc_status: &'static str,
-    /// The caller's mesh identity (inbound, over mutual TLS).
-    caller: Option<Arc<SpiffeId>>,
-    /// The request's trace: its server span's, else the one it arrived with.
-    trace_id: Option<opentelemetry::trace::TraceId>,
-}
-
-impl AccessLog {
-    fn new(listener: &'static str, request: &Request<Incoming>) -> Self {
-        Self {
-            listener,
-            method: request.method().clone(),
-            path: request.uri().path().to_string(),
-            api: "http",
-            model: None,
-            stream: false,
-            route: Name::default(),
-            backend: Name::default(),
-            status: 0,
-            grpc_status: "",
-            caller: None,
-            trace_id: None,
-        }
-    }
-
-    fn emit(&self, elapsed: std::time::Duration) {
-        tracing::info!(
-            target: "infermesh::access",
-            listener = self.listener,
-            method = %self.method,
-            path = %self.path,
-            api = self.api,
-            model = self.model.as_deref().unwrap_or(""),
-            stream = self.stream,
-            route = self.route.as_str(),
-            backend = self.backend.as_str(),
-            status = self.status,
-            grpc_status = self.grpc_status,
-            caller = self.caller.as_deref().map(ToString::to_string).unwrap_or_default(),
-            trace_id = self.trace_id.map(|id| id.to_string()).unwrap_or_default(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-        );
     }
 }
 
@@ -816,7 +847,7 @@ impl Watch for Finish {
             pending.grpc_status = trailers.get("grpc-status").map(grpc_status_of);
         }
         if let Some(data) = frame.data_ref() {
-            self.summary.body(data);
+            self.meter.body(data);
             if let Some(span) = self.span.as_mut() {
                 span.body(data);
             }

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use crate::authz::Authorizer;
 use infermesh_proto::policy::{
-    local_model_name, ClassifySettings, ListenerKind, ModelRouteSpec, MtlsMode, PolicySet,
-    RateLimitKey,
+    local_model_name, AccessLogSettings, ClassifySettings, ListenerKind, ModelRouteSpec, MtlsMode,
+    PolicySet, RateLimitKey, StringMatch,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -93,6 +93,75 @@ pub struct Snapshot {
     /// How request prompts are hashed for model-aware backends: bytes per
     /// recorded hash and how many; `None` without such a backend.
     prompt_hashing: Option<(usize, usize)>,
+    /// The model names the policy names, as metric labels.
+    model_labels: ModelLabels,
+    /// The mesh's access-log settings; `None` when it keeps none.
+    access_log: Option<AccessLogSettings>,
+    /// Some route keeps an access log.
+    any_route_logged: bool,
+}
+
+/// The `gen_ai_request_model` label of a model name: the name itself when
+/// the policy names it (a route's exact match, an alias, a local model),
+/// `PREFIX*` when a route matches it by prefix, else `other`. So the
+/// label's values are bounded by the policy, whatever clients send.
+#[derive(Debug, Default)]
+pub struct ModelLabels {
+    exact: HashMap<Box<str>, Name>,
+    prefixes: Vec<(String, Name)>,
+}
+
+impl ModelLabels {
+    fn new(policy: &PolicySet) -> Self {
+        let mut labels = Self::default();
+        let mut exact = |name: &str| {
+            labels
+                .exact
+                .entry(name.into())
+                .or_insert_with(|| Name::new(name));
+        };
+        for route in &policy.routes {
+            let spec = &route.spec;
+            let aliases = spec.backends.iter().filter_map(|b| b.model.as_deref());
+            let fallback = spec.fallback.iter().filter_map(|f| f.model.as_deref());
+            aliases.chain(fallback).for_each(&mut exact);
+            for model in spec.matches.iter().filter_map(|m| m.model.as_ref()) {
+                if let StringMatch::Exact(name) = model {
+                    exact(name);
+                }
+            }
+        }
+        for model in &policy.local_models {
+            exact(&model.metadata.name);
+        }
+        for route in &policy.routes {
+            for model in route.spec.matches.iter().filter_map(|m| m.model.as_ref()) {
+                if let StringMatch::Prefix(prefix) = model {
+                    if !labels.prefixes.iter().any(|(p, _)| p == prefix) {
+                        labels
+                            .prefixes
+                            .push((prefix.clone(), Name::new(&format!("{prefix}*"))));
+                    }
+                }
+            }
+        }
+        // The longest prefix names a model best.
+        labels
+            .prefixes
+            .sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+        labels
+    }
+
+    /// The label of `model`.
+    pub fn label(&self, model: &str) -> Name {
+        if let Some(name) = self.exact.get(model) {
+            return name.clone();
+        }
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| model.starts_with(prefix.as_str()))
+            .map_or_else(|| Name::new(crate::genai::OTHER), |(_, name)| name.clone())
+    }
 }
 
 /// A compiled route.
@@ -114,6 +183,8 @@ pub struct Route {
     /// How long a local model may take to answer: the route's first-byte
     /// or total limit, whichever is shorter (the local engine answers whole).
     local_limit: Option<Duration>,
+    /// Each request gets an access-log line.
+    access_log: bool,
 }
 
 /// One link of a route's fallback chain: a backend or a local model.
@@ -221,6 +292,10 @@ impl Snapshot {
         };
         let mut outbound = Vec::new();
         let mut inbound = Vec::new();
+        let mesh_access = policy
+            .mesh
+            .as_ref()
+            .and_then(|m| m.spec.access_log.as_ref());
         // A backend with `addresses` takes the intercepted requests for them
         // that no written route claims: a route of its own, after them all.
         let implied: Vec<(String, ModelRouteSpec)> = policy
@@ -312,7 +387,11 @@ impl Snapshot {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            let access_log = spec
+                .access_log
+                .unwrap_or_else(|| mesh_access.is_some_and(|a| a.requests));
             let route = Route {
+                access_log,
                 name,
                 matchers: spec.matches.iter().map(Matcher::new).collect(),
                 targets,
@@ -340,7 +419,13 @@ impl Snapshot {
         let authorizer = Authorizer::new(&policy.authorizations, trust_domain.as_deref());
         let token_limits = outbound.iter().chain(&inbound).any(|r| r.token_limited);
         let prompt_hashing = prompt_hashing(&policy.backends);
+        let model_labels = ModelLabels::new(&policy);
+        let access_log = mesh.and_then(|m| m.access_log.clone());
+        let any_route_logged = outbound.iter().chain(&inbound).any(|r| r.access_log);
         Self {
+            any_route_logged,
+            model_labels,
+            access_log,
             origin,
             policy,
             outbound,
@@ -355,6 +440,21 @@ impl Snapshot {
             token_limits,
             prompt_hashing,
         }
+    }
+
+    /// The metric label of a model name (see [`ModelLabels`]).
+    pub fn model_label(&self, model: &str) -> Name {
+        self.model_labels.label(model)
+    }
+
+    /// The mesh's access-log settings; `None` when it keeps none.
+    pub fn access_log(&self) -> Option<&AccessLogSettings> {
+        self.access_log.as_ref()
+    }
+
+    /// Whether some route keeps an access log of its own.
+    pub fn routes_access_logged(&self) -> bool {
+        self.any_route_logged
     }
 
     /// How prompts are hashed for model-aware backends (see
@@ -492,6 +592,11 @@ impl Route {
         }
         let index = weighted_index(&self.cumulative, fastrand::u64(..total));
         self.targets.get(index)
+    }
+
+    /// Whether each request of the route gets an access-log line.
+    pub fn access_logged(&self) -> bool {
+        self.access_log
     }
 
     /// The fallback chain, in the order it is tried.

@@ -1,5 +1,6 @@
 //! Per-model traffic summaries for the control plane's dashboard: each
-//! finished request adds to its model's counters (atomics, found in a
+//! finished request adds what its response measured (`genai.rs`) to its
+//! model's counters (atomics, found in a
 //! sharded map, so requests share no lock), and the policy stream sends
 //! and resets them every few seconds as a `Summary`.
 
@@ -8,10 +9,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use http::HeaderMap;
-use infermesh_filters::rate_limit::UsageScanner;
 use infermesh_proto::policy_api::{ModelSummary, Summary, TTFT_BOUNDS_MS};
 use parking_lot::Mutex;
+
+use crate::genai::Measured;
 
 /// Distinct model names a proxy tracks; requests for any other name are
 /// summed under [`OTHER`].
@@ -79,14 +80,22 @@ impl Summaries {
         self.models.entry(name).or_default().clone()
     }
 
-    /// Starts recording a request for `model` that arrived at `started`.
-    pub fn start(&self, model: Option<&str>, started: Instant) -> Recording {
-        Recording {
-            counts: self.counts(model),
-            started,
-            first_chunk: None,
-            scanners: None,
-            failed: false,
+    /// Adds a finished request for `model`: whether it failed (a 5xx or
+    /// a gRPC status other than OK) and what its response measured.
+    pub fn record(&self, model: Option<&str>, failed: bool, measured: &Measured) {
+        let counts = self.counts(model);
+        counts.requests.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            counts.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(ttft) = measured.time_to_first_token {
+            counts.ttft[bucket(ttft)].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(tokens) = measured.input_tokens {
+            counts.input_tokens.fetch_add(tokens, Ordering::Relaxed);
+        }
+        if let Some(tokens) = measured.output_tokens {
+            counts.output_tokens.fetch_add(tokens, Ordering::Relaxed);
         }
     }
 
@@ -125,84 +134,6 @@ impl Summaries {
     }
 }
 
-/// One request's figures, added to its model's counters when dropped (its
-/// response ended or the client went away).
-#[derive(Debug)]
-pub struct Recording {
-    counts: Arc<Counts>,
-    started: Instant,
-    first_chunk: Option<Duration>,
-    /// `prompt_tokens` and `completion_tokens` scanners of an OpenAI JSON
-    /// answer or SSE stream (the same scanners the trace spans use).
-    scanners: Option<Box<[UsageScanner; 2]>>,
-    failed: bool,
-}
-
-impl Recording {
-    /// The response's head: a 5xx is a failure; a JSON or SSE body is
-    /// scanned for its `usage`.
-    pub fn responded(&mut self, status: u16, headers: &HeaderMap) {
-        self.failed = status >= 500;
-        let scanned = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.starts_with("application/json") || v.starts_with("text/event-stream")
-            });
-        if scanned {
-            self.scanners = Some(Box::new([
-                UsageScanner::for_key(b"\"prompt_tokens\""),
-                UsageScanner::for_key(b"\"completion_tokens\""),
-            ]));
-        }
-    }
-
-    /// A gRPC status (a label of `metrics::grpc_status_label`): anything
-    /// but OK is a failure.
-    pub fn grpc_status(&mut self, status: &str) {
-        self.failed = status != "0";
-    }
-
-    /// A chunk of the response body passed to the client: the first one
-    /// is the first token (an SSE data event, a gRPC message, the first
-    /// byte of a whole answer).
-    pub fn body(&mut self, chunk: &[u8]) {
-        if chunk.is_empty() {
-            return;
-        }
-        if self.first_chunk.is_none() {
-            self.first_chunk = Some(self.started.elapsed());
-        }
-        if let Some(scanners) = self.scanners.as_mut() {
-            for scanner in scanners.iter_mut() {
-                scanner.feed(chunk);
-            }
-        }
-    }
-}
-
-impl Drop for Recording {
-    fn drop(&mut self) {
-        let counts = &self.counts;
-        counts.requests.fetch_add(1, Ordering::Relaxed);
-        if self.failed {
-            counts.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(ttft) = self.first_chunk {
-            counts.ttft[bucket(ttft)].fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(scanners) = &self.scanners {
-            let [input, output] = &**scanners;
-            if let Some(tokens) = input.total() {
-                counts.input_tokens.fetch_add(tokens, Ordering::Relaxed);
-            }
-            if let Some(tokens) = output.total() {
-                counts.output_tokens.fetch_add(tokens, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,20 +141,16 @@ mod tests {
     #[test]
     fn requests_are_summed_per_model_and_reset_when_taken() {
         let summaries = Summaries::default();
-        let started = Instant::now();
-        for status in [200, 200, 503] {
-            let mut r = summaries.start(Some("m1"), started);
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                http::header::CONTENT_TYPE,
-                "application/json".parse().unwrap(),
-            );
-            r.responded(status, &headers);
-            r.body(br#"{"usage":{"prompt_tokens":7,"completion_tokens":3}}"#);
+        let answered = Measured {
+            time_to_first_token: Some(Duration::from_millis(3)),
+            input_tokens: Some(7),
+            output_tokens: Some(3),
+            ..Measured::default()
+        };
+        for failed in [false, false, true] {
+            summaries.record(Some("m1"), failed, &answered);
         }
-        let mut grpc = summaries.start(Some("m2"), started);
-        grpc.grpc_status("14");
-        drop(grpc);
+        summaries.record(Some("m2"), true, &Measured::default());
         let summary = summaries.take().unwrap();
         let m1 = summary.models.iter().find(|m| m.model == "m1").unwrap();
         assert_eq!((m1.requests, m1.failures), (3, 1));
@@ -232,6 +159,7 @@ mod tests {
         assert_eq!(m1.ttft_buckets.len(), BUCKETS);
         let m2 = summary.models.iter().find(|m| m.model == "m2").unwrap();
         assert_eq!((m2.requests, m2.failures), (1, 1));
+        assert_eq!(m2.ttft_buckets.iter().sum::<u64>(), 0);
         assert!(summaries.take().is_none(), "taken counts start again at 0");
     }
 
@@ -239,7 +167,7 @@ mod tests {
     fn model_names_past_the_cap_collapse_into_other() {
         let summaries = Summaries::default();
         for i in 0..MAX_MODELS + 10 {
-            drop(summaries.start(Some(&format!("model-{i}")), Instant::now()));
+            summaries.record(Some(&format!("model-{i}")), false, &Measured::default());
         }
         let summary = summaries.take().unwrap();
         assert!(summary.models.len() <= MAX_MODELS + 1);

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use infermesh_filters::rate_limit::UsageScanner;
 use infermesh_filters::trace::RequestTrace;
 use infermesh_proto::policy::{TracingProtocol, TracingSettings};
 use opentelemetry::propagation::TextMapPropagator;
@@ -587,14 +586,9 @@ pub struct ServerSpan {
     span: Span,
     trace: RequestTrace,
     /// A copy of a small JSON response body, read for its `model` and
-    /// `usage` when it ends (the response itself streams on unchanged).
+    /// finish reasons when it ends (the response itself streams on
+    /// unchanged).
     copy: Option<Vec<u8>>,
-    /// Scanners of an SSE stream's `prompt_tokens` and `completion_tokens`
-    /// (OpenAI's last chunk with `stream_options.include_usage`), fed the
-    /// chunks as they pass.
-    stream_usage: Option<Box<[UsageScanner; 2]>>,
-    /// When the request arrived; taken until the first chunk of a stream.
-    started: Option<Instant>,
 }
 
 /// The largest response body copied for its GenAI attributes: a
@@ -647,8 +641,6 @@ impl Traces {
             span,
             trace,
             copy: None,
-            stream_usage: None,
-            started: Some(Instant::now()),
         })
     }
 
@@ -727,16 +719,6 @@ impl ServerSpan {
                 self.copy = Some(Vec::with_capacity(length as usize));
             }
         }
-        let sse = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if sse {
-            self.stream_usage = Some(Box::new([
-                UsageScanner::for_key(b"\"prompt_tokens\""),
-                UsageScanner::for_key(b"\"completion_tokens\""),
-            ]));
-        }
         if !route.is_empty() {
             self.span
                 .set_attribute(KeyValue::new("infermesh.route", route.to_string()));
@@ -759,19 +741,6 @@ impl ServerSpan {
 
     /// A chunk of the response body passed to the client.
     pub fn body(&mut self, chunk: &[u8]) {
-        if self.stream_usage.is_some() && !chunk.is_empty() {
-            if let Some(started) = self.started.take() {
-                self.span.set_attribute(KeyValue::new(
-                    "infermesh.time_to_first_chunk_ms",
-                    started.elapsed().as_secs_f64() * 1000.0,
-                ));
-            }
-        }
-        if let Some(scanners) = self.stream_usage.as_mut() {
-            for scanner in scanners.iter_mut() {
-                scanner.feed(chunk);
-            }
-        }
         if let Some(copy) = self.copy.as_mut() {
             if copy.len() + chunk.len() <= MAX_COPY as usize {
                 copy.extend_from_slice(chunk);
@@ -782,20 +751,8 @@ impl ServerSpan {
     }
 
     /// The response body ended: the GenAI response attributes of an
-    /// OpenAI completion (`model`, `usage`, the choices' `finish_reason`).
+    /// OpenAI completion (`model`, the choices' `finish_reason`).
     pub fn body_ended(&mut self) {
-        if let Some(scanners) = self.stream_usage.take() {
-            let [input, output] = *scanners;
-            for (scanner, key) in [
-                (input, "gen_ai.usage.input_tokens"),
-                (output, "gen_ai.usage.output_tokens"),
-            ] {
-                if let Some(tokens) = scanner.total() {
-                    self.span
-                        .set_attribute(KeyValue::new(key, tokens.min(i64::MAX as u64) as i64));
-                }
-            }
-        }
         let Some(copy) = self.copy.take() else {
             return;
         };
@@ -805,16 +762,6 @@ impl ServerSpan {
         if let Some(model) = answer.get("model").and_then(|m| m.as_str()) {
             self.span
                 .set_attribute(KeyValue::new("gen_ai.response.model", model.to_string()));
-        }
-        if let Some(usage) = answer.get("usage") {
-            for (field, key) in [
-                ("prompt_tokens", "gen_ai.usage.input_tokens"),
-                ("completion_tokens", "gen_ai.usage.output_tokens"),
-            ] {
-                if let Some(tokens) = usage.get(field).and_then(|t| t.as_i64()) {
-                    self.span.set_attribute(KeyValue::new(key, tokens));
-                }
-            }
         }
         let reasons: Vec<opentelemetry::StringValue> = answer
             .get("choices")
@@ -828,6 +775,26 @@ impl ServerSpan {
             self.span.set_attribute(KeyValue::new(
                 "gen_ai.response.finish_reasons",
                 opentelemetry::Value::Array(reasons.into()),
+            ));
+        }
+    }
+
+    /// What the response measured: the usage the server reported, and the
+    /// time to the first chunk of a stream.
+    pub fn measured(&mut self, measured: &crate::genai::Measured) {
+        for (tokens, key) in [
+            (measured.input_tokens, "gen_ai.usage.input_tokens"),
+            (measured.output_tokens, "gen_ai.usage.output_tokens"),
+        ] {
+            if let Some(tokens) = tokens {
+                self.span
+                    .set_attribute(KeyValue::new(key, tokens.min(i64::MAX as u64) as i64));
+            }
+        }
+        if let (Some(_), Some(first)) = (measured.chunks, measured.time_to_first_token) {
+            self.span.set_attribute(KeyValue::new(
+                "infermesh.time_to_first_chunk_ms",
+                first.as_secs_f64() * 1000.0,
             ));
         }
     }

@@ -2,6 +2,7 @@
 package and prints, as JSON, every chunk with the time it arrived.
 
 Usage: openai_stream.py --base-url http://127.0.0.1:PORT/v1 --model NAME
+       [--include-usage] [--header NAME=VALUE ...]
 """
 
 import argparse
@@ -15,7 +16,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--include-usage", action="store_true")
+    parser.add_argument("--header", action="append", default=[])
     args = parser.parse_args()
+    headers = dict(h.split("=", 1) for h in args.header)
+    extra = {"stream_options": {"include_usage": True}} if args.include_usage else {}
 
     client = OpenAI(base_url=args.base_url, api_key="not-needed", max_retries=0, timeout=30.0)
     started = time.monotonic()
@@ -23,10 +28,16 @@ def main() -> None:
         model=args.model,
         messages=[{"role": "user", "content": "Say hello"}],
         stream=True,
+        extra_headers=headers,
+        **extra,
     )
     chunks = []
+    usage = None
     for chunk in stream:
         choice = chunk.choices[0] if chunk.choices else None
+        if chunk.usage is not None:
+            usage = {"prompt_tokens": chunk.usage.prompt_tokens,
+                     "completion_tokens": chunk.usage.completion_tokens}
         chunks.append(
             {
                 "t": time.monotonic() - started,
@@ -35,7 +46,7 @@ def main() -> None:
                 "finish_reason": choice.finish_reason if choice else None,
             }
         )
-    print(json.dumps({"chunks": chunks}))
+    print(json.dumps({"chunks": chunks, "usage": usage}))
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ async fn a_sidecar_pair_speaks_mtls_and_authorizes_each_caller_per_model_and_met
     let server = mesh
         .proxy("models", "llama")
         .inbound(inbound)
-        .env("INFERMESH_LOG", "info,infermesh::access=info")
+        .arg("--access-log")
         .start();
     let web = mesh.proxy("apps", "web").start();
     let job = mesh.proxy("batch", "job").start();
@@ -330,8 +330,8 @@ async fn a_sidecar_pair_speaks_mtls_and_authorizes_each_caller_per_model_and_met
     // The caller's identity is in the server's access log.
     wait_log(
         "the server proxy",
-        || server.stderr(),
-        &format!("caller=\"{WEB}\""),
+        || server.stdout_lines().join("\n"),
+        &format!(r#""caller":"{WEB}""#),
     )
     .await;
 }

@@ -78,6 +78,7 @@ fn sidecar(cluster: &Cluster, mesh: &Mesh, pod: &Pod, ns: &str, sa: &str) -> Pro
         .wrap(&wrap)
         .binary(cluster.install(&proxy_binary()))
         .default_listeners()
+        .arg("--access-log")
         .env("INFERMESH_LOG", "info");
     if cluster.ipv6_refused().is_none() {
         builder = builder
@@ -225,10 +226,10 @@ fn echo(check: &str, pod: &Pod, host: Ipv4Addr, port: u16, text: &str) {
 fn access_logged(check: &str, what: &str, proxy: &ProxyProcess, fragments: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let stderr = proxy.stderr();
-        let found = stderr
-            .lines()
-            .filter(|l| l.contains("infermesh::access"))
+        let stdout = proxy.stdout_lines();
+        let found = stdout
+            .iter()
+            .filter(|l| l.contains(r#""type":"request""#))
             .any(|l| fragments.iter().all(|f| l.contains(f)));
         if found {
             return;
@@ -236,7 +237,7 @@ fn access_logged(check: &str, what: &str, proxy: &ProxyProcess, fragments: &[&st
         if Instant::now() >= deadline {
             panic!(
                 "{check}: no access log line of the {what} with {fragments:?}:\n{}",
-                tail(&stderr)
+                tail(&stdout.join("\n"))
             );
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -624,21 +625,21 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         "app sidecar",
         &app_sidecar,
         &[
-            "listener=\"outbound\"",
-            "model=\"llama-demo\" stream=true",
-            "backend=\"llama\"",
-            "status=200",
+            r#""listener":"outbound""#,
+            r#""model":"llama-demo","stream":true"#,
+            r#""backend":"llama""#,
+            r#""status":200"#,
         ],
     );
-    let caller = format!("caller=\"{WEB_ID}\"");
+    let caller = format!(r#""caller":"{WEB_ID}""#);
     access_logged(
         "check 1 (stream through both sidecars)",
         "model sidecar",
         &model_sidecar,
         &[
-            "listener=\"inbound\"",
-            "model=\"llama-demo\" stream=true",
-            "status=200",
+            r#""listener":"inbound""#,
+            r#""model":"llama-demo","stream":true"#,
+            r#""status":200"#,
             &caller,
         ],
     );
@@ -728,9 +729,9 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
         "model sidecar",
         &model_sidecar,
         &[
-            "listener=\"inbound\"",
-            "model=\"secret-model\"",
-            "status=403",
+            r#""listener":"inbound""#,
+            r#""model":"secret-model""#,
+            r#""status":403"#,
             &caller,
         ],
     );
@@ -739,7 +740,11 @@ fn unchanged_clients_in_an_intercepted_pod_reach_a_meshed_model_pod() {
             "check 8 (IPv6)",
             "app sidecar",
             &app_sidecar,
-            &["listener=\"outbound\"", "backend=\"llama6\"", "status=200"],
+            &[
+                r#""listener":"outbound""#,
+                r#""backend":"llama6""#,
+                r#""status":200"#,
+            ],
         );
     }
 

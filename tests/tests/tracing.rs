@@ -104,7 +104,7 @@ async fn a_request_through_two_sidecars_is_one_trace_with_an_attempt_span_per_re
         &collector.grpc_endpoint(),
         "grpc",
     )
-    .env("INFERMESH_LOG", "info,infermesh::access=info")
+    .arg("--access-log")
     .policy(&client_policy(server.inbound))
     .start();
 
@@ -257,10 +257,10 @@ async fn a_request_through_two_sidecars_is_one_trace_with_an_attempt_span_per_re
         );
         assert_eq!(seen.headers["tracestate"], "app=1");
         // The access log names the trace.
+        let access = client.stdout_lines().join("\n");
         assert!(
-            client.stderr().contains(trace_id.as_str()),
-            "access log without trace id {trace_id}: {}",
-            client.stderr()
+            access.contains(&format!(r#""trace_id":"{trace_id}""#)),
+            "access log without trace id {trace_id}: {access}",
         );
     }
     // Round-robin sends every other first attempt to the failing endpoint.

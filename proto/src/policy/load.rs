@@ -864,6 +864,33 @@ spec:
     }
 
     #[test]
+    fn access_log_and_otlp_metrics_settings_are_read_and_checked() {
+        let mesh = |body: &str| {
+            format!("apiVersion: infermesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n{body}")
+        };
+        let set = load_str(
+            Path::new("p.yaml"),
+            &mesh("  accessLog: {}\n  otlpMetrics: {endpoint: \"http://c:4318\", protocol: http, interval: 2s}\n"),
+        )
+        .expect("valid");
+        let spec = set.mesh.unwrap().spec;
+        let access = spec.access_log.unwrap();
+        assert!(access.requests);
+        assert_eq!(access.refusals_per_second, 10);
+        let otlp = spec.otlp_metrics.unwrap();
+        assert_eq!(otlp.interval, std::time::Duration::from_secs(2));
+        assert_eq!(otlp.protocol, crate::policy::TracingProtocol::Http);
+        assert_eq!(
+            errors(&mesh("  otlpMetrics: {endpoint: \"c:4317\", interval: 100ms}\n  accessLog: {requests: maybe}\n")),
+            [
+                "p.yaml:5:27: `c:4317`: the collector endpoint is an http:// or https:// URL with a host, such as http://collector:4317",
+                "p.yaml:5:47: `interval` must be at least 1s (metrics are pushed that often), found 100ms",
+                "p.yaml:6:25: `requests` must be a boolean, found string \"maybe\"",
+            ]
+        );
+    }
+
+    #[test]
     fn bad_retry_settings_are_located_with_the_reason() {
         let text = format!(
             "{BACKEND}---\n{RETRY_ROUTE}    maxAttempts: 1\n    perTryTimeout: 5s\n    on: {{statuses: [503, 404]}}\n    budget: {{ratio: 1.5}}\n"

@@ -30,6 +30,15 @@ pub struct MeshConfigSpec {
     /// absent, each proxy takes the standard `OTEL_*` environment variables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingSettings>,
+    /// JSON access logs of the proxies (docs/observability.md); off when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogSettings>,
+    /// GenAI and request metrics pushed over OTLP beside the Prometheus
+    /// endpoint (docs/observability.md); when absent, each proxy takes the
+    /// standard `OTEL_METRICS_EXPORTER=otlp` and `OTEL_*` variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_metrics: Option<OtlpMetricsSettings>,
     /// The workloads whose proxies receive these settings (the others keep
     /// the defaults); every proxy in the namespace (or in the mesh, without
     /// one) when absent.
@@ -121,6 +130,48 @@ pub struct TracingSettings {
     pub sampling: f64,
 }
 
+/// Access logs: a JSON line per request on the proxy's standard output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLogSettings {
+    /// A line for every request on every route; a route's own `accessLog`
+    /// decides for that route.
+    #[serde(default = "defaults::yes")]
+    pub requests: bool,
+    /// Most lines per second for each refusal reason (requests the proxy
+    /// refused itself: 4xx, and connections refused before routing); the
+    /// lines left out are counted in the next one's `suppressed`. `0`
+    /// writes no refusal lines.
+    #[serde(default = "defaults::refusals_per_second")]
+    pub refusals_per_second: u32,
+}
+
+impl Default for AccessLogSettings {
+    fn default() -> Self {
+        Self {
+            requests: true,
+            refusals_per_second: defaults::refusals_per_second(),
+        }
+    }
+}
+
+/// Where and how often the proxies push metrics over OTLP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OtlpMetricsSettings {
+    /// The OTLP collector, as for traces: `http://collector:4317` for
+    /// gRPC, `http://collector:4318` for HTTP (where `/v1/metrics` is added
+    /// unless the URL has a path).
+    pub endpoint: String,
+    /// `grpc` (the default) or `http`.
+    #[serde(default)]
+    pub protocol: TracingProtocol,
+    /// How often the metrics are pushed.
+    #[serde(default = "defaults::otlp_interval", with = "duration")]
+    #[schemars(with = "duration::Schema")]
+    pub interval: Duration,
+}
+
 /// OTLP's transports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -135,6 +186,15 @@ pub enum TracingProtocol {
 mod defaults {
     pub fn sampling() -> f64 {
         0.01
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn refusals_per_second() -> u32 {
+        10
+    }
+    pub fn otlp_interval() -> Duration {
+        Duration::from_secs(10)
     }
 
     use std::time::Duration;

@@ -66,6 +66,10 @@ pub struct ModelRouteSpec {
     /// wins. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hedging: Option<HedgePolicy>,
+    /// Whether this route's requests are written to the access log; the
+    /// mesh's `accessLog.requests` decides when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
 }
 
 /// Hedged requests: a cure for a slow tail, at the cost of extra load.

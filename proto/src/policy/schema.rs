@@ -156,6 +156,7 @@ mod tests {
         assert_eq!(
             fields,
             [
+                "accessLog",
                 "backends",
                 "fallback",
                 "faults",

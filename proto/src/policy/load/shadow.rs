@@ -162,6 +162,7 @@ mod tests {
             mirror: None,
             workload_selector: None,
             hedging: None,
+            access_log: None,
         }
     }
 

@@ -47,6 +47,23 @@ pub(super) fn mesh_spec(
             errors.push(PolicyError::new(file, at, problem));
         }
     }
+    if let Some(otlp) = &spec.otlp_metrics {
+        if let Some(problem) = endpoint_problem(&otlp.endpoint) {
+            let at = find(tree, &[K("spec"), K("otlpMetrics"), K("endpoint")]).at;
+            errors.push(PolicyError::new(file, at, problem));
+        }
+        if otlp.interval < std::time::Duration::from_secs(1) {
+            let at = find(tree, &[K("spec"), K("otlpMetrics"), K("interval")]).at;
+            errors.push(PolicyError::new(
+                file,
+                at,
+                format!(
+                    "`interval` must be at least 1s (metrics are pushed that often), found {}",
+                    humantime::format_duration(otlp.interval)
+                ),
+            ));
+        }
+    }
     let prefix = spec.classify.max_body_prefix;
     if !(MIN_BODY_PREFIX..=MAX_BODY_PREFIX).contains(&prefix) {
         let at = find(tree, &[K("spec"), K("classify"), K("maxBodyPrefix")]).at;

@@ -197,6 +197,13 @@ pub async fn install(inputs: &Inputs, policy: PolicySet, origin: Origin, drain: 
     if let Err(error) = crate::traces::configure(tracing, &inputs.metrics.trace_spans_dropped) {
         tracing::error!(error = %error, "cannot export traces: tracing stays as it was");
     }
+    crate::otlp_metrics::configure(
+        next.policy()
+            .mesh
+            .as_ref()
+            .and_then(|m| m.spec.otlp_metrics.as_ref()),
+        &inputs.metrics.otlp_metric_exports_failed,
+    );
     inputs.snapshot.store(next);
     inputs.metrics.policy_version.set(origin.version as i64);
     inputs.metrics.policy_update(true);

@@ -145,6 +145,7 @@ impl GenAiMetrics {
 
     /// Records one finished request; `error_type` is empty for a success.
     pub fn record(&self, labels: GenAiLabels, error_type: Name, elapsed: Duration, m: &Measured) {
+        crate::otlp_metrics::record(&labels, &error_type, elapsed, m);
         if error_type.as_str().is_empty() {
             if let Some(ttft) = m.time_to_first_token {
                 self.time_to_first_token

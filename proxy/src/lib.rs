@@ -21,6 +21,7 @@ pub mod listener;
 pub mod local;
 pub mod metrics;
 pub mod opaque;
+pub mod otlp_metrics;
 pub mod outlier;
 pub mod passthrough;
 pub mod pool;

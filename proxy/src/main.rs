@@ -293,6 +293,14 @@ fn main() -> ExitCode {
         None => None,
     };
 
+    // Metrics over OTLP, from the standard OTEL_* variables.
+    match infermesh_proxy::otlp_metrics::Target::from_env() {
+        Ok(target) => infermesh_proxy::otlp_metrics::set_env(target),
+        Err(error) => {
+            eprintln!("infermesh-proxy: refusing to start: {error}");
+            return ExitCode::from(2);
+        }
+    }
     // Traces, from the standard OTEL_* variables.
     let traces = match infermesh_proxy::traces::Settings::from_env() {
         Ok(traces) => traces,
@@ -446,6 +454,14 @@ async fn run(
         &metrics.trace_spans_dropped,
     )
     .map_err(StartError::Traces)?;
+    infermesh_proxy::otlp_metrics::configure(
+        snapshot
+            .policy()
+            .mesh
+            .as_ref()
+            .and_then(|m| m.spec.otlp_metrics.as_ref()),
+        &metrics.otlp_metric_exports_failed,
+    );
     snapshot.start_discovery(&drain).await;
     if source != Source::Pending {
         metrics.policy_update(true);

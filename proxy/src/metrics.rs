@@ -139,6 +139,8 @@ pub struct Metrics {
     pub connect_errors: Family<BackendLabels, Counter>,
     /// Finished spans that never reached the trace collector.
     pub trace_spans_dropped: Counter,
+    /// OTLP metric exports that failed (sent again, cumulated, next time).
+    pub otlp_metric_exports_failed: Counter,
     /// Opaque TCP connections, by listener and outcome.
     pub opaque_connections: Family<OpaqueLabels, Counter>,
     /// Intercepted traffic no route claimed: HTTP requests and TCP
@@ -409,6 +411,12 @@ impl Metrics {
             "Finished spans dropped before reaching the OTLP collector (export queue full, or the collector refused, failed or timed out)",
             trace_spans_dropped.clone(),
         );
+        let otlp_metric_exports_failed = Counter::default();
+        registry.register(
+            "otlp_metric_exports_failed",
+            "Pushes of the metrics to the OTLP collector that failed or timed out (their figures go again, cumulated, with the next push)",
+            otlp_metric_exports_failed.clone(),
+        );
         registry.register(
             "access_log_lines_dropped",
             "Access-log lines dropped because standard output did not keep up (the writer's queue was full)",
@@ -643,6 +651,7 @@ impl Metrics {
             first_byte,
             connect_errors,
             trace_spans_dropped,
+            otlp_metric_exports_failed,
             opaque_connections,
             passthrough,
             inbound_mtls,

@@ -2,7 +2,8 @@
 //! generated `TraceService` server of `opentelemetry-proto`) and a real
 //! OTLP/HTTP receiver (hyper, `POST /v1/traces` with a protobuf
 //! `ExportTraceServiceRequest`), both decoding the official protobufs and
-//! keeping every span they receive.
+//! keeping every span they receive; and the same for metrics
+//! (`MetricsService`, `POST /v1/metrics`), keeping each histogram point.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -16,6 +17,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -24,6 +31,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data as MetricData;
 use prost::Message;
 
 /// Which receiver a span came through.
@@ -98,9 +106,36 @@ impl Span {
     }
 }
 
+/// One histogram data point of an export, flattened.
+#[derive(Debug, Clone)]
+pub struct HistogramPoint {
+    pub transport: Transport,
+    pub service: String,
+    /// The instrument's name and unit.
+    pub name: String,
+    pub unit: String,
+    pub attributes: BTreeMap<String, Value>,
+    pub count: u64,
+    pub sum: f64,
+    /// The boundaries of its buckets.
+    pub bounds: Vec<f64>,
+}
+
+impl HistogramPoint {
+    /// A string attribute.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        match self.attributes.get(key) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Store {
     spans: Mutex<Vec<Span>>,
+    /// Histogram points of every metrics export, in arrival order.
+    histograms: Mutex<Vec<HistogramPoint>>,
     /// Export requests received, per transport.
     requests: Mutex<Vec<Transport>>,
 }
@@ -145,6 +180,47 @@ impl Store {
     }
 }
 
+impl Store {
+    fn add_metrics(&self, transport: Transport, request: ExportMetricsServiceRequest) {
+        let mut points = self.histograms.lock().unwrap();
+        for resource in request.resource_metrics {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .map(|kv| match value(kv) {
+                    Value::String(s) => s,
+                    _ => String::new(),
+                })
+                .unwrap_or_default();
+            for scope in resource.scope_metrics {
+                for metric in scope.metrics {
+                    let Some(MetricData::Histogram(histogram)) = metric.data else {
+                        continue;
+                    };
+                    for point in histogram.data_points {
+                        points.push(HistogramPoint {
+                            transport,
+                            service: service.clone(),
+                            name: metric.name.clone(),
+                            unit: metric.unit.clone(),
+                            attributes: point
+                                .attributes
+                                .iter()
+                                .map(|kv| (kv.key.clone(), value(kv)))
+                                .collect(),
+                            count: point.count,
+                            sum: point.sum.unwrap_or_default(),
+                            bounds: point.explicit_bounds.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -182,6 +258,19 @@ impl TraceService for Grpc {
     }
 }
 
+#[tonic::async_trait]
+impl MetricsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.add_metrics(Transport::Grpc, request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
 async fn http_export(
     store: Arc<Store>,
     request: Request<Incoming>,
@@ -193,12 +282,27 @@ async fn http_export(
             .body(Full::new(body))
             .expect("response"))
     };
-    if request.method() != http::Method::POST || request.uri().path() != "/v1/traces" {
+    if request.method() != http::Method::POST
+        || !matches!(request.uri().path(), "/v1/traces" | "/v1/metrics")
+    {
         return reply(StatusCode::NOT_FOUND, Bytes::new());
     }
+    let metrics = request.uri().path() == "/v1/metrics";
     let Ok(body) = request.into_body().collect().await else {
         return reply(StatusCode::BAD_REQUEST, Bytes::new());
     };
+    if metrics {
+        return match ExportMetricsServiceRequest::decode(body.to_bytes()) {
+            Ok(export) => {
+                store.add_metrics(Transport::Http, export);
+                let response = ExportMetricsServiceResponse {
+                    partial_success: None,
+                };
+                reply(StatusCode::OK, Bytes::from(response.encode_to_vec()))
+            }
+            Err(_) => reply(StatusCode::BAD_REQUEST, Bytes::new()),
+        };
+    }
     match ExportTraceServiceRequest::decode(body.to_bytes()) {
         Ok(export) => {
             store.add(Transport::Http, export);
@@ -219,7 +323,8 @@ impl OtlpCollector {
         let (grpc, grpc_stop) = crate::spawn_fixture("otlp-grpc", move |listener| async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let _ = tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(Grpc(grpc_store)))
+                .add_service(TraceServiceServer::new(Grpc(grpc_store.clone())))
+                .add_service(MetricsServiceServer::new(Grpc(grpc_store)))
                 .serve_with_incoming(incoming)
                 .await;
         });
@@ -261,6 +366,12 @@ impl OtlpCollector {
     /// Every span received so far.
     pub fn spans(&self) -> Vec<Span> {
         self.store.spans.lock().unwrap().clone()
+    }
+
+    /// Every histogram point received so far, in arrival order (each
+    /// export repeats the cumulated points).
+    pub fn histograms(&self) -> Vec<HistogramPoint> {
+        self.store.histograms.lock().unwrap().clone()
     }
 
     /// The spans of `trace_id`.

@@ -489,3 +489,123 @@ async fn model_requests_have_genai_metrics_and_access_lines_per_model_and_caller
         0.0
     );
 }
+
+/// Three whole answers of 40 tokens (20 in, 20 out) through `proxy`.
+async fn three_answers(proxy: &ProxyProcess) {
+    let url = format!("{}/v1/chat/completions", proxy.url());
+    for _ in 0..3 {
+        let reply = HttpClient::http1()
+            .fetch(json_request(
+                &url,
+                &chat("llama-3-8b"),
+                &[("x-test-usage-tokens", "40")],
+            ))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn genai_metrics_reach_an_otlp_collector_over_grpc_and_http() {
+    let collector = infermesh_tests::otlp::OtlpCollector::start();
+    let upstream = OpenAiServer::start("llama");
+    let routes = |mesh: &str| {
+        infermesh_tests::policy::docs(&[
+            infermesh_tests::policy::backend("llama", &[upstream.addr()], ""),
+            infermesh_tests::policy::route(
+                "chat",
+                "match:\n  - model: {exact: llama-3-8b}\nbackends:\n  - backend: llama\n",
+            ),
+            mesh.to_string(),
+        ])
+    };
+    // One proxy told by its policy (OTLP/gRPC), one by the standard
+    // variables (OTLP/HTTP), one whose collector is down.
+    let by_policy = ProxyProcess::builder()
+        .policy(&routes(&infermesh_tests::policy::mesh(&format!(
+            "otlpMetrics: {{endpoint: \"{}\", interval: 1s}}\n",
+            collector.grpc_endpoint()
+        ))))
+        .env("OTEL_SERVICE_NAME", "by-policy")
+        .start();
+    let by_env = ProxyProcess::builder()
+        .policy(&routes(""))
+        .env("OTEL_METRICS_EXPORTER", "otlp")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.http_endpoint())
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "500")
+        .env("OTEL_SERVICE_NAME", "by-env")
+        .start();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let collector_down = ProxyProcess::builder()
+        .policy(&routes(""))
+        .env("OTEL_METRICS_EXPORTER", "otlp")
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            &format!("http://{dead_addr}"),
+        )
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
+        .start();
+    for proxy in [&by_policy, &by_env, &collector_down] {
+        three_answers(proxy).await;
+    }
+
+    for (service, transport) in [
+        ("by-policy", infermesh_tests::otlp::Transport::Grpc),
+        ("by-env", infermesh_tests::otlp::Transport::Http),
+    ] {
+        let input = until(
+            &format!("{service}'s token usage at the collector"),
+            Duration::from_secs(15),
+            || async {
+                collector
+                    .histograms()
+                    .into_iter()
+                    .rev()
+                    .find(|p| {
+                        p.service == service
+                            && p.name == "gen_ai.client.token.usage"
+                            && p.str("gen_ai.token.type") == Some("input")
+                            && p.count == 3
+                    })
+                    .ok_or(service)
+            },
+        )
+        .await;
+        assert_eq!(input.transport, transport);
+        assert_eq!(input.unit, "{token}");
+        assert_eq!(input.sum, 60.0);
+        assert_eq!(input.str("gen_ai.request.model"), Some("llama-3-8b"));
+        assert_eq!(input.str("gen_ai.operation.name"), Some("chat"));
+        assert_eq!(input.str("infermesh.route"), Some("chat"));
+        assert_eq!(input.str("infermesh.backend"), Some("llama"));
+        assert_eq!(input.bounds.first(), Some(&1.0), "the advised boundaries");
+        let points = collector.histograms();
+        let duration = points
+            .iter()
+            .rev()
+            .find(|p| p.service == service && p.name == "gen_ai.client.operation.duration")
+            .expect("the duration histogram");
+        assert_eq!((duration.unit.as_str(), duration.count), ("s", 3));
+        assert!(points
+            .iter()
+            .any(|p| p.service == service && p.name == "gen_ai.server.time_to_first_token"));
+    }
+
+    // The collector that is down: requests unaffected, failures counted.
+    let failed = until(
+        "failed metric exports counted",
+        Duration::from_secs(10),
+        || async {
+            let failed = Metrics::scrape(&collector_down)
+                .await
+                .sum("infermesh_otlp_metric_exports_failed_total", &[]);
+            (failed >= 1.0).then_some(failed).ok_or(failed)
+        },
+    )
+    .await;
+    assert!(failed >= 1.0);
+    three_answers(&collector_down).await;
+}

@@ -638,6 +638,8 @@ async fn the_grafana_dashboard_parses_and_queries_only_metrics_a_proxy_exposes()
         request(&client, &proxy, "slow-model", false, None, 300).await,
         200
     );
+    // A stream, for the time per output token.
+    assert_eq!(request(&client, &proxy, MODEL, true, None, 0).await, 200);
     let refused = infermesh_tests::client::raw_exchange(
         proxy.outbound,
         b"NOT HTTP AT ALL\r\n\r\n",
@@ -649,17 +651,23 @@ async fn the_grafana_dashboard_parses_and_queries_only_metrics_a_proxy_exposes()
     let exposed = declared(&metrics.text);
     let mut queried = std::collections::BTreeSet::new();
     for expr in &exprs {
-        let mut rest = expr.as_str();
-        while let Some(at) = rest.find("infermesh_") {
-            let name: String = rest[at..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            rest = &rest[at + name.len()..];
-            queried.insert(name);
+        for prefix in ["infermesh_", "gen_ai_client_", "gen_ai_server_"] {
+            let mut rest = expr.as_str();
+            while let Some(at) = rest.find(prefix) {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                queried.insert(name);
+            }
         }
     }
     assert!(queried.len() >= 10, "{queried:?}");
+    assert!(
+        queried.iter().filter(|n| n.starts_with("gen_ai_")).count() >= 4,
+        "the model panels: {queried:?}"
+    );
     for name in &queried {
         assert!(
             metrics.has(name) || exposed.contains(name),

@@ -19,7 +19,6 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use infermesh_filters::trace::RequestTrace;
 use infermesh_proto::policy::{TracingProtocol, TracingSettings};
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::Link;
 use opentelemetry::trace::{
     Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags,
     TraceId, TraceState, Tracer as _, TracerProvider as _,
@@ -29,8 +28,7 @@ use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    Sampler, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample, Span, SpanData,
-    SpanExporter as _, SpanProcessor,
+    Sampler, SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter as _, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
@@ -279,32 +277,6 @@ pub fn configure(mesh: Option<&TracingSettings>, dropped: &Counter) -> Result<()
     }
 }
 
-/// Parent-based sampling's root sampler: the trace-id ratio in force.
-#[derive(Debug, Clone)]
-struct RatioInForce(Arc<AtomicU64>);
-
-impl ShouldSample for RatioInForce {
-    fn should_sample(
-        &self,
-        parent_context: Option<&Context>,
-        trace_id: TraceId,
-        name: &str,
-        span_kind: &SpanKind,
-        attributes: &[KeyValue],
-        links: &[Link],
-    ) -> SamplingResult {
-        let ratio = f64::from_bits(self.0.load(Ordering::Relaxed));
-        Sampler::TraceIdRatioBased(ratio).should_sample(
-            parent_context,
-            trace_id,
-            name,
-            span_kind,
-            attributes,
-            links,
-        )
-    }
-}
-
 /// Turns tracing on for the process: starts the export thread.
 fn start(settings: Settings, dropped: Counter) -> Result<(), TracesError> {
     let (sender, receiver) = mpsc::sync_channel(settings.max_queue);
@@ -334,7 +306,10 @@ fn start(settings: Settings, dropped: Counter) -> Result<(), TracesError> {
     }
     let ratio = Arc::new(AtomicU64::new(settings.ratio.to_bits()));
     let provider = SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(RatioInForce(ratio.clone()))))
+        // The ratio is drawn in `server_span` before any span is built, so
+        // that an unsampled request builds none; the spans built are the
+        // sampled ones, and their children follow them.
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
         .with_resource(
             Resource::builder()
                 .with_service_name(settings.service_name.clone())
@@ -620,7 +595,9 @@ impl Traces {
             }
             Some(parent) if !parent.is_sampled() => return None,
             Some(parent) => Context::new().with_remote_span_context(parent.clone()),
-            None if ratio <= 0.0 => return None,
+            // A trace that starts here: the ratio decides, before anything
+            // is built.
+            None if fastrand::f64() >= ratio => return None,
             None => Context::new(),
         };
         let span = self.tracer.build_with_context(

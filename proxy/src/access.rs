@@ -25,7 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use crate::genai::Measured;
-use crate::metrics::Name;
+use crate::name::Name;
 
 /// Most bytes of lines waiting for the writer; past it lines are dropped.
 const MAX_PENDING: usize = 4 << 20;

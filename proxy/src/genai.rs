@@ -20,7 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::metrics::Name;
+use crate::name::Name;
 
 /// The label value of models the policy does not name, and of callers past
 /// [`MAX_CALLERS`].
@@ -145,7 +145,6 @@ impl GenAiMetrics {
 
     /// Records one finished request; `error_type` is empty for a success.
     pub fn record(&self, labels: GenAiLabels, error_type: Name, elapsed: Duration, m: &Measured) {
-        crate::otlp_metrics::record(&labels, &error_type, elapsed, m);
         if error_type.as_str().is_empty() {
             if let Some(ttft) = m.time_to_first_token {
                 self.time_to_first_token

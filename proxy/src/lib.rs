@@ -20,6 +20,7 @@ pub mod inputs;
 pub mod listener;
 pub mod local;
 pub mod metrics;
+pub mod name;
 pub mod opaque;
 pub mod otlp_metrics;
 pub mod outlier;

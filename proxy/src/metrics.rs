@@ -6,10 +6,9 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 
 use infermesh_proto::policy::ListenerKind;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -18,27 +17,7 @@ use prometheus_client::registry::Registry;
 
 use crate::refusal::Reason;
 
-/// A shared name used as a label value without copying it per request.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct Name(pub Arc<str>);
-
-impl Name {
-    /// Wraps a name.
-    pub fn new(name: &str) -> Self {
-        Self(Arc::from(name))
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl EncodeLabelValue for Name {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        encoder.write_str(&self.0)
-    }
-}
+pub use crate::name::Name;
 
 /// Labels of per-request counters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

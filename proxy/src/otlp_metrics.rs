@@ -33,7 +33,7 @@ use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::genai::{GenAiLabels, Measured};
-use crate::metrics::Name;
+use crate::name::Name;
 
 /// Where metrics go.
 #[derive(Debug, Clone, PartialEq)]

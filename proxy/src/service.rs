@@ -825,6 +825,7 @@ impl Drop for Finish {
         summary::summaries().record(self.model.as_deref(), failed, &measured);
         if let Some(labels) = self.genai.take() {
             let error_type = std::mem::take(&mut self.error_type);
+            crate::otlp_metrics::record(&labels, &error_type, elapsed, &measured);
             self.metrics
                 .genai
                 .record(labels, error_type, elapsed, &measured);

@@ -136,8 +136,65 @@ struct Inner {
 }
 
 struct Conns {
-    by_endpoint: HashMap<SocketAddr, Idle>,
+    by_endpoint: HashMap<SocketAddr, Idle, BuildAddrHasher>,
     swept: Instant,
+}
+
+/// Hashes endpoint addresses for the pool's map: the proxy's own keys, not
+/// a client's, so a multiply-rotate hash (as rustc's Fx hash) does instead
+/// of SipHash, which cost 0.7% of a request's instructions in the
+/// checkout and the release.
+#[derive(Clone, Copy, Default)]
+struct BuildAddrHasher;
+
+impl std::hash::BuildHasher for BuildAddrHasher {
+    type Hasher = AddrHasher;
+
+    fn build_hasher(&self) -> AddrHasher {
+        AddrHasher(0)
+    }
+}
+
+struct AddrHasher(u64);
+
+impl AddrHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 #[derive(Default)]
@@ -234,7 +291,7 @@ impl Pool {
                 http1,
                 http2,
                 conns: Mutex::new(Conns {
-                    by_endpoint: HashMap::new(),
+                    by_endpoint: HashMap::default(),
                     swept: Instant::now(),
                 }),
             }),

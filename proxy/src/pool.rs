@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri};
@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 
@@ -283,7 +284,7 @@ impl Pool {
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .keep_alive_interval(H2_KEEPALIVE)
             .keep_alive_while_idle(true);
-        Self {
+        let pool = Self {
             inner: Arc::new(Inner {
                 protocol,
                 connect_timeout,
@@ -295,7 +296,32 @@ impl Pool {
                     swept: Instant::now(),
                 }),
             }),
-        }
+        };
+        pool.sweep_in_background();
+        pool
+    }
+
+    /// Drops idle connections past their time even when no request comes
+    /// (a backend no longer used would otherwise keep them, and an HTTP/2
+    /// one would keep pinging), until the pool itself is dropped. Without a
+    /// runtime (a snapshot compiled in a test), checkouts sweep alone.
+    fn sweep_in_background(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(inner) = pool.upgrade() else {
+                    return;
+                };
+                inner.conns.lock().sweep(Instant::now());
+            }
+        });
     }
 
     /// Sends `request` (its URI absolute, pointing at `addr`) to the
@@ -666,6 +692,18 @@ mod tests {
             assert_eq!(get(&pool, addr).await.unwrap(), "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout_without_requests() {
+        let (addr, _) = server(usize::MAX).await;
+        let pool = http1_pool();
+        assert_eq!(get(&pool, addr).await.unwrap(), "ok");
+        let idle = || pool.inner.conns.lock().by_endpoint.len();
+        assert_eq!(idle(), 1);
+        tokio::time::pause();
+        tokio::time::sleep(IDLE_TIMEOUT + 2 * SWEEP_EVERY).await;
+        assert_eq!(idle(), 0, "swept by the background task");
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ use crate::metrics::{
     AffinityLabels, BackendLabels, EjectionLabels, EndpointLabels, Metrics, Name, OverloadLabels,
 };
 use crate::outlier::{self, OutlierPolicy, ProbeVerdict, Trip};
-use crate::pool::{self, UpstreamClient};
+use crate::pool::Pool;
 
 /// A named set of endpoints and the means to reach them.
 #[derive(Debug)]
@@ -34,7 +34,7 @@ pub struct Backend {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     targets: Vec<Target>,
     dns_refresh: Duration,
-    client: UpstreamClient,
+    pool: Pool,
     connect_errors: Counter,
     discovery_started: AtomicBool,
     metrics_poll_started: AtomicBool,
@@ -250,15 +250,15 @@ impl Backend {
         let tls = spec.mtls.as_ref().and_then(|mtls| {
             identity.map(|identity| identity.client_config(mtls.identity.clone()))
         });
-        let client = match previous {
+        let pool = match previous {
             Some(p)
                 if p.spec.protocol == spec.protocol
                     && p.spec.connect_timeout == spec.connect_timeout
                     && p.spec.mtls == spec.mtls =>
             {
-                p.client.clone()
+                p.pool.clone()
             }
-            _ => pool::client(spec.protocol, spec.connect_timeout, tls.clone()),
+            _ => Pool::new(spec.protocol, spec.connect_timeout, tls.clone()),
         };
         if spec.outlier_detection.is_none() {
             // Without outlier detection nothing would ever re-admit them.
@@ -296,7 +296,7 @@ impl Backend {
             endpoints: ArcSwap::from_pointee(endpoints),
             targets,
             dns_refresh: spec.dns_refresh,
-            client,
+            pool,
             discovery_started: AtomicBool::new(false),
         })
     }
@@ -332,9 +332,9 @@ impl Backend {
         })
     }
 
-    /// The pooled client for this backend.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.client
+    /// The connections to this backend's endpoints.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// Counts a failed connection attempt.

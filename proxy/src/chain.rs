@@ -94,7 +94,10 @@ pub(crate) async fn send(
     let result = match &target.destination {
         Destination::Remote(remote) => remote.stack.clone().oneshot(request).await,
         Destination::Local(model) => {
-            let result = answer_locally(model, route, request, asked).await;
+            // Boxed: the engine's future is several KB, and every remote
+            // request's future (boxed and moved per request) would carry
+            // room for it.
+            let result = Box::pin(answer_locally(model, route, request, asked)).await;
             let outcome = match &result {
                 Ok(response) if response.status().is_success() && !grpc_failed(response) => {
                     "served"

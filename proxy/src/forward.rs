@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
-use infermesh_filters::body::{Watch, Watched};
+use infermesh_filters::body::{Ended, Watch, Watched};
 use infermesh_filters::hedge::HedgeGroup;
 use infermesh_filters::replay::ReplayBody;
 use infermesh_filters::retry::{ServedBy, TriedEndpoints};
@@ -26,6 +26,7 @@ use tower::Service;
 use crate::backend::{Admitted, Backend, Picked};
 use crate::balance::{Hint, InFlight, Outcome, DEFAULT_PENALTY};
 use crate::body::{BodyFault, ProxyBody};
+use crate::pool::Reusable;
 use crate::traces::{self, AttemptSpan};
 
 /// Sends requests to an endpoint of one backend: the innermost service of
@@ -127,8 +128,8 @@ async fn forward(
     );
     let guard = endpoint.start();
     let started = Instant::now();
-    match backend.client().request(request).await {
-        Ok(response) => {
+    match backend.pool().send(endpoint.addr(), request).await {
+        Ok((response, conn)) => {
             admitted.responded();
             backend.load_report(&endpoint, response.headers());
             let verdict = judge(response.status(), response.headers());
@@ -140,6 +141,15 @@ async fn forward(
             if let Some(length) = verdict.penalty {
                 backend.penalize(&endpoint, length);
             }
+            // An HTTP/1.1 connection is reused once the response body has
+            // ended; at once when it has none.
+            let conn = match conn {
+                Some(conn) if body_is_empty(&response) => {
+                    conn.release();
+                    None
+                }
+                conn => conn,
+            };
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             // The client's connection has its own version; an HTTP/1.0
@@ -154,6 +164,7 @@ async fn forward(
                         _endpoint: guard,
                         _backend: admitted,
                         _span: span,
+                        conn,
                     },
                 )
                 .boxed_unsync(),
@@ -366,15 +377,32 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// What an upstream response body holds until it ends: the attempt's count
-/// in flight on its endpoint and on its backend.
+/// in flight on its endpoint and on its backend, and its HTTP/1.1
+/// connection, given back to the pool when the body ended whole.
 struct InFlightUntilEnd {
     _endpoint: InFlight,
     _backend: Admitted,
     /// The attempt's span, ended with the body.
     _span: Option<AttemptSpan>,
+    conn: Option<Reusable>,
 }
 
-impl Watch for InFlightUntilEnd {}
+impl Watch for InFlightUntilEnd {
+    fn end(mut self, ended: Ended) {
+        // A body that failed, or was dropped unfinished, takes its
+        // connection with it (hyper closes it).
+        if let (Ended::Complete, Some(conn)) = (ended, self.conn.take()) {
+            conn.release();
+        }
+    }
+}
+
+/// Whether a response has no body to read, so that its connection is free
+/// at once.
+fn body_is_empty(response: &Response<hyper::body::Incoming>) -> bool {
+    use http_body::Body as _;
+    response.body().is_end_stream()
+}
 
 #[cfg(test)]
 mod tests {

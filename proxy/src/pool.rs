@@ -327,6 +327,11 @@ impl Pool {
     /// Sends `request` (its URI absolute, pointing at `addr`) to the
     /// endpoint `addr`. An HTTP/1.1 response comes with its connection,
     /// to [`Reusable::release`] when its body has ended.
+    ///
+    /// The rare steps (connecting, sending again on a new connection) are
+    /// boxed: their futures are several KB, and the future of every request
+    /// (boxed and copied whole once per request) would otherwise carry room
+    /// for them, and touch that much more memory per request.
     pub async fn send(
         &self,
         addr: SocketAddr,
@@ -337,7 +342,7 @@ impl Pool {
                 origin_form(&mut request);
                 let (mut sender, reused) = match self.idle_http1(addr) {
                     Some(sender) => (sender, true),
-                    None => (self.connect_http1(addr).await?, false),
+                    None => (Box::pin(self.connect_http1(addr)).await?, false),
                 };
                 let response = match sender.try_send_request(request).await {
                     Ok(response) => response,
@@ -346,8 +351,10 @@ impl Pool {
                         // written (the server ended an idle keep-alive
                         // connection): once more, on a new connection.
                         Some(request) if reused => {
-                            sender = self.connect_http1(addr).await?;
-                            sender.send_request(request).await.map_err(Error::Send)?
+                            let (response, new) =
+                                Box::pin(self.resend_http1(addr, request)).await?;
+                            sender = new;
+                            response
                         }
                         _ => return Err(Error::Send(error.into_error())),
                     },
@@ -362,14 +369,13 @@ impl Pool {
             UpstreamProtocol::Http2 => {
                 let (mut sender, reused) = match self.shared_http2(addr) {
                     Some(sender) => (sender, true),
-                    None => self.connect_http2_once(addr).await?,
+                    None => Box::pin(self.connect_http2_once(addr)).await?,
                 };
                 let response = match sender.try_send_request(request).await {
                     Ok(response) => response,
                     Err(mut error) => match error.take_message() {
                         Some(request) if reused => {
-                            let mut sender = self.connect_http2(addr).await?;
-                            sender.send_request(request).await.map_err(Error::Send)?
+                            Box::pin(self.resend_http2(addr, request)).await?
                         }
                         _ => return Err(Error::Send(error.into_error())),
                     },
@@ -377,6 +383,27 @@ impl Pool {
                 Ok((response, None))
             }
         }
+    }
+
+    /// Sends `request` on a new HTTP/1.1 connection to `addr`.
+    async fn resend_http1(
+        &self,
+        addr: SocketAddr,
+        request: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, http1::SendRequest<ProxyBody>), Error> {
+        let mut sender = self.connect_http1(addr).await?;
+        let response = sender.send_request(request).await.map_err(Error::Send)?;
+        Ok((response, sender))
+    }
+
+    /// Sends `request` on a new HTTP/2 connection to `addr`.
+    async fn resend_http2(
+        &self,
+        addr: SocketAddr,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, Error> {
+        let mut sender = self.connect_http2(addr).await?;
+        sender.send_request(request).await.map_err(Error::Send)
     }
 
     /// An idle HTTP/1.1 connection to `addr` that is ready for a request.

@@ -173,6 +173,9 @@ pub async fn handle(
         }
     };
     let status = response.status().as_u16();
+    // The dashboard's failures, as a mesh's success rate counts them: a 5xx
+    // or a failed gRPC status, not a request the proxy refused (4xx).
+    let mut failed = status >= 500;
     let mut meter = Meter::new(started);
     meter.responded(response.headers());
     if status >= 500 && error_type.as_str().is_empty() {
@@ -219,6 +222,7 @@ pub async fn handle(
             if let Some(span) = span.as_mut() {
                 span.grpc_status(grpc_status);
             }
+            failed |= grpc_status != "0";
             if grpc_status != "0" && error_type.as_str().is_empty() {
                 error_type = grpc_error_type(grpc_status);
             }
@@ -255,6 +259,7 @@ pub async fn handle(
             model: seen.model,
             genai,
             error_type,
+            failed,
             metrics: inputs.metrics.clone(),
         },
     );
@@ -745,6 +750,8 @@ struct Finish {
     genai: Option<GenAiLabels>,
     /// Empty for a success; else the GenAI metrics' `error_type`.
     error_type: Name,
+    /// A failure for the dashboard: a 5xx or a failed gRPC status.
+    failed: bool,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -809,6 +816,7 @@ impl Drop for Finish {
             if let Some(span) = self.span.as_mut() {
                 span.grpc_status(grpc_status);
             }
+            self.failed |= grpc_status != "0";
             if grpc_status != "0" && self.error_type.as_str().is_empty() {
                 self.error_type = grpc_error_type(grpc_status);
             }
@@ -821,8 +829,7 @@ impl Drop for Finish {
                 .inc();
         }
         let measured = self.meter.measured();
-        let failed = !self.error_type.as_str().is_empty();
-        summary::summaries().record(self.model.as_deref(), failed, &measured);
+        summary::summaries().record(self.model.as_deref(), self.failed, &measured);
         if let Some(labels) = self.genai.take() {
             let error_type = std::mem::take(&mut self.error_type);
             crate::otlp_metrics::record(&labels, &error_type, elapsed, &measured);

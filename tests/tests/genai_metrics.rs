@@ -159,8 +159,16 @@ async fn model_requests_have_genai_metrics_and_access_lines_per_model_and_caller
         "1h",
         &[("models", "llama"), ("apps", "web")],
     );
-    let server = mesh.proxy("models", "llama").inbound(inbound).start();
-    let web = mesh.proxy("apps", "web").start();
+    let server = mesh
+        .proxy("models", "llama")
+        .inbound(inbound)
+        .env("INFERMESH_SUMMARY_INTERVAL_MS", "300")
+        .start();
+    // Only the model server's sidecar sends summaries during the test.
+    let web = mesh
+        .proxy("apps", "web")
+        .env("INFERMESH_SUMMARY_INTERVAL_MS", "3600000")
+        .start();
     for proxy in [&server, &web] {
         wait_ready(proxy, Duration::from_secs(20)).await;
     }
@@ -475,6 +483,32 @@ async fn model_requests_have_genai_metrics_and_access_lines_per_model_and_caller
         "{refusal}"
     );
     assert!(refusal["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+
+    // The dashboard's success rate counts 5xx as failures, not the
+    // requests the proxy refused (404 no_route).
+    let dashboard = until(
+        "the server sidecar's summary on the control plane's dashboard",
+        Duration::from_secs(10),
+        || async {
+            let reply = HttpClient::http1()
+                .get(&format!("{}/dashboard.json", mesh.control.admin_url()))
+                .await;
+            let data = reply.json();
+            let rows = data["figures"]["mesh"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let find = |model: &str| rows.iter().find(|r| r["model"] == model).cloned();
+            match (find("unknown-model"), find("llama-3-8b")) {
+                (Some(unknown), Some(llama)) if unknown["requests"] == 9 => Ok((unknown, llama)),
+                _ => Err(data.to_string()),
+            }
+        },
+    )
+    .await;
+    let (unknown, llama) = dashboard;
+    assert_eq!(unknown["failures"], 0, "{unknown}");
+    assert_eq!(llama["failures"], 1, "the 503: {llama}");
 
     // The application's sidecar logs its outbound requests too.
     let client_lines = access_lines(&web, "request");

@@ -49,6 +49,14 @@ wait_ready() {
     "$@" curl -s "http://$admin/ready" >&2 || true
     return 1
 }
+# The processes a script started (spawn ... & PIDS+=("$!")); stop_pids,
+# set as the EXIT trap, ends and reaps them all.
+PIDS=()
+stop_pids() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # cpu_ticks PID...: user + system CPU time (clock ticks, getconf CLK_TCK)

@@ -49,13 +49,7 @@ if [ "$(nproc)" -ge 2 ]; then
 else
     UP_CPU='' PROXY_CPU='' LOAD_CPU=''
 fi
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
+trap stop_pids EXIT
 
 # --- upstream ----------------------------------------------------------------
 start_upstream UP "$UP_CPU" "$OUT/upstream.out" 127.0.0.1:0 || die "the upstream did not start"

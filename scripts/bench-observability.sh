@@ -48,13 +48,7 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE_DIR
 rm -rf "$OUT"
 mkdir -p "$OUT"
 if [ "$(nproc)" -ge 2 ]; then UP_CPU=0 PROXY_CPU=1 LOAD_CPU=0; else UP_CPU='' PROXY_CPU='' LOAD_CPU=''; fi
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
+trap stop_pids EXIT
 
 start_upstream UPSTREAM "$UP_CPU" "$OUT/upstream.out" 127.0.0.1:0 || die "the upstream did not start"
 bench_body "$OUT/body.json"

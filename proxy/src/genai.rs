@@ -77,30 +77,41 @@ pub struct GenAiMetrics {
     pub time_per_output_token: Family<GenAiLabels, Histogram, fn() -> Histogram>,
 }
 
-// The bucket boundaries the conventions advise for each instrument.
+// The bucket boundaries the conventions advise for each instrument, for
+// Prometheus here and for OTLP (`otlp_metrics.rs`).
+
+/// `gen_ai.client.token.usage`.
+pub const TOKEN_BOUNDS: [f64; 14] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+/// `gen_ai.client.operation.duration`.
+pub const DURATION_BOUNDS: [f64; 14] = [
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+/// `gen_ai.server.time_to_first_token`.
+pub const FIRST_TOKEN_BOUNDS: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// `gen_ai.server.time_per_output_token`.
+pub const PER_TOKEN_BOUNDS: [f64; 13] = [
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+];
+
 fn token_buckets() -> Histogram {
-    Histogram::new([
-        1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
-        4194304.0, 16777216.0, 67108864.0,
-    ])
+    Histogram::new(TOKEN_BOUNDS)
 }
 
 fn duration_buckets() -> Histogram {
-    Histogram::new([
-        0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
-    ])
+    Histogram::new(DURATION_BOUNDS)
 }
 
 fn first_token_buckets() -> Histogram {
-    Histogram::new([
-        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    ])
+    Histogram::new(FIRST_TOKEN_BOUNDS)
 }
 
 fn per_token_buckets() -> Histogram {
-    Histogram::new([
-        0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
-    ])
+    Histogram::new(PER_TOKEN_BOUNDS)
 }
 
 impl GenAiMetrics {

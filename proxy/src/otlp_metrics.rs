@@ -32,7 +32,7 @@ use opentelemetry_sdk::metrics::{
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
 
-use crate::genai::{GenAiLabels, Measured};
+use crate::genai::{self, GenAiLabels, Measured};
 use crate::name::Name;
 
 /// Where metrics go.
@@ -114,17 +114,8 @@ impl Target {
     /// The target of a policy's `otlpMetrics`.
     pub fn from_mesh(mesh: &OtlpMetricsSettings) -> Target {
         let grpc = mesh.protocol == TracingProtocol::Grpc;
-        let endpoint = mesh.endpoint.trim().trim_end_matches('/').to_string();
-        let has_path = endpoint
-            .split_once("://")
-            .is_some_and(|(_, rest)| rest.contains('/'));
-        let endpoint = if grpc || has_path {
-            endpoint
-        } else {
-            format!("{endpoint}/v1/metrics")
-        };
         Target {
-            endpoint,
+            endpoint: crate::traces::policy_endpoint(&mesh.endpoint, !grpc, "metrics"),
             grpc,
             interval: mesh.interval,
         }
@@ -216,10 +207,7 @@ fn start(target: Target, failed: Counter) -> Result<(), std::io::Error> {
             .with_description(
                 "Tokens per request, input and output, as the model server reported them",
             )
-            .with_boundaries(vec![
-                1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
-                4194304.0, 16777216.0, 67108864.0,
-            ])
+            .with_boundaries(genai::TOKEN_BOUNDS.to_vec())
             .build(),
         duration: meter
             .f64_histogram("gen_ai.client.operation.duration")
@@ -227,10 +215,7 @@ fn start(target: Target, failed: Counter) -> Result<(), std::io::Error> {
             .with_description(
                 "Time from receiving a model request to the end of its response, failures included",
             )
-            .with_boundaries(vec![
-                0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96,
-                81.92,
-            ])
+            .with_boundaries(genai::DURATION_BOUNDS.to_vec())
             .build(),
         time_to_first_token: meter
             .f64_histogram("gen_ai.server.time_to_first_token")
@@ -238,18 +223,13 @@ fn start(target: Target, failed: Counter) -> Result<(), std::io::Error> {
             .with_description(
                 "Time from receiving a model request to its first token passing to the client",
             )
-            .with_boundaries(vec![
-                0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0,
-            ])
+            .with_boundaries(genai::FIRST_TOKEN_BOUNDS.to_vec())
             .build(),
         time_per_output_token: meter
             .f64_histogram("gen_ai.server.time_per_output_token")
             .with_unit("s")
             .with_description("Time per output token after the first of a streamed response")
-            .with_boundaries(vec![
-                0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
-            ])
+            .with_boundaries(genai::PER_TOKEN_BOUNDS.to_vec())
             .build(),
         target: Arc::new(Mutex::new(Some(target.clone()))),
         _provider: provider,

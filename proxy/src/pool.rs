@@ -543,6 +543,18 @@ enum Io {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+/// Runs a connection's I/O in a task of its own until it ends.
+fn drive<C>(connection: C, protocol: &'static str)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, protocol, "upstream connection ended with an error");
+        }
+    });
+}
+
 async fn handshake_http1<I>(
     builder: &http1::Builder,
     io: I,
@@ -554,11 +566,7 @@ where
         .handshake(TokioIo::new(io))
         .await
         .map_err(|cause| Error::Connect(ConnectError::new("http handshake failed", cause)))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "upstream HTTP/1.1 connection ended with an error");
-        }
-    });
+    drive(connection, "HTTP/1.1");
     Ok(sender)
 }
 
@@ -573,11 +581,7 @@ where
         .handshake(TokioIo::new(io))
         .await
         .map_err(|cause| Error::Connect(ConnectError::new("http2 handshake failed", cause)))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "upstream HTTP/2 connection ended with an error");
-        }
-    });
+    drive(connection, "HTTP/2");
     Ok(sender)
 }
 

@@ -183,20 +183,31 @@ impl Settings {
             TracingProtocol::Grpc => ExportProtocol::Grpc,
             TracingProtocol::Http => ExportProtocol::HttpProtobuf,
         };
-        let endpoint = mesh.endpoint.trim().trim_end_matches('/').to_string();
-        let has_path = endpoint
-            .split_once("://")
-            .is_some_and(|(_, rest)| rest.contains('/'));
-        let endpoint = match protocol {
-            ExportProtocol::HttpProtobuf if !has_path => format!("{endpoint}/v1/traces"),
-            _ => endpoint,
-        };
+        let endpoint = policy_endpoint(
+            &mesh.endpoint,
+            protocol == ExportProtocol::HttpProtobuf,
+            "traces",
+        );
         Settings {
             endpoint,
             protocol,
             ratio: mesh.sampling,
             ..env.clone()
         }
+    }
+}
+
+/// The collector URL of a policy's OTLP `endpoint`: for OTLP/HTTP, with
+/// the signal's path (`/v1/traces`, `/v1/metrics`) unless it has one.
+pub fn policy_endpoint(endpoint: &str, http: bool, signal: &str) -> String {
+    let endpoint = endpoint.trim().trim_end_matches('/');
+    let has_path = endpoint
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.contains('/'));
+    if http && !has_path {
+        format!("{endpoint}/v1/{signal}")
+    } else {
+        endpoint.to_string()
     }
 }
 

@@ -119,6 +119,26 @@ where
     Ok((addr, stop_tx))
 }
 
+/// Polls `check` every 50 ms until it gives a value; panics with `what`
+/// and its last complaint after `timeout`.
+pub async fn until<T, E, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
+where
+    E: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if started.elapsed() > timeout => {
+                panic!("{what}: not within {timeout:?}; last: {last:?}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, for at most `timeout`;
 /// panics with `what` when it never does. Returns the value and the time taken.
 pub async fn eventually<T, F, Fut>(

@@ -302,3 +302,41 @@ pub fn curl(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// The callers' side of a meshed model server: mesh-wide outbound routes
+/// (`/v1/` to `llama-mesh`, KServe gRPC to `infer-mesh`) to the server
+/// proxy's inbound listener at `inbound` over mutual TLS, expecting the
+/// identity `server`.
+pub fn meshed_client_policy(inbound: std::net::SocketAddr, server: &str) -> String {
+    format!(
+        r#"apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{name: llama-mesh}}
+spec:
+  endpoints: ["{inbound}"]
+  mtls: {{identity: "{server}"}}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{name: infer-mesh}}
+spec:
+  endpoints: ["{inbound}"]
+  protocol: http2
+  mtls: {{identity: "{server}"}}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {{name: to-llama}}
+spec:
+  match: [{{path: {{prefix: /v1/}}}}]
+  backends: [{{backend: llama-mesh}}]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: ModelRoute
+metadata: {{name: to-infer}}
+spec:
+  match: [{{grpc: {{service: inference.GRPCInferenceService}}}}]
+  backends: [{{backend: infer-mesh}}]
+"#
+    )
+}

@@ -32,6 +32,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data as MetricData;
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
 /// Which receiver a span came through.
@@ -145,16 +146,7 @@ impl Store {
         let mut spans = self.spans.lock().unwrap();
         self.requests.lock().unwrap().push(transport);
         for resource_spans in request.resource_spans {
-            let service = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .map(|kv| match value(kv) {
-                    Value::String(s) => s,
-                    _ => String::new(),
-                })
-                .unwrap_or_default();
+            let service = service_name(resource_spans.resource.as_ref());
             for scope in resource_spans.scope_spans {
                 for span in scope.spans {
                     spans.push(Span {
@@ -184,16 +176,7 @@ impl Store {
     fn add_metrics(&self, transport: Transport, request: ExportMetricsServiceRequest) {
         let mut points = self.histograms.lock().unwrap();
         for resource in request.resource_metrics {
-            let service = resource
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .map(|kv| match value(kv) {
-                    Value::String(s) => s,
-                    _ => String::new(),
-                })
-                .unwrap_or_default();
+            let service = service_name(resource.resource.as_ref());
             for scope in resource.scope_metrics {
                 for metric in scope.metrics {
                     let Some(MetricData::Histogram(histogram)) = metric.data else {
@@ -219,6 +202,19 @@ impl Store {
             }
         }
     }
+}
+
+/// The `service.name` of an export's resource; empty without one.
+fn service_name(resource: Option<&Resource>) -> String {
+    resource
+        .iter()
+        .flat_map(|r| &r.attributes)
+        .find(|kv| kv.key == "service.name")
+        .map(|kv| match value(kv) {
+            Value::String(s) => s,
+            _ => String::new(),
+        })
+        .unwrap_or_default()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -291,27 +287,30 @@ async fn http_export(
     let Ok(body) = request.into_body().collect().await else {
         return reply(StatusCode::BAD_REQUEST, Bytes::new());
     };
-    if metrics {
-        return match ExportMetricsServiceRequest::decode(body.to_bytes()) {
-            Ok(export) => {
+    // Each export is kept and answered with its (empty) response.
+    let body = body.to_bytes();
+    let answer = if metrics {
+        ExportMetricsServiceRequest::decode(body)
+            .ok()
+            .map(|export| {
                 store.add_metrics(Transport::Http, export);
-                let response = ExportMetricsServiceResponse {
+                ExportMetricsServiceResponse {
                     partial_success: None,
-                };
-                reply(StatusCode::OK, Bytes::from(response.encode_to_vec()))
-            }
-            Err(_) => reply(StatusCode::BAD_REQUEST, Bytes::new()),
-        };
-    }
-    match ExportTraceServiceRequest::decode(body.to_bytes()) {
-        Ok(export) => {
+                }
+                .encode_to_vec()
+            })
+    } else {
+        ExportTraceServiceRequest::decode(body).ok().map(|export| {
             store.add(Transport::Http, export);
-            let response = ExportTraceServiceResponse {
+            ExportTraceServiceResponse {
                 partial_success: None,
-            };
-            reply(StatusCode::OK, Bytes::from(response.encode_to_vec()))
-        }
-        Err(_) => reply(StatusCode::BAD_REQUEST, Bytes::new()),
+            }
+            .encode_to_vec()
+        })
+    };
+    match answer {
+        Some(response) => reply(StatusCode::OK, Bytes::from(response)),
+        None => reply(StatusCode::BAD_REQUEST, Bytes::new()),
     }
 }
 

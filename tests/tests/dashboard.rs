@@ -7,17 +7,16 @@
 //! them too. The page's screenshot is saved as
 //! `target/test-artifacts/dashboard.png`.
 
-use std::future::Future;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use infermesh_tests::client::{chat_body, json_request};
 use infermesh_tests::kserve::{grpc_client, infer_request, KServeGrpcServer, KServeSettings};
 use infermesh_tests::mesh::Mesh;
 use infermesh_tests::{
-    policy, ControlPlaneProcess, HttpClient, Metrics, OpenAiServer, ProxyProcess,
+    policy, until, ControlPlaneProcess, HttpClient, Metrics, OpenAiServer, ProxyProcess,
 };
 use serde_json::{json, Value};
 
@@ -44,26 +43,9 @@ fn policies(upstream: &OpenAiServer) -> Vec<(&'static str, String)> {
     ]
 }
 
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let started = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if started.elapsed() > timeout => {
-                panic!("{what}: not within {timeout:?}; last: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
 async fn wait_ready(proxy: &ProxyProcess) {
     let client = HttpClient::http1();
-    eventually(
+    until(
         "the proxy becomes ready",
         Duration::from_secs(20),
         || async {
@@ -192,7 +174,7 @@ async fn the_dashboard_shows_what_two_proxies_counted_and_chromium_draws_it() {
 
     // The control plane's figures: the same counts, once the summaries came.
     let admin = control.admin_url();
-    let data = eventually(
+    let data = until(
         "the summaries of both proxies reach the control plane",
         Duration::from_secs(10),
         || async {
@@ -260,7 +242,7 @@ async fn the_dashboard_shows_what_two_proxies_counted_and_chromium_draws_it() {
     // The page, in Chromium.
     let browser = Browser::start().await;
     browser.open(&format!("{admin}/dashboard")).await;
-    let shown = eventually(
+    let shown = until(
         "the page draws the mesh figures",
         Duration::from_secs(15),
         || async {
@@ -363,7 +345,7 @@ async fn summaries_travel_on_a_mutually_authenticated_policy_stream() {
         .expect_err("no route");
     assert_eq!(refused.code(), tonic::Code::Unimplemented);
     let admin = mesh.control.admin_url();
-    let data = eventually(
+    let data = until(
         "the summary reaches the control plane",
         Duration::from_secs(10),
         || async {
@@ -427,7 +409,7 @@ impl Browser {
         browser.session = {
             {
                 let client = HttpClient::http1();
-                eventually("chromedriver answers", Duration::from_secs(20), || async {
+                until("chromedriver answers", Duration::from_secs(20), || async {
                     let status = client
                         .send(
                             http::Request::get(format!("{url}/status"))
@@ -440,7 +422,7 @@ impl Browser {
                         .status()
                         .is_success()
                         .then_some(())
-                        .ok_or("not yet".into())
+                        .ok_or("not yet".to_string())
                 })
                 .await;
                 let binary = ["/usr/bin/chromium", "/usr/lib/chromium/chromium"]

@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use infermesh_tests::client::json_request;
 use infermesh_tests::kserve::{grpc_client, infer_request};
-use infermesh_tests::mesh::{wait_ready, Mesh};
-use infermesh_tests::{python, HttpClient, KServeGrpcServer, Metrics, OpenAiServer, ProxyProcess};
+use infermesh_tests::mesh::{meshed_client_policy, wait_ready, Mesh};
+use infermesh_tests::{
+    python, until, HttpClient, KServeGrpcServer, Metrics, OpenAiServer, ProxyProcess,
+};
 use serde_json::Value;
 
 const WEB: &str = "spiffe://cluster.local/ns/apps/sa/web";
@@ -60,41 +62,8 @@ spec:
 /// The callers' side, and the mesh's access-log settings.
 fn client_policy(inbound: SocketAddr) -> String {
     format!(
-        r#"apiVersion: infermesh.io/v1alpha1
-kind: Backend
-metadata: {{name: llama-mesh}}
-spec:
-  endpoints: ["{inbound}"]
-  mtls: {{identity: "{SERVER}"}}
----
-apiVersion: infermesh.io/v1alpha1
-kind: Backend
-metadata: {{name: infer-mesh}}
-spec:
-  endpoints: ["{inbound}"]
-  protocol: http2
-  mtls: {{identity: "{SERVER}"}}
----
-apiVersion: infermesh.io/v1alpha1
-kind: ModelRoute
-metadata: {{name: to-llama}}
-spec:
-  match: [{{path: {{prefix: /v1/}}}}]
-  backends: [{{backend: llama-mesh}}]
----
-apiVersion: infermesh.io/v1alpha1
-kind: ModelRoute
-metadata: {{name: to-infer}}
-spec:
-  match: [{{grpc: {{service: inference.GRPCInferenceService}}}}]
-  backends: [{{backend: infer-mesh}}]
----
-apiVersion: infermesh.io/v1alpha1
-kind: MeshConfig
-metadata: {{name: mesh}}
-spec:
-  accessLog: {{requests: true, refusalsPerSecond: 3}}
-"#
+        "{}---\napiVersion: infermesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  accessLog: {{requests: true, refusalsPerSecond: 3}}\n",
+        meshed_client_policy(inbound, SERVER)
     )
 }
 
@@ -110,25 +79,6 @@ fn access_lines(proxy: &ProxyProcess, kind: &str) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|l| l["type"] == kind)
         .collect()
-}
-
-/// Polls `check` until it gives a value; panics with its last complaint
-/// after `timeout`.
-async fn until<T, E: std::fmt::Debug, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-{
-    let started = std::time::Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if started.elapsed() > timeout => {
-                panic!("{what}: not within {timeout:?}; last: {last:?}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 /// Mean of a histogram: its `_sum` over its `_count` for these labels.

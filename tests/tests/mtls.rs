@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use infermesh_tests::client::json_request;
 use infermesh_tests::kserve::{grpc_client, infer_request};
-use infermesh_tests::mesh::{curl, token_for, wait_ready, Mesh, San};
+use infermesh_tests::mesh::{curl, meshed_client_policy, token_for, wait_ready, Mesh, San};
 use infermesh_tests::{HttpClient, KServeGrpcServer, Metrics, OpenAiServer, ProxyProcess};
 
 const SERVER: &str = "spiffe://cluster.local/ns/models/sa/llama";
@@ -44,42 +44,6 @@ spec:
   listener: inbound
   match: [{{grpc: {{service: inference.GRPCInferenceService}}}}]
   backends: [{{backend: triton}}]
-"#
-    )
-}
-
-/// The callers' side: mesh-wide outbound routes to the server's inbound
-/// listener over mutual TLS, expecting the server's identity.
-fn client_policy(inbound: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: infermesh.io/v1alpha1
-kind: Backend
-metadata: {{name: llama-mesh}}
-spec:
-  endpoints: ["{inbound}"]
-  mtls: {{identity: "{SERVER}"}}
----
-apiVersion: infermesh.io/v1alpha1
-kind: Backend
-metadata: {{name: infer-mesh}}
-spec:
-  endpoints: ["{inbound}"]
-  protocol: http2
-  mtls: {{identity: "{SERVER}"}}
----
-apiVersion: infermesh.io/v1alpha1
-kind: ModelRoute
-metadata: {{name: to-llama}}
-spec:
-  match: [{{path: {{prefix: /v1/}}}}]
-  backends: [{{backend: llama-mesh}}]
----
-apiVersion: infermesh.io/v1alpha1
-kind: ModelRoute
-metadata: {{name: to-infer}}
-spec:
-  match: [{{grpc: {{service: inference.GRPCInferenceService}}}}]
-  backends: [{{backend: infer-mesh}}]
 "#
     )
 }
@@ -130,7 +94,7 @@ async fn a_sidecar_pair_speaks_mtls_and_authorizes_each_caller_per_model_and_met
     let mesh = Mesh::start(
         &[
             ("server.yaml", &server_policy(openai.addr(), kserve.addr())),
-            ("client.yaml", &client_policy(inbound)),
+            ("client.yaml", &meshed_client_policy(inbound, SERVER)),
             ("authz.yaml", AUTHZ),
         ],
         "1h",
@@ -636,7 +600,7 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     let mesh = Mesh::start(
         &[
             ("server.yaml", &server_policy(openai.addr(), kserve.addr())),
-            ("client.yaml", &client_policy(inbound)),
+            ("client.yaml", &meshed_client_policy(inbound, SERVER)),
         ],
         "4s",
         &[("models", "llama"), ("apps", "web")],

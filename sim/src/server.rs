@@ -167,6 +167,9 @@ async fn schedule(
                 Err(e) => tracing::debug!(error = %e, "rejected"),
             }
         }
+        // The gauges are set before any client hears of this step, so a
+        // response built on a finished request reports the load after it.
+        publish(&engine, &inputs.metrics);
         loop {
             let mut tokens: std::collections::HashMap<Id, usize> = Default::default();
             for event in events.drain(..) {
@@ -217,17 +220,21 @@ async fn schedule(
                 engine.abort(id, t, &mut events);
             }
         }
-        let m = &inputs.metrics;
-        m.waiting.set(engine.waiting() as f64);
-        m.running.set(engine.running() as f64);
-        m.kv_usage.set(engine.kv_usage());
-        let c = engine.counters();
-        let queries = c.prefix_queries.saturating_sub(m.prefix_queries.get());
-        m.prefix_queries.inc_by(queries);
-        let hits = c.prefix_hits.saturating_sub(m.prefix_hits.get());
-        m.prefix_hits.inc_by(hits);
-        m.set_loras(&engine.running_loras(), &engine.waiting_loras());
+        publish(&engine, &inputs.metrics);
     }
+}
+
+/// Sets the gauges and counters from the engine's state.
+fn publish(engine: &Engine, m: &Metrics) {
+    m.waiting.set(engine.waiting() as f64);
+    m.running.set(engine.running() as f64);
+    m.kv_usage.set(engine.kv_usage());
+    let c = engine.counters();
+    let queries = c.prefix_queries.saturating_sub(m.prefix_queries.get());
+    m.prefix_queries.inc_by(queries);
+    let hits = c.prefix_hits.saturating_sub(m.prefix_hits.get());
+    m.prefix_hits.inc_by(hits);
+    m.set_loras(&engine.running_loras(), &engine.waiting_loras());
 }
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;

@@ -12,6 +12,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::Either;
+use futures_util::FutureExt;
+
 use http::{header, HeaderValue, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -407,8 +410,15 @@ async fn serve_mtls(
 
 /// Serves HTTP/1.1 or HTTP/2 on `io`; on the inbound listener every request
 /// carries `conn` (who called, on which port) in its extensions.
+///
+/// Not an `async fn`: it returns hyper's connection future itself, with the
+/// refusal check chained on, so a connection's task is little more than
+/// hyper's own state (an `async fn` would keep its arguments, the service
+/// and the connection future side by side for the connection's life). The
+/// HTTP/2 connection is boxed: an HTTP/1.1 connection then carries no room
+/// for it.
 #[allow(clippy::too_many_arguments)]
-async fn serve_http<I>(
+fn serve_http<I>(
     io: I,
     peer: SocketAddr,
     protocol: Protocol,
@@ -418,7 +428,8 @@ async fn serve_http<I>(
     inputs: Arc<Inputs>,
     builders: &Builders,
     watcher: hyper_util::server::graceful::Watcher,
-) where
+) -> impl Future<Output = ()> + Send
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let shared = inputs.clone();
@@ -450,13 +461,25 @@ async fn serve_http<I>(
         };
         future
     });
-    let (result, head_started) = match protocol {
+    let refused = move |result: Result<(), hyper::Error>, head_started: bool| {
+        if let Err(error) = result {
+            match refusal::http_reason(&error, head_started) {
+                Some(reason) => refuse(
+                    &shared,
+                    kind,
+                    peer,
+                    reason,
+                    &format_args!("HTTP connection refused: {error}"),
+                ),
+                None => tracing::debug!(%peer, %error, "connection ended with an error"),
+            }
+        }
+    };
+    match protocol {
         Protocol::Http2 => {
             let io = TokioIo::new(io);
-            let result = watcher
-                .watch(builders.http2.serve_connection(io, svc))
-                .await;
-            (result, false)
+            let serve = Box::pin(watcher.watch(builders.http2.serve_connection(io, svc)));
+            Either::Left(serve.map(move |result| refused(result, false)))
         }
         _ => {
             let head_started = Arc::new(AtomicBool::new(false));
@@ -464,22 +487,10 @@ async fn serve_http<I>(
                 io,
                 head_started: head_started.clone(),
             });
-            let result = watcher
-                .watch(builders.http1.serve_connection(io, svc))
-                .await;
-            (result, head_started.load(Ordering::Relaxed))
-        }
-    };
-    if let Err(error) = result {
-        match refusal::http_reason(&error, head_started) {
-            Some(reason) => refuse(
-                &shared,
-                kind,
-                peer,
-                reason,
-                &format_args!("HTTP connection refused: {error}"),
-            ),
-            None => tracing::debug!(%peer, %error, "connection ended with an error"),
+            let serve = watcher.watch(builders.http1.serve_connection(io, svc));
+            Either::Right(
+                serve.map(move |result| refused(result, head_started.load(Ordering::Relaxed))),
+            )
         }
     }
 }

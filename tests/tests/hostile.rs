@@ -587,6 +587,104 @@ async fn pipelined_requests_after_a_body_reach_the_upstream_as_framed() {
     run_cases(&mut rig, &cases).await;
 }
 
+/// Writes `bytes` in pieces of `piece` bytes, `gap` apart.
+async fn dribble(stream: &mut TcpStream, bytes: &[u8], piece: usize, gap: Duration) {
+    for part in bytes.chunks(piece) {
+        stream.write_all(part).await.expect("write");
+        stream.flush().await.expect("flush");
+        tokio::time::sleep(gap).await;
+    }
+}
+
+/// Reads until `want` whole responses came in, or panics after 10 s.
+async fn read_responses(stream: &mut TcpStream, want: usize) -> Vec<RawResponse> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while out.len() < want {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => {
+                buf.extend_from_slice(&chunk[..n]);
+                split_responses(&mut buf, &mut out);
+            }
+            other => panic!("{} of {want} responses, then {other:?}", out.len()),
+        }
+    }
+    out
+}
+
+/// An idle keep-alive connection holds no read or write buffer in the proxy
+/// (a patch to hyper, see third_party/hyper): what arrives after a pause is
+/// read into the stack and copied out. Requests that come a byte at a time,
+/// after idle pauses, with heads larger than one such read, and pipelined,
+/// must still reach the upstream whole.
+#[tokio::test]
+async fn requests_in_pieces_and_after_idle_pauses_reach_the_upstream_whole() {
+    let mut rig = Rig::start().await;
+    let mut stream = TcpStream::connect(rig.outbound()).await.expect("connect");
+    let chat = chat_body("m", false);
+    let chat_request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{chat}",
+        chat.len()
+    );
+    // 1. A byte at a time: every read finds the buffer released.
+    dribble(
+        &mut stream,
+        chat_request.as_bytes(),
+        1,
+        Duration::from_millis(1),
+    )
+    .await;
+    let first = read_responses(&mut stream, 1).await;
+    assert_eq!(first[0].status, 200, "{}", first[0].head);
+    // 2. After an idle pause, a 20 KiB header value (more than one 8 KiB
+    //    read) in 3,000-byte pieces, the body split from its head.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let long_value = "v".repeat(20 * 1024);
+    let long_head = format!(
+        "POST /echo/long HTTP/1.1\r\nhost: a\r\nx-long: {long_value}\r\ncontent-length: 5\r\n\r\n"
+    );
+    dribble(
+        &mut stream,
+        long_head.as_bytes(),
+        3000,
+        Duration::from_millis(5),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    dribble(&mut stream, b"hello", 2, Duration::from_millis(5)).await;
+    let second = read_responses(&mut stream, 1).await;
+    assert_eq!(second[0].status, 200, "{}", second[0].head);
+    // 3. After another pause, three pipelined requests in one write.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream
+        .write_all(&b"GET /echo/p HTTP/1.1\r\nhost: a\r\n\r\n".repeat(3))
+        .await
+        .expect("write");
+    let third = read_responses(&mut stream, 3).await;
+    assert!(third.iter().all(|r| r.status == 200), "{third:?}");
+
+    let seen = rig.upstream.requests();
+    let paths: Vec<_> = seen.iter().map(|r| r.uri.path().to_string()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/chat/completions",
+            "/echo/long",
+            "/echo/p",
+            "/echo/p",
+            "/echo/p"
+        ],
+        "{seen:?}"
+    );
+    assert_eq!(seen[0].body, chat.as_bytes());
+    assert_eq!(seen[1].headers["x-long"], long_value.as_str());
+    assert_eq!(seen[1].body, &b"hello"[..]);
+    drop(stream);
+    rig.assert_serves("requests in pieces").await;
+}
+
 #[tokio::test]
 async fn oversized_heads_are_refused() {
     let mut rig = Rig::start().await;

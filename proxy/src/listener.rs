@@ -317,10 +317,11 @@ async fn serve_connection(
         (Protocol::Http1 | Protocol::Http2, _) => {
             let conn =
                 (kind == ListenerKind::Inbound).then_some(InboundConn { caller: None, port });
-            serve_http(
+            // A task of its own: this one, with room for detection, ends,
+            // and a keep-alive connection holds hyper's state and little else.
+            tokio::spawn(serve_http(
                 stream, peer, protocol, conn, redirected, kind, inputs, &builders, watcher,
-            )
-            .await;
+            ));
         }
     }
 }
@@ -394,7 +395,8 @@ async fn serve_mtls(
         })
         .inc();
     let conn = InboundConn { caller, port };
-    serve_http(
+    // A task of its own, as in `serve_connection`: the handshake's state ends here.
+    tokio::spawn(serve_http(
         tls,
         peer,
         protocol,
@@ -404,8 +406,7 @@ async fn serve_mtls(
         inputs,
         &builders,
         watcher,
-    )
-    .await;
+    ));
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on `io`; on the inbound listener every request

@@ -258,6 +258,11 @@ where
             Poll::Ready(Ok(msg)) => msg,
             Poll::Ready(Err(e)) => return self.on_read_head_error(e),
             Poll::Pending => {
+                // infermesh patch: a connection waiting for its next message
+                // with nothing buffered keeps no header map for it either.
+                if self.io.read_buf().is_empty() {
+                    self.state.cached_headers = None;
+                }
                 #[cfg(feature = "server")]
                 if self.state.h1_header_read_timeout_running {
                     if let Some(h1_header_read_timeout_fut) =

@@ -239,6 +239,14 @@ where
             }
         }
 
+        // infermesh patch: a connection waiting for its next message with
+        // nothing buffered keeps no buffers and no header map; the read below
+        // then goes through the stack.
+        if self.io.read_buf().is_empty() {
+            self.io.release_idle_buffers();
+            self.state.cached_headers = None;
+        }
+
         let msg = match self.io.parse::<T>(
             cx,
             ParseContext {
@@ -258,11 +266,6 @@ where
             Poll::Ready(Ok(msg)) => msg,
             Poll::Ready(Err(e)) => return self.on_read_head_error(e),
             Poll::Pending => {
-                // infermesh patch: a connection waiting for its next message
-                // with nothing buffered keeps no header map for it either.
-                if self.io.read_buf().is_empty() {
-                    self.state.cached_headers = None;
-                }
                 #[cfg(feature = "server")]
                 if self.state.h1_header_read_timeout_running {
                     if let Some(h1_header_read_timeout_fut) =
@@ -472,6 +475,10 @@ where
             return Poll::Ready(Err(crate::Error::new_unexpected_message()));
         }
 
+        // infermesh patch: an idle client connection (in a pool) keeps no
+        // buffers while it waits.
+        self.io.release_idle_buffers();
+        self.state.cached_headers = None;
         let num_read = ready!(self.force_io_read(cx)).map_err(crate::Error::new_io)?;
 
         if num_read == 0 {

@@ -37,6 +37,8 @@ pub(crate) struct Buffered<T, B> {
     read_buf: BytesMut,
     read_buf_strategy: ReadStrategy,
     write_buf: WriteBuf<B>,
+    // infermesh patch: the buffers were let go while the connection waited.
+    released: bool,
 }
 
 impl<T, B> fmt::Debug for Buffered<T, B>
@@ -71,6 +73,7 @@ where
             read_buf: BytesMut::with_capacity(0),
             read_buf_strategy: ReadStrategy::default(),
             write_buf,
+            released: true,
         }
     }
 
@@ -238,7 +241,7 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
-        if self.read_buf.is_empty() && self.read_buf_remaining_mut() == 0 {
+        if self.released {
             return self.poll_read_idle(cx, next);
         }
         if self.read_buf_remaining_mut() < next {
@@ -264,9 +267,6 @@ where
             }
             Poll::Pending => {
                 self.read_blocked = true;
-                if self.read_buf.is_empty() {
-                    self.release_buffers();
-                }
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -275,9 +275,11 @@ where
 
     // infermesh patch: an idle connection holds no buffers.
     //
-    // With nothing buffered, the next bytes are read into the stack and only
-    // what arrived is copied to the heap, so a connection that waits (a
-    // keep-alive connection between requests) allocates nothing.
+    // Once `release_idle_buffers` has let the read buffer go, the next bytes
+    // are read into the stack and only what arrived is copied to the heap,
+    // so a connection that waits (a keep-alive connection between requests)
+    // allocates nothing. Reads with a buffer in hand (a message being read)
+    // take the path above, whose read size grows with the traffic.
     fn poll_read_idle(&mut self, cx: &mut Context<'_>, next: usize) -> Poll<io::Result<usize>> {
         let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); INIT_BUFFER_SIZE];
         let len = cmp::max(cmp::min(next, INIT_BUFFER_SIZE), 1);
@@ -287,22 +289,27 @@ where
                 let filled = buf.filled();
                 let n = filled.len();
                 trace!("received {} bytes", n);
+                self.released = false;
                 self.read_buf.extend_from_slice(filled);
                 self.read_buf_strategy.record(n);
                 Poll::Ready(Ok(n))
             }
             Poll::Pending => {
                 self.read_blocked = true;
-                self.release_buffers();
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         }
     }
 
-    // infermesh patch: frees the read buffer (empty) and, when nothing waits
+    // infermesh patch: called by the connection while it waits for its next
+    // message: frees the read buffer when it is empty and, when nothing waits
     // to be written, the write buffer's capacity.
-    fn release_buffers(&mut self) {
+    pub(crate) fn release_idle_buffers(&mut self) {
+        if !self.read_buf.is_empty() {
+            return;
+        }
+        self.released = true;
         if self.read_buf.capacity() != 0 {
             self.read_buf = BytesMut::new();
         }

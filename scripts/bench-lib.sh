@@ -2,8 +2,9 @@
 # Shared parts of the sidecar-pair benchmarks (scripts/bench-mtls.sh,
 # scripts/bench-pods.sh): tools, process start-up, the load generator, the
 # mesh's control plane and bootstrap tokens, certificates made with openssl,
-# and CPU accounting from /proc. Source it after setting BENCH_TAG (the log
-# prefix); it defines functions and BENCH_LIB_DIR only.
+# the nginx pair's configuration, and CPU accounting from /proc. Source it
+# after setting BENCH_TAG (the log prefix); it defines functions and
+# BENCH_LIB_DIR only.
 
 # shellcheck disable=SC2034 # for the scripts that source this file
 BENCH_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -142,4 +143,38 @@ make_cert() {
         -keyout "$3.key" -out "$3.csr" -addext "subjectAltName=$4" 2>/dev/null
     openssl x509 -req -in "$3.csr" -CA "$1" -CAkey "$2" -CAcreateserial -days 1 \
         -copy_extensions copyall -out "$3.crt" 2>/dev/null
+}
+
+# nginx_conf DIR UPSTREAM SERVER LOCATION: one worker, no access log, a
+# keep-alive pool to UPSTREAM, every path it writes inside DIR (owned by
+# PROXY_UID when that is set). SERVER is the server block's listen and TLS
+# lines, LOCATION the proxy_pass and proxy_ssl lines.
+nginx_conf() {
+    mkdir -p "$1/logs"
+    cat >"$1/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $1/body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+    keepalive_requests 1000000;
+    upstream next_hop { server $2; keepalive 64; keepalive_requests 1000000; }
+    server {
+$3
+        location / {
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+$4
+        }
+    }
+}
+EOF
+    if [ -n "${PROXY_UID:-}" ]; then chown -R "$PROXY_UID:$PROXY_UID" "$1"; fi
 }

@@ -286,37 +286,7 @@ if has_variant mtls; then
 fi
 
 # --- the nginx pair -------------------------------------------------------------------
-# nginx_conf DIR UPSTREAM SERVER LOCATION: one worker, no access log, a
-# keep-alive pool to UPSTREAM, every path it writes inside DIR.
-nginx_conf() {
-    mkdir -p "$1/logs"
-    cat >"$1/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $1/nginx.pid;
-error_log $1/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $1/body;
-    proxy_temp_path $1/proxy;
-    fastcgi_temp_path $1/fastcgi;
-    uwsgi_temp_path $1/uwsgi;
-    scgi_temp_path $1/scgi;
-    keepalive_requests 1000000;
-    upstream next_hop { server $2; keepalive 64; keepalive_requests 1000000; }
-    server {
-$3
-        location / {
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-$4
-        }
-    }
-}
-EOF
-    chown -R "$PROXY_UID:$PROXY_UID" "$1"
-}
+# nginx_conf (scripts/bench-lib.sh) writes each side's configuration.
 if has_variant nginx; then
     N=$RUN/nginx
     make_ca "$N/ca"

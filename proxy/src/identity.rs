@@ -384,6 +384,14 @@ impl Identity {
     }
 
     /// TLS 1.3 server configuration of the inbound listener.
+    ///
+    /// Sessions resume from stateless tickets (12-hour tickets, encrypted
+    /// with keys that rotate every 6 hours). rustls's default keeps
+    /// sessions (24-hour tickets) in a cache of 256 entries, two per
+    /// handshake, which a few hundred handshakes from any callers (probes,
+    /// other sidecars) flush, so a sidecar's saved sessions stopped
+    /// resuming. A ticket carries the caller's certificate chain, so a
+    /// resumed connection has the caller's SPIFFE ID too.
     pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
         let builder = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -392,6 +400,12 @@ impl Identity {
             .with_client_cert_verifier(Arc::new(CallerVerifier(self.clone())))
             .with_cert_resolver(Arc::new(OwnServerCert(self.clone())));
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        match rustls::crypto::ring::Ticketer::new() {
+            Ok(ticketer) => config.ticketer = ticketer,
+            Err(error) => {
+                tracing::warn!(%error, "no TLS session tickets; sessions resume from a cache of 256");
+            }
+        }
         Arc::new(config)
     }
 

@@ -530,6 +530,112 @@ async fn the_inbound_listener_refuses_each_bad_peer_and_says_why() {
     assert_eq!(openai.requests().len(), 3);
 }
 
+/// `openssl s_client` with the caller's certificate, saving its session to
+/// `sess_out` or offering the one in `sess_in`. Standard input stays open
+/// half a second, so the session tickets the server sends after the
+/// handshake arrive before the client closes.
+fn s_client(
+    addr: SocketAddr,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    session: (&str, &std::path::Path),
+) -> String {
+    let mut child = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-cert"])
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .arg(session.0)
+        .arg(session.1)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl runs");
+    std::thread::sleep(Duration::from_millis(500));
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("openssl ends");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_listener_resumes_tls_sessions_and_keeps_the_callers_identity() {
+    let openai = OpenAiServer::start("llama");
+    let kserve = KServeGrpcServer::start("triton");
+    let mesh = Mesh::start(
+        &[("server.yaml", &server_policy(openai.addr(), kserve.addr()))],
+        "1h",
+        &[("models", "llama")],
+    );
+    let server = mesh.proxy("models", "llama").start();
+    wait_ready(&server, Duration::from_secs(20)).await;
+    let (cert, key) = mesh.mint_valid("web", WEB);
+    let session = mesh.dir().join("web.session");
+
+    // A first connection gets a full handshake and a TLS 1.3 session
+    // ticket; a second one that offers it resumes without certificates.
+    let (inbound, c, k, s) = (server.inbound, cert.clone(), key.clone(), session.clone());
+    let first = tokio::task::spawn_blocking(move || s_client(inbound, &c, &k, ("-sess_out", &s)))
+        .await
+        .unwrap();
+    assert!(first.contains("New, TLSv1.3"), "{first}");
+    assert!(session.exists(), "no session saved: {first}");
+
+    // Full handshakes from another caller, enough to flush a server-side
+    // session cache of 256 entries (two per handshake): the session still
+    // resumes, as it lives in the ticket.
+    let (other_cert, other_key) =
+        mesh.mint_valid("probe", "spiffe://cluster.local/ns/apps/sa/probe");
+    let mut handshakes = 0;
+    while handshakes < 200 {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "s_time",
+                "-connect",
+                &inbound.to_string(),
+                "-new",
+                "-time",
+                "1",
+            ])
+            .arg("-cert")
+            .arg(&other_cert)
+            .arg("-key")
+            .arg(&other_key)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let made: u64 = text
+            .split_once(" connections in")
+            .and_then(|(head, _)| head.rsplit(char::is_whitespace).next()?.parse().ok())
+            .unwrap_or_else(|| panic!("openssl s_time made no connections: {text}"));
+        handshakes += made;
+    }
+    let (c, k, s) = (cert.clone(), key.clone(), session.clone());
+    let second = tokio::task::spawn_blocking(move || s_client(inbound, &c, &k, ("-sess_in", &s)))
+        .await
+        .unwrap();
+    assert!(second.contains("Reused, TLSv1.3"), "{second}");
+
+    // The resumed connection still carries the caller's SPIFFE ID (the
+    // session keeps the client's certificate): both are counted under it.
+    let metrics = Metrics::parse(
+        &HttpClient::http1()
+            .get(&format!("{}/metrics", server.admin_url()))
+            .await
+            .text(),
+    );
+    assert_eq!(
+        metrics.sum(
+            "infermesh_inbound_mtls_connections_total",
+            &[("caller", WEB)]
+        ),
+        2.0,
+        "{}",
+        server.stderr()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_refuses_a_token_bound_to_another_identity() {
     let mesh = Mesh::start(&[], "1h", &[("apps", "web"), ("batch", "job")]);

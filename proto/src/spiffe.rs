@@ -182,6 +182,13 @@ fn check_segment(what: &str, value: &str) -> Result<(), IdentityError> {
     Ok(())
 }
 
+/// The end of a DER certificate's validity, or `None` when it does not parse.
+pub fn certificate_not_after(der: &[u8]) -> Option<std::time::SystemTime> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -374,6 +374,26 @@ async fn serve_mtls(
         }
     };
     let (_, session) = tls.get_ref();
+    // A resumed session skips the certificate check: its ticket holds the
+    // caller's chain as it was. A chain that has expired since is refused,
+    // as a full handshake would refuse it.
+    if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        let expired = session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| infermesh_proto::spiffe::certificate_not_after(leaf))
+            .is_none_or(|not_after| not_after <= std::time::SystemTime::now());
+        if expired {
+            refuse(
+                &inputs,
+                kind,
+                peer,
+                Reason::TlsExpired,
+                &"inbound mTLS session refused: it resumed a session whose client certificate has expired since",
+            );
+            return;
+        }
+    }
     let caller = session
         .peer_certificates()
         .and_then(|chain| chain.first())

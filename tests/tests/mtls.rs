@@ -634,6 +634,58 @@ async fn the_inbound_listener_resumes_tls_sessions_and_keeps_the_callers_identit
         "{}",
         server.stderr()
     );
+
+    // A session whose client certificate has expired since is refused on
+    // resumption, as a full handshake would refuse the certificate.
+    let now = SystemTime::now();
+    let brief = "spiffe://cluster.local/ns/apps/sa/brief";
+    let (c, k) = mesh.mint(
+        "brief",
+        &[San::Uri(brief)],
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3),
+    );
+    let s = mesh.dir().join("brief.session");
+    let (c2, k2, s2) = (c.clone(), k.clone(), s.clone());
+    let fresh =
+        tokio::task::spawn_blocking(move || s_client(inbound, &c2, &k2, ("-sess_out", &s2)))
+            .await
+            .unwrap();
+    assert!(fresh.contains("New, TLSv1.3"), "{fresh}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let resumed = tokio::task::spawn_blocking(move || s_client(inbound, &c, &k, ("-sess_in", &s)))
+        .await
+        .unwrap();
+    assert!(resumed.contains("Reused, TLSv1.3"), "{resumed}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = Metrics::scrape(&server).await;
+        let refused = metrics.sum(
+            "infermesh_refusals_total",
+            &[("listener", "inbound"), ("reason", "tls_expired")],
+        );
+        if refused >= 1.0 {
+            assert_eq!(refused, 1.0, "{}", metrics.text);
+            // Only the full handshake was counted as the caller's connection.
+            assert_eq!(
+                metrics.sum(
+                    "infermesh_inbound_mtls_connections_total",
+                    &[("caller", brief)]
+                ),
+                1.0,
+                "{}",
+                metrics.text
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the expired session was not refused:\n{}\n{}",
+            metrics.text,
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -145,6 +145,19 @@ make_cert() {
         -copy_extensions copyall -out "$3.crt" 2>/dev/null
 }
 
+# nginx_pair_alive OUT N: dies with their output when the nginx pair's
+# "model" or "app" process (nginx_model_PID, nginx_app_PID) has exited.
+nginx_pair_alive() {
+    local side pid_var
+    for side in model app; do
+        pid_var=nginx_${side}_PID
+        kill -0 "${!pid_var}" 2>/dev/null || {
+            cat "$1/nginx-$side.out" "$2/$side/logs/error.log" >&2
+            die "nginx ($side) did not start"
+        }
+    done
+}
+
 # nginx_conf DIR UPSTREAM SERVER LOCATION: one worker, no access log, a
 # keep-alive pool to UPSTREAM, every path it writes inside DIR (owned by
 # PROXY_UID when that is set). SERVER is the server block's listen and TLS

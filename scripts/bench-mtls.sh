@@ -194,13 +194,7 @@ for _ in $(seq 1 100); do
     curl -s -o /dev/null "http://$NGINX_APP/" && break
     sleep 0.05
 done
-for side in model app; do
-    pid_var=nginx_${side}_PID
-    kill -0 "${!pid_var}" 2>/dev/null || {
-        cat "$OUT/nginx-$side.out" "$N/$side/logs/error.log" >&2
-        die "nginx ($side) did not start"
-    }
-done
+nginx_pair_alive "$OUT" "$N"
 # The model side refuses a client without a certificate (nginx answers 400).
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$OUT/mesh/ca/ca.crt" \
     --resolve "model.mtls.bench:${NGINX_MODEL##*:}:127.0.0.1" "https://model.mtls.bench:${NGINX_MODEL##*:}/" || true)

@@ -321,13 +321,7 @@ if has_variant nginx; then
         cp "$N/$side/nginx.conf" "$OUT/nginx-$side.conf"
     done
     sleep 0.5
-    for side in model app; do
-        pid_var=nginx_${side}_PID
-        kill -0 "${!pid_var}" 2>/dev/null || {
-            cat "$OUT/nginx-$side.out" "$N/$side/logs/error.log" >&2
-            die "nginx ($side) did not start"
-        }
-    done
+    nginx_pair_alive "$OUT" "$N"
     URL[nginx]=127.0.0.1:8080
     PAIR[nginx]="$nginx_app_PID $nginx_model_PID"
 fi

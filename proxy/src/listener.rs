@@ -374,13 +374,12 @@ async fn serve_mtls(
         }
     };
     let (_, session) = tls.get_ref();
+    let leaf = session.peer_certificates().and_then(|chain| chain.first());
     // A resumed session skips the certificate check: its ticket holds the
     // caller's chain as it was. A chain that has expired since is refused,
     // as a full handshake would refuse it.
     if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-        let expired = session
-            .peer_certificates()
-            .and_then(|chain| chain.first())
+        let expired = leaf
             .and_then(|leaf| infermesh_proto::spiffe::certificate_not_after(leaf))
             .is_none_or(|not_after| not_after <= std::time::SystemTime::now());
         if expired {
@@ -394,9 +393,7 @@ async fn serve_mtls(
             return;
         }
     }
-    let caller = session
-        .peer_certificates()
-        .and_then(|chain| chain.first())
+    let caller = leaf
         .and_then(|leaf| SpiffeId::from_certificate(leaf).ok())
         .map(Arc::new);
     let protocol = match session.alpn_protocol() {

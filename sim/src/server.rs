@@ -167,8 +167,9 @@ async fn schedule(
                 Err(e) => tracing::debug!(error = %e, "rejected"),
             }
         }
-        // The gauges are set before any client hears of this step, so a
-        // response built on a finished request reports the load after it.
+        // The gauges are set before any client hears of this step (and again
+        // after aborts), so a response built on a finished request reports
+        // the load after it.
         publish(&engine, &inputs.metrics);
         loop {
             let mut tokens: std::collections::HashMap<Id, usize> = Default::default();
@@ -219,8 +220,8 @@ async fn schedule(
                 clients.remove(&id);
                 engine.abort(id, t, &mut events);
             }
+            publish(&engine, &inputs.metrics);
         }
-        publish(&engine, &inputs.metrics);
     }
 }
 

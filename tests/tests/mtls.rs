@@ -15,6 +15,19 @@ use infermesh_tests::{HttpClient, KServeGrpcServer, Metrics, OpenAiServer, Proxy
 const SERVER: &str = "spiffe://cluster.local/ns/models/sa/llama";
 const WEB: &str = "spiffe://cluster.local/ns/apps/sa/web";
 
+/// A mesh with the model server's sidecar (`models/llama`) in front of
+/// `openai` and `kserve`, its certificate obtained and ready.
+async fn model_server(openai: &OpenAiServer, kserve: &KServeGrpcServer) -> (Mesh, ProxyProcess) {
+    let mesh = Mesh::start(
+        &[("server.yaml", &server_policy(openai.addr(), kserve.addr()))],
+        "1h",
+        &[("models", "llama")],
+    );
+    let server = mesh.proxy("models", "llama").start();
+    wait_ready(&server, Duration::from_secs(20)).await;
+    (mesh, server)
+}
+
 /// The model server's side: inbound routes in namespace `models` to an
 /// OpenAI upstream and a KServe gRPC upstream.
 fn server_policy(openai: SocketAddr, kserve: SocketAddr) -> String {
@@ -304,13 +317,7 @@ async fn a_sidecar_pair_speaks_mtls_and_authorizes_each_caller_per_model_and_met
 async fn the_inbound_listener_refuses_each_bad_peer_and_says_why() {
     let openai = OpenAiServer::start("llama");
     let kserve = KServeGrpcServer::start("triton");
-    let mesh = Mesh::start(
-        &[("server.yaml", &server_policy(openai.addr(), kserve.addr()))],
-        "1h",
-        &[("models", "llama")],
-    );
-    let server = mesh.proxy("models", "llama").start();
-    wait_ready(&server, Duration::from_secs(20)).await;
+    let (mesh, server) = model_server(&openai, &kserve).await;
     let url = format!("https://{}/v1/chat/completions", server.inbound);
     let post = |cert: &std::path::Path, key: &std::path::Path| {
         curl(&[
@@ -562,13 +569,7 @@ fn s_client(
 async fn the_inbound_listener_resumes_tls_sessions_and_keeps_the_callers_identity() {
     let openai = OpenAiServer::start("llama");
     let kserve = KServeGrpcServer::start("triton");
-    let mesh = Mesh::start(
-        &[("server.yaml", &server_policy(openai.addr(), kserve.addr()))],
-        "1h",
-        &[("models", "llama")],
-    );
-    let server = mesh.proxy("models", "llama").start();
-    wait_ready(&server, Duration::from_secs(20)).await;
+    let (mesh, server) = model_server(&openai, &kserve).await;
     let (cert, key) = mesh.mint_valid("web", WEB);
     let session = mesh.dir().join("web.session");
 

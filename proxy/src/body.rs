@@ -28,7 +28,9 @@ use crate::classify::{Ambiguity, GrpcVerifier, JsonScanner};
 pub struct ProxyBody {
     prefix: VecDeque<Bytes>,
     prefix_len: u64,
-    trailers: Option<HeaderMap>,
+    /// Boxed: rare in a request, and a request is moved whole through
+    /// every layer of the stack.
+    trailers: Option<Box<HeaderMap>>,
     rest: Option<Incoming>,
     /// Checks the rest of the body as it streams.
     check: Option<BodyCheck>,
@@ -145,7 +147,7 @@ impl ProxyBody {
         Self {
             prefix,
             prefix_len,
-            trailers,
+            trailers: trailers.map(Box::new),
             rest,
             ..Default::default()
         }
@@ -209,7 +211,7 @@ impl Body for ProxyBody {
                 Poll::Ready(None) => {
                     this.rest = None;
                     this.idle_timer = None;
-                    Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+                    Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(*t))))
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     if let (Some(check), Some(data)) = (this.check.as_mut(), frame.data_ref()) {
@@ -244,7 +246,7 @@ impl Body for ProxyBody {
                 }
             };
         }
-        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(*t))))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -10,6 +10,7 @@
 //! gRPC message of a gRPC response, or the first byte of a whole JSON
 //! answer; never the response headers.
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
@@ -75,6 +76,29 @@ pub struct GenAiMetrics {
     pub time_to_first_token: Family<GenAiLabels, Histogram, fn() -> Histogram>,
     /// `gen_ai.server.time_per_output_token`.
     pub time_per_output_token: Family<GenAiLabels, Histogram, fn() -> Histogram>,
+    /// The histograms a successful request of each label set records,
+    /// found in the families once and then kept: a family looks its
+    /// series up by SipHash of every label, under a lock, for each of the
+    /// up to five histograms a request records.
+    series: dashmap::DashMap<GenAiLabels, Arc<Series>, foldhash::fast::RandomState>,
+}
+
+/// The most label sets whose series are kept at hand; past it a request
+/// looks its series up in the families (the label sets are bounded by the
+/// policy and [`MAX_CALLERS`], so this is only reached across many policy
+/// changes).
+const MAX_KEPT_SERIES: usize = 4096;
+
+/// A label set's series, each taken from its family when first recorded,
+/// so that a histogram appears in the exposition only once observed.
+#[derive(Debug, Default)]
+struct Series {
+    time_to_first_token: OnceLock<Histogram>,
+    time_per_output_token: OnceLock<Histogram>,
+    input_tokens: OnceLock<Histogram>,
+    output_tokens: OnceLock<Histogram>,
+    /// The duration of a success (`error_type` empty).
+    duration: OnceLock<Histogram>,
 }
 
 // The bucket boundaries the conventions advise for each instrument, for
@@ -151,12 +175,68 @@ impl GenAiMetrics {
             duration,
             time_to_first_token,
             time_per_output_token,
+            series: dashmap::DashMap::with_hasher(foldhash::fast::RandomState::default()),
         }
+    }
+
+    /// The kept series of `labels`, found or made; `None` past
+    /// [`MAX_KEPT_SERIES`].
+    fn series(&self, labels: &GenAiLabels) -> Option<Arc<Series>> {
+        if let Some(series) = self.series.get(labels) {
+            return Some(series.clone());
+        }
+        if self.series.len() >= MAX_KEPT_SERIES {
+            return None;
+        }
+        Some(self.series.entry(labels.clone()).or_default().clone())
     }
 
     /// Records one finished request; `error_type` is empty for a success.
     pub fn record(&self, labels: GenAiLabels, error_type: Name, elapsed: Duration, m: &Measured) {
-        if error_type.as_str().is_empty() {
+        let success = error_type.as_str().is_empty();
+        if let Some(series) = success.then(|| self.series(&labels)).flatten() {
+            if let Some(ttft) = m.time_to_first_token {
+                series
+                    .time_to_first_token
+                    .get_or_init(|| self.time_to_first_token.get_or_create(&labels).clone())
+                    .observe(ttft.as_secs_f64());
+            }
+            if let Some(per_token) = m.time_per_output_token() {
+                series
+                    .time_per_output_token
+                    .get_or_init(|| self.time_per_output_token.get_or_create(&labels).clone())
+                    .observe(per_token.as_secs_f64());
+            }
+            for (tokens, kind, kept) in [
+                (m.input_tokens, "input", &series.input_tokens),
+                (m.output_tokens, "output", &series.output_tokens),
+            ] {
+                if let Some(tokens) = tokens {
+                    kept.get_or_init(|| {
+                        self.token_usage
+                            .get_or_create(&TokenLabels {
+                                request: labels.clone(),
+                                gen_ai_token_type: kind,
+                            })
+                            .clone()
+                    })
+                    .observe(tokens as f64);
+                }
+            }
+            series
+                .duration
+                .get_or_init(|| {
+                    self.duration
+                        .get_or_create(&DurationLabels {
+                            request: labels.clone(),
+                            error_type,
+                        })
+                        .clone()
+                })
+                .observe(elapsed.as_secs_f64());
+            return;
+        }
+        if success {
             if let Some(ttft) = m.time_to_first_token {
                 self.time_to_first_token
                     .get_or_create(&labels)
@@ -527,5 +607,71 @@ mod tests {
             "spiffe://t.local/ns/n/sa/first"
         );
         assert_eq!(caller_label(None).as_str(), "");
+    }
+
+    #[test]
+    fn kept_series_are_the_families_own_and_appear_only_once_observed() {
+        let mut registry = Registry::default();
+        let metrics = GenAiMetrics::register(&mut registry);
+        let labels = GenAiLabels {
+            gen_ai_operation_name: "chat",
+            gen_ai_request_model: Name::new("m"),
+            route: Name::new("r"),
+            backend: Name::new("b"),
+            caller: Name::default(),
+        };
+        let whole = Measured {
+            time_to_first_token: Some(Duration::from_millis(5)),
+            input_tokens: Some(7),
+            ..Measured::default()
+        };
+        let elapsed = Duration::from_millis(10);
+        for _ in 0..3 {
+            metrics.record(labels.clone(), Name::default(), elapsed, &whole);
+        }
+        metrics.record(labels.clone(), Name::new("timeout"), elapsed, &whole);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let count = |series: &str| {
+            text.lines()
+                .find(|line| line.starts_with(series))
+                .and_then(|line| line.rsplit(' ').next())
+                .map(|n| n.parse::<u64>().unwrap())
+        };
+        let base = r#"gen_ai_request_model="m",route="r",backend="b",caller="""#;
+        assert_eq!(
+            count(&format!(
+                "gen_ai_client_operation_duration_seconds_count{{gen_ai_operation_name=\"chat\",{base},error_type=\"\"}}"
+            )),
+            Some(3),
+            "{text}"
+        );
+        assert_eq!(
+            count(&format!(
+                "gen_ai_client_operation_duration_seconds_count{{gen_ai_operation_name=\"chat\",{base},error_type=\"timeout\"}}"
+            )),
+            Some(1),
+            "{text}"
+        );
+        assert_eq!(
+            count(&format!(
+                "gen_ai_server_time_to_first_token_seconds_count{{gen_ai_operation_name=\"chat\",{base}}}"
+            )),
+            Some(3),
+            "{text}"
+        );
+        assert_eq!(
+            count(&format!(
+                "gen_ai_client_token_usage_count{{gen_ai_operation_name=\"chat\",{base},gen_ai_token_type=\"input\"}}"
+            )),
+            Some(4),
+            "{text}"
+        );
+        // Never observed: no output tokens, no time per token.
+        assert!(!text.contains("gen_ai_token_type=\"output\""), "{text}");
+        assert!(
+            !text.contains("time_per_output_token_seconds_count{"),
+            "{text}"
+        );
     }
 }

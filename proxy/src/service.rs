@@ -78,9 +78,9 @@ pub async fn handle(
     let access_settings = snapshot.access_log().cloned();
     let mut access =
         (access_settings.is_some() || snapshot.routes_access_logged() || access::forced())
-            .then(|| AccessLog::new(listener_name, &request));
+            .then(|| Box::new(AccessLog::new(listener_name, &request)));
     drop(snapshot);
-    let mut span = traces::traces().and_then(|traces| {
+    let span = traces::traces().and_then(|traces| {
         let parent = traces::incoming(request.headers());
         traces.server_span(
             parent.as_ref(),
@@ -89,6 +89,9 @@ pub async fn handle(
             request.uri().path(),
         )
     });
+    // Boxed, as is the access log: the response body's accounting then
+    // stays small enough for the allocator's fast path when both are off.
+    let mut span = span.map(Box::new);
     if let Some(access) = access.as_mut() {
         access.trace_id = match &span {
             Some(span) => Some(span.trace_id()),
@@ -106,8 +109,8 @@ pub async fn handle(
         &inputs,
         listener,
         request,
-        access.as_mut(),
-        span.as_mut(),
+        access.as_deref_mut(),
+        span.as_deref_mut(),
         &mut seen,
     )
     .await;
@@ -735,13 +738,13 @@ struct Finish {
     duration: Option<Histogram>,
     /// Held for its `Drop`: leaves the gauge when the response ends.
     _in_flight: InFlightGauge,
-    access: Option<AccessLog>,
+    access: Option<Box<AccessLog>>,
     /// The mesh's access-log settings when the request arrived.
     access_settings: Option<AccessLogSettings>,
     /// A gRPC request still to be counted, once its status is known.
     pending: Option<PendingCount>,
     /// The request's server span, ended with the response.
-    span: Option<ServerSpan>,
+    span: Option<Box<ServerSpan>>,
     /// Reads the response as it passes: first token, usage.
     meter: Meter,
     /// The model the client asked for, for the control plane's summary.

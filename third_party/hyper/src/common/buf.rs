@@ -24,6 +24,13 @@ impl<T: Buf> BufList<T> {
     pub(crate) fn bufs_cnt(&self) -> usize {
         self.bufs.len()
     }
+
+    // infermesh patch: an empty list lets go of its capacity.
+    pub(crate) fn release(&mut self) {
+        if self.bufs.is_empty() && self.bufs.capacity() != 0 {
+            self.bufs = VecDeque::new();
+        }
+    }
 }
 
 impl<T: Buf> Buf for BufList<T> {

@@ -284,10 +284,12 @@ where
             }
         };
 
+        // infermesh patch: the timer is kept, and reset when the next head
+        // is awaited, instead of being dropped here and allocated and
+        // registered again for every message.
         #[cfg(feature = "server")]
         {
             self.state.h1_header_read_timeout_running = false;
-            self.state.h1_header_read_timeout_fut = None;
         }
 
         // Note: don't deconstruct `msg` into local variables, it appears

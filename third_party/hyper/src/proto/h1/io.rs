@@ -304,7 +304,7 @@ where
 
     // infermesh patch: called by the connection while it waits for its next
     // message: frees the read buffer when it is empty and, when nothing waits
-    // to be written, the write buffer's capacity.
+    // to be written, the write buffer's capacity and its queue's.
     pub(crate) fn release_idle_buffers(&mut self) {
         if !self.read_buf.is_empty() {
             return;
@@ -313,8 +313,11 @@ where
         if self.read_buf.capacity() != 0 {
             self.read_buf = BytesMut::new();
         }
-        if self.write_buf.remaining() == 0 && self.write_buf.headers.bytes.capacity() != 0 {
-            self.write_buf.headers = Cursor::new(Vec::new());
+        if self.write_buf.remaining() == 0 {
+            if self.write_buf.headers.bytes.capacity() != 0 {
+                self.write_buf.headers = Cursor::new(Vec::new());
+            }
+            self.write_buf.queue.release();
         }
     }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use infermesh_tests::client::raw_exchange;
 use infermesh_tests::metrics::Metrics;
+use infermesh_tests::openai::OpenAiSettings;
 use infermesh_tests::{policy, HttpClient, OpenAiServer, ProxyProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -262,6 +263,110 @@ async fn a_slow_request_head_is_cut_at_the_header_timeout_and_counted() {
 }
 
 /// An HTTP/2 connection (prior knowledge) with the `h2` crate's client.
+/// Reads one HTTP/1.1 response from `conn`: its head, then a body of
+/// `content-length` bytes or chunks up to the last one. `None` when the
+/// connection closed first.
+async fn read_response(conn: &mut TcpStream) -> Option<String> {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+            let body = &data[end + 4..];
+            let done = match head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+            {
+                Some(length) => body.len() >= length.trim().parse::<usize>().unwrap(),
+                None => body.ends_with(b"0\r\n\r\n"),
+            };
+            if done {
+                return Some(String::from_utf8_lossy(&data).into_owned());
+            }
+        }
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_header_timeout_starts_again_for_each_request_of_a_connection() {
+    // A stream of 8 chunks 200 ms apart outlasts the 1 s header timeout.
+    let upstream = OpenAiServer::with_settings(
+        "models",
+        OpenAiSettings {
+            stream_chunks: 8,
+            chunk_gap: Duration::from_millis(200),
+            ..OpenAiSettings::default()
+        },
+    );
+    let proxy = proxy(&upstream);
+    let mut conn = TcpStream::connect(proxy.outbound).await.unwrap();
+    let models = b"GET /v1/models HTTP/1.1\r\nhost: a\r\n\r\n";
+
+    conn.write_all(models).await.unwrap();
+    let first = read_response(&mut conn).await.expect("first answer");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Well within the timeout of the wait that began after that answer.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    conn.write_all(models).await.unwrap();
+    let second = read_response(&mut conn).await.expect("second answer");
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+
+    // A response that streams for longer than the header timeout is not
+    // cut by it, and the connection serves on at once afterwards.
+    let body =
+        r#"{"model":"gpt-fixture","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let streamed = Instant::now();
+    conn.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let stream = read_response(&mut conn).await.expect("the stream was cut");
+    assert!(
+        streamed.elapsed() >= Duration::from_millis(1500),
+        "{stream}"
+    );
+    assert!(stream.contains("data: [DONE]"), "{stream}");
+    conn.write_all(models).await.unwrap();
+    let after = read_response(&mut conn)
+        .await
+        .expect("answer after the stream");
+    assert!(after.starts_with("HTTP/1.1 200"), "{after}");
+
+    // And the timeout still cuts a head that never ends, on this
+    // connection's next wait.
+    conn.write_all(b"GET /v1/models HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    let waited = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the unfinished head was never cut");
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(5)).contains(&waited.elapsed()),
+        "cut after {:?}",
+        waited.elapsed()
+    );
+    wait_refusals(&proxy, "header_timeout", 1.0).await;
+    assert_still_serves(&proxy).await;
+}
+
 async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");

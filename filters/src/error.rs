@@ -190,7 +190,7 @@ impl ErrorShape {
         if crate::grpc::is_grpc(headers) {
             return Self::Grpc;
         }
-        let path = path.split_once(['?', '#']).map_or(path, |(p, _)| p);
+        let path = crate::path_only(path);
         match path.strip_prefix("/v2") {
             Some(rest) if rest.is_empty() || rest.starts_with('/') => Self::KServe,
             _ => Self::OpenAi,

@@ -550,8 +550,11 @@ pub fn model_list(policy: &PolicySet, listener: ListenerKind) -> Response<BoxBod
 
 /// Whether a request is OpenAI's `GET /v1/models` (the list, not one model).
 pub fn lists_models(method: &Method, path: &str) -> bool {
-    let path = path.split_once(['?', '#']).map_or(path, |(p, _)| p);
-    method == Method::GET && matches!(path, "/v1/models" | "/v1/models/")
+    method == Method::GET
+        && matches!(
+            infermesh_filters::path_only(path),
+            "/v1/models" | "/v1/models/"
+        )
 }
 
 #[cfg(test)]

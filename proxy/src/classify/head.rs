@@ -103,7 +103,7 @@ const KSERVE_MODEL_ACTIONS: [&str; 4] = ["infer", "ready", "generate", "generate
 
 /// Classifies a request from its method, path (a query string is ignored) and content-type.
 pub fn classify_head(method: &Method, path: &str, content_type: Option<&HeaderValue>) -> HeadClass {
-    let path = path.split_once(['?', '#']).map_or(path, |(p, _)| p);
+    let path = infermesh_filters::path_only(path);
 
     if content_type.is_some_and(infermesh_filters::grpc::is_grpc_content_type) {
         if let Some((service, method)) = grpc_path(path) {

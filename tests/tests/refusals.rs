@@ -309,8 +309,8 @@ async fn the_header_timeout_starts_again_for_each_request_of_a_connection() {
     conn.write_all(models).await.unwrap();
     let first = read_response(&mut conn).await.expect("first answer");
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-    // Well within the timeout of the wait that began after that answer.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // A pause within the timeout of the wait that began after that answer.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     conn.write_all(models).await.unwrap();
     let second = read_response(&mut conn).await.expect("second answer");
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");

@@ -194,76 +194,60 @@ impl GenAiMetrics {
     /// Records one finished request; `error_type` is empty for a success.
     pub fn record(&self, labels: GenAiLabels, error_type: Name, elapsed: Duration, m: &Measured) {
         let success = error_type.as_str().is_empty();
-        if let Some(series) = success.then(|| self.series(&labels)).flatten() {
-            if let Some(ttft) = m.time_to_first_token {
-                series
-                    .time_to_first_token
-                    .get_or_init(|| self.time_to_first_token.get_or_create(&labels).clone())
-                    .observe(ttft.as_secs_f64());
-            }
-            if let Some(per_token) = m.time_per_output_token() {
-                series
-                    .time_per_output_token
-                    .get_or_init(|| self.time_per_output_token.get_or_create(&labels).clone())
-                    .observe(per_token.as_secs_f64());
-            }
-            for (tokens, kind, kept) in [
-                (m.input_tokens, "input", &series.input_tokens),
-                (m.output_tokens, "output", &series.output_tokens),
-            ] {
-                if let Some(tokens) = tokens {
-                    kept.get_or_init(|| {
-                        self.token_usage
-                            .get_or_create(&TokenLabels {
-                                request: labels.clone(),
-                                gen_ai_token_type: kind,
-                            })
-                            .clone()
-                    })
-                    .observe(tokens as f64);
-                }
-            }
-            series
-                .duration
-                .get_or_init(|| {
-                    self.duration
-                        .get_or_create(&DurationLabels {
-                            request: labels.clone(),
-                            error_type,
-                        })
-                        .clone()
-                })
-                .observe(elapsed.as_secs_f64());
-            return;
-        }
+        // A success's histograms are kept; a failure's (and any past the
+        // bound) are looked up in their families.
+        let series = if success { self.series(&labels) } else { None };
+        let series = series.as_deref();
         if success {
             if let Some(ttft) = m.time_to_first_token {
-                self.time_to_first_token
-                    .get_or_create(&labels)
-                    .observe(ttft.as_secs_f64());
+                observe(
+                    series.map(|s| &s.time_to_first_token),
+                    || self.time_to_first_token.get_or_create(&labels).clone(),
+                    ttft.as_secs_f64(),
+                );
             }
             if let Some(per_token) = m.time_per_output_token() {
-                self.time_per_output_token
-                    .get_or_create(&labels)
-                    .observe(per_token.as_secs_f64());
+                observe(
+                    series.map(|s| &s.time_per_output_token),
+                    || self.time_per_output_token.get_or_create(&labels).clone(),
+                    per_token.as_secs_f64(),
+                );
             }
         }
-        for (tokens, kind) in [(m.input_tokens, "input"), (m.output_tokens, "output")] {
+        for (tokens, kind, kept) in [
+            (m.input_tokens, "input", series.map(|s| &s.input_tokens)),
+            (m.output_tokens, "output", series.map(|s| &s.output_tokens)),
+        ] {
             if let Some(tokens) = tokens {
-                self.token_usage
-                    .get_or_create(&TokenLabels {
-                        request: labels.clone(),
-                        gen_ai_token_type: kind,
-                    })
-                    .observe(tokens as f64);
+                let find = || {
+                    self.token_usage
+                        .get_or_create(&TokenLabels {
+                            request: labels.clone(),
+                            gen_ai_token_type: kind,
+                        })
+                        .clone()
+                };
+                observe(kept, find, tokens as f64);
             }
         }
-        self.duration
-            .get_or_create(&DurationLabels {
-                request: labels,
-                error_type,
-            })
-            .observe(elapsed.as_secs_f64());
+        let find = || {
+            self.duration
+                .get_or_create(&DurationLabels {
+                    request: labels.clone(),
+                    error_type,
+                })
+                .clone()
+        };
+        observe(series.map(|s| &s.duration), find, elapsed.as_secs_f64());
+    }
+}
+
+/// Observes `value` in the histogram `kept` holds, taken by `find` the
+/// first time; without `kept`, in the one `find` gives.
+fn observe(kept: Option<&OnceLock<Histogram>>, find: impl FnOnce() -> Histogram, value: f64) {
+    match kept {
+        Some(kept) => kept.get_or_init(find).observe(value),
+        None => find().observe(value),
     }
 }
 

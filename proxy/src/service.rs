@@ -80,18 +80,19 @@ pub async fn handle(
         (access_settings.is_some() || snapshot.routes_access_logged() || access::forced())
             .then(|| Box::new(AccessLog::new(listener_name, &request)));
     drop(snapshot);
-    let span = traces::traces().and_then(|traces| {
-        let parent = traces::incoming(request.headers());
-        traces.server_span(
-            parent.as_ref(),
-            listener_name,
-            request.method(),
-            request.uri().path(),
-        )
-    });
     // Boxed, as is the access log: the response body's accounting then
     // stays small enough for the allocator's fast path when both are off.
-    let mut span = span.map(Box::new);
+    let mut span = traces::traces()
+        .and_then(|traces| {
+            let parent = traces::incoming(request.headers());
+            traces.server_span(
+                parent.as_ref(),
+                listener_name,
+                request.method(),
+                request.uri().path(),
+            )
+        })
+        .map(Box::new);
     if let Some(access) = access.as_mut() {
         access.trace_id = match &span {
             Some(span) => Some(span.trace_id()),

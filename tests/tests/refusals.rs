@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use infermesh_tests::client::raw_exchange;
+use infermesh_tests::client::{chat_body, raw_exchange};
 use infermesh_tests::metrics::Metrics;
 use infermesh_tests::openai::OpenAiSettings;
 use infermesh_tests::{policy, HttpClient, OpenAiServer, ProxyProcess};
@@ -317,8 +317,7 @@ async fn the_header_timeout_starts_again_for_each_request_of_a_connection() {
 
     // A response that streams for longer than the header timeout is not
     // cut by it, and the connection serves on at once afterwards.
-    let body =
-        r#"{"model":"gpt-fixture","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let body = chat_body("gpt-fixture", true);
     let streamed = Instant::now();
     conn.write_all(
         format!(

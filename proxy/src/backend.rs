@@ -342,6 +342,12 @@ impl Backend {
         self.connect_errors.inc();
     }
 
+    /// Whether the balancer places requests by their prompt and model
+    /// ([`Hint`]); the others never look at a hint.
+    pub fn weighs_hints(&self) -> bool {
+        self.balancer.model_aware_settings().is_some()
+    }
+
     /// Chooses an endpoint that is not ejected, for a connection whose
     /// outcome is not judged (opaque TCP): it never takes a probe.
     pub fn pick(&self) -> Option<Arc<Endpoint>> {

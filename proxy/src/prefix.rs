@@ -5,6 +5,7 @@
 //! the rest of the client's body as it streams.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -19,7 +20,8 @@ use crate::classify::{self, BodyScan, GrpcModelScanner, JsonScanner, Scan};
 /// A request body read as far as classification needs.
 pub(crate) struct Classified {
     pub(crate) body: BodyState,
-    pub(crate) model: Option<String>,
+    /// Shared: the metrics, the balancer's hint and the routing all keep it.
+    pub(crate) model: Option<Arc<str>>,
     pub(crate) stream: bool,
     pub(crate) max_tokens: Option<u64>,
     /// Hashes of the prompt's leading bytes, for a model-aware balancer.
@@ -40,7 +42,7 @@ pub(crate) async fn read_classified(
     whole_object: bool,
     prompt_hashing: Option<(usize, usize)>,
 ) -> Result<Classified, ProxyError> {
-    let mut model = head.model.clone();
+    let mut model: Option<Arc<str>> = head.model.as_deref().map(Arc::from);
     // Known up front only for the KServe streaming method; OpenAI says so in the body.
     let mut stream = head
         .grpc
@@ -60,7 +62,7 @@ pub(crate) async fn read_classified(
                 scanner = scanner.hash_prompt(granule, granules);
             }
             let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
-            let fields = scanner.fields();
+            let mut fields = scanner.take_fields();
             if prove_model {
                 if let Some(why) = fields.ambiguity() {
                     return Err(ProxyError::BadRequest(why.to_string()));
@@ -92,10 +94,10 @@ pub(crate) async fn read_classified(
                     check = Some(BodyCheck::Json(Box::new(verifier)));
                 }
             }
-            model = fields.model.clone();
+            model = fields.model.as_deref().map(Arc::from);
             stream = fields.stream;
             max_tokens = fields.max_tokens;
-            prompt = fields.prompt.clone();
+            prompt = fields.prompt.take();
             BodyState::Scanned(prefix, Scanned::Json(fields))
         }
         BodyScan::GrpcModelName => {
@@ -120,7 +122,7 @@ pub(crate) async fn read_classified(
                     check = Some(BodyCheck::Grpc(Box::new(verifier)));
                 }
             }
-            model = fields.model.clone();
+            model = fields.model.as_deref().map(Arc::from);
             BodyState::Scanned(prefix, Scanned::Grpc(fields))
         }
     };

@@ -329,7 +329,7 @@ async fn route_and_send(
     }
     if let Some(access) = access.as_deref_mut() {
         access.api = head.api.as_str();
-        access.model = classified.model.clone();
+        access.model = classified.model.as_deref().map(str::to_owned);
         access.stream = classified.stream;
         access.caller = parts
             .extensions
@@ -534,13 +534,10 @@ async fn prepare(
         ..
     } = classified;
     // The model-aware balancer places the request by these.
-    if prompt.is_some() || model.is_some() {
+    if route.hinted() && (prompt.is_some() || model.is_some()) {
         parts.extensions.insert(Hint {
             prompt: prompt.map(Arc::new),
-            model: target
-                .model
-                .clone()
-                .or_else(|| model.as_deref().map(Arc::from)),
+            model: target.model.clone().or_else(|| model.clone()),
         });
     }
     let limit = snapshot.classify_limit();
@@ -749,7 +746,7 @@ struct Finish {
     /// Reads the response as it passes: first token, usage.
     meter: Meter,
     /// The model the client asked for, for the control plane's summary.
-    model: Option<String>,
+    model: Option<Arc<str>>,
     /// The GenAI metrics' labels of a model request; `None` for others.
     genai: Option<GenAiLabels>,
     /// Empty for a success; else the GenAI metrics' `error_type`.
@@ -763,7 +760,7 @@ struct Finish {
 #[derive(Default)]
 struct Seen {
     /// The model the client asked for.
-    model: Option<String>,
+    model: Option<Arc<str>>,
     /// Its GenAI operation, for a model API.
     operation: Option<&'static str>,
     /// The model's metric label, bounded by the policy.

@@ -105,10 +105,22 @@ pub struct Snapshot {
 /// the policy names it (a route's exact match, an alias, a local model),
 /// `PREFIX*` when a route matches it by prefix, else `other`. So the
 /// label's values are bounded by the policy, whatever clients send.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ModelLabels {
     exact: HashMap<Box<str>, Name>,
     prefixes: Vec<(String, Name)>,
+    /// `other`, made once: most requests of a mesh without model routes get it.
+    other: Name,
+}
+
+impl Default for ModelLabels {
+    fn default() -> Self {
+        Self {
+            exact: HashMap::new(),
+            prefixes: Vec::new(),
+            other: Name::new(crate::genai::OTHER),
+        }
+    }
 }
 
 impl ModelLabels {
@@ -160,7 +172,7 @@ impl ModelLabels {
         self.prefixes
             .iter()
             .find(|(prefix, _)| model.starts_with(prefix.as_str()))
-            .map_or_else(|| Name::new(crate::genai::OTHER), |(_, name)| name.clone())
+            .map_or_else(|| self.other.clone(), |(_, name)| name.clone())
     }
 }
 
@@ -178,6 +190,8 @@ pub struct Route {
     mirrored: bool,
     /// A token limit needs each request's estimate.
     token_limited: bool,
+    /// Some backend of the route balances by the request's prompt and model.
+    hinted: bool,
     /// A rate limit is keyed by the caller's identity.
     caller_keyed: bool,
     /// How long a local model may take to answer: the route's first-byte
@@ -355,7 +369,7 @@ impl Snapshot {
                 cumulative.push(sum);
                 targets.push(target(to, &wb.backend, wb.model.as_deref()));
             }
-            let fallback = spec
+            let fallback: Vec<FallbackLink> = spec
                 .fallback
                 .iter()
                 .filter_map(|link| {
@@ -381,6 +395,13 @@ impl Snapshot {
             let front = stack::route_front(&name, spec, mirror_to, metrics);
             let limits = &spec.rate_limits;
             let token_limited = limits.iter().any(|l| l.tokens_per_minute.is_some());
+            let hinted = targets
+                .iter()
+                .chain(fallback.iter().map(|link| &link.target))
+                .any(|t| match &t.destination {
+                    Destination::Remote(remote) => remote.backend.weighs_hints(),
+                    Destination::Local(_) => false,
+                });
             let caller_keyed = limits.iter().any(|l| l.key == RateLimitKey::Caller);
             let timeouts = &spec.timeouts;
             let local_limit = match (timeouts.first_byte, timeouts.total) {
@@ -400,6 +421,7 @@ impl Snapshot {
                 front,
                 mirrored,
                 token_limited,
+                hinted,
                 caller_keyed,
                 local_limit,
             };
@@ -614,6 +636,12 @@ impl Route {
         self.mirrored
     }
 
+    /// Whether a backend of the route balances by the request's prompt and
+    /// model, so that requests carry a [`crate::balance::Hint`].
+    pub fn hinted(&self) -> bool {
+        self.hinted
+    }
+
     /// Whether a rate limit counts model tokens.
     pub fn token_limited(&self) -> bool {
         self.token_limited
@@ -692,6 +720,48 @@ mod tests {
             Destination::Remote(remote) => &remote.backend,
             Destination::Local(model) => panic!("local model {:?}", model.name()),
         }
+    }
+
+    #[test]
+    fn only_a_route_that_reaches_a_model_aware_backend_carries_hints() {
+        let metrics = Metrics::new();
+        let plain = backend("plain", "\"127.0.0.1:1\"", "");
+        let aware = backend("aware", "\"127.0.0.1:2\"", "  balancer: model-aware\n");
+        let matched = |name: &str, model: &str, rest: &str| {
+            format!(
+                "apiVersion: infermesh.io/v1alpha1\nkind: ModelRoute\nmetadata: {{name: {name}}}\nspec:\n  match: [{{model: {{exact: {model}}}}}]\n{rest}---\n"
+            )
+        };
+        let snapshot = Snapshot::build(
+            policy(&format!(
+                "{plain}{aware}{}{}{}",
+                matched(
+                    "f",
+                    "m",
+                    "  backends: [{backend: plain}]\n  fallback: [{backend: aware}]\n"
+                ),
+                matched("a", "n", "  backends: [{backend: aware}]\n"),
+                route("p", "plain"),
+            )),
+            pushed(1),
+            None,
+            &metrics,
+            None,
+        );
+        let hinted = |name: &str| {
+            snapshot
+                .outbound
+                .iter()
+                .find(|r| r.name().as_str() == name)
+                .unwrap_or_else(|| panic!("route {name}"))
+                .hinted()
+        };
+        assert!(!hinted("p"), "a round-robin backend never reads a hint");
+        assert!(hinted("a"));
+        assert!(
+            hinted("f"),
+            "a fallback link to a model-aware backend needs it too"
+        );
     }
 
     #[test]

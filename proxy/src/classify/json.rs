@@ -457,6 +457,22 @@ impl JsonScanner {
         }
     }
 
+    /// What was found so far, the model name and the prompt's hashes moved
+    /// out rather than copied: the scanner goes on only as a verifier
+    /// ([`JsonScanner::into_verifier`]), which needs neither.
+    pub fn take_fields(&mut self) -> JsonFields {
+        let prompt = self.prompt.take();
+        let mut fields = JsonFields {
+            model: self.model.take(),
+            ..self.fields()
+        };
+        fields.prompt = prompt.map(|p| PromptPrefix {
+            granule: p.granule,
+            chain: p.chain,
+        });
+        fields
+    }
+
     /// What was found; also valid when the body ended before `Done`.
     pub fn finish(self) -> JsonFields {
         self.fields()
@@ -977,6 +993,8 @@ mod tests {
     fn verify_ambiguity(body: &[u8], limit: usize, cut: usize) -> Option<Ambiguity> {
         let mut scanner = JsonScanner::new(limit);
         scanner.feed(body);
+        // As the proxy does: the fields taken, then the verifier.
+        let _ = scanner.take_fields();
         let consumed = scanner.consumed();
         let mut verifier = scanner.into_verifier();
         let rest = &body[consumed..];
@@ -997,6 +1015,27 @@ mod tests {
         }
         // The quick scan itself stops before it, as routing needs no more.
         assert_eq!(scan(&body).model.as_deref(), Some("allowed"));
+    }
+
+    #[test]
+    fn taken_fields_are_the_fields_with_nothing_copied() {
+        let bodies: [&[u8]; 4] = [
+            br#"{"model":"m","messages":[{"role":"user","content":"a long enough prompt"}],"stream":true}"#,
+            br#"{"messages":[{"content":"x"}],"model":"caf\u00e9","max_tokens":7}"#,
+            br#"{"model":"only-the-start"#,
+            br#"[1,2]"#,
+        ];
+        for body in bodies {
+            let mut scanner = JsonScanner::new(BIG).hash_prompt(4, 4);
+            scanner.feed(body);
+            let copied = scanner.fields();
+            let taken = scanner.take_fields();
+            assert_eq!(taken, copied, "{}", String::from_utf8_lossy(body));
+            // The scanner kept neither the name nor the hashes.
+            let left = scanner.fields();
+            assert!(left.model.is_none() && left.prompt.is_none());
+            assert_eq!(left.model_span, copied.model_span);
+        }
     }
 
     #[test]

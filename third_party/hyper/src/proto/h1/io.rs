@@ -241,7 +241,17 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
-        if self.released {
+        // infermesh patch: a read with an empty buffer too small for it
+        // (the connection has read a whole message and looks for the next)
+        // mostly finds nothing; it goes through the stack too, rather than
+        // reserving 8 KiB that would wait unused until the connection idles.
+        // Once a read fills the initial size, `next` grows past it and
+        // reads of large bodies take hyper's own path again.
+        if self.released
+            || (self.read_buf.is_empty()
+                && self.read_buf.capacity() < next
+                && next <= INIT_BUFFER_SIZE)
+        {
             return self.poll_read_idle(cx, next);
         }
         if self.read_buf_remaining_mut() < next {

@@ -2,7 +2,10 @@
 //! for the filters (timeouts, error shapes) and the proxy (classification,
 //! listener refusals), so that they never disagree about a request.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// `grpc-status`, made once: a lookup by a string parses the name each time.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Whether a `content-type` is gRPC: `application/grpc`, alone or followed
 /// by `+codec` or parameters, in any case. gRPC-Web (`application/grpc-web*`)

@@ -302,7 +302,7 @@ pub fn decide_response(
     let listed_status = conditions.statuses.contains(&status.as_u16());
     let listed_grpc = status == StatusCode::OK
         && headers
-            .get("grpc-status")
+            .get(crate::grpc::GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u8>().ok())
             .is_some_and(|code| conditions.grpc_codes.contains(&code));

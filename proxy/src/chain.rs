@@ -159,7 +159,7 @@ pub(crate) async fn answer_locally(
 pub(crate) fn grpc_failed(response: &Response<BoxBody>) -> bool {
     response
         .headers()
-        .get("grpc-status")
+        .get(infermesh_filters::grpc::GRPC_STATUS)
         .is_some_and(|status| status != "0")
 }
 

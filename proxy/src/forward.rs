@@ -246,7 +246,7 @@ impl Verdict {
 
 fn judge(status: http::StatusCode, headers: &HeaderMap) -> Verdict {
     let grpc_status = headers
-        .get("grpc-status")
+        .get(infermesh_filters::grpc::GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u8>().ok());
     let retry_after = headers

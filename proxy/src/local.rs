@@ -731,7 +731,7 @@ mod tests {
     /// The message of a unary gRPC response, or its `grpc-status`.
     async fn grpc_answer(response: Response<BoxBody>) -> Result<Bytes, String> {
         use http_body_util::BodyExt;
-        if let Some(status) = response.headers().get("grpc-status") {
+        if let Some(status) = response.headers().get(infermesh_filters::grpc::GRPC_STATUS) {
             return Err(status.to_str().unwrap().to_owned());
         }
         let collected = response.into_body().collect().await.unwrap();

@@ -211,7 +211,11 @@ pub async fn handle(
     // trailers-only response, else when the trailers pass.
     let mut pending = None;
     let grpc = shape == ErrorShape::Grpc;
-    match (grpc, response.headers().get("grpc-status"), ok) {
+    // Only a gRPC response's headers are looked at.
+    let head_status = grpc
+        .then(|| response.headers().get(infermesh_filters::grpc::GRPC_STATUS))
+        .flatten();
+    match (grpc, head_status, ok) {
         (false, _, Some(ok)) if status == 200 => {
             ok.inc();
         }
@@ -853,7 +857,9 @@ impl Drop for Finish {
 impl Watch for Finish {
     fn frame(&mut self, frame: &Frame<Bytes>) {
         if let (Some(trailers), Some(pending)) = (frame.trailers_ref(), self.pending.as_mut()) {
-            pending.grpc_status = trailers.get("grpc-status").map(grpc_status_of);
+            pending.grpc_status = trailers
+                .get(infermesh_filters::grpc::GRPC_STATUS)
+                .map(grpc_status_of);
         }
         if let Some(data) = frame.data_ref() {
             self.meter.body(data);

@@ -914,7 +914,7 @@ impl AttemptSpan {
             i64::from(status.as_u16()),
         ));
         if let Some(code) = headers
-            .get("grpc-status")
+            .get(infermesh_filters::grpc::GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<i64>().ok())
         {

@@ -402,7 +402,7 @@ pub fn grpc_error_response(code: u8, message: &str) -> Response<BoxBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    headers.insert(crate::grpc::GRPC_STATUS, HeaderValue::from(u16::from(code)));
     if let Ok(value) = HeaderValue::from_str(&grpc_percent_encode(message)) {
         headers.insert("grpc-message", value);
     }

@@ -271,7 +271,7 @@ where
         if this.limits.grpc {
             let mut trailers = HeaderMap::new();
             trailers.insert(
-                "grpc-status",
+                crate::grpc::GRPC_STATUS,
                 HeaderValue::from(u16::from(grpc_code::DEADLINE_EXCEEDED)),
             );
             if let Ok(value) = HeaderValue::from_str(&grpc_percent_encode(&message)) {

@@ -94,7 +94,7 @@ pub(crate) async fn read_classified(
                     check = Some(BodyCheck::Json(Box::new(verifier)));
                 }
             }
-            model = fields.model.as_deref().map(Arc::from);
+            model = fields.model.take().map(Arc::from);
             stream = fields.stream;
             max_tokens = fields.max_tokens;
             prompt = fields.prompt.take();
@@ -103,7 +103,7 @@ pub(crate) async fn read_classified(
         BodyScan::GrpcModelName => {
             let mut scanner = GrpcModelScanner::new(limit);
             let prefix = read_prefix(body, |chunk| scanner.feed(chunk)).await?;
-            let fields = scanner.fields();
+            let mut fields = scanner.fields();
             if fields.undecodable {
                 return Err(ProxyError::BadRequest(
                     "the first gRPC message cannot be decoded far enough to read its model (a group, a wrong wire type, or a broken varint or length)".into(),
@@ -122,7 +122,7 @@ pub(crate) async fn read_classified(
                     check = Some(BodyCheck::Grpc(Box::new(verifier)));
                 }
             }
-            model = fields.model.as_deref().map(Arc::from);
+            model = fields.model.take().map(Arc::from);
             BodyState::Scanned(prefix, Scanned::Grpc(fields))
         }
     };

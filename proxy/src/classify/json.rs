@@ -461,16 +461,15 @@ impl JsonScanner {
     /// out rather than copied: the scanner goes on only as a verifier
     /// ([`JsonScanner::into_verifier`]), which needs neither.
     pub fn take_fields(&mut self) -> JsonFields {
-        let prompt = self.prompt.take();
-        let mut fields = JsonFields {
-            model: self.model.take(),
-            ..self.fields()
-        };
-        fields.prompt = prompt.map(|p| PromptPrefix {
+        let prompt = self.prompt.take().map(|p| PromptPrefix {
             granule: p.granule,
             chain: p.chain,
         });
-        fields
+        JsonFields {
+            model: self.model.take(),
+            prompt,
+            ..self.fields()
+        }
     }
 
     /// What was found; also valid when the body ended before `Done`.

@@ -623,7 +623,10 @@ fn grpc_ok(message: &impl Message) -> Response<BoxBody> {
     frame.put_u32(encoded.len() as u32);
     frame.put_slice(&encoded);
     let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers.insert(
+        infermesh_filters::grpc::GRPC_STATUS,
+        HeaderValue::from_static("0"),
+    );
     let frames: [Result<Frame<Bytes>, BoxError>; 2] = [
         Ok(Frame::data(frame.freeze())),
         Ok(Frame::trailers(trailers)),

@@ -1,6 +1,11 @@
 //! Request bodies on their way upstream: the prefix read for classification
 //! is replayed first, then the rest of the client's body streams through.
 //!
+//! A client's body the proxy stops reading before its end, because it
+//! answered first (a refusal, a failed upstream), is read on and discarded
+//! for a short while ([`ClientBody`]), so that the client finishes its
+//! upload and reads the answer rather than a reset stream.
+//!
 //! What goes wrong on the client's side of a body (a broken upload, a client
 //! that leaves, a body that stalls, a body whose rest contradicts the model it
 //! was routed by) is recorded in a [`BodyFault`] that the forwarding code
@@ -31,7 +36,7 @@ pub struct ProxyBody {
     /// Boxed: rare in a request, and a request is moved whole through
     /// every layer of the stack.
     trailers: Option<Box<HeaderMap>>,
-    rest: Option<Incoming>,
+    rest: Option<ClientBody>,
     /// Checks the rest of the body as it streams.
     check: Option<BodyCheck>,
     /// Where a client-side failure of the rest is recorded.
@@ -42,6 +47,94 @@ pub struct ProxyBody {
     /// Set instead of the fields above on the way upstream, when the retry
     /// filter keeps the body to send it again.
     attempt: Option<Box<ReplayBody<ProxyBody>>>,
+}
+
+/// How long a client's body is read on after the proxy stopped needing it.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How much of it is read on at most.
+const LINGER_BYTES: usize = 4 << 20;
+
+/// A client's request body as it arrives. Dropped before its end, because
+/// the proxy answered without reading all of it (a refusal, a failed
+/// upstream), it is read on and discarded in the background, for at most
+/// [`LINGER_TIME`] and [`LINGER_BYTES`]: an HTTP/2 client then finishes its
+/// upload and its stream closes cleanly, where dropping the body would
+/// reset the stream under a client still sending (which some clients
+/// report as an error over the answer they were sent), and an HTTP/1.1
+/// connection can carry the next request.
+#[derive(Debug)]
+pub struct ClientBody {
+    /// Taken only by `drop`.
+    body: Option<Incoming>,
+    ended: bool,
+}
+
+impl ClientBody {
+    /// The body of a request the proxy received.
+    pub fn new(body: Incoming) -> Self {
+        Self {
+            body: Some(body),
+            ended: false,
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(Pin::new(body).poll_frame(cx));
+        // A failed body has nothing more to read either.
+        if !matches!(frame, Some(Ok(_))) {
+            self.ended = true;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.as_ref().is_none_or(Incoming::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if self.is_end_stream() {
+            return;
+        }
+        let (Ok(runtime), Some(mut body)) =
+            (tokio::runtime::Handle::try_current(), self.body.take())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            use http_body_util::BodyExt as _;
+            let drain = async {
+                let mut left = LINGER_BYTES;
+                while let Some(Ok(frame)) = body.frame().await {
+                    let read = frame.data_ref().map_or(0, Bytes::len);
+                    let Some(rest) = left.checked_sub(read) else {
+                        return;
+                    };
+                    left = rest;
+                }
+            };
+            // Past either bound the body is dropped as it stands.
+            let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+        });
+    }
 }
 
 /// Verifies the rest of a request body after it was routed by its model.
@@ -128,7 +221,7 @@ impl BodyFault {
 
 impl ProxyBody {
     /// The client's body, nothing read from it yet.
-    pub fn streaming(body: Incoming) -> Self {
+    pub fn streaming(body: ClientBody) -> Self {
         Self {
             rest: Some(body),
             ..Default::default()
@@ -141,7 +234,7 @@ impl ProxyBody {
     pub fn replay(
         prefix: VecDeque<Bytes>,
         trailers: Option<HeaderMap>,
-        rest: Option<Incoming>,
+        rest: Option<ClientBody>,
     ) -> Self {
         let prefix_len = prefix.iter().map(|b| b.len() as u64).sum();
         Self {

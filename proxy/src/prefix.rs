@@ -11,10 +11,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use infermesh_filters::ProxyError;
 
-use crate::body::BodyCheck;
+use crate::body::{BodyCheck, ClientBody};
 use crate::classify::{self, BodyScan, GrpcModelScanner, JsonScanner, Scan};
 
 /// A request body read as far as classification needs.
@@ -36,7 +35,7 @@ pub(crate) struct Classified {
 /// for what was read, and by a [`BodyCheck`] for the rest as it streams.
 pub(crate) async fn read_classified(
     head: &classify::HeadClass,
-    body: Incoming,
+    body: ClientBody,
     limit: usize,
     prove_model: bool,
     whole_object: bool,
@@ -150,7 +149,7 @@ pub(crate) fn unscanned(chunks: &VecDeque<Bytes>, from: usize) -> impl Iterator<
 // variant would cost an allocation per request for nothing.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum BodyState {
-    Streaming(Incoming),
+    Streaming(ClientBody),
     Scanned(Prefix, Scanned),
 }
 
@@ -168,13 +167,13 @@ pub(crate) struct Prefix {
     pub(crate) chunks: VecDeque<Bytes>,
     pub(crate) trailers: Option<HeaderMap>,
     /// The rest of the body, `None` when it ended within the prefix.
-    pub(crate) rest: Option<Incoming>,
+    pub(crate) rest: Option<ClientBody>,
 }
 
 /// Reads body frames into a prefix until `feed` says it has seen enough or
 /// the body ends.
 pub(crate) async fn read_prefix(
-    mut body: Incoming,
+    mut body: ClientBody,
     mut feed: impl FnMut(&[u8]) -> Scan,
 ) -> Result<Prefix, ProxyError> {
     let mut chunks = VecDeque::new();

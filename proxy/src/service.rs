@@ -39,7 +39,7 @@ use tower::ServiceExt;
 
 use crate::access::{self, AccessLog};
 use crate::balance::Hint;
-use crate::body::{BodyFault, ProxyBody};
+use crate::body::{BodyFault, ClientBody, ProxyBody};
 use crate::chain::{Asked, Chain, Replay};
 use crate::classify::{self, ApiKind, HeadClass};
 use crate::genai::{GenAiLabels, Meter};
@@ -308,6 +308,7 @@ async fn route_and_send(
 ) -> Result<Routed, Failed> {
     let snapshot = inputs.snapshot.load_full();
     let (mut parts, body) = request.into_parts();
+    let body = ClientBody::new(body);
     route::normalize_authority(&mut parts)?;
     let head = classify::classify_head(
         &parts.method,
@@ -429,7 +430,7 @@ async fn route_and_send(
 async fn classify_body(
     snapshot: &Snapshot,
     head: &HeadClass,
-    body: Incoming,
+    body: ClientBody,
     authorizer: Option<&Authorizer>,
 ) -> Result<Classified, ProxyError> {
     let limit = snapshot.classify_limit();

@@ -2,7 +2,9 @@
 //! budget (HTTP/1.1 and HTTP/2), slow request heads, HTTP/2 floods (rapid
 //! reset, CONTINUATION) driven with raw sockets and the `h2` crate; each is
 //! answered or closed, counted in `infermesh_refusals_total` by reason, and
-//! logged with a rate limit; the proxy keeps serving after each.
+//! logged with a rate limit; the proxy keeps serving after each. A client
+//! answered before its upload ended (a refusal after the body's prefix)
+//! finishes the upload without a reset stream or a closed connection.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -753,4 +755,138 @@ async fn inbound_mtls_refusals_are_counted_by_reason() {
     let (code, out, err) = get(&good_cert, &good_key);
     assert_eq!(code, 0, "{err}");
     assert!(out.ends_with("\n200"), "{out}");
+}
+
+/// A proxy that routes only the model `known` and reads 1 KiB of a body
+/// to find it: any other body is answered 404 once that much arrived, the
+/// rest unread.
+fn known_model_proxy(upstream: &OpenAiServer) -> ProxyProcess {
+    ProxyProcess::start(&policy::docs(&[
+        policy::backend("all", &[upstream.addr()], ""),
+        policy::route(
+            "known",
+            "match:\n  - model: {exact: known}\nbackends:\n  - backend: all\n",
+        ),
+        policy::mesh("classify:\n  maxBodyPrefix: 1024\n"),
+    ]))
+}
+
+/// The start of a chat body naming `model`, past the 1 KiB the proxy
+/// reads, its padding left open.
+fn unfinished_body(model: &str) -> String {
+    format!(
+        r#"{{"model":"{model}","messages":[],"pad":"{}"#,
+        "x".repeat(2_000)
+    )
+}
+
+/// Waits up to `within` for the peer to reset `upload`'s stream.
+async fn reset_within(upload: &mut h2::SendStream<Bytes>, within: Duration) -> Option<h2::Reason> {
+    tokio::time::timeout(within, std::future::poll_fn(|cx| upload.poll_reset(cx)))
+        .await
+        .ok()
+        .and_then(Result::ok)
+}
+
+#[tokio::test]
+async fn an_http2_client_answered_before_its_upload_ended_finishes_it_without_a_reset() {
+    let upstream = OpenAiServer::start("all");
+    let proxy = known_model_proxy(&upstream);
+    let url = format!("{}/v1/chat/completions", proxy.url());
+    let mut client = h2_client(proxy.outbound).await;
+    let request = || {
+        http::Request::post(url.as_str())
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap()
+    };
+
+    // Answered after the first piece, while the upload is still open.
+    client = client.ready().await.unwrap();
+    let (response, mut upload) = client.send_request(request(), false).unwrap();
+    upload
+        .send_data(Bytes::from(unfinished_body("unknown")), false)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("answered before the body ended")
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    // A reset, if one comes, comes right after the answer.
+    assert_eq!(
+        reset_within(&mut upload, Duration::from_millis(300)).await,
+        None,
+        "the stream was reset under a client still uploading"
+    );
+    // The rest of the upload, 100 KB past the stream's first window,
+    // goes through and ends the stream cleanly.
+    let rest = format!("{}\"}}", "x".repeat(100_000));
+    upload.send_data(Bytes::from(rest), true).unwrap();
+    assert_eq!(
+        reset_within(&mut upload, Duration::from_millis(500)).await,
+        None,
+        "the stream was reset after the upload ended"
+    );
+    assert!(upstream.requests().is_empty(), "nothing went upstream");
+
+    // A client that never ends its upload is not waited for long: its
+    // stream is reset within the linger time (2 s).
+    client = client.ready().await.unwrap();
+    let (response, mut upload) = client.send_request(request(), false).unwrap();
+    upload
+        .send_data(Bytes::from(unfinished_body("unknown")), false)
+        .unwrap();
+    assert_eq!(response.await.unwrap().status(), 404);
+    let started = Instant::now();
+    assert!(
+        reset_within(&mut upload, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "a body that never ends is dropped in the end"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The connection serves on.
+    let (status, _) = h2_get(&mut client, &format!("{}/v1/models", proxy.url()), &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_http1_client_answered_before_its_upload_ended_keeps_its_connection() {
+    let upstream = OpenAiServer::start("all");
+    let proxy = known_model_proxy(&upstream);
+    let rest = format!("{}\"}}", "x".repeat(100_000));
+    let first = unfinished_body("unknown");
+    let mut conn = TcpStream::connect(proxy.outbound).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: models\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        first.len() + rest.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(first.as_bytes()).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_response(&mut conn))
+        .await
+        .expect("answered before the body ended")
+        .expect("an answer, not a closed connection");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    conn.write_all(rest.as_bytes()).await.unwrap();
+    // The same connection carries the next request.
+    let known = chat_body("known", false);
+    let next = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: models\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{known}",
+        known.len()
+    );
+    conn.write_all(next.as_bytes()).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_response(&mut conn))
+        .await
+        .expect("the next request answered")
+        .expect("the connection was kept");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(upstream.requests().len(), 1);
 }

@@ -114,27 +114,28 @@ impl Drop for ClientBody {
         if self.is_end_stream() {
             return;
         }
-        let (Ok(runtime), Some(mut body)) =
-            (tokio::runtime::Handle::try_current(), self.body.take())
-        else {
-            return;
-        };
-        runtime.spawn(async move {
-            use http_body_util::BodyExt as _;
-            let drain = async {
-                let mut left = LINGER_BYTES;
-                while let Some(Ok(frame)) = body.frame().await {
-                    let read = frame.data_ref().map_or(0, Bytes::len);
-                    let Some(rest) = left.checked_sub(read) else {
-                        return;
-                    };
-                    left = rest;
-                }
-            };
-            // Past either bound the body is dropped as it stands.
-            let _ = tokio::time::timeout(LINGER_TIME, drain).await;
-        });
+        if let (Ok(runtime), Some(body)) = (tokio::runtime::Handle::try_current(), self.body.take())
+        {
+            runtime.spawn(linger(body));
+        }
     }
+}
+
+/// Reads `body` to its end and discards it, for at most [`LINGER_TIME`] and
+/// [`LINGER_BYTES`]; past either bound the body is dropped as it stands.
+async fn linger(mut body: Incoming) {
+    use http_body_util::BodyExt as _;
+    let drain = async {
+        let mut left = LINGER_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            let read = frame.data_ref().map_or(0, Bytes::len);
+            let Some(rest) = left.checked_sub(read) else {
+                return;
+            };
+            left = rest;
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 /// Verifies the rest of a request body after it was routed by its model.

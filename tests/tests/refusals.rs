@@ -780,6 +780,34 @@ fn unfinished_body(model: &str) -> String {
     )
 }
 
+/// The rest of the body [`unfinished_body`] began: 100 KB, well past an
+/// HTTP/2 stream's first window, and the end of the object.
+fn body_rest() -> String {
+    format!("{}\"}}", "x".repeat(100_000))
+}
+
+/// Opens a chat request to `url` on `client` and sends the unfinished
+/// start of its body; the response to come, and the open upload.
+async fn unfinished_upload(
+    client: h2::client::SendRequest<Bytes>,
+    url: &str,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::client::ResponseFuture,
+    h2::SendStream<Bytes>,
+) {
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (response, mut upload) = client.send_request(request, false).unwrap();
+    upload
+        .send_data(Bytes::from(unfinished_body("unknown")), false)
+        .unwrap();
+    (client, response, upload)
+}
+
 /// Waits up to `within` for the peer to reset `upload`'s stream.
 async fn reset_within(upload: &mut h2::SendStream<Bytes>, within: Duration) -> Option<h2::Reason> {
     tokio::time::timeout(within, std::future::poll_fn(|cx| upload.poll_reset(cx)))
@@ -793,20 +821,10 @@ async fn an_http2_client_answered_before_its_upload_ended_finishes_it_without_a_
     let upstream = OpenAiServer::start("all");
     let proxy = known_model_proxy(&upstream);
     let url = format!("{}/v1/chat/completions", proxy.url());
-    let mut client = h2_client(proxy.outbound).await;
-    let request = || {
-        http::Request::post(url.as_str())
-            .header("content-type", "application/json")
-            .body(())
-            .unwrap()
-    };
+    let client = h2_client(proxy.outbound).await;
 
     // Answered after the first piece, while the upload is still open.
-    client = client.ready().await.unwrap();
-    let (response, mut upload) = client.send_request(request(), false).unwrap();
-    upload
-        .send_data(Bytes::from(unfinished_body("unknown")), false)
-        .unwrap();
+    let (client, response, mut upload) = unfinished_upload(client, &url).await;
     let response = tokio::time::timeout(Duration::from_secs(5), response)
         .await
         .expect("answered before the body ended")
@@ -820,8 +838,7 @@ async fn an_http2_client_answered_before_its_upload_ended_finishes_it_without_a_
     );
     // The rest of the upload, 100 KB past the stream's first window,
     // goes through and ends the stream cleanly.
-    let rest = format!("{}\"}}", "x".repeat(100_000));
-    upload.send_data(Bytes::from(rest), true).unwrap();
+    upload.send_data(Bytes::from(body_rest()), true).unwrap();
     assert_eq!(
         reset_within(&mut upload, Duration::from_millis(500)).await,
         None,
@@ -831,11 +848,7 @@ async fn an_http2_client_answered_before_its_upload_ended_finishes_it_without_a_
 
     // A client that never ends its upload is not waited for long: its
     // stream is reset within the linger time (2 s).
-    client = client.ready().await.unwrap();
-    let (response, mut upload) = client.send_request(request(), false).unwrap();
-    upload
-        .send_data(Bytes::from(unfinished_body("unknown")), false)
-        .unwrap();
+    let (mut client, response, mut upload) = unfinished_upload(client, &url).await;
     assert_eq!(response.await.unwrap().status(), 404);
     let started = Instant::now();
     assert!(
@@ -861,7 +874,7 @@ async fn an_http2_client_answered_before_its_upload_ended_finishes_it_without_a_
 async fn an_http1_client_answered_before_its_upload_ended_keeps_its_connection() {
     let upstream = OpenAiServer::start("all");
     let proxy = known_model_proxy(&upstream);
-    let rest = format!("{}\"}}", "x".repeat(100_000));
+    let rest = body_rest();
     let first = unfinished_body("unknown");
     let mut conn = TcpStream::connect(proxy.outbound).await.unwrap();
     let head = format!(

@@ -32,6 +32,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::{Request, Response};
 use http_body::Body;
 use prometheus_client::metrics::counter::Counter;
@@ -123,9 +124,13 @@ pub struct Hedge<S> {
     config: Arc<HedgeLayer>,
 }
 
-/// The response future of [`Hedge`].
-pub type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<Response<BoxBody>, ProxyError>> + Send>>;
+/// The response future of [`Hedge`]: the inner service's own future when
+/// the request is not hedged (hedging off, or a body that cannot be
+/// copied), so a route without hedging pays no allocation for it.
+pub type ResponseFuture<F> = Either<F, Hedging>;
+
+/// The future of a request that may be hedged.
+pub type Hedging = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, ProxyError>> + Send>>;
 
 /// What woke the hedging loop.
 enum Event {
@@ -147,7 +152,7 @@ where
 {
     type Response = Response<BoxBody>;
     type Error = ProxyError;
-    type Future = ResponseFuture;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -157,7 +162,7 @@ where
         let mut first = self.inner.clone();
         std::mem::swap(&mut first, &mut self.inner);
         let (Some(delay), Some(copies)) = (self.config.delay, request.body().copies()) else {
-            return Box::pin(first.call(request));
+            return Either::Left(first.call(request));
         };
         let config = self.config.clone();
         let (mut parts, body) = request.into_parts();
@@ -166,7 +171,7 @@ where
         let mut service = first.clone();
         let mut attempts: Vec<(usize, Pin<Box<S::Future>>)> =
             vec![(0, Box::pin(first.call(Request::from_parts(parts, body))))];
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let mut timer = Box::pin(tokio::time::sleep(delay));
             let mut hedges = 0u32;
             let mut may_hedge = config.max_hedges > 0;
@@ -217,7 +222,7 @@ where
                     }
                 }
             }
-        })
+        }))
     }
 }
 

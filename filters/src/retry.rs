@@ -38,6 +38,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use prometheus_client::metrics::counter::Counter;
@@ -332,9 +333,13 @@ fn endpoint_of_error(error: &ProxyError) -> Option<SocketAddr> {
     }
 }
 
-/// The response future of [`Retry`].
-pub type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<Response<BoxBody>, ProxyError>> + Send>>;
+/// The response future of [`Retry`]: the inner service's own future when
+/// the request gets one attempt (retries off, or a body too long to
+/// replay), so a route without retries pays no allocation for them.
+pub type ResponseFuture<F> = Either<F, Retrying>;
+
+/// The future of a request that may be retried.
+pub type Retrying = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, ProxyError>> + Send>>;
 
 impl<S, B> Service<Request<B>> for Retry<S>
 where
@@ -348,7 +353,7 @@ where
 {
     type Response = Response<BoxBody>;
     type Error = ProxyError;
-    type Future = ResponseFuture;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -368,16 +373,16 @@ where
             }
             if config.keep_body && !too_long {
                 let (body, _) = ReplayBody::shared(body, config.max_replay_bytes);
-                return Box::pin(first.call(Request::from_parts(parts, body)));
+                return Either::Left(first.call(Request::from_parts(parts, body)));
             }
             let request = Request::from_parts(parts, ReplayBody::direct(body));
-            return Box::pin(first.call(request));
+            return Either::Left(first.call(request));
         }
         config.budget.deposit();
         let (body, handle) = ReplayBody::shared(body, config.max_replay_bytes);
         let head = parts.clone();
         let mut service = first;
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let mut tried = TriedEndpoints::default();
             let mut body = body;
             let mut attempt = 1u32;
@@ -448,7 +453,7 @@ where
                 body = next;
                 attempt += 1;
             }
-        })
+        }))
     }
 }
 

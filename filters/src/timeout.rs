@@ -191,11 +191,19 @@ where
 pin_project! {
     /// A response body cut off when it goes idle too long or outlives the
     /// request's total lifetime.
+    ///
+    /// The idle timer is armed only when the body waits: a frame records
+    /// its time, and a wait arms (or moves on) the timer to that time plus
+    /// the limit. A body that never waits, as a small answer read whole,
+    /// registers no timer at all, and a stream moves its timer once per
+    /// wait instead of once per frame.
     pub struct TimeoutBody<B> {
         #[pin]
         inner: B,
         #[pin]
         idle_sleep: Option<Sleep>,
+        // When the body last made progress: the idle limit counts from here.
+        idle_from: Instant,
         #[pin]
         total_sleep: Option<Sleep>,
         limits: BodyLimits,
@@ -207,7 +215,8 @@ impl<B> TimeoutBody<B> {
     fn new(inner: B, limits: BodyLimits) -> Self {
         Self {
             inner,
-            idle_sleep: limits.idle.map(tokio::time::sleep),
+            idle_sleep: None,
+            idle_from: Instant::now(),
             total_sleep: limits.total_deadline.map(tokio::time::sleep_until),
             limits,
             done: false,
@@ -237,10 +246,8 @@ where
             return Poll::Ready(None);
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            if let (Some(idle), Some(sleep)) =
-                (this.limits.idle, this.idle_sleep.as_mut().as_pin_mut())
-            {
-                sleep.reset(Instant::now() + idle);
+            if this.limits.idle.is_some() {
+                *this.idle_from = Instant::now();
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
@@ -249,10 +256,20 @@ where
             .as_pin_mut()
             .is_some_and(|sleep| sleep.poll(cx).is_ready());
         let idle_fired = !total_fired
-            && this
-                .idle_sleep
-                .as_pin_mut()
-                .is_some_and(|sleep| sleep.poll(cx).is_ready());
+            && this.limits.idle.is_some_and(|idle| {
+                let deadline = *this.idle_from + idle;
+                match this.idle_sleep.as_mut().as_pin_mut() {
+                    // Moving a timer later is cheap: it stays registered.
+                    Some(sleep) if sleep.deadline() != deadline => sleep.reset(deadline),
+                    Some(_) => {}
+                    None => this
+                        .idle_sleep
+                        .set(Some(tokio::time::sleep_until(deadline))),
+                }
+                this.idle_sleep
+                    .as_pin_mut()
+                    .is_some_and(|sleep| sleep.poll(cx).is_ready())
+            });
         if !total_fired && !idle_fired {
             return Poll::Pending;
         }
@@ -410,6 +427,36 @@ mod tests {
         assert_eq!(err.to_string(), "idle timeout");
         assert!(body.frame().await.is_none());
         drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_limit_counts_from_the_last_frame() {
+        let (tx, response) = streaming(false);
+        let response = std::sync::Mutex::new(Some(response));
+        let svc = TimeoutLayer::new()
+            .idle(Some(Duration::from_millis(100)))
+            .layer(service_fn(move |_req: Request<()>| {
+                let r = response.lock().unwrap().take().unwrap();
+                async move { Ok::<_, ProxyError>(r) }
+            }));
+        let start = Instant::now();
+        let mut body = svc.oneshot(request(false)).await.unwrap().into_body();
+        // The body waits first (its timer armed for 100 ms), then a frame
+        // comes at 90 ms and another at 180 ms, each moving the limit on.
+        let feeder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(90)).await;
+            tx.send(Bytes::from_static(b"a")).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(90)).await;
+            tx.send(Bytes::from_static(b"b")).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(tx);
+        });
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "idle timeout");
+        assert_eq!(start.elapsed(), Duration::from_millis(280));
+        feeder.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -355,6 +355,14 @@ impl JsonScanner {
         self.decided && !self.whole && self.prompt.as_ref().is_none_or(|p| p.done)
     }
 
+    /// Whether the scan is over: it ended, or it may stop at its decision.
+    /// Asked after every byte, so the common answer (no decision yet) is a
+    /// single test: an ended scan has always decided.
+    #[inline]
+    fn stopped(&self) -> bool {
+        self.decided && (self.state == State::Done || self.settled())
+    }
+
     /// Scans the whole top-level object (within the limit) instead of
     /// stopping at the first `model` and `stream`: authorization by model
     /// must see a repeated `model`, which JSON parsers upstream resolve to
@@ -384,7 +392,7 @@ impl JsonScanner {
     /// consumed. A [`JsonScanner::whole_object`] scan reads on past the
     /// object (whitespace only may follow) until the limit or a second value.
     pub fn feed(&mut self, chunk: &[u8]) -> Scan {
-        if self.state == State::Done || self.settled() {
+        if self.stopped() {
             return Scan::Done;
         }
         let data = &chunk[..chunk.len().min(self.limit - self.consumed)];
@@ -410,12 +418,12 @@ impl JsonScanner {
             if self.step(data[i], self.consumed + i) {
                 i += 1;
             }
-            if self.state == State::Done || self.settled() {
+            if self.stopped() {
                 break;
             }
         }
         self.consumed += i;
-        let stopped = self.state == State::Done || self.settled();
+        let stopped = self.stopped();
         if !stopped && self.consumed >= self.limit && chunk.len() > i {
             // Still reading, but the limit leaves the rest of this chunk unread.
             self.truncated = true;

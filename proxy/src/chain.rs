@@ -3,10 +3,13 @@
 //! turn; a `local:` target is answered by the proxy's own engine.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use http::header::HeaderMap;
 use http::{Request, Response};
 use http_body_util::BodyExt;
@@ -38,15 +41,34 @@ pub(crate) struct Chain<'a> {
 impl Chain<'_> {
     /// Sends `request` to the target and, while no response could start,
     /// down the fallback chain.
-    pub(crate) async fn dispatch(
+    ///
+    /// The future holds the first attempt's future and little else: the
+    /// chain's further links are boxed, as every request's future (boxed
+    /// and moved per request) would otherwise carry room for them.
+    pub(crate) fn dispatch(
         &self,
         request: Request<ProxyBody>,
+    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + '_ {
+        // Combinators, not `async` blocks: a block would keep the first
+        // attempt's future twice (as captured and as awaited).
+        send(self.inputs, self.route, self.target, request, self.asked).then(move |result| {
+            match self.replay {
+                Some(replay) if cannot_start(&result) => {
+                    Either::Left(Box::pin(self.fall_back(replay, result)))
+                }
+                _ => Either::Right(std::future::ready(result)),
+            }
+        })
+    }
+
+    /// Down the fallback chain, from the target's `result`, while no
+    /// response could start.
+    async fn fall_back(
+        &self,
+        replay: &Replay,
+        mut result: Result<Response<BoxBody>, ProxyError>,
     ) -> Result<Response<BoxBody>, ProxyError> {
         let (inputs, route, what) = (self.inputs, self.route, self.asked);
-        let mut result = send(inputs, route, self.target, request, what).await;
-        let Some(replay) = self.replay else {
-            return result;
-        };
         for (index, link) in route.fallback().iter().enumerate() {
             if !cannot_start(&result) {
                 break;
@@ -83,48 +105,59 @@ pub(crate) struct Asked<'a> {
 
 /// Sends `request` to `target`: a backend through the route's stack, or a
 /// local model.
-pub(crate) async fn send(
+pub(crate) fn send<'a>(
+    inputs: &'a Inputs,
+    route: &'a Route,
+    target: &'a RouteTarget,
+    request: Request<ProxyBody>,
+    asked: &'a Asked<'_>,
+) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + use<'a> {
+    let sent = Instant::now();
+    // The remote stack's future is made here, holding the request: the
+    // future returned keeps no second copy of it.
+    let result = match &target.destination {
+        Destination::Remote(remote) => Either::Left(remote.stack.clone().oneshot(request)),
+        // Boxed: the engine's future is several KB, and every remote
+        // request's future (boxed and moved per request) would carry room
+        // for it.
+        Destination::Local(model) => Either::Right(Box::pin(answer_counted(
+            inputs, model, route, request, asked,
+        ))),
+    };
+    result.map(move |result| {
+        if result.is_ok() {
+            target.first_byte.observe(sent.elapsed().as_secs_f64());
+        }
+        result
+    })
+}
+
+/// Answers from the local engine, counting the outcome per model.
+async fn answer_counted(
     inputs: &Inputs,
+    model: &local::LocalModel,
     route: &Route,
-    target: &RouteTarget,
     request: Request<ProxyBody>,
     asked: &Asked<'_>,
 ) -> Result<Response<BoxBody>, ProxyError> {
-    let sent = Instant::now();
-    let result = match &target.destination {
-        Destination::Remote(remote) => remote.stack.clone().oneshot(request).await,
-        Destination::Local(model) => {
-            // Boxed: the engine's future is several KB, and every remote
-            // request's future (boxed and moved per request) would carry
-            // room for it.
-            let result = Box::pin(answer_locally(model, route, request, asked)).await;
-            let outcome = match &result {
-                Ok(response) if response.status().is_success() && !grpc_failed(response) => {
-                    "served"
-                }
-                Ok(_) | Err(ProxyError::TooLarge(_) | ProxyError::BadRequest(_)) => "invalid",
-                Err(_) => "unavailable",
-            };
-            inputs
-                .metrics
-                .local_requests
-                .get_or_create(&LocalRequestLabels {
-                    route: route.name().clone(),
-                    model: model.name().clone(),
-                    outcome,
-                })
-                .inc();
-            result
-        }
+    let result = answer_locally(model, route, request, asked).await;
+    let outcome = match &result {
+        Ok(response) if response.status().is_success() && !grpc_failed(response) => "served",
+        Ok(_) | Err(ProxyError::TooLarge(_) | ProxyError::BadRequest(_)) => "invalid",
+        Err(_) => "unavailable",
     };
-    if result.is_ok() {
-        target.first_byte.observe(sent.elapsed().as_secs_f64());
-    }
+    inputs
+        .metrics
+        .local_requests
+        .get_or_create(&LocalRequestLabels {
+            route: route.name().clone(),
+            model: model.name().clone(),
+            outcome,
+        })
+        .inc();
     result
 }
 
-/// Reads the whole request body (the engine needs all of it) and has the
-/// local model answer, within the route's time limit.
 pub(crate) async fn answer_locally(
     model: &local::LocalModel,
     route: &Route,

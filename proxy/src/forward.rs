@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
@@ -24,7 +25,7 @@ use infermesh_proto::policy::UpstreamProtocol;
 use tower::Service;
 
 use crate::backend::{Admitted, Backend, Picked};
-use crate::balance::{Hint, InFlight, Outcome, DEFAULT_PENALTY};
+use crate::balance::{Endpoint, Hint, InFlight, Outcome, DEFAULT_PENALTY};
 use crate::body::{BodyFault, ProxyBody};
 use crate::pool::Reusable;
 use crate::traces::{self, AttemptSpan};
@@ -53,143 +54,201 @@ impl Service<Request<ReplayBody<ProxyBody>>> for Forward {
     }
 
     fn call(&mut self, request: Request<ReplayBody<ProxyBody>>) -> Self::Future {
-        Box::pin(forward(
-            self.backend.clone(),
-            request.map(ProxyBody::attempt),
-        ))
+        // What needs no waiting is done here, and the future keeps only what
+        // the exchange needs: it is boxed and moved per request, so its
+        // size is paid on every one.
+        match Attempt::start(&self.backend, request.map(ProxyBody::attempt)) {
+            Ok((attempt, request)) => {
+                let sending = attempt
+                    .backend
+                    .pool()
+                    .send(attempt.endpoint.addr(), request);
+                // A combinator, not an `async` block: a block would keep
+                // the pool's future twice (as captured and as awaited).
+                Box::pin(sending.map(move |sent| attempt.finish(sent)))
+            }
+            Err(error) => Box::pin(std::future::ready(Err(error))),
+        }
     }
 }
 
-async fn forward(
+/// An attempt on its way to an endpoint: admitted by the backend's limits,
+/// its endpoint picked, counted in flight.
+struct Attempt {
     backend: Arc<Backend>,
-    mut request: Request<ProxyBody>,
-) -> Result<Response<BoxBody>, ProxyError> {
-    if let Some(problem) = backend.mtls_problem() {
-        return Err(ProxyError::Misconfigured(problem));
-    }
-    // Limits first, so a refused attempt takes no probe slot.
-    let mut admitted = backend.admit()?;
-    // A retry, and a hedge, go elsewhere when the backend has another
-    // endpoint.
-    let hedged = request.extensions().get::<HedgeGroup>().cloned();
-    let mut avoid = request
-        .extensions()
-        .get::<TriedEndpoints>()
-        .map(|tried| tried.0.clone())
-        .unwrap_or_default();
-    let mut hedge = false;
-    if let Some(group) = &hedged {
-        let running = group.endpoints();
-        hedge = !running.is_empty();
-        avoid.extend(running);
-    }
-    // What the model-aware balancer weighs: the prompt prefix and model.
-    let hint = request
-        .extensions()
-        .get::<Hint>()
-        .cloned()
-        .unwrap_or_default();
-    let picked = backend.pick_for_request(&avoid, &hint).ok_or_else(|| {
-        let all_ejected = !backend.endpoints().is_empty();
-        ProxyError::NoEndpoint(if all_ejected {
-            format!(
-                "{} (every endpoint is ejected or its probe is in flight)",
-                backend.name().as_str()
-            )
-        } else {
-            backend.name().as_str().to_string()
-        })
-    })?;
-    let endpoint = picked.endpoint.clone();
-    if let Some(group) = &hedged {
-        group.dispatched(endpoint.addr());
-    }
-    let judged = Judged {
-        backend: backend.clone(),
-        picked: Some(picked),
-    };
-    prepare_upstream_request(
-        &mut request,
-        backend.scheme(),
-        endpoint.authority(),
-        backend.protocol(),
-    );
-    // Where the client's side of the body records its failures: those are
-    // the client's, never the endpoint's.
-    let client_body = request.extensions().get::<BodyFault>().cloned();
-    if let Some(attempts) = request.extensions().get::<Arc<crate::access::Attempts>>() {
-        attempts.attempted(endpoint.addr());
-    }
-    let mut span = traces::attempt(
-        &mut request,
-        hedge,
-        backend.name().as_str(),
-        endpoint.addr(),
-    );
-    let guard = endpoint.start();
-    let started = Instant::now();
-    match backend.pool().send(endpoint.addr(), request).await {
-        Ok((response, conn)) => {
-            admitted.responded();
-            backend.load_report(&endpoint, response.headers());
-            let verdict = judge(response.status(), response.headers());
-            if let Some(span) = span.as_mut() {
-                span.responded(response.status(), response.headers());
-            }
-            endpoint.observe(started.elapsed(), verdict.outcome());
-            judged.finish(verdict.failed);
-            if let Some(length) = verdict.penalty {
-                backend.penalize(&endpoint, length);
-            }
-            // An HTTP/1.1 connection is reused once the response body has
-            // ended; at once when it has none.
-            let conn = match conn {
-                Some(conn) if body_is_empty(&response) => {
-                    conn.release();
-                    None
-                }
-                conn => conn,
-            };
-            let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            // The client's connection has its own version; an HTTP/1.0
-            // upstream must not turn the client's keep-alive off.
-            parts.version = Version::HTTP_11;
-            parts.extensions.insert(ServedBy(endpoint.addr()));
-            Ok(Response::from_parts(
-                parts,
-                Watched::new(
-                    body,
-                    InFlightUntilEnd {
-                        _endpoint: guard,
-                        _backend: admitted,
-                        _span: span,
-                        conn,
-                    },
-                )
-                .boxed_unsync(),
-            ))
+    admitted: Admitted,
+    endpoint: Arc<Endpoint>,
+    judged: Judged,
+    /// Where the client's side of the body records its failures: those are
+    /// the client's, never the endpoint's.
+    client_body: Option<BodyFault>,
+    /// Boxed: it is there only for a sampled request.
+    span: Option<Box<AttemptSpan>>,
+    guard: InFlight,
+    started: Instant,
+}
+
+impl Attempt {
+    /// Admits the attempt, picks its endpoint and points the request at it.
+    fn start(
+        backend: &Arc<Backend>,
+        mut request: Request<ProxyBody>,
+    ) -> Result<(Self, Request<ProxyBody>), ProxyError> {
+        if let Some(problem) = backend.mtls_problem() {
+            return Err(ProxyError::Misconfigured(problem));
         }
-        Err(error) => {
-            if let Some(span) = span {
-                span.failed(&error);
-            }
-            if let Some(problem) = client_body.as_ref().and_then(BodyFault::get) {
-                // Neither judged, timed nor backed off: the endpoint did
-                // nothing wrong.
-                return Err(problem.to_error());
-            }
-            // Never a latency sample (a refused connection is fast): the
-            // endpoint backs off instead.
-            endpoint.observe(started.elapsed(), Outcome::Failed);
-            judged.finish(true);
-            let addr = endpoint.addr().to_string();
-            if error.is_connect() {
-                backend.connect_failed();
-                Err(ProxyError::connect(addr, error))
+        // Limits first, so a refused attempt takes no probe slot.
+        let admitted = backend.admit()?;
+        // A retry, and a hedge, go elsewhere when the backend has another
+        // endpoint.
+        let hedged = request.extensions().get::<HedgeGroup>().cloned();
+        let mut avoid = request
+            .extensions()
+            .get::<TriedEndpoints>()
+            .map(|tried| tried.0.clone())
+            .unwrap_or_default();
+        let mut hedge = false;
+        if let Some(group) = &hedged {
+            let running = group.endpoints();
+            hedge = !running.is_empty();
+            avoid.extend(running);
+        }
+        // What the model-aware balancer weighs: the prompt prefix and model.
+        let hint = request
+            .extensions()
+            .get::<Hint>()
+            .cloned()
+            .unwrap_or_default();
+        let picked = backend.pick_for_request(&avoid, &hint).ok_or_else(|| {
+            let all_ejected = !backend.endpoints().is_empty();
+            ProxyError::NoEndpoint(if all_ejected {
+                format!(
+                    "{} (every endpoint is ejected or its probe is in flight)",
+                    backend.name().as_str()
+                )
             } else {
-                let refused = never_sent(&error);
-                Err(ProxyError::upstream(addr, error, refused))
+                backend.name().as_str().to_string()
+            })
+        })?;
+        let endpoint = picked.endpoint.clone();
+        if let Some(group) = &hedged {
+            group.dispatched(endpoint.addr());
+        }
+        let judged = Judged {
+            backend: backend.clone(),
+            picked: Some(picked),
+        };
+        prepare_upstream_request(
+            &mut request,
+            backend.scheme(),
+            endpoint.authority(),
+            backend.protocol(),
+        );
+        let client_body = request.extensions().get::<BodyFault>().cloned();
+        if let Some(attempts) = request.extensions().get::<Arc<crate::access::Attempts>>() {
+            attempts.attempted(endpoint.addr());
+        }
+        let span = traces::attempt(
+            &mut request,
+            hedge,
+            backend.name().as_str(),
+            endpoint.addr(),
+        )
+        .map(Box::new);
+        let guard = endpoint.start();
+        let attempt = Attempt {
+            backend: backend.clone(),
+            admitted,
+            endpoint,
+            judged,
+            client_body,
+            span,
+            guard,
+            started: Instant::now(),
+        };
+        Ok((attempt, request))
+    }
+
+    /// Judges the exchange's outcome and hands the response on, its body
+    /// holding the attempt's counts (and its HTTP/1.1 connection) until it
+    /// ends.
+    fn finish(
+        self,
+        sent: Result<(Response<hyper::body::Incoming>, Option<Reusable>), crate::pool::Error>,
+    ) -> Result<Response<BoxBody>, ProxyError> {
+        let Attempt {
+            backend,
+            mut admitted,
+            endpoint,
+            judged,
+            client_body,
+            mut span,
+            guard,
+            started,
+        } = self;
+        match sent {
+            Ok((response, conn)) => {
+                admitted.responded();
+                backend.load_report(&endpoint, response.headers());
+                let verdict = judge(response.status(), response.headers());
+                if let Some(span) = span.as_mut() {
+                    span.responded(response.status(), response.headers());
+                }
+                endpoint.observe(started.elapsed(), verdict.outcome());
+                judged.finish(verdict.failed);
+                if let Some(length) = verdict.penalty {
+                    backend.penalize(&endpoint, length);
+                }
+                // An HTTP/1.1 connection is reused once the response body has
+                // ended; at once when it has none.
+                let conn = match conn {
+                    Some(conn) if body_is_empty(&response) => {
+                        conn.release();
+                        None
+                    }
+                    conn => conn,
+                };
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                // The client's connection has its own version; an HTTP/1.0
+                // upstream must not turn the client's keep-alive off.
+                parts.version = Version::HTTP_11;
+                parts.extensions.insert(ServedBy(endpoint.addr()));
+                Ok(Response::from_parts(
+                    parts,
+                    Watched::new(
+                        body,
+                        InFlightUntilEnd {
+                            _endpoint: guard,
+                            _backend: admitted,
+                            _span: span,
+                            conn,
+                        },
+                    )
+                    .boxed_unsync(),
+                ))
+            }
+            Err(error) => {
+                if let Some(span) = span {
+                    span.failed(&error);
+                }
+                if let Some(problem) = client_body.as_ref().and_then(BodyFault::get) {
+                    // Neither judged, timed nor backed off: the endpoint did
+                    // nothing wrong.
+                    return Err(problem.to_error());
+                }
+                // Never a latency sample (a refused connection is fast): the
+                // endpoint backs off instead.
+                endpoint.observe(started.elapsed(), Outcome::Failed);
+                judged.finish(true);
+                let addr = endpoint.addr().to_string();
+                if error.is_connect() {
+                    backend.connect_failed();
+                    Err(ProxyError::connect(addr, error))
+                } else {
+                    let refused = never_sent(&error);
+                    Err(ProxyError::upstream(addr, error, refused))
+                }
             }
         }
     }
@@ -383,7 +442,7 @@ struct InFlightUntilEnd {
     _endpoint: InFlight,
     _backend: Admitted,
     /// The attempt's span, ended with the body.
-    _span: Option<AttemptSpan>,
+    _span: Option<Box<AttemptSpan>>,
     conn: Option<Reusable>,
 }
 

@@ -12,10 +12,13 @@
 //! endpoints of a backend.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::{ready, Either};
+use futures_util::FutureExt;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -328,60 +331,79 @@ impl Pool {
     /// endpoint `addr`. An HTTP/1.1 response comes with its connection,
     /// to [`Reusable::release`] when its body has ended.
     ///
-    /// The rare steps (connecting, sending again on a new connection) are
-    /// boxed: their futures are several KB, and the future of every request
-    /// (boxed and copied whole once per request) would otherwise carry room
-    /// for them, and touch that much more memory per request.
-    pub async fn send(
+    /// On a pooled connection the request is handed to it at once, and the
+    /// future only waits for the response head: it is part of the future of
+    /// every request (boxed and moved once per request), so it keeps no
+    /// second copy of the request. The rare steps (connecting, sending
+    /// again on a new connection) are boxed: their futures are several KB.
+    pub fn send(
         &self,
         addr: SocketAddr,
         mut request: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Option<Reusable>), Error> {
+    ) -> impl Future<Output = Result<(Response<Incoming>, Option<Reusable>), Error>> + Send + 'static
+    {
+        let pool = self.clone();
         match self.inner.protocol {
             UpstreamProtocol::Http1 => {
                 origin_form(&mut request);
-                let (mut sender, reused) = match self.idle_http1(addr) {
-                    Some(sender) => (sender, true),
-                    None => (Box::pin(self.connect_http1(addr)).await?, false),
-                };
-                let response = match sender.try_send_request(request).await {
-                    Ok(response) => response,
-                    Err(mut error) => match error.take_message() {
-                        // The connection closed before the request was
-                        // written (the server ended an idle keep-alive
-                        // connection): once more, on a new connection.
-                        Some(request) if reused => {
-                            let (response, new) =
-                                Box::pin(self.resend_http1(addr, request)).await?;
-                            sender = new;
-                            response
-                        }
-                        _ => return Err(Error::Send(error.into_error())),
-                    },
-                };
-                let reusable = Reusable {
-                    pool: self.clone(),
-                    addr,
-                    sender,
-                };
-                Ok((response, Some(reusable)))
+                Either::Left(match self.idle_http1(addr) {
+                    Some(mut sender) => {
+                        let sending = sender.try_send_request(request);
+                        // Combinators, not an `async` block, which would
+                        // keep the sending future twice (as captured and
+                        // as awaited).
+                        Either::Left(sending.then(move |sent| match sent {
+                            Ok(response) => {
+                                let reusable = Reusable { pool, addr, sender };
+                                Either::Left(ready(Ok((response, Some(reusable)))))
+                            }
+                            Err(mut error) => match error.take_message() {
+                                // The connection closed before the request
+                                // was written (the server ended an idle
+                                // keep-alive connection): once more, on a
+                                // new connection.
+                                Some(request) => Either::Right(Box::pin(async move {
+                                    let (response, sender) =
+                                        pool.resend_http1(addr, request).await?;
+                                    Ok((response, Some(Reusable { pool, addr, sender })))
+                                })),
+                                None => Either::Left(ready(Err(Error::Send(error.into_error())))),
+                            },
+                        }))
+                    }
+                    // Boxed whole, as connecting is rare: the future of
+                    // every request would otherwise carry room for it.
+                    None => Either::Right(Box::pin(async move {
+                        let (response, sender) = pool.resend_http1(addr, request).await?;
+                        Ok((response, Some(Reusable { pool, addr, sender })))
+                    })),
+                })
             }
-            UpstreamProtocol::Http2 => {
-                let (mut sender, reused) = match self.shared_http2(addr) {
-                    Some(sender) => (sender, true),
-                    None => Box::pin(self.connect_http2_once(addr)).await?,
-                };
-                let response = match sender.try_send_request(request).await {
-                    Ok(response) => response,
-                    Err(mut error) => match error.take_message() {
-                        Some(request) if reused => {
-                            Box::pin(self.resend_http2(addr, request)).await?
-                        }
-                        _ => return Err(Error::Send(error.into_error())),
-                    },
-                };
-                Ok((response, None))
-            }
+            UpstreamProtocol::Http2 => Either::Right(match self.shared_http2(addr) {
+                Some(mut sender) => {
+                    let sending = sender.try_send_request(request);
+                    Either::Left(sending.then(move |sent| match sent {
+                        Ok(response) => Either::Left(ready(Ok((response, None)))),
+                        Err(mut error) => match error.take_message() {
+                            Some(request) => Either::Right(Box::pin(async move {
+                                Ok((pool.resend_http2(addr, request).await?, None))
+                            })),
+                            None => Either::Left(ready(Err(Error::Send(error.into_error())))),
+                        },
+                    }))
+                }
+                None => Either::Right(Box::pin(async move {
+                    let (mut sender, reused) = pool.connect_http2_once(addr).await?;
+                    let response = match sender.try_send_request(request).await {
+                        Ok(response) => response,
+                        Err(mut error) => match error.take_message() {
+                            Some(request) if reused => pool.resend_http2(addr, request).await?,
+                            _ => return Err(Error::Send(error.into_error())),
+                        },
+                    };
+                    Ok((response, None))
+                })),
+            }),
         }
     }
 

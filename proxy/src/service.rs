@@ -307,77 +307,95 @@ async fn route_and_send(
     seen: &mut Seen,
 ) -> Result<Routed, Failed> {
     let snapshot = inputs.snapshot.load_full();
-    let (mut parts, body) = request.into_parts();
-    let body = ClientBody::new(body);
-    route::normalize_authority(&mut parts)?;
-    let head = classify::classify_head(
-        &parts.method,
-        parts.uri.path(),
-        parts.headers.get(header::CONTENT_TYPE),
-    );
-    let authorizer = (listener == ListenerKind::Inbound)
-        .then(|| snapshot.authorizer())
-        .filter(|a| a.enforced());
-    let classified = classify_body(&snapshot, &head, body, authorizer).await?;
-    let caller = parts
-        .extensions
-        .get::<InboundConn>()
-        .and_then(|c| c.caller.as_deref());
-    seen.model.clone_from(&classified.model);
-    seen.operation = crate::traces::operation_name(head.api);
-    if seen.operation.is_some() {
-        seen.model_label = classified
-            .model
-            .as_deref()
-            .map_or_else(Name::default, |m| snapshot.model_label(m));
-        seen.caller = crate::genai::caller_label(caller);
-    }
-    if let Some(access) = access.as_deref_mut() {
-        access.api = head.api.as_str();
-        access.model = classified.model.as_deref().map(str::to_owned);
-        access.stream = classified.stream;
-        access.caller = parts
+    // Phases 1 to 3 in a block of their own: the request's parts and what
+    // classification read move on into the prepared request, and the future
+    // keeps no room for them while the request is sent.
+    let (head, route, target, claimed, model, request, replay) = {
+        let (mut parts, body) = request.into_parts();
+        let body = ClientBody::new(body);
+        route::normalize_authority(&mut parts)?;
+        let head = classify::classify_head(
+            &parts.method,
+            parts.uri.path(),
+            parts.headers.get(header::CONTENT_TYPE),
+        );
+        let authorizer = (listener == ListenerKind::Inbound)
+            .then(|| snapshot.authorizer())
+            .filter(|a| a.enforced());
+        let mut classified = classify_body(&snapshot, &head, body, authorizer).await?;
+        let caller = parts
             .extensions
             .get::<InboundConn>()
-            .and_then(|c| c.caller.clone());
-    }
-    if let Some(span) = span {
-        span.classified(
-            head.api,
-            classified.model.as_deref(),
-            classified.stream,
-            caller,
-        );
-    }
-    let redirected = parts.extensions.get::<Redirected>().copied();
-    let routed = route_request(&snapshot, listener, authorizer, &head, &parts, &classified);
-    let (route, target, claimed) = match (routed, redirected) {
-        (Ok(routed), _) => {
-            if let Some(access) = access {
-                access.route_logged |= routed.0.access_logged();
-            }
-            routed
+            .and_then(|c| c.caller.as_deref());
+        seen.model.clone_from(&classified.model);
+        seen.operation = crate::traces::operation_name(head.api);
+        if seen.operation.is_some() {
+            seen.model_label = classified
+                .model
+                .as_deref()
+                .map_or_else(Name::default, |m| snapshot.model_label(m));
+            seen.caller = crate::genai::caller_label(caller);
         }
-        // Intercepted traffic that no route claims is not the mesh's: it
-        // goes where the application sent it.
-        (
-            Err(Failed {
-                error: ProxyError::NoRoute(_),
-                ..
-            }),
-            Some(redirected),
-        ) => return Ok(pass_through(inputs, listener, redirected, parts, classified).await?),
-        (Err(failed), _) => return Err(failed),
+        if let Some(access) = access.as_deref_mut() {
+            access.api = head.api.as_str();
+            access.model = classified.model.as_deref().map(str::to_owned);
+            access.stream = classified.stream;
+            access.caller = parts
+                .extensions
+                .get::<InboundConn>()
+                .and_then(|c| c.caller.clone());
+        }
+        if let Some(span) = span {
+            span.classified(
+                head.api,
+                classified.model.as_deref(),
+                classified.stream,
+                caller,
+            );
+        }
+        let redirected = parts.extensions.get::<Redirected>().copied();
+        let routed = route_request(&snapshot, listener, authorizer, &head, &parts, &classified);
+        let (route, target, claimed) = match (routed, redirected) {
+            (Ok(routed), _) => {
+                if let Some(access) = access {
+                    access.route_logged |= routed.0.access_logged();
+                }
+                routed
+            }
+            // Intercepted traffic that no route claims is not the mesh's: it
+            // goes where the application sent it. Boxed, as are the other
+            // rare steps: every request's future would carry room for them.
+            (
+                Err(Failed {
+                    error: ProxyError::NoRoute(_),
+                    ..
+                }),
+                Some(redirected),
+            ) => {
+                let passed = pass_through(inputs, listener, redirected, parts, classified);
+                return Ok(Box::pin(passed).await?);
+            }
+            (Err(failed), _) => return Err(failed),
+        };
+        if !route.fallback().is_empty() || route.mirrored() {
+            let limit = snapshot.classify_limit();
+            classified.body = Box::pin(hold_body(limit, &head, classified.body))
+                .await
+                .map_err(|error| Failed {
+                    error,
+                    route: route.name().clone(),
+                    backend: target.name.clone(),
+                })?;
+        }
+        let model = classified.model.clone();
+        let (request, replay) = prepare(&snapshot, route, target, parts, classified);
+        (head, route, target, claimed, model, request, replay)
     };
     let fail = |error: ProxyError, backend: Name| Failed {
         error,
         route: route.name().clone(),
         backend,
     };
-    let model = classified.model.clone();
-    let (request, replay) = prepare(&snapshot, route, target, &head, parts, classified)
-        .await
-        .map_err(|error| fail(error, target.name.clone()))?;
     let asked = Asked {
         api: head.api,
         grpc_method: head.grpc.as_ref().map(|g| g.method.as_str()),
@@ -389,7 +407,7 @@ async fn route_and_send(
         inputs,
         route,
         target,
-        replay: replay.as_ref(),
+        replay: replay.as_deref(),
         asked: &asked,
         served: &served,
     };
@@ -518,20 +536,45 @@ fn route_request<'s>(
     Ok((route, target, claimed))
 }
 
-/// Phase 3, prepare: holds the whole body when a fallback chain or a mirror
-/// will send it again, gives the filters what they key on (token estimate,
-/// caller, the mirror's copy), guards the rest of the body (verifier, idle
-/// limit, client-side faults) and renames the model for an alias.
-async fn prepare(
+/// Phase 3a, hold: a fallback chain and a mirror need the whole body to
+/// send it again: reads the rest of a body that fits in the classification
+/// limit. KServe REST names the model in the path, so its body was not
+/// scanned: read now.
+async fn hold_body(
+    limit: usize,
+    head: &HeadClass,
+    body: BodyState,
+) -> Result<BodyState, ProxyError> {
+    let mut body = match body {
+        BodyState::Streaming(incoming) if head.api == ApiKind::KServeRest => {
+            let prefix = Prefix {
+                chunks: VecDeque::new(),
+                trailers: None,
+                rest: Some(incoming),
+            };
+            BodyState::Scanned(prefix, Scanned::Path)
+        }
+        body => body,
+    };
+    if let BodyState::Scanned(prefix, _) = &mut body {
+        complete_prefix(prefix, limit).await?;
+    }
+    Ok(body)
+}
+
+/// Phase 3b, prepare: keeps what a fallback chain or a mirror sends again,
+/// gives the filters what they key on (token estimate, caller, the mirror's
+/// copy), guards the rest of the body (verifier, idle limit, client-side
+/// faults) and renames the model for an alias.
+fn prepare(
     snapshot: &Snapshot,
     route: &Route,
     target: &RouteTarget,
-    head: &HeadClass,
     mut parts: http::request::Parts,
     classified: Classified,
-) -> Result<(Request<ProxyBody>, Option<Replay>), ProxyError> {
+) -> (Request<ProxyBody>, Option<Box<Replay>>) {
     let Classified {
-        mut body,
+        body,
         model,
         max_tokens,
         prompt,
@@ -546,24 +589,6 @@ async fn prepare(
         });
     }
     let limit = snapshot.classify_limit();
-    // A fallback chain and a mirror need the whole body to send it again:
-    // read the rest of a body that fits in the classification limit. KServe
-    // REST names the model in the path, so its body was not scanned: read it now.
-    if !route.fallback().is_empty() || route.mirrored() {
-        if head.api == ApiKind::KServeRest {
-            if let BodyState::Streaming(incoming) = body {
-                let prefix = Prefix {
-                    chunks: VecDeque::new(),
-                    trailers: None,
-                    rest: Some(incoming),
-                };
-                body = BodyState::Scanned(prefix, Scanned::Path);
-            }
-        }
-        if let BodyState::Scanned(prefix, _) = &mut body {
-            complete_prefix(prefix, limit).await?;
-        }
-    }
     let held = if route.fallback().is_empty() && !route.mirrored() {
         None
     } else {
@@ -645,7 +670,7 @@ async fn prepare(
         Some((idle, fault)) => body.guarded(check, idle, fault),
         None => body,
     };
-    Ok((Request::from_parts(parts, body), replay))
+    (Request::from_parts(parts, body), replay.map(Box::new))
 }
 
 /// Sends an intercepted request that no route claims to its passthrough

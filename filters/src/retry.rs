@@ -55,9 +55,17 @@ use crate::replay::ReplayBody;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TriedEndpoints(pub Vec<SocketAddr>);
 
-/// Response extension naming the endpoint that answered.
+/// Response extension naming the endpoint that answered, set when the
+/// request asked for it with [`NameServedBy`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServedBy(pub SocketAddr);
+
+/// Request extension of an attempt that may be retried: the sender names
+/// the endpoint that answered in a [`ServedBy`] on the response, so that a
+/// retry can avoid it. A request that is not retried asks for nothing, and
+/// its response's extensions stay empty (a first insertion allocates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameServedBy;
 
 /// What is retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -380,7 +388,8 @@ where
         }
         config.budget.deposit();
         let (body, handle) = ReplayBody::shared(body, config.max_replay_bytes);
-        let head = parts.clone();
+        let mut head = parts;
+        head.extensions.insert(NameServedBy);
         let mut service = first;
         Either::Right(Box::pin(async move {
             let mut tried = TriedEndpoints::default();

@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use infermesh_filters::body::{Ended, Watch, Watched};
 use infermesh_filters::hedge::HedgeGroup;
 use infermesh_filters::replay::ReplayBody;
-use infermesh_filters::retry::{ServedBy, TriedEndpoints};
+use infermesh_filters::retry::{NameServedBy, ServedBy, TriedEndpoints};
 use infermesh_filters::{BoxBody, ProxyError};
 use infermesh_proto::policy::UpstreamProtocol;
 use tower::Service;
@@ -84,6 +84,8 @@ struct Attempt {
     client_body: Option<BodyFault>,
     /// Boxed: it is there only for a sampled request.
     span: Option<Box<AttemptSpan>>,
+    /// The retry filter asked for the endpoint's address on the response.
+    name_served_by: bool,
     guard: InFlight,
     started: Instant,
 }
@@ -145,6 +147,7 @@ impl Attempt {
             backend.protocol(),
         );
         let client_body = request.extensions().get::<BodyFault>().cloned();
+        let name_served_by = request.extensions().get::<NameServedBy>().is_some();
         if let Some(attempts) = request.extensions().get::<Arc<crate::access::Attempts>>() {
             attempts.attempted(endpoint.addr());
         }
@@ -163,6 +166,7 @@ impl Attempt {
             judged,
             client_body,
             span,
+            name_served_by,
             guard,
             started: Instant::now(),
         };
@@ -183,6 +187,7 @@ impl Attempt {
             judged,
             client_body,
             mut span,
+            name_served_by,
             guard,
             started,
         } = self;
@@ -213,7 +218,9 @@ impl Attempt {
                 // The client's connection has its own version; an HTTP/1.0
                 // upstream must not turn the client's keep-alive off.
                 parts.version = Version::HTTP_11;
-                parts.extensions.insert(ServedBy(endpoint.addr()));
+                if name_served_by {
+                    parts.extensions.insert(ServedBy(endpoint.addr()));
+                }
                 Ok(Response::from_parts(
                     parts,
                     Watched::new(

@@ -400,10 +400,7 @@ impl JsonScanner {
         while i < data.len() {
             if matches!(self.state, State::Str { .. }) && self.escape == Escape::None {
                 // Most of a body is string content (prompts); take plain runs at once.
-                let run = data[i..]
-                    .iter()
-                    .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-                    .unwrap_or(data.len() - i);
+                let run = plain_run(&data[i..]);
                 if run > 0 {
                     self.plain(&data[i..i + run]);
                     i += run;
@@ -887,6 +884,31 @@ impl JsonScanner {
     }
 }
 
+/// How many bytes at the start of `bytes` are plain string content: up to
+/// the first `"`, `\` or control byte (which JSON forbids unescaped).
+///
+/// This is the scan's inner loop. Keys, roles and model names end within a
+/// few bytes, where a plain loop is cheapest. Prompts make most of a body:
+/// past the first bytes, a vector search for the two delimiters, then one
+/// pass (vectorised by the compiler: no early exit) telling whether the run
+/// holds a control byte.
+fn plain_run(bytes: &[u8]) -> usize {
+    const SHORT: usize = 16;
+    let is_end = |b: &u8| *b == b'"' || *b == b'\\' || *b < 0x20;
+    let head = bytes.len().min(SHORT);
+    if let Some(end) = bytes[..head].iter().position(is_end) {
+        return end;
+    }
+    let rest = &bytes[head..];
+    let end = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+    let run = &rest[..end];
+    if run.iter().fold(false, |control, &b| control | (b < 0x20)) {
+        head + run.iter().position(is_end).unwrap_or(end)
+    } else {
+        head + end
+    }
+}
+
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
@@ -1238,6 +1260,54 @@ mod tests {
         let fields =
             scan(br#"{"model_name":"a","models":"b","mode":"c","":"d","modelmodelmodel":"e"}"#);
         assert_eq!(fields.model, None);
+    }
+
+    #[test]
+    fn a_plain_run_ends_where_a_byte_by_byte_scan_ends() {
+        let naive = |bytes: &[u8]| {
+            bytes
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .unwrap_or(bytes.len())
+        };
+        let mut cases = Vec::new();
+        for len in [0usize, 1, 15, 16, 17, 31, 32, 33, 100, 4096] {
+            for at in [0, 1, 15, 16, 17, 40, len / 2, len.saturating_sub(1)] {
+                for end in [b'"', b'\\', 0x00, 0x1f, b'\n', 0x7f, 0xc3] {
+                    let mut bytes = "é".repeat(len).into_bytes();
+                    bytes.truncate(len);
+                    if at < len {
+                        bytes[at] = end;
+                    }
+                    cases.push(bytes.clone());
+                    // A control byte before a later delimiter.
+                    if at + 3 < len {
+                        bytes[at + 3] = b'"';
+                        cases.push(bytes);
+                    }
+                }
+            }
+        }
+        for bytes in &cases {
+            assert_eq!(plain_run(bytes), naive(bytes), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn a_long_prompt_is_scanned_to_its_end_in_any_split() {
+        let prompt = "y".repeat(5000);
+        let body = format!(
+            r#"{{"messages":[{{"content":"{prompt}\u0041\n"}}],"model":"m","stream":true}}"#
+        );
+        for cut in [1, 17, 100, 2500, 5020, body.len() - 1] {
+            let fields = scan_chunks(body.as_bytes(), &[cut]);
+            assert_eq!(fields.model.as_deref(), Some("m"), "cut at {cut}");
+            assert!(fields.stream && fields.invalid_at.is_none(), "cut at {cut}");
+        }
+        // A raw control byte deep in the prompt breaks the JSON there.
+        let broken = body.replacen("yyyy\\u0041", "yyy\u{1}\\u0041", 1);
+        let at = broken.find('\u{1}').unwrap();
+        assert_eq!(scan(broken.as_bytes()).invalid_at, Some(at));
     }
 
     #[test]

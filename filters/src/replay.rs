@@ -89,6 +89,15 @@ impl<B> ReplayBody<B> {
         }
     }
 
+    /// The body itself when it is not kept for a replay ([`ReplayBody::direct`]),
+    /// so that a sender can take it as it is; else `self` back.
+    pub fn into_direct(self) -> Result<B, Self> {
+        match self.state {
+            State::Direct(body) => Ok(body),
+            state => Err(Self { state }),
+        }
+    }
+
     /// A body for the first attempt, and a handle for the next ones, which
     /// works while no more than `limit` bytes have been read.
     pub fn shared(body: B, limit: usize) -> (Self, ReplayHandle<B>) {
@@ -350,6 +359,18 @@ mod tests {
                 .map(|p| Bytes::from_static(p.as_bytes()))
                 .collect(),
         )
+    }
+
+    #[tokio::test]
+    async fn only_a_body_not_kept_for_a_replay_is_given_back_as_it_is() {
+        let direct = ReplayBody::direct(chunks(&["ab", "cd"])).into_direct();
+        let body = direct.ok().expect("a direct body is its own body");
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "abcd");
+        let (kept, handle) = ReplayBody::shared(chunks(&["ab", "cd"]), 1024);
+        let kept = kept.into_direct().err().expect("a kept body stays kept");
+        assert_eq!(kept.collect().await.unwrap().to_bytes(), "abcd");
+        let again = handle.next_attempt().expect("still replayable");
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "abcd");
     }
 
     #[tokio::test]

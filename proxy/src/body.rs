@@ -262,11 +262,15 @@ impl ProxyBody {
         self
     }
 
-    /// One attempt's body, as the retry filter hands it on.
+    /// One attempt's body, as the retry filter hands it on: the body itself
+    /// when it is not kept for a replay (no allocation, no extra layer).
     pub fn attempt(body: ReplayBody<ProxyBody>) -> Self {
-        Self {
-            attempt: Some(Box::new(body)),
-            ..Default::default()
+        match body.into_direct() {
+            Ok(body) => body,
+            Err(kept) => Self {
+                attempt: Some(Box::new(kept)),
+                ..Default::default()
+            },
         }
     }
 }

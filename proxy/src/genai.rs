@@ -375,7 +375,9 @@ pub struct Meter {
     framing: Framing,
     /// `prompt_tokens` and `completion_tokens` of an OpenAI answer or
     /// stream (the last chunk of a stream with `include_usage`).
-    usage: Option<Box<[UsageScanner; 2]>>,
+    /// Kept in place: the meter rides in the response body's accounting,
+    /// which is boxed once per request anyway.
+    usage: Option<[UsageScanner; 2]>,
     first: Option<Duration>,
     last: Option<Duration>,
 }
@@ -407,10 +409,10 @@ impl Meter {
         };
         self.framing = framing;
         if usage {
-            self.usage = Some(Box::new([
+            self.usage = Some([
                 UsageScanner::for_key(b"\"prompt_tokens\""),
                 UsageScanner::for_key(b"\"completion_tokens\""),
-            ]));
+            ]);
         }
     }
 

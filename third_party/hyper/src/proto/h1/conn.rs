@@ -240,11 +240,19 @@ where
         }
 
         // infermesh patch: a connection waiting for its next message with
-        // nothing buffered keeps no buffers and no header map; the read below
-        // then goes through the stack.
-        if self.io.read_buf().is_empty() {
-            self.io.release_idle_buffers();
-            self.state.cached_headers = None;
+        // nothing buffered keeps no read buffer, and the read below goes
+        // through the stack. A server's connection (a client's keep-alive
+        // connection, of which a proxy holds many) also lets go of its write
+        // buffers and header map. A client's (a pooled upstream connection,
+        // which waits for each response head here) keeps those small ones:
+        // making them again cost four allocations a request.
+        if T::is_server() {
+            if self.io.read_buf().is_empty() {
+                self.io.release_idle_buffers();
+                self.state.cached_headers = None;
+            }
+        } else {
+            self.io.release_idle_read_buffer();
         }
 
         let msg = match self.io.parse::<T>(
@@ -478,9 +486,9 @@ where
         }
 
         // infermesh patch: an idle client connection (in a pool) keeps no
-        // buffers while it waits.
-        self.io.release_idle_buffers();
-        self.state.cached_headers = None;
+        // read buffer while it waits (the small write buffers and header map
+        // stay, as above).
+        self.io.release_idle_read_buffer();
         let num_read = ready!(self.force_io_read(cx)).map_err(crate::Error::new_io)?;
 
         if num_read == 0 {

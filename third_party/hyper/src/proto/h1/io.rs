@@ -316,12 +316,8 @@ where
     // message: frees the read buffer when it is empty and, when nothing waits
     // to be written, the write buffer's capacity and its queue's.
     pub(crate) fn release_idle_buffers(&mut self) {
-        if !self.read_buf.is_empty() {
+        if !self.release_idle_read_buffer() {
             return;
-        }
-        self.released = true;
-        if self.read_buf.capacity() != 0 {
-            self.read_buf = BytesMut::new();
         }
         if self.write_buf.remaining() == 0 {
             if self.write_buf.headers.bytes.capacity() != 0 {
@@ -329,6 +325,19 @@ where
             }
             self.write_buf.queue.release();
         }
+    }
+
+    // infermesh patch: frees the read buffer when it is empty, the one
+    // buffer that grows with the traffic; `false` when it holds bytes.
+    pub(crate) fn release_idle_read_buffer(&mut self) -> bool {
+        if !self.read_buf.is_empty() {
+            return false;
+        }
+        self.released = true;
+        if self.read_buf.capacity() != 0 {
+            self.read_buf = BytesMut::new();
+        }
+        true
     }
 
     pub(crate) fn into_inner(self) -> (T, Bytes) {

@@ -311,18 +311,24 @@ impl Verdict {
 }
 
 fn judge(status: http::StatusCode, headers: &HeaderMap) -> Verdict {
-    let grpc_status = headers
-        .get(infermesh_filters::grpc::GRPC_STATUS)
+    // Each header is looked up only where it can change the verdict: a gRPC
+    // status in the head of a 200, a `Retry-After` on an error status or
+    // with gRPC `RESOURCE_EXHAUSTED`. A plain answer costs one lookup.
+    let grpc_status = (status == http::StatusCode::OK)
+        .then(|| headers.get(infermesh_filters::grpc::GRPC_STATUS))
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u8>().ok());
-    let retry_after = headers
-        .get(header::RETRY_AFTER)
+    let error_status = status.is_client_error() || status.is_server_error();
+    let retry_after = (error_status || grpc_status == Some(8))
+        .then(|| headers.get(header::RETRY_AFTER))
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     let shedding = status == http::StatusCode::TOO_MANY_REQUESTS
         || (status == http::StatusCode::OK && grpc_status == Some(8))
-        || (retry_after.is_some() && (status.is_client_error() || status.is_server_error()));
+        || (retry_after.is_some() && error_status);
     Verdict {
         failed: status.is_server_error()
             || (status == http::StatusCode::OK && grpc_status == Some(14)),
@@ -553,6 +559,18 @@ mod tests {
             Some(DEFAULT_PENALTY)
         );
         assert_eq!(head(200, &[("retry-after", "3")]).penalty, None);
+        // gRPC RESOURCE_EXHAUSTED takes the server's Retry-After too.
+        assert_eq!(
+            head(200, &[("grpc-status", "8"), ("retry-after", "5")]).penalty,
+            Some(Duration::from_secs(5))
+        );
+        // A gRPC status counts only in the head of a 200.
+        assert_eq!(head(204, &[("grpc-status", "8")]), ok);
+        assert_eq!(head(204, &[("grpc-status", "14")]), ok);
+        assert_eq!(
+            head(404, &[("retry-after", "9")]).penalty,
+            Some(Duration::from_secs(9))
+        );
     }
 
     #[test]

@@ -364,7 +364,7 @@ impl Pool {
                                 // new connection.
                                 Some(request) => Either::Right(Box::pin(async move {
                                     let (response, sender) =
-                                        pool.resend_http1(addr, request).await?;
+                                        pool.send_on_new_http1(addr, request).await?;
                                     Ok((response, Some(Reusable { pool, addr, sender })))
                                 })),
                                 None => Either::Left(ready(Err(Error::Send(error.into_error())))),
@@ -374,7 +374,7 @@ impl Pool {
                     // Boxed whole, as connecting is rare: the future of
                     // every request would otherwise carry room for it.
                     None => Either::Right(Box::pin(async move {
-                        let (response, sender) = pool.resend_http1(addr, request).await?;
+                        let (response, sender) = pool.send_on_new_http1(addr, request).await?;
                         Ok((response, Some(Reusable { pool, addr, sender })))
                     })),
                 })
@@ -386,7 +386,7 @@ impl Pool {
                         Ok(response) => Either::Left(ready(Ok((response, None)))),
                         Err(mut error) => match error.take_message() {
                             Some(request) => Either::Right(Box::pin(async move {
-                                Ok((pool.resend_http2(addr, request).await?, None))
+                                Ok((pool.send_on_new_http2(addr, request).await?, None))
                             })),
                             None => Either::Left(ready(Err(Error::Send(error.into_error())))),
                         },
@@ -397,7 +397,9 @@ impl Pool {
                     let response = match sender.try_send_request(request).await {
                         Ok(response) => response,
                         Err(mut error) => match error.take_message() {
-                            Some(request) if reused => pool.resend_http2(addr, request).await?,
+                            Some(request) if reused => {
+                                pool.send_on_new_http2(addr, request).await?
+                            }
                             _ => return Err(Error::Send(error.into_error())),
                         },
                     };
@@ -408,7 +410,7 @@ impl Pool {
     }
 
     /// Sends `request` on a new HTTP/1.1 connection to `addr`.
-    async fn resend_http1(
+    async fn send_on_new_http1(
         &self,
         addr: SocketAddr,
         request: Request<ProxyBody>,
@@ -419,7 +421,7 @@ impl Pool {
     }
 
     /// Sends `request` on a new HTTP/2 connection to `addr`.
-    async fn resend_http2(
+    async fn send_on_new_http2(
         &self,
         addr: SocketAddr,
         request: Request<ProxyBody>,

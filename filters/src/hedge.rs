@@ -218,7 +218,9 @@ where
                         attempts.push((hedges as usize, Box::pin(service.call(request))));
                         config.metrics.sent.inc();
                         may_hedge = hedges < config.max_hedges;
-                        timer.as_mut().reset(tokio::time::Instant::now() + delay);
+                        timer
+                            .as_mut()
+                            .reset(crate::timeout::deadline(tokio::time::Instant::now(), delay));
                     }
                 }
             }

@@ -41,6 +41,23 @@ use crate::body::{BoxBody, BoxError};
 use crate::error::{grpc_code, grpc_percent_encode, ProxyError};
 use crate::grpc::is_grpc;
 
+/// How far a limit too long to reach is put off: decades, as tokio does
+/// for a sleep past the end of its clock.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// The instant `limit` after `from`. A policy may write any duration
+/// (`firstByte: 18446744073709551615s` parses), and an instant that far off
+/// does not exist: such a limit is put off for decades instead, so it
+/// never fires, where a plain addition would panic on every request.
+pub fn deadline(from: Instant, limit: Duration) -> Instant {
+    Instant::from_std(std_deadline(from.into_std(), limit))
+}
+
+/// [`deadline`] for the standard library's clock.
+pub fn std_deadline(from: std::time::Instant, limit: Duration) -> std::time::Instant {
+    from.checked_add(limit).unwrap_or(from + FAR_FUTURE)
+}
+
 /// Configuration of the [`Timeout`] filter; every limit is optional.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TimeoutLayer {
@@ -107,8 +124,8 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let grpc = is_grpc(request.headers());
         let start = Instant::now();
-        let total_deadline = self.config.total.map(|total| start + total);
-        let first_byte_deadline = self.config.first_byte.map(|limit| start + limit);
+        let total_deadline = self.config.total.map(|total| deadline(start, total));
+        let first_byte_deadline = self.config.first_byte.map(|limit| deadline(start, limit));
         // Whichever limit comes first decides what the client is told.
         let (deadline, error) = match (first_byte_deadline, total_deadline) {
             (Some(fb), Some(total)) if total < fb => (
@@ -257,14 +274,12 @@ where
             .is_some_and(|sleep| sleep.poll(cx).is_ready());
         let idle_fired = !total_fired
             && this.limits.idle.is_some_and(|idle| {
-                let deadline = *this.idle_from + idle;
+                let due = deadline(*this.idle_from, idle);
                 match this.idle_sleep.as_mut().as_pin_mut() {
                     // Moving a timer later is cheap: it stays registered.
-                    Some(sleep) if sleep.deadline() != deadline => sleep.reset(deadline),
+                    Some(sleep) if sleep.deadline() != due => sleep.reset(due),
                     Some(_) => {}
-                    None => this
-                        .idle_sleep
-                        .set(Some(tokio::time::sleep_until(deadline))),
+                    None => this.idle_sleep.set(Some(tokio::time::sleep_until(due))),
                 }
                 this.idle_sleep
                     .as_pin_mut()
@@ -427,6 +442,30 @@ mod tests {
         assert_eq!(err.to_string(), "idle timeout");
         assert!(body.frame().await.is_none());
         drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limits_too_long_to_reach_never_fire() {
+        let (tx, response) = streaming(false);
+        let response = std::sync::Mutex::new(Some(response));
+        let svc = TimeoutLayer::new()
+            .first_byte(Some(Duration::MAX))
+            .idle(Some(Duration::MAX))
+            .total(Some(Duration::MAX))
+            .layer(service_fn(move |_req: Request<()>| {
+                let r = response.lock().unwrap().take().unwrap();
+                async move { Ok::<_, ProxyError>(r) }
+            }));
+        let mut body = svc.oneshot(request(false)).await.unwrap().into_body();
+        let feeder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(86_400 * 365)).await;
+            tx.send(Bytes::from_static(b"a year on")).await.unwrap();
+        });
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "a year on");
+        feeder.await.unwrap();
+        assert!(body.frame().await.is_none());
+        assert!(deadline(Instant::now(), Duration::MAX) > Instant::now() + FAR_FUTURE / 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -24,6 +24,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use infermesh_filters::replay::ReplayBody;
+use infermesh_filters::timeout::deadline;
 use infermesh_filters::{BoxError, ProxyError};
 
 use crate::classify::{Ambiguity, GrpcVerifier, JsonScanner};
@@ -320,7 +321,9 @@ impl Body for ProxyBody {
                         }
                     }
                     if let (Some(timer), Some(idle)) = (this.idle_timer.as_mut(), this.idle) {
-                        timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                        timer
+                            .as_mut()
+                            .reset(deadline(tokio::time::Instant::now(), idle));
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }

@@ -453,7 +453,7 @@ impl TimeLimit {
     pub fn starting_now(limit: Duration) -> Self {
         Self {
             limit,
-            ends: Instant::now() + limit,
+            ends: infermesh_filters::timeout::std_deadline(Instant::now(), limit),
         }
     }
 }

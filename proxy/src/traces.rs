@@ -442,7 +442,7 @@ fn export_thread(
             };
             current = wanted;
         }
-        let deadline = Instant::now() + settings.delay;
+        let deadline = infermesh_filters::timeout::std_deadline(Instant::now(), settings.delay);
         let mut closed = false;
         while batch.len() < settings.max_batch {
             let wait = deadline.saturating_duration_since(Instant::now());

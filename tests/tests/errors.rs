@@ -228,6 +228,45 @@ async fn a_slow_grpc_answer_is_deadline_exceeded() {
 }
 
 #[tokio::test]
+async fn limits_too_long_to_reach_never_fire() {
+    // Any duration parses; one past the end of the clock must neither fire
+    // nor overflow (it panicked every request before).
+    let far = "18446744073709551615s";
+    let upstream = OpenAiServer::with_settings(
+        "far",
+        OpenAiSettings {
+            stream_chunks: 3,
+            chunk_gap: Duration::from_millis(20),
+            ..OpenAiSettings::default()
+        },
+    );
+    let proxy = single_route(
+        &[upstream.addr().to_string()],
+        false,
+        &format!("firstByte: {far}\nidle: {far}\ntotal: {far}"),
+    );
+    for stream in [false, true] {
+        let response = HttpClient::http1()
+            .send(json_request(
+                &format!("{}{CHAT}", proxy.url()),
+                &chat_body("model", stream),
+                &[],
+            ))
+            .await
+            .expect("response head");
+        assert_eq!(response.status(), 200, "stream {stream}");
+        let arrivals = Arrivals::read(response.into_body()).await;
+        assert!(
+            arrivals.end.is_ok(),
+            "stream {stream}: the body ended whole"
+        );
+        if stream {
+            assert_eq!(arrivals.sse_events().len(), 4, "three chunks and [DONE]");
+        }
+    }
+}
+
+#[tokio::test]
 async fn an_idle_stream_is_reset_after_the_idle_limit() {
     for h2_client in [false, true] {
         let upstream = OpenAiServer::with_settings(

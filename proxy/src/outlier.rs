@@ -201,7 +201,9 @@ impl Health {
             .saturating_mul(self.ejections)
             .min(policy.max_ejection);
         self.state = State::Ejected {
-            until: now + length,
+            // `maxEjection` may be any duration: one past the clock's end
+            // ejects for decades rather than overflowing.
+            until: infermesh_filters::timeout::std_deadline(now, length),
         };
         self.consecutive = 0;
         self.window = Window::new(now);
@@ -330,6 +332,19 @@ mod tests {
             ProbeVerdict::Readmitted
         );
         assert!(!health.is_ejected());
+    }
+
+    #[test]
+    fn an_ejection_longer_than_the_clock_can_count_lasts_without_overflow() {
+        let t0 = Instant::now();
+        let p = OutlierPolicy {
+            base_ejection: Duration::MAX,
+            max_ejection: Duration::MAX,
+            ..policy()
+        };
+        let mut health = Health::new(t0);
+        assert_eq!(health.eject(&p, t0), Duration::MAX);
+        assert!(!health.try_probe(t0 + secs(86_400 * 365)));
     }
 
     #[test]

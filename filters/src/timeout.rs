@@ -351,7 +351,15 @@ mod tests {
         }
     }
 
-    fn streaming(grpc: bool) -> (mpsc::Sender<Bytes>, Response<BoxBody>) {
+    /// `layer` over a service answering with a streaming response (gRPC's
+    /// content type when `grpc`), and the sender of its body's chunks.
+    fn streaming_through(
+        layer: TimeoutLayer,
+        grpc: bool,
+    ) -> (
+        mpsc::Sender<Bytes>,
+        impl Service<Request<()>, Response = Response<BoxBody>, Error = ProxyError>,
+    ) {
         let (tx, rx) = mpsc::channel(8);
         let mut response = Response::new(ChannelBody(rx).boxed_unsync());
         if grpc {
@@ -360,7 +368,12 @@ mod tests {
                 HeaderValue::from_static("application/grpc"),
             );
         }
-        (tx, response)
+        let response = std::sync::Mutex::new(Some(response));
+        let svc = layer.layer(service_fn(move |_req: Request<()>| {
+            let r = response.lock().unwrap().take().unwrap();
+            async move { Ok::<_, ProxyError>(r) }
+        }));
+        (tx, svc)
     }
 
     fn request(grpc: bool) -> Request<()> {
@@ -401,14 +414,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stream_that_keeps_flowing_outlives_the_idle_limit() {
-        let (tx, response) = streaming(false);
-        let response = std::sync::Mutex::new(Some(response));
-        let svc = TimeoutLayer::new()
-            .idle(Some(Duration::from_millis(100)))
-            .layer(service_fn(move |_req: Request<()>| {
-                let r = response.lock().unwrap().take().unwrap();
-                async move { Ok::<_, ProxyError>(r) }
-            }));
+        let (tx, svc) = streaming_through(
+            TimeoutLayer::new().idle(Some(Duration::from_millis(100))),
+            false,
+        );
         let mut body = svc.oneshot(request(false)).await.unwrap().into_body();
         let feeder = tokio::spawn(async move {
             for _ in 0..10 {
@@ -427,14 +436,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_http_stream_is_cut_with_an_error() {
-        let (tx, response) = streaming(false);
-        let response = std::sync::Mutex::new(Some(response));
-        let svc = TimeoutLayer::new()
-            .idle(Some(Duration::from_millis(100)))
-            .layer(service_fn(move |_req: Request<()>| {
-                let r = response.lock().unwrap().take().unwrap();
-                async move { Ok::<_, ProxyError>(r) }
-            }));
+        let (tx, svc) = streaming_through(
+            TimeoutLayer::new().idle(Some(Duration::from_millis(100))),
+            false,
+        );
         let mut body = svc.oneshot(request(false)).await.unwrap().into_body();
         tx.send(Bytes::from_static(b"first")).await.unwrap();
         assert!(body.frame().await.unwrap().unwrap().is_data());
@@ -446,16 +451,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn limits_too_long_to_reach_never_fire() {
-        let (tx, response) = streaming(false);
-        let response = std::sync::Mutex::new(Some(response));
-        let svc = TimeoutLayer::new()
-            .first_byte(Some(Duration::MAX))
-            .idle(Some(Duration::MAX))
-            .total(Some(Duration::MAX))
-            .layer(service_fn(move |_req: Request<()>| {
-                let r = response.lock().unwrap().take().unwrap();
-                async move { Ok::<_, ProxyError>(r) }
-            }));
+        let (tx, svc) = streaming_through(
+            TimeoutLayer::new()
+                .first_byte(Some(Duration::MAX))
+                .idle(Some(Duration::MAX))
+                .total(Some(Duration::MAX)),
+            false,
+        );
         let mut body = svc.oneshot(request(false)).await.unwrap().into_body();
         let feeder = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(86_400 * 365)).await;
@@ -470,14 +472,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_idle_limit_counts_from_the_last_frame() {
-        let (tx, response) = streaming(false);
-        let response = std::sync::Mutex::new(Some(response));
-        let svc = TimeoutLayer::new()
-            .idle(Some(Duration::from_millis(100)))
-            .layer(service_fn(move |_req: Request<()>| {
-                let r = response.lock().unwrap().take().unwrap();
-                async move { Ok::<_, ProxyError>(r) }
-            }));
+        let (tx, svc) = streaming_through(
+            TimeoutLayer::new().idle(Some(Duration::from_millis(100))),
+            false,
+        );
         let start = Instant::now();
         let mut body = svc.oneshot(request(false)).await.unwrap().into_body();
         // The body waits first (its timer armed for 100 ms), then a frame
@@ -500,14 +498,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_grpc_stream_ends_with_deadline_exceeded_trailers() {
-        let (tx, response) = streaming(true);
-        let response = std::sync::Mutex::new(Some(response));
-        let svc = TimeoutLayer::new()
-            .idle(Some(Duration::from_millis(100)))
-            .layer(service_fn(move |_req: Request<()>| {
-                let r = response.lock().unwrap().take().unwrap();
-                async move { Ok::<_, ProxyError>(r) }
-            }));
+        let (tx, svc) = streaming_through(
+            TimeoutLayer::new().idle(Some(Duration::from_millis(100))),
+            true,
+        );
         let mut body = svc.oneshot(request(true)).await.unwrap().into_body();
         let frame = body.frame().await.unwrap().unwrap();
         let trailers = frame.into_trailers().unwrap();

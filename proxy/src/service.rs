@@ -288,6 +288,17 @@ struct Failed {
     backend: Name,
 }
 
+impl Failed {
+    /// `error`, met on `route` on the way to `backend`.
+    fn at(route: &Route, backend: &Name, error: ProxyError) -> Self {
+        Self {
+            error,
+            route: route.name().clone(),
+            backend: backend.clone(),
+        }
+    }
+}
+
 impl From<ProxyError> for Failed {
     fn from(error: ProxyError) -> Self {
         Self {
@@ -381,20 +392,11 @@ async fn route_and_send(
             let limit = snapshot.classify_limit();
             classified.body = Box::pin(hold_body(limit, &head, classified.body))
                 .await
-                .map_err(|error| Failed {
-                    error,
-                    route: route.name().clone(),
-                    backend: target.name.clone(),
-                })?;
+                .map_err(|error| Failed::at(route, &target.name, error))?;
         }
         let model = classified.model.clone();
         let (request, replay) = prepare(&snapshot, route, target, parts, classified);
         (head, route, target, claimed, model, request, replay)
-    };
-    let fail = |error: ProxyError, backend: Name| Failed {
-        error,
-        route: route.name().clone(),
-        backend,
     };
     let asked = Asked {
         api: head.api,
@@ -438,7 +440,7 @@ async fn route_and_send(
             duration: served_by.duration.clone(),
             ok: served_by.ok.clone(),
         }),
-        Err(error) => Err(fail(error, served_by.name.clone())),
+        Err(error) => Err(Failed::at(route, &served_by.name, error)),
     }
 }
 
@@ -524,14 +526,9 @@ fn route_request<'s>(
         return Err(ProxyError::NoRoute(describe(parts, classified.model.as_deref())).into());
     };
     let Some(target) = route.pick_target() else {
-        return Err(Failed {
-            error: ProxyError::NoEndpoint(format!(
-                "(route {} has no backend)",
-                route.name().as_str()
-            )),
-            route: route.name().clone(),
-            backend: Name::default(),
-        });
+        let error =
+            ProxyError::NoEndpoint(format!("(route {} has no backend)", route.name().as_str()));
+        return Err(Failed::at(route, &Name::default(), error));
     };
     Ok((route, target, claimed))
 }

@@ -13,8 +13,12 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
-echo "== cargo build --workspace --bins"
-cargo build --workspace --bins
+# The binaries the end-to-end tests start are built together with the tests:
+# one build resolves dependency features once (dev-dependencies included), so
+# `cargo test` below reuses every artifact instead of building the dependency
+# tree a second time with other features.
+echo "== cargo build --workspace --bins --tests"
+cargo build --workspace --bins --tests
 
 echo "== cargo test --workspace"
 cargo test --workspace

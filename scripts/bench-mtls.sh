@@ -52,7 +52,10 @@ need python3 python3
 need nginx nginx-light
 
 log "building release binaries"
-(cd "$ROOT" && cargo build --release -q -p infermesh-proxy -p infermesh-control -p infermesh-bench)
+# The proxy alone, as the images build it: its link order (proxy/build.rs)
+# names functions as built without other packages' dependency features.
+(cd "$ROOT" && cargo build --release -q -p infermesh-proxy)
+(cd "$ROOT" && cargo build --release -q -p infermesh-control -p infermesh-bench)
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 rm -rf "$OUT"
 mkdir -p "$OUT/raw" "$OUT/mesh/policies" "$OUT/plain"

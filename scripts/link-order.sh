@@ -123,7 +123,7 @@ kill "$PROXY_PID"
 wait "$PROXY_PID" 2>/dev/null || true
 
 # Every function of the proxy binary that ran, the first dump's (start-up and
-# readiness) before the last's (requests); callgrind marks recursion levels
+# readiness) before the rest of the last's (requests); callgrind marks recursion levels
 # with a ' suffix, and gives a name once per file, then its number.
 python3 - "$BIN/infermesh-proxy" "$OUT/callgrind.out.1" "$OUT/callgrind.out" >"$OUT/order.txt" <<'PY'
 import os, re, sys
@@ -152,11 +152,13 @@ def functions_run(path):
             if current == binary and f and not f.startswith("0x"):
                 yield f
 
+# Sorted within each dump: callgrind's own order changes from run to run,
+# and the place of a function within its group matters little.
 for path in sys.argv[2:]:
-    for f in functions_run(path):
-        if f not in seen:
-            seen.add(f)
-            print(f)
+    new = set(functions_run(path)) - seen
+    seen |= new
+    for f in sorted(new):
+        print(f)
 PY
 count=$(wc -l <"$OUT/order.txt")
 [ "$count" -gt 100 ] || die "only $count functions found in the profile"

@@ -23,4 +23,12 @@ cargo build --workspace --bins --tests
 echo "== cargo test --workspace"
 cargo test --workspace
 
+# CI (.ci/run) frees the test build's disk before the fuzz build, which
+# builds apart (fuzz/target): the run then needs the larger of the two
+# (about 3 GB), not their sum.
+if [ "${INFERMESH_CLEAN_BEFORE_FUZZ:-0}" = 1 ]; then
+    echo "== cargo clean (INFERMESH_CLEAN_BEFORE_FUZZ=1)"
+    cargo clean
+fi
+
 bash scripts/fuzz.sh 20

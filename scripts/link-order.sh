@@ -7,10 +7,13 @@
 # Grouped at the start of .text, the code a sidecar runs fills about 2 MB of
 # contiguous pages instead of being scattered over 13 MB, where the kernel's
 # fault-around maps 64 KB around every page touched: idle RSS after one
-# request fell from 10.2 to 5.7 MB (docs/benchmarks.md, "link order").
+# request fell from 10.2 to 6.2 MB (docs/benchmarks.md, "Issue 18, seventh
+# steps").
 #
 # The names are mangled symbols, whose hashes change with the compiler and
-# with dependency versions: rerun this after either changes. A stale file
+# with dependency versions and features: rerun this after either changes,
+# and build the proxy on its own (`cargo build --release -p
+# infermesh-proxy`), as this script, the benchmarks and the image do. A stale file
 # links as well as a fresh one (unknown names are skipped) and only loses
 # the grouping; `scripts/link-order.sh --check` says how much of the file
 # still names functions of the current release binary.
@@ -23,7 +26,7 @@ BENCH_TAG=link-order
 source "$(dirname "$0")/bench-lib.sh"
 
 ROOT="$(cd "$BENCH_LIB_DIR/.." && pwd)"
-BIN="$ROOT/target/release"
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 ORDER="$ROOT/proxy/link-order.txt"
 
 # The proxy is built alone, as the images and the benchmarks build it: cargo

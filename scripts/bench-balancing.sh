@@ -80,10 +80,7 @@ need python3 python3
 
 case $PROFILE in dev) PROFILE_DIR=debug ;; *) PROFILE_DIR=$PROFILE ;; esac
 log "building $PROFILE binaries"
-# The proxy alone, as the images build it: its link order (proxy/build.rs)
-# names functions as built without other packages' dependency features.
-(cd "$ROOT" && cargo build --profile "$PROFILE" -q -p infermesh-proxy)
-(cd "$ROOT" && cargo build --profile "$PROFILE" -q -p infermesh-sim)
+build_proxy_and "$PROFILE" infermesh-sim
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE_DIR
 for b in infermesh-proxy infermesh-sim infermesh-sim-load; do
     [ -x "$BIN/$b" ] || die "missing $BIN/$b after the build"

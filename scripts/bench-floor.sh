@@ -31,10 +31,7 @@ need taskset util-linux
 ROOT="$(cd "$BENCH_LIB_DIR/.." && pwd)"
 BIN="$ROOT/target/release"
 log "building release binaries"
-# The proxy alone, as the images build it: its link order (proxy/build.rs)
-# names functions as built without other packages' dependency features.
-(cd "$ROOT" && cargo build --release -q -p infermesh-proxy)
-(cd "$ROOT" && cargo build --release -q -p infermesh-bench)
+build_proxy_and release infermesh-bench
 OUT=$(mktemp -d /tmp/infermesh-bench-floor.XXXXXX)
 trap 'stop_pids; [ -f "$OUT/nginx/nginx.pid" ] && kill "$(cat "$OUT/nginx/nginx.pid")" 2>/dev/null; true' EXIT
 

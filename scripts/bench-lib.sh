@@ -1,10 +1,11 @@
 # shellcheck shell=bash
-# Shared parts of the sidecar-pair benchmarks (scripts/bench-mtls.sh,
-# scripts/bench-pods.sh): tools, process start-up, the load generator, the
-# mesh's control plane and bootstrap tokens, certificates made with openssl,
-# the nginx pair's configuration, and CPU accounting from /proc. Source it
-# after setting BENCH_TAG (the log prefix); it defines functions and
-# BENCH_LIB_DIR only.
+# Shared parts of the benchmark scripts (scripts/bench-*.sh but bench.sh, and
+# scripts/link-order.sh): tools, the proxy's build, process start-up, the
+# load generator, and for the sidecar pair (scripts/bench-mtls.sh,
+# scripts/bench-pods.sh) the mesh's control plane and bootstrap tokens,
+# certificates made with openssl, the nginx pair's configuration, and CPU
+# accounting from /proc. Source it after setting BENCH_TAG (the log
+# prefix); it defines functions and BENCH_LIB_DIR only.
 
 # shellcheck disable=SC2034 # for the scripts that source this file
 BENCH_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -57,6 +58,18 @@ stop_pids() {
     local pid
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+# build_proxy_and PROFILE [PACKAGE...]: builds infermesh-proxy on its own,
+# then PACKAGE... The proxy's link order (proxy/link-order.txt, read by
+# proxy/build.rs) names functions as the images build them: cargo unifies
+# dependency features across the packages of one invocation, and other
+# features give generic functions other symbol names.
+build_proxy_and() {
+    local profile=$1 p packages=()
+    shift
+    for p in "$@"; do packages+=(-p "$p"); done
+    (cd "$BENCH_LIB_DIR/.." && cargo build --profile "$profile" -q -p infermesh-proxy)
+    [ $# -eq 0 ] || (cd "$BENCH_LIB_DIR/.." && cargo build --profile "$profile" -q "${packages[@]}")
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -52,10 +52,7 @@ need python3 python3
 need nginx nginx-light
 
 log "building release binaries"
-# The proxy alone, as the images build it: its link order (proxy/build.rs)
-# names functions as built without other packages' dependency features.
-(cd "$ROOT" && cargo build --release -q -p infermesh-proxy)
-(cd "$ROOT" && cargo build --release -q -p infermesh-control -p infermesh-bench)
+build_proxy_and release infermesh-control infermesh-bench
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 rm -rf "$OUT"
 mkdir -p "$OUT/raw" "$OUT/mesh/policies" "$OUT/plain"

@@ -43,10 +43,7 @@ need taskset util-linux
 PROFILE=${PROFILE:-release}
 case $PROFILE in dev) PROFILE_DIR=debug ;; *) PROFILE_DIR=$PROFILE ;; esac
 log "building $PROFILE binaries"
-# The proxy alone, as the images build it: its link order (proxy/build.rs)
-# names functions as built without other packages' dependency features.
-(cd "$ROOT" && cargo build --profile "$PROFILE" -q -p infermesh-proxy)
-(cd "$ROOT" && cargo build --profile "$PROFILE" -q -p infermesh-bench)
+build_proxy_and "$PROFILE" infermesh-bench
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE_DIR
 rm -rf "$OUT"
 mkdir -p "$OUT"

@@ -83,10 +83,7 @@ case " $VARIANTS " in *" nginx "*) need nginx nginx-light ;; esac
 TARGET_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 if [ "$BUILD" = 1 ]; then
     log "building release binaries"
-    # The proxy alone, as the images build it: its link order (proxy/build.rs)
-    # names functions as built without other packages' dependency features.
-    (cd "$ROOT" && cargo build --release -q -p infermesh-proxy)
-    (cd "$ROOT" && cargo build --release -q -p infermesh-control -p infermesh-bench)
+    build_proxy_and release infermesh-control infermesh-bench
 fi
 
 if [ "$(nproc)" -ge 2 ]; then

@@ -69,10 +69,7 @@ need taskset util-linux
 # build sustains, so it uses the quick dev build.
 if [ "$MODE" = killed-replica ]; then PROFILE=dev PROFILE_DIR=debug; else PROFILE=release PROFILE_DIR=release; fi
 log "building $PROFILE binaries"
-# The proxy alone, as the images build it: its link order (proxy/build.rs)
-# names functions as built without other packages' dependency features.
-(cd "$ROOT" && cargo build --profile "$PROFILE" -q -p infermesh-proxy)
-(cd "$ROOT" && cargo build --profile "$PROFILE" -q -p infermesh-bench)
+build_proxy_and "$PROFILE" infermesh-bench
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE_DIR
 for b in infermesh-proxy infermesh-bench-upstream; do
     [ -x "$BIN/$b" ] || die "missing $BIN/$b after the build"

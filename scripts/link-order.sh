@@ -29,11 +29,8 @@ ROOT="$(cd "$BENCH_LIB_DIR/.." && pwd)"
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 ORDER="$ROOT/proxy/link-order.txt"
 
-# The proxy is built alone, as the images and the benchmarks build it: cargo
-# unifies dependency features across the packages of one invocation, and
-# other features give generic functions other symbol names.
 log "building release binaries"
-(cd "$ROOT" && cargo build --release -q -p infermesh-proxy)
+build_proxy_and release
 
 if [ "${1:-}" = "--check" ]; then
     have=$(nm --defined-only "$BIN/infermesh-proxy" | awk '{print $3}' | sort -u)

@@ -82,15 +82,16 @@ pub(crate) async fn read_classified(
                 }
                 // Routed by this model: nothing further on may name another.
                 let consumed = scanner.consumed();
-                let mut verifier = scanner.into_verifier();
+                // The scanner goes on as the verifier, in place.
+                scanner.verify_rest();
                 for chunk in unscanned(&prefix.chunks, consumed) {
-                    verifier.feed(chunk);
+                    scanner.feed(chunk);
                 }
-                if let Some(why) = verifier.ambiguity() {
+                if let Some(why) = scanner.ambiguity() {
                     return Err(ProxyError::BadRequest(why.to_string()));
                 }
                 if prefix.rest.is_some() {
-                    check = Some(BodyCheck::Json(Box::new(verifier)));
+                    check = Some(BodyCheck::Json(Box::new(scanner)));
                 }
             }
             model = fields.model.take().map(Arc::from);

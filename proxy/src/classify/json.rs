@@ -378,12 +378,17 @@ impl JsonScanner {
     /// repeated `model` or a second value however far into the body it is.
     /// Its memory stays fixed (a repeated model name is not kept whole).
     pub fn into_verifier(mut self) -> Self {
+        self.verify_rest();
+        self
+    }
+
+    /// [`JsonScanner::into_verifier`] in place, without moving the scanner.
+    pub fn verify_rest(&mut self) {
         self.whole = true;
         self.limit = usize::MAX;
         self.truncated = false;
         self.model_cap = self.model_cap.min(VERIFY_MODEL_CAP);
         self.prompt = None;
-        self
     }
 
     /// Feeds the next chunk; `Done` once nothing more is needed: both `model`
@@ -412,7 +417,11 @@ impl JsonScanner {
                 }
             }
             self.pos = self.consumed + i;
-            if self.step(data[i], self.consumed + i) {
+            // A string that ends in this chunk without an escape, the
+            // common case of keys, roles and model names, in one step.
+            if let Some(len) = self.whole_string(&data[i..]) {
+                i += len;
+            } else if self.step(data[i], self.consumed + i) {
                 i += 1;
             }
             if self.stopped() {
@@ -553,6 +562,54 @@ impl JsonScanner {
             State::Done => {}
         }
         true
+    }
+
+    /// When `bytes` opens a string where one may begin and holds the whole
+    /// of it, plain (no escape, no control byte), reads it at once, as the
+    /// byte-by-byte steps would, and tells how many bytes it took, quotes
+    /// included. Strings hashed as a prompt take the steps: the hash may
+    /// settle the scan mid-string.
+    #[inline]
+    fn whole_string(&mut self, bytes: &[u8]) -> Option<usize> {
+        if bytes.first() != Some(&b'"') {
+            return None;
+        }
+        let key = match self.state {
+            State::ObjectStart | State::Key => true,
+            State::Value | State::ArrayStart => false,
+            _ => return None,
+        };
+        let content = &bytes[1..];
+        let run = plain_run(content);
+        if content.get(run) != Some(&b'"') {
+            return None;
+        }
+        let sink = self.sink_for(key);
+        if sink == Sink::Prompt {
+            return None;
+        }
+        let text = &content[..run];
+        let at = self.pos;
+        if !key && self.depth == 1 {
+            self.pending_model = None;
+        }
+        match sink {
+            Sink::Key => self.member = member_named(text),
+            Sink::Model => {
+                self.pending_model = (run <= self.model_cap)
+                    .then(|| std::str::from_utf8(text).ok())
+                    .flatten()
+                    .map(|model| (model.to_owned(), at..at + run + 2));
+            }
+            Sink::Skip | Sink::Prompt => {}
+        }
+        self.pos = at + run + 1;
+        if key {
+            self.state = State::Colon;
+        } else {
+            self.value_end(false);
+        }
+        Some(run + 2)
     }
 
     /// Ends the scan on a byte that is not valid JSON where it stands, a
@@ -712,22 +769,30 @@ impl JsonScanner {
 
     // --- strings ---
 
+    /// Where the bytes of a string beginning now go.
+    fn sink_for(&self, key: bool) -> Sink {
+        match (self.depth, key, self.member) {
+            (1, true, _) => Sink::Key,
+            (1, false, Member::Model) => Sink::Model,
+            (_, false, Member::Prompt) if self.prompt.is_some() => Sink::Prompt,
+            _ => Sink::Skip,
+        }
+    }
+
     fn begin_string(&mut self, key: bool, at: usize) {
-        self.sink = match (self.depth, key, self.member) {
-            (1, true, _) => {
+        self.sink = self.sink_for(key);
+        match self.sink {
+            Sink::Key => {
                 self.key_len = 0;
                 self.key_overflow = false;
-                Sink::Key
             }
-            (1, false, Member::Model) => {
+            Sink::Model => {
                 self.model_buf.clear();
                 self.model_invalid = false;
                 self.model_start = at;
-                Sink::Model
             }
-            (_, false, Member::Prompt) if self.prompt.is_some() => Sink::Prompt,
-            _ => Sink::Skip,
-        };
+            Sink::Prompt | Sink::Skip => {}
+        }
         self.escape = Escape::None;
         self.high = None;
         self.state = State::Str { key };
@@ -849,13 +914,9 @@ impl JsonScanner {
         }
         match self.sink {
             Sink::Key => {
-                self.member = match (self.key_overflow, &self.key[..self.key_len]) {
-                    (false, b"model") => Member::Model,
-                    (false, b"stream") => Member::Stream,
-                    (false, b"max_tokens") => Member::MaxTokens,
-                    (false, b"max_completion_tokens") => Member::MaxCompletionTokens,
-                    (false, b"messages" | b"prompt") => Member::Prompt,
-                    _ => Member::Other,
+                self.member = match self.key_overflow {
+                    true => Member::Other,
+                    false => member_named(&self.key[..self.key_len]),
                 };
             }
             Sink::Model => {
@@ -906,6 +967,18 @@ fn plain_run(bytes: &[u8]) -> usize {
         head + run.iter().position(is_end).unwrap_or(end)
     } else {
         head + end
+    }
+}
+
+/// The top-level member a (decoded) key names.
+fn member_named(key: &[u8]) -> Member {
+    match key {
+        b"model" => Member::Model,
+        b"stream" => Member::Stream,
+        b"max_tokens" => Member::MaxTokens,
+        b"max_completion_tokens" => Member::MaxCompletionTokens,
+        b"messages" | b"prompt" => Member::Prompt,
+        _ => Member::Other,
     }
 }
 
@@ -1343,6 +1416,63 @@ mod tests {
             }
             let bytewise: Vec<usize> = (1..body.len()).collect();
             assert_eq!(scan_chunks(body, &bytewise), whole);
+        }
+    }
+
+    /// Strings held whole by a chunk are read in one step
+    /// (`whole_string`); fed a byte at a time, no string is, and every byte
+    /// takes the steps. Both must agree, whatever the scanner is asked to do.
+    #[test]
+    fn strings_read_at_once_agree_with_the_byte_steps() {
+        let long_model = format!(r#"{{"model":"{}","stream":true}}"#, "m".repeat(1100));
+        let bodies: Vec<&[u8]> = vec![
+            br#"{"model":"bench","messages":[{"role":"user","content":"hi"}],"stream":false}"#,
+            br#"{"model":"a","model":"b","stream":"yes","max_tokens":12,"max_completion_tokens":7}"#,
+            br#"{"a_key_longer_than_any_member_name":"x","model":"","stream":true}"#,
+            br#"{"prompt":"hash me, hash me, hash me","model":"p"}"#,
+            b"{\"model\":\"bad\xff\xfeutf8\",\"stream\":true}",
+            b"{\"model\":\"ctl\x01byte\",\"stream\":true}",
+            br#"{"x":{"model":"nested","stream":true},"model":"top"} {"#,
+            br#"{"messages":[["model"],{"model":"m"}],"model":"last","stream":true}"#,
+            br#"{"model":"half"#,
+            long_model.as_bytes(),
+        ];
+        type Make = fn() -> JsonScanner;
+        let makers: [(&str, Make); 4] = [
+            ("plain", || JsonScanner::new(BIG)),
+            ("limited", || JsonScanner::new(20)),
+            ("whole object", || JsonScanner::new(BIG).whole_object()),
+            ("prompt hashed", || JsonScanner::new(BIG).hash_prompt(4, 4)),
+        ];
+        let run = |make: Make, body: &[u8], bytewise: bool| {
+            let mut scanner = make();
+            let chunks: Vec<&[u8]> = match bytewise {
+                true => body.chunks(1).collect(),
+                false => vec![body],
+            };
+            for chunk in &chunks {
+                if scanner.feed(chunk) == Scan::Done {
+                    break;
+                }
+            }
+            let consumed = scanner.consumed();
+            let mut fields = scanner.take_fields();
+            // Whether the limit cut a chunk depends on the chunks alone.
+            fields.truncated = false;
+            // The verifier goes on from where the scan stopped.
+            scanner.verify_rest();
+            scanner.feed(&body[consumed.min(body.len())..]);
+            (fields, consumed, scanner.ambiguity(), scanner.fields())
+        };
+        for body in &bodies {
+            for (name, make) in makers {
+                assert_eq!(
+                    run(make, body, false),
+                    run(make, body, true),
+                    "{name}: {}",
+                    String::from_utf8_lossy(body)
+                );
+            }
         }
     }
 

@@ -192,7 +192,8 @@ impl Endpoint {
         self.start_at(Instant::now())
     }
 
-    fn start_at(self: &Arc<Self>, now: Instant) -> InFlight {
+    /// [`Endpoint::start`] at `now`, a time the caller read anyway.
+    pub fn start_at(self: &Arc<Self>, now: Instant) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let failures = self.failures.load(Ordering::Relaxed);
         if failures > 0 {
@@ -212,7 +213,8 @@ impl Endpoint {
         self.observe_at(Instant::now(), rtt, outcome);
     }
 
-    fn observe_at(&self, now: Instant, rtt: Duration, outcome: Outcome) {
+    /// [`Endpoint::observe`] at `now`, a time the caller read anyway.
+    pub fn observe_at(&self, now: Instant, rtt: Duration, outcome: Outcome) {
         match outcome {
             Outcome::Served => {
                 self.ewma.lock().observe(now, rtt);
@@ -684,10 +686,22 @@ impl Balancer {
 
     /// Chooses one of `endpoints`, or none when the set is empty.
     pub fn pick(&self, endpoints: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
-        self.pick_at(endpoints, Instant::now())
+        self.pick_with(endpoints, Instant::now)
     }
 
+    /// [`Balancer::pick`] at a given time.
+    #[cfg(test)]
     fn pick_at(&self, endpoints: &[Arc<Endpoint>], now: Instant) -> Option<Arc<Endpoint>> {
+        self.pick_with(endpoints, || now)
+    }
+
+    /// [`Balancer::pick`], reading the clock (`now`) only where standings
+    /// are compared: not for one endpoint, nor for round robin.
+    fn pick_with(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        now: impl FnOnce() -> Instant,
+    ) -> Option<Arc<Endpoint>> {
         if self.model_aware.is_some() {
             return self
                 .pick_hinted(endpoints, &Hint::default())
@@ -698,6 +712,7 @@ impl Balancer {
             (_, 1) => 0,
             (BalancerKind::RoundRobin, n) => self.next.fetch_add(1, Ordering::Relaxed) % n,
             (kind, n) => {
+                let now = now();
                 let standing = |i: usize| (i, endpoints[i].standing(now, kind));
                 // Among three or more, two endpoints in back-off may be
                 // drawn while others are fine: draw again a few times, and

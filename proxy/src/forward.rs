@@ -158,7 +158,9 @@ impl Attempt {
             endpoint.addr(),
         )
         .map(Box::new);
-        let guard = endpoint.start();
+        // One reading of the clock for the endpoint's start and the attempt's.
+        let now = Instant::now();
+        let guard = endpoint.start_at(now);
         let attempt = Attempt {
             backend: backend.clone(),
             admitted,
@@ -168,7 +170,7 @@ impl Attempt {
             span,
             name_served_by,
             guard,
-            started: Instant::now(),
+            started: now,
         };
         Ok((attempt, request))
     }
@@ -199,7 +201,8 @@ impl Attempt {
                 if let Some(span) = span.as_mut() {
                     span.responded(response.status(), response.headers());
                 }
-                endpoint.observe(started.elapsed(), verdict.outcome());
+                let now = Instant::now();
+                endpoint.observe_at(now, now - started, verdict.outcome());
                 judged.finish(verdict.failed);
                 if let Some(length) = verdict.penalty {
                     backend.penalize(&endpoint, length);
@@ -246,7 +249,8 @@ impl Attempt {
                 }
                 // Never a latency sample (a refused connection is fast): the
                 // endpoint backs off instead.
-                endpoint.observe(started.elapsed(), Outcome::Failed);
+                let now = Instant::now();
+                endpoint.observe_at(now, now - started, Outcome::Failed);
                 judged.finish(true);
                 let addr = endpoint.addr().to_string();
                 if error.is_connect() {

@@ -1435,6 +1435,9 @@ mod tests {
             br#"{"x":{"model":"nested","stream":true},"model":"top"} {"#,
             br#"{"messages":[["model"],{"model":"m"}],"model":"last","stream":true}"#,
             br#"{"model":"half"#,
+            br#"{"stream":true,"x":[null,false,true,nul],"model":"lit"}"#,
+            br#"{"stream":trueish,"model":"x"}"#,
+            br#"{"stream":fals"#,
             long_model.as_bytes(),
         ];
         type Make = fn() -> JsonScanner;

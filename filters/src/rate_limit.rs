@@ -41,7 +41,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -651,10 +651,8 @@ impl Watch for Settlement {
 /// escaped, so the quoted key cannot match text of a prompt or completion.
 #[derive(Debug)]
 pub struct UsageScanner {
-    /// The quoted key whose number is read.
+    /// The quoted key whose number is read, and its searcher.
     key: &'static [u8],
-    /// The key's searcher, built once per key (building one costs more
-    /// than a search through a small body).
     finder: &'static memchr::memmem::Finder<'static>,
     state: UsageState,
     last: Option<u64>,
@@ -662,7 +660,7 @@ pub struct UsageScanner {
 
 impl Default for UsageScanner {
     fn default() -> Self {
-        Self::for_key(USAGE_KEY)
+        Self::for_key(&TOTAL_TOKENS)
     }
 }
 
@@ -679,35 +677,47 @@ enum UsageState {
     Digits(u64),
 }
 
-const USAGE_KEY: &[u8] = b"\"total_tokens\"";
-
-/// The searcher of `key`, built on a thread's first use of the key and kept
-/// for the thread's life: the keys are a few constants of the code, and a
-/// per-thread cache takes no lock.
-fn finder_of(key: &'static [u8]) -> &'static memchr::memmem::Finder<'static> {
-    use memchr::memmem::Finder;
-    type Finders = std::cell::RefCell<Vec<(&'static [u8], &'static Finder<'static>)>>;
-    thread_local! {
-        static FINDERS: Finders = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    FINDERS.with(|finders| {
-        let mut finders = finders.borrow_mut();
-        if let Some((_, finder)) = finders.iter().find(|(k, _)| *k == key) {
-            return *finder;
-        }
-        let finder: &'static Finder<'static> = Box::leak(Box::new(Finder::new(key)));
-        finders.push((key, finder));
-        finder
-    })
+/// A quoted numeric key a [`UsageScanner`] reads, with its searcher, built
+/// on first use (building one costs more than a search through a small
+/// body) and then shared: keys are constants of the code.
+///
+/// ```
+/// use infermesh_filters::rate_limit::{UsageKey, UsageScanner};
+///
+/// static PROMPT_TOKENS: UsageKey = UsageKey::new(b"\"prompt_tokens\"");
+/// let mut scanner = UsageScanner::for_key(&PROMPT_TOKENS);
+/// scanner.feed(br#"{"usage":{"prompt_tokens":12}}"#);
+/// assert_eq!(scanner.total(), Some(12));
+/// ```
+#[derive(Debug)]
+pub struct UsageKey {
+    key: &'static [u8],
+    finder: OnceLock<memchr::memmem::Finder<'static>>,
 }
 
-impl UsageScanner {
-    /// A scanner of another numeric key, given with its quotes
-    /// (`b"\"prompt_tokens\""`).
-    pub fn for_key(key: &'static [u8]) -> Self {
+impl UsageKey {
+    /// The key `key`, given with its quotes (`b"\"prompt_tokens\""`).
+    pub const fn new(key: &'static [u8]) -> Self {
         Self {
             key,
-            finder: finder_of(key),
+            finder: OnceLock::new(),
+        }
+    }
+
+    fn finder(&self) -> &memchr::memmem::Finder<'static> {
+        self.finder
+            .get_or_init(|| memchr::memmem::Finder::new(self.key))
+    }
+}
+
+static TOTAL_TOKENS: UsageKey = UsageKey::new(b"\"total_tokens\"");
+
+impl UsageScanner {
+    /// A scanner of another numeric key.
+    pub fn for_key(key: &'static UsageKey) -> Self {
+        Self {
+            key: key.key,
+            finder: key.finder(),
             state: UsageState::Key0,
             last: None,
         }

@@ -502,6 +502,11 @@ struct PeakEwma {
     samples: u32,
 }
 
+/// What is left at `now` of a value set at `at` that fades by `1/e` every `over`.
+fn fade(now: Instant, at: Instant, over: Duration) -> f64 {
+    (-now.saturating_duration_since(at).as_secs_f64() / over.as_secs_f64()).exp()
+}
+
 impl PeakEwma {
     fn new(now: Instant) -> Self {
         Self {
@@ -515,24 +520,22 @@ impl PeakEwma {
 
     /// The average and the peak, faded to `now`.
     fn faded(&self, now: Instant) -> (f64, f64) {
-        let fade = |at: Instant, over: Duration| {
-            (-now.saturating_duration_since(at).as_secs_f64() / over.as_secs_f64()).exp()
-        };
         (
-            self.average * fade(self.average_at, DECAY),
-            self.peak * fade(self.peak_at, PEAK_DECAY),
+            self.average * fade(now, self.average_at, DECAY),
+            self.peak * fade(now, self.peak_at, PEAK_DECAY),
         )
     }
 
     fn observe(&mut self, now: Instant, rtt: Duration) {
         let rtt = rtt.as_nanos() as f64;
-        let (average, peak) = self.faded(now);
+        // How much of the average the time since the last sample left.
+        let kept_share = fade(now, self.average_at, DECAY);
+        let average = self.average * kept_share;
+        let peak = self.peak * fade(now, self.peak_at, PEAK_DECAY);
         // A sample weighs by the time since the last one, and at least as
         // one of the samples so far: the first ones are a plain mean, not
         // the first sample fading for ten seconds.
-        let idle = now.saturating_duration_since(self.average_at).as_secs_f64();
-        let weight = (1.0 - (-idle / DECAY.as_secs_f64()).exp())
-            .max(1.0 / self.samples.saturating_add(1) as f64);
+        let weight = (1.0 - kept_share).max(1.0 / self.samples.saturating_add(1) as f64);
         // A stall is the peak's to show: in the average it counts as twice
         // the estimate at most, so that one stall does not shift an
         // endpoint's share for the next ten seconds.

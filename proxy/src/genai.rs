@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
-use infermesh_filters::rate_limit::UsageScanner;
+use infermesh_filters::rate_limit::{UsageKey, UsageScanner};
 use infermesh_proto::spiffe::SpiffeId;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -368,6 +368,10 @@ impl GrpcMessages {
     }
 }
 
+/// The usage counts of an OpenAI answer.
+static PROMPT_TOKENS: UsageKey = UsageKey::new(b"\"prompt_tokens\"");
+static COMPLETION_TOKENS: UsageKey = UsageKey::new(b"\"completion_tokens\"");
+
 /// Measures one response as its body passes to the client.
 #[derive(Debug)]
 pub struct Meter {
@@ -410,8 +414,8 @@ impl Meter {
         self.framing = framing;
         if usage {
             self.usage = Some([
-                UsageScanner::for_key(b"\"prompt_tokens\""),
-                UsageScanner::for_key(b"\"completion_tokens\""),
+                UsageScanner::for_key(&PROMPT_TOKENS),
+                UsageScanner::for_key(&COMPLETION_TOKENS),
             ]);
         }
     }

@@ -428,6 +428,56 @@ async fn grpc_client_cancel_mid_stream_closes_the_upstream_stream() {
     assert_eq!(reply.into_inner().id, "after");
 }
 
+/// An HTTP/2 upstream answers a bidirectional stream before the client's
+/// side of it ends: the request messages sent after the answer began still
+/// reach it one by one, each answered before the next is sent.
+#[tokio::test]
+async fn a_bidirectional_grpc_stream_keeps_sending_after_the_answer_starts() {
+    let upstream = KServeGrpcServer::with_settings(
+        "grpc-bidi",
+        KServeSettings {
+            stream_responses: 1,
+            ..KServeSettings::default()
+        },
+    );
+    let proxy = ProxyProcess::start(&grpc_policy(&upstream, ""));
+    let mut client = grpc_client(proxy.outbound).await;
+    let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+    requests.send(infer_request("llm", "m0")).await.unwrap();
+    let mut answers = client
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .expect("the stream starts")
+        .into_inner();
+    for i in 0..4 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            requests
+                .send(infer_request("llm", &format!("m{i}")))
+                .await
+                .expect("the request stream is open");
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(5), answers.message())
+            .await
+            .unwrap_or_else(|_| panic!("no answer to message {i} within 5 s"))
+            .expect("a message")
+            .expect("not the end");
+        let id = answer.infer_response.expect("a response").id;
+        assert_eq!(id, format!("m{i}-0"));
+    }
+    drop(requests);
+    let end = tokio::time::timeout(Duration::from_secs(5), answers.message())
+        .await
+        .expect("the stream ends once the requests do")
+        .expect("ends without an error");
+    assert!(end.is_none(), "nothing after the last answer");
+    assert_eq!(
+        upstream.calls().len(),
+        4,
+        "every message reached the upstream"
+    );
+}
+
 #[tokio::test]
 async fn request_bodies_stream_upstream_before_the_client_finishes_sending() {
     let upstream = OpenAiServer::start("uploads");

@@ -373,13 +373,13 @@ pin_project! {
         T: Write,
         T: Unpin,
     {
-        Pipe {
-            #[pin]
-            pipe: PipeMap<B>,
-        },
+        // infermesh patch: a request's body is piped in the task that
+        // waits for its response, not in a task of its own (see `poll_pipe`).
         Send {
             #[pin]
-            send_when: SendWhen<B, E>,
+            send_when: Option<SendWhen<B, E>>,
+            #[pin]
+            pipe: Option<PipeMap<B>>,
         },
         Task {
             #[pin]
@@ -401,8 +401,29 @@ where
         let this = self.project();
 
         match this {
-            H2ClientFutureProject::Pipe { pipe } => pipe.poll(cx),
-            H2ClientFutureProject::Send { send_when } => send_when.poll(cx),
+            H2ClientFutureProject::Send {
+                mut send_when,
+                mut pipe,
+            } => {
+                // The response first: a cancelled request tells the pipe,
+                // polled next, to reset the stream. Each half is dropped
+                // when it is done, as its own task would have been.
+                if let Some(when) = send_when.as_mut().as_pin_mut() {
+                    if when.poll(cx).is_ready() {
+                        send_when.set(None);
+                    }
+                }
+                if let Some(body) = pipe.as_mut().as_pin_mut() {
+                    if body.poll(cx).is_ready() {
+                        pipe.set(None);
+                    }
+                }
+                if send_when.is_none() && pipe.is_none() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            }
             H2ClientFutureProject::Task { task } => task.poll(cx),
         }
     }
@@ -530,6 +551,7 @@ where
         // reset the stream when the client cancels the request.
         let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
 
+        let mut body_pipe = None;
         let send_stream = if !f.is_connect {
             if !f.eos {
                 let mut pipe = PipeToSendStream::new(f.body, f.body_tx);
@@ -545,15 +567,12 @@ where
                         // still sending...
                         let ping = ping.clone();
 
-                        let pipe = PipeMap {
+                        body_pipe = Some(PipeMap {
                             pipe,
                             conn_drop_ref: Some(conn_drop_ref),
                             ping: Some(ping),
                             cancel_rx: Some(cancel_rx),
-                        };
-                        // Clear send task
-                        self.executor
-                            .execute_h2_future(H2ClientFuture::Pipe { pipe });
+                        });
                     }
                 }
             }
@@ -563,8 +582,12 @@ where
             Some(f.body_tx)
         };
 
+        // infermesh patch: one task per request, which waits for the
+        // response and pipes the body that did not go out at once, where
+        // hyper spawns a task for each (a spawn and a task's polls cost
+        // about 3,500 instructions; most requests with a body need both).
         self.executor.execute_h2_future(H2ClientFuture::Send {
-            send_when: SendWhen {
+            send_when: Some(SendWhen {
                 when: ResponseFutMap {
                     fut: f.fut,
                     ping: Some(ping),
@@ -573,7 +596,8 @@ where
                     cancel_tx: Some(cancel_tx),
                 },
                 call_back: Some(f.cb),
-            },
+            }),
+            pipe: body_pipe,
         });
     }
 }

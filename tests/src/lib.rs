@@ -47,9 +47,34 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A port free at the time of asking, for a process that binds it next:
-/// bound once to learn it, then released.
+/// A port free at the time of asking, for a process that binds it next.
+///
+/// Taken below the kernel's ephemeral range when there is room: a port
+/// the kernel hands out (to `bind(0)`, or as the source port of any
+/// connection some test opens) could otherwise be taken between this call
+/// and the process's bind, which then fails with "address in use". Ports
+/// below the range are only taken by an explicit bind, so they are handed
+/// out in turn from a per-process counter (started at an offset of the
+/// process id, for test binaries that run side by side) and checked free.
 pub fn free_addr() -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let below = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if below > LOWEST + 1_000 {
+        let span = below - LOWEST;
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let port = LOWEST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port as u16));
+            if std::net::TcpListener::bind(addr).is_ok() {
+                return addr;
+            }
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().expect("local_addr");
     drop(listener);

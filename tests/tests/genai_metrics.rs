@@ -97,10 +97,7 @@ async fn model_requests_have_genai_metrics_and_access_lines_per_model_and_caller
     python::require_modules(&["openai"]);
     let openai = OpenAiServer::start("llama");
     let kserve = KServeGrpcServer::start("triton");
-    let inbound: SocketAddr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+    let inbound: SocketAddr = infermesh_tests::free_addr();
     let mesh = Mesh::start(
         &[
             ("server.yaml", &server_policy(openai.addr(), kserve.addr())),

@@ -208,12 +208,7 @@ impl Endpoint {
         self.observe_at(Instant::now(), rtt, Outcome::Served);
     }
 
-    /// Records how an attempt that took `rtt` ended; see [`Outcome`].
-    pub fn observe(&self, rtt: Duration, outcome: Outcome) {
-        self.observe_at(Instant::now(), rtt, outcome);
-    }
-
-    /// [`Endpoint::observe`] at `now`, a time the caller read anyway.
+    /// Records how an attempt that took `rtt` ended at `now`; see [`Outcome`].
     pub fn observe_at(&self, now: Instant, rtt: Duration, outcome: Outcome) {
         match outcome {
             Outcome::Served => {

@@ -193,6 +193,7 @@ impl Attempt {
             guard,
             started,
         } = self;
+        let now = Instant::now();
         match sent {
             Ok((response, conn)) => {
                 admitted.responded();
@@ -201,7 +202,6 @@ impl Attempt {
                 if let Some(span) = span.as_mut() {
                     span.responded(response.status(), response.headers());
                 }
-                let now = Instant::now();
                 endpoint.observe_at(now, now - started, verdict.outcome());
                 judged.finish(verdict.failed);
                 if let Some(length) = verdict.penalty {
@@ -249,7 +249,6 @@ impl Attempt {
                 }
                 // Never a latency sample (a refused connection is fast): the
                 // endpoint backs off instead.
-                let now = Instant::now();
                 endpoint.observe_at(now, now - started, Outcome::Failed);
                 judged.finish(true);
                 let addr = endpoint.addr().to_string();

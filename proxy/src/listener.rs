@@ -18,7 +18,6 @@ use futures_util::FutureExt;
 use http::{header, HeaderValue, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use infermesh_filters::error::{grpc_code, grpc_error_response};
 use infermesh_filters::grpc::is_grpc;
 use infermesh_filters::BoxBody;
@@ -35,6 +34,9 @@ use crate::opaque;
 use crate::redirect::{Interception, Redirected};
 use crate::refusal::{self, Reason};
 use crate::service;
+use closing::Closing;
+
+mod closing;
 
 /// How long a new connection may stay silent before it is treated as opaque
 /// (a server-speaks-first protocol).
@@ -124,7 +126,7 @@ impl Listener {
     /// connections finish their requests for up to the snapshot's drain
     /// timeout, and releases the drain.
     pub async fn run(self, drain: drain::Watch) {
-        let graceful = GracefulShutdown::new();
+        let graceful = Closing::new();
         let builders = Arc::new(Builders::new(self.header_read_timeout));
         let signaled = drain.signaled();
         tokio::pin!(signaled);
@@ -159,10 +161,7 @@ impl Listener {
         if open > 0 {
             tracing::info!(listener = ?self.kind, open, "draining connections");
         }
-        if tokio::time::timeout(drain, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(drain, graceful.close()).await.is_err() {
             tracing::warn!(listener = ?self.kind, "drain deadline passed; closing remaining connections");
         }
         drop(release);
@@ -228,7 +227,7 @@ async fn serve_connection(
     inputs: Arc<Inputs>,
     builders: Arc<Builders>,
     interception: &Interception,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: closing::Watcher,
 ) {
     let redirected = match interception.classify(kind, &stream, peer) {
         Ok(redirected) => redirected,
@@ -338,7 +337,7 @@ async fn serve_mtls(
     inputs: Arc<Inputs>,
     builders: Arc<Builders>,
     redirected: Option<Redirected>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: closing::Watcher,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(builders.inbound_tls(&identity));
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -445,7 +444,7 @@ fn serve_http<I>(
     kind: ListenerKind,
     inputs: Arc<Inputs>,
     builders: &Builders,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: closing::Watcher,
 ) -> impl Future<Output = ()> + Send
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -133,6 +133,103 @@ async fn sigterm_when_idle_exits_0_promptly() {
     assert_eq!(status.code(), Some(0), "exit status {status}");
 }
 
+/// Reads one HTTP/1.1 response with a `content-length` from `stream`, and
+/// returns its head.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        assert!(n > 0, "the connection closed before the response ended");
+        seen.extend_from_slice(&buf[..n]);
+        let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .expect("a content-length")
+            .trim()
+            .parse()
+            .unwrap();
+        if seen.len() >= end + 4 + length {
+            return head;
+        }
+    }
+}
+
+/// Idle keep-alive connections do not hold a draining proxy until its drain
+/// deadline: each is asked to finish, an HTTP/1.1 one is closed and an
+/// HTTP/2 one sent a GOAWAY, and the proxy exits at once.
+#[tokio::test]
+async fn sigterm_closes_idle_keep_alive_connections_and_exits_promptly() {
+    let upstream = OpenAiServer::start("idle-connections");
+    let mut proxy = ProxyProcess::start(&streaming_policy(&upstream, "30s"));
+    let mut http1 = tokio::net::TcpStream::connect(proxy.outbound)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        http1
+            .write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_response(&mut http1).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+    let tcp = tokio::net::TcpStream::connect(proxy.outbound)
+        .await
+        .unwrap();
+    let (mut http2, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let http2_connection = tokio::spawn(connection);
+    let response = http2
+        .send_request(
+            http::Request::get("http://x/v1/models")
+                .body(infermesh_tests::client::full(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let reply = infermesh_tests::client::Reply::read(response)
+        .await
+        .unwrap();
+    assert!(reply.text().contains("\"data\""), "{}", reply.text());
+
+    proxy.terminate();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), http1.read(&mut buf))
+        .await
+        .expect("the proxy closes the idle HTTP/1.1 connection");
+    assert!(
+        matches!(read, Ok(0)) || read.is_err(),
+        "an idle HTTP/1.1 connection got bytes after SIGTERM: {read:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), http2_connection)
+        .await
+        .expect("the proxy ends the idle HTTP/2 connection")
+        .unwrap()
+        .expect("with a GOAWAY, not an error");
+    assert!(
+        http2.is_closed(),
+        "the HTTP/2 connection still takes requests"
+    );
+    let status = proxy
+        .exited(Duration::from_secs(5))
+        .await
+        .expect("exit within 5 s of SIGTERM, not at the 30 s drain deadline");
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_at_the_drain_deadline_when_a_stream_outlives_it() {
     let upstream = OpenAiServer::with_settings(

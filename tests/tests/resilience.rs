@@ -506,3 +506,45 @@ async fn hedging_over_http1_closes_the_losing_connection() {
     }
     assert_eq!(tail.cancelled_count(), tail.request_count());
 }
+
+/// A client that gives up while an HTTP/2 upstream is still working on the
+/// answer has the upstream's stream reset at once, whichever protocol the
+/// client spoke, and the shared upstream connection goes on serving.
+#[tokio::test]
+async fn a_client_leaving_before_the_answer_resets_the_http2_upstream_stream() {
+    let slow = ScriptedServer::start(
+        "slow",
+        vec![
+            Step::Delay(Duration::from_secs(10)),
+            Step::Delay(Duration::from_secs(10)),
+            Step::Status(200, None),
+        ],
+    );
+    let proxy = proxy(&[slow.addr().to_string()], "protocol: http2", "");
+    for (left_before, client) in [HttpClient::http2(), HttpClient::http1()]
+        .into_iter()
+        .enumerate()
+    {
+        let request = client.send(json_request(&url(&proxy), &chat_body("model", false), &[]));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), request)
+                .await
+                .is_err(),
+            "the slow upstream answered within 300 ms"
+        );
+        drop(client);
+        let left_at = Instant::now();
+        while slow.cancelled_count() <= left_before {
+            assert!(
+                left_at.elapsed() < Duration::from_secs(2),
+                "the upstream's stream was not reset within 2 s of the client leaving (client {left_before})"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let reply = HttpClient::http1()
+        .post_json(&url(&proxy), &chat_body("model", false))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.upstream(), Some("slow"));
+}

@@ -3,7 +3,7 @@ use std::task::{Context, Poll};
 use std::{future::Future, pin::Pin};
 
 #[cfg(feature = "http2")]
-use http::{Request, Response};
+use http::Request;
 #[cfg(feature = "http2")]
 use http_body::Body;
 #[cfg(feature = "http2")]
@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::{mpsc, oneshot};
 
 #[cfg(feature = "http2")]
-use crate::{body::Incoming, proto::h2::client::ResponseFutMap};
+use crate::proto::h2::client::{Answer, ResponseFutMap};
 
 pub(crate) type RetryPromise<T, U> = oneshot::Receiver<Result<U, TrySendError<T>>>;
 pub(crate) type Promise<T> = oneshot::Receiver<Result<T, crate::Error>>;
@@ -345,7 +345,7 @@ pin_project! {
         #[pin]
         pub(crate) when: ResponseFutMap<B, E>,
         #[pin]
-        pub(crate) call_back: Option<Callback<Request<B>, Response<Incoming>>>,
+        pub(crate) call_back: Option<Callback<Request<B>, Answer>>,
     }
 }
 
@@ -364,7 +364,7 @@ where
 
         match Pin::new(&mut this.when).poll(cx) {
             Poll::Ready(Ok(res)) => {
-                call_back.send(Ok(res));
+                call_back.send(Ok(Answer::Response(res)));
                 Poll::Ready(())
             }
             Poll::Pending => {

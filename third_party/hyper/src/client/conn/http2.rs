@@ -22,7 +22,7 @@ use crate::rt::Timer;
 
 /// The sender side of an established connection.
 pub struct SendRequest<B> {
-    dispatch: dispatch::UnboundedSender<Request<B>, Response<IncomingBody>>,
+    dispatch: dispatch::UnboundedSender<Request<B>, proto::h2::client::Answer>,
 }
 
 impl<B> Clone for SendRequest<B> {
@@ -167,7 +167,9 @@ where
         async move {
             match sent {
                 Ok(rx) => match rx.await {
-                    Ok(Ok(resp)) => Ok(resp),
+                    Ok(Ok(proto::h2::client::Answer::Response(resp))) => Ok(resp),
+                    // infermesh patch: the wait for the head, polled here.
+                    Ok(Ok(proto::h2::client::Answer::Wait(wait))) => wait.await,
                     Ok(Err(err)) => Err(err),
                     // this is definite bug if it happens, but it shouldn't happen!
                     Err(_canceled) => unreachable!("dispatch dropped without returning error"),
@@ -198,7 +200,15 @@ where
         async move {
             match sent {
                 Ok(rx) => match rx.await {
-                    Ok(Ok(res)) => Ok(res),
+                    Ok(Ok(proto::h2::client::Answer::Response(res))) => Ok(res),
+                    // infermesh patch: the wait for the head, polled here;
+                    // the request is on the wire, so it is not handed back.
+                    Ok(Ok(proto::h2::client::Answer::Wait(wait))) => {
+                        wait.await.map_err(|error| TrySendError {
+                            error,
+                            message: None,
+                        })
+                    }
                     Ok(Err(err)) => Err(err),
                     // this is definite bug if it happens, but it shouldn't happen!
                     Err(_) => unreachable!("dispatch dropped without returning error"),
@@ -281,7 +291,7 @@ where
 impl<T, B, E> Future for Connection<T, B, E>
 where
     T: Read + Write + Unpin + 'static,
-    B: Body + 'static + Unpin,
+    B: Body + Send + 'static + Unpin,
     B::Data: Send,
     E: Unpin,
     B::Error: Into<Box<dyn Error + Send + Sync>>,

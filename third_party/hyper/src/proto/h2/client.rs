@@ -32,7 +32,86 @@ use crate::upgrade::Upgraded;
 use crate::{Request, Response};
 use h2::client::ResponseFuture;
 
-type ClientRx<B> = crate::client::dispatch::Receiver<Request<B>, Response<IncomingBody>>;
+type ClientRx<B> = crate::client::dispatch::Receiver<Request<B>, Answer>;
+
+/// infermesh patch: what the connection hands the caller of a request.
+///
+/// Unpatched, hyper spawns a task per request that waits for the response
+/// head and sends it to the caller. Here the caller waits for the head
+/// itself (`Wait`): no task is spawned for a request unless its body is
+/// still being sent when the head arrives (a bidirectional stream), and
+/// the head reaches the caller's task without a hop through another.
+pub(crate) enum Answer {
+    /// The response, as a task of hyper's waited for it (CONNECT, whose
+    /// upgrade needs the connection's executor).
+    Response(Response<IncomingBody>),
+    /// The wait for the response head, for the caller to poll.
+    Wait(Wait),
+}
+
+/// A request body being sent, of a type the caller does not know (a
+/// `SendRequest` names no bounds on its body type).
+pub(crate) trait Pipe: Future<Output = ()> + Send {
+    /// Resets the stream: the body will not be sent to its end.
+    fn reset(self: Pin<&mut Self>);
+}
+
+type Piping = Pin<Box<dyn Pipe>>;
+
+/// The caller's wait for a response head. It also sends the request's body
+/// while it waits; a body still being sent when the head arrives goes back
+/// to the connection, which spawns a task for it. Dropping the wait drops
+/// every handle to the stream, so h2 resets it (`RST_STREAM` with
+/// `CANCEL`).
+pub(crate) struct Wait {
+    fut: ResponseFuture,
+    ping: Option<Recorder>,
+    pipe: Option<Piping>,
+    pipes: Option<mpsc::UnboundedSender<Piping>>,
+}
+
+impl Future for Wait {
+    type Output = crate::Result<Response<IncomingBody>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        // The body first, so that it goes out while the head is awaited.
+        if let Some(pipe) = this.pipe.as_mut() {
+            if pipe.as_mut().poll(cx).is_ready() {
+                this.pipe = None;
+            }
+        }
+        let result = ready!(Pin::new(&mut this.fut).poll(cx));
+        // A body still being sent when the head arrives outlives the wait:
+        // it goes on in a task of its own. After an error the stream is
+        // gone, and so is the body, dropped with the wait.
+        if let (Some(pipe), Ok(_)) = (this.pipe.take(), &result) {
+            let handed = this.pipes.take().map(|pipes| pipes.unbounded_send(pipe));
+            if let Some(Err(refused)) = handed {
+                // The connection's dispatch has ended: the body cannot go
+                // on, and the stream is reset rather than left half open.
+                refused.into_inner().as_mut().reset();
+            }
+        }
+        let ping = this.ping.take().expect("Future polled twice");
+        match result {
+            Ok(res) => {
+                // record that we got the response headers
+                ping.record_non_data();
+                let content_length = headers::content_length_parse_all(res.headers());
+                Poll::Ready(Ok(res.map(|stream| {
+                    let ping = ping.for_stream(&stream);
+                    IncomingBody::h2(stream, content_length.into(), ping)
+                })))
+            }
+            Err(err) => {
+                ping.ensure_not_timed_out()?;
+                debug!("client response error: {}", err);
+                Poll::Ready(Err(crate::Error::new_h2(err)))
+            }
+        }
+    }
+}
 
 ///// An mpsc channel is used to help notify the `Connection` task when *all*
 ///// other handles to it have been dropped, so that it can shutdown.
@@ -171,6 +250,7 @@ where
     // in h2 where dropping all SendRequests won't notify a
     // parked Connection.
     let (conn_drop_ref, conn_drop_rx) = mpsc::channel(1);
+    let (pipe_tx, pipe_rx) = mpsc::unbounded();
     let (cancel_tx, conn_eof) = oneshot::channel();
 
     let ping_config = new_ping_config(config);
@@ -201,6 +281,8 @@ where
         h2_tx,
         req_rx,
         fut_ctx: None,
+        pipe_tx,
+        pipe_rx,
         marker: PhantomData,
     })
 }
@@ -373,13 +455,14 @@ pin_project! {
         T: Write,
         T: Unpin,
     {
-        // infermesh patch: a request's body is piped in the task that
-        // waits for its response, not in a task of its own (see `poll_pipe`).
+        // infermesh patch: a task that waits for a CONNECT's response
+        // (`send_when`), or sends a request body that its caller handed
+        // back, still being sent when the response head arrived (`pipe`;
+        // see `Answer`).
         Send {
             #[pin]
             send_when: Option<SendWhen<B, E>>,
-            #[pin]
-            pipe: Option<PipeMap<B>>,
+            pipe: Option<Piping>,
         },
         Task {
             #[pin]
@@ -403,7 +486,7 @@ where
         match this {
             H2ClientFutureProject::Send {
                 mut send_when,
-                mut pipe,
+                pipe,
             } => {
                 // The response first: a cancelled request tells the pipe,
                 // polled next, to reset the stream. Each half is dropped
@@ -413,9 +496,9 @@ where
                         send_when.set(None);
                     }
                 }
-                if let Some(body) = pipe.as_mut().as_pin_mut() {
-                    if body.poll(cx).is_ready() {
-                        pipe.set(None);
+                if let Some(body) = pipe.as_mut() {
+                    if body.as_mut().poll(cx).is_ready() {
+                        *pipe = None;
                     }
                 }
                 if send_when.is_none() && pipe.is_none() {
@@ -438,7 +521,7 @@ where
     fut: ResponseFuture,
     body_tx: SendStream<SendBuf<B::Data>>,
     body: B,
-    cb: Callback<Request<B>, Response<IncomingBody>>,
+    cb: Callback<Request<B>, Answer>,
 }
 
 impl<B: Body> Unpin for FutCtx<B> {}
@@ -455,6 +538,9 @@ where
     h2_tx: SendRequest<SendBuf<B::Data>>,
     req_rx: ClientRx<B>,
     fut_ctx: Option<FutCtx<B>>,
+    // infermesh patch: request bodies handed back by their callers.
+    pipe_tx: mpsc::UnboundedSender<Piping>,
+    pipe_rx: mpsc::UnboundedReceiver<Piping>,
     marker: PhantomData<T>,
 }
 
@@ -488,6 +574,17 @@ pin_project! {
         #[pin]
         ping: Option<Recorder>,
         cancel_rx: Option<oneshot::Receiver<()>>,
+    }
+}
+
+impl<B> Pipe for PipeMap<B>
+where
+    B: http_body::Body + Send,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn reset(self: Pin<&mut Self>) {
+        self.project().pipe.send_reset(h2::Reason::CANCEL);
     }
 }
 
@@ -538,7 +635,7 @@ where
 
 impl<B, E, T> ClientTask<B, E, T>
 where
-    B: Body + 'static + Unpin,
+    B: Body + Send + 'static + Unpin,
     B::Data: Send,
     E: Http2ClientConnExec<B, T> + Clone + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -547,58 +644,64 @@ where
     fn poll_pipe(&mut self, f: FutCtx<B>, cx: &mut Context<'_>) {
         let ping = self.ping.clone();
 
-        // A one-shot channel so that send_task can tell pipe_task to
-        // reset the stream when the client cancels the request.
-        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        if f.is_connect {
+            // CONNECT, hyper's way: a task waits for the response, whose
+            // upgrade it fulfils with the connection's executor.
+            self.executor.execute_h2_future(H2ClientFuture::Send {
+                send_when: Some(SendWhen {
+                    when: ResponseFutMap {
+                        fut: f.fut,
+                        ping: Some(ping),
+                        send_stream: Some(Some(f.body_tx)),
+                        exec: self.executor.clone(),
+                        cancel_tx: None,
+                    },
+                    call_back: Some(f.cb),
+                }),
+                pipe: None,
+            });
+            return;
+        }
 
+        // infermesh patch: the caller waits for the response head itself
+        // and sends the body meanwhile (see `Answer`), where hyper spawns a
+        // task for each (a spawn and a task's polls cost about 3,500
+        // instructions).
         let mut body_pipe = None;
-        let send_stream = if !f.is_connect {
-            if !f.eos {
-                let mut pipe = PipeToSendStream::new(f.body, f.body_tx);
-
-                // eagerly see if the body pipe is ready and
-                // can thus skip allocating in the executor
-                match Pin::new(&mut pipe).poll(cx) {
-                    Poll::Ready(_) => (),
-                    Poll::Pending => {
-                        let conn_drop_ref = self.conn_drop_ref.clone();
-                        // keep the ping recorder's knowledge of an
-                        // "open stream" alive while this body is
-                        // still sending...
-                        let ping = ping.clone();
-
-                        body_pipe = Some(PipeMap {
-                            pipe,
-                            conn_drop_ref: Some(conn_drop_ref),
-                            ping: Some(ping),
-                            cancel_rx: Some(cancel_rx),
-                        });
-                    }
-                }
+        if !f.eos {
+            let mut pipe = PipeToSendStream::new(f.body, f.body_tx);
+            // eagerly see if the body pipe is ready and
+            // can thus skip allocating in the executor
+            if Pin::new(&mut pipe).poll(cx).is_pending() {
+                body_pipe = Some(PipeMap {
+                    pipe,
+                    // keep the connection, and the ping recorder's
+                    // knowledge of an "open stream", alive while this
+                    // body is still sending...
+                    conn_drop_ref: Some(self.conn_drop_ref.clone()),
+                    ping: Some(ping.clone()),
+                    cancel_rx: None,
+                });
             }
+        }
+        let pipes = body_pipe.as_ref().map(|_| self.pipe_tx.clone());
+        f.cb.send(Ok(Answer::Wait(Wait {
+            fut: f.fut,
+            ping: Some(ping),
+            pipe: body_pipe.map(|pipe| Box::pin(pipe) as Piping),
+            pipes,
+        })));
+    }
 
-            None
-        } else {
-            Some(f.body_tx)
-        };
-
-        // infermesh patch: one task per request, which waits for the
-        // response and pipes the body that did not go out at once, where
-        // hyper spawns a task for each (a spawn and a task's polls cost
-        // about 3,500 instructions; most requests with a body need both).
-        self.executor.execute_h2_future(H2ClientFuture::Send {
-            send_when: Some(SendWhen {
-                when: ResponseFutMap {
-                    fut: f.fut,
-                    ping: Some(ping),
-                    send_stream: Some(send_stream),
-                    exec: self.executor.clone(),
-                    cancel_tx: Some(cancel_tx),
-                },
-                call_back: Some(f.cb),
-            }),
-            pipe: body_pipe,
-        });
+    /// Spawns the bodies that their callers handed back, still sending when
+    /// their response heads arrived.
+    fn spawn_handed_pipes(&mut self, cx: &mut Context<'_>) {
+        while let Poll::Ready(Some(pipe)) = Pin::new(&mut self.pipe_rx).poll_next(cx) {
+            self.executor.execute_h2_future(H2ClientFuture::Send {
+                send_when: None,
+                pipe: Some(pipe),
+            });
+        }
     }
 }
 
@@ -691,7 +794,7 @@ where
 
 impl<B, E, T> Future for ClientTask<B, E, T>
 where
-    B: Body + 'static + Unpin,
+    B: Body + Send + 'static + Unpin,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: Http2ClientConnExec<B, T> + Clone + Unpin,
@@ -700,6 +803,7 @@ where
     type Output = crate::Result<Dispatched>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.spawn_handed_pipes(cx);
         loop {
             match ready!(self.h2_tx.poll_ready(cx)) {
                 Ok(()) => (),

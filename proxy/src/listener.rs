@@ -586,6 +586,16 @@ fn head_refused_response<B>(request: &hyper::Request<B>, detail: &str) -> Respon
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    // A head over the parser's hard limit closes an HTTP/1.1 connection, as
+    // when hyper refuses it: the read that brings such a head may bring all
+    // of it at once (a read may fill the buffer past its cap), and then
+    // hyper parses it and the proxy refuses it here. Below the hard limit
+    // the connection serves on.
+    if request.version() < http::Version::HTTP_2 && header_list_size(request) > HTTP1_MAX_BUF {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 

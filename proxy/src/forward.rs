@@ -389,66 +389,112 @@ pub(crate) fn prepare_upstream_request(
     if let Ok(uri) = Uri::from_parts(parts) {
         *request.uri_mut() = uri;
     }
-    let te_trailers = request
-        .headers()
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    strip_hop_by_hop(request.headers_mut());
     match protocol {
-        UpstreamProtocol::Http1 => *request.version_mut() = Version::HTTP_11,
+        UpstreamProtocol::Http1 => {
+            strip_hop_by_hop(request.headers_mut());
+            *request.version_mut() = Version::HTTP_11;
+        }
         UpstreamProtocol::Http2 => {
+            // `te: trailers` is the one TE HTTP/2 allows (RFC 9113, section
+            // 8.2.2), and gRPC servers require it.
+            strip_connection_specific(request.headers_mut(), true);
             *request.version_mut() = Version::HTTP_2;
             // HTTP/2 carries the host as :authority; a Host header is redundant there.
             request.headers_mut().remove(header::HOST);
-            if te_trailers {
-                request
-                    .headers_mut()
-                    .insert(header::TE, HeaderValue::from_static("trailers"));
-            }
         }
     }
 }
 
 /// Removes connection-specific headers (RFC 9110, section 7.6.1).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names (comparisons
-    // of standard names are enum compares) is cheaper than seven hashed
-    // removals, which the profile showed as 5% of a request's instructions.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::TE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    strip_connection_specific(headers, false);
 }
 
-/// Whether a header only concerns one connection.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::TE
-        || name == header::PROXY_AUTHORIZATION
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+/// The connection-specific headers, as bits of the set a message carries.
+const HOP_BY_HOP: [(HeaderName, u8); 5] = [
+    (header::CONNECTION, 1),
+    (header::TRANSFER_ENCODING, 1 << 1),
+    (header::UPGRADE, 1 << 2),
+    (header::TE, 1 << 3),
+    (header::PROXY_AUTHORIZATION, 1 << 4),
+];
+const KEEP_ALIVE: u8 = 1 << 5;
+const PROXY_CONNECTION: u8 = 1 << 6;
+const TE: u8 = 1 << 3;
+
+/// Removes connection-specific headers, keeping a lone `te: trailers`
+/// when `keep_te_trailers` (the request goes out over HTTP/2).
+///
+/// Most messages carry none of them, and a gRPC request only its TE: one
+/// pass over the names (comparisons of standard names are enum compares)
+/// finds which are there, and only those are removed. Seven hashed
+/// removals per message were 5% of a request's instructions.
+fn strip_connection_specific(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let mut present = 0;
+    for name in headers.keys() {
+        present |= hop_by_hop_bit(name);
+    }
+    if present == 0 {
+        return;
+    }
+    // A TE to keep as it is, or to put back as `trailers` once removed.
+    let (mut te_kept, mut te_trailers) = (false, false);
+    if keep_te_trailers && present & TE != 0 {
+        let mut values = headers.get_all(header::TE).iter();
+        let first = values.next();
+        if first.is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+            if values.next().is_none() && first.is_some_and(|v| v == "trailers") {
+                // Already as HTTP/2 wants it: left in place.
+                present &= !TE;
+                te_kept = true;
+            } else {
+                te_trailers = true;
+            }
+        }
+    }
+    if present & 1 != 0 {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            // `Connection: TE` goes with a TE sent over HTTP/1.1.
+            if !(te_kept && name == header::TE) {
+                headers.remove(name);
+            }
+        }
+    }
+    for (name, bit) in &HOP_BY_HOP {
+        if present & bit != 0 {
+            headers.remove(name);
+        }
+    }
+    if present & KEEP_ALIVE != 0 {
+        headers.remove("keep-alive");
+    }
+    if present & PROXY_CONNECTION != 0 {
+        headers.remove("proxy-connection");
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The bit of a connection-specific header, or 0.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    for (hop, bit) in &HOP_BY_HOP {
+        if name == hop {
+            return *bit;
+        }
+    }
+    match name.as_str() {
+        "keep-alive" => KEEP_ALIVE,
+        "proxy-connection" => PROXY_CONNECTION,
+        _ => 0,
+    }
 }
 
 /// What an upstream response body holds until it ends: the attempt's count
@@ -494,6 +540,43 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn over_http2_only_a_te_of_trailers_is_kept() {
+        let te = |values: &[&str], connection: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::TE, value.parse().unwrap());
+            }
+            if let Some(connection) = connection {
+                headers.insert(header::CONNECTION, connection.parse().unwrap());
+            }
+            headers.insert("keep-alive", "timeout=5".parse().unwrap());
+            headers.insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
+            strip_connection_specific(&mut headers, true);
+            assert!(headers.contains_key(header::CONTENT_TYPE));
+            let left: Vec<_> = headers.get_all(header::TE).iter().cloned().collect();
+            assert_eq!(headers.len(), 1 + left.len(), "{headers:?}");
+            left
+        };
+        assert_eq!(te(&["trailers"], None), ["trailers"]);
+        assert_eq!(te(&["trailers"], Some("TE, keep-alive")), ["trailers"]);
+        assert_eq!(te(&["Trailers"], Some("te")), ["trailers"]);
+        assert_eq!(te(&["trailers", "gzip"], None), ["trailers"]);
+        assert!(te(&["gzip"], Some("te")).is_empty());
+        assert!(te(&["gzip", "trailers"], None).is_empty());
+
+        // Over HTTP/1.1 every TE goes, as every other such header.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        headers.insert(header::UPGRADE, "h2c".parse().unwrap());
+        headers.insert("proxy-connection", "keep-alive".parse().unwrap());
+        headers.insert(header::PROXY_AUTHORIZATION, "Basic x".parse().unwrap());
+        headers.insert(header::ACCEPT, "*/*".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key(header::ACCEPT));
     }
 
     #[test]

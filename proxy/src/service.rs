@@ -116,14 +116,15 @@ pub async fn handle(
     )
     .await;
     let mut error_type = Name::default();
-    let (response, route, backend, duration, ok) = match outcome {
+    let (response, route, backend, duration, ok, grpc_ok) = match outcome {
         Ok(Routed {
             response,
             route,
             backend,
             duration,
             ok,
-        }) => (response, route, backend, Some(duration), Some(ok)),
+            grpc_ok,
+        }) => (response, route, backend, Some(duration), Some(ok), grpc_ok),
         // No route takes OpenAI's model list: the proxy answers it.
         Err(Failed {
             error: ProxyError::NoRoute(_),
@@ -132,7 +133,7 @@ pub async fn handle(
         }) if lists_models => {
             let snapshot = inputs.snapshot.load();
             let list = local::model_list(snapshot.policy(), listener);
-            (list, route, backend, None, None)
+            (list, route, backend, None, None, None)
         }
         Err(Failed {
             error,
@@ -173,7 +174,7 @@ pub async fn handle(
                     })
                     .clone()
             });
-            (response, route, backend, duration, None)
+            (response, route, backend, duration, None, None)
         }
     };
     let status = response.status().as_u16();
@@ -246,6 +247,7 @@ pub async fn handle(
         (true, None, _) => {
             pending = Some(PendingCount {
                 requests: inputs.metrics.requests.clone(),
+                ok: grpc_ok.filter(|_| status == 200),
                 labels,
                 grpc_status: None,
                 ended: false,
@@ -280,6 +282,8 @@ struct Routed {
     backend: Name,
     duration: Histogram,
     ok: Counter,
+    /// For a gRPC call, the counter of its success.
+    grpc_ok: Option<Counter>,
 }
 
 struct Failed {
@@ -439,6 +443,10 @@ async fn route_and_send(
             backend: served_by.name.clone(),
             duration: served_by.duration.clone(),
             ok: served_by.ok.clone(),
+            grpc_ok: head
+                .grpc
+                .is_some()
+                .then(|| served_by.grpc_ok.counter().clone()),
         }),
         Err(error) => Err(Failed::at(route, &served_by.name, error)),
     }
@@ -711,6 +719,7 @@ async fn pass_through(
         backend: Name::default(),
         duration: counted.duration.clone(),
         ok: counted.ok.clone(),
+        grpc_ok: None,
     })
 }
 
@@ -810,6 +819,8 @@ fn grpc_error_type(status: &'static str) -> Name {
 /// A gRPC request whose `requests_total` waits for the response's trailers.
 struct PendingCount {
     requests: prometheus_client::metrics::family::Family<RequestLabels, Counter>,
+    /// The series of these labels with `grpc_status` 0, found already.
+    ok: Option<Counter>,
     labels: RequestLabels,
     /// From the trailers, once they passed.
     grpc_status: Option<&'static str>,
@@ -848,13 +859,16 @@ impl Drop for Finish {
             if grpc_status != "0" && self.error_type.as_str().is_empty() {
                 self.error_type = grpc_error_type(grpc_status);
             }
-            pending
-                .requests
-                .get_or_create(&RequestLabels {
-                    grpc_status,
-                    ..pending.labels.clone()
-                })
-                .inc();
+            match &pending.ok {
+                Some(ok) if grpc_status == "0" => ok.inc(),
+                _ => pending
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        grpc_status,
+                        ..pending.labels.clone()
+                    })
+                    .inc(),
+            };
         }
         let measured = self.meter.measured();
         summary::summaries().record(self.model.as_deref(), self.failed, &measured);

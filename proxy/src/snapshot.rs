@@ -246,6 +246,37 @@ pub struct RouteTarget {
     /// `requests_total` for this route and backend with status 200, the
     /// common case, resolved once so the request path skips the label lookup.
     pub ok: Counter,
+    /// The same for a gRPC call that ended with `grpc-status: 0`.
+    pub grpc_ok: GrpcOk,
+}
+
+/// `requests_total` of a route and backend's successful gRPC calls, found
+/// on the first one: a route that serves no gRPC shows no such series.
+#[derive(Debug)]
+pub struct GrpcOk {
+    requests: prometheus_client::metrics::family::Family<RequestLabels, Counter>,
+    labels: RequestLabels,
+    counter: std::sync::OnceLock<Counter>,
+}
+
+impl GrpcOk {
+    fn new(metrics: &Metrics, labels: RequestLabels) -> Self {
+        Self {
+            requests: metrics.requests.clone(),
+            labels: RequestLabels {
+                status: 200,
+                grpc_status: crate::metrics::grpc_status_label(0),
+                ..labels
+            },
+            counter: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The counter, found in its family on first use.
+    pub fn counter(&self) -> &Counter {
+        self.counter
+            .get_or_init(|| self.requests.get_or_create(&self.labels).clone())
+    }
 }
 
 impl RouteTarget {
@@ -342,22 +373,21 @@ impl Snapshot {
                     route: name.clone(),
                     backend: backend.clone(),
                 };
+                let ok_labels = RequestLabels {
+                    listener,
+                    route: name.clone(),
+                    backend: backend.clone(),
+                    status: 200,
+                    grpc_status: "",
+                };
                 RouteTarget {
                     destination,
                     name: backend.clone(),
                     model: model.map(Arc::from),
                     first_byte: metrics.first_byte.get_or_create(&labels).clone(),
                     duration: metrics.duration.get_or_create(&labels).clone(),
-                    ok: metrics
-                        .requests
-                        .get_or_create(&RequestLabels {
-                            listener,
-                            route: name.clone(),
-                            backend: backend.clone(),
-                            status: 200,
-                            grpc_status: "",
-                        })
-                        .clone(),
+                    ok: metrics.requests.get_or_create(&ok_labels).clone(),
+                    grpc_ok: GrpcOk::new(metrics, ok_labels),
                 }
             };
             for wb in &spec.backends {

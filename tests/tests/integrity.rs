@@ -331,13 +331,20 @@ async fn grpc_failures_are_counted_with_their_grpc_status() {
             "match:\n  - model: {exact: resnet}\nbackends:\n  - backend: triton",
         ),
     ]));
+    // No call yet: no series of a successful gRPC call.
+    let before = Metrics::scrape(&proxy).await;
+    assert!(
+        !before.text.contains("grpc_status=\"0\""),
+        "{}",
+        before.text
+    );
     let mut grpc = grpc_client(proxy.outbound).await;
-    grpc.model_infer(infer_request("resnet", "1"))
-        .await
-        .unwrap();
+    for id in ["1", "2", "3"] {
+        grpc.model_infer(infer_request("resnet", id)).await.unwrap();
+    }
     // The proxy's own UNIMPLEMENTED (no route).
     let status = grpc
-        .model_infer(infer_request("unrouted", "2"))
+        .model_infer(infer_request("unrouted", "4"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
@@ -347,7 +354,7 @@ async fn grpc_failures_are_counted_with_their_grpc_status() {
             "infermesh_requests_total",
             &[("route", "resnet"), ("status", "200"), ("grpc_status", "0")]
         ),
-        1.0,
+        3.0,
         "{}",
         after.text
     );

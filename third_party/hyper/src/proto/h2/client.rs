@@ -804,6 +804,26 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.spawn_handed_pipes(cx);
+        let dispatched = self.poll_dispatch(cx);
+        if dispatched.is_ready() {
+            // The dispatch ends: bodies handed back from now on are reset
+            // by their callers, and those already handed back go on.
+            self.pipe_rx.close();
+            self.spawn_handed_pipes(cx);
+        }
+        dispatched
+    }
+}
+
+impl<B, E, T> ClientTask<B, E, T>
+where
+    B: Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Http2ClientConnExec<B, T> + Clone + Unpin,
+    T: Read + Write + Unpin,
+{
+    fn poll_dispatch(&mut self, cx: &mut Context<'_>) -> Poll<crate::Result<Dispatched>> {
         loop {
             match ready!(self.h2_tx.poll_ready(cx)) {
                 Ok(()) => (),

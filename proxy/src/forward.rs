@@ -411,16 +411,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The connection-specific headers, as bits of the set a message carries.
-const HOP_BY_HOP: [(HeaderName, u8); 5] = [
-    (header::CONNECTION, 1),
-    (header::TRANSFER_ENCODING, 1 << 1),
-    (header::UPGRADE, 1 << 2),
-    (header::TE, 1 << 3),
-    (header::PROXY_AUTHORIZATION, 1 << 4),
-];
+const CONNECTION: u8 = 1;
+const TE: u8 = 1 << 3;
 const KEEP_ALIVE: u8 = 1 << 5;
 const PROXY_CONNECTION: u8 = 1 << 6;
-const TE: u8 = 1 << 3;
+const HOP_BY_HOP: [(HeaderName, u8); 5] = [
+    (header::CONNECTION, CONNECTION),
+    (header::TRANSFER_ENCODING, 1 << 1),
+    (header::UPGRADE, 1 << 2),
+    (header::TE, TE),
+    (header::PROXY_AUTHORIZATION, 1 << 4),
+];
 
 /// Removes connection-specific headers, keeping a lone `te: trailers`
 /// when `keep_te_trailers` (the request goes out over HTTP/2).
@@ -452,7 +453,7 @@ fn strip_connection_specific(headers: &mut HeaderMap, keep_te_trailers: bool) {
             }
         }
     }
-    if present & 1 != 0 {
+    if present & CONNECTION != 0 {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()

@@ -378,9 +378,8 @@ where
                     }
                 }
                 trace!("send_when canceled");
-                // Tell pipe_task to reset the h2 stream so that
-                // RST_STREAM is sent and flow-control capacity freed.
-                this.when.as_mut().cancel();
+                // infermesh patch: dropping the wait (a CONNECT's, which
+                // holds the stream's send half too) resets the h2 stream.
                 Poll::Ready(())
             }
             Poll::Ready(Err((error, message))) => {

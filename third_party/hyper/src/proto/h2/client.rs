@@ -488,9 +488,7 @@ where
                 mut send_when,
                 pipe,
             } => {
-                // The response first: a cancelled request tells the pipe,
-                // polled next, to reset the stream. Each half is dropped
-                // when it is done, as its own task would have been.
+                // One of the two is set; each is dropped when done.
                 if let Some(when) = send_when.as_mut().as_pin_mut() {
                     if when.poll(cx).is_ready() {
                         send_when.set(None);
@@ -573,7 +571,6 @@ pin_project! {
         conn_drop_ref: Option<Sender<Infallible>>,
         #[pin]
         ping: Option<Recorder>,
-        cancel_rx: Option<oneshot::Receiver<()>>,
     }
 }
 
@@ -596,27 +593,10 @@ where
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Self::Output> {
+        // infermesh patch: no cancel channel. A caller that leaves drops its
+        // `Wait`, and with it this pipe, when the head has not arrived; after
+        // the head, the pipe ends with the body or a reset of the stream.
         let mut this = self.project();
-
-        // Check if the client cancelled the request (e.g. dropped the
-        // response future due to a timeout). If so, reset the h2 stream
-        // so that a RST_STREAM is sent and flow-control capacity is freed.
-        let cancel_result = this.cancel_rx.as_mut().map(|rx| Pin::new(rx).poll(cx));
-        match cancel_result {
-            Some(Poll::Ready(Ok(()))) => {
-                debug!("client request body send cancelled, resetting stream");
-                this.pipe.as_mut().send_reset(h2::Reason::CANCEL);
-                drop(this.conn_drop_ref.take().expect("Future polled twice"));
-                drop(this.ping.take().expect("Future polled twice"));
-                return Poll::Ready(());
-            }
-            Some(Poll::Ready(Err(_))) => {
-                // Sender dropped without cancelling (normal response or error).
-                // Stop polling the receiver.
-                *this.cancel_rx = None;
-            }
-            Some(Poll::Pending) | None => {}
-        }
 
         match Pin::new(&mut this.pipe).poll(cx) {
             Poll::Ready(result) => {
@@ -654,7 +634,6 @@ where
                         ping: Some(ping),
                         send_stream: Some(Some(f.body_tx)),
                         exec: self.executor.clone(),
-                        cancel_tx: None,
                     },
                     call_back: Some(f.cb),
                 }),
@@ -680,7 +659,6 @@ where
                     // body is still sending...
                     conn_drop_ref: Some(self.conn_drop_ref.clone()),
                     ping: Some(ping.clone()),
-                    cancel_rx: None,
                 });
             }
         }
@@ -717,16 +695,6 @@ pin_project! {
         #[pin]
         send_stream: Option<Option<SendStream<SendBuf<<B as Body>::Data>>>>,
         exec: E,
-        cancel_tx: Option<oneshot::Sender<()>>,
-    }
-}
-
-impl<B: Body + 'static, E> ResponseFutMap<B, E> {
-    /// Signal the `pipe_task` to reset the stream (e.g. on client cancellation).
-    pub(crate) fn cancel(self: Pin<&mut Self>) {
-        if let Some(cancel_tx) = self.project().cancel_tx.take() {
-            let _ = cancel_tx.send(());
-        }
     }
 }
 

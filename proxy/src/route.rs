@@ -92,6 +92,11 @@ impl Matcher {
         }
     }
 
+    /// Whether the match has a host condition.
+    pub fn has_host(&self) -> bool {
+        self.host.is_some()
+    }
+
     /// Whether every condition holds for `input`.
     pub fn matches(&self, input: &RouteInput<'_>) -> bool {
         if let Some(patterns) = &self.destination {

@@ -14,8 +14,10 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use crate::authz::{Authorizer, AuthzRequest};
@@ -476,15 +478,31 @@ async fn classify_body(
         whole_object,
         snapshot.prompt_hashing(),
     );
-    match snapshot.classify_read_limit() {
-        None => read.await,
-        Some(wait) => tokio::time::timeout(wait, read).await.unwrap_or_else(|_| {
-            Err(ProxyError::RequestTimeout(format!(
+    let Some(wait) = snapshot.classify_read_limit() else {
+        return read.await;
+    };
+    // The timer is set only once the body keeps the read waiting: most
+    // model requests arrive whole with their head, and a timer set and
+    // dropped for each of them cost about 300 instructions. The limit then
+    // counts from the first wait, a few microseconds after the head.
+    let mut read = std::pin::pin!(read);
+    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(result) = read.as_mut().poll(cx) {
+            return Poll::Ready(result);
+        }
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep(wait)));
+        }
+        match timer.as_mut().as_pin_mut().map(|timer| timer.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(ProxyError::RequestTimeout(format!(
                 "the request body did not arrive within {} (classify.readTimeout; the proxy reads up to {limit} bytes of it to find the model)",
                 humantime::format_duration(wait)
-            )))
-        }),
-    }
+            )))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Phase 2, route and authorize: the route the request matches, its chosen
@@ -499,7 +517,11 @@ fn route_request<'s>(
     parts: &http::request::Parts,
     classified: &Classified,
 ) -> Result<(&'s Route, &'s RouteTarget, bool), Failed> {
-    let host = route::request_host(&parts.uri, &parts.headers);
+    // The host is found only for a policy that routes by it.
+    let host = snapshot
+        .matches_hosts()
+        .then(|| route::request_host(&parts.uri, &parts.headers))
+        .flatten();
     let input = RouteInput {
         host: host.as_deref(),
         path: parts.uri.path(),

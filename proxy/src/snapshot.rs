@@ -90,6 +90,8 @@ pub struct Snapshot {
     authorizer: Authorizer,
     /// Some route limits model tokens, so bodies are scanned for `max_tokens`.
     token_limits: bool,
+    /// Some route matches on the request's host, so routing needs it.
+    matches_hosts: bool,
     /// How request prompts are hashed for model-aware backends: bytes per
     /// recorded hash and how many; `None` without such a backend.
     prompt_hashing: Option<(usize, usize)>,
@@ -470,6 +472,11 @@ impl Snapshot {
         let trust_domain = identity.map(|id| id.id().trust_domain().to_owned());
         let authorizer = Authorizer::new(&policy.authorizations, trust_domain.as_deref());
         let token_limits = outbound.iter().chain(&inbound).any(|r| r.token_limited);
+        let matches_hosts = outbound
+            .iter()
+            .chain(&inbound)
+            .flat_map(|r| &r.matchers)
+            .any(Matcher::has_host);
         let prompt_hashing = prompt_hashing(&policy.backends);
         let model_labels = ModelLabels::new(&policy);
         let access_log = mesh.and_then(|m| m.access_log.clone());
@@ -490,6 +497,7 @@ impl Snapshot {
             mtls_mode,
             authorizer,
             token_limits,
+            matches_hosts,
             prompt_hashing,
         }
     }
@@ -519,6 +527,12 @@ impl Snapshot {
     /// scanned for `max_tokens` to estimate their cost.
     pub fn token_limits(&self) -> bool {
         self.token_limits
+    }
+
+    /// Whether some route matches on the request's host: without one,
+    /// routing does not look for it.
+    pub fn matches_hosts(&self) -> bool {
+        self.matches_hosts
     }
 
     /// What the inbound listener accepts once the proxy holds a certificate.

@@ -35,7 +35,10 @@ struct Counts {
 /// The proxy's counters, per model.
 #[derive(Debug)]
 pub struct Summaries {
-    models: DashMap<Arc<str>, Arc<Counts>>,
+    /// Hashed with foldhash, seeded per process, as the metric families'
+    /// kept series are: a model name from a client is hashed for every
+    /// request, and there are at most [`MAX_MODELS`] of them.
+    models: DashMap<Arc<str>, Arc<Counts>, foldhash::fast::RandomState>,
     /// When the interval being counted began.
     since: Mutex<Instant>,
 }
@@ -43,7 +46,7 @@ pub struct Summaries {
 impl Default for Summaries {
     fn default() -> Self {
         Self {
-            models: DashMap::new(),
+            models: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             since: Mutex::new(Instant::now()),
         }
     }

@@ -264,6 +264,57 @@ async fn a_slow_request_head_is_cut_at_the_header_timeout_and_counted() {
     assert_still_serves(&proxy).await;
 }
 
+#[tokio::test]
+async fn each_head_of_a_keep_alive_connection_has_the_whole_header_timeout() {
+    let upstream = OpenAiServer::start("models");
+    let proxy = proxy(&upstream);
+
+    // Heads that come promptly, one every 300 ms for 2.5 s on one
+    // connection (more than twice the 1 s timeout): each head is timed
+    // from when the proxy began to wait for it, never from an earlier one.
+    let mut conn = TcpStream::connect(proxy.outbound).await.unwrap();
+    let started = Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        conn.write_all(b"GET /v1/models HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let response = read_response(&mut conn)
+            .await
+            .unwrap_or_else(|| panic!("closed after {served} prompt requests"));
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(refusals(&proxy, "header_timeout").await, 0.0);
+
+    // Then a head that never ends on the same connection: cut at the
+    // timeout, counted from the end of the last response (300 ms before
+    // the head began).
+    conn.write_all(b"GET /v1/models HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    let began = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the slow head was never cut");
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(2500),
+        "cut {took:?} after the head began"
+    );
+    wait_refusals(&proxy, "header_timeout", 1.0).await;
+    assert_still_serves(&proxy).await;
+}
+
 /// An HTTP/2 connection (prior knowledge) with the `h2` crate's client.
 /// Reads one HTTP/1.1 response from `conn`: its head, then a body of
 /// `content-length` bytes or chunks up to the last one. `None` when the

@@ -66,6 +66,8 @@ where
                 #[cfg(feature = "server")]
                 h1_header_read_timeout_running: false,
                 #[cfg(feature = "server")]
+                h1_header_read_started: None,
+                #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
                 timer: Time::Empty,
@@ -223,13 +225,16 @@ where
         #[cfg(feature = "server")]
         if !self.state.h1_header_read_timeout_running {
             if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
-                let deadline = self.state.timer.now() + h1_header_read_timeout;
+                let now = self.state.timer.now();
+                let deadline = now + h1_header_read_timeout;
                 self.state.h1_header_read_timeout_running = true;
+                self.state.h1_header_read_started = Some(now);
                 match &mut self.state.h1_header_read_timeout_fut {
-                    Some(h1_header_read_timeout_fut) => {
-                        trace!("resetting h1 header read timeout timer");
-                        self.state.timer.reset(h1_header_read_timeout_fut, deadline);
-                    }
+                    // infermesh patch: a timer set for an earlier head is
+                    // left where it is (moving it in the timer wheel for
+                    // every message cost about 200 instructions): it can
+                    // only fire early, and is moved on then (below).
+                    Some(_) => {}
                     None => {
                         trace!("setting h1 header read timeout timer");
                         self.state.h1_header_read_timeout_fut =
@@ -279,11 +284,29 @@ where
                     if let Some(h1_header_read_timeout_fut) =
                         &mut self.state.h1_header_read_timeout_fut
                     {
-                        if Pin::new(h1_header_read_timeout_fut).poll(cx).is_ready() {
-                            self.state.h1_header_read_timeout_running = false;
+                        // infermesh patch: a timer set for an earlier head
+                        // fires early: moved to this head's deadline.
+                        while Pin::new(&mut *h1_header_read_timeout_fut).poll(cx).is_ready() {
+                            let deadline = self
+                                .state
+                                .h1_header_read_started
+                                .zip(self.state.h1_header_read_timeout)
+                                .map(|(started, timeout)| started + timeout)
+                                .filter(|deadline| *deadline > self.state.timer.now());
+                            match deadline {
+                                Some(deadline) => {
+                                    trace!("moving h1 header read timeout timer on");
+                                    self.state.timer.reset(h1_header_read_timeout_fut, deadline);
+                                }
+                                None => {
+                                    self.state.h1_header_read_timeout_running = false;
 
-                            warn!("read header from client timeout");
-                            return Poll::Ready(Some(Err(crate::Error::new_header_timeout())));
+                                    warn!("read header from client timeout");
+                                    return Poll::Ready(Some(Err(
+                                        crate::Error::new_header_timeout(),
+                                    )));
+                                }
+                            }
                         }
                     }
                 }
@@ -981,6 +1004,10 @@ struct State {
     h1_header_read_timeout_fut: Option<Pin<Box<dyn Sleep>>>,
     #[cfg(feature = "server")]
     h1_header_read_timeout_running: bool,
+    // infermesh patch: when the head being read began to be awaited; the
+    // timer may be set earlier, and is moved here only when it fires.
+    #[cfg(feature = "server")]
+    h1_header_read_started: Option<std::time::Instant>,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]

@@ -140,12 +140,15 @@ impl Attempt {
             backend: backend.clone(),
             picked: Some(picked),
         };
-        prepare_upstream_request(
-            &mut request,
-            backend.scheme(),
-            endpoint.authority(),
-            backend.protocol(),
-        );
+        match backend.protocol() {
+            UpstreamProtocol::Http1 => prepare_pooled_http1(&mut request, endpoint.authority()),
+            protocol => prepare_upstream_request(
+                &mut request,
+                backend.scheme(),
+                endpoint.authority(),
+                protocol,
+            ),
+        }
         let client_body = request.extensions().get::<BodyFault>().cloned();
         let name_served_by = request.extensions().get::<NameServedBy>().is_some();
         if let Some(attempts) = request.extensions().get::<Arc<crate::access::Attempts>>() {
@@ -405,6 +408,32 @@ pub(crate) fn prepare_upstream_request(
     }
 }
 
+/// Makes `request` an HTTP/1.1 request as the pool writes it on a
+/// connection to the endpoint at `authority`: in origin form, with a `Host`
+/// header (the authority the client used, else the endpoint's), and
+/// without connection-specific headers.
+///
+/// [`prepare_upstream_request`] writes an absolute URI, which the pool
+/// turned back into the origin form: two URIs built per request for none.
+fn prepare_pooled_http1(request: &mut Request<ProxyBody>, authority: &http::uri::Authority) {
+    if !request.headers().contains_key(header::HOST) {
+        let host = request.uri().authority().unwrap_or(authority);
+        if let Ok(value) = HeaderValue::from_str(host.as_str()) {
+            request.headers_mut().insert(header::HOST, value);
+        }
+    }
+    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::from(path);
+    }
+    strip_hop_by_hop(request.headers_mut());
+    *request.version_mut() = Version::HTTP_11;
+}
+
 /// Removes connection-specific headers (RFC 9110, section 7.6.1).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip_connection_specific(headers, false);
@@ -578,6 +607,41 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert!(headers.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn pooled_http1_requests_go_in_origin_form_with_the_clients_host() {
+        let authority: http::uri::Authority = "10.0.0.7:8000".parse().unwrap();
+        // An HTTP/2 client's request: its authority becomes the Host.
+        let mut request = Request::builder()
+            .uri("http://models.local/v1/chat/completions?x=1")
+            .header(header::TE, "trailers")
+            .version(Version::HTTP_2)
+            .body(ProxyBody::default())
+            .unwrap();
+        prepare_pooled_http1(&mut request, &authority);
+        assert_eq!(request.uri(), "/v1/chat/completions?x=1");
+        assert_eq!(request.headers()[header::HOST], "models.local");
+        assert!(!request.headers().contains_key(header::TE));
+        assert_eq!(request.version(), Version::HTTP_11);
+        // An HTTP/1.1 client's: its Host is kept, its target untouched.
+        let mut request = Request::builder()
+            .uri("/v1/models")
+            .header(header::HOST, "api.local:8080")
+            .body(ProxyBody::default())
+            .unwrap();
+        prepare_pooled_http1(&mut request, &authority);
+        assert_eq!(request.uri(), "/v1/models");
+        assert_eq!(request.headers()[header::HOST], "api.local:8080");
+        // Neither (an HTTP/1.0 client without a Host): the endpoint's.
+        let mut request = Request::builder()
+            .uri("/v1/models")
+            .version(Version::HTTP_10)
+            .body(ProxyBody::default())
+            .unwrap();
+        prepare_pooled_http1(&mut request, &authority);
+        assert_eq!(request.headers()[header::HOST], "10.0.0.7:8000");
+        assert_eq!(request.version(), Version::HTTP_11);
     }
 
     #[test]

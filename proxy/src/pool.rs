@@ -327,7 +327,8 @@ impl Pool {
         });
     }
 
-    /// Sends `request` (its URI absolute, pointing at `addr`) to the
+    /// Sends `request` (its URI absolute, pointing at `addr`, or for
+    /// HTTP/1.1 already in origin form with a `Host` header) to the
     /// endpoint `addr`. An HTTP/1.1 response comes with its connection,
     /// to [`Reusable::release`] when its body has ended.
     ///
@@ -610,8 +611,13 @@ where
 }
 
 /// Turns an absolute URI into the origin form of an HTTP/1.1 request line,
-/// after giving a request without a `Host` header the URI's authority.
+/// after giving a request without a `Host` header the URI's authority. A
+/// request already in origin form (as `Forward` prepares it) is left as it
+/// is.
 fn origin_form(request: &mut Request<ProxyBody>) {
+    if request.uri().scheme().is_none() {
+        return;
+    }
     if !request.headers().contains_key(header::HOST) {
         if let Some(authority) = request.uri().authority() {
             if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
@@ -619,14 +625,12 @@ fn origin_form(request: &mut Request<ProxyBody>) {
             }
         }
     }
-    if request.uri().scheme().is_some() {
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        *request.uri_mut() = Uri::from(path);
-    }
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *request.uri_mut() = Uri::from(path);
 }
 
 /// Why a request could not be sent to an endpoint.

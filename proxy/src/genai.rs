@@ -705,6 +705,7 @@ mod tests {
             "{text}"
         );
     }
+
     #[test]
     fn a_threads_last_series_serves_only_its_own_families_and_labels() {
         let durations = |registry: &Registry, route: &str| {

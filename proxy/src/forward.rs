@@ -416,20 +416,7 @@ pub(crate) fn prepare_upstream_request(
 /// [`prepare_upstream_request`] writes an absolute URI, which the pool
 /// turned back into the origin form: two URIs built per request for none.
 fn prepare_pooled_http1(request: &mut Request<ProxyBody>, authority: &http::uri::Authority) {
-    if !request.headers().contains_key(header::HOST) {
-        let host = request.uri().authority().unwrap_or(authority);
-        if let Ok(value) = HeaderValue::from_str(host.as_str()) {
-            request.headers_mut().insert(header::HOST, value);
-        }
-    }
-    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        *request.uri_mut() = Uri::from(path);
-    }
+    crate::pool::origin_form(request, Some(authority));
     strip_hop_by_hop(request.headers_mut());
     *request.version_mut() = Version::HTTP_11;
 }

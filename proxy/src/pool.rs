@@ -328,9 +328,9 @@ impl Pool {
     }
 
     /// Sends `request` (its URI absolute, pointing at `addr`, or for
-    /// HTTP/1.1 already in origin form with a `Host` header) to the
-    /// endpoint `addr`. An HTTP/1.1 response comes with its connection,
-    /// to [`Reusable::release`] when its body has ended.
+    /// HTTP/1.1 already in [`origin_form`]) to the endpoint `addr`. An
+    /// HTTP/1.1 response comes with its connection, to
+    /// [`Reusable::release`] when its body has ended.
     ///
     /// On a pooled connection the request is handed to it at once, and the
     /// future only waits for the response head: it is part of the future of
@@ -346,7 +346,10 @@ impl Pool {
         let pool = self.clone();
         match self.inner.protocol {
             UpstreamProtocol::Http1 => {
-                origin_form(&mut request);
+                // `Forward` prepares the origin form itself.
+                if request.uri().scheme().is_some() {
+                    origin_form(&mut request, None);
+                }
                 Either::Left(match self.idle_http1(addr) {
                     Some(mut sender) => {
                         let sending = sender.try_send_request(request);
@@ -610,27 +613,28 @@ where
     Ok(sender)
 }
 
-/// Turns an absolute URI into the origin form of an HTTP/1.1 request line,
-/// after giving a request without a `Host` header the URI's authority. A
-/// request already in origin form (as `Forward` prepares it) is left as it
-/// is.
-fn origin_form(request: &mut Request<ProxyBody>) {
-    if request.uri().scheme().is_none() {
-        return;
-    }
+/// Puts a request's target in the origin form of an HTTP/1.1 request line,
+/// after giving a request without a `Host` header the URI's authority, else
+/// `endpoint`.
+pub(crate) fn origin_form(
+    request: &mut Request<ProxyBody>,
+    endpoint: Option<&http::uri::Authority>,
+) {
     if !request.headers().contains_key(header::HOST) {
-        if let Some(authority) = request.uri().authority() {
+        if let Some(authority) = request.uri().authority().or(endpoint) {
             if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
                 request.headers_mut().insert(header::HOST, value);
             }
         }
     }
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    *request.uri_mut() = Uri::from(path);
+    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::from(path);
+    }
 }
 
 /// Why a request could not be sent to an endpoint.
@@ -814,7 +818,7 @@ mod tests {
             .uri("http://10.0.0.7:8000/v1/models?x=1")
             .body(ProxyBody::default())
             .unwrap();
-        origin_form(&mut request);
+        origin_form(&mut request, None);
         assert_eq!(request.uri(), "/v1/models?x=1");
         assert_eq!(request.headers()[header::HOST], "10.0.0.7:8000");
         let mut request = Request::builder()
@@ -822,7 +826,7 @@ mod tests {
             .header(header::HOST, "models.local")
             .body(ProxyBody::default())
             .unwrap();
-        origin_form(&mut request);
+        origin_form(&mut request, None);
         assert_eq!(request.headers()[header::HOST], "models.local");
     }
 }

@@ -66,7 +66,7 @@ where
                 #[cfg(feature = "server")]
                 h1_header_read_timeout_running: false,
                 #[cfg(feature = "server")]
-                h1_header_read_started: None,
+                h1_header_read_deadline: None,
                 #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
@@ -225,10 +225,9 @@ where
         #[cfg(feature = "server")]
         if !self.state.h1_header_read_timeout_running {
             if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
-                let now = self.state.timer.now();
-                let deadline = now + h1_header_read_timeout;
+                let deadline = self.state.timer.now() + h1_header_read_timeout;
                 self.state.h1_header_read_timeout_running = true;
-                self.state.h1_header_read_started = Some(now);
+                self.state.h1_header_read_deadline = Some(deadline);
                 match &mut self.state.h1_header_read_timeout_fut {
                     // infermesh patch: a timer set for an earlier head is
                     // left where it is (moving it in the timer wheel for
@@ -289,9 +288,7 @@ where
                         while Pin::new(&mut *h1_header_read_timeout_fut).poll(cx).is_ready() {
                             let deadline = self
                                 .state
-                                .h1_header_read_started
-                                .zip(self.state.h1_header_read_timeout)
-                                .map(|(started, timeout)| started + timeout)
+                                .h1_header_read_deadline
                                 .filter(|deadline| *deadline > self.state.timer.now());
                             match deadline {
                                 Some(deadline) => {
@@ -1004,10 +1001,10 @@ struct State {
     h1_header_read_timeout_fut: Option<Pin<Box<dyn Sleep>>>,
     #[cfg(feature = "server")]
     h1_header_read_timeout_running: bool,
-    // infermesh patch: when the head being read began to be awaited; the
-    // timer may be set earlier, and is moved here only when it fires.
+    // infermesh patch: the deadline of the head being awaited; the timer
+    // may be set earlier, and is moved here only when it fires.
     #[cfg(feature = "server")]
-    h1_header_read_started: Option<std::time::Instant>,
+    h1_header_read_deadline: Option<std::time::Instant>,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]

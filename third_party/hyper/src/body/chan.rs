@@ -17,6 +17,7 @@ pub(crate) fn channel(wanter: bool) -> (Sender, Receiver) {
             sender_open: true,
             receiver_open: true,
             want: !wanter,
+            sender_waiting: false,
         }),
         sender_waker: AtomicWaker::new(),
         receiver_waker: AtomicWaker::new(),
@@ -60,17 +61,24 @@ struct State {
     sender_open: bool,
     receiver_open: bool,
     want: bool,
+    // The sender's last `poll_ready` found no room (or no want) and waits
+    // to be woken. Only then does the receiver wake it: a sender that did
+    // not wait looks again before it sends, and a wake-up it does not need
+    // costs its task a poll (the task that reads the body, when one task
+    // drives both ends).
+    sender_waiting: bool,
 }
 
 impl Sender {
     pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<crate::Result<()>> {
         self.shared.sender_waker.register(cx.waker());
-        let state = self.shared.state.lock().panic_if_poisoned();
+        let mut state = self.shared.state.lock().panic_if_poisoned();
         if !state.receiver_open {
             Poll::Ready(Err(crate::Error::new_closed()))
         } else if state.want && state.item.is_none() && state.pending_error.is_none() {
             Poll::Ready(Ok(()))
         } else {
+            state.sender_waiting = true;
             Poll::Pending
         }
     }
@@ -165,28 +173,22 @@ impl Receiver {
 
         self.shared.receiver_waker.register(cx.waker());
         let mut state = self.shared.state.lock().panic_if_poisoned();
-        let wake_sender = if !state.want {
-            state.want = true;
-            true
-        } else {
-            false
-        };
-        if let Some(item) = state.item.take() {
-            drop(state);
-            self.shared.sender_waker.wake();
-            return Poll::Ready(Some(item));
-        }
-        if let Some(err) = state.pending_error.take() {
-            drop(state);
-            if wake_sender {
-                self.shared.sender_waker.wake();
-            }
-            return Poll::Ready(Some(Err(err)));
+        // Wanting now, or taking what the sender gave, makes room for it.
+        let mut wake_sender = !state.want;
+        state.want = true;
+        let item = state.item.take().or_else(|| state.pending_error.take().map(Err));
+        wake_sender |= item.is_some();
+        wake_sender &= state.sender_waiting;
+        if wake_sender {
+            state.sender_waiting = false;
         }
         let sender_open = state.sender_open;
         drop(state);
         if wake_sender {
             self.shared.sender_waker.wake();
+        }
+        if let Some(item) = item {
+            return Poll::Ready(Some(item));
         }
         if sender_open {
             Poll::Pending

@@ -132,6 +132,8 @@ pin_project! {
         // it survives across `Poll::Pending` returns from `poll_capacity`; if
         // we left the chunk in a local, it would be dropped on every repoll.
         buffered_data: Option<Peeked<S::Data>>,
+        // infermesh patch: whether a data chunk was sent yet (see `poll`).
+        sent_data: bool,
         #[pin]
         stream: S,
     }
@@ -151,6 +153,7 @@ where
             body_tx: tx,
             data_done: false,
             buffered_data: None,
+            sent_data: false,
             stream,
         }
     }
@@ -239,6 +242,28 @@ where
                                 .send_data(buf, is_eos)
                                 .map_err(crate::Error::new_body_write)?;
 
+                            if is_eos {
+                                return Poll::Ready(Ok(()));
+                            }
+                            continue;
+                        }
+
+                        // infermesh patch: the first chunk goes to h2 at once,
+                        // with or without capacity. h2 holds it until the
+                        // stream has capacity, as `buffered_data` would, and
+                        // asks for that capacity itself; a request's stream
+                        // gets none before the connection opens it, so waiting
+                        // here cost every request with a body a second poll
+                        // of the task that sends it, and its DATA a write of
+                        // its own after the HEADERS. A unary gRPC call's one
+                        // message now goes out with its HEADERS. Later chunks
+                        // wait for capacity as before, so no more than this
+                        // one chunk is ever held ahead of it.
+                        if !*me.sent_data {
+                            *me.sent_data = true;
+                            me.body_tx
+                                .send_data(SendBuf::Buf(chunk), is_eos)
+                                .map_err(crate::Error::new_body_write)?;
                             if is_eos {
                                 return Poll::Ready(Ok(()));
                             }

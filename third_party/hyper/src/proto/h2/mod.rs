@@ -253,12 +253,13 @@ where
                         // stream has capacity, as `buffered_data` would, and
                         // asks for that capacity itself; a request's stream
                         // gets none before the connection opens it, so waiting
-                        // here cost every request with a body a second poll
-                        // of the task that sends it, and its DATA a write of
-                        // its own after the HEADERS. A unary gRPC call's one
-                        // message now goes out with its HEADERS. Later chunks
-                        // wait for capacity as before, so no more than this
-                        // one chunk is ever held ahead of it.
+                        // here cost every request with a body its pipe boxed
+                        // and polled again once h2 assigned capacity, and its
+                        // DATA a write of its own after the HEADERS. A unary
+                        // gRPC call's one message now goes out with its
+                        // HEADERS. Later chunks wait for capacity as before,
+                        // so no more than this one chunk is ever held ahead
+                        // of it.
                         if !*me.sent_data {
                             *me.sent_data = true;
                             me.body_tx

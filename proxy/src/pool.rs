@@ -812,6 +812,134 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
+    /// An HTTP/2 server answering `ok` after `delay`, at most
+    /// `max_streams` streams at once; counts the connections it accepted
+    /// and the most streams it served at once.
+    async fn http2_server(
+        delay: Duration,
+        max_streams: u32,
+    ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (count, most_seen) = (accepted.clone(), most.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let most = most_seen.clone();
+                let open = Arc::new(AtomicUsize::new(0));
+                let service = hyper::service::service_fn(move |_request| {
+                    let (open, most) = (open.clone(), most.clone());
+                    async move {
+                        let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(delay).await;
+                        open.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder.max_concurrent_streams(max_streams);
+                tokio::spawn(builder.serve_connection(TokioIo::new(stream), service));
+            }
+        });
+        (addr, accepted, most)
+    }
+
+    #[tokio::test]
+    async fn requests_past_the_http2_servers_stream_limit_wait_their_turn() {
+        let (addr, accepted, most) = http2_server(Duration::from_millis(20), 2).await;
+        let pool = Pool::new(UpstreamProtocol::Http2, Duration::from_secs(1), None);
+        assert_eq!(
+            get(&pool, addr).await.unwrap(),
+            "ok",
+            "the server's settings known"
+        );
+        let requests = (0..8).map(|_| get(&pool, addr));
+        for answer in futures_util::future::join_all(requests).await {
+            assert_eq!(answer.unwrap(), "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            2,
+            "never past the server's limit"
+        );
+    }
+
+    /// An HTTP/2 server that starts to shut a connection down (GOAWAY) when
+    /// a request for `/slow` arrives on it and answers that request 300 ms
+    /// later, the connection open until then; it answers other requests at
+    /// once. Counts the connections it accepted.
+    async fn going_away_server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let slow = Arc::new(tokio::sync::Notify::new());
+                let started = slow.clone();
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let started = started.clone();
+                    async move {
+                        if request.uri().path() == "/slow" {
+                            started.notify_one();
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                tokio::spawn(async move {
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        () = slow.notified() => {}
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_request_an_http2_connection_can_no_longer_take_goes_on_a_new_one() {
+        let (addr, accepted) = going_away_server().await;
+        let pool = Pool::new(UpstreamProtocol::Http2, Duration::from_secs(1), None);
+        let slow = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let request = Request::builder()
+                    .uri(format!("http://{addr}/slow"))
+                    .body(ProxyBody::default())
+                    .unwrap();
+                let (response, _) = pool.send(addr, request).await.unwrap();
+                response.into_body().collect().await.unwrap().to_bytes()
+            })
+        };
+        // The connection is going away (its final GOAWAY names the slow
+        // stream as the last) but stays open for the slow answer: the
+        // requests meanwhile cannot go on it, and go on a new one.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..3 {
+            assert_eq!(get(&pool, addr).await.unwrap(), "ok");
+        }
+        assert_eq!(&slow.await.unwrap()[..], b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
     #[test]
     fn http1_requests_go_in_origin_form_with_a_host() {
         let mut request = Request::builder()

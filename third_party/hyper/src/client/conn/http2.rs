@@ -23,12 +23,16 @@ use crate::rt::Timer;
 /// The sender side of an established connection.
 pub struct SendRequest<B> {
     dispatch: dispatch::UnboundedSender<Request<B>, proto::h2::client::Answer>,
+    // infermesh patch: opens a request's stream from the caller's task
+    // (`try_send_request`), where the dispatch task would open it.
+    direct: Arc<dyn proto::h2::client::Direct<B>>,
 }
 
 impl<B> Clone for SendRequest<B> {
     fn clone(&self) -> SendRequest<B> {
         SendRequest {
             dispatch: self.dispatch.clone(),
+            direct: self.direct.clone(),
         }
     }
 }
@@ -84,7 +88,7 @@ pub async fn handshake<E, T, B>(
 ) -> crate::Result<(SendRequest<B>, Connection<T, B, E>)>
 where
     T: Read + Write + Unpin,
-    B: Body + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn Error + Send + Sync>>,
     E: Http2ClientConnExec<B, T> + Unpin + Clone,
@@ -196,10 +200,41 @@ where
         &mut self,
         req: Request<B>,
     ) -> impl Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> {
-        let sent = self.dispatch.try_send(req);
+        // infermesh patch: the request's stream is opened here, in the
+        // caller's task, unless it is a CONNECT (whose upgrade the dispatch
+        // task fulfils) or the connection's dispatch has ended. One enum,
+        // not an option of each: the request's future (part of every
+        // caller's) keeps room for one outcome.
+        let direct = !self.dispatch.is_closed()
+            && req.method() != http::Method::CONNECT
+            && req.extensions().get::<crate::ext::Protocol>().is_none();
+        let sent = if direct {
+            match self.direct.open(req) {
+                Ok(wait) => Sent::Opened(wait),
+                Err(error) => Sent::Refused(error),
+            }
+        } else {
+            match self.dispatch.try_send(req) {
+                Ok(rx) => Sent::Dispatched(rx),
+                Err(req) => {
+                    debug!("connection was not ready");
+                    let error = crate::Error::new_canceled().with("connection was not ready");
+                    Sent::Refused(TrySendError {
+                        error,
+                        message: Some(req),
+                    })
+                }
+            }
+        };
         async move {
             match sent {
-                Ok(rx) => match rx.await {
+                // The request is on the wire: it is not handed back.
+                Sent::Opened(wait) => wait.await.map_err(|error| TrySendError {
+                    error,
+                    message: None,
+                }),
+                Sent::Refused(error) => Err(error),
+                Sent::Dispatched(rx) => match rx.await {
                     Ok(Ok(proto::h2::client::Answer::Response(res))) => Ok(res),
                     // infermesh patch: the wait for the head, polled here;
                     // the request is on the wire, so it is not handed back.
@@ -213,17 +248,19 @@ where
                     // this is definite bug if it happens, but it shouldn't happen!
                     Err(_) => unreachable!("dispatch dropped without returning error"),
                 },
-                Err(req) => {
-                    debug!("connection was not ready");
-                    let error = crate::Error::new_canceled().with("connection was not ready");
-                    Err(TrySendError {
-                        error,
-                        message: Some(req),
-                    })
-                }
             }
         }
     }
+}
+
+/// infermesh patch: how `try_send_request` sent a request.
+enum Sent<B> {
+    /// Its stream opened by the caller (`Direct`).
+    Opened(proto::h2::client::Wait),
+    /// Handed to the connection's dispatch task.
+    Dispatched(dispatch::RetryPromise<Request<B>, proto::h2::client::Answer>),
+    /// Not sent: the connection takes no new stream.
+    Refused(TrySendError<Request<B>>),
 }
 
 impl<B> fmt::Debug for SendRequest<B> {
@@ -579,7 +616,7 @@ where
     ) -> impl Future<Output = crate::Result<(SendRequest<B>, Connection<T, B, Ex>)>>
     where
         T: Read + Write + Unpin,
-        B: Body + 'static,
+        B: Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn Error + Send + Sync>>,
         Ex: Http2ClientConnExec<B, T> + Unpin,
@@ -595,6 +632,7 @@ where
             Ok((
                 SendRequest {
                     dispatch: tx.unbound(),
+                    direct: h2.direct(),
                 },
                 Connection {
                     inner: (PhantomData, h2),

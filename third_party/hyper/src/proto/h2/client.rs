@@ -113,6 +113,86 @@ impl Future for Wait {
     }
 }
 
+/// infermesh patch: a request's stream opened by its caller.
+///
+/// Unpatched, every request goes through the connection's dispatch task: a
+/// channel to it, the stream opened there, the answer sent back through
+/// another channel, and one more poll of the caller's task when it
+/// arrives. A caller holding a `Direct` opens its request's stream on a
+/// clone of h2's handle itself and gets the `Wait` at once. h2 holds a
+/// stream past the peer's limit on concurrent streams "pending open" until
+/// one ends, as it does for streams the dispatch task opens.
+pub(crate) trait Direct<B>: Send + Sync {
+    /// Opens `req`'s stream, or hands `req` back when the connection can
+    /// take no new stream.
+    #[allow(clippy::result_large_err)]
+    fn open(&self, req: Request<B>) -> Result<Wait, TrySendError<Request<B>>>;
+}
+
+struct DirectH2<B: Body> {
+    h2_tx: SendRequest<SendBuf<B::Data>>,
+    ping: Recorder,
+    conn_drop_ref: ConnDropRef,
+    pipes: mpsc::UnboundedSender<Piping>,
+}
+
+impl<B> Direct<B> for DirectH2<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn open(&self, req: Request<B>) -> Result<Wait, TrySendError<Request<B>>> {
+        let mut h2_tx = self.h2_tx.clone();
+        // A fresh handle has no stream of its own pending open, so this only
+        // asks whether the connection still takes streams; it never waits.
+        let mut quiet = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(Err(err)) = h2_tx.poll_ready(&mut quiet) {
+            return Err(TrySendError {
+                error: crate::Error::new_h2(err),
+                message: Some(req),
+            });
+        }
+        let (head, body) = req.into_parts();
+        let mut req = ::http::Request::from_parts(head, ());
+        super::strip_connection_headers(req.headers_mut(), super::MessageKind::Request);
+        if let Some(len) = body.size_hint().exact() {
+            if len != 0 || headers::method_has_defined_payload_semantics(req.method()) {
+                headers::set_content_length_if_missing(req.headers_mut(), len);
+            }
+        }
+        let eos = body.is_end_stream();
+        let (fut, body_tx) = h2_tx.send_request(req, eos).map_err(|err| {
+            debug!("client send request error: {}", err);
+            TrySendError {
+                error: crate::Error::new_h2(err),
+                message: None,
+            }
+        })?;
+        let mut body_pipe = None;
+        if !eos {
+            let mut pipe = PipeToSendStream::new(body, body_tx);
+            // A body that is whole goes to h2 now (its first chunk needs no
+            // capacity) and needs no pipe of its own; the caller polls any
+            // other with its own waker.
+            if Pin::new(&mut pipe).poll(&mut quiet).is_pending() {
+                body_pipe = Some(Box::pin(PipeMap {
+                    pipe,
+                    conn_drop_ref: Some(self.conn_drop_ref.clone()),
+                    ping: Some(self.ping.clone()),
+                }) as Piping);
+            }
+        }
+        let pipes = body_pipe.as_ref().map(|_| self.pipes.clone());
+        Ok(Wait {
+            fut,
+            ping: Some(self.ping.clone()),
+            pipe: body_pipe,
+            pipes,
+        })
+    }
+}
+
 ///// An mpsc channel is used to help notify the `Connection` task when *all*
 ///// other handles to it have been dropped, so that it can shutdown.
 type ConnDropRef = mpsc::Sender<Infallible>;
@@ -540,6 +620,25 @@ where
     pipe_tx: mpsc::UnboundedSender<Piping>,
     pipe_rx: mpsc::UnboundedReceiver<Piping>,
     marker: PhantomData<T>,
+}
+
+impl<B, E, T> ClientTask<B, E, T>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Unpin,
+{
+    /// infermesh patch: what a caller needs to open its requests' streams
+    /// itself (`Direct`).
+    pub(crate) fn direct(&self) -> std::sync::Arc<dyn Direct<B>> {
+        std::sync::Arc::new(DirectH2::<B> {
+            h2_tx: self.h2_tx.clone(),
+            ping: self.ping.clone(),
+            conn_drop_ref: self.conn_drop_ref.clone(),
+            pipes: self.pipe_tx.clone(),
+        })
+    }
 }
 
 impl<B, E, T> ClientTask<B, E, T>

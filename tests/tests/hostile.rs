@@ -805,7 +805,6 @@ async fn an_absolute_form_target_replaces_host() {
 }
 
 #[tokio::test]
-#[ignore = "issue 12 finding: a request refused while its head is read (400, 414, 431) gets an empty body, not a JSON reason; the fix belongs to listener.rs"]
 async fn refused_heads_say_why_in_json() {
     let rig = Rig::start().await;
     for (name, request) in [

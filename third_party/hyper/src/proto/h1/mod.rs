@@ -37,6 +37,12 @@ pub(crate) trait Http1Transaction {
 
     fn on_error(err: &crate::Error) -> Option<MessageHead<Self::Outgoing>>;
 
+    /// infermesh patch: the JSON body of the automatic response `on_error`
+    /// makes, saying why the message was refused.
+    fn on_error_body(_err: &crate::Error) -> Option<Vec<u8>> {
+        None
+    }
+
     fn is_client() -> bool {
         !Self::is_server()
     }

@@ -510,6 +510,22 @@ impl Http1Transaction for Server {
         Some(msg)
     }
 
+    // infermesh patch: a client whose request head was refused is told why,
+    // in the JSON error shape of the proxy's other refusals.
+    fn on_error_body(err: &crate::Error) -> Option<Vec<u8>> {
+        use crate::error::Kind;
+        let kind = match *err.kind() {
+            Kind::Parse(Parse::TooLarge) => "request_header_fields_too_large",
+            Kind::Parse(Parse::UriTooLong) => "uri_too_long",
+            Kind::Parse(_) => "bad_request",
+            _ => return None,
+        };
+        let message = format!("the request head was refused ({err}); the connection is closed")
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"");
+        Some(format!(r#"{{"error":{{"type":"{kind}","message":"{message}"}}}}"#).into_bytes())
+    }
+
     fn is_server() -> bool {
         true
     }

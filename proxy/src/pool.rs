@@ -784,25 +784,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_http2_requests_share_one_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                let service = hyper::service::service_fn(|_request| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from_static(b"ok"),
-                    )))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service),
-                );
-            }
-        });
+        let (addr, accepted, _) = http2_server(Duration::ZERO, 100).await;
         let pool = Pool::new(UpstreamProtocol::Http2, Duration::from_secs(1), None);
         let requests = (0..8).map(|_| get(&pool, addr));
         for answer in futures_util::future::join_all(requests).await {
@@ -810,6 +792,11 @@ mod tests {
         }
         assert_eq!(get(&pool, addr).await.unwrap(), "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// The test servers' answer.
+    fn ok() -> Response<http_body_util::Full<bytes::Bytes>> {
+        Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
     }
 
     /// An HTTP/2 server answering `ok` after `delay`, at most
@@ -837,9 +824,7 @@ mod tests {
                         most.fetch_max(now, Ordering::SeqCst);
                         tokio::time::sleep(delay).await;
                         open.fetch_sub(1, Ordering::SeqCst);
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from_static(b"ok"),
-                        )))
+                        Ok::<_, std::convert::Infallible>(ok())
                     }
                 });
                 let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -893,9 +878,7 @@ mod tests {
                             started.notify_one();
                             tokio::time::sleep(Duration::from_millis(300)).await;
                         }
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from_static(b"ok"),
-                        )))
+                        Ok::<_, std::convert::Infallible>(ok())
                     }
                 });
                 tokio::spawn(async move {
